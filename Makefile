@@ -1,0 +1,23 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up
+# everything first, idempotently, in .venv with the interpreter on PATH.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh "$(PYTHON)" "$(VENV)"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/dnir demo
+
+test: setup
+	XDG_RUNTIME_DIR=/tmp $(PY) -m pytest -n 2 tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,28 @@
+"""dnir: a small tensor-graph compiler for delta-net (linear attention) layers."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (AttrError, BackendError, DnirError, DTypeError, InputError, ParseError, ShapeError,
+                     VerifyError)
+from .types import TensorType
+from .graph import Graph, Node, structurally_equal
+from .ops import REGISTRY, OpDef, make_node
+from .builder import Builder
+from .text import parse, parse_file, print_graph
+from .verify import verify
+
+print = print_graph  # noqa: A001  - `dnir.print(g)` is the text format's printer
+
+
+def run(graph: Graph, inputs, *, target: str = "numpy", float64: bool = False):
+    """Run a graph on a target; returns the outputs as NumPy arrays."""
+    from .lowering import run as _run
+    return _run(graph, inputs, target=target, float64=float64)
+
+
+__all__ = [
+    "AttrError", "BackendError", "Builder", "DnirError", "DTypeError", "Graph", "InputError", "Node", "OpDef",
+    "ParseError", "REGISTRY", "ShapeError", "TensorType", "VerifyError", "make_node", "parse", "parse_file",
+    "print", "print_graph", "run", "structurally_equal", "verify",
+]

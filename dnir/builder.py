@@ -1,0 +1,204 @@
+"""A builder that reads like NumPy: `b.matmul(x, y, transpose_b=True)`."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .errors import AttrError, ShapeError
+from .graph import Graph, Node
+from .ops import make_node
+from .types import canonical_dtype
+
+
+def _ints(xs) -> tuple[int, ...]:
+    return tuple(int(x) for x in xs)
+
+
+def slice_by_index(x: Node, index) -> Node:
+    """x[1:3, :, 0:4] (basic slices only; an integer index keeps its axis)."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if len(index) > x.rank:
+        raise ShapeError(f"index {index} has more entries than rank {x.rank} of {x.type}")
+    starts, stops = [], []
+    for axis, d in enumerate(x.shape):
+        sl = index[axis] if axis < len(index) else slice(None)
+        if isinstance(sl, (int, np.integer)):
+            i = int(sl) + (d if sl < 0 else 0)
+            sl = slice(i, i + 1)
+        if not isinstance(sl, slice) or sl.step not in (None, 1):
+            raise ShapeError(f"axis {axis}: only unit-step slices and integers are supported, got {sl!r}")
+        a, b, _ = sl.indices(d)
+        starts.append(a)
+        stops.append(max(a, b))
+    return make_node("slice", (x,), {"starts": starts, "stops": stops})
+
+
+class Builder:
+    """Collects a graph's inputs; each method makes one typed node.
+
+        b = Builder()
+        x = b.input("x", (4, 8))
+        y = b.exp(b.cumsum(x, axis=1))
+        g = b.build(y, names=["y"])
+    """
+
+    def __init__(self, dtype="f32"):
+        self.default_dtype = canonical_dtype(dtype)
+        self.inputs: list[Node] = []
+
+    # -- sources -------------------------------------------------------------
+    def input(self, name: str, shape, dtype=None) -> Node:
+        if any(n.attrs["name"] == name for n in self.inputs):
+            raise AttrError(f"input name {name!r} is used twice")
+        node = make_node("input", (), {"name": name, "shape": _ints(shape),
+                                       "dtype": canonical_dtype(dtype or self.default_dtype)})
+        self.inputs.append(node)
+        return node
+
+    def const(self, value, dtype=None) -> Node:
+        arr = np.asarray(value)
+        dtype = canonical_dtype(dtype or (self.default_dtype if arr.dtype.kind == "f" else arr.dtype))
+        return make_node("const", (), {"value": tuple(arr.ravel().tolist()), "shape": arr.shape,
+                                       "dtype": dtype})
+
+    def full(self, shape, value, dtype=None) -> Node:
+        return make_node("full", (), {"shape": _ints(shape), "value": float(value),
+                                      "dtype": canonical_dtype(dtype or self.default_dtype)})
+
+    def zeros(self, shape, dtype=None) -> Node:
+        return self.full(shape, 0.0, dtype)
+
+    def eye(self, n: int, dtype=None) -> Node:
+        return make_node("eye", (), {"n": int(n), "dtype": canonical_dtype(dtype or self.default_dtype)})
+
+    # -- elementwise ---------------------------------------------------------
+    def _binary(self, op, a, b):
+        if not isinstance(a, Node):
+            a, b = b, a
+            return make_node(op, (_scalar_like(b, a), a), {})
+        return make_node(op, (a, _scalar_like(b, a)), {})
+
+    def add(self, a, b): return self._binary("add", a, b)
+    def sub(self, a, b): return self._binary("sub", a, b)
+    def mul(self, a, b): return self._binary("mul", a, b)
+    def div(self, a, b): return self._binary("div", a, b)
+    def maximum(self, a, b): return self._binary("maximum", a, b)
+    def minimum(self, a, b): return self._binary("minimum", a, b)
+
+    def neg(self, x): return make_node("neg", (x,), {})
+    def exp(self, x): return make_node("exp", (x,), {})
+    def log(self, x): return make_node("log", (x,), {})
+    def sigmoid(self, x): return make_node("sigmoid", (x,), {})
+    def softplus(self, x): return make_node("softplus", (x,), {})
+    def sqrt(self, x): return make_node("sqrt", (x,), {})
+    def rsqrt(self, x): return make_node("rsqrt", (x,), {})
+
+    def cast(self, x, dtype): return make_node("cast", (x,), {"dtype": canonical_dtype(dtype)})
+
+    def where(self, cond, a, b):
+        ref = a if isinstance(a, Node) else b
+        return make_node("where", (cond, _scalar_like(a, ref), _scalar_like(b, ref)), {})
+
+    def clamp(self, x, min=float("-inf"), max=float("inf")):
+        return make_node("clamp", (x,), {"min": float(min), "max": float(max)})
+
+    # -- layout --------------------------------------------------------------
+    def reshape(self, x, shape) -> Node:
+        shape = list(_ints(shape))
+        if shape.count(-1) > 1:
+            raise ShapeError(f"reshape of {x.type} to {shape}: at most one -1")
+        if -1 in shape:
+            known = math.prod(d for d in shape if d != -1)
+            if known == 0 or x.type.size % known:
+                raise ShapeError(f"reshape of {x.type} to {shape}: -1 cannot be resolved")
+            shape[shape.index(-1)] = x.type.size // known
+        return make_node("reshape", (x,), {"shape": shape})
+
+    def permute(self, x, axes) -> Node:
+        return make_node("permute", (x,), {"axes": _ints(axes)})
+
+    def transpose(self, x, a: int = -2, b: int = -1) -> Node:
+        """Swap two axes (the last two by default)."""
+        axes = list(range(x.rank))
+        if not (-x.rank <= a < x.rank and -x.rank <= b < x.rank):
+            raise ShapeError(f"transpose of {x.type}: axes {a}, {b} out of range for rank {x.rank}")
+        axes[a], axes[b] = axes[b], axes[a]
+        return self.permute(x, axes)
+
+    def broadcast_to(self, x, shape) -> Node:
+        return make_node("broadcast_to", (x,), {"shape": _ints(shape)})
+
+    def pad(self, x, pads, value: float = 0.0) -> Node:
+        """pads: one (before, after) pair per axis, or fewer pairs for the leading axes."""
+        pads = [tuple(_ints(p)) for p in pads] + [(0, 0)] * (x.rank - len(pads))
+        return make_node("pad", (x,), {"pads": pads, "value": float(value)})
+
+    def slice(self, x, starts, stops) -> Node:
+        return make_node("slice", (x,), {"starts": _ints(starts), "stops": _ints(stops)})
+
+    def slice_axis(self, x, axis: int, start: int, stop: int) -> Node:
+        index = [slice(None)] * x.rank
+        index[axis] = slice(start, stop)
+        return slice_by_index(x, tuple(index))
+
+    def concat(self, xs: Sequence[Node], axis: int) -> Node:
+        return make_node("concat", tuple(xs), {"axis": int(axis)})
+
+    def cont(self, x) -> Node:
+        return make_node("cont", (x,), {})
+
+    # -- reductions ----------------------------------------------------------
+    def sum(self, x, axis=None, keepdims: bool = False) -> Node:
+        axes = range(x.rank) if axis is None else ([axis] if isinstance(axis, int) else axis)
+        return make_node("sum", (x,), {"axes": _ints(axes), "keepdims": bool(keepdims)})
+
+    def cumsum(self, x, axis: int) -> Node:
+        return make_node("cumsum", (x,), {"axis": int(axis)})
+
+    # -- matrices ------------------------------------------------------------
+    def matmul(self, a, b, transpose_a: bool = False, transpose_b: bool = False) -> Node:
+        return make_node("matmul", (a, b), {"transpose_a": bool(transpose_a), "transpose_b": bool(transpose_b)})
+
+    def tril(self, x, k: int = 0) -> Node:
+        return make_node("tril", (x,), {"k": int(k)})
+
+    def triu(self, x, k: int = 0) -> Node:
+        return make_node("triu", (x,), {"k": int(k)})
+
+    def solve_tri(self, a, b, lower: bool = True, unit_diagonal: bool = False) -> Node:
+        """X with A X = B, A triangular [..., n, n], B [..., n, m]."""
+        return make_node("solve_tri", (a, b), {"lower": bool(lower), "unit_diagonal": bool(unit_diagonal)})
+
+    def set(self, dst, src, offsets) -> Node:
+        return make_node("set", (dst, src), {"offsets": _ints(offsets)})
+
+    def acc(self, dst, src, offsets) -> Node:
+        return make_node("acc", (dst, src), {"offsets": _ints(offsets)})
+
+    # -- control -------------------------------------------------------------
+    def scan(self, body: Graph, carries: Sequence[Node], xs: Sequence[Node] = (),
+             consts: Sequence[Node] = (), length: int | None = None) -> list[Node]:
+        """Loop `body` over the leading axis of `xs`; returns final carries then stacked outputs."""
+        if length is None:
+            if not xs:
+                raise AttrError("scan without sequence operands needs length=")
+            length = xs[0].shape[0] if xs[0].rank else -1
+        node = make_node("scan", tuple(carries) + tuple(xs) + tuple(consts),
+                         {"body": body, "length": int(length), "num_carry": len(carries), "num_xs": len(xs)})
+        return [make_node("item", (node,), {"index": i}) for i in range(len(node.type))]
+
+    def build(self, outputs, names=None) -> Graph:
+        if isinstance(outputs, Node):
+            outputs = [outputs]
+        from .verify import verify
+        graph = Graph(self.inputs, outputs, names)
+        verify(graph)
+        return graph
+
+
+def _scalar_like(value, like: Node) -> Node:
+    from .ops import as_node_like
+    return as_node_like(value, like)

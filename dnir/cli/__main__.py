@@ -1,0 +1,5 @@
+import sys
+
+from dnir.cli import main
+
+sys.exit(main())

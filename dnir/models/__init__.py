@@ -1,0 +1,1 @@
+"""Delta-net graph builders."""

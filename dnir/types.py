@@ -1,0 +1,94 @@
+"""TensorType: the one value type of the IR (static shape, dtype)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DTypeError, ShapeError
+
+# Short name -> NumPy dtype name. bfloat16 needs ml_dtypes (NumPy has none).
+DTYPES = {
+    "f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64",
+    "i32": "int32", "i64": "int64", "bool": "bool",
+}
+_LONG = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"f16", "bf16", "f32", "f64"})
+INT_DTYPES = frozenset({"i32", "i64"})
+
+
+def canonical_dtype(dtype) -> str:
+    """'float32', np.float32, np.dtype('float32') or 'f32' -> 'f32'."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return dtype
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name in _LONG:
+        return _LONG[name]
+    raise DTypeError(f"unsupported dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    if dtype == "bf16":
+        try:
+            import ml_dtypes
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise DTypeError("bf16 needs the ml_dtypes package (NumPy has no bfloat16)") from e
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(DTYPES[dtype])
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __init__(self, shape, dtype="f32"):
+        try:
+            shape = tuple(int(d) for d in shape)
+        except TypeError:
+            raise ShapeError(f"shape must be a sequence of ints, got {shape!r}") from None
+        if any(d < 0 for d in shape):
+            raise ShapeError(f"shape {list(shape)} has a negative dimension")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "dtype", canonical_dtype(dtype))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def itemsize(self) -> int:
+        return 2 if self.dtype == "bf16" else np.dtype(DTYPES[self.dtype]).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+    def with_shape(self, shape) -> "TensorType":
+        return TensorType(shape, self.dtype)
+
+    def with_dtype(self, dtype) -> "TensorType":
+        return TensorType(self.shape, dtype)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
+
+    __repr__ = __str__
+
+
+def type_str(t) -> str:
+    """A TensorType or a tuple of them (multi-result ops) as text."""
+    if isinstance(t, tuple):
+        return "(" + ", ".join(map(str, t)) + ")"
+    return str(t)

@@ -1,0 +1,56 @@
+"""The verifier: checks the invariants every pass must keep."""
+from __future__ import annotations
+
+import networkx as nx
+
+from .errors import DnirError, VerifyError
+from .graph import Graph, Node
+from .ops import REGISTRY, make_node
+from .types import type_str
+
+
+def verify(graph: Graph, where: str = "graph") -> Graph:
+    """Raise VerifyError naming the first broken invariant; return the graph."""
+    if not graph.outputs:
+        raise VerifyError(f"{where}: has no outputs")
+    if len(set(graph.output_names)) != len(graph.output_names):
+        raise VerifyError(f"{where}: output names repeat: {list(graph.output_names)}")
+    names = set()
+    for node in graph.inputs:
+        if node.op != "input":
+            raise VerifyError(f"{where}: graph input {node!r} is not an input node")
+        if node.attrs["name"] in names:
+            raise VerifyError(f"{where}: input name {node.attrs['name']!r} is declared twice")
+        names.add(node.attrs["name"])
+    if not nx.is_directed_acyclic_graph(graph.to_networkx()):
+        raise VerifyError(f"{where}: has a cycle")
+    declared = {id(n) for n in graph.inputs}
+    for node in graph.topo_order():
+        if node.op not in REGISTRY:
+            raise VerifyError(f"{where}: unknown op {node.op!r}")
+        if node.op == "input":
+            if id(node) not in declared:
+                raise VerifyError(f"{where}: input {node.attrs['name']!r} is used but not declared "
+                                  f"in the graph's inputs")
+            continue
+        try:
+            again = make_node(node.op, node.inputs, node.attrs)
+        except DnirError as e:
+            raise VerifyError(f"{where}: node {node.op} fails to re-check: {e}") from None
+        if again.type != node.type:
+            raise VerifyError(f"{where}: {node.op} stores type {type_str(node.type)} but its operands "
+                              f"give {type_str(again.type)}")
+        if node.op == "scan":
+            verify(node.attrs["body"], f"{where}: scan body")
+    return graph
+
+
+def is_valid(graph: Graph) -> bool:
+    try:
+        verify(graph)
+    except VerifyError:
+        return False
+    return True
+
+
+__all__ = ["verify", "is_valid", "Node"]

@@ -1,0 +1,278 @@
+"""The NumPy backend: reference semantics of every op (the oracle).
+
+Every other backend and every pass is checked against this file, so it is
+written for clarity and exactness, not speed: numpy semantics throughout, a
+triangular solve by plain substitution, no fused tricks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from dnir.errors import BackendError, InputError
+from dnir.graph import Graph, Node
+from dnir.ops import REGISTRY
+from dnir.types import canonical_dtype, numpy_dtype
+
+Kernel = Callable[..., np.ndarray]
+KERNELS: dict[str, Kernel] = {}
+
+
+def kernel(*names):
+    def register(fn):
+        for name in names:
+            KERNELS[name] = fn
+        return fn
+    return register
+
+
+# Each kernel: fn(node, dtype, *operands) with dtype the NumPy result dtype.
+
+@kernel("const")
+def _const(node, dt):
+    return np.asarray(node.attrs["value"], dtype=dt).reshape(node.shape)
+
+
+@kernel("full")
+def _full(node, dt):
+    return np.full(node.shape, node.attrs["value"], dtype=dt)
+
+
+@kernel("eye")
+def _eye(node, dt):
+    return np.eye(node.attrs["n"], dtype=dt)
+
+
+def _sigmoid(x):
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)
+
+
+_UNARY = {
+    "neg": np.negative, "exp": np.exp, "log": np.log, "sigmoid": _sigmoid,
+    "softplus": lambda x: np.logaddexp(np.zeros((), x.dtype), x),
+    "sqrt": np.sqrt, "rsqrt": lambda x: 1.0 / np.sqrt(x),
+}
+_BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
+           "maximum": np.maximum, "minimum": np.minimum}
+
+
+def _unary(node, dt, x):
+    with np.errstate(all="ignore"):  # inf/nan follow IEEE; the range analysis warns ahead of time
+        return _UNARY[node.op](x).astype(dt, copy=False)
+
+
+def _binary(node, dt, a, b):
+    with np.errstate(all="ignore"):
+        return _BINARY[node.op](a, b).astype(dt, copy=False)
+
+
+kernel(*_UNARY)(_unary)
+kernel(*_BINARY)(_binary)
+
+
+@kernel("cast")
+def _cast(node, dt, x):
+    return x.astype(dt)
+
+
+@kernel("clamp")
+def _clamp(node, dt, x):
+    return np.clip(x, node.attrs["min"], node.attrs["max"]).astype(dt, copy=False)
+
+
+@kernel("where")
+def _where(node, dt, c, a, b):
+    return np.where(c, a, b).astype(dt, copy=False)
+
+
+@kernel("reshape")
+def _reshape(node, dt, x):
+    return x.reshape(node.shape)
+
+
+@kernel("permute")
+def _permute(node, dt, x):
+    return np.transpose(x, node.attrs["axes"])
+
+
+@kernel("broadcast_to")
+def _broadcast_to(node, dt, x):
+    return np.broadcast_to(x, node.shape)
+
+
+@kernel("pad")
+def _pad(node, dt, x):
+    return np.pad(x, node.attrs["pads"], constant_values=node.attrs["value"])
+
+
+@kernel("slice")
+def _slice(node, dt, x):
+    return x[tuple(slice(a, b) for a, b in zip(node.attrs["starts"], node.attrs["stops"]))]
+
+
+@kernel("concat")
+def _concat(node, dt, *xs):
+    return np.concatenate(xs, axis=node.attrs["axis"])
+
+
+@kernel("cont")
+def _cont(node, dt, x):
+    return np.array(x, copy=True)
+
+
+@kernel("sum")
+def _sum(node, dt, x):
+    return np.sum(x, axis=tuple(node.attrs["axes"]), keepdims=node.attrs["keepdims"], dtype=dt)
+
+
+@kernel("cumsum")
+def _cumsum(node, dt, x):
+    return np.cumsum(x, axis=node.attrs["axis"], dtype=dt)
+
+
+@kernel("matmul")
+def _matmul(node, dt, a, b):
+    if node.attrs["transpose_a"]:
+        a = np.swapaxes(a, -1, -2)
+    if node.attrs["transpose_b"]:
+        b = np.swapaxes(b, -1, -2)
+    return np.matmul(a, b).astype(dt, copy=False)
+
+
+@kernel("tril")
+def _tril(node, dt, x):
+    return np.tril(x, node.attrs["k"])
+
+
+@kernel("triu")
+def _triu(node, dt, x):
+    return np.triu(x, node.attrs["k"])
+
+
+@kernel("solve_tri")
+def _solve_tri(node, dt, a, b):
+    """Forward (lower) or backward (upper) substitution, batched."""
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = np.broadcast_to(a, batch + a.shape[-2:])
+    b = np.broadcast_to(b, batch + b.shape[-2:])
+    n = a.shape[-1]
+    x = np.zeros(batch + b.shape[-2:], dtype=dt)
+    rows = range(n) if node.attrs["lower"] else range(n - 1, -1, -1)
+    with np.errstate(all="ignore"):
+        for i in rows:
+            done = slice(0, i) if node.attrs["lower"] else slice(i + 1, n)
+            r = b[..., i, :] - np.einsum("...j,...jm->...m", a[..., i, done], x[..., done, :])
+            x[..., i, :] = r if node.attrs["unit_diagonal"] else r / a[..., i, i, None]
+    return x
+
+
+def _region(node, src):
+    return tuple(slice(o, o + s) for o, s in zip(node.attrs["offsets"], src.shape))
+
+
+@kernel("set")
+def _set(node, dt, dst, src):
+    out = np.array(dst, dtype=dt, copy=True)
+    out[_region(node, src)] = src
+    return out
+
+
+@kernel("acc")
+def _acc(node, dt, dst, src):
+    out = np.array(dst, dtype=dt, copy=True)
+    out[_region(node, src)] += src
+    return out
+
+
+@kernel("item")
+def _item(node, dt, results):
+    return results[node.attrs["index"]]
+
+
+@kernel("scan")
+def _scan(node, dt, *operands, float64=False):
+    body: Graph = node.attrs["body"]
+    nc, nx, length = node.attrs["num_carry"], node.attrs["num_xs"], node.attrs["length"]
+    carries = list(operands[:nc])
+    xs, consts = operands[nc:nc + nx], list(operands[nc + nx:])
+    ys_types = body.output_types[nc:]
+    ys = [np.empty((length,) + t.shape, dtype=_result_dtype(t.dtype, float64)) for t in ys_types]
+    for step in range(length):
+        outs = execute(body, carries + [x[step] for x in xs] + consts, float64=float64)
+        carries = outs[:nc]
+        for y, value in zip(ys, outs[nc:]):
+            y[step] = value
+    return tuple(carries) + tuple(ys)
+
+
+def _result_dtype(dtype: str, float64: bool) -> np.dtype:
+    if float64 and dtype in ("f16", "bf16", "f32"):
+        return np.dtype(np.float64)
+    return numpy_dtype(dtype)
+
+
+def missing_ops(graph: Graph) -> list[str]:
+    found = set()
+    for node in graph.topo_order():
+        if node.op != "input" and node.op not in KERNELS:
+            found.add(node.op)
+        if node.op == "scan":
+            found.update(missing_ops(node.attrs["body"]))
+    return sorted(found)
+
+
+def execute(graph: Graph, args: Sequence[np.ndarray], float64: bool = False) -> list[np.ndarray]:
+    """Run on already-checked arrays (positional, in graph input order)."""
+    values: dict[int, np.ndarray] = {id(n): a for n, a in zip(graph.inputs, args)}
+    for node in graph.topo_order():
+        if id(node) in values:
+            continue
+        operands = [values[id(i)] for i in node.inputs]
+        dt = None if isinstance(node.type, tuple) else _result_dtype(node.dtype, float64)
+        if node.op == "scan":
+            values[id(node)] = _scan(node, dt, *operands, float64=float64)
+        else:
+            values[id(node)] = KERNELS[node.op](node, dt, *operands)
+    return [values[id(n)] for n in graph.outputs]
+
+
+def prepare_inputs(graph: Graph, inputs, float64: bool = False) -> list[np.ndarray]:
+    """Check and convert user arrays: a sequence in input order, or a mapping by name."""
+    if isinstance(inputs, Mapping):
+        unknown = set(inputs) - set(graph.input_names)
+        if unknown:
+            raise InputError(f"unknown input name(s) {sorted(unknown)}; the graph takes {list(graph.input_names)}")
+        missing = [n for n in graph.input_names if n not in inputs]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the graph takes {list(graph.input_names)}")
+        inputs = [inputs[n] for n in graph.input_names]
+    inputs = list(inputs)
+    if len(inputs) != len(graph.inputs):
+        raise InputError(f"the graph takes {len(graph.inputs)} inputs {list(graph.input_names)}, got {len(inputs)}")
+    arrays = []
+    for node, value in zip(graph.inputs, inputs):
+        arr = np.asarray(value)
+        name, t = node.attrs["name"], node.type
+        if arr.shape != t.shape:
+            raise InputError(f"input {name!r}: shape {list(arr.shape)}, expected {list(t.shape)}")
+        try:
+            given = canonical_dtype(arr.dtype)
+        except Exception:
+            given = str(arr.dtype)
+        if given != t.dtype and not (t.is_float and arr.dtype.kind == "f"):
+            raise InputError(f"input {name!r}: dtype {given}, expected {t.dtype}")
+        arrays.append(arr.astype(_result_dtype(t.dtype, float64), copy=False))
+    return arrays
+
+
+def run(graph: Graph, inputs, *, float64: bool = False) -> list[np.ndarray]:
+    """Execute `graph` on NumPy arrays. float64=True runs every float op in
+    float64 (oracle runs); otherwise each value has its declared dtype."""
+    missing = missing_ops(graph)
+    if missing:
+        raise BackendError(f"numpy backend lacks op(s): {', '.join(missing)}")
+    return execute(graph, prepare_inputs(graph, inputs, float64), float64)
+
+
+assert set(KERNELS) | {"input"} == set(REGISTRY), sorted(set(REGISTRY) ^ set(KERNELS) ^ {"input"})

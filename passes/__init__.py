@@ -1,0 +1,1 @@
+"""Graph -> graph rewrites and the pass manager."""
