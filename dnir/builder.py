@@ -190,11 +190,11 @@ class Builder:
                          {"body": body, "length": int(length), "num_carry": len(carries), "num_xs": len(xs)})
         return [make_node("item", (node,), {"index": i}) for i in range(len(node.type))]
 
-    def build(self, outputs, names=None) -> Graph:
+    def build(self, outputs, names=None, meta=None) -> Graph:
         if isinstance(outputs, Node):
             outputs = [outputs]
         from .verify import verify
-        graph = Graph(self.inputs, outputs, names)
+        graph = Graph(self.inputs, outputs, names, meta)
         verify(graph)
         return graph
 

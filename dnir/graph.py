@@ -115,13 +115,20 @@ class Graph:
     Everything else is derived on demand: the topological order, the use lists.
     """
 
-    def __init__(self, inputs, outputs, output_names=None):
+    def __init__(self, inputs, outputs, output_names=None, meta=None):
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         if output_names is None:
             output_names = [f"out{i}" for i in range(len(self.outputs))]
         self.output_names = tuple(output_names)
+        # What the graph computes, for tools that need more than its ops
+        # (e.g. the model options an oracle check needs). Passes carry it over.
+        self.meta = {k: _freeze(v) for k, v in (meta or {}).items()}
         self._order = None
+
+    def with_outputs(self, outputs) -> "Graph":
+        """The same function signature and metadata with new output nodes."""
+        return Graph(self.inputs, outputs, self.output_names, self.meta)
 
     @property
     def input_types(self) -> tuple[TensorType, ...]:
@@ -207,7 +214,8 @@ def structurally_equal(a: Graph, b: Graph) -> bool:
     """Same inputs, outputs and nodes up to renaming of intermediate values."""
     if len(a.inputs) != len(b.inputs) or len(a.outputs) != len(b.outputs):
         return False
-    if a.output_names != b.output_names:
+    if a.output_names != b.output_names or not _attr_equal(tuple(sorted(a.meta.items())),
+                                                             tuple(sorted(b.meta.items()))):
         return False
     pairs: dict[int, int] = {}
     for x, y in zip(a.inputs, b.inputs):

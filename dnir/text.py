@@ -36,7 +36,10 @@ def _print_lines(graph: Graph, indent: str, header: str = "graph") -> list[str]:
     for node in graph.inputs:
         names[id(node)] = "%" + node.attrs["name"]
         params.append(f"{names[id(node)]}: {node.type}")
-    lines = [f"{indent}{header}({', '.join(params)}) {{"]
+    meta = ""
+    if graph.meta:
+        meta = " meta {" + ", ".join(f"{k}={_value(v)}" for k, v in graph.meta.items()) + "}"
+    lines = [f"{indent}{header}({', '.join(params)}){meta} {{"]
     inner = indent + "  "
     counter = 0
     for node in graph.topo_order():
@@ -177,6 +180,10 @@ def _parse_graph(toks: _Tokens) -> Graph:
             if toks.accept(")"):
                 break
             toks.expect(",")
+    meta = {}
+    if toks.peek()[1] == "meta" and toks.peek()[0] == "ident":
+        toks.next()
+        meta = _parse_attrs(toks)
     toks.expect("{")
     while toks.peek()[1] != "return" or toks.peek()[0] != "ident":
         _parse_stmt(toks, env)
@@ -191,7 +198,7 @@ def _parse_graph(toks: _Tokens) -> Graph:
         if not toks.accept(","):
             break
     toks.expect("}")
-    return Graph(inputs, outputs, names)
+    return Graph(inputs, outputs, names, meta)
 
 
 def _parse_type(toks: _Tokens):
@@ -238,16 +245,7 @@ def _parse_stmt(toks: _Tokens, env: dict):
             if toks.accept(")"):
                 break
             toks.expect(",")
-    attrs = {}
-    if toks.accept("{"):
-        if not toks.accept("}"):
-            while True:
-                key = toks.expect(kind="ident")[1]
-                toks.expect("=")
-                attrs[key] = _parse_value(toks)
-                if toks.accept("}"):
-                    break
-                toks.expect(",")
+    attrs = _parse_attrs(toks) if toks.peek()[1] == "{" else {}
     if toks.peek()[1] == "body" and toks.peek()[0] == "ident":
         toks.next()
         attrs["body"] = _parse_graph(toks)
@@ -259,6 +257,22 @@ def _parse_stmt(toks: _Tokens, env: dict):
         raise toks.error(f"{name_tok[1]} is declared {type_str(declared)} but {op_tok[1]} gives "
                          f"{type_str(node.type)}", type_tok)
     env[name_tok[1]] = node
+
+
+def _parse_attrs(toks: _Tokens) -> dict:
+    toks.expect("{")
+    attrs = {}
+    if not toks.accept("}"):
+        while True:
+            tok = toks.expect(kind="ident")
+            if tok[1] in attrs:
+                raise toks.error(f"attribute {tok[1]!r} is given twice", tok)
+            toks.expect("=")
+            attrs[tok[1]] = _parse_value(toks)
+            if toks.accept("}"):
+                break
+            toks.expect(",")
+    return attrs
 
 
 def _parse_value(toks: _Tokens):
