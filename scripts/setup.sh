@@ -19,4 +19,4 @@ fi
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[all]" pytest-xdist
+"$venv/bin/python" -m pip install -q -e ".[all]"
