@@ -162,7 +162,8 @@ def _solve_tri(node, dt, a, b):
     with np.errstate(all="ignore"):
         for i in rows:
             done = slice(0, i) if node.attrs["lower"] else slice(i + 1, n)
-            r = b[..., i, :] - np.einsum("...j,...jm->...m", a[..., i, done], x[..., done, :])
+            # matmul rather than einsum: einsum rejects ml_dtypes' bfloat16.
+            r = b[..., i, :] - np.matmul(a[..., i:i + 1, done], x[..., done, :])[..., 0, :]
             x[..., i, :] = r if node.attrs["unit_diagonal"] else r / a[..., i, i, None]
     return x
 
