@@ -155,7 +155,11 @@ def parse(text: str, source_name: str = "<text>") -> Graph:
 
 def parse_file(path) -> Graph:
     with open(path, encoding="utf-8") as f:
-        return parse(f.read(), str(path))
+        try:
+            text = f.read()
+        except UnicodeDecodeError as e:
+            raise DnirError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    return parse(text, str(path))
 
 
 def _parse_graph(toks: _Tokens) -> Graph:
