@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import traceback
 
-_PKG_DIRS = tuple(
-    os.path.dirname(os.path.abspath(p))
+_PKG_DIRS = tuple(  # with a trailing separator, so that dnir_demo.py next to dnir/ is user code
+    os.path.dirname(os.path.abspath(p)) + os.sep
     for p in (__file__, os.path.join(os.path.dirname(__file__), "..", "passes", "x"),
               os.path.join(os.path.dirname(__file__), "..", "lowering", "x"))
 )
