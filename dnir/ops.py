@@ -7,6 +7,7 @@ their own tables keyed by op name.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -98,7 +99,7 @@ def _raise(cls, op, inputs, message):
     types = ", ".join(type_str(x.type) if isinstance(x, Node) else repr(x) for x in inputs)
     site = user_call_site()
     where = f" [built at {site}]" if site else ""
-    raise cls(f"{op}({types}): {message}{where}")
+    raise cls(f"{op}({types}): {message}{where}") from None  # hide inference internals
 
 
 def _check_attrs(opdef: OpDef, attrs: dict, inputs) -> dict:
@@ -178,13 +179,27 @@ def _elementwise_flops(ins, out, attrs):
 # Sources
 
 def _infer_input(ins, attrs):
+    # The text format names an input %name; anything but an identifier would not parse back.
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", attrs["name"]):
+        fail(f"input name {attrs['name']!r} is not an identifier (letters, digits, _)", AttrError)
     return TensorType(attrs["shape"], attrs["dtype"])
+
+
+_INT_RANGE = {"i32": (-2**31, 2**31 - 1), "i64": (-2**63, 2**63 - 1), "bool": (0, 1)}
 
 
 def _infer_const(ins, attrs):
     t = TensorType(attrs["shape"], canonical_dtype(attrs["dtype"]))
     if len(attrs["value"]) != _size(t):
         fail(f"value has {len(attrs['value'])} elements, expected {_size(t)} for shape {list(t.shape)}")
+    # An integer const must hold its values exactly: NumPy would truncate 1.5 silently
+    # (x_i32 + 1.5 == x_i32 + 1) or overflow at run time.
+    if t.dtype in _INT_RANGE:
+        lo, hi = _INT_RANGE[t.dtype]
+        for v in attrs["value"]:
+            if not (float(v).is_integer() and lo <= v <= hi):
+                fail(f"value {v!r} is not representable as {t.dtype} (expected an integer in {lo}..{hi})",
+                     DTypeError)
     return t
 
 
@@ -252,9 +267,18 @@ def _infer_binary(ins, attrs):
     return TensorType(broadcast_shapes(*(t.shape for t in ins)), dtype)
 
 
+def _infer_div(ins, attrs):
+    # NumPy's true division of integers gives floats, which an integer result type cannot hold.
+    if ins[0].dtype not in FLOAT_DTYPES or ins[1].dtype not in FLOAT_DTYPES:
+        fail(f"expected floating-point operands, got {ins[0].dtype} and {ins[1].dtype} (cast first)",
+             DTypeError)
+    return _infer_binary(ins, attrs)
+
+
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum")
 for _name in BINARY:
-    register(OpDef(_name, 2, _infer_binary, flops=_elementwise_flops, kind="elementwise"))
+    register(OpDef(_name, 2, _infer_div if _name == "div" else _infer_binary, flops=_elementwise_flops,
+                   kind="elementwise"))
 
 
 def _infer_where(ins, attrs):
