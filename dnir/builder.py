@@ -6,9 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import AttrError, ShapeError
+from .errors import AttrError, DnirError, ShapeError
 from .graph import Graph, Node
-from .ops import make_node
+from .ops import _raise, make_node
 from .types import canonical_dtype
 
 
@@ -21,15 +21,18 @@ def slice_by_index(x: Node, index) -> Node:
     if not isinstance(index, tuple):
         index = (index,)
     if len(index) > x.rank:
-        raise ShapeError(f"index {index} has more entries than rank {x.rank} of {x.type}")
+        _raise(ShapeError, "slice", (x,), f"index {index} has more entries than rank {x.rank}")
     starts, stops = [], []
     for axis, d in enumerate(x.shape):
         sl = index[axis] if axis < len(index) else slice(None)
         if isinstance(sl, (int, np.integer)):
+            if not -d <= sl < d:
+                _raise(ShapeError, "slice", (x,), f"index {int(sl)} is out of range for axis {axis} of size {d}")
             i = int(sl) + (d if sl < 0 else 0)
             sl = slice(i, i + 1)
         if not isinstance(sl, slice) or sl.step not in (None, 1):
-            raise ShapeError(f"axis {axis}: only unit-step slices and integers are supported, got {sl!r}")
+            _raise(ShapeError, "slice", (x,), f"axis {axis}: only unit-step slices and integers are supported, "
+                                              f"got {sl!r}")
         a, b, _ = sl.indices(d)
         starts.append(a)
         stops.append(max(a, b))
@@ -52,7 +55,7 @@ class Builder:
     # -- sources -------------------------------------------------------------
     def input(self, name: str, shape, dtype=None) -> Node:
         if any(n.attrs["name"] == name for n in self.inputs):
-            raise AttrError(f"input name {name!r} is used twice")
+            _raise(AttrError, "input", (), f"input name {name!r} is used twice")
         node = make_node("input", (), {"name": name, "shape": _ints(shape),
                                        "dtype": canonical_dtype(dtype or self.default_dtype)})
         self.inputs.append(node)
@@ -76,6 +79,8 @@ class Builder:
 
     # -- elementwise ---------------------------------------------------------
     def _binary(self, op, a, b):
+        if not isinstance(a, Node) and not isinstance(b, Node):
+            _raise(DnirError, op, (a, b), "expected at least one dnir Node operand")
         if not isinstance(a, Node):
             a, b = b, a
             return make_node(op, (_scalar_like(b, a), a), {})
@@ -109,11 +114,11 @@ class Builder:
     def reshape(self, x, shape) -> Node:
         shape = list(_ints(shape))
         if shape.count(-1) > 1:
-            raise ShapeError(f"reshape of {x.type} to {shape}: at most one -1")
+            _raise(ShapeError, "reshape", (x,), f"shape {shape} has more than one -1")
         if -1 in shape:
             known = math.prod(d for d in shape if d != -1)
             if known == 0 or x.type.size % known:
-                raise ShapeError(f"reshape of {x.type} to {shape}: -1 cannot be resolved")
+                _raise(ShapeError, "reshape", (x,), f"the -1 in shape {shape} cannot be resolved")
             shape[shape.index(-1)] = x.type.size // known
         return make_node("reshape", (x,), {"shape": shape})
 
@@ -124,7 +129,7 @@ class Builder:
         """Swap two axes (the last two by default)."""
         axes = list(range(x.rank))
         if not (-x.rank <= a < x.rank and -x.rank <= b < x.rank):
-            raise ShapeError(f"transpose of {x.type}: axes {a}, {b} out of range for rank {x.rank}")
+            _raise(ShapeError, "permute", (x,), f"transpose axes {a}, {b} out of range for rank {x.rank}")
         axes[a], axes[b] = axes[b], axes[a]
         return self.permute(x, axes)
 
@@ -184,7 +189,7 @@ class Builder:
         """Loop `body` over the leading axis of `xs`; returns final carries then stacked outputs."""
         if length is None:
             if not xs:
-                raise AttrError("scan without sequence operands needs length=")
+                _raise(AttrError, "scan", tuple(carries) + tuple(consts), "without sequence operands needs length=")
             length = xs[0].shape[0] if xs[0].rank else -1
         node = make_node("scan", tuple(carries) + tuple(xs) + tuple(consts),
                          {"body": body, "length": int(length), "num_carry": len(carries), "num_xs": len(xs)})
