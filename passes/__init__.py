@@ -1,16 +1,20 @@
-"""Graph -> graph rewrites and the pass manager (imported as dnir.passes)."""
+"""Graph -> graph rewrites and the pass manager (imported as dnir.passes).
+
+    graph = dnir.passes.optimize(graph, "O2")
+    graph, records = dnir.passes.run_pipeline(graph, "O2", validate=True, dump_dir="ir/")
+"""
 from __future__ import annotations
 
-from dnir.errors import DnirError
+from . import cse, dce, fold_constants, identities  # noqa: F401  (each registers its pass)
+from .manager import PASSES, PIPELINES, Pass, PassRecord, register_pass, report_table, resolve, run_pipeline
+from .rewrite import P, Match, Rule, apply_rules, map_nodes
+from .validate import ValidationError
 
-PIPELINES: dict[str, list] = {"O0": []}
 
-
-def optimize(graph, pipeline="O2"):
+def optimize(graph, pipeline="O2", **options):
     """Run a named pipeline (or a list of pass names) and return the new graph."""
-    names = PIPELINES.get(pipeline) if isinstance(pipeline, str) else list(pipeline)
-    if names is None:
-        raise DnirError(f"unknown pipeline {pipeline!r}; available: {', '.join(PIPELINES)}")
-    if names:
-        raise DnirError(f"passes {names} are not available")
-    return graph
+    return run_pipeline(graph, pipeline, options=options)[0]
+
+
+__all__ = ["P", "PASSES", "PIPELINES", "Match", "Pass", "PassRecord", "Rule", "ValidationError", "apply_rules",
+           "map_nodes", "optimize", "register_pass", "report_table", "resolve", "run_pipeline"]

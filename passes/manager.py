@@ -1,0 +1,143 @@
+"""The pass manager: named pipelines, the verifier after every pass, optional
+numeric validation, per-pass instrumentation, IR dumps."""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from dnir.cost import graph_flops
+from dnir.errors import DnirError
+from dnir.graph import Graph
+from dnir.text import print_graph
+from dnir.verify import verify
+
+from .validate import ValidationError, compare
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: Callable[..., tuple[Graph, bool]]   # (graph, **options) -> (graph, changed)
+    doc: str = ""
+
+
+PASSES: dict[str, Pass] = {}
+
+
+def register_pass(name: str):
+    def register(fn):
+        PASSES[name] = Pass(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        return fn
+    return register
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    changed: bool
+    nodes: int
+    ops: Counter
+    flops: int
+    peak_bytes: int | None
+    delta: dict = field(default_factory=dict)   # op -> change in count
+
+    def delta_text(self) -> str:
+        return ", ".join(f"{'+' if d > 0 else ''}{d} {op}" for op, d in sorted(self.delta.items())) or "-"
+
+    def to_json(self) -> dict:
+        return {"pass": self.name, "seconds": self.seconds, "changed": self.changed, "nodes": self.nodes,
+                "ops": dict(self.ops), "flops": self.flops, "peak_bytes": self.peak_bytes,
+                "delta": dict(self.delta)}
+
+
+def planned_peak_bytes(graph: Graph) -> int | None:
+    """The memory planner's peak, when the analysis is available in this install."""
+    try:
+        from dnir.analysis import memory
+    except ImportError:
+        return None
+    for name in ("peak_bytes", "planned_peak_bytes"):
+        if hasattr(memory, name):
+            return int(getattr(memory, name)(graph))
+    if hasattr(memory, "plan"):
+        return int(memory.plan(graph).peak_bytes)
+    return None
+
+
+def resolve(pipeline) -> list[str]:
+    """A pipeline name, a comma-separated string of pass names, or a list of names."""
+    if isinstance(pipeline, str):
+        if pipeline in PIPELINES:
+            return list(PIPELINES[pipeline])
+        names = [n.strip() for n in pipeline.split(",") if n.strip()]
+    else:
+        names = list(pipeline)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown or (isinstance(pipeline, str) and not names and pipeline):
+        raise DnirError(f"unknown pass or pipeline {', '.join(unknown) or pipeline!r}; pipelines: "
+                        f"{', '.join(PIPELINES)}; passes: {', '.join(sorted(PASSES))}")
+    return names
+
+
+def snapshot(name, graph, seconds, changed, before: Counter | None) -> PassRecord:
+    ops = graph.op_histogram()
+    delta = {op: ops[op] - before[op] for op in set(ops) | set(before) if ops[op] != before[op]} if before else {}
+    return PassRecord(name, seconds, changed, sum(ops.values()), ops, graph_flops(graph),
+                      planned_peak_bytes(graph), delta)
+
+
+def run_pipeline(graph: Graph, pipeline="O2", *, options: dict | None = None, validate: bool = False,
+                 dump_dir: str | None = None, seed: int = 0) -> tuple[Graph, list[PassRecord]]:
+    """Run the passes in order; returns the graph and one record per pass
+    (record 0 is the input graph). A failure names the pass and the ones before it."""
+    names, options = resolve(pipeline), options or {}
+    records = [snapshot("input", graph, 0.0, False, None)]
+    rng = np.random.default_rng(seed)
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        _dump(dump_dir, 0, "input", graph)
+    for i, name in enumerate(names, 1):
+        where = f"pass {name!r} (after {', '.join(names[:i - 1]) or 'no other pass'})"
+        start = time.perf_counter()
+        new, changed = PASSES[name].fn(graph, **options.get(name, {}))
+        seconds = time.perf_counter() - start
+        try:
+            verify(new)
+        except DnirError as e:
+            raise type(e)(f"{where}: {e}") from None
+        if new.input_types != graph.input_types or new.output_types != graph.output_types \
+                or new.meta != graph.meta or new.output_names != graph.output_names:
+            raise ValidationError(f"{where} changed the graph's signature or metadata")
+        if validate and changed:
+            problems = compare(graph, new, rng)
+            if problems:
+                raise ValidationError(f"{where} changed the results: {'; '.join(problems)}")
+        records.append(snapshot(name, new, seconds, changed, records[-1].ops))
+        graph = new
+        if dump_dir:
+            _dump(dump_dir, i, name, graph)
+    return graph, records
+
+
+def _dump(dump_dir, index, name, graph):
+    with open(os.path.join(dump_dir, f"{index:03d}_{name}.dnir"), "w", encoding="utf-8") as f:
+        f.write(print_graph(graph))
+
+
+def report_table(records: list[PassRecord]) -> str:
+    head = f"{'pass':<20} {'time ms':>8} {'nodes':>6} {'GFLOP':>10} {'peak MB':>9}  changes"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
+        lines.append(f"{r.name:<20} {r.seconds * 1e3:>8.1f} {r.nodes:>6} {r.flops / 1e9:>10.4f} {peak:>9}  "
+                     f"{r.delta_text() if r.changed else ('-' if r.name != 'input' else '')}")
+    return "\n".join(lines)
+
+
+PIPELINES: dict[str, list[str]] = {"O0": []}
