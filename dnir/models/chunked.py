@@ -1,0 +1,140 @@
+"""The chunked (prefill) form: intra-chunk work for all chunks at once, then a
+`scan` over chunks that carries the state.
+
+Inside a chunk of C tokens with the state S0 at its start, gam the cumulative
+gate from the chunk start (a [C, Kg] matrix) and D_ij = gam_i - gam_j:
+
+    Akk[i,j] = beta_i sum_c k_i[c] k_j[c] exp(D_ij[c])   (j < i)
+    Aqk[i,j] =        sum_c q_i[c] k_j[c] exp(D_ij[c])   (j <= i)
+    W = (I + Akk)^-1 (beta k exp(gam)),   U = (I + Akk)^-1 (beta v)
+    Vn = U - W S0,   O = (q exp(gam)) S0 + Aqk Vn
+    S  = exp(gam_C) S0 + (k exp(gam_C - gam))^T Vn
+
+Every exponent above is <= 0 (g <= 0, and D is masked to j <= i before exp),
+so strong gates underflow to 0 and never overflow.
+"""
+from __future__ import annotations
+
+from ..builder import Builder
+from .config import DeltaNetConfig
+
+
+def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state):
+    """q, k [N, Tp, HV, K]; v [N, Tp, HV, V]; g [N, Tp, HV, Kg]; beta [N, Tp, HV, 1];
+    state [N, HV, K, V]. Returns o [N, Tp, HV, V] and the final state."""
+    N, Tp, HV, K = q.shape
+    V = v.shape[-1]
+    C, Kg = cfg.chunk_size, cfg.gate_channels
+    NC = Tp // C
+
+    def to_chunks(x):  # [N, Tp, HV, X] -> [N, HV, NC, C, X]
+        x = b.cont(b.permute(x, (0, 2, 1, 3)))
+        return b.reshape(x, (N, HV, NC, C, x.shape[-1]))
+
+    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
+    # ggml's cumsum runs along the innermost axis only: transpose, copy, cumsum, and back.
+    gam_t = b.cumsum(b.cont(b.transpose(g)), axis=-1)          # [N, HV, NC, Kg, C]
+    gam = b.cont(b.transpose(gam_t))                            # [N, HV, NC, C, Kg]
+
+    if cfg.block_size is None:
+        akk, aqk = diagonal_scores(b, cfg, q, k, beta, gam, gam_t)
+    else:
+        akk, aqk = blocked_scores(b, cfg, q, k, beta, gam, gam_t)
+
+    eye = b.eye(C)
+    inverse = b.solve_tri(b.add(eye, akk), eye, lower=True, unit_diagonal=True)   # (I + Akk)^-1
+    gam_exp = b.exp(gam)
+    w = b.matmul(inverse, b.mul(b.mul(k, beta), gam_exp))       # [N, HV, NC, C, K]
+    u = b.matmul(inverse, b.mul(v, beta))                       # [N, HV, NC, C, V]
+    q_decayed = b.mul(q, gam_exp)
+    gam_last = b.slice_axis(gam, -2, C - 1, C)                  # [N, HV, NC, 1, Kg]
+    k_to_end = b.mul(k, b.exp(b.sub(gam_last, gam)))            # decay from each token to the chunk end
+    last_decay = b.reshape(b.exp(gam_last), (N, HV, NC, Kg, 1))  # scales the state's key rows
+
+    def chunk_major(x):  # the scan walks the leading axis
+        return b.cont(b.permute(x, (2, 0, 1, 3, 4)))
+
+    xs = [chunk_major(x) for x in (w, u, q_decayed, aqk, k_to_end, last_decay)]
+    state, o = b.scan(_chunk_step(xs, state), [state], xs)       # o [NC, N, HV, C, V]
+    o = b.cont(b.permute(o, (1, 0, 3, 2, 4)))                    # [N, NC, C, HV, V]
+    return b.reshape(o, (N, Tp, HV, V)), state
+
+
+def _chunk_step(xs, state):
+    """Body of the scan over chunks: the only sequential part."""
+    bb = Builder()
+    s0 = bb.input("state", state.shape)
+    w, u, q_decayed, aqk, k_to_end, last_decay = (
+        bb.input(name, x.shape[1:]) for name, x in
+        zip(("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay"), xs))
+    v_new = bb.sub(u, bb.matmul(w, s0))
+    o = bb.add(bb.matmul(q_decayed, s0), bb.matmul(aqk, v_new))
+    s1 = bb.add(bb.mul(s0, last_decay), bb.matmul(k_to_end, v_new, transpose_a=True))
+    return bb.build([s1, o], names=["state", "o"])
+
+
+def diagonal_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, gam, gam_t):
+    """Akk and Aqk of a run of n tokens against itself: [..., n, n].
+
+    q, k [..., n, K]; beta [..., n, 1]; gam [..., n, Kg]; gam_t [..., Kg, n].
+    The decay tensor exp(D) is [..., Kg, n, n]; channels that share a gate are
+    contracted by one matmul (all K channels for gdn, one each for kda).
+    """
+    if cfg.factorized_decay:
+        return _factorized_scores(b, q, k, beta, gam)
+    *batch, Kg, n = gam_t.shape
+    gam_i = b.reshape(gam_t, (*batch, Kg, n, 1))
+    gam_j = b.broadcast_to(b.reshape(gam_t, (*batch, Kg, 1, n)), (*batch, Kg, n, n))   # ggml_repeat
+    decay = b.exp(b.tril(b.sub(gam_i, gam_j)))        # masked before exp: every exponent <= 0
+    k_groups = _gate_groups(b, k, Kg)
+    kk = b.sum(b.mul(b.matmul(k_groups, k_groups, transpose_b=True), decay), axis=-3)
+    qk = b.sum(b.mul(b.matmul(_gate_groups(b, q, Kg), k_groups, transpose_b=True), decay), axis=-3)
+    return b.mul(b.tril(kk, -1), beta), b.tril(qk)
+
+
+def _gate_groups(b: Builder, x, Kg: int):
+    """[..., n, K] -> [..., Kg, n, K // Kg]: the key channels grouped by the gate they share."""
+    *batch, n, K = x.shape
+    x = b.reshape(x, (*batch, n, Kg, K // Kg))
+    axes = list(range(len(batch))) + [len(batch) + 1, len(batch), len(batch) + 2]
+    return b.cont(b.permute(x, axes))
+
+
+def _factorized_scores(b: Builder, q, k, beta, gam):
+    """exp(gam_i - gam_j) as exp(gam_i) * exp(-gam_j): plain matmuls, but exp(-gam_j)
+    overflows float32 once -gam_j > ~88. Kept so the range analysis can show it."""
+    grow, shrink = b.exp(gam), b.exp(b.neg(gam))
+    k_shrunk = b.mul(k, shrink)
+    kk = b.matmul(b.mul(b.mul(k, beta), grow), k_shrunk, transpose_b=True)
+    qk = b.matmul(b.mul(q, grow), k_shrunk, transpose_b=True)
+    return b.tril(kk, -1), b.tril(qk)
+
+
+def blocked_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, gam, gam_t):
+    """Akk and Aqk of a chunk assembled from block_size x block_size blocks with `acc`.
+
+    Diagonal blocks need the masked decay. A block below the diagonal (rows in
+    block a, columns in block c < a) is one matmul of rescaled operands:
+    with r the first row of block a, exp(gam_i - gam_j) =
+    exp(gam_i - gam_r) * exp(gam_r - gam_j), both factors <= 1.
+    """
+    C, s = cfg.chunk_size, cfg.block_size
+    batch = q.shape[:-2]
+    akk = aqk = b.zeros((*batch, C, C))
+    blocks = [[b.slice_axis(x, -2, a * s, (a + 1) * s) for x in (q, k, beta, gam)] for a in range(C // s)]
+    for a, (q_a, k_a, beta_a, gam_a) in enumerate(blocks):
+        offsets = (0,) * len(batch) + (a * s, a * s)
+        kk, qk = diagonal_scores(b, cfg, q_a, k_a, beta_a, gam_a, b.slice_axis(gam_t, -1, a * s, (a + 1) * s))
+        akk, aqk = b.acc(akk, kk, offsets), b.acc(aqk, qk, offsets)
+        if a == 0:
+            continue
+        gam_r = b.slice_axis(gam, -2, a * s, a * s + 1)
+        to_ref = b.exp(b.sub(gam_a, gam_r))
+        q_ref = b.mul(q_a, to_ref)
+        k_ref = b.mul(b.mul(k_a, to_ref), beta_a)
+        for c, (_, k_c, _, gam_c) in enumerate(blocks[:a]):
+            k_c = b.mul(k_c, b.exp(b.sub(gam_r, gam_c)))
+            offsets = (0,) * len(batch) + (a * s, c * s)
+            akk = b.acc(akk, b.matmul(k_ref, k_c, transpose_b=True), offsets)
+            aqk = b.acc(aqk, b.matmul(q_ref, k_c, transpose_b=True), offsets)
+    return akk, aqk

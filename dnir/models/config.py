@@ -1,0 +1,151 @@
+"""Options of a delta-net layer graph, the named presets, and their metadata form.
+
+One `DeltaNetConfig` describes both variants: the gate is one scalar per value
+head (`gdn`, Gated DeltaNet of Qwen3-Next) or one value per key channel (`kda`,
+Kimi Delta Attention of Kimi Linear). Everything a graph computes is recorded
+in its metadata, so that a `.dnir` file alone is enough to rebuild the oracle.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import InputError
+
+VARIANTS = ("gdn", "kda")
+MODES = ("chunked", "recurrent", "decode")
+CHUNK_SIZES = (16, 32, 64)
+
+PRESETS = {
+    "qwen3-next": dict(variant="gdn", heads=16, value_heads=32, head_dim=128, value_dim=128),
+    "kimi-linear": dict(variant="kda", heads=32, value_heads=32, head_dim=128, value_dim=128),
+}
+
+
+@dataclass(frozen=True)
+class DeltaNetConfig:
+    variant: str                      # "gdn" (scalar gate per value head) or "kda" (gate per key channel)
+    batch: int = 1                    # B
+    seq_len: int = 64                 # T (packed length when cu_seqlens is given)
+    heads: int = 2                    # H: q/k heads
+    value_heads: int = 2              # HV: value heads; head j reads q/k head j // (HV // H)
+    head_dim: int = 16                # K
+    value_dim: int = 16               # V
+    mode: str = "chunked"
+    chunk_size: int = 64
+    block_size: int | None = None     # None, or a divisor of chunk_size: build C x C matrices from blocks
+    l2norm: bool = False              # l2-normalise q and k per token first
+    scale: float | None = None        # None: head_dim ** -0.5
+    initial_state: bool = False       # the graph takes `initial_state` [N, HV, K, V]
+    final_state: bool = False         # the graph returns `final_state` [N, HV, K, V]
+    cu_seqlens: tuple[int, ...] | None = None   # packed sequences (needs batch 1)
+    factorized_decay: bool = False    # the overflowing exp(gam_i) * exp(-gam_j) form, for range analysis
+
+    def __post_init__(self):
+        object.__setattr__(self, "scale", float(self.head_dim ** -0.5 if self.scale is None else self.scale))
+        if self.cu_seqlens is not None:
+            object.__setattr__(self, "cu_seqlens", tuple(int(x) for x in self.cu_seqlens))
+        _check(self)
+
+    @property
+    def num_sequences(self) -> int:
+        """N: rows of the state."""
+        return self.batch if self.cu_seqlens is None else len(self.cu_seqlens) - 1
+
+    @property
+    def gate_channels(self) -> int:
+        """Kg: how many key channels have their own gate (1 or K)."""
+        return 1 if self.variant == "gdn" else self.head_dim
+
+    @property
+    def seq_lens(self) -> tuple[int, ...]:
+        if self.cu_seqlens is None:
+            return (self.seq_len,) * self.batch
+        return tuple(b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:]))
+
+    @property
+    def padded_len(self) -> int:
+        """Tokens per sequence after padding: the longest sequence, in whole chunks when chunked."""
+        longest = max(self.seq_lens)
+        if self.mode == "chunked":
+            return math.ceil(longest / self.chunk_size) * self.chunk_size
+        return longest
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Graph inputs in the flash-linear-attention layouts, by name, in order."""
+        B, T, H, HV, K, V = (self.batch, self.seq_len, self.heads, self.value_heads,
+                             self.head_dim, self.value_dim)
+        shapes = {"q": (B, T, H, K), "k": (B, T, H, K), "v": (B, T, HV, V),
+                  "g": (B, T, HV) if self.variant == "gdn" else (B, T, HV, K), "beta": (B, T, HV)}
+        if self.initial_state:
+            shapes["initial_state"] = self.state_shape
+        return shapes
+
+    @property
+    def state_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_sequences, self.value_heads, self.head_dim, self.value_dim)
+
+    def to_meta(self) -> dict:
+        """The graph metadata; None-valued options are left out (metadata has no null)."""
+        return {"model": "delta_net", **{k: v for k, v in asdict(self).items() if v is not None}}
+
+    @classmethod
+    def from_meta(cls, meta) -> "DeltaNetConfig":
+        if meta.get("model") != "delta_net":
+            raise InputError("the graph has no delta-net model metadata (meta {model=\"delta_net\", ...}); "
+                             "build it with `dnir build gdn|kda`")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in meta.items() if k in names})
+
+
+def preset(name: str, **overrides) -> DeltaNetConfig:
+    """A config with a real layer's sizes, e.g. preset("qwen3-next", seq_len=4096)."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    sizes = dict(PRESETS[name])
+    if overrides.get("variant", sizes["variant"]) != sizes["variant"]:
+        raise InputError(f"preset {name!r} is a {sizes['variant']} layer, not {overrides['variant']}")
+    sizes.update(overrides)
+    return DeltaNetConfig(**sizes)
+
+
+def _check(c: DeltaNetConfig):
+    if c.variant not in VARIANTS:
+        raise InputError(f"variant={c.variant!r}; expected one of {', '.join(VARIANTS)}")
+    if c.mode not in MODES:
+        raise InputError(f"mode={c.mode!r}; expected one of {', '.join(MODES)}")
+    for name in ("batch", "seq_len", "heads", "value_heads", "head_dim", "value_dim"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{name}={value!r}; expected a positive integer")
+    if c.value_heads % c.heads:
+        raise InputError(f"value_heads={c.value_heads} is not a multiple of heads={c.heads} "
+                         f"(each q/k head serves HV // H value heads)")
+    if c.chunk_size not in CHUNK_SIZES:
+        raise InputError(f"chunk_size={c.chunk_size}; expected one of {', '.join(map(str, CHUNK_SIZES))}")
+    if c.block_size is not None and (c.block_size < 1 or c.chunk_size % c.block_size):
+        raise InputError(f"block_size={c.block_size} does not divide chunk_size={c.chunk_size}; "
+                         f"expected None or a divisor of it")
+    if not (math.isfinite(c.scale) and c.scale > 0):
+        raise InputError(f"scale={c.scale}; expected a positive finite number")
+    if c.cu_seqlens is not None:
+        check_cu_seqlens(c.cu_seqlens, c.seq_len, c.batch)
+    if c.mode == "decode" and max(c.seq_lens) != 1:
+        raise InputError(f"mode='decode' computes one token per sequence; got sequence length(s) "
+                         f"{sorted(set(c.seq_lens))} (use mode='recurrent' or 'chunked')")
+
+
+def check_cu_seqlens(cu, seq_len: int, batch: int):
+    """cu_seqlens: [0, e1, e2, ..., T], strictly increasing, with batch 1."""
+    cu = list(cu)
+    if batch != 1:
+        raise InputError(f"cu_seqlens packs sequences along T and needs batch B=1, got B={batch} "
+                         f"(pack the batch as [1, total_tokens, ...])")
+    if len(cu) < 2:
+        raise InputError(f"cu_seqlens={cu} needs at least two entries [0, ..., T={seq_len}]")
+    if cu[0] != 0:
+        raise InputError(f"cu_seqlens={cu} must start at 0")
+    if any(b <= a for a, b in zip(cu, cu[1:])):
+        raise InputError(f"cu_seqlens={cu} is not strictly increasing (every sequence needs >= 1 token)")
+    if cu[-1] != seq_len:
+        raise InputError(f"cu_seqlens={cu} ends at {cu[-1]}, expected the packed length T={seq_len}")

@@ -1,0 +1,30 @@
+"""Random inputs drawn the way real layers feed the kernel: gates g <= 0, beta in
+(0, 1), unit-norm keys (unless the graph normalises them itself)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import DeltaNetConfig
+from .reference import l2normalize
+
+
+def random_inputs(cfg: DeltaNetConfig, rng) -> dict[str, np.ndarray]:
+    """Float32 arrays by graph input name; rng: a numpy Generator or a seed."""
+    rng = np.random.default_rng(rng)
+    shapes = cfg.input_shapes()
+
+    def normal(name):
+        return rng.standard_normal(shapes[name])
+
+    q, k = normal("q"), normal("k")
+    if not cfg.l2norm:
+        # The delta rule is stable for beta * |k|^2 < 2; real layers normalise the keys.
+        q, k = l2normalize(q), l2normalize(k)
+    inputs = {
+        "q": q, "k": k, "v": normal("v"),
+        "g": -np.logaddexp(0.0, normal("g") - 2.0),           # -softplus: log-decay in (-inf, 0)
+        "beta": 1.0 / (1.0 + np.exp(-normal("beta"))),         # sigmoid
+    }
+    if cfg.initial_state:
+        inputs["initial_state"] = 0.5 * normal("initial_state")
+    return {name: a.astype(np.float32) for name, a in inputs.items()}

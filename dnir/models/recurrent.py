@@ -1,0 +1,47 @@
+"""The recurrent form: a `scan` over tokens, or one step without a scan (decode).
+
+The state is carried transposed, S^T [N, HV, V, K], so that both S^T k and
+S^T q are products along the innermost axis: `sum(mul(S^T, k))`, which is how
+ggml writes them (`sum_rows`).
+"""
+from __future__ import annotations
+
+from ..builder import Builder
+from .config import DeltaNetConfig
+
+
+def recurrent_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state):
+    """q, k [N, T, HV, K]; v [N, T, HV, V]; g [N, T, HV, Kg]; beta [N, T, HV, 1];
+    state [N, HV, K, V]. Returns o [N, T, HV, V] and the final state."""
+    N, T, HV, _ = q.shape
+    V = v.shape[-1]
+    state_t = b.cont(b.transpose(state))
+    if cfg.mode == "decode":          # one token per sequence: the step itself, no loop
+        step = [b.reshape(x, (N, HV, x.shape[-1])) for x in (q, k, v, g, beta)]
+        state_t, o = token_step(b, state_t, *step)
+        o = b.reshape(o, (N, 1, HV, V))
+    else:
+        xs = [b.cont(b.permute(x, (1, 0, 2, 3))) for x in (q, k, v, g, beta)]   # [T, N, HV, X]
+        state_t, o = b.scan(_token_body(state_t, xs), [state_t], xs)
+        o = b.cont(b.permute(o, (1, 0, 2, 3)))
+    return o, b.cont(b.transpose(state_t))
+
+
+def _token_body(state_t, xs):
+    bb = Builder()
+    s = bb.input("state_t", state_t.shape)
+    step = [bb.input(name, x.shape[1:]) for name, x in zip(("q", "k", "v", "g", "beta"), xs)]
+    s, o = token_step(bb, s, *step)
+    return bb.build([s, o], names=["state_t", "o"])
+
+
+def token_step(b: Builder, state_t, q, k, v, g, beta):
+    """One token: state_t [N, HV, V, K]; q, k [N, HV, K]; v [N, HV, V]; g [N, HV, Kg]; beta [N, HV, 1]."""
+    N, HV, V, K = state_t.shape
+    k_row = b.reshape(k, (N, HV, 1, K))
+    state_t = b.mul(state_t, b.reshape(b.exp(g), (N, HV, 1, g.shape[-1])))     # decay key channels
+    predicted = b.sum(b.mul(state_t, k_row), axis=-1)                          # S^T k
+    u = b.mul(b.sub(v, predicted), beta)
+    state_t = b.add(state_t, b.mul(b.reshape(u, (N, HV, V, 1)), k_row))       # S += k u^T
+    o = b.sum(b.mul(state_t, b.reshape(q, (N, HV, 1, K))), axis=-1)           # S^T q
+    return state_t, o
