@@ -118,7 +118,7 @@ def _concat(node, dt, *xs):
 
 @kernel("cont")
 def _cont(node, dt, x):
-    return np.array(x, copy=True)
+    return np.array(x, order="C", copy=True)  # a contiguous copy, as the name says
 
 
 @kernel("sum")
