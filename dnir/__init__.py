@@ -11,6 +11,7 @@ from .ops import REGISTRY, OpDef, make_node
 from .builder import Builder
 from .text import parse, parse_file, print_graph
 from .verify import verify
+from .api import chunk_gated_delta_rule, chunk_kda, fused_recurrent_gated_delta_rule, fused_recurrent_kda
 
 print = print_graph  # noqa: A001  - `dnir.print(g)` is the text format's printer
 
@@ -25,4 +26,5 @@ __all__ = [
     "AttrError", "BackendError", "Builder", "DnirError", "DTypeError", "Graph", "InputError", "Node", "OpDef",
     "ParseError", "REGISTRY", "ShapeError", "TensorType", "VerifyError", "make_node", "parse", "parse_file",
     "print", "print_graph", "run", "structurally_equal", "verify",
+    "chunk_gated_delta_rule", "chunk_kda", "fused_recurrent_gated_delta_rule", "fused_recurrent_kda",
 ]
