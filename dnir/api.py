@@ -1,0 +1,164 @@
+"""The functional API, drop-in for flash-linear-attention's:
+
+    o, final_state = dnir.chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+
+q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV] (gated delta rule) or
+[B, T, HV, K] (KDA); beta [B, T, HV]; states [N, HV, K, V] float32; o
+[B, T, HV, V]. With `cu_seqlens` the batch is packed along T (B = 1) and
+N = len(cu_seqlens) - 1. NumPy arrays in give NumPy arrays out; torch tensors
+in give torch tensors out (o in q's dtype and device, the state in float32).
+The graph is built, optimised with the pipeline `opt` and cached per shapes
+and options; `target` names the backend that runs it.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import InputError
+from .models.config import DeltaNetConfig, check_cu_seqlens
+from .models.delta import build_delta_net
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64,
+                           target="numpy", opt="O2"):
+    """Gated DeltaNet (one gate per value head), chunked form. Returns (o, final_state or None)."""
+    return _delta_rule("gdn", "chunked", "chunk_gated_delta_rule", locals())
+
+
+def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+              use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2"):
+    """Kimi Delta Attention (one gate per key channel), chunked form. Returns (o, final_state or None)."""
+    return _delta_rule("kda", "chunked", "chunk_kda", locals())
+
+
+def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                                     output_final_state=False, use_qk_l2norm_in_kernel=False,
+                                     cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2"):
+    """Gated DeltaNet, token by token (one step without a loop when every sequence has
+    one token: decode). chunk_size is accepted for a uniform signature and unused."""
+    return _delta_rule("gdn", "recurrent", "fused_recurrent_gated_delta_rule", locals())
+
+
+def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                        use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64,
+                        target="numpy", opt="O2"):
+    """Kimi Delta Attention, token by token (decode when every sequence has one token).
+    chunk_size is accepted for a uniform signature and unused."""
+    return _delta_rule("kda", "recurrent", "fused_recurrent_kda", locals())
+
+
+@lru_cache(maxsize=64)
+def compiled_graph(cfg: DeltaNetConfig, opt: str):
+    """The optimised layer graph for these options (built once per shapes and options)."""
+    from .passes import optimize
+    return optimize(build_delta_net(cfg), opt)
+
+
+def _delta_rule(variant: str, form: str, fn: str, args: dict):
+    torch_like = _torch_reference(args)
+    arrays = {name: _to_numpy(args[name], name, fn)
+              for name in ("q", "k", "v", "g", "beta", "initial_state") if args[name] is not None}
+    cu = None if args["cu_seqlens"] is None else _cu_seqlens(args["cu_seqlens"], fn)
+    cfg = _config(variant, form, fn, arrays, cu, args)
+    for name, a in arrays.items():
+        _check_finite(a, name, fn)
+    from .lowering import run
+    outputs = run(compiled_graph(cfg, args["opt"]), arrays, target=args["target"])
+    o = outputs[0]
+    state = outputs[1] if cfg.final_state else None
+    if torch_like is not None:
+        import torch
+        o = torch.from_numpy(np.ascontiguousarray(o)).to(device=torch_like.device, dtype=torch_like.dtype)
+        if state is not None:
+            state = torch.from_numpy(np.ascontiguousarray(state)).to(device=torch_like.device)
+    return o, state
+
+
+def _config(variant, form, fn, arrays, cu, args) -> DeltaNetConfig:
+    q, k, v, g, beta = (arrays[n] for n in ("q", "k", "v", "g", "beta"))
+    if q.ndim != 4:
+        raise InputError(f"{fn}: q has shape {list(q.shape)}; expected rank 4 [B, T, H, K]")
+    B, T, H, K = q.shape
+    if T < 1:
+        raise InputError(f"{fn}: q has shape {list(q.shape)}; expected at least one token (T >= 1)")
+    if k.shape != q.shape:
+        raise InputError(f"{fn}: k has shape {list(k.shape)}; expected q's shape [B, T, H, K] = {list(q.shape)}")
+    if v.ndim != 4 or v.shape[:2] != (B, T):
+        raise InputError(f"{fn}: v has shape {list(v.shape)}; expected [B, T, HV, V] = [{B}, {T}, HV, V]")
+    HV, V = v.shape[2:]
+    if HV % H:
+        raise InputError(f"{fn}: v has HV={HV} value heads, not a multiple of the H={H} q/k heads "
+                         f"(value head j reads q/k head j // (HV // H))")
+    gdn_shape, kda_shape = [B, T, HV], [B, T, HV, K]
+    want, other, other_fn = ((gdn_shape, kda_shape, "a KDA (per key channel) gate: use chunk_kda")
+                             if variant == "gdn" else
+                             (kda_shape, gdn_shape, "a per-head gate of the gated delta rule: use "
+                                                    "chunk_gated_delta_rule"))
+    if list(g.shape) != want:
+        hint = f" ({list(g.shape)} is {other_fn})" if list(g.shape) == other else ""
+        kind = "[B, T, HV]" if variant == "gdn" else "[B, T, HV, K]"
+        raise InputError(f"{fn}: g has shape {list(g.shape)}; expected {kind} = {want}{hint}")
+    if list(beta.shape) != gdn_shape:
+        raise InputError(f"{fn}: beta has shape {list(beta.shape)}; expected [B, T, HV] = {gdn_shape}")
+    if cu is not None:
+        try:
+            check_cu_seqlens(cu, T, B)
+        except InputError as e:
+            raise InputError(f"{fn}: {e}") from None
+    N = B if cu is None else len(cu) - 1
+    state = arrays.get("initial_state")
+    if state is not None and list(state.shape) != [N, HV, K, V]:
+        raise InputError(f"{fn}: initial_state has shape {list(state.shape)}; expected [N, HV, K, V] = "
+                         f"{[N, HV, K, V]} (N = {'len(cu_seqlens) - 1' if cu is not None else 'B'})")
+    chunk_size = args["chunk_size"]
+    if chunk_size not in (16, 32, 64):
+        raise InputError(f"{fn}: chunk_size={chunk_size!r}; expected 16, 32 or 64")
+    scale = args["scale"]
+    if scale is not None and not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
+        raise InputError(f"{fn}: scale={scale!r}; expected a positive number (default K ** -0.5)")
+    mode = form
+    longest = T if cu is None else max(b - a for a, b in zip(cu, cu[1:]))
+    if form == "recurrent" and longest == 1:
+        mode = "decode"
+    return DeltaNetConfig(variant, batch=B, seq_len=T, heads=H, value_heads=HV, head_dim=K, value_dim=V,
+                          mode=mode, chunk_size=chunk_size, l2norm=bool(args["use_qk_l2norm_in_kernel"]),
+                          scale=scale, initial_state=state is not None,
+                          final_state=bool(args["output_final_state"]), cu_seqlens=cu)
+
+
+def _torch_reference(args):
+    """q when it is a torch tensor (the kind and device of what we return), else None."""
+    q = args["q"]
+    return q if type(q).__module__.startswith("torch") else None
+
+
+def _to_numpy(x, name, fn) -> np.ndarray:
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu()
+        x = (x.float() if x.dtype.is_floating_point else x).numpy()
+    a = np.asarray(x)
+    if a.dtype.kind != "f":
+        raise InputError(f"{fn}: {name} has dtype {a.dtype}; expected a floating-point array")
+    return a.astype(np.float32, copy=False)
+
+
+def _cu_seqlens(cu, fn) -> tuple[int, ...]:
+    if type(cu).__module__.startswith("torch"):
+        cu = cu.detach().cpu().numpy()
+    a = np.asarray(cu)
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise InputError(f"{fn}: cu_seqlens has shape {list(a.shape)} and dtype {a.dtype}; "
+                         f"expected a 1-D integer array [N + 1]")
+    return tuple(int(x) for x in a)
+
+
+def _check_finite(a: np.ndarray, name: str, fn: str):
+    bad = ~np.isfinite(a)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        what = "NaN" if np.isnan(a[index]) else "inf"
+        raise InputError(f"{fn}: {name} contains {what} (first at index {list(index)}, "
+                         f"{int(bad.sum())} non-finite value(s)); inputs must be finite")
