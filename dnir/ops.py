@@ -74,8 +74,11 @@ def fail(message: str, cls=ShapeError):
 def make_node(op: str, inputs, attrs) -> Node:
     """Create a typed node, or raise a DnirError that names the op, operand
     types, what was expected and the call site that built it."""
-    opdef = get_op(op)
     inputs = tuple(inputs)
+    try:
+        opdef = get_op(op)
+    except AttrError as e:
+        _raise(AttrError, op, inputs, str(e))
     in_types = []
     for i, x in enumerate(inputs):
         if not isinstance(x, Node):
