@@ -190,6 +190,8 @@ def _parse_graph(toks: _Tokens) -> Graph:
         meta = _parse_attrs(toks)
     toks.expect("{")
     while toks.peek()[1] != "return" or toks.peek()[0] != "ident":
+        if toks.peek()[0] == "eof":
+            raise toks.error("unterminated graph: expected a statement or 'return', got end of input")
         _parse_stmt(toks, env)
     toks.expect("return")
     outputs, names = [], []
