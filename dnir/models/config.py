@@ -42,10 +42,10 @@ class DeltaNetConfig:
     factorized_decay: bool = False    # the overflowing exp(gam_i) * exp(-gam_j) form, for range analysis
 
     def __post_init__(self):
-        object.__setattr__(self, "scale", float(self.head_dim ** -0.5 if self.scale is None else self.scale))
         if self.cu_seqlens is not None:
             object.__setattr__(self, "cu_seqlens", tuple(int(x) for x in self.cu_seqlens))
         _check(self)
+        object.__setattr__(self, "scale", float(self.head_dim ** -0.5 if self.scale is None else self.scale))
 
     @property
     def num_sequences(self) -> int:
@@ -126,7 +126,7 @@ def _check(c: DeltaNetConfig):
     if c.block_size is not None and (c.block_size < 1 or c.chunk_size % c.block_size):
         raise InputError(f"block_size={c.block_size} does not divide chunk_size={c.chunk_size}; "
                          f"expected None or a divisor of it")
-    if not (math.isfinite(c.scale) and c.scale > 0):
+    if c.scale is not None and not (isinstance(c.scale, (int, float)) and math.isfinite(c.scale) and c.scale > 0):
         raise InputError(f"scale={c.scale}; expected a positive finite number")
     if c.cu_seqlens is not None:
         check_cu_seqlens(c.cu_seqlens, c.seq_len, c.batch)
