@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import AttrError, DnirError, ShapeError
+from .errors import AttrError, DnirError, DTypeError, ShapeError
 from .graph import Graph, Node
 from .ops import _raise, make_node
 from .types import canonical_dtype
@@ -57,25 +57,25 @@ class Builder:
         if any(n.attrs["name"] == name for n in self.inputs):
             _raise(AttrError, "input", (), f"input name {name!r} is used twice")
         node = make_node("input", (), {"name": name, "shape": _ints(shape),
-                                       "dtype": canonical_dtype(dtype or self.default_dtype)})
+                                       "dtype": _dtype("input", (), dtype or self.default_dtype)})
         self.inputs.append(node)
         return node
 
     def const(self, value, dtype=None) -> Node:
         arr = np.asarray(value)
-        dtype = canonical_dtype(dtype or (self.default_dtype if arr.dtype.kind == "f" else arr.dtype))
+        dtype = _dtype("const", (), dtype or (self.default_dtype if arr.dtype.kind == "f" else arr.dtype))
         return make_node("const", (), {"value": tuple(arr.ravel().tolist()), "shape": arr.shape,
                                        "dtype": dtype})
 
     def full(self, shape, value, dtype=None) -> Node:
         return make_node("full", (), {"shape": _ints(shape), "value": float(value),
-                                      "dtype": canonical_dtype(dtype or self.default_dtype)})
+                                      "dtype": _dtype("full", (), dtype or self.default_dtype)})
 
     def zeros(self, shape, dtype=None) -> Node:
         return self.full(shape, 0.0, dtype)
 
     def eye(self, n: int, dtype=None) -> Node:
-        return make_node("eye", (), {"n": int(n), "dtype": canonical_dtype(dtype or self.default_dtype)})
+        return make_node("eye", (), {"n": int(n), "dtype": _dtype("eye", (), dtype or self.default_dtype)})
 
     # -- elementwise ---------------------------------------------------------
     def _binary(self, op, a, b):
@@ -101,7 +101,7 @@ class Builder:
     def sqrt(self, x): return make_node("sqrt", (x,), {})
     def rsqrt(self, x): return make_node("rsqrt", (x,), {})
 
-    def cast(self, x, dtype): return make_node("cast", (x,), {"dtype": canonical_dtype(dtype)})
+    def cast(self, x, dtype): return make_node("cast", (x,), {"dtype": _dtype("cast", (x,), dtype)})
 
     def where(self, cond, a, b):
         ref = a if isinstance(a, Node) else b
@@ -202,6 +202,14 @@ class Builder:
         graph = Graph(self.inputs, outputs, names, meta)
         verify(graph)
         return graph
+
+
+def _dtype(op, operands, dtype) -> str:
+    """canonical_dtype, failing like any other error of the op being built."""
+    try:
+        return canonical_dtype(dtype)
+    except DTypeError as e:
+        _raise(DTypeError, op, operands, str(e))
 
 
 def _scalar_like(value, like: Node) -> Node:
