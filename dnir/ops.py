@@ -470,7 +470,8 @@ def _infer_region(ins, attrs):
 
 
 register(OpDef("set", 2, _infer_region, {"offsets": ("ints", REQUIRED)}, kind="assembly"))
-register(OpDef("acc", 2, _infer_region, {"offsets": ("ints", REQUIRED)},
+# inplace: the destination has no other reader, so a backend may add into its buffer (set by set_vs_acc).
+register(OpDef("acc", 2, _infer_region, {"offsets": ("ints", REQUIRED), "inplace": ("bool", False)},
                flops=lambda ins, out, attrs: _size(ins[1]), kind="assembly"))
 
 # ---------------------------------------------------------------------------
