@@ -14,7 +14,7 @@ from dnir.ops import REGISTRY, make_node
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules
 
-MAX_CONST_ELEMENTS = 256           # larger non-uniform results stay computed at run time
+MAX_CONST_ELEMENTS = 64            # larger non-uniform results stay computed at run time
 UNIFORM_LAYOUT = ("reshape", "permute", "broadcast_to", "slice", "cont")
 
 

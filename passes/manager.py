@@ -140,4 +140,11 @@ def report_table(records: list[PassRecord]) -> str:
     return "\n".join(lines)
 
 
-PIPELINES: dict[str, list[str]] = {"O0": []}
+CLEANUP = ["remove_identities", "fold_constants", "cse", "dce"]
+LAYOUT = ["eliminate_transposes", "cumsum_axis", "eliminate_transposes"]
+PIPELINES: dict[str, list[str]] = {
+    "O0": [],
+    "O1": CLEANUP + LAYOUT + CLEANUP,
+    "O2": CLEANUP + LAYOUT + ["hoist_broadcasts", "hoist_loop_invariants", "sum_mul_to_matmul"] + CLEANUP
+    + LAYOUT + ["block_tril", "block_solve", "set_vs_acc"] + CLEANUP + LAYOUT + CLEANUP,
+}

@@ -32,19 +32,18 @@ class P:
 
     def __init__(self, op=None, *operands, name=None, pred=None, **attrs):
         self.ops = (op,) if isinstance(op, str) else op
-        self.operands, self.name, self.pred, self.attrs = operands, name, pred, attrs
+        # No operand patterns: the operands are not looked at (any number of them).
+        self.operands, self.name, self.pred, self.attrs = operands or None, name, pred, attrs
 
     @classmethod
     def any(cls, name=None, pred=None) -> "P":
         """Matches any node (including graph inputs) without looking at its operands."""
-        pattern = cls(None, name=name, pred=pred)
-        pattern.operands = None
-        return pattern
+        return cls(None, name=name, pred=pred)
 
     def match(self, node: Node, caps: dict) -> bool:
         if self.ops is not None and node.op not in self.ops:
             return False
-        if self.operands is not None and self.ops is not None and len(self.operands) != len(node.inputs):
+        if self.operands is not None and len(self.operands) != len(node.inputs):
             return False
         for key, want in self.attrs.items():
             if key not in node.attrs:
