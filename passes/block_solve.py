@@ -20,20 +20,26 @@ from .rewrite import P, Rule, apply_rules, is_elementwise
 from .tril_blocks import DEFAULT_BLOCK, op, rows
 
 
+def square(x: Node, r: int, c: int, block: int) -> Node:
+    """Block (r, c) of the last two axes."""
+    starts, stops = [0] * x.rank, list(x.shape)
+    starts[-2:], stops[-2:] = [r * block, c * block], [(r + 1) * block, (c + 1) * block]
+    return op("slice", x, starts=starts, stops=stops)
+
+
 def block_solve(m, block: int):
-    lower, b = m.node.inputs
+    lower, rhs_all = m.node.inputs
     n = lower.shape[-1]
     if not m.node.attrs["lower"] or n % block or n <= block:
         return None
     unit = m.node.attrs["unit_diagonal"]
     xs = []
     for a in range(n // block):
-        lo, hi = a * block, (a + 1) * block
-        rhs = rows(b, lo, hi, -2)
+        rhs = rows(rhs_all, a * block, (a + 1) * block, -2)
         for c, x_c in enumerate(xs):
-            l_ac = rows(rows(lower, lo, hi, -2), c * block, (c + 1) * block, -1)
-            rhs = op("sub", rhs, op("matmul", l_ac, x_c, transpose_a=False, transpose_b=False))
-        l_aa = rows(rows(lower, lo, hi, -2), lo, hi, -1)
+            rhs = op("sub", rhs, op("matmul", square(lower, a, c, block), x_c, transpose_a=False,
+                                    transpose_b=False))
+        l_aa = square(lower, a, a, block)
         xs.append(op("solve_tri", l_aa, rhs, lower=True, unit_diagonal=unit))
     out = op("concat", *xs, axis=m.node.rank - 2)
     return out if out.type == m.node.type else op("broadcast_to", out, shape=m.node.shape)

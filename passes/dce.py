@@ -27,7 +27,9 @@ def dce(graph: Graph) -> tuple[Graph, bool]:
             continue
         inputs = [new[id(i)] for i in node.inputs]
         if node.op == "item" and id(node.inputs[0]) in items:
-            out = make_node("item", inputs, {"index": items[id(node.inputs[0])][node.attrs["index"]]})
+            index = items[id(node.inputs[0])][node.attrs["index"]]
+            out = node if inputs[0] is node.inputs[0] and index == node.attrs["index"] else \
+                make_node("item", inputs, {"index": index})
         elif node.op == "scan":
             out, index_map = _prune_scan(node, inputs, read.get(id(node), set()))
             items[id(node)] = index_map

@@ -30,7 +30,7 @@ def _as_matrix(x: Node, order, shape):
     """permute x to `order` and reshape to `shape`, if that permute moves only size-1 axes."""
     if not moves_only_unit_axes(order, x.shape):
         return None
-    return make_node("reshape", (x,), {"shape": shape})
+    return x if x.shape == tuple(shape) else make_node("reshape", (x,), {"shape": shape})
 
 
 def sum_of_product(m):
