@@ -6,12 +6,14 @@ q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV] (gated delta rule) or
 [B, T, HV, K] (KDA); beta [B, T, HV]; states [N, HV, K, V] float32; o
 [B, T, HV, V]. With `cu_seqlens` the batch is packed along T (B = 1) and
 N = len(cu_seqlens) - 1. NumPy arrays in give NumPy arrays out; torch tensors
-in give torch tensors out (o in q's dtype and device, the state in float32).
+in give torch tensors out (o in q's dtype, and device for torch; the final
+state in float32).
 The graph is built, optimised with the pipeline `opt` and cached per shapes
 and options; `target` names the backend that runs it.
 """
 from __future__ import annotations
 
+import numbers
 from functools import lru_cache
 
 import numpy as np
@@ -69,7 +71,9 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
     outputs = run(compiled_graph(cfg, args["opt"]), arrays, target=args["target"])
     o = outputs[0]
     state = outputs[1] if cfg.final_state else None
-    if torch_like is not None:
+    if torch_like is None:
+        o = o.astype(np.asarray(args["q"]).dtype, copy=False)
+    else:
         import torch
         o = torch.from_numpy(np.ascontiguousarray(o)).to(device=torch_like.device, dtype=torch_like.dtype)
         if state is not None:
@@ -117,8 +121,10 @@ def _config(variant, form, fn, arrays, cu, args) -> DeltaNetConfig:
     if chunk_size not in (16, 32, 64):
         raise InputError(f"{fn}: chunk_size={chunk_size!r}; expected 16, 32 or 64")
     scale = args["scale"]
-    if scale is not None and not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
-        raise InputError(f"{fn}: scale={scale!r}; expected a positive number (default K ** -0.5)")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (np.isfinite(scale) and scale > 0):
+            raise InputError(f"{fn}: scale={scale!r}; expected a positive number (default K ** -0.5)")
+        scale = float(scale)
     mode = form
     longest = T if cu is None else max(b - a for a, b in zip(cu, cu[1:]))
     if form == "recurrent" and longest == 1:

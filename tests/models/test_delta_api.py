@@ -78,6 +78,15 @@ def test_default_scale_is_inverse_sqrt_head_dim(rng):
     np.testing.assert_array_equal(o_default, o_explicit)
 
 
+def test_numpy_output_follows_q_dtype_and_numpy_scalars_work(rng):
+    x, _ = _inputs(rng, "gdn")
+    x64 = {n: a.astype(np.float64) for n, a in x.items()}
+    o64, _ = dnir.chunk_gated_delta_rule(**x64, scale=np.float32(0.5), opt="O0")
+    o32, _ = dnir.chunk_gated_delta_rule(**x, scale=0.5, opt="O0")
+    assert o64.dtype == np.float64 and o32.dtype == np.float32
+    np.testing.assert_array_equal(o64, o32)       # computed in float32 either way
+
+
 @pytest.mark.parametrize("fn", FUNCTIONS)
 def test_torch_tensors_in_torch_tensors_out(rng, fn):
     torch = pytest.importorskip("torch")
