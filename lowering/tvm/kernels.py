@@ -1,0 +1,155 @@
+"""Hand-written TIR for the ops Relax and TOPI lack or lower badly.
+
+Each kernel is a loop over independent "lanes" with a serial loop inside:
+  - solve_tri: a lane is one batch matrix (CPU) or one column of it (GPU);
+    rows are solved in order (forward or backward substitution).
+  - cumsum:    a lane is one line along the scanned axis.
+  - put_row:   writes one step's value into row t of a scan's stacked output,
+    in place (t is read from a 0-d int32 tensor, so one kernel serves every step).
+
+On CPU the lane loop is `parallel`; on GPU it is bound to blockIdx/threadIdx.
+The functions carry `tirx.is_scheduled` so that dlight leaves them alone.
+"""
+from __future__ import annotations
+
+import math
+
+from tvm.script import tirx as T
+
+THREADS_PER_BLOCK = 64
+
+
+def _grid(lanes: int) -> tuple[int, int]:
+    threads = min(THREADS_PER_BLOCK, max(lanes, 1))
+    return -(-lanes // threads), threads
+
+
+def solve_tri(batch: int, n: int, m: int, dtype: str, lower: bool, unit_diagonal: bool, gpu: bool):
+    """X [batch, n, m] with A X = B, A [batch, n, n] triangular."""
+    # Row r of the solve is matrix row i = r (lower) or n-1-r (upper); the
+    # already-solved rows are j' = j (lower) or n-1-j (upper) for j < r.
+    sign, base = (1, 0) if lower else (-1, n - 1)
+    attrs = {"tir.noalias": True, "tirx.is_scheduled": True}
+
+    if gpu:
+        blocks, threads = _grid(batch * m)
+
+        @T.prim_func(private=True, s_tir=True)
+        def kernel(a: T.handle, b: T.handle, x: T.handle):
+            T.func_attr(attrs)
+            A = T.match_buffer(a, (batch, n, n), dtype)
+            B = T.match_buffer(b, (batch, n, m), dtype)
+            X = T.match_buffer(x, (batch, n, m), dtype)
+            with T.sblock("root"):
+                for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+                    for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                        if bx * threads + tx < batch * m:
+                            for r in range(n):
+                                X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m] = B[
+                                    (bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m]
+                                for j in range(r):
+                                    X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m] = (
+                                        X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m]
+                                        - A[(bx * threads + tx) // m, base + sign * r, base + sign * j]
+                                        * X[(bx * threads + tx) // m, base + sign * j, (bx * threads + tx) % m])
+                                if not unit_diagonal:
+                                    X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m] = (
+                                        X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m]
+                                        / A[(bx * threads + tx) // m, base + sign * r, base + sign * r])
+        return kernel
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(a: T.handle, b: T.handle, x: T.handle):
+        T.func_attr(attrs)
+        A = T.match_buffer(a, (batch, n, n), dtype)
+        B = T.match_buffer(b, (batch, n, m), dtype)
+        X = T.match_buffer(x, (batch, n, m), dtype)
+        with T.sblock("root"):
+            for p in T.parallel(batch):
+                for r in range(n):
+                    for c in range(m):
+                        X[p, base + sign * r, c] = B[p, base + sign * r, c]
+                    for j in range(r):
+                        for c in range(m):
+                            X[p, base + sign * r, c] = (X[p, base + sign * r, c]
+                                                        - A[p, base + sign * r, base + sign * j] * X[p, base + sign * j, c])
+                    if not unit_diagonal:
+                        for c in range(m):
+                            X[p, base + sign * r, c] = X[p, base + sign * r, c] / A[p, base + sign * r, base + sign * r]
+    return kernel
+
+
+def cumsum(outer: int, length: int, inner: int, dtype: str, gpu: bool):
+    """Y [outer, length, inner] = running sum of X along the middle axis."""
+    lanes = outer * inner
+    attrs = {"tir.noalias": True, "tirx.is_scheduled": True}
+    if gpu:
+        blocks, threads = _grid(lanes)
+
+        @T.prim_func(private=True, s_tir=True)
+        def kernel(x: T.handle, y: T.handle):
+            T.func_attr(attrs)
+            X = T.match_buffer(x, (outer, length, inner), dtype)
+            Y = T.match_buffer(y, (outer, length, inner), dtype)
+            with T.sblock("root"):
+                for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+                    for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                        if bx * threads + tx < lanes:
+                            Y[(bx * threads + tx) // inner, 0, (bx * threads + tx) % inner] = X[
+                                (bx * threads + tx) // inner, 0, (bx * threads + tx) % inner]
+                            for t in range(1, length):
+                                Y[(bx * threads + tx) // inner, t, (bx * threads + tx) % inner] = (
+                                    Y[(bx * threads + tx) // inner, t - 1, (bx * threads + tx) % inner]
+                                    + X[(bx * threads + tx) // inner, t, (bx * threads + tx) % inner])
+        return kernel
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.handle, y: T.handle):
+        T.func_attr(attrs)
+        X = T.match_buffer(x, (outer, length, inner), dtype)
+        Y = T.match_buffer(y, (outer, length, inner), dtype)
+        with T.sblock("root"):
+            for o in T.parallel(outer):
+                for i in range(inner):
+                    Y[o, 0, i] = X[o, 0, i]
+                for t in range(1, length):
+                    for i in range(inner):
+                        Y[o, t, i] = Y[o, t - 1, i] + X[o, t, i]
+    return kernel
+
+
+def put_row(stacked_shape, dtype: str, gpu: bool):
+    """ys[t] = y in place, t read from a 0-d int32 tensor."""
+    length = stacked_shape[0]
+    row = math.prod(stacked_shape[1:])
+    attrs = {"tir.noalias": True, "tirx.is_scheduled": True}
+    if gpu:
+        blocks, threads = _grid(row)
+
+        @T.prim_func(private=True, s_tir=True)
+        def kernel(ys: T.handle, y: T.handle, t: T.handle):
+            T.func_attr(attrs)
+            Ys = T.match_buffer(ys, stacked_shape, dtype)
+            Yr = T.match_buffer(y, stacked_shape[1:], dtype)
+            step = T.match_buffer(t, (), "int32")
+            ys_flat = T.decl_buffer((length * row,), dtype, data=Ys.data)
+            y_flat = T.decl_buffer((row,), dtype, data=Yr.data)
+            with T.sblock("root"):
+                for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+                    for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                        if bx * threads + tx < row:
+                            ys_flat[step[()] * row + bx * threads + tx] = y_flat[bx * threads + tx]
+        return kernel
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(ys: T.handle, y: T.handle, t: T.handle):
+        T.func_attr(attrs)
+        Ys = T.match_buffer(ys, stacked_shape, dtype)
+        Yr = T.match_buffer(y, stacked_shape[1:], dtype)
+        step = T.match_buffer(t, (), "int32")
+        ys_flat = T.decl_buffer((length * row,), dtype, data=Ys.data)
+        y_flat = T.decl_buffer((row,), dtype, data=Yr.data)
+        with T.sblock("root"):
+            for e in range(row):
+                ys_flat[step[()] * row + e] = y_flat[e]
+    return kernel

@@ -1,0 +1,371 @@
+"""dnir Graph -> TVM IRModule.
+
+Relax where Relax has the op; hand-written TIR (kernels.py) for the triangular
+solve, cumsum and the scan's stacked outputs; TE for set/acc regions.
+
+A scan becomes a private Relax function `scanN_step(t, carries, xs, consts,
+ys)` that reads slice t of every sequence, runs the body, writes row t of every
+stacked output in place and returns (carries, ys). The caller calls it once
+per step with t as a constant: the kernels are compiled once however long the
+scan is, and no Relax recursion is needed (the VM recurses natively and would
+run out of stack on a few thousand steps).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tvm
+from tvm import relax, te
+
+from dnir.errors import BackendError
+from dnir.graph import Graph, Node
+from dnir.types import DTYPES
+
+from . import kernels
+
+# dnir dtype -> TVM dtype
+TVM_DTYPES = {k: v for k, v in DTYPES.items()}
+
+
+def tensor_type(t) -> relax.TensorType:
+    return relax.TensorType(t.shape, TVM_DTYPES[t.dtype])
+
+
+def _const(value, dtype: str) -> relax.Constant:
+    return relax.const(value, TVM_DTYPES[dtype])
+
+
+class Translator:
+    """Builds one IRModule; `gpu` selects the thread-bound variants of the TIR kernels."""
+
+    def __init__(self, gpu: bool):
+        self.gpu = gpu
+        self.bb = relax.BlockBuilder()
+        self.steps: dict[tuple[int, int], relax.GlobalVar] = {}
+        self.prims: dict[tuple, relax.GlobalVar] = {}
+
+    # -- module assembly ------------------------------------------------------
+    def module(self, graph: Graph) -> tvm.IRModule:
+        self._declare_scans(graph)
+        params = [relax.Var(n.attrs["name"], tensor_type(n.type)) for n in graph.inputs]
+        with self.bb.function("main", params):
+            outputs = self._emit_function_body(graph, params)
+            self.bb.emit_func_output(relax.Tuple(outputs))
+        return self.bb.finalize()
+
+    def _emit_function_body(self, graph: Graph, params) -> list:
+        with self.bb.dataflow():
+            values = {id(n): p for n, p in zip(graph.inputs, params)}
+            for node in graph.topo_order():
+                if id(node) not in values:
+                    values[id(node)] = LOWER[node.op](self, node, [values[id(i)] for i in node.inputs])
+            outputs = [self.bb.emit_output(values[id(n)]) for n in graph.outputs]
+        return outputs
+
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+    def prim(self, key: tuple, make) -> relax.GlobalVar:
+        """A TIR kernel added once per distinct key."""
+        if key not in self.prims:
+            self.prims[key] = self.bb.add_func(make(), key[0])
+        return self.prims[key]
+
+    # -- scans ----------------------------------------------------------------
+    def _declare_scans(self, graph: Graph):
+        """Build every scan's step function (innermost first) before main."""
+        for node in graph.topo_order():
+            if node.op != "scan":
+                continue
+            body, length = node.attrs["body"], node.attrs["length"]
+            key = (id(body), length)
+            if key in self.steps:
+                continue
+            self._declare_scans(body)
+            self.steps[key] = self._step_function(node)
+
+    def _step_function(self, node: Node) -> relax.GlobalVar:
+        body: Graph = node.attrs["body"]
+        nc, nx = node.attrs["num_carry"], node.attrs["num_xs"]
+        operands = [i.type for i in node.inputs]
+        stacked = node.type[nc:]
+        step = relax.Var("t", relax.TensorType((), "int32"))
+        params = ([step] + [relax.Var(f"c{i}", tensor_type(t)) for i, t in enumerate(operands[:nc])]
+                  + [relax.Var(f"x{i}", tensor_type(t)) for i, t in enumerate(operands[nc:nc + nx])]
+                  + [relax.Var(f"k{i}", tensor_type(t)) for i, t in enumerate(operands[nc + nx:])]
+                  + [relax.Var(f"y{i}", tensor_type(t)) for i, t in enumerate(stacked)])
+        carries, xs = params[1:1 + nc], params[1 + nc:1 + nc + nx]
+        consts, ys = params[1 + nc + nx:1 + len(operands)], params[1 + len(operands):]
+        name = f"scan{len(self.steps)}_step"
+        with self.bb.function(name, params, private=True):
+            with self.bb.dataflow():
+                slices = [self.emit(relax.op.take(x, step, axis=0, mode="clip")) for x in xs]
+                inner = list(carries) + slices + list(consts)
+                values = {id(n): p for n, p in zip(body.inputs, inner)}
+                for n in body.topo_order():
+                    if id(n) not in values:
+                        values[id(n)] = LOWER[n.op](self, n, [values[id(i)] for i in n.inputs])
+                results = [values[id(n)] for n in body.outputs]
+                new_ys = []
+                for y_all, y_row, t in zip(ys, results[nc:], stacked):
+                    gv = self.prim(("put_row", t.shape, t.dtype),
+                                   lambda t=t: kernels.put_row(t.shape, TVM_DTYPES[t.dtype], self.gpu))
+                    new_ys.append(self.emit(relax.op.call_tir_inplace(gv, [y_all, y_row, step], 0,
+                                                                      tensor_type(t))))
+                out = self.bb.emit_output(relax.Tuple(results[:nc] + new_ys))
+            self.bb.emit_func_output(out)
+        return self.bb.get().get_global_var(name)
+
+    def scan(self, node: Node, args):
+        nc, length = node.attrs["num_carry"], node.attrs["length"]
+        gv = self.steps[(id(node.attrs["body"]), length)]
+        carries, rest = list(args[:nc]), list(args[nc:])
+        # Stacked outputs start uninitialised: every row is written by its step.
+        ys = [self.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(t.shape), TVM_DTYPES[t.dtype], 0))
+              for t in node.type[nc:]]
+        for t in range(length):
+            r = self.emit(relax.Call(gv, [_const(t, "i32")] + carries + rest + ys))
+            carries = [self.emit(relax.TupleGetItem(r, i)) for i in range(nc)]
+            ys = [self.emit(relax.TupleGetItem(r, nc + i)) for i in range(len(ys))]
+        return carries + ys
+
+
+# ---------------------------------------------------------------------------
+# Lowering rules: fn(translator, node, operand exprs) -> relax expr (or list for scan)
+
+LOWER = {}
+
+
+def lowers(*names):
+    def register(fn):
+        for name in names:
+            LOWER[name] = fn
+        return fn
+    return register
+
+
+def _emit(tr, expr):
+    return tr.emit(expr)
+
+
+@lowers("const")
+def _lower_const(tr, node, args):
+    arr = np.asarray(node.attrs["value"], dtype=TVM_DTYPES[node.dtype] if node.dtype != "bf16" else "float32")
+    return relax.const(arr.reshape(node.shape), TVM_DTYPES[node.dtype])
+
+
+@lowers("full")
+def _lower_full(tr, node, args):
+    return _emit(tr, relax.op.full(node.shape, _const(node.attrs["value"], node.dtype), TVM_DTYPES[node.dtype]))
+
+
+@lowers("eye")
+def _lower_eye(tr, node, args):
+    return _emit(tr, relax.op.eye(node.attrs["n"], dtype=TVM_DTYPES[node.dtype]))
+
+
+_UNARY = {"neg": relax.op.negative, "exp": relax.op.exp, "log": relax.op.log, "sigmoid": relax.op.sigmoid,
+          "sqrt": relax.op.sqrt, "rsqrt": relax.op.rsqrt}
+_BINARY = {"add": relax.op.add, "sub": relax.op.subtract, "mul": relax.op.multiply, "div": relax.op.divide,
+           "maximum": relax.op.maximum, "minimum": relax.op.minimum}
+
+
+@lowers(*_UNARY)
+def _lower_unary(tr, node, args):
+    return _emit(tr, _UNARY[node.op](args[0]))
+
+
+@lowers(*_BINARY)
+def _lower_binary(tr, node, args):
+    return _emit(tr, _BINARY[node.op](args[0], args[1]))
+
+
+@lowers("softplus")
+def _lower_softplus(tr, node, args):
+    # max(x, 0) + log(1 + exp(-|x|)): never overflows, unlike log(1 + exp(x)).
+    (x,) = args
+    zero, one = _const(0.0, node.dtype), _const(1.0, node.dtype)
+    tail = relax.op.log(relax.op.add(one, relax.op.exp(relax.op.negative(relax.op.abs(x)))))
+    return _emit(tr, relax.op.add(relax.op.maximum(x, zero), tail))
+
+
+@lowers("cast")
+def _lower_cast(tr, node, args):
+    return _emit(tr, relax.op.astype(args[0], TVM_DTYPES[node.dtype]))
+
+
+@lowers("clamp")
+def _lower_clamp(tr, node, args):
+    x = args[0]
+    if math.isfinite(node.attrs["min"]):
+        x = relax.op.maximum(x, _const(node.attrs["min"], node.dtype))
+    if math.isfinite(node.attrs["max"]):
+        x = relax.op.minimum(x, _const(node.attrs["max"], node.dtype))
+    return _emit(tr, x) if x is not args[0] else x
+
+
+@lowers("where")
+def _lower_where(tr, node, args):
+    return _emit(tr, relax.op.where(*args))
+
+
+@lowers("reshape")
+def _lower_reshape(tr, node, args):
+    return _emit(tr, relax.op.reshape(args[0], node.shape))
+
+
+@lowers("permute")
+def _lower_permute(tr, node, args):
+    rank = node.rank
+    return _emit(tr, relax.op.permute_dims(args[0], [a % rank for a in node.attrs["axes"]]))
+
+
+@lowers("broadcast_to")
+def _lower_broadcast_to(tr, node, args):
+    return _emit(tr, relax.op.broadcast_to(args[0], node.shape))
+
+
+@lowers("pad")
+def _lower_pad(tr, node, args):
+    if node.rank == 0:
+        return args[0]
+    flat = [p for pair in node.attrs["pads"] for p in pair]
+    return _emit(tr, relax.op.nn.pad(args[0], flat, "constant", node.attrs["value"]))
+
+
+@lowers("slice")
+def _lower_slice(tr, node, args):
+    if node.rank == 0:
+        return args[0]
+    axes = list(range(node.rank))
+    return _emit(tr, relax.op.strided_slice(args[0], axes, list(node.attrs["starts"]), list(node.attrs["stops"])))
+
+
+@lowers("concat")
+def _lower_concat(tr, node, args):
+    if len(args) == 1:
+        return args[0]
+    return _emit(tr, relax.op.concat(relax.Tuple(args), node.attrs["axis"] % node.rank))
+
+
+@lowers("cont")
+def _lower_cont(tr, node, args):
+    return args[0]  # a copy has no meaning in a value semantics IR
+
+
+@lowers("sum")
+def _lower_sum(tr, node, args):
+    (x,) = args
+    src = node.inputs[0]
+    axes = sorted(a % src.rank for a in node.attrs["axes"]) if src.rank else []
+    if not axes:
+        return x
+    return _emit(tr, relax.op.sum(x, axes, node.attrs["keepdims"]))
+
+
+@lowers("cumsum")
+def _lower_cumsum(tr, node, args):
+    axis = node.attrs["axis"] % node.rank
+    outer, length, inner = math.prod(node.shape[:axis]), node.shape[axis], math.prod(node.shape[axis + 1:])
+    dtype = TVM_DTYPES[node.dtype]
+    gv = tr.prim(("cumsum", outer, length, inner, dtype),
+                 lambda: kernels.cumsum(outer, length, inner, dtype, tr.gpu))
+    x = _emit(tr, relax.op.reshape(args[0], (outer, length, inner)))
+    y = _emit(tr, relax.op.call_tir(gv, [x], relax.TensorType((outer, length, inner), dtype)))
+    return _emit(tr, relax.op.reshape(y, node.shape))
+
+
+@lowers("matmul")
+def _lower_matmul(tr, node, args):
+    a, b = args
+    if node.attrs["transpose_a"]:
+        a = relax.op.permute_dims(a, _swap_last(node.inputs[0].rank))
+    if node.attrs["transpose_b"]:
+        b = relax.op.permute_dims(b, _swap_last(node.inputs[1].rank))
+    return _emit(tr, relax.op.matmul(a, b))
+
+
+def _swap_last(rank):
+    axes = list(range(rank))
+    axes[-1], axes[-2] = axes[-2], axes[-1]
+    return axes
+
+
+@lowers("tril", "triu")
+def _lower_tri(tr, node, args):
+    op = relax.op.tril if node.op == "tril" else relax.op.triu
+    return _emit(tr, op(args[0], node.attrs["k"]))
+
+
+@lowers("solve_tri")
+def _lower_solve_tri(tr, node, args):
+    a, b = args
+    batch_shape, (n, m) = node.shape[:-2], node.shape[-2:]
+    batch = math.prod(batch_shape)
+    dtype = TVM_DTYPES[node.dtype]
+    if node.inputs[0].shape[:-2] != batch_shape:
+        a = relax.op.broadcast_to(a, batch_shape + (n, n))
+    if node.inputs[1].shape[:-2] != batch_shape:
+        b = relax.op.broadcast_to(b, batch_shape + (n, m))
+    a = _emit(tr, relax.op.reshape(a, (batch, n, n)))
+    b = _emit(tr, relax.op.reshape(b, (batch, n, m)))
+    lower, unit = node.attrs["lower"], node.attrs["unit_diagonal"]
+    gv = tr.prim(("solve_tri", batch, n, m, dtype, lower, unit),
+                 lambda: kernels.solve_tri(batch, n, m, dtype, lower, unit, tr.gpu))
+    x = _emit(tr, relax.op.call_tir(gv, [a, b], relax.TensorType((batch, n, m), dtype)))
+    return _emit(tr, relax.op.reshape(x, node.shape))
+
+
+@lowers("set", "acc")
+def _lower_region(tr, node, args):
+    offsets, block = node.attrs["offsets"], node.inputs[1].shape
+    add = node.op == "acc"
+
+    def region(dst, src):
+        def value(*idx):
+            inside = tvm.tirx.const(True, "bool")
+            for i, o, s in zip(idx, offsets, block):
+                inside = tvm.tirx.all(inside, i >= o, i < o + s)
+            # Clamp the block index so that it stays in bounds where it is not selected.
+            src_idx = [tvm.tirx.max(tvm.tirx.min(i - o, s - 1), 0) for i, o, s in zip(idx, offsets, block)]
+            new = src[tuple(src_idx)] + dst[idx] if add else src[tuple(src_idx)]
+            return tvm.tirx.if_then_else(inside, new, dst[idx])
+        return te.compute(dst.shape, value, name=node.op)
+
+    return tr.bb.emit_te(region, *args)
+
+
+@lowers("scan")
+def _lower_scan(tr, node, args):
+    return tr.scan(node, args)
+
+
+@lowers("item")
+def _lower_item(tr, node, args):
+    return args[0][node.attrs["index"]]
+
+
+def unsupported(graph: Graph, dtypes=None) -> list[str]:
+    """Every op (recursively) that cannot be lowered, as 'op' or 'op (dtype)' strings."""
+    found = set()
+    for node in graph.topo_order():
+        if node.op == "input":
+            continue
+        if node.op not in LOWER:
+            found.add(node.op)
+        types = node.type if isinstance(node.type, tuple) else (node.type,)
+        if dtypes is not None:
+            for t in types + tuple(i.type for i in node.inputs if not isinstance(i.type, tuple)):
+                if t.dtype not in dtypes:
+                    found.add(f"{node.op} ({t.dtype})")
+        if node.op == "scan":
+            found.update(unsupported(node.attrs["body"], dtypes))
+    return sorted(found)
+
+
+def translate(graph: Graph, gpu: bool = False, dtypes=None, target_name: str = "tvm") -> tvm.IRModule:
+    missing = unsupported(graph, dtypes)
+    if missing:
+        raise BackendError(f"target {target_name!r} cannot lower: {', '.join(missing)}")
+    return Translator(gpu).module(graph)
