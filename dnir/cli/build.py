@@ -24,8 +24,8 @@ def register(sub):
                    help="gdn: one gate per value head (Qwen3-Next); kda: one gate per key channel (Kimi Linear)")
     p.add_argument("--preset", choices=["qwen3-next", "kimi-linear"], help="a real layer's head sizes")
     p.add_argument("--batch", type=int, help="B (default 1)")
-    p.add_argument("--seq-len", type=int, help="T, packed length with --cu-seqlens (default 64, or the last "
-                                               "--cu-seqlens entry)")
+    p.add_argument("--seq-len", type=int, help="T, packed length with --cu-seqlens (default: the last "
+                                               "--cu-seqlens entry, 1 for decode, else 64)")
     p.add_argument("--mode", choices=["chunked", "recurrent", "decode"], default="chunked")
     p.add_argument("--chunk-size", type=int, choices=[16, 32, 64], default=64)
     p.add_argument("--block-size", type=int, help="build the C x C chunk matrices from blocks of this size")
@@ -58,7 +58,8 @@ def run(args) -> int:
                              f"e.g. 0,15,100,300") from None
     options = {
         "batch": args.batch if args.batch is not None else 1,
-        "seq_len": args.seq_len if args.seq_len is not None else (cu[-1] if cu else 64),
+        "seq_len": args.seq_len if args.seq_len is not None else (
+            cu[-1] if cu else 1 if args.mode == "decode" else 64),
         "mode": args.mode, "chunk_size": args.chunk_size, "block_size": args.block_size,
         "scale": args.scale, "l2norm": args.l2norm, "initial_state": args.initial_state,
         "final_state": args.final_state, "cu_seqlens": cu, "factorized_decay": args.factorized_decay,

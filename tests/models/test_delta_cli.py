@@ -27,7 +27,7 @@ def _run_json(capsys, path, *argv):
     ["gdn", "--seq-len", "200", "--chunk-size", "32"],
     ["kda", "--seq-len", "200", "--block-size", "16", "--l2norm", "--initial-state", "--final-state"],
     ["gdn", "--batch", "3", "--seq-len", "65", "--mode", "recurrent", "--final-state"],
-    ["kda", "--batch", "2", "--seq-len", "1", "--mode", "decode", "--initial-state", "--final-state"],
+    ["kda", "--batch", "2", "--mode", "decode", "--initial-state", "--final-state"],
     ["kda", "--cu-seqlens", "0,15,100,300", "--chunk-size", "16", "--initial-state", "--final-state"],
 ], ids=["gdn-chunked", "kda-blocked", "gdn-recurrent", "kda-decode", "kda-varlen"])
 def test_build_then_run_check(tmp_path, capsys, argv):
