@@ -34,6 +34,11 @@ def input_domain(graph: Graph, name: str):
 
 
 def random_inputs(graph: Graph, rng: np.random.Generator) -> list[np.ndarray]:
+    if graph.meta.get("model") == "delta_net":   # the model draws its own inputs the way real layers see them
+        from dnir.models import DeltaNetConfig
+        from dnir.models import random_inputs as model_inputs
+        drawn = model_inputs(DeltaNetConfig.from_meta(graph.meta), rng)
+        return [drawn[name] for name in graph.input_names]
     arrays = []
     for node in graph.inputs:
         shape, name = node.shape, node.attrs["name"]
