@@ -198,7 +198,7 @@ def _execute(mp: MemoryPlan, arena: _Arena, base: int, regions: dict) -> list[np
     """Run one graph of the plan: its arena starts at byte `base`; `regions` maps the
     external regions (inputs, or a scan's carries/slices) to their bytes."""
     values: dict[int, np.ndarray] = {}
-    for node in mp.graph.topo_order():
+    for node in mp.order:
         if node.op == "scan":
             _scan(mp, node, [values[id(i)] for i in node.inputs], arena, base, regions)
             continue

@@ -49,6 +49,7 @@ from ..graph import Graph, Node
 from ..ops import BINARY, UNARY
 from .allocate import ALIGN, assign_offsets, lower_bound
 from .names import value_names
+from .schedule import candidate_orders
 
 # op -> operand positions the result may overwrite (same type, operand dies here).
 IN_PLACE = {**{op: (0,) for op in UNARY + ("clamp", "cast", "tril", "triu", "set", "acc")},
@@ -110,6 +111,7 @@ class ScanPlan:
 @dataclass(eq=False)
 class MemoryPlan:
     graph: Graph
+    order: list[Node]                             # the execution order the plan is for
     blocks: list[Block]
     locs: dict[int, Loc]                          # id(node) -> location, every value of the graph
     scans: dict[int, ScanPlan] = field(default_factory=dict)
@@ -141,16 +143,21 @@ class MemoryPlan:
 def plan(graph: Graph) -> MemoryPlan:
     """Plan the compute buffer of `graph`; `plan(g).peak_bytes` is its size in bytes."""
     inputs = {id(n): Loc(f"input:{n.attrs['name']}") for n in graph.inputs}
-    return _Planner(graph, inputs, {}, 0).run()
+    return _best_plan(graph, inputs, {}, 0)
+
+
+def _best_plan(graph, input_locs, targets, num_carry) -> MemoryPlan:
+    """The smallest arena over the candidate execution orders (schedule.py)."""
+    plans = [_Planner(graph, input_locs, targets, num_carry, order).run() for order in candidate_orders(graph)]
+    return min(plans, key=lambda mp: (mp.peak_bytes, mp.lower_bound))
 
 
 def peak_bytes(graph: Graph) -> int:
     return plan(graph).peak_bytes
 
 
-def _live_ranges(graph: Graph):
-    """(order, position of each node, last position reading each value; outputs: len(order))."""
-    order = graph.topo_order()
+def _live_ranges(graph: Graph, order):
+    """(position of each node in order, last position reading each value; outputs: len(order))."""
     pos = {id(n): i for i, n in enumerate(order)}
     last = dict(pos)
     for n in order:
@@ -158,7 +165,7 @@ def _live_ranges(graph: Graph):
             last[id(i)] = max(last[id(i)], pos[id(n)])
     for o in graph.outputs:
         last[id(o)] = len(order)
-    return order, pos, last
+    return pos, last
 
 
 def _target_root(out: Node) -> Node | None:
@@ -172,9 +179,9 @@ def _target_root(out: Node) -> Node | None:
 
 
 class _Planner:
-    def __init__(self, graph: Graph, input_locs: dict, targets: dict, num_carry: int):
-        self.graph = graph
-        self.order, self.pos, self.last = _live_ranges(graph)
+    def __init__(self, graph: Graph, input_locs: dict, targets: dict, num_carry: int, order):
+        self.graph, self.order = graph, order
+        self.pos, self.last = _live_ranges(graph, order)
         self.end = len(self.order)
         self.users = graph.uses()
         self.targets = targets                    # id(node) -> external region it is written into
@@ -233,7 +240,7 @@ class _Planner:
         for block in self.blocks:
             block.end = max(block.start, self._base_end(block))
         peak = assign_offsets(self.blocks)
-        return MemoryPlan(self.graph, self.blocks, self.locs, self.scans, stages, peak, lower_bound(self.blocks))
+        return MemoryPlan(self.graph, self.order, self.blocks, self.locs, self.scans, stages, peak, lower_bound(self.blocks))
 
     def _place(self, p, node) -> Loc:
         target = self.targets.get(id(node))
@@ -273,7 +280,7 @@ class _Planner:
             root = _target_root(out)
             if region and root is not None and id(root) not in targets:
                 targets[id(root)] = region
-        body_plan = _Planner(body, inputs, targets, nc).run()
+        body_plan = _best_plan(body, inputs, targets, nc)
         arena = self._new_block(body_plan.peak_bytes, p, f"{name} = scan: body arena")
         self.scans[id(node)] = ScanPlan(body_plan, arena.base, carries, ys)
 
@@ -326,8 +333,9 @@ def check_plan(mp: MemoryPlan) -> MemoryPlan:
 
 
 def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
-    graph = mp.graph
-    order, pos, last = _live_ranges(graph)
+    graph, order = mp.graph, mp.order
+    _check_order(graph, order, where)
+    pos, last = _live_ranges(graph, order)
     names = value_names(graph)
     end_pos = len(order)
     groups = _Groups()
@@ -430,6 +438,19 @@ def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
         groups.new(("stage", k), "arena", *bounds(f"staging of carry {k}", Loc(block), block.nbytes),
                    end_pos, end_pos)
     _no_overlap(groups, names, fail)
+
+
+def _check_order(graph: Graph, order, where: str):
+    """The plan's order runs every op of the graph once, after its operands, inputs first."""
+    if {id(n) for n in order} != {id(n) for n in graph.topo_order()} or len(order) != len(graph.topo_order()):
+        raise PlanError(f"{where}: the plan's order does not hold exactly the graph's ops")
+    if [id(n) for n in order[:len(graph.inputs)]] != [id(n) for n in graph.inputs]:
+        raise PlanError(f"{where}: the plan's order does not start with the graph's inputs")
+    seen = set()
+    for n in order:
+        if any(id(i) not in seen for i in n.inputs):
+            raise PlanError(f"{where}: the plan runs {n.op} before one of its operands")
+        seen.add(id(n))
 
 
 def _check_scan(mp, node, p, groups, results, fresh, loc_of, bounds, names, where):
