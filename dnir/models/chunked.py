@@ -20,21 +20,22 @@ from .config import DeltaNetConfig
 
 
 def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state):
-    """q, k [N, Tp, HV, K]; v [N, Tp, HV, V]; g [N, Tp, HV, Kg]; beta [N, Tp, HV, 1];
-    state [N, HV, K, V]. Returns o [N, Tp, HV, V] and the final state."""
-    N, Tp, HV, K = q.shape
-    V = v.shape[-1]
+    """q, k [B, T, HV, K]; v [B, T, HV, V]; g [B, T, HV, Kg]; beta [B, T, HV, 1];
+    state [N, HV, K, V]. Returns o [B, T, HV, V] and the final state."""
     C, Kg = cfg.chunk_size, cfg.gate_channels
+    q, k, v, g, beta = (_pad_to_chunks(b, cfg, x) for x in (q, k, v, g, beta))
+    R, Tp, HV, K = q.shape           # R rows of whole chunks: B, or 1 with all sequences packed
+    V = v.shape[-1]
     NC = Tp // C
 
-    def to_chunks(x):  # [N, Tp, HV, X] -> [N, HV, NC, C, X]
+    def to_chunks(x):  # [R, Tp, HV, X] -> [R, HV, NC, C, X]
         x = b.cont(b.permute(x, (0, 2, 1, 3)))
-        return b.reshape(x, (N, HV, NC, C, x.shape[-1]))
+        return b.reshape(x, (R, HV, NC, C, x.shape[-1]))
 
     q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
     # ggml's cumsum runs along the innermost axis only: transpose, copy, cumsum, and back.
-    gam_t = b.cumsum(b.cont(b.transpose(g)), axis=-1)          # [N, HV, NC, Kg, C]
-    gam = b.cont(b.transpose(gam_t))                            # [N, HV, NC, C, Kg]
+    gam_t = b.cumsum(b.cont(b.transpose(g)), axis=-1)          # [R, HV, NC, Kg, C]
+    gam = b.cont(b.transpose(gam_t))                            # [R, HV, NC, C, Kg]
 
     if cfg.block_size is None:
         akk, aqk = diagonal_scores(b, cfg, q, k, beta, gam, gam_t)
@@ -44,26 +45,74 @@ def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state)
     eye = b.eye(C)
     inverse = b.solve_tri(b.add(eye, akk), eye, lower=True, unit_diagonal=True)   # (I + Akk)^-1
     gam_exp = b.exp(gam)
-    w = b.matmul(inverse, b.mul(b.mul(k, beta), gam_exp))       # [N, HV, NC, C, K]
-    u = b.matmul(inverse, b.mul(v, beta))                       # [N, HV, NC, C, V]
+    w = b.matmul(inverse, b.mul(b.mul(k, beta), gam_exp))       # [R, HV, NC, C, K]
+    u = b.matmul(inverse, b.mul(v, beta))                       # [R, HV, NC, C, V]
     q_decayed = b.mul(q, gam_exp)
-    gam_last = b.slice_axis(gam, -2, C - 1, C)                  # [N, HV, NC, 1, Kg]
+    gam_last = b.slice_axis(gam, -2, C - 1, C)                  # [R, HV, NC, 1, Kg]
     k_to_end = b.mul(k, b.exp(b.sub(gam_last, gam)))            # decay from each token to the chunk end
-    last_decay = b.reshape(b.exp(gam_last), (N, HV, NC, Kg, 1))  # scales the state's key rows
+    last_decay = b.reshape(b.exp(gam_last), (R, HV, NC, Kg, 1))  # scales the state's key rows
 
     def chunk_major(x):  # the scan walks the leading axis
         return b.cont(b.permute(x, (2, 0, 1, 3, 4)))
 
     xs = [chunk_major(x) for x in (w, u, q_decayed, aqk, k_to_end, last_decay)]
-    state, o = b.scan(_chunk_step(xs, state), [state], xs)       # o [NC, N, HV, C, V]
-    o = b.cont(b.permute(o, (1, 0, 3, 2, 4)))                    # [N, NC, C, HV, V]
-    return b.reshape(o, (N, Tp, HV, V)), state
+    body = _chunk_step(xs, (R, HV, K, V))
+    if cfg.cu_seqlens is None:
+        state, o = b.scan(body, [state], xs)                     # o [NC, R, HV, C, V]
+    else:   # R = 1: one recurrence per sequence, over its own chunks, from its own initial state
+        states, outs = [], []
+        for n, (c0, c1) in enumerate(_chunk_spans(cfg)):
+            s_n, o_n = b.scan(body, [b.slice_axis(state, 0, n, n + 1)],
+                              [b.slice_axis(x, 0, c0, c1) for x in xs])
+            states.append(s_n)
+            outs.append(o_n)
+        state, o = b.concat(states, axis=0), b.concat(outs, axis=0)
+    o = b.cont(b.permute(o, (1, 0, 3, 2, 4)))                    # [R, NC, C, HV, V]
+    return _drop_padding(b, cfg, b.reshape(o, (R, Tp, HV, V))), state
 
 
-def _chunk_step(xs, state):
+def _padded(length: int, C: int) -> int:
+    return -(-length // C) * C
+
+
+def _chunk_spans(cfg: DeltaNetConfig) -> list[tuple[int, int]]:
+    """[first, last) chunk of each packed sequence, each padded to whole chunks."""
+    spans, start = [], 0
+    for length in cfg.seq_lens:
+        n = _padded(length, cfg.chunk_size) // cfg.chunk_size
+        spans.append((start, start + n))
+        start += n
+    return spans
+
+
+def _pad_to_chunks(b: Builder, cfg: DeltaNetConfig, x):
+    """[B, T, ...] -> [R, Tp, ...]: every sequence zero-padded to whole chunks.
+
+    The pad is emitted even when it adds nothing (as ggml_pad is), so the node
+    count never depends on T. Zero padding leaves a state unchanged: g = 0
+    decays by exp(0) = 1 and k = beta = 0 writes nothing.
+    """
+    C = cfg.chunk_size
+    if cfg.cu_seqlens is None:
+        return b.pad(x, [(0, 0), (0, _padded(cfg.seq_len, C) - cfg.seq_len)])
+    parts = [b.pad(b.slice_axis(x, 1, start, end), [(0, 0), (0, _padded(end - start, C) - (end - start))])
+             for start, end in zip(cfg.cu_seqlens, cfg.cu_seqlens[1:])]
+    return b.concat(parts, axis=1)
+
+
+def _drop_padding(b: Builder, cfg: DeltaNetConfig, o):
+    """[R, Tp, HV, V] -> [B, T, HV, V]."""
+    if cfg.cu_seqlens is None:
+        return b.slice_axis(o, 1, 0, cfg.seq_len)
+    parts = [b.slice_axis(o, 1, c0 * cfg.chunk_size, c0 * cfg.chunk_size + length)
+             for (c0, _), length in zip(_chunk_spans(cfg), cfg.seq_lens)]
+    return b.concat(parts, axis=1)
+
+
+def _chunk_step(xs, state_shape):
     """Body of the scan over chunks: the only sequential part."""
     bb = Builder()
-    s0 = bb.input("state", state.shape)
+    s0 = bb.input("state", state_shape)
     w, u, q_decayed, aqk, k_to_end, last_decay = (
         bb.input(name, x.shape[1:]) for name, x in
         zip(("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay"), xs))

@@ -63,14 +63,6 @@ class DeltaNetConfig:
             return (self.seq_len,) * self.batch
         return tuple(b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:]))
 
-    @property
-    def padded_len(self) -> int:
-        """Tokens per sequence after padding: the longest sequence, in whole chunks when chunked."""
-        longest = max(self.seq_lens)
-        if self.mode == "chunked":
-            return math.ceil(longest / self.chunk_size) * self.chunk_size
-        return longest
-
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """Graph inputs in the flash-linear-attention layouts, by name, in order."""
         B, T, H, HV, K, V = (self.batch, self.seq_len, self.heads, self.value_heads,

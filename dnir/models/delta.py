@@ -8,6 +8,9 @@ repeats. It is exact as written; making it fast is the passes' job.
 
 From here on the two variants differ only in the size Kg of the gate's last
 axis: 1 for gdn (one gate per value head) and K for kda (one per key channel).
+Packed sequences (`cu_seqlens`) are cut apart by each form, and each sequence
+gets its own state recurrence (a scan per sequence: the graph grows with the
+number of sequences, never with their length).
 """
 from __future__ import annotations
 
@@ -31,13 +34,10 @@ def build_delta_net(cfg: DeltaNetConfig) -> Graph:
     B, T, HV = x["beta"].shape
     g = b.reshape(x["g"], (B, T, HV, cfg.gate_channels))
     beta = b.reshape(x["beta"], (B, T, HV, 1))
-    q, k, v, g, beta = (_pack(b, t, cfg) for t in (q, k, x["v"], g, beta))
     state = x["initial_state"] if cfg.initial_state else b.zeros(cfg.state_shape)
-    if cfg.mode == "chunked":
-        o, state = chunked_delta_rule(b, cfg, q, k, v, g, beta, state)
-    else:
-        o, state = recurrent_delta_rule(b, cfg, q, k, v, g, beta, state)
-    outputs, names = [_unpack(b, o, cfg)], ["o"]
+    form = chunked_delta_rule if cfg.mode == "chunked" else recurrent_delta_rule
+    o, state = form(b, cfg, q, k, x["v"], g, beta, state)
+    outputs, names = [o], ["o"]
     if cfg.final_state:
         outputs.append(state)
         names.append("final_state")
@@ -65,37 +65,3 @@ def _repeat_heads(b: Builder, x, cfg: DeltaNetConfig):
     B, T, H, K = x.shape
     x = b.broadcast_to(b.reshape(x, (B, T, H, 1, K)), (B, T, H, r, K))
     return b.reshape(x, (B, T, H * r, K))
-
-
-def _needs_padding(cfg: DeltaNetConfig) -> bool:
-    # Padding is emitted whenever this kind of graph can need it, even by zero
-    # tokens (as ggml_pad is), so the node count never depends on T.
-    return cfg.mode == "chunked" or cfg.cu_seqlens is not None
-
-
-def _pack(b: Builder, x, cfg: DeltaNetConfig):
-    """[B, T, ...] -> [N, Tp, ...]: one row per sequence, zero-padded to Tp tokens.
-
-    Zero padding keeps the state unchanged: g = 0 decays by exp(0) = 1 and
-    k = beta = 0 writes nothing.
-    """
-    if not _needs_padding(cfg):
-        return x
-    Tp = cfg.padded_len
-    if cfg.cu_seqlens is None:
-        return b.pad(x, [(0, 0), (0, Tp - cfg.seq_len)])
-    rows = []
-    for start, end in zip(cfg.cu_seqlens, cfg.cu_seqlens[1:]):
-        rows.append(b.pad(b.slice_axis(x, 1, start, end), [(0, 0), (0, Tp - (end - start))]))
-    return b.concat(rows, axis=0)
-
-
-def _unpack(b: Builder, o, cfg: DeltaNetConfig):
-    """[N, Tp, HV, V] -> [B, T, HV, V]: drop the padding, re-pack the sequences."""
-    if not _needs_padding(cfg):
-        return o
-    if cfg.cu_seqlens is None:
-        return b.slice_axis(o, 1, 0, cfg.seq_len)
-    _, _, HV, V = o.shape
-    rows = [b.slice(o, (n, 0, 0, 0), (n + 1, length, HV, V)) for n, length in enumerate(cfg.seq_lens)]
-    return b.concat(rows, axis=1)

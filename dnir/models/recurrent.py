@@ -11,25 +11,35 @@ from .config import DeltaNetConfig
 
 
 def recurrent_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state):
-    """q, k [N, T, HV, K]; v [N, T, HV, V]; g [N, T, HV, Kg]; beta [N, T, HV, 1];
-    state [N, HV, K, V]. Returns o [N, T, HV, V] and the final state."""
-    N, T, HV, _ = q.shape
+    """q, k [B, T, HV, K]; v [B, T, HV, V]; g [B, T, HV, Kg]; beta [B, T, HV, 1];
+    state [N, HV, K, V]. Returns o [B, T, HV, V] and the final state."""
+    B, T, HV, _ = q.shape
     V = v.shape[-1]
     state_t = b.cont(b.transpose(state))
-    if cfg.mode == "decode":          # one token per sequence: the step itself, no loop
-        step = [b.reshape(x, (N, HV, x.shape[-1])) for x in (q, k, v, g, beta)]
+    if cfg.mode == "decode":
+        # One token per sequence: B sequences of T = 1, or T packed sequences of
+        # one token each (B = 1). Either way one row per sequence, no loop.
+        step = [b.reshape(x, (B * T, HV, x.shape[-1])) for x in (q, k, v, g, beta)]
         state_t, o = token_step(b, state_t, *step)
-        o = b.reshape(o, (N, 1, HV, V))
-    else:
-        xs = [b.cont(b.permute(x, (1, 0, 2, 3))) for x in (q, k, v, g, beta)]   # [T, N, HV, X]
-        state_t, o = b.scan(_token_body(state_t, xs), [state_t], xs)
-        o = b.cont(b.permute(o, (1, 0, 2, 3)))
-    return o, b.cont(b.transpose(state_t))
+        return b.reshape(o, (B, T, HV, V)), b.cont(b.transpose(state_t))
+    xs = [b.cont(b.permute(x, (1, 0, 2, 3))) for x in (q, k, v, g, beta)]     # [T, B, HV, X]
+    body = _token_body(state_t, xs)
+    if cfg.cu_seqlens is None:
+        state_t, o = b.scan(body, [state_t], xs)
+    else:   # B = 1: one recurrence per packed sequence, from its own initial state
+        states, outs = [], []
+        for n, (start, end) in enumerate(zip(cfg.cu_seqlens, cfg.cu_seqlens[1:])):
+            s_n, o_n = b.scan(body, [b.slice_axis(state_t, 0, n, n + 1)],
+                              [b.slice_axis(x, 0, start, end) for x in xs])
+            states.append(s_n)
+            outs.append(o_n)
+        state_t, o = b.concat(states, axis=0), b.concat(outs, axis=0)
+    return b.cont(b.permute(o, (1, 0, 2, 3))), b.cont(b.transpose(state_t))
 
 
 def _token_body(state_t, xs):
     bb = Builder()
-    s = bb.input("state_t", state_t.shape)
+    s = bb.input("state_t", (xs[0].shape[1],) + state_t.shape[1:])
     step = [bb.input(name, x.shape[1:]) for name, x in zip(("q", "k", "v", "g", "beta"), xs)]
     s, o = token_step(bb, s, *step)
     return bb.build([s, o], names=["state_t", "o"])

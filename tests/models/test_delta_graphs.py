@@ -152,6 +152,15 @@ def test_varlen_node_count_depends_on_the_sequence_count_only():
     assert count((0, 10, 20, 64)) > count((0, 10, 64))
 
 
+@pytest.mark.parametrize("mode", ["chunked", "recurrent"])
+def test_varlen_runs_one_recurrence_per_sequence_over_its_own_chunks(mode):
+    graph = build("kda", batch=1, seq_len=300, cu_seqlens=(0, 15, 100, 300), head_dim=8, value_dim=8,
+                  mode=mode, chunk_size=64)
+    scans = [n for n in graph.topo_order() if n.op == "scan"]
+    steps = [1, 2, 4] if mode == "chunked" else [15, 85, 200]      # whole chunks of each sequence, or tokens
+    assert [n.attrs["length"] for n in scans] == steps
+
+
 def _nodes(graph):
     """Every node, scan bodies included."""
     for node in graph.topo_order():
