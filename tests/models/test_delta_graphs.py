@@ -158,7 +158,7 @@ def test_varlen_runs_one_recurrence_per_sequence_over_its_own_chunks(mode):
                   mode=mode, chunk_size=64)
     scans = [n for n in graph.topo_order() if n.op == "scan"]
     steps = [1, 2, 4] if mode == "chunked" else [15, 85, 200]      # whole chunks of each sequence, or tokens
-    assert [n.attrs["length"] for n in scans] == steps
+    assert sorted(n.attrs["length"] for n in scans) == steps
 
 
 def _nodes(graph):
