@@ -21,6 +21,7 @@ from .translate import translate
 
 DEFAULT_CUDA_ARCH = "sm_90"
 _CACHE: dict[tuple[str, str], object] = {}
+_VMS: dict[int, object] = {}
 _LOCK = threading.Lock()
 
 
@@ -102,7 +103,12 @@ def run_llvm(graph: Graph, inputs) -> list[np.ndarray]:
     """Run on the CPU through TVM's LLVM backend; outputs as NumPy arrays."""
     from dnir.lowering.numpy_backend import prepare_inputs
     arrays = prepare_inputs(graph, inputs)
-    vm = relax.VirtualMachine(build(graph, "llvm"), tvm.cpu())
+    ex = build(graph, "llvm")
+    with _LOCK:
+        # Loading an executable runs LLVM's code generation: keep one VM per executable.
+        vm = _VMS.get(id(ex))
+        if vm is None:
+            vm = _VMS[id(ex)] = relax.VirtualMachine(ex, tvm.cpu())
     dev = tvm.cpu()
     out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays])
     return [np.asarray(o.numpy()) for o in out]

@@ -17,6 +17,7 @@ import math
 from tvm.script import tirx as T
 
 THREADS_PER_BLOCK = 64
+OPAQUE = 8  # Relax op pattern kOpaque: FuseOps leaves these calls alone
 
 
 def _grid(lanes: int) -> tuple[int, int]:
@@ -29,7 +30,7 @@ def solve_tri(batch: int, n: int, m: int, dtype: str, lower: bool, unit_diagonal
     # Row r of the solve is matrix row i = r (lower) or n-1-r (upper); the
     # already-solved rows are j' = j (lower) or n-1-j (upper) for j < r.
     sign, base = (1, 0) if lower else (-1, n - 1)
-    attrs = {"tir.noalias": True, "tirx.is_scheduled": True}
+    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
 
     if gpu:
         blocks, threads = _grid(batch * m)
@@ -82,7 +83,7 @@ def solve_tri(batch: int, n: int, m: int, dtype: str, lower: bool, unit_diagonal
 def cumsum(outer: int, length: int, inner: int, dtype: str, gpu: bool):
     """Y [outer, length, inner] = running sum of X along the middle axis."""
     lanes = outer * inner
-    attrs = {"tir.noalias": True, "tirx.is_scheduled": True}
+    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
     if gpu:
         blocks, threads = _grid(lanes)
 
@@ -122,7 +123,7 @@ def put_row(stacked_shape, dtype: str, gpu: bool):
     """ys[t] = y in place, t read from a 0-d int32 tensor."""
     length = stacked_shape[0]
     row = math.prod(stacked_shape[1:])
-    attrs = {"tir.noalias": True, "tirx.is_scheduled": True}
+    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
     if gpu:
         blocks, threads = _grid(row)
 
