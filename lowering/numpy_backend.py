@@ -93,12 +93,15 @@ def _reshape(node, dt, x):
 
 @kernel("permute")
 def _permute(node, dt, x):
-    return np.transpose(x, node.attrs["axes"])
+    # Layout ops return dense row-major arrays, as every value is in the IR: a strided
+    # view would make a later matmul or sum add in another order (other last bits)
+    # than a backend that stores the value.
+    return np.asarray(np.transpose(x, node.attrs["axes"]), order="C")
 
 
 @kernel("broadcast_to")
 def _broadcast_to(node, dt, x):
-    return np.broadcast_to(x, node.shape)
+    return np.asarray(np.broadcast_to(x, node.shape), order="C")
 
 
 @kernel("pad")
@@ -110,7 +113,7 @@ def _pad(node, dt, x):
 
 @kernel("slice")
 def _slice(node, dt, x):
-    return x[tuple(slice(a, b) for a, b in zip(node.attrs["starts"], node.attrs["stops"]))]
+    return np.asarray(x[tuple(slice(a, b) for a, b in zip(node.attrs["starts"], node.attrs["stops"]))], order="C")
 
 
 @kernel("concat")
@@ -265,7 +268,7 @@ def prepare_inputs(graph: Graph, inputs, float64: bool = False) -> list[np.ndarr
             given = str(arr.dtype)
         if given != t.dtype and not (t.is_float and arr.dtype.kind == "f"):
             raise InputError(f"input {name!r}: dtype {given}, expected {t.dtype}")
-        arrays.append(arr.astype(_result_dtype(t.dtype, float64), copy=False))
+        arrays.append(np.asarray(arr.astype(_result_dtype(t.dtype, float64), copy=False), order="C"))
     return arrays
 
 
