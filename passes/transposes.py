@@ -116,10 +116,24 @@ def unit_axes_reshape(m):
     return None
 
 
+def permute_of_unit_reshape(m):
+    """permute(reshape(x)) where the reshape only adds or drops size-1 axes -> reshape(permute(x)):
+    the permute moves next to x's producer, where it may compose or cancel."""
+    x, node = m.x, m.node
+    big_x = [i for i, d in enumerate(x.shape) if d != 1]
+    big_y = [i for i, d in enumerate(node.inputs[0].shape) if d != 1]
+    if [x.shape[i] for i in big_x] != [node.inputs[0].shape[i] for i in big_y]:
+        return None
+    order = [big_x[big_y.index(a)] for a in node.attrs["axes"] if a in big_y]
+    moved = permute(x, order + [i for i in range(x.rank) if i not in big_x])
+    return make_node("reshape", (moved,), {"shape": node.shape})
+
+
 RULES = [
     Rule(P("cont", x), lambda m: m.x, "drop_cont"),
     Rule(P("permute", P("permute", x)), compose, "compose_permutes"),
     Rule(P("permute", x), unit_axes_reshape, "unit_axes_permute_to_reshape"),
+    Rule(P("permute", P("reshape", x)), permute_of_unit_reshape, "permute_of_unit_reshape"),
     Rule(P("matmul", P.any(), P.any()), fold_into_matmul, "fold_into_matmul_flags"),
     Rule(P("permute", P("matmul", P.any(), P.any()), axes=is_last_two_swap), transpose_of_matmul,
          "transpose_of_matmul"),

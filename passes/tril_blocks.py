@@ -103,17 +103,37 @@ def block_scores(m, block: int):
                      op("exp", op("sub", ref, rows(gjt, c * block, (c + 1) * block, -3))))
             y_c = op("reshape", y_c, shape=y_c.shape[:-3] + (block, width))
             row.append(_fit(op("matmul", x_a, y_c, transpose_a=False, transpose_b=True), batch))
-        diff = op("sub", rows(gi, lo, hi, -2), rows(gj, lo, hi, -1))
-        decay = op("exp", op("tril", diff, k=0) if masked else diff)
-        prod = op("mul", op("matmul", rows(x, lo, hi, -2), rows(y, lo, hi, -2), transpose_a=False,
-                            transpose_b=True), decay)
-        diag = op("sum", prod, axes=(prod.rank - 3,), keepdims=False) if form == "sum" else \
-            op("reshape", prod, shape=prod.shape[:-3] + prod.shape[-2:])
+        if form == "sum" and x.shape[-1] == 1:
+            diag = channel_last_diagonal(xt, yt, git, gjt, lo, hi, masked)
+        else:
+            diff = op("sub", rows(gi, lo, hi, -2), rows(gj, lo, hi, -1))
+            decay = op("exp", op("tril", diff, k=0) if masked else diff)
+            prod = op("mul", op("matmul", rows(x, lo, hi, -2), rows(y, lo, hi, -2), transpose_a=False,
+                                transpose_b=True), decay)
+            diag = op("sum", prod, axes=(prod.rank - 3,), keepdims=False) if form == "sum" else \
+                op("reshape", prod, shape=prod.shape[:-3] + prod.shape[-2:])
         row.append(op("tril", _fit(diag, batch), k=k))
         if a < nb - 1:
             row.append(op("full", value=0.0, shape=batch + (block, n - hi), dtype=s.dtype))
         block_rows.append(op("concat", *row, axis=len(batch) + 1) if len(row) > 1 else row[0])
     return op("concat", *block_rows, axis=len(batch))
+
+
+def channel_last_diagonal(xt, yt, git, gjt, lo, hi, masked) -> Node:
+    """A diagonal block with one gate per channel, kept in the token-major layout:
+    [.., i, 1, G] * [.., 1, j, G] * exp(mask(g_i - g_j)), summed over the channels G.
+    The mask multiplies the exponent (masked to 0 before exp); the tril after it zeroes those entries."""
+    def split(t, axis):  # [.., b, G, 1] -> [.., b, 1, G] (axis -3) or [.., 1, b, G] (axis -2)
+        t = rows(t, lo, hi, -3)
+        shape = t.shape[:-3] + ((t.shape[-3], 1) if axis == -3 else (1, t.shape[-3])) + (t.shape[-2],)
+        return op("reshape", t, shape=shape)
+    diff = op("sub", split(git, -3), split(gjt, -2))
+    if masked:
+        n = hi - lo
+        mask = op("tril", op("full", value=1.0, shape=(n, n), dtype=diff.dtype), k=0)
+        diff = op("mul", diff, op("reshape", mask, shape=(n, n, 1)))
+    prod = op("mul", op("mul", split(xt, -3), split(yt, -2)), op("exp", diff))
+    return op("sum", prod, axes=(prod.rank - 1,), keepdims=False)
 
 
 def _fit(t: Node, batch) -> Node:
