@@ -104,6 +104,8 @@ class Builder:
     def cast(self, x, dtype): return make_node("cast", (x,), {"dtype": _dtype("cast", (x,), dtype)})
 
     def where(self, cond, a, b):
+        if not isinstance(a, Node) and not isinstance(b, Node):
+            _raise(DnirError, "where", (cond, a, b), "expected at least one dnir Node branch (or cast the condition)")
         ref = a if isinstance(a, Node) else b
         return make_node("where", (cond, _scalar_like(a, ref), _scalar_like(b, ref)), {})
 
