@@ -1,6 +1,8 @@
 """The verifier: checks the invariants every pass must keep."""
 from __future__ import annotations
 
+import re
+
 import networkx as nx
 
 from .errors import DnirError, VerifyError
@@ -15,6 +17,9 @@ def verify(graph: Graph, where: str = "graph") -> Graph:
         raise VerifyError(f"{where}: has no outputs")
     if len(set(graph.output_names)) != len(graph.output_names):
         raise VerifyError(f"{where}: output names repeat: {list(graph.output_names)}")
+    unreadable = [n for n in graph.output_names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(n))]
+    if unreadable:  # the text format writes them as `return %v as NAME`
+        raise VerifyError(f"{where}: output name(s) {unreadable} are not identifiers (letters, digits, _)")
     names = set()
     for node in graph.inputs:
         if node.op != "input":
