@@ -106,6 +106,8 @@ def test_attribute_errors(b):
     fails(AttrError, lambda: b.input("2x", (3,)), "input name '2x' is not an identifier")
     fails(DnirError, lambda: b.add(1.0, 2.0), "add(1.0, 2.0): expected at least one dnir Node operand")
     fails(DnirError, lambda: x + np.ones(3), "cannot use ndarray", site=False)
+    m = b.input("m", (3,), "bool")
+    fails(DnirError, lambda: b.where(m, 1.0, 0.0), "where(bool[3], 1.0, 0.0): expected at least one dnir Node branch")
 
 
 def test_regions_out_of_bounds(b):

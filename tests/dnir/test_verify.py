@@ -117,6 +117,8 @@ def test_rejects_malformed_graphs():
         dnir.verify(Graph([x], []))
     with pytest.raises(VerifyError, match=r"output names repeat: \['y', 'y'\]"):
         dnir.verify(Graph([x], [x, x], ["y", "y"]))
+    with pytest.raises(VerifyError, match=r"output name\(s\) \['a-b', '0'\] are not identifiers"):
+        dnir.verify(Graph([x], [x, x, x], ["a-b", "0", "ok_1"]))
     e = Node("exp", (x,), {}, f32(2))
     with pytest.raises(VerifyError, match="is not an input node"):
         dnir.verify(Graph([x, e], [e]))
