@@ -31,7 +31,8 @@ def b():
 
 def test_matmul_shapes(b):
     x, y, z = b.input("x", (2, 3)), b.input("y", (4, 5)), b.input("z", (3,))
-    fails(ShapeError, lambda: b.matmul(x, y), "matmul(f32[2,3], f32[4,5])", "contracted dimensions differ: 3 (a) vs 4 (b)",
+    fails(ShapeError, lambda: b.matmul(x, y),
+          "matmul(f32[2,3], f32[4,5])", "contracted dimensions differ: 3 (a) vs 4 (b)",
           "expected a [..., m, k] @ b [..., k, n]")
     fails(ShapeError, lambda: b.matmul(x, y, transpose_a=True), "2 (a^T) vs 4 (b)")
     fails(ShapeError, lambda: x @ z, "matmul(f32[2,3], f32[3])", "rank >= 2")
@@ -66,24 +67,31 @@ def test_bad_axes(b):
 
 def test_reshape(b):
     x = b.input("x", (2, 3))
-    fails(ShapeError, lambda: b.reshape(x, (4, 2)), "reshape(f32[2,3])", "cannot reshape 6 elements to [4, 2] (8 elements)")
+    fails(ShapeError, lambda: b.reshape(x, (4, 2)),
+          "reshape(f32[2,3])", "cannot reshape 6 elements to [4, 2] (8 elements)")
     fails(ShapeError, lambda: b.reshape(x, (-1, -1)), "reshape(f32[2,3])", "more than one -1")
     fails(ShapeError, lambda: b.reshape(x, (4, -1)), "reshape(f32[2,3])", "-1 in shape [4, -1] cannot be resolved")
     fails(ShapeError, lambda: make_node("reshape", (x,), {"shape": (-6,)}), "negative size")
 
 
 def test_wrong_dtypes(b):
-    x, h, i, m = b.input("x", (2, 3)), b.input("h", (2, 3), "f16"), b.input("i", (3,), "i32"), b.input("m", (3,), "bool")
-    fails(DTypeError, lambda: b.add(x, h), "add(f32[2,3], f16[2,3])", "different dtypes ['f32', 'f16']", "insert a cast")
-    fails(DTypeError, lambda: b.matmul(x, b.input("w", (3, 2), "f64")), "matmul(f32[2,3], f64[3,2])", "different dtypes")
+    x, h = b.input("x", (2, 3)), b.input("h", (2, 3), "f16")
+    i, m = b.input("i", (3,), "i32"), b.input("m", (3,), "bool")
+    fails(DTypeError, lambda: b.add(x, h),
+          "add(f32[2,3], f16[2,3])", "different dtypes ['f32', 'f16']", "insert a cast")
+    fails(DTypeError, lambda: b.matmul(x, b.input("w", (3, 2), "f64")),
+          "matmul(f32[2,3], f64[3,2])", "different dtypes")
     fails(DTypeError, lambda: b.exp(i), "exp(i32[3])", "expected a floating-point operand, got i32")
     fails(DTypeError, lambda: b.sqrt(m), "sqrt(bool[3])", "floating-point")
     fails(DTypeError, lambda: b.div(i, i), "div(i32[3], i32[3])", "expected floating-point operands", "cast first")
-    fails(DTypeError, lambda: b.where(x, x, x), "where(f32[2,3], f32[2,3], f32[2,3])", "condition must be bool, got f32")
-    fails(DTypeError, lambda: b.where(m, i, b.cast(i, "f32")), "where(bool[3], i32[3], f32[3])", "branches have different dtypes")
+    fails(DTypeError, lambda: b.where(x, x, x),
+          "where(f32[2,3], f32[2,3], f32[2,3])", "condition must be bool, got f32")
+    fails(DTypeError, lambda: b.where(m, i, b.cast(i, "f32")),
+          "where(bool[3], i32[3], f32[3])", "branches have different dtypes")
     fails(DTypeError, lambda: b.add(m, m), "add(bool[3], bool[3])", "expected numeric operands, got bool")
     fails(DTypeError, lambda: b.cumsum(m, axis=0), "cumsum(bool[3])", "cannot cumsum bool")
-    fails(DTypeError, lambda: b.solve_tri(b.cast(x[:, 0:2], "i32"), i[0:2]), "solve_tri(i32[2,2], i32[2])", "floating-point")
+    fails(DTypeError, lambda: b.solve_tri(b.cast(x[:, 0:2], "i32"), i[0:2]),
+          "solve_tri(i32[2,2], i32[2])", "floating-point")
     fails(DTypeError, lambda: i + 0.5, "const()", "value 0.5 is not representable as i32")
     fails(DTypeError, lambda: i * 2**40, "value 1099511627776 is not representable as i32")
     fails(DTypeError, lambda: b.cast(x, "complex64"), "cast(f32[2,3])", "unsupported dtype 'complex64'")
@@ -94,11 +102,14 @@ def test_wrong_dtypes(b):
 def test_attribute_errors(b):
     x = b.input("x", (2, 3))
     fails(AttrError, lambda: make_node("cumsum", (x,), {}), "cumsum(f32[2,3])", "missing attribute 'axis' (int)")
-    fails(AttrError, lambda: make_node("cumsum", (x,), {"axis": 0, "foo": 1}), "unknown attribute(s) ['foo']; expected ['axis']")
+    fails(AttrError, lambda: make_node("cumsum", (x,), {"axis": 0, "foo": 1}),
+          "unknown attribute(s) ['foo']; expected ['axis']")
     fails(AttrError, lambda: make_node("cumsum", (x,), {"axis": 1.5}), "attribute axis=1.5 is not of kind int")
-    fails(AttrError, lambda: make_node("matmul", (x, x), {"transpose_a": 1}), "attribute transpose_a=1 is not of kind bool")
+    fails(AttrError, lambda: make_node("matmul", (x, x), {"transpose_a": 1}),
+          "attribute transpose_a=1 is not of kind bool")
     fails(AttrError, lambda: make_node("pad", (x,), {"pads": (1, 2)}), "attribute pads=(1, 2) is not of kind pads")
-    fails(AttrError, lambda: make_node("frobnicate", (x,), {}), "frobnicate(f32[2,3]): unknown op 'frobnicate'", "cumsum")
+    fails(AttrError, lambda: make_node("frobnicate", (x,), {}),
+          "frobnicate(f32[2,3]): unknown op 'frobnicate'", "cumsum")
     fails(AttrError, lambda: make_node("exp", (np.ones(3),), {}), "operand 0 is ndarray, expected a dnir Node")
     fails(ShapeError, lambda: make_node("exp", (x, x), {}), "exp(f32[2,3], f32[2,3]): takes 1 operand(s), got 2")
     fails(AttrError, lambda: b.clamp(x, 1.0, -1.0), "clamp(f32[2,3])", "min=1.0 > max=-1.0")
@@ -112,14 +123,16 @@ def test_attribute_errors(b):
 
 def test_regions_out_of_bounds(b):
     x, s, v = b.input("x", (2, 3, 4, 5)), b.input("s", (1, 2, 2, 5)), b.input("v", (2, 5))
-    fails(ShapeError, lambda: b.slice(x, (0, 0, 0, 0), (2, 3, 5, 5)), "slice(f32[2,3,4,5])", "axis 2: [0:5] is not within 0..4")
+    fails(ShapeError, lambda: b.slice(x, (0, 0, 0, 0), (2, 3, 5, 5)),
+          "slice(f32[2,3,4,5])", "axis 2: [0:5] is not within 0..4")
     fails(ShapeError, lambda: b.slice(x, (0, 2, 0, 0), (2, 1, 4, 5)), "axis 1: [2:1]", "start <= stop")
     fails(ShapeError, lambda: b.slice(x, (0, 0), (1, 1)), "starts/stops need one entry per axis (4)")
     fails(ShapeError, lambda: x[2], "slice(f32[2,3,4,5])", "index 2 is out of range for axis 0 of size 2")
     fails(ShapeError, lambda: x[:, -4], "index -4 is out of range for axis 1 of size 3")
     fails(ShapeError, lambda: x[::2], "only unit-step slices")
     fails(ShapeError, lambda: x[0, 0, 0, 0, 0], "has more entries than rank 4")
-    fails(ShapeError, lambda: b.set(x, s, (1, 2, 0, 0)), "set(f32[2,3,4,5], f32[1,2,2,5])", "axis 1: block [2:4] does not fit in destination size 3")
+    fails(ShapeError, lambda: b.set(x, s, (1, 2, 0, 0)),
+          "set(f32[2,3,4,5], f32[1,2,2,5])", "axis 1: block [2:4] does not fit in destination size 3")
     fails(ShapeError, lambda: b.acc(x, s, (0, 0, -1, 0)), "acc(f32[2,3,4,5], f32[1,2,2,5])", "axis 2: block [-1:1]")
     fails(ShapeError, lambda: b.acc(x, s, (0, 0, 3, 0)), "axis 2: block [3:5] does not fit in destination size 4")
     fails(ShapeError, lambda: b.set(x, v, (0, 0)), "block rank 2, destination rank 4 and 2 offsets must agree")
@@ -136,11 +149,15 @@ def _body(*input_types, outputs):
 def test_scan_body_signature(b):
     h, xs, hd = b.input("h", (2,)), b.input("xs", (5, 2)), b.input("hd", (2,), "f64")
     grows = _body(((2,), "f32"), ((2,), "f32"), outputs=lambda bb, c, x: [bb.concat([c, x], 0)])
-    fails(ShapeError, lambda: b.scan(grows, [h], [xs]), "scan(f32[2], f32[5,2])", "carry 0: body returns f32[4], expected the carried type f32[2]")
+    fails(ShapeError, lambda: b.scan(grows, [h], [xs]),
+          "scan(f32[2], f32[5,2])", "carry 0: body returns f32[4], expected the carried type f32[2]")
     ok = _body(((2,), "f32"), ((2,), "f32"), outputs=lambda bb, c, x: [c + x])
-    fails(ShapeError, lambda: b.scan(ok, [hd], [xs]), "scan(f64[2], f32[5,2])", "body input 0 (p0) has type f32[2], expected f64[2]")
-    fails(ShapeError, lambda: b.scan(ok, [h], [b.input("ys", (5, 3))]), "body input 1 (p1) has type f32[2], expected f32[3]")
-    fails(ShapeError, lambda: b.scan(ok, [h], [xs], length=4), "sequence operand 1 has shape [5, 2]; expected leading axis 4")
+    fails(ShapeError, lambda: b.scan(ok, [hd], [xs]),
+          "scan(f64[2], f32[5,2])", "body input 0 (p0) has type f32[2], expected f64[2]")
+    fails(ShapeError, lambda: b.scan(ok, [h], [b.input("ys", (5, 3))]),
+          "body input 1 (p1) has type f32[2], expected f32[3]")
+    fails(ShapeError, lambda: b.scan(ok, [h], [xs], length=4),
+          "sequence operand 1 has shape [5, 2]; expected leading axis 4")
     fails(ShapeError, lambda: b.scan(ok, [h], [xs, xs]), "body takes 2 inputs, scan has 3 operands")
     two = _body(((2,), "f32"), ((2,), "f32"), ((2,), "f32"), outputs=lambda bb, c, d, x: [c + x])
     fails(ShapeError, lambda: b.scan(two, [h, h], [xs]), "body returns 1 values, expected at least the 2 carries")
@@ -162,11 +179,15 @@ def test_runtime_inputs():
     g = b.build([b.exp(x), i + 1])
     xv, iv = np.ones((2, 3), np.float32), np.arange(3, dtype=np.int32)
     run = lambda inputs: dnir.run(g, inputs)  # noqa: E731
-    fails(InputError, lambda: run({"x": np.ones((3, 2)), "i": iv}), "input 'x': shape [3, 2], expected [2, 3]", site=False)
-    fails(InputError, lambda: run({"x": np.ones((2, 3), np.int64), "i": iv}), "input 'x': dtype i64, expected f32", site=False)
-    fails(InputError, lambda: run({"x": xv, "i": iv.astype(np.float32)}), "input 'i': dtype f32, expected i32", site=False)
+    fails(InputError, lambda: run({"x": np.ones((3, 2)), "i": iv}),
+          "input 'x': shape [3, 2], expected [2, 3]", site=False)
+    fails(InputError, lambda: run({"x": np.ones((2, 3), np.int64), "i": iv}),
+          "input 'x': dtype i64, expected f32", site=False)
+    fails(InputError, lambda: run({"x": xv, "i": iv.astype(np.float32)}),
+          "input 'i': dtype f32, expected i32", site=False)
     fails(InputError, lambda: run({"x": xv, "i": np.arange(3)}), "input 'i': dtype i64, expected i32", site=False)
-    fails(InputError, lambda: run({"x": xv, "i": iv, "z": xv}), "unknown input name(s) ['z']; the graph takes ['x', 'i']", site=False)
+    fails(InputError, lambda: run({"x": xv, "i": iv, "z": xv}),
+          "unknown input name(s) ['z']; the graph takes ['x', 'i']", site=False)
     fails(InputError, lambda: run({"x": xv}), "missing input(s) ['i']", site=False)
     fails(InputError, lambda: run([xv]), "the graph takes 2 inputs ['x', 'i'], got 1", site=False)
     fails(InputError, lambda: run([xv, np.array(["a", "b", "c"])]), "input 'i': dtype <U1, expected i32", site=False)
