@@ -13,8 +13,8 @@ import dnir
 from dnir import Builder, DTypeError, ShapeError
 from dnir.types import canonical_dtype
 
-settings.register_profile("dnir", max_examples=50, deadline=None)
-settings.load_profile("dnir")
+# Local settings (not a global profile, which would change other files' hypothesis tests too).
+modest = settings(max_examples=50, deadline=None)
 
 NUMPY_ERRORS = (ValueError, IndexError, TypeError)
 dims = st.lists(st.sampled_from([0, 1, 1, 2, 3]), min_size=0, max_size=4).map(tuple)
@@ -46,6 +46,7 @@ def agree(build, numpy_fn, values):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@modest
 @given(dims, dims, st.sampled_from(["add", "sub", "mul", "div", "maximum", "minimum"]), seeds)
 def test_binary_broadcasting(sa, sb, op, seed):
     ref = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
@@ -54,6 +55,7 @@ def test_binary_broadcasting(sa, sb, op, seed):
     agree(lambda b, p, q: getattr(b, op)(p, q), ref, [x, y + np.float32(np.sign(y) * 0.5)])
 
 
+@modest
 @given(st.sampled_from(["f16", "f32", "f64", "i32", "i64"]), st.sampled_from(["f16", "f32", "f64", "i32", "i64"]),
        dims, seeds)
 def test_binary_dtypes(da, db, shape, seed):
@@ -69,6 +71,7 @@ def test_binary_dtypes(da, db, shape, seed):
     assert canonical_dtype(np.add(x, y).dtype) == out.dtype == da
 
 
+@modest
 @given(dims.filter(lambda s: len(s) <= 2), st.integers(0, 3), st.integers(0, 3), st.integers(0, 3),
        st.integers(0, 3), st.booleans(), st.booleans(), dims.filter(lambda s: len(s) <= 2), seeds)
 def test_matmul(batch_a, m, ka, kb, n, ta, tb, batch_b, seed):
@@ -81,6 +84,7 @@ def test_matmul(batch_a, m, ka, kb, n, ta, tb, batch_b, seed):
     agree(lambda b, p, q: b.matmul(p, q, transpose_a=ta, transpose_b=tb), ref, [x, y])
 
 
+@modest
 @given(dims, st.lists(st.sampled_from([-1, 0, 1, 2, 3, 4, 6]), max_size=4), seeds)
 def test_reshape(shape, target, seed):
     (x,) = arrays(seed, shape)
@@ -89,6 +93,7 @@ def test_reshape(shape, target, seed):
     agree(lambda b, p: b.reshape(p, target), lambda a: a.reshape(target), [x])
 
 
+@modest
 @given(dims.filter(lambda s: s), st.data())
 def test_reshape_to_a_valid_target(shape, data):
     # Random targets mostly fail; also draw targets that reorder the same factors.
@@ -99,6 +104,7 @@ def test_reshape_to_a_valid_target(shape, data):
     agree(lambda b, p: b.reshape(p, target), lambda a: a.reshape(target), [x])
 
 
+@modest
 @given(dims, st.data())
 def test_permute(shape, data):
     rank = len(shape)
@@ -110,6 +116,7 @@ def test_permute(shape, data):
     agree(lambda b, p: b.permute(p, axes), lambda a: np.transpose(a, axes), [x])
 
 
+@modest
 @given(dims, st.lists(st.integers(-5, 4), max_size=4), st.booleans(), seeds)
 def test_sum(shape, axes, keepdims, seed):
     (x,) = arrays(seed, shape)
@@ -117,6 +124,7 @@ def test_sum(shape, axes, keepdims, seed):
           lambda a: np.sum(a, axis=tuple(axes), keepdims=keepdims), [x])
 
 
+@modest
 @given(dims, st.integers(-5, 4), seeds)
 def test_cumsum(shape, axis, seed):
     (x,) = arrays(seed, shape)
@@ -128,6 +136,7 @@ def test_cumsum(shape, axis, seed):
     agree(lambda b, p: b.cumsum(p, axis=axis), ref, [x])
 
 
+@modest
 @given(dims, st.integers(-5, 4), st.lists(st.integers(0, 3), min_size=1, max_size=3), st.booleans(), st.data())
 def test_concat(shape, axis, sizes, broken, data):
     shapes = []
@@ -142,6 +151,7 @@ def test_concat(shape, axis, sizes, broken, data):
     agree(lambda b, *ps: b.concat(ps, axis=axis), lambda *a: np.concatenate(a, axis=axis), xs)
 
 
+@modest
 @given(dims, st.data())
 def test_pad(shape, data):
     pads = [(data.draw(st.integers(-1, 2)), data.draw(st.integers(0, 2))) for _ in shape]
@@ -153,6 +163,7 @@ def test_pad(shape, data):
     agree(lambda b, p: dnir.make_node("pad", (p,), {"pads": pads, "value": value}), ref, [x])
 
 
+@modest
 @given(dims, st.data())
 def test_slice(shape, data):
     starts = [data.draw(st.integers(-1, d + 1)) for d in shape]
@@ -167,6 +178,7 @@ def test_slice(shape, data):
     agree(lambda b, p: b.slice(p, starts, stops), ref, [x])
 
 
+@modest
 @given(dims, st.data())
 def test_getitem_matches_numpy_basic_slicing(shape, data):
     # Python slices on a node clamp exactly like NumPy's; integer indices keep their axis.
@@ -176,12 +188,14 @@ def test_getitem_matches_numpy_basic_slicing(shape, data):
     agree(lambda b, p: p[index], lambda a: a[index], [x])
 
 
+@modest
 @given(dims, dims, seeds)
 def test_broadcast_to(shape, target, seed):
     (x,) = arrays(seed, shape)
     agree(lambda b, p: b.broadcast_to(p, target), lambda a: np.broadcast_to(a, target), [x])
 
 
+@modest
 @given(dims.filter(lambda s: len(s) >= 2), st.integers(-3, 3), st.booleans(), seeds)
 def test_tril_triu(shape, k, upper, seed):
     (x,) = arrays(seed, shape)
