@@ -42,6 +42,7 @@ INF = math.inf
 DEFAULT_INPUT_RANGES = {"g": (-20.0, 0.0), "beta": (0.0, 1.0), "q": (-1.0, 1.0), "k": (-1.0, 1.0)}
 CONCRETE_LIMIT = 1 << 16        # elements: constant-only values up to this size are evaluated
 WIDEN_AFTER = 4                 # scan iterations before growing carry bounds jump to infinity
+NARROW_STEPS = 3                # iterations that shrink a widened scan invariant again
 CHECKED_OPS = ("exp", "div", "log", "sqrt", "rsqrt")
 
 
@@ -365,6 +366,18 @@ class _Interpreter:
         if node.inputs[0] is node.inputs[1]:   # a square is never negative
             top = max(_mul(a.lo, a.lo), _mul(a.hi, a.hi))
             return Abstract(0.0 if a.lo <= 0 <= a.hi else min(_mul(a.lo, a.lo), _mul(a.hi, a.hi)), top)
+        for i, (form, mask) in enumerate(((a, b), (b, a))):
+            # A form times a known array of few values (a 0/1 mask): bound the form
+            # separately where the array holds each value.
+            if form.prefix is not None and mask.value is not None:
+                levels = np.unique(np.asarray(mask.value, dtype=np.float64))
+                if len(levels) <= 16 and not np.isnan(levels).any():
+                    parts = []
+                    for w in levels:
+                        r = self.restricted(node, i, form, np.asarray(mask.value) == w)
+                        if r is not None:
+                            parts.append(tuple(sorted((_mul(float(w), r[0]), _mul(float(w), r[1])))))
+                    return Abstract(*_hull(*parts))
         return Abstract(*_products(a, b))
 
     def op_div(self, node, a, b):
@@ -486,31 +499,44 @@ class _Interpreter:
 
     # -- scan: iterate the body over the union of carries seen so far ------
     def scan(self, node: Node, ins, label: str, report: bool):
+        """Iterate the body on the hull of the carries seen so far: each iteration's
+        input holds the real carry of that step. Stop after the last step, or at a
+        post-fixpoint c (holding the initial carry, body(c) within c), which holds
+        every step's carry; bounds still growing after WIDEN_AFTER iterations jump to
+        infinity, and a post-fixpoint is then narrowed again (hull(init, body(c)) is
+        one too)."""
         body: Graph = node.attrs["body"]
         nc, nx, length = node.attrs["num_carry"], node.attrs["num_xs"], node.attrs["length"]
         # Forms and arrays do not cross the loop boundary, except arrays of loop invariants.
-        carries = [Abstract(a.lo, a.hi) for a in ins[:nc]]
         xs = [Abstract(a.lo, a.hi) for a in ins[nc:nc + nx]]
         consts = [Abstract(a.lo, a.hi, value=a.value) for a in ins[nc + nx:]]
-        ys = None
         where = f" in body of scan {label}"
-        for step in range(max(length, 1)):
-            last = step == length - 1
-            values = self.run(body, carries + xs + consts, where, report=False)
-            outs = [values[id(o)] for o in body.outputs]
-            grown = [_hull((c.lo, c.hi), (o.lo, o.hi)) for c, o in zip(carries, outs[:nc])]
-            ys = [_hull(y, (o.lo, o.hi)) if ys else (o.lo, o.hi) for y, o in
-                  zip(ys or [None] * (len(outs) - nc), outs[nc:])]
-            if step >= WIDEN_AFTER:
-                grown = [(c.lo if g[0] >= c.lo else -INF, c.hi if g[1] <= c.hi else INF)
-                         for c, g in zip(carries, grown)]
-            stable = all((c.lo, c.hi) == g for c, g in zip(carries, grown))
-            if stable or last or length == 0:
+
+        def step(carries, report=False):
+            values = self.run(body, [Abstract(*c) for c in carries] + xs + consts, where, report)
+            outs = [(values[id(o)].lo, values[id(o)].hi) for o in body.outputs]
+            return outs[:nc], outs[nc:]
+
+        init = [(a.lo, a.hi) for a in ins[:nc]]
+        carries, ys, fixpoint = list(init), [(0.0, 0.0)] * (len(node.type) - nc), False
+        for i in range(length):
+            new, out_ys = step(carries)
+            ys = out_ys if i == 0 else [_hull(y, o) for y, o in zip(ys, out_ys)]
+            grown = [_hull(c, n) for c, n in zip(carries, new)]
+            if grown == carries:
+                fixpoint = True
                 break
-            carries = [Abstract(*g) for g in grown]
-        if report:   # findings once, on the widest inputs the body sees
-            self.run(body, carries + xs + consts, where, report=True)
-        final = [Abstract(*_hull((c.lo, c.hi), (o.lo, o.hi))) for c, o in zip(carries, outs[:nc])]
-        if length == 0:
-            final = [Abstract(a.lo, a.hi) for a in ins[:nc]]
-        return tuple(final) + tuple(Abstract(*y) for y in ys)
+            if WIDEN_AFTER <= i < length - 1:
+                grown = [(c[0] if g[0] >= c[0] else -INF, c[1] if g[1] <= c[1] else INF)
+                         for c, g in zip(carries, grown)]
+            carries = grown
+        if fixpoint:
+            for _ in range(NARROW_STEPS):
+                narrowed = [_hull(c0, n) for c0, n in zip(init, step(carries)[0])]
+                if narrowed == carries:
+                    break
+                carries = narrowed
+            ys = step(carries)[1]
+        if report and length:   # findings once, on the widest inputs the body sees
+            step(carries, report=True)
+        return tuple(Abstract(*c) for c in carries) + tuple(Abstract(*y) for y in ys)
