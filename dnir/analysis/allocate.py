@@ -22,6 +22,8 @@ The lower bound no allocator can beat: the most bytes live at one position.
 """
 from __future__ import annotations
 
+import numpy as np
+
 ALIGN = 64
 
 
@@ -65,18 +67,22 @@ def assign_offsets(blocks) -> int:
 
 
 def _place(order) -> dict[int, int]:
-    placed: list = []                      # (start, end, offset, padded size)
+    n = len(order)
+    starts = np.array([b.start for b in order])
+    ends = np.array([b.end for b in order])
+    lows = np.zeros(n, dtype=np.int64)
+    highs = np.zeros(n, dtype=np.int64)
     offsets: dict[int, int] = {}
-    for b in order:
+    for k, b in enumerate(order):
         size = padded(b.nbytes)
-        busy = sorted((off, off + sz) for s, e, off, sz in placed if s <= b.end and b.start <= e)
-        best_gap, best_off, top = None, None, 0
+        live = (starts[:k] <= b.end) & (b.start <= ends[:k])
+        busy = sorted(zip(lows[:k][live].tolist(), highs[:k][live].tolist()))
+        best_gap, offset, top = None, None, 0
         for lo, hi in busy:
-            gap = lo - top
-            if gap >= size and (best_gap is None or gap < best_gap):
-                best_gap, best_off = gap, top
+            if lo - top >= size and (best_gap is None or lo - top < best_gap):
+                best_gap, offset = lo - top, top
             top = max(top, hi)
-        offset = top if best_off is None else best_off
+        offset = top if offset is None else offset
         offsets[id(b)] = offset
-        placed.append((b.start, b.end, offset, size))
+        lows[k], highs[k] = offset, offset + size
     return offsets

@@ -40,6 +40,7 @@ one is a view of the other or was legally overwritten in place.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -56,6 +57,12 @@ IN_PLACE = {**{op: (0,) for op in UNARY + ("clamp", "cast", "tril", "triu", "set
             **{op: (0, 1) for op in BINARY}, "where": (1, 2)}
 
 
+@functools.lru_cache(maxsize=None)
+def nbytes(t) -> int:
+    """A TensorType's size in bytes (cached: planning asks for it often)."""
+    return math.prod(t.shape) * t.itemsize
+
+
 class PlanError(VerifyError):
     """A memory plan lets two live values share bytes, or is inconsistent with its graph."""
 
@@ -67,7 +74,7 @@ def view_offset(node: Node) -> int | None:
     if node.op != "slice":
         return None
     shape, starts, stops = node.inputs[0].shape, node.attrs["starts"], node.attrs["stops"]
-    if node.type.size == 0:
+    if math.prod(node.shape) == 0:
         return 0
     partial = [a for a, (s, e, d) in enumerate(zip(starts, stops, shape)) if e - s != d]
     if partial and any(stops[a] - starts[a] != 1 for a in range(partial[-1])):
@@ -248,10 +255,10 @@ class _Planner:
             return Loc(target)
         for i in IN_PLACE.get(node.op, ()):
             loc = self.locs[id(node.inputs[i])]
-            if (isinstance(loc.base, Block) and loc.offset == 0 and loc.base.nbytes == node.type.nbytes
+            if (isinstance(loc.base, Block) and loc.offset == 0 and loc.base.nbytes == nbytes(node.type)
                     and node.inputs[i].type == node.type and self._free_at(p, node, loc)):
                 return loc
-        return self._new_block(node.type.nbytes, p, f"{self.names[id(node)]} = {node.op} {node.type}")
+        return self._new_block(nbytes(node.type), p, f"{self.names[id(node)]} = {node.op} {node.type}")
 
     def _scan(self, p, node):
         body: Graph = node.attrs["body"]
@@ -263,13 +270,13 @@ class _Planner:
         for k, u in enumerate(ops[:nc]):
             loc = self.locs[id(u)]
             # The loop may update the initial value in place when nothing else needs it.
-            if (isinstance(loc.base, Block) and loc.offset == 0 and loc.base.nbytes == u.type.nbytes
+            if (isinstance(loc.base, Block) and loc.offset == 0 and loc.base.nbytes == nbytes(u.type)
                     and sum(o is u for o in ops) == 1 and self._base_end(loc.base) == p
                     and all(o is u or self.locs[id(o)].base is not loc.base for o in ops)):
                 carries.append(loc)
             else:
-                carries.append(self._new_block(u.type.nbytes, p, f"{name} = scan: carry {k} {u.type}"))
-        ys = [self._new_block(t.nbytes, p, f"{name} = scan: stacked output {j} {t}") if nc + j in used else None
+                carries.append(self._new_block(nbytes(u.type), p, f"{name} = scan: carry {k} {u.type}"))
+        ys = [self._new_block(nbytes(t), p, f"{name} = scan: stacked output {j} {t}") if nc + j in used else None
               for j, t in enumerate(node.type[nc:])]
         kinds = ["carry"] * nc + ["xs"] * nx + ["const"] * (len(ops) - nc - nx)
         starts = {"carry": 0, "xs": nc, "const": nc + nx}
@@ -293,7 +300,7 @@ class _Planner:
         for k in sorted(copied):
             base = self.locs[id(outs[k])].base
             if isinstance(base, str) and base.startswith("carry:") and int(base[6:]) in copied:
-                stages[k] = self._new_block(outs[k].type.nbytes, self.end, f"staging copy of carry {k}").base
+                stages[k] = self._new_block(nbytes(outs[k].type), self.end, f"staging copy of carry {k}").base
         return stages
 
 
@@ -386,7 +393,7 @@ def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
         loc = loc_of(n)
         if isinstance(loc.base, Block):
             fail(f"input {names[id(n)]} is placed in the arena; inputs live outside it")
-        lo, hi = bounds(names[id(n)], loc, n.type.nbytes)
+        lo, hi = bounds(names[id(n)], loc, nbytes(n.type))
         groups.new(id(n), space_of(loc), lo, hi, -1, last[id(n)])
     region_group = {mp.locs[id(n)].base: groups.of[id(n)] for n in graph.inputs}
     for region, size in region_sizes.items():
@@ -425,14 +432,14 @@ def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
                 target = groups.of[id(u)]
         if target is not None:
             space, lo, hi = groups.loc[target]
-            if (space, lo, hi) != (space_of(loc), *bounds(key, loc, node.type.nbytes)):
+            if (space, lo, hi) != (space_of(loc), *bounds(key, loc, nbytes(node.type))):
                 fail(f"{key} = {node.op} overlaps part of another value's bytes")
             if not may_overwrite(target, p, node, loc):
                 fail(f"{key} = {node.op} overwrites bytes still live (until position "
                      f"{groups.extent[target][1]}; written at {p})")
             groups.join(id(node), target, *span)
         else:
-            fresh(id(node), loc, node.type.nbytes, *span)
+            fresh(id(node), loc, nbytes(node.type), *span)
 
     for k, block in mp.stages.items():
         groups.new(("stage", k), "arena", *bounds(f"staging of carry {k}", Loc(block), block.nbytes),
@@ -474,23 +481,23 @@ def _check_scan(mp, node, p, groups, results, fresh, loc_of, bounds, names, wher
             groups.join((key, k), gid, p, p)
             results[(id(node), k)] = gid
         else:
-            results[(id(node), k)] = fresh((key, k), loc, u.type.nbytes, p, p)
+            results[(id(node), k)] = fresh((key, k), loc, nbytes(u.type), p, p)
     for j, loc in enumerate(sp.ys):
         if loc is not None:
             t = node.type[nc + j]
-            results[(id(node), nc + j)] = fresh((key, nc + j), loc, t.nbytes, p, p)
+            results[(id(node), nc + j)] = fresh((key, nc + j), loc, nbytes(t), p, p)
     body: Graph = node.attrs["body"]
     nx = node.attrs["num_xs"]
     sizes = {}
     for i, t in enumerate(node.type[:nc]):
-        sizes[f"carry:{i}"] = t.nbytes
+        sizes[f"carry:{i}"] = nbytes(t)
     for i, x in enumerate(ops[nc:nc + nx]):
-        sizes[f"xs:{i}"] = x.type.nbytes // max(node.attrs["length"], 1)
+        sizes[f"xs:{i}"] = nbytes(x.type) // max(node.attrs["length"], 1)
     for i, c in enumerate(ops[nc + nx:]):
-        sizes[f"const:{i}"] = c.type.nbytes
+        sizes[f"const:{i}"] = nbytes(c.type)
     for j, loc in enumerate(sp.ys):
         if loc is not None:
-            sizes[f"ys:{j}"] = body.outputs[nc + j].type.nbytes
+            sizes[f"ys:{j}"] = nbytes(body.outputs[nc + j].type)
     if sp.body.graph is not body:
         raise PlanError(f"{where}: scan {key}: the body plan is for another graph")
     _check_graph(sp.body, sizes, f"{where}: scan {key} body")

@@ -25,7 +25,7 @@ def candidate_orders(graph: Graph) -> list[list[Node]]:
 
 
 def greedy_order(graph: Graph) -> list[Node]:
-    from .memory import view_offset
+    from .memory import nbytes, view_offset
     order = graph.topo_order()
     rank = {id(n): i for i, n in enumerate(order)}
     inputs = {id(n) for n in graph.inputs}
@@ -37,10 +37,10 @@ def greedy_order(graph: Graph) -> list[Node]:
             root[id(n)] = root[id(n.inputs[0])]
         else:
             root[id(n)] = id(n)
-            size[id(n)] = 0 if n.op in ("input", "item") or isinstance(n.type, tuple) else n.type.nbytes
+            size[id(n)] = 0 if n.op in ("input", "item") or isinstance(n.type, tuple) else nbytes(n.type)
     for n in order:
         if n.op == "item":             # its bytes are written by the scan
-            size[id(n.inputs[0])] += n.type.nbytes
+            size[id(n.inputs[0])] += nbytes(n.type)
     pinned = {root[i] for i in inputs | outputs}
     readers = defaultdict(set)         # storage -> ops that read it
     for n in order:
@@ -58,17 +58,25 @@ def greedy_order(graph: Graph) -> list[Node]:
     for n in graph.inputs:
         _done(n, users, waiting, ready)
 
+    roots_read = {id(n): {root[id(i)] for i in n.inputs} for n in order}
+    own = {id(n): size.get(id(n), 0) if root[id(n)] == id(n) else 0 for n in order}
+    costs: dict[int, tuple] = {}        # ready op -> (bytes added, rank); dropped when it changes
+
     def cost(n):
-        freed = sum(size.get(r, 0) for r in {root[id(i)] for i in n.inputs}
-                    if remaining[r] == 1 and r not in pinned)
-        return (size.get(id(n), 0) if root[id(n)] == id(n) else 0) - freed, rank[id(n)]
+        if id(n) not in costs:
+            freed = sum(size.get(r, 0) for r in roots_read[id(n)] if remaining[r] == 1 and r not in pinned)
+            costs[id(n)] = (own[id(n)] - freed, rank[id(n)])
+        return costs[id(n)]
 
     while ready:
         n = min(ready.values(), key=cost)
         del ready[id(n)]
         result.append(n)
-        for r in {root[id(i)] for i in n.inputs}:
+        for r in roots_read[id(n)]:
             remaining[r] -= 1
+            if remaining[r] == 1:
+                for u in readers[r]:
+                    costs.pop(u, None)
         _done(n, users, waiting, ready)
     return result
 
