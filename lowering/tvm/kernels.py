@@ -121,9 +121,18 @@ def cumsum(outer: int, length: int, inner: int, dtype: str, gpu: bool):
 
 def put_row(stacked_shape, dtype: str, gpu: bool):
     """ys[t] = y in place, t read from a 0-d int32 tensor."""
-    length = stacked_shape[0]
-    row = math.prod(stacked_shape[1:])
+    row_shape = tuple(stacked_shape[1:])
+    row = math.prod(row_shape)
     attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
+
+    def unravel(e):
+        """Flat index within a row -> index tuple (no buffer views: the vulkan runner binds by name)."""
+        idx = []
+        for d in reversed(row_shape):
+            idx.append(e % d)
+            e = e // d
+        return tuple(reversed(idx))
+
     if gpu:
         blocks, threads = _grid(row)
 
@@ -131,26 +140,22 @@ def put_row(stacked_shape, dtype: str, gpu: bool):
         def kernel(ys: T.handle, y: T.handle, t: T.handle):
             T.func_attr(attrs)
             Ys = T.match_buffer(ys, stacked_shape, dtype)
-            Yr = T.match_buffer(y, stacked_shape[1:], dtype)
+            Yr = T.match_buffer(y, row_shape, dtype)
             step = T.match_buffer(t, (), "int32")
-            ys_flat = T.decl_buffer((length * row,), dtype, data=Ys.data)
-            y_flat = T.decl_buffer((row,), dtype, data=Yr.data)
             with T.sblock("root"):
                 for bx in T.thread_binding(blocks, thread="blockIdx.x"):
                     for tx in T.thread_binding(threads, thread="threadIdx.x"):
                         if bx * threads + tx < row:
-                            ys_flat[step[()] * row + bx * threads + tx] = y_flat[bx * threads + tx]
+                            Ys[(step[()],) + unravel(bx * threads + tx)] = Yr[unravel(bx * threads + tx)]
         return kernel
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(ys: T.handle, y: T.handle, t: T.handle):
         T.func_attr(attrs)
         Ys = T.match_buffer(ys, stacked_shape, dtype)
-        Yr = T.match_buffer(y, stacked_shape[1:], dtype)
+        Yr = T.match_buffer(y, row_shape, dtype)
         step = T.match_buffer(t, (), "int32")
-        ys_flat = T.decl_buffer((length * row,), dtype, data=Ys.data)
-        y_flat = T.decl_buffer((row,), dtype, data=Yr.data)
         with T.sblock("root"):
             for e in range(row):
-                ys_flat[step[()] * row + e] = y_flat[e]
+                Ys[(step[()],) + unravel(e)] = Yr[unravel(e)]
     return kernel

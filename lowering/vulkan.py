@@ -1,0 +1,372 @@
+"""Run dnir graphs on a Vulkan device: the WGSL TVM emits for `webgpu`, run by wgpu.
+
+TVM 0.27 has no Vulkan runtime in its wheel, so the host side is here:
+  1. translate to Relax and run TVM's GPU legalisation (LegalizeOps, FuseOps,
+     FuseTIR, dlight): `main` becomes calls of scheduled PrimFuncs;
+  2. lower the PrimFuncs with TVM's TIR pipeline; each host function's
+     `call_ffi_kernel` statements give the kernels it launches, in order,
+     with their buffer arguments (by name) and grid extents; the device
+     functions become WGSL through TVM's webgpu codegen;
+  3. interpret `main` (call_tir, in-place calls, reshapes, calls of scan step
+     functions, tuples) and record one compute dispatch per kernel launch.
+
+Binding rules of TVM's WGSL: storage buffers are numbered in alphabetical
+order of buffer name, then one uniform struct whose last field `packGridDimX`
+is the number of workgroups in x minus one (a kernel returns early past it,
+which is how a grid wider than the 65535-workgroup limit is folded into z).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import tvm.ir.expr as irx
+
+from dnir.errors import BackendError
+from dnir.graph import Graph
+
+# WGSL has no 64-bit types, and TVM stores no bool tensors for it.
+DTYPES = frozenset({"f32", "i32"})
+MAX_WORKGROUPS = 65535
+_SUBMIT_EVERY = 512   # dispatches per command buffer
+
+
+@dataclass
+class Launch:
+    kernel: str
+    args: list            # host buffer name per storage binding, in binding order
+    read_only: list       # per storage binding
+    grid: tuple           # workgroups (x, y, z) before folding x into z
+    pod: list             # values of the uniform's fields before packGridDimX
+
+
+def _device():
+    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+    try:
+        import wgpu
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise BackendError("the vulkan target needs the wgpu package (pip install wgpu)") from e
+    global _DEVICE
+    if _DEVICE is None:
+        adapters = [a for a in wgpu.gpu.enumerate_adapters_sync() if a.info.get("backend_type") == "Vulkan"]
+        if not adapters:
+            raise BackendError("no Vulkan adapter found: install a Vulkan driver (on a machine without a GPU, "
+                               "Mesa's lavapipe: apt-get install mesa-vulkan-drivers)")
+        # Prefer a real GPU over lavapipe when both exist.
+        adapters.sort(key=lambda a: a.info.get("adapter_type") == "CPU")
+        adapter = adapters[0]
+        limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
+                                                 "max-storage-buffers-per-shader-stage")}
+        _DEVICE = (wgpu, adapter, adapter.request_device_sync(required_limits=limits))
+    return _DEVICE
+
+
+_DEVICE = None
+
+
+def adapter_info() -> dict:
+    """The Vulkan adapter the runner uses (raises BackendError when there is none)."""
+    return dict(_device()[1].info)
+
+
+# ---------------------------------------------------------------------------
+# Compilation
+
+
+class VulkanExecutable:
+    def __init__(self, graph: Graph):
+        import tvm
+        from tvm import relax, tirx
+        from tvm.relax.backend.gpu_generic import pipeline as gpu
+
+        from .tvm.compile import make_target
+        from .tvm.translate import translate
+
+        target = make_target("webgpu")
+        mod = translate(graph, gpu=True, dtypes=DTYPES, target_name="vulkan")
+        with target:
+            mod = tvm.transform.Sequential(gpu.legalize_passes(target))(mod)
+        self.functions = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
+        prims = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+        self.launches, self.wgsl = _lower_kernels(prims, target)
+        # Kernel arguments are named by the PrimFunc's buffers.
+        self.params = {name: [p.name for p in f.params] for name, f in prims.items()}
+        self._pipelines = {}
+        self._uniforms = {}
+        self._consts = {}
+
+
+def _lower_kernels(prims: dict, target):
+    """PrimFunc name -> [Launch], and kernel name -> WGSL source."""
+    import tvm
+    from tvm import tirx
+    from tvm.tirx.build import split_host_device_mods
+    from tvm.tirx.compilation_pipeline import finalize_device_passes
+
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in prims.items()})
+    mod = tirx.transform.BindTarget(target)(mod)
+    pipeline, _, _ = tvm.tirx.get_default_tir_pipeline(target)
+    lowered = pipeline(mod)
+    _, device_mods = split_host_device_mods(lowered)
+    sources = {}
+    for dev_target, dev_mod in device_mods.items():
+        built = tvm.get_global_func("target.build.webgpu")(finalize_device_passes()(dev_mod), dev_target)
+        sources.update(_split_wgsl(built.inspect_source("")))
+    launches = {}
+    for gv, func in lowered.functions.items():
+        if gv.name_hint in prims:
+            launches[gv.name_hint] = [_launch(call, sources, gv.name_hint) for call in _kernel_calls(func.body, gv)]
+    return launches, sources
+
+
+def _kernel_calls(stmt, gv, in_loop=False) -> list:
+    """call_ffi_kernel calls of a host function in program order."""
+    if stmt is None:
+        return []
+    if type(stmt).__name__ == "Call":
+        if stmt.op.name == "tirx.call_ffi_kernel":
+            if in_loop:
+                raise BackendError(f"vulkan: {gv.name_hint} launches kernels from a host loop; not supported")
+            return [stmt]
+        return []
+    in_loop = in_loop or type(stmt).__name__ == "For"
+    found = []
+    for attr in ("seq", "body", "then_case", "else_case", "value"):
+        child = getattr(stmt, attr, None)
+        if child is None:
+            continue
+        for c in (child if attr == "seq" else [child]):
+            found += _kernel_calls(c, gv, in_loop)
+    return found
+
+
+_HEADER = re.compile(r"^// Function: (\w+)\n//-+\n", re.M)
+
+
+def _split_wgsl(source: str) -> dict:
+    """The webgpu module's text holds every kernel after a '// Function: name' header."""
+    parts = _HEADER.split(source)
+    out = {}
+    for name, text in zip(parts[1::2], parts[2::2]):
+        if f"fn {name}(" in text:
+            out[name] = text
+    return out
+
+
+_BINDING = re.compile(r"@binding\((\d+)\) var<storage, (read|read_write)> (\w+)_ptr")
+_POD = re.compile(r"struct PODArgs \{([^}]*)\}")
+
+
+def _launch(call, sources, func_name) -> Launch:
+    kernel = call.args[0].value
+    wgsl = sources.get(kernel)
+    if wgsl is None:
+        raise BackendError(f"vulkan: no WGSL for kernel {kernel} of {func_name}")
+    bindings = sorted((int(i), name, mode == "read") for i, mode, name in _BINDING.findall(wgsl))
+    pod_fields = [f.split(":")[0].strip() for f in _POD.search(wgsl).group(1).split(",") if f.strip()]
+    params = call.attrs.launch_params
+    n_values = len(call.args) - 1 - len(params)
+    values, extents = call.args[1:1 + n_values], [int(e) for e in call.args[1 + n_values:]]
+    buffers = [str(v).removesuffix(".data") for v in values if str(v).endswith(".data")]
+    pods = [int(v) for v in values if not str(v).endswith(".data")]
+    if [b[1] for b in bindings] != sorted(buffers) or len(pods) != len(pod_fields) - 1:
+        raise BackendError(f"vulkan: kernel {kernel} arguments {buffers} do not match its bindings "
+                           f"{[b[1] for b in bindings]}")
+    grid = [1, 1, 1]
+    for name, ext in zip(params, extents):
+        if name.startswith("blockIdx."):
+            grid["xyz".index(name[-1])] = ext
+    return Launch(kernel, [b[1] for b in bindings], [b[2] for b in bindings], tuple(grid), pods)
+
+
+# ---------------------------------------------------------------------------
+# Execution
+
+
+class _Tensor:
+    __slots__ = ("buffer", "shape", "dtype")
+
+    def __init__(self, buffer, shape, dtype):
+        self.buffer, self.shape, self.dtype = buffer, tuple(int(d) for d in shape), str(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return max(math.prod(self.shape) * np.dtype(self.dtype).itemsize, 4)
+
+
+class _Run:
+    """One execution of an executable: records dispatches, submits in batches."""
+
+    def __init__(self, ex: VulkanExecutable):
+        self.wgpu, _, self.device = _device()
+        self.ex = ex
+        self.encoder = None
+        self.pending = 0
+
+    # buffers
+    def alloc(self, shape, dtype) -> _Tensor:
+        usage = self.wgpu.BufferUsage.STORAGE | self.wgpu.BufferUsage.COPY_SRC | self.wgpu.BufferUsage.COPY_DST
+        t = _Tensor(None, shape, dtype)
+        t.buffer = self.device.create_buffer(size=_round4(t.nbytes), usage=usage)
+        return t
+
+    def upload(self, array: np.ndarray) -> _Tensor:
+        array = np.ascontiguousarray(array)
+        t = self.alloc(array.shape, array.dtype.name)
+        if array.nbytes:
+            self.device.queue.write_buffer(t.buffer, 0, array.tobytes())
+        return t
+
+    def download(self, t: _Tensor) -> np.ndarray:
+        self.flush()
+        data = self.device.queue.read_buffer(t.buffer, 0, _round4(t.nbytes))
+        count = math.prod(t.shape)
+        return np.frombuffer(data, dtype=t.dtype, count=count).reshape(t.shape).copy()
+
+    # dispatch
+    def pipeline(self, kernel: str):
+        cache = self.ex._pipelines
+        if kernel not in cache:
+            wgsl = self.ex.wgsl[kernel]
+            module = self.device.create_shader_module(code=wgsl)
+            entries = [{"binding": int(i), "visibility": self.wgpu.ShaderStage.COMPUTE,
+                        "buffer": {"type": "read-only-storage" if mode == "read" else "storage"}}
+                       for i, mode, _ in _BINDING.findall(wgsl)]
+            uniform = int(re.search(r"@binding\((\d+)\) var<uniform>", wgsl).group(1))
+            entries.append({"binding": uniform, "visibility": self.wgpu.ShaderStage.COMPUTE,
+                            "buffer": {"type": "uniform"}})
+            layout = self.device.create_bind_group_layout(entries=entries)
+            pipe = self.device.create_compute_pipeline(
+                layout=self.device.create_pipeline_layout(bind_group_layouts=[layout]),
+                compute={"module": module, "entry_point": kernel})
+            cache[kernel] = (pipe, layout, uniform)
+        return cache[kernel]
+
+    def uniform(self, launch: Launch, grid_x: int):
+        key = (launch.kernel, tuple(launch.pod), grid_x)
+        cache = self.ex._uniforms
+        if key not in cache:
+            values = np.array(launch.pod + [launch.grid[0] - 1], dtype=np.int32)
+            data = np.zeros(max(16, -(-values.nbytes // 16) * 16), dtype=np.uint8)
+            data[:values.nbytes] = values.view(np.uint8)
+            buf = self.device.create_buffer(size=data.nbytes, usage=self.wgpu.BufferUsage.UNIFORM
+                                            | self.wgpu.BufferUsage.COPY_DST)
+            self.device.queue.write_buffer(buf, 0, data.tobytes())
+            cache[key] = buf
+        return cache[key]
+
+    def dispatch(self, launch: Launch, tensors: dict):
+        pipe, layout, uniform_binding = self.pipeline(launch.kernel)
+        x, y, z = launch.grid
+        if z == 1 and x > MAX_WORKGROUPS:
+            x, z = MAX_WORKGROUPS, -(-x // MAX_WORKGROUPS)
+        entries = [{"binding": i, "resource": {"buffer": tensors[name].buffer, "offset": 0,
+                                                "size": _round4(tensors[name].nbytes)}}
+                   for i, name in enumerate(launch.args)]
+        entries.append({"binding": uniform_binding,
+                        "resource": {"buffer": self.uniform(launch, x), "offset": 0, "size": 16 * (
+                            1 + len(launch.pod) // 4)}})
+        group = self.device.create_bind_group(layout=layout, entries=entries)
+        if self.encoder is None:
+            self.encoder = self.device.create_command_encoder()
+        cpass = self.encoder.begin_compute_pass()
+        cpass.set_pipeline(pipe)
+        cpass.set_bind_group(0, group)
+        cpass.dispatch_workgroups(x, y, z)
+        cpass.end()
+        self.pending += 1
+        if self.pending >= _SUBMIT_EVERY:
+            self.flush()
+
+    def flush(self):
+        if self.encoder is not None:
+            self.device.queue.submit([self.encoder.finish()])
+            self.encoder, self.pending = None, 0
+
+    # interpretation of the legalised Relax functions
+    def call_function(self, name: str, args: list):
+        func = self.ex.functions[name]
+        env = {p: a for p, a in zip(func.params, args)}
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                env[binding.var] = self.eval(binding.value, env)
+        return self.eval(func.body.body, env)
+
+    def eval(self, expr, env):
+        from tvm import relax
+        if isinstance(expr, relax.Var):
+            return env[expr]
+        if isinstance(expr, (irx.Constant, irx.GenericConst)):
+            key = id(expr)
+            if key not in self.ex._consts:
+                self.ex._consts[key] = (expr, self.upload(expr.value.numpy()))
+            return self.ex._consts[key][1]
+        if isinstance(expr, relax.Tuple):
+            return [self.eval(f, env) for f in expr.fields]
+        if isinstance(expr, relax.TupleGetItem):
+            return self.eval(expr.tuple_value, env)[expr.index]
+        return self.call(expr, env)
+
+    def call(self, expr, env):
+        from tvm import relax
+        if not isinstance(expr, irx.Call):
+            raise BackendError(f"vulkan: cannot run Relax expression {type(expr).__name__}")
+        op = expr.op
+        if isinstance(op, relax.GlobalVar):
+            return self.call_function(op.name_hint, [self.eval(a, env) for a in expr.args])
+        name = op.name
+        if name in ("relax.call_tir", "relax.call_tir_inplace"):
+            gv, args = expr.args[0], [self.eval(a, env) for a in expr.args[1].fields]
+            out_types = expr.ty_args[0] if len(expr.ty_args) else None
+            outs_t = list(out_types.fields) if isinstance(out_types, relax.TupleType) else [out_types]
+            if name == "relax.call_tir_inplace":
+                outs = [args[i] for i in expr.attrs.inplace_indices]
+            else:
+                outs = [self.alloc([int(d) for d in t.shape], t.dtype) for t in outs_t]
+            self.run_prim(gv.name_hint, args + [o for i, o in enumerate(outs)
+                                                if name != "relax.call_tir_inplace"])
+            return outs[0] if len(outs) == 1 else outs
+        if name == "relax.builtin.alloc_tensor":
+            t = expr.ty
+            return self.alloc([int(d) for d in t.shape], t.dtype)
+        if name == "relax.call_pure_packed" and expr.args[0].global_symbol == "vm.builtin.reshape":
+            src = self.eval(expr.args[1], env)
+            return _Tensor(src.buffer, [int(d) for d in expr.args[2].values], src.dtype)
+        if name == "relax.reshape":
+            src = self.eval(expr.args[0], env)
+            return _Tensor(src.buffer, [int(d) for d in expr.ty.shape], src.dtype)
+        raise BackendError(f"vulkan: cannot run Relax call {name}")
+
+    def run_prim(self, name: str, args: list):
+        tensors = dict(zip(self.ex.params[name], args))
+        for launch in self.ex.launches[name]:
+            self.dispatch(launch, tensors)
+
+
+def _round4(n: int) -> int:
+    return max(4, -(-n // 4) * 4)
+
+
+_EXECUTABLES: dict[str, VulkanExecutable] = {}
+
+
+def build(graph: Graph) -> VulkanExecutable:
+    from .tvm.compile import graph_hash
+    key = graph_hash(graph)
+    if key not in _EXECUTABLES:
+        _EXECUTABLES[key] = VulkanExecutable(graph)
+    return _EXECUTABLES[key]
+
+
+def run_vulkan(graph: Graph, inputs) -> list[np.ndarray]:
+    """Run on the first Vulkan adapter (a GPU if there is one, else lavapipe)."""
+    from .numpy_backend import prepare_inputs
+    arrays = prepare_inputs(graph, inputs)
+    _device()
+    ex = build(graph)
+    run = _Run(ex)
+    outs = run.call_function("main", [run.upload(a) for a in arrays])
+    return [run.download(o) for o in outs]
