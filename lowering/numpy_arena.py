@@ -15,7 +15,7 @@ from dnir.errors import BackendError
 from dnir.graph import Graph
 from dnir.types import numpy_dtype
 
-from .numpy_backend import _BINARY, missing_ops, prepare_inputs
+from .numpy_backend import _BINARY, _UNARY, missing_ops, prepare_inputs
 
 OUT_KERNELS = {}
 
@@ -52,23 +52,11 @@ def _ufunc1(node, out, x):
     {"neg": np.negative, "exp": np.exp, "log": np.log, "sqrt": np.sqrt}[node.op](x, out=out)
 
 
-@out_kernel("sigmoid")
-def _sigmoid(node, out, x):        # 0.5 * (tanh(0.5 x) + 1), as the reference writes it
-    np.multiply(x, 0.5, out=out)
-    np.tanh(out, out=out)
-    np.add(out, 1.0, out=out)
-    np.multiply(out, 0.5, out=out)
-
-
-@out_kernel("softplus")
-def _softplus(node, out, x):
-    np.logaddexp(np.zeros((), x.dtype), x, out=out)
-
-
-@out_kernel("rsqrt")
-def _rsqrt(node, out, x):
-    np.sqrt(x, out=out)
-    np.divide(1.0, out, out=out)
+@out_kernel("sigmoid", "softplus", "rsqrt")
+def _composite(node, out, x):
+    # The reference's expressions (they round once at the end, which matters for bfloat16,
+    # whose arithmetic NumPy does in float32); their temporaries are the kernel's own.
+    np.copyto(out, _UNARY[node.op](x), casting="unsafe")
 
 
 @out_kernel(*_BINARY)

@@ -73,7 +73,7 @@ def grow(draw, b, values, steps):
 
 @st.composite
 def random_graphs(draw, scans=True):
-    b = dnir.Builder()
+    b = dnir.Builder(draw(st.sampled_from(["f32", "f32", "f16", "bf16"])))
     n, m = draw(st.sampled_from([(2, 3), (3, 3), (4, 2)]))
     x, y = b.input("x", (3, n, m)), b.input("y", (n, m))
     values = [x, y]
@@ -87,7 +87,7 @@ def random_graphs(draw, scans=True):
 
 def scan_of(draw, b, xs, init):
     """A scan over the leading axis of xs with a random body; returns its result items."""
-    bb = dnir.Builder()
+    bb = dnir.Builder(init.dtype)
     c = bb.input("c", init.shape)
     x = bb.input("x", xs.shape[1:])
     w = bb.input("w", init.shape)
