@@ -28,8 +28,8 @@ import tvm.ir.expr as irx
 from dnir.errors import BackendError
 from dnir.graph import Graph
 
-# WGSL has no 64-bit types, and TVM stores no bool tensors for it.
-DTYPES = frozenset({"f32", "i32"})
+# WGSL has no 64-bit types; bool tensors are stored as int32 (WGSL storage has no bool or i8).
+DTYPES = frozenset({"f32", "i32", "bool"})
 MAX_WORKGROUPS = 65535
 _SUBMIT_EVERY = 512   # dispatches per command buffer
 
@@ -86,7 +86,7 @@ class VulkanExecutable:
         from .tvm.translate import translate
 
         target = make_target("webgpu")
-        mod = translate(graph, gpu=True, dtypes=DTYPES, target_name="vulkan")
+        mod = translate(graph, gpu=True, dtypes=DTYPES, target_name="vulkan", bool_as_int=True)
         with target:
             mod = tvm.transform.Sequential(gpu.legalize_passes(target))(mod)
         self.functions = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
@@ -368,5 +368,6 @@ def run_vulkan(graph: Graph, inputs) -> list[np.ndarray]:
     _device()
     ex = build(graph)
     run = _Run(ex)
-    outs = run.call_function("main", [run.upload(a) for a in arrays])
-    return [run.download(o) for o in outs]
+    outs = run.call_function("main", [run.upload(a.astype(np.int32) if a.dtype == bool else a) for a in arrays])
+    return [run.download(o).astype(bool) if t.dtype == "bool" else run.download(o)
+            for o, t in zip(outs, graph.output_types)]

@@ -63,10 +63,16 @@ def schedule_func(func: tirx.PrimFunc, vector_bits: int):
         if len(loops) != len(kinds) or any(k not in (_DATA_PAR, _REDUCE) for k in kinds):
             continue  # already restructured or an opaque block: leave it
         lanes = max(vector_bits // _bits(stmt), 1)
-        if _REDUCE in kinds:
-            _schedule_reduction(sch, block, stmt, kinds, lanes)
-        else:
-            _schedule_spatial(sch, block, lanes)
+        rules = [_schedule_reduction, _schedule_row_reduction] if _REDUCE in kinds else [_schedule_spatial]
+        for rule in rules:
+            # A rule that does not fit the block's structure raises; the next, simpler one is tried.
+            trial = sch.copy()
+            try:
+                rule(trial, block, stmt, kinds, lanes)
+            except s_tir.schedule.ScheduleError:
+                continue
+            sch = trial
+            break
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -86,7 +92,7 @@ def _divisor(n: int | None, choices) -> int:
     return 1
 
 
-def _schedule_spatial(sch, block, lanes):
+def _schedule_spatial(sch, block, stmt, kinds, lanes):
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -117,6 +123,16 @@ def _contiguous_in_some_read(stmt, var) -> bool:
     return False
 
 
+def _schedule_row_reduction(sch, block, stmt, kinds, lanes):
+    """Parallel over outputs, the reduction serial inside."""
+    loops = sch.get_loops(block)
+    spatial = [l for l, k in zip(loops, kinds) if k == _DATA_PAR]
+    reduce = [l for l, k in zip(loops, kinds) if k == _REDUCE]
+    if spatial:
+        sch.reorder(*spatial, *reduce)
+        sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+
+
 def _schedule_reduction(sch, block, stmt, kinds, lanes):
     loops = sch.get_loops(block)
     spatial = [l for l, k in zip(loops, kinds) if k == _DATA_PAR]
@@ -126,9 +142,7 @@ def _schedule_reduction(sch, block, stmt, kinds, lanes):
         return  # a full reduction to a scalar: small in these graphs
     j_ext = _extent(sch, spatial[-1])
     if not _contiguous_in_some_read(stmt, s_vars[-1]) or (j_ext or 0) < lanes // 4:
-        # Row reduction: parallel over outputs, the reduction serial and contiguous.
-        sch.reorder(*spatial, *reduce)
-        sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+        _schedule_row_reduction(sch, block, stmt, kinds, lanes)
         return
     vec = _divisor(j_ext, (lanes, lanes // 2, lanes // 4))
     jo, ji = sch.split(spatial[-1], [None, vec])

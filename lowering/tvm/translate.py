@@ -25,11 +25,7 @@ from dnir.types import DTYPES
 from . import kernels
 
 # dnir dtype -> TVM dtype
-TVM_DTYPES = {k: v for k, v in DTYPES.items()}
-
-
-def tensor_type(t) -> relax.TensorType:
-    return relax.TensorType(t.shape, TVM_DTYPES[t.dtype])
+TVM_DTYPES = dict(DTYPES)
 
 
 def _const(value, dtype: str) -> relax.Constant:
@@ -37,18 +33,26 @@ def _const(value, dtype: str) -> relax.Constant:
 
 
 class Translator:
-    """Builds one IRModule; `gpu` selects the thread-bound variants of the TIR kernels."""
+    """Builds one IRModule; `gpu` selects the thread-bound variants of the TIR kernels;
+    `bool_as_int` stores bool tensors as int32 (WGSL has no byte-sized storage)."""
 
-    def __init__(self, gpu: bool):
+    def __init__(self, gpu: bool, bool_as_int: bool = False):
         self.gpu = gpu
+        self.bool_as_int = bool_as_int
         self.bb = relax.BlockBuilder()
         self.steps: dict[tuple[int, int], relax.GlobalVar] = {}
         self.prims: dict[tuple, relax.GlobalVar] = {}
 
+    def dtype(self, dtype: str) -> str:
+        return "int32" if dtype == "bool" and self.bool_as_int else TVM_DTYPES[dtype]
+
+    def tensor_type(self, t) -> relax.TensorType:
+        return relax.TensorType(t.shape, self.dtype(t.dtype))
+
     # -- module assembly ------------------------------------------------------
     def module(self, graph: Graph) -> tvm.IRModule:
         self._declare_scans(graph)
-        params = [relax.Var(n.attrs["name"], tensor_type(n.type)) for n in graph.inputs]
+        params = [relax.Var(n.attrs["name"], self.tensor_type(n.type)) for n in graph.inputs]
         with self.bb.function("main", params):
             outputs = self._emit_function_body(graph, params)
             self.bb.emit_func_output(relax.Tuple(outputs))
@@ -91,10 +95,10 @@ class Translator:
         operands = [i.type for i in node.inputs]
         stacked = node.type[nc:]
         step = relax.Var("t", relax.TensorType((), "int32"))
-        params = ([step] + [relax.Var(f"c{i}", tensor_type(t)) for i, t in enumerate(operands[:nc])]
-                  + [relax.Var(f"x{i}", tensor_type(t)) for i, t in enumerate(operands[nc:nc + nx])]
-                  + [relax.Var(f"k{i}", tensor_type(t)) for i, t in enumerate(operands[nc + nx:])]
-                  + [relax.Var(f"y{i}", tensor_type(t)) for i, t in enumerate(stacked)])
+        params = ([step] + [relax.Var(f"c{i}", self.tensor_type(t)) for i, t in enumerate(operands[:nc])]
+                  + [relax.Var(f"x{i}", self.tensor_type(t)) for i, t in enumerate(operands[nc:nc + nx])]
+                  + [relax.Var(f"k{i}", self.tensor_type(t)) for i, t in enumerate(operands[nc + nx:])]
+                  + [relax.Var(f"y{i}", self.tensor_type(t)) for i, t in enumerate(stacked)])
         carries, xs = params[1:1 + nc], params[1 + nc:1 + nc + nx]
         consts, ys = params[1 + nc + nx:1 + len(operands)], params[1 + len(operands):]
         name = f"scan{len(self.steps)}_step"
@@ -110,9 +114,9 @@ class Translator:
                 new_ys = []
                 for y_all, y_row, t in zip(ys, results[nc:], stacked):
                     gv = self.prim(("put_row", t.shape, t.dtype),
-                                   lambda t=t: kernels.put_row(t.shape, TVM_DTYPES[t.dtype], self.gpu))
+                                   lambda t=t: kernels.put_row(t.shape, self.dtype(t.dtype), self.gpu))
                     new_ys.append(self.emit(relax.op.call_tir_inplace(gv, [y_all, y_row, step], 0,
-                                                                      tensor_type(t))))
+                                                                      self.tensor_type(t))))
                 out = self.bb.emit_output(relax.Tuple(results[:nc] + new_ys))
             self.bb.emit_func_output(out)
         return self.bb.get().get_global_var(name)
@@ -122,7 +126,7 @@ class Translator:
         gv = self.steps[(id(node.attrs["body"]), length)]
         carries, rest = list(args[:nc]), list(args[nc:])
         # Stacked outputs start uninitialised: every row is written by its step.
-        ys = [self.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(t.shape), TVM_DTYPES[t.dtype], 0))
+        ys = [self.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(t.shape), self.dtype(t.dtype), 0))
               for t in node.type[nc:]]
         for t in range(length):
             r = self.emit(relax.Call(gv, [_const(t, "i32")] + carries + rest + ys))
@@ -151,18 +155,20 @@ def _emit(tr, expr):
 
 @lowers("const")
 def _lower_const(tr, node, args):
-    arr = np.asarray(node.attrs["value"], dtype=TVM_DTYPES[node.dtype] if node.dtype != "bf16" else "float32")
-    return relax.const(arr.reshape(node.shape), TVM_DTYPES[node.dtype])
+    dtype = tr.dtype(node.dtype)
+    arr = np.asarray(node.attrs["value"], dtype=dtype if node.dtype != "bf16" else "float32")
+    return relax.const(arr.reshape(node.shape), dtype)
 
 
 @lowers("full")
 def _lower_full(tr, node, args):
-    return _emit(tr, relax.op.full(node.shape, _const(node.attrs["value"], node.dtype), TVM_DTYPES[node.dtype]))
+    dtype = tr.dtype(node.dtype)
+    return _emit(tr, relax.op.full(node.shape, relax.const(node.attrs["value"], dtype), dtype))
 
 
 @lowers("eye")
 def _lower_eye(tr, node, args):
-    return _emit(tr, relax.op.eye(node.attrs["n"], dtype=TVM_DTYPES[node.dtype]))
+    return _emit(tr, relax.op.eye(node.attrs["n"], dtype=tr.dtype(node.dtype)))
 
 
 _UNARY = {"neg": relax.op.negative, "exp": relax.op.exp, "log": relax.op.log, "sigmoid": relax.op.sigmoid,
@@ -192,7 +198,10 @@ def _lower_softplus(tr, node, args):
 
 @lowers("cast")
 def _lower_cast(tr, node, args):
-    return _emit(tr, relax.op.astype(args[0], TVM_DTYPES[node.dtype]))
+    x = args[0]
+    if node.dtype == "bool" and tr.bool_as_int:
+        x = relax.op.not_equal(x, relax.const(0, tr.dtype(node.inputs[0].dtype)))
+    return _emit(tr, relax.op.astype(x, tr.dtype(node.dtype)))
 
 
 @lowers("clamp")
@@ -207,7 +216,10 @@ def _lower_clamp(tr, node, args):
 
 @lowers("where")
 def _lower_where(tr, node, args):
-    return _emit(tr, relax.op.where(*args))
+    cond, a, b = args
+    if tr.bool_as_int:
+        cond = relax.op.not_equal(cond, relax.const(0, "int32"))
+    return _emit(tr, relax.op.where(cond, a, b))
 
 
 @lowers("reshape")
@@ -364,8 +376,10 @@ def unsupported(graph: Graph, dtypes=None) -> list[str]:
     return sorted(found)
 
 
-def translate(graph: Graph, gpu: bool = False, dtypes=None, target_name: str = "tvm") -> tvm.IRModule:
+def translate(graph: Graph, gpu: bool = False, dtypes=None, target_name: str = "tvm",
+              bool_as_int: bool = False) -> tvm.IRModule:
+    """The IRModule of `graph`, or a BackendError naming every op (and dtype) the target lacks."""
     missing = unsupported(graph, dtypes)
     if missing:
         raise BackendError(f"target {target_name!r} cannot lower: {', '.join(missing)}")
-    return Translator(gpu).module(graph)
+    return Translator(gpu, bool_as_int).module(graph)
