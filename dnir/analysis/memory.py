@@ -424,7 +424,9 @@ def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
             continue
         # Written: into a dead or dying group's whole bytes, or fresh bytes.
         target = None
-        if not isinstance(loc.base, Block) and loc.offset == 0 and loc.base in region_group:
+        if not isinstance(loc.base, Block):
+            if not loc.base.startswith(("carry:", "ys:")) or loc.offset != 0:
+                fail(f"{key} = {node.op} writes into {loc.base}, which is read-only here")
             target = region_group[loc.base]
         for i in IN_PLACE.get(node.op, ()):
             u = node.inputs[i]
@@ -441,6 +443,12 @@ def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
         else:
             fresh(id(node), loc, nbytes(node.type), *span)
 
+    carries = [r for r in region_sizes if r.startswith("carry:")]
+    copied = {r for r in carries if mp.locs[id(graph.outputs[int(r[6:])])] != Loc(r)}
+    for r in sorted(copied):
+        k = int(r[6:])
+        if mp.locs[id(graph.outputs[k])].base in copied and k not in mp.stages:
+            fail(f"carry {k} is copied from another carry that is overwritten too, without a staging block")
     for k, block in mp.stages.items():
         groups.new(("stage", k), "arena", *bounds(f"staging of carry {k}", Loc(block), block.nbytes),
                    end_pos, end_pos)

@@ -165,8 +165,8 @@ def test_checker_rejects_writes_into_inputs_and_bad_order():
     mp = _two_live_blocks()
     p = mp.graph.outputs[0].inputs[0]
     saved = mp.locs[id(p)]
-    mp.locs[id(p)] = Loc("input:x")                           # x is read again afterwards
-    with pytest.raises(PlanError, match="overwrites bytes still live"):
+    mp.locs[id(p)] = Loc("input:x")                           # the caller's array
+    with pytest.raises(PlanError, match="read-only"):
         check_plan(mp)
     mp.locs[id(p)] = saved
     mp.order = mp.order[:1] + mp.order[::-1][:-1]
@@ -231,3 +231,16 @@ def test_preset_peaks_within_10_percent_of_the_lower_bound(preset_plans, name):
     for mp in preset_plans[name]:
         check_plan(mp)
         assert mp.lower_bound <= mp.peak_bytes <= 1.1 * mp.lower_bound
+
+
+def test_checker_rejects_a_missing_staging_block():
+    bb = dnir.Builder()
+    a, c = bb.input("a", (4, 4)), bb.input("c", (4, 4))
+    b = dnir.Builder()
+    a0, c0 = b.input("a0", (4, 4)), b.input("c0", (4, 4))
+    fa, fc = b.scan(bb.build([c, a]), [b.exp(a0), b.neg(c0)], length=3)
+    mp = planned(b.build([fa, fc]))
+    (sp,) = mp.scans.values()
+    sp.body.stages.clear()
+    with pytest.raises(PlanError, match="staging"):
+        check_plan(mp)
