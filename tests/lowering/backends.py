@@ -1,0 +1,33 @@
+"""Helpers shared by the lowering tests."""
+from __future__ import annotations
+
+from dnir.graph import Graph, Node
+from dnir.ops import make_node
+
+
+def vulkan_available() -> bool:
+    from dnir.errors import BackendError
+    from dnir.lowering.vulkan import adapter_info
+    try:
+        adapter_info()
+    except BackendError:
+        return False
+    return True
+
+
+def merge_graphs(graphs: dict[str, Graph]) -> Graph:
+    """Several graphs side by side in one (inputs and outputs prefixed `<key>__`), so that a
+    backend compiles them once."""
+    inputs, outputs, names = [], [], []
+    for key, graph in graphs.items():
+        new = {}
+        for node in graph.inputs:
+            attrs = dict(node.attrs, name=f"{key}__{node.attrs['name']}")
+            new[id(node)] = make_node("input", (), attrs)
+            inputs.append(new[id(node)])
+        for node in graph.topo_order():
+            if id(node) not in new:
+                new[id(node)] = Node(node.op, [new[id(i)] for i in node.inputs], node.attrs, node.type)
+        outputs += [new[id(n)] for n in graph.outputs]
+        names += [f"{key}__{n}" for n in graph.output_names]
+    return Graph(inputs, outputs, names)
