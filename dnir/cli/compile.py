@@ -1,0 +1,35 @@
+"""dnir compile FILE.dnir --target cuda|llvm -o model.so: export a compiled model."""
+from __future__ import annotations
+
+import argparse
+
+EXAMPLE = """examples:
+  dnir compile gdn.dnir --target cuda --arch sm_90 -o gdn_cuda.so
+  dnir compile gdn.dnir --target llvm -o gdn_cpu.so
+
+A cuda artefact holds the kernels' CUDA source, compiled when it is loaded on
+the GPU machine (dnir.lowering.runtime_loader runs it with the TVM runtime only).
+"""
+
+
+def register(sub):
+    p = sub.add_parser("compile", help="compile a .dnir graph with TVM and export the library",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", help="graph in the .dnir text format")
+    p.add_argument("--target", required=True, choices=["cuda", "llvm"])
+    p.add_argument("--arch", default="sm_90", help="CUDA architecture (default sm_90)")
+    p.add_argument("-o", "--output", required=True, help="path of the exported library (.so)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dnir.cli import UsageError, load_graph
+    from dnir.lowering.tvm.compile import build
+
+    if not args.output.endswith(".so"):
+        raise UsageError(f"output {args.output!r} must end with .so (a shared library)")
+    graph = load_graph(args.file)
+    build(graph, args.target, args.arch).export_library(args.output)
+    where = f"{args.target} ({args.arch})" if args.target == "cuda" else args.target
+    print(f"{args.output}: {where}, inputs {', '.join(graph.input_names)}; outputs {', '.join(graph.output_names)}")
+    return 0
