@@ -81,11 +81,15 @@ def load_cuda_support(arch: str = DEFAULT_ARCH):
     if cudart is None:
         raise BackendError("libcudart not found: install the CUDA runtime (e.g. the nvidia-cuda-runtime pip "
                            "package) or set CUDA_HOME")
-    ctypes.CDLL(cudart, mode=ctypes.RTLD_GLOBAL)
     runtime_cuda = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
     if not runtime_cuda.exists():
         raise BackendError(f"{runtime_cuda} is missing: this TVM install has no CUDA runtime")
-    ctypes.CDLL(str(runtime_cuda), mode=ctypes.RTLD_GLOBAL)
+    try:
+        ctypes.CDLL(cudart, mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(runtime_cuda), mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        raise BackendError(f"cannot load the CUDA runtime ({e}); is there an NVIDIA driver on this machine? "
+                           f"`dnir compile FILE --target cuda -o model.so` exports a model for a GPU server") from None
     _STATE["arch"] = arch
 
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
