@@ -1,0 +1,104 @@
+"""Target registration, errors a user can act on, the CUDA path up to PTX, and the CLI."""
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import dnir
+from dnir.errors import BackendError
+from dnir.lowering import run
+from dnir.ops import REGISTRY, OpDef
+
+from backends import vulkan_available
+from cases import build_all
+
+
+def test_unknown_target_lists_the_available_ones():
+    b = dnir.Builder()
+    g = b.build(b.exp(b.input("x", (2,))))
+    with pytest.raises(BackendError, match="unknown target 'tpu'.*numpy, llvm, cuda, vulkan"):
+        run(g, {"x": np.ones(2)}, target="tpu")
+
+
+def test_every_op_a_target_cannot_lower_is_named_in_one_error(monkeypatch):
+    # Two ops that no backend table knows, one inside a scan body.
+    for name in ("mystery", "enigma"):
+        monkeypatch.setitem(REGISTRY, name, OpDef(name, 1, lambda ins, attrs: ins[0]))
+    body = dnir.Builder()
+    s = body.input("s", (3,))
+    body_graph = body.build([dnir.make_node("enigma", (s,), {})])
+    b = dnir.Builder()
+    x = b.input("x", (3,))
+    (final,) = b.scan(body_graph, [dnir.make_node("mystery", (x,), {})], length=2)
+    graph = dnir.Graph(b.inputs, [final])
+    from dnir.lowering.tvm.translate import translate
+    with pytest.raises(BackendError, match="cannot lower: enigma, mystery"):
+        translate(graph, target_name="llvm")
+
+
+@pytest.mark.skipif(not vulkan_available(), reason="no Vulkan adapter on this machine")
+def test_vulkan_names_every_op_with_a_dtype_wgsl_lacks():
+    b = dnir.Builder()
+    x = b.input("x", (4,), "f64")
+    y = b.input("y", (4,), "i64")
+    g = b.build([b.exp(x), b.cumsum(y, axis=0)])
+    with pytest.raises(BackendError, match=r"'vulkan' cannot lower: cumsum \(i64\), exp \(f64\)"):
+        run(g, {"x": np.ones(4), "y": np.ones(4, np.int64)}, target="vulkan")
+
+
+def test_cuda_without_a_gpu_is_a_backend_error():
+    import tvm
+    if tvm.cuda(0).exist:
+        pytest.skip("this machine has a GPU")
+    b = dnir.Builder()
+    g = b.build(b.exp(b.input("x", (2,))))
+    with pytest.raises(BackendError):
+        run(g, {"x": np.ones(2, np.float32)}, target="cuda")
+
+
+def test_cuda_source_for_sm90_compiles_to_ptx(tmp_path):
+    """The whole conformance table compiled for sm_90; nvcc (where present) turns it into PTX."""
+    from dnir.lowering.tvm.compile import build, cuda_source
+    source = cuda_source(build(build_all(), "cuda", "sm_90"))
+    assert "__global__" in source and "solve_tri" in source
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed: the CUDA source was generated but not compiled")
+    (tmp_path / "k.cu").write_text(source)
+    proc = subprocess.run([nvcc, "--ptx", "-arch=sm_90", "-o", str(tmp_path / "k.ptx"), str(tmp_path / "k.cu")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ptx = (tmp_path / "k.ptx").read_text()
+    kernels = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", source))
+    assert ".target sm_90" in ptx and kernels and set(re.findall(r"\.entry (\w+)\(", ptx)) == kernels
+
+
+def test_compile_cli_exports_llvm_and_cuda_libraries(tmp_path):
+    from dnir.cli import main
+    b = dnir.Builder()
+    x = b.input("x", (8, 16))
+    g = b.build([b.cumsum(b.matmul(x, x, transpose_b=True), axis=1)], names=["y"])
+    path = tmp_path / "g.dnir"
+    path.write_text(dnir.print(g))
+    for target in ("llvm", "cuda"):
+        out = tmp_path / f"g_{target}.so"
+        assert main(["compile", str(path), "--target", target, "-o", str(out)]) == 0
+        assert out.stat().st_size > 0
+    # The exported CPU library runs with the VM alone and matches NumPy.
+    import tvm
+    lib = tvm.runtime.load_module(str(tmp_path / "g_llvm.so"))
+    vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
+    xs = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    (out,) = vm["main"](tvm.runtime.tensor(xs))
+    np.testing.assert_allclose(out.numpy(), np.cumsum(xs @ xs.T, axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_cli_rejects_a_bad_output_name(tmp_path, capsys):
+    from dnir.cli import main
+    path = tmp_path / "g.dnir"
+    b = dnir.Builder()
+    path.write_text(dnir.print(b.build(b.exp(b.input("x", (2,))))))
+    assert main(["compile", str(path), "--target", "llvm", "-o", str(tmp_path / "g.bin")]) == 2
+    assert "must end with .so" in capsys.readouterr().err
