@@ -1,0 +1,104 @@
+"""Build what the CUDA conformance run needs on a GPU machine into `.gpu/` (git-ignored).
+
+    .venv/bin/python scripts/gpu_bundle.py            # then carry `.gpu` to the GPU machine
+
+The GPU machine has Python 3.12, numpy and nvcc but no TVM and no network, so
+the run uses TVM's runtime only:
+  - the apache-tvm-ffi wheel for cp312 (the version installed here);
+  - tvmrt.tgz: the `tvm` package without libtvm_compiler.so;
+  - <name>.so: dnir graphs compiled here for CUDA sm_90 (`export_library`),
+    with <name>.npz: their inputs, the NumPy backend's outputs and the names.
+
+Graphs: the whole op conformance table, and the GDA/KDA chunked and
+recurrent layers merged into one graph per optimisation level (O0, O2).
+On the GPU machine (from the repository root):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl
+    tar -C /tmp/site -xzf .gpu/tvmrt.tgz
+    export PYTHONPATH=/tmp/site:$PWD TVM_USE_RUNTIME_LIB=1 PATH=$PATH:/usr/local/cuda/bin
+    python3 scripts/gpu_conformance.py --bundle .gpu --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "lowering"))
+
+
+def graphs(seed: int):
+    """name -> (graph, inputs by name)."""
+    import cases
+    import dnir.passes
+    from backends import merge_graphs
+    from dnir.models import DeltaNetConfig, build
+    from test_models import LAYERS, SIZES
+
+    rng = np.random.default_rng(seed)
+    table = cases.build_all()
+    out = {"conformance": (table, cases.random_inputs(table, rng))}
+    layers = {key: build(o["variant"], mode=o["mode"], **SIZES) for key, o in LAYERS.items()}
+    for level in ("O0", "O2"):
+        from dnir.models import random_inputs
+        merged = merge_graphs({key: dnir.passes.optimize(g, level) for key, g in layers.items()})
+        inputs = {f"{key}__{n}": v for key, g in layers.items()
+                  for n, v in random_inputs(DeltaNetConfig.from_meta(g.meta), rng).items()}
+        out[f"models_{level}"] = (merged, inputs)
+    return out
+
+
+def tvm_runtime_tarball(dest: Path):
+    import tvm
+    pkg = Path(tvm.__file__).parent
+
+    def keep(info):
+        name = info.name
+        return None if name.endswith("lib/libtvm_compiler.so") or "__pycache__" in name else info
+    with tarfile.open(dest, "w:gz") as tar:
+        tar.add(pkg, arcname="tvm", filter=keep)
+
+
+def ffi_wheel(dest_dir: Path):
+    import tvm_ffi
+    for old in dest_dir.glob("apache_tvm_ffi-*.whl"):
+        old.unlink()
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp",
+                    "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+                    "-d", str(dest_dir), f"apache-tvm-ffi=={tvm_ffi.__version__}"], check=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / ".gpu"))
+    parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from dnir.lowering import run
+    from dnir.lowering.tvm.compile import build
+
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    ffi_wheel(out)
+    tvm_runtime_tarball(out / "tvmrt.tgz")
+    for name, (graph, inputs) in graphs(args.seed).items():
+        build(graph, "cuda", args.arch).export_library(str(out / f"{name}.so"))
+        refs = run(graph, inputs)
+        np.savez(out / f"{name}.npz", input_names=np.array(graph.input_names),
+                 output_names=np.array(graph.output_names), arch=np.array(args.arch),
+                 **{f"in:{k}": v for k, v in inputs.items()},
+                 **{f"ref:{k}": v for k, v in zip(graph.output_names, refs)})
+        print(f"{out / name}.so: {len(graph.outputs)} outputs")
+    total = sum(p.stat().st_size for p in out.iterdir())
+    print(f"{out}: {total / 2**20:.1f} MiB (a device call carries at most 64 MiB)")
+    return 0 if total < 64 * 2**20 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
