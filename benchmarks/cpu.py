@@ -1,0 +1,245 @@
+"""The CPU benchmark: dnir and its peers side by side, in one process and one run.
+
+For every case (a layer preset at a batch and sequence length) every
+implementation gets the same float32 inputs, is timed (timing.measure), and
+its output and final state are compared with every other implementation's.
+Ratios are against the peer's chunked PyTorch reference for prefill and
+against its recurrent reference for decode (the chunked reference needs whole
+chunks of 64 tokens).
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import machine, peers
+from .timing import measure
+
+FULL = dict(prefill_lens=(1024, 4096, 16384), decode_batches=(1, 64, 256), budget_s=12.0, max_runs=7)
+QUICK = dict(prefill_lens=(64, 128), decode_batches=(4,), budget_s=0.3, max_runs=3)
+# Small layers for --quick: the presets' structure (GQA for gdn), few heads, small head size.
+QUICK_SIZES = {"qwen3-next": dict(heads=2, value_heads=4, head_dim=32, value_dim=32),
+               "kimi-linear": dict(heads=4, value_heads=4, head_dim=32, value_dim=32)}
+PRESETS = ("qwen3-next", "kimi-linear")
+
+IMPLS = ("dnir-O0-numpy", "dnir-O2-numpy", "dnir-O2-tvm-llvm", "fla-chunk-ref", "fla-recurrent-ref", "torch-loop")
+PEER_FUNCS = {"fla-chunk-ref": peers.fla_chunk, "fla-recurrent-ref": peers.fla_recurrent,
+              "torch-loop": peers.torch_loop}
+# rms(a - b) / rms(b) above which two float32 implementations disagree.
+TOLERANCE = 1e-4
+# The NumPy executor keeps every intermediate value to the end of the run; a case
+# needing more than this share of the available memory is not started.
+MEMORY_SHARE = 0.75
+TARGET_SHAPE_T = 4096
+
+
+@dataclass(frozen=True)
+class Case:
+    preset: str
+    kind: str          # "prefill" (chunked) or "decode" (one token per sequence)
+    batch: int
+    seq_len: int
+    sizes: tuple       # ((name, value), ...) overriding the preset's sizes (--quick)
+
+    def config(self):
+        """The layer's options exactly as dnir's functional API derives them, so that
+        graphs prepared here are the ones its cache hands back."""
+        from dnir.models import preset
+        mode = "chunked" if self.kind == "prefill" else "decode"
+        return preset(self.preset, batch=self.batch, seq_len=self.seq_len, mode=mode, initial_state=True,
+                      final_state=True, **dict(self.sizes))
+
+    @property
+    def baseline(self) -> str:
+        return "fla-chunk-ref" if self.kind == "prefill" else "fla-recurrent-ref"
+
+    @property
+    def impls(self) -> tuple[str, ...]:
+        # flash-linear-attention's chunked references need whole chunks (its KDA one asserts it).
+        return tuple(i for i in IMPLS if not (self.kind == "decode" and i == "fla-chunk-ref"))
+
+    def label(self) -> str:
+        return f"{self.preset} {self.kind} B={self.batch} T={self.seq_len}"
+
+
+def cases(quick: bool) -> list[Case]:
+    settings = QUICK if quick else FULL
+    out = []
+    for name in PRESETS:
+        sizes = tuple(QUICK_SIZES[name].items()) if quick else ()
+        out += [Case(name, "prefill", 1, t, sizes) for t in settings["prefill_lens"]]
+        out += [Case(name, "decode", b, 1, sizes) for b in settings["decode_batches"]]
+    return out
+
+
+def numpy_executor_bytes(graph) -> int:
+    """Bytes the NumPy executor holds at its peak: every value computed at top level
+    (it frees nothing before the run ends)."""
+    total = 0
+    for node in graph.topo_order():
+        if node.op != "input":
+            types = node.type if isinstance(node.type, tuple) else (node.type,)
+            total += sum(t.nbytes for t in types)
+    return total
+
+
+def _dnir_call(case: Case, opt: str, target: str, x: dict):
+    import dnir
+    variant = case.config().variant
+    fn = {("prefill", "gdn"): dnir.chunk_gated_delta_rule, ("prefill", "kda"): dnir.chunk_kda,
+          ("decode", "gdn"): dnir.fused_recurrent_gated_delta_rule,
+          ("decode", "kda"): dnir.fused_recurrent_kda}[case.kind, variant]
+    return lambda: fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"],
+                      output_final_state=True, opt=opt, target=target)
+
+
+def _prepare_dnir(case: Case, opt: str, target: str, x: dict):
+    """Build, optimise and (for TVM) compile the graph the API will use, so that the
+    timed calls only run it; returns (graph, seconds). TVM also loads the compiled
+    module into a VM on its first call (LLVM code generation): that call is made here."""
+    from dnir.api import compiled_graph
+    start = time.perf_counter()
+    graph = compiled_graph(case.config(), opt)
+    if target == "llvm":
+        from dnir.lowering.tvm.compile import build
+        build(graph, "llvm")
+        _dnir_call(case, opt, target, x)()
+    return graph, time.perf_counter() - start
+
+
+def run_impl(impl: str, case: Case, x: dict, xt: dict, settings: dict) -> tuple[dict, tuple | None]:
+    """One implementation on one case: its record and its (o, final_state) as NumPy arrays."""
+    record = {"impl": impl}
+    try:
+        if impl.startswith("dnir-"):
+            _, opt, backend = impl.split("-", 2)
+            target = "numpy" if backend == "numpy" else "llvm"
+            graph, record["prepare_s"] = _prepare_dnir(case, opt, target, x)
+            if target == "numpy":
+                need, have = numpy_executor_bytes(graph), machine.available_memory_bytes()
+                if have is not None and need > MEMORY_SHARE * have:
+                    record.update(status="skipped", reason=(
+                        f"needs ~{need / 2**30:.1f} GiB (the NumPy executor keeps every intermediate), "
+                        f"{have / 2**30:.1f} GiB available"))
+                    return record, None
+            fn = _dnir_call(case, opt, target, x)
+        else:
+            variant = case.config().variant
+            peer = PEER_FUNCS[impl]
+            fn = lambda: peer(variant, xt["q"], xt["k"], xt["v"], xt["g"], xt["beta"], xt["initial_state"])  # noqa: E731
+        timing, (o, state) = measure(fn, settings["budget_s"], settings["max_runs"])
+    except Exception as e:  # noqa: BLE001 - one failing implementation must not end the whole run
+        record.update(status="failed", reason=f"{type(e).__name__}: {e}")
+        return record, None
+    record.update(status="ok", timing=timing.to_json(), note=timing.note)
+    return record, (_as_numpy(o), _as_numpy(state))
+
+
+def _as_numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+def compare(outputs: dict) -> tuple[dict, dict]:
+    """Pairwise rms(a - b) / rms(b) of the outputs o and of the final states."""
+    from dnir.models import relative_rms_error
+    err_o, err_s = {}, {}
+    for a, (oa, sa) in outputs.items():
+        err_o[a] = {b: relative_rms_error(oa, ob) for b, (ob, _) in outputs.items() if b != a}
+        err_s[a] = {b: relative_rms_error(sa, sb) for b, (_, sb) in outputs.items() if b != a}
+    return err_o, err_s
+
+
+def run_case(case: Case, settings: dict, seed: int, progress) -> dict:
+    import torch
+    from dnir.models import random_inputs
+    x = random_inputs(case.config(), seed)
+    xt = {name: torch.from_numpy(a) for name, a in x.items()}
+    cfg = case.config()
+    result = {"preset": case.preset, "variant": cfg.variant, "kind": case.kind, "B": case.batch,
+              "T": case.seq_len, "H": cfg.heads, "HV": cfg.value_heads, "K": cfg.head_dim, "V": cfg.value_dim,
+              "baseline": case.baseline, "results": []}
+    outputs = {}
+    for impl in case.impls:
+        progress.set_description(f"{case.label()}: {impl}")
+        record, out = run_impl(impl, case, x, xt, settings)
+        result["results"].append(record)
+        if out is not None:
+            outputs[impl] = out
+        progress.update(1)
+        gc.collect()
+    result["errors_o"], result["errors_state"] = compare(outputs)
+    base = next((r for r in result["results"] if r["impl"] == case.baseline and r["status"] == "ok"), None)
+    for r in result["results"]:
+        if r["status"] != "ok":
+            continue
+        others = result["errors_o"][r["impl"]]
+        r["max_err_o_vs_others"] = max(others.values(), default=None)
+        r["max_err_state_vs_others"] = max(result["errors_state"][r["impl"]].values(), default=None)
+        if base is not None:
+            r["ratio_vs_baseline"] = r["timing"]["median_s"] / base["timing"]["median_s"]
+            r["err_o_vs_baseline"] = others.get(case.baseline, 0.0)
+            r["err_state_vs_baseline"] = result["errors_state"][r["impl"]].get(case.baseline, 0.0)
+        r["checked"] = bool(others) and max(max(others.values()), r["max_err_state_vs_others"]) <= TOLERANCE
+    return result
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """The issue's CPU targets at (1, 4096, 32 heads, 128), as measured ratios."""
+    limits = {"gdn": 0.5, "kda": 0.25}
+    out = []
+    for case in results:
+        if case["kind"] != "prefill":
+            continue
+        by = {r["impl"]: r for r in case["results"] if r["status"] == "ok"}
+        o2, o0, ref = by.get("dnir-O2-numpy"), by.get("dnir-O0-numpy"), by.get("fla-chunk-ref")
+        if case["T"] == TARGET_SHAPE_T and o2 and ref:
+            ratio = o2["timing"]["median_s"] / ref["timing"]["median_s"]
+            limit = limits[case["variant"]]
+            out.append({"target": f"dnir O2 NumPy <= {limit}x fla chunked reference", "variant": case["variant"],
+                        "T": case["T"], "ratio": ratio, "limit": limit, "met": ratio <= limit,
+                        "factor_to_go": ratio / limit})
+        if o2 and o0:
+            ratio = o2["timing"]["median_s"] / o0["timing"]["median_s"]
+            out.append({"target": "dnir O2 faster than O0 (NumPy)", "variant": case["variant"], "T": case["T"],
+                        "ratio": ratio, "limit": 1.0, "met": ratio < 1.0, "factor_to_go": ratio})
+    return out
+
+
+def profile_o2(case: Case, seed: int, top: int = 15) -> dict:
+    """Per-node and per-op time of the O2 graph on the NumPy executor, one run."""
+    from dnir.api import compiled_graph
+    from dnir.models import random_inputs
+
+    from .profile_ops import by_op, profile
+    graph = compiled_graph(case.config(), "O2")
+    start = time.perf_counter()
+    rows = profile(graph, random_inputs(case.config(), seed))
+    total = time.perf_counter() - start
+    return {"case": case.label(), "total_s": total,
+            "by_op": [{"op": op, "seconds": s, "nodes": n} for op, s, n in by_op(rows)],
+            "top_nodes": [{"node": r.name, "op": r.op, "shape": list(r.shape), "seconds": r.seconds,
+                           "calls": r.calls} for r in rows[:top]]}
+
+
+def run_benchmark(quick: bool, seed: int, threads: int) -> dict:
+    from tqdm import tqdm
+    settings = QUICK if quick else FULL
+    todo = cases(quick)
+    meta = machine.describe(threads)
+    results = []
+    start = time.perf_counter()
+    with tqdm(total=sum(len(c.impls) for c in todo), unit="run", dynamic_ncols=True) as progress:
+        for case in todo:
+            results.append(run_case(case, settings, seed, progress))
+    prefill = [c for c in todo if c.kind == "prefill"]
+    profile_t = prefill[-1].seq_len if quick else TARGET_SHAPE_T
+    profiles = [profile_o2(c, seed) for c in prefill if c.seq_len == profile_t]
+    meta["load_average_end"] = machine.load_average()
+    meta["wall_s"] = round(time.perf_counter() - start, 1)
+    return {"benchmark": "cpu", "mode": "quick" if quick else "full", "machine": meta,
+            "settings": {**settings, "tolerance": TOLERANCE, "seed": seed,
+                         "metric": "rms(a - b) / rms(b)", "dtype": "float32"},
+            "cases": results, "targets": [] if quick else targets(results), "profiles": profiles}

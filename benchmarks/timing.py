@@ -1,0 +1,46 @@
+"""Wall-clock timing: a warm-up call, then as many timed calls as fit a budget.
+
+Slow cases get fewer runs, and a case whose first call alone exceeds the
+budget is reported from that one call; the record says which, so a table never
+passes one cold run off as a median of many.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+    runs: int             # timed calls behind median/min/max
+    warmup: bool          # False: the only call was the first one (it took longer than the budget)
+    first_s: float        # the first (warm-up) call
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def note(self) -> str:
+        if not self.warmup:
+            return f"1 run, no warm-up (one call takes {self.first_s:.0f} s)"
+        return f"warm-up + {self.runs} run{'s' if self.runs > 1 else ''}"
+
+
+def measure(fn, budget_s: float, max_runs: int) -> tuple[Timing, object]:
+    """Time `fn()`; returns the timing and the first call's result."""
+    start = time.perf_counter()
+    result = fn()
+    first = time.perf_counter() - start
+    if first > budget_s:
+        return Timing(first, first, first, 1, False, first), result
+    runs = max(1, min(max_runs, int(budget_s / max(first, 1e-9))))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), min(times), max(times), runs, True, first), result
