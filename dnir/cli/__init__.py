@@ -14,7 +14,7 @@ from dnir import __version__
 from dnir.errors import DnirError
 
 # Subcommand modules, in the order `dnir --help` lists them.
-COMMANDS = ["check", "demo", "viz", "build", "run", "opt", "stats", "compile"]
+COMMANDS = ["check", "demo", "viz", "build", "run", "opt", "stats", "compile", "bench"]
 
 
 class UsageError(Exception):
