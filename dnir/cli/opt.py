@@ -11,6 +11,7 @@ EXAMPLE = """examples:
   dnir opt layer.dnir -o layer.O2.dnir --report
   dnir opt layer.dnir --passes eliminate_transposes,cumsum_axis -o out.dnir --validate
   dnir opt layer.dnir --pipeline O2 --block-size 32 --dump-dir ir/ -o out.dnir
+  dnir opt layer.dnir --dump-dir ir/ --viz -o out.dnir   # ir/NNN_<pass>.svg and .diff.svg
 """
 
 
@@ -26,6 +27,9 @@ def register(sub):
     p.add_argument("--validate", action="store_true",
                    help="check each pass numerically (NumPy before/after on random inputs)")
     p.add_argument("--dump-dir", help="write the IR after each pass as NNN_<pass>.dnir")
+    p.add_argument("--viz", action="store_true",
+                   help="with --dump-dir: draw each graph that a pass changed (NNN_<pass>.svg) and what "
+                        "it changed (NNN_<pass>.diff.svg)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-o", "--output", required=True, help="where to write the optimised graph")
     p.set_defaults(func=run)
@@ -37,6 +41,8 @@ def run(args) -> int:
     graph = load_graph(args.file)
     if args.block_size is not None and args.block_size < 1:
         raise UsageError(f"--block-size {args.block_size}: expected a positive integer")
+    if args.viz and not args.dump_dir:
+        raise UsageError("--viz draws the graphs dumped by --dump-dir; add --dump-dir DIR")
     options = {}
     if args.block_size:
         options = {name: {"block": args.block_size} for name in ("block_tril", "block_solve")}
@@ -44,6 +50,8 @@ def run(args) -> int:
                                   validate=args.validate, dump_dir=args.dump_dir)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(print_graph(graph))
+    if args.viz:
+        draw_passes(args.dump_dir, records)
     if args.json:
         print(json.dumps({"output": args.output, "passes": [r.to_json() for r in records]}))
     elif args.report:
@@ -53,3 +61,21 @@ def run(args) -> int:
         print(f"{args.file} -> {args.output}: {first.nodes} -> {last.nodes} nodes, "
               f"{first.flops} -> {last.flops} FLOPs", file=sys.stderr)
     return 0
+
+
+def draw_passes(dump_dir: str, records):
+    """Next to each dumped NNN_<pass>.dnir that differs from the one before it: its
+    picture, and the diff picture against the previous graph."""
+    import os
+    from dnir import viz
+    from dnir.text import parse_file
+    from .progress import progress
+    paths = [os.path.join(dump_dir, f"{i:03d}_{r.name}") for i, r in enumerate(records)]
+    drawn = [i for i, r in enumerate(records) if i == 0 or r.changed]
+    previous = None
+    for i in progress(drawn, desc="drawing passes", unit="pass"):
+        graph = parse_file(paths[i] + ".dnir")
+        viz.render(viz.to_dot(graph), paths[i] + ".svg")
+        if previous is not None:
+            viz.render(viz.diff_dot(previous, graph), paths[i] + ".diff.svg")
+        previous = graph
