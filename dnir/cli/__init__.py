@@ -21,8 +21,15 @@ class UsageError(Exception):
     """Bad command-line input (exit code 2)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own usage errors as one line (exit 2), pointing at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dnir", description="A tensor-graph compiler for delta-net (linear attention) layers.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dnir {__version__}")
@@ -40,7 +47,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UsageError, FileNotFoundError, IsADirectoryError) as e:
+    except (UsageError, OSError) as e:   # OSError: a path that cannot be read or written
         print(f"dnir {args.command}: {e}", file=sys.stderr)
         return 2
     except DnirError as e:
