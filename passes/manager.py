@@ -93,16 +93,18 @@ def snapshot(name, graph, seconds, changed, before: Counter | None) -> PassRecor
 
 
 def run_pipeline(graph: Graph, pipeline="O2", *, options: dict | None = None, validate: bool = False,
-                 dump_dir: str | None = None, seed: int = 0) -> tuple[Graph, list[PassRecord]]:
+                 dump_dir: str | None = None, seed: int = 0,
+                 progress: Callable | None = None) -> tuple[Graph, list[PassRecord]]:
     """Run the passes in order; returns the graph and one record per pass
-    (record 0 is the input graph). A failure names the pass and the ones before it."""
+    (record 0 is the input graph). A failure names the pass and the ones before it.
+    `progress` wraps the list of pass names (e.g. a tqdm bar) to show how far it is."""
     names, options = resolve(pipeline), options or {}
     records = [snapshot("input", graph, 0.0, False, None)]
     rng = np.random.default_rng(seed)
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
         _dump(dump_dir, 0, "input", graph)
-    for i, name in enumerate(names, 1):
+    for i, name in enumerate(progress(names) if progress else names, 1):
         where = f"pass {name!r} (after {', '.join(names[:i - 1]) or 'no other pass'})"
         start = time.perf_counter()
         new, changed = PASSES[name].fn(graph, **options.get(name, {}))
