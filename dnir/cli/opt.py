@@ -38,6 +38,8 @@ def register(sub):
 def run(args) -> int:
     from dnir.passes import report_table, run_pipeline
     from dnir.text import print_graph
+
+    from .progress import progress
     graph = load_graph(args.file)
     if args.block_size is not None and args.block_size < 1:
         raise UsageError(f"--block-size {args.block_size}: expected a positive integer")
@@ -47,7 +49,8 @@ def run(args) -> int:
     if args.block_size:
         options = {name: {"block": args.block_size} for name in ("block_tril", "block_solve")}
     graph, records = run_pipeline(graph, args.passes or args.pipeline, options=options,
-                                  validate=args.validate, dump_dir=args.dump_dir)
+                                  validate=args.validate, dump_dir=args.dump_dir,
+                                  progress=lambda names: progress(names, desc="passes", unit="pass"))
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(print_graph(graph))
     if args.viz:
@@ -69,6 +72,7 @@ def draw_passes(dump_dir: str, records):
     import os
     from dnir import viz
     from dnir.text import parse_file
+
     from .progress import progress
     paths = [os.path.join(dump_dir, f"{i:03d}_{r.name}") for i, r in enumerate(records)]
     drawn = [i for i, r in enumerate(records) if i == 0 or r.changed]
