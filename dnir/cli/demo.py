@@ -137,7 +137,7 @@ def measure(cfg, graphs: dict, targets, seed, name) -> list[Timing]:
     from dnir.lowering import run as run_graph
     from dnir.models import delta_rule_reference, random_inputs, relative_rms_error
 
-    from .progress import progress
+    from .progress import compile_for, progress
     inputs = random_inputs(cfg, seed)
     steps = [("oracle", None, None)] + [(t, level, g) for t in targets for level, g in graphs.items()]
     timings, ref = [], None
@@ -151,7 +151,7 @@ def measure(cfg, graphs: dict, targets, seed, name) -> list[Timing]:
                 compile_s = None
                 if target != "numpy":
                     bar.set_description(f"{name}: compiling {level} for {target}")
-                    compile_s = _seconds(lambda: compile_graph(graph, target))
+                    compile_s = _seconds(lambda: compile_for(graph, target))
                     run_graph(graph, inputs, target=target)   # warm-up: loads the code, touches the memory
                     bar.set_description(f"{name}: {target} {level}")
                 start = time.perf_counter()
@@ -160,14 +160,6 @@ def measure(cfg, graphs: dict, targets, seed, name) -> list[Timing]:
                 timings.append(Timing(target, level, compile_s, run_s, relative_rms_error(o, ref)))
             bar.update()
     return timings
-
-
-def compile_graph(graph, target):
-    if target == "vulkan":
-        from dnir.lowering.vulkan import build
-        return build(graph)
-    from dnir.lowering.tvm.compile import build
-    return build(graph, target)
 
 
 def run_table(timings: list[Timing]) -> str:

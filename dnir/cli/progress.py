@@ -6,6 +6,8 @@ off when stderr is not a terminal (pipes, tests, CI logs).
 from __future__ import annotations
 
 import sys
+import threading
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -13,3 +15,36 @@ from tqdm import tqdm
 def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "step"):
     return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, leave=False, disable=None,
                 bar_format="{desc}: {n_fmt}/{total_fmt} {bar} {elapsed}")
+
+
+@contextmanager
+def busy(desc: str):
+    """A bar for one long call (a TVM compile): its clock ticks until the call returns."""
+    with progress(total=1, desc=desc, unit="step") as bar:
+        done = threading.Event()
+        clock = threading.Thread(target=lambda: _tick(bar, done), daemon=True)
+        clock.start()
+        try:
+            yield
+        finally:
+            done.set()
+            clock.join()
+            bar.update()
+
+
+def _tick(bar, done: threading.Event):
+    while not done.wait(0.5):
+        bar.refresh()
+
+
+def compile_for(graph, target: str):
+    """Compile `graph` for llvm or vulkan ahead of its first run (cached by the backend),
+    showing a bar; other targets compile (or not) when they run."""
+    if target == "llvm":
+        from dnir.lowering.tvm.compile import build
+        with busy("compiling for llvm"):
+            build(graph, "llvm")
+    elif target == "vulkan":
+        from dnir.lowering.vulkan import build
+        with busy("compiling for vulkan"):
+            build(graph)
