@@ -37,6 +37,8 @@ def run(args) -> int:
     from dnir.lowering import run as run_graph
     from dnir.models import DeltaNetConfig, random_inputs
 
+    from .progress import compile_for
+
     graph = load_graph(args.file)
     cfg = DeltaNetConfig.from_meta(graph.meta) if graph.meta.get("model") == "delta_net" else None
     if cfg is None:
@@ -46,6 +48,7 @@ def run(args) -> int:
         inputs = _generic_inputs(graph, args.seed)
     else:
         inputs = random_inputs(cfg, args.seed)
+    compile_for(graph, args.target)
     outputs = run_graph(graph, inputs, target=args.target)
     result = {"file": args.file, "target": args.target, "seed": args.seed,
               "outputs": [{"name": name, "shape": list(out.shape), "dtype": str(out.dtype),
