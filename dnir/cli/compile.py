@@ -26,10 +26,13 @@ def run(args) -> int:
     from dnir.cli import UsageError, load_graph
     from dnir.lowering.tvm.compile import build
 
+    from .progress import busy
+
     if not args.output.endswith(".so"):
         raise UsageError(f"output {args.output!r} must end with .so (a shared library)")
     graph = load_graph(args.file)
-    build(graph, args.target, args.arch).export_library(args.output)
+    with busy(f"compiling for {args.target}"):
+        build(graph, args.target, args.arch).export_library(args.output)
     where = f"{args.target} ({args.arch})" if args.target == "cuda" else args.target
     print(f"{args.output}: {where}, inputs {', '.join(graph.input_names)}; outputs {', '.join(graph.output_names)}")
     return 0
