@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 from . import (block_solve, broadcasts, cse, cumsum_axis, dce, fold_constants,  # noqa: F401  (each
-               identities, loop_invariants, set_vs_acc, sum_mul_to_matmul,      # registers its pass)
-               transposes, tril_blocks)
+               identities, layout_propagation, loop_invariants, set_vs_acc,     # registers its pass)
+               sum_mul_to_matmul, transposes, tril_blocks)
 from .manager import PASSES, PIPELINES, Pass, PassRecord, register_pass, report_table, resolve, run_pipeline
 from .rewrite import P, Match, Rule, apply_rules, map_nodes
 from .validate import ValidationError
