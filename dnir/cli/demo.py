@@ -61,7 +61,8 @@ def run(args) -> int:
     steady_numpy_timings()
     targets, note = available_targets()
     print(f"dnir demo: two delta-net layers in chunked form (C=64), optimised O0 -> O2, "
-          f"run on {', '.join(targets)}{note}\n")
+          f"run on {', '.join(targets)}")
+    print(f"{note}\n" if note else "")
     written = [demo_layer(name, title, QUICK_SEQ_LEN if args.quick else SEQ_LEN,
                           QUICK[name] if args.quick else {}, targets, out, args.seed)
                for name, title in LAYERS.items()]
@@ -91,9 +92,10 @@ def available_targets() -> tuple[list[str], str]:
         from dnir.lowering.vulkan import adapter_info
         info = adapter_info()
     except BackendError:
-        return ["numpy", "llvm"], " (no Vulkan adapter)"
+        return ["numpy", "llvm"], "vulkan: skipped, no Vulkan adapter"
     if info.get("adapter_type") == "CPU":
-        return ["numpy", "llvm"], f" (Vulkan: only the CPU adapter {info.get('device', '')!r}, skipped)"
+        return ["numpy", "llvm"], (f"vulkan: skipped, the only adapter is {info.get('device', '')!r} on the CPU "
+                                   f"(`dnir run FILE --target vulkan` uses it)")
     return ["numpy", "llvm", "vulkan"], ""
 
 
