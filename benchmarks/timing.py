@@ -6,6 +6,7 @@ passes one cold run off as a median of many.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ class Timing:
     runs: int             # timed calls behind median/min/max
     warmup: bool          # False: the only call was the first one (it took longer than the budget)
     first_s: float        # the first (warm-up) call
+    sys_share: float      # share of the timed calls' CPU time spent in the kernel (page faults of fresh memory)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -32,15 +34,23 @@ class Timing:
 
 def measure(fn, budget_s: float, max_runs: int) -> tuple[Timing, object]:
     """Time `fn()`; returns the timing and the first call's result."""
+    cpu_before = os.times()
     start = time.perf_counter()
     result = fn()
     first = time.perf_counter() - start
     if first > budget_s:
-        return Timing(first, first, first, 1, False, first), result
+        return Timing(first, first, first, 1, False, first, _sys_share(cpu_before)), result
     runs = max(1, min(max_runs, int(budget_s / max(first, 1e-9))))
     times = []
+    cpu_before = os.times()
     for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return Timing(statistics.median(times), min(times), max(times), runs, True, first), result
+    return Timing(statistics.median(times), min(times), max(times), runs, True, first, _sys_share(cpu_before)), result
+
+
+def _sys_share(before) -> float:
+    after = os.times()
+    user, system = after.user - before.user, after.system - before.system
+    return system / (user + system) if user + system > 0 else 0.0
