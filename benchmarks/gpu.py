@@ -213,6 +213,7 @@ def markdown(doc: dict) -> str:
                      f"{d['median_ms']:.3f} ms | {d['min_ms']:.3f} / {d['max_ms']:.3f} | {f['median_ms']:.3f} ms | "
                      f"{f['min_ms']:.3f} / {f['max_ms']:.3f} | {c['ratio']:.2f}x | {c['err_o']:.1e} | "
                      f"{c['err_state']:.1e} | {'yes' if c['checked'] else 'NO'} | {c['load_s']:.0f} |")
+    lines += [f"| {f['name']} | FAILED: {f['error'][:300]} |" for f in doc.get("failed", [])]
     decode = [c for c in doc["cases"] if c["kind"] == "decode"]
     if decode:
         lines += ["", "## Decode state traffic", "", "| case | state bytes (read + write) | dnir GB/s | dnir share of copy "
@@ -247,7 +248,7 @@ def machine() -> dict:
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "host": platform.node(),
             "gpu": torch.cuda.get_device_name(), "capability": f"{major}{minor}", "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-            "fla": version("fla-core"), "tvm": tvm.__version__}
+            "fla": version("fla-core"), "tvm": getattr(tvm, "__version__", "unknown")}
 
 
 def main(argv=None) -> int:
@@ -263,15 +264,25 @@ def main(argv=None) -> int:
         return 2
     copy = copy_bandwidth()
     print(f"copy bandwidth: {copy['gbps']:.0f} GB/s", flush=True)
-    cases = [run_case(loader, so, json.loads(so.with_suffix(".json").read_text()), args.seed, copy["gbps"])
-             for so in artefacts]
     doc = {"benchmark": "gpu", "machine": machine(), "seed": args.seed, "tolerance": TOLERANCE, "copy": copy,
-           "cases": cases, "targets": targets(cases)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (args.out / "gpu.md").write_text(markdown(doc))
+           "cases": [], "failed": [], "targets": []}
+    for so in artefacts:    # decode first (small), then prefill; results are written after each case
+        try:
+            doc["cases"].append(run_case(loader, so, json.loads(so.with_suffix(".json").read_text()), args.seed,
+                                         copy["gbps"]))
+        except Exception as e:  # noqa: BLE001 - one device call: a failing case must not lose the others
+            doc["failed"].append({"name": so.stem, "error": f"{type(e).__name__}: {e}"[-2000:]})
+            print(f"{so.stem}: FAILED {type(e).__name__}: {e}", flush=True)
+        doc["targets"] = targets(doc["cases"])
+        write(doc, args.out)
     print(markdown(doc))
-    return 0 if all(c["checked"] for c in cases) else 1
+    return 0 if not doc["failed"] and all(c["checked"] for c in doc["cases"]) else 1
+
+
+def write(doc: dict, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "gpu.md").write_text(markdown(doc))
 
 
 if __name__ == "__main__":

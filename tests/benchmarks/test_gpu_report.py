@@ -36,3 +36,16 @@ def test_targets_and_table_from_the_measured_numbers():
     assert "| gdn_prefill_b1_t8192 | 1 | 8192 |" in md and "4.00x" in md and "1.3x" in md
     assert "## Decode state traffic" in md and "fused_matmul_kernel" in md
 
+
+
+def test_inputs_follow_the_artefact_metadata():
+    import torch
+
+    from dnir.benchmarks.gpu_artefacts import CASES, config
+    for case in (CASES["kda_prefill_b1_t8192"], CASES["gdn_decode_b64"]):
+        meta = {"input_shapes": {k: list(v) for k, v in config(dict(case, seq_len=min(case["seq_len"], 64)))
+                                 .input_shapes().items()}}
+        x = gpu.make_inputs(meta, 0, "cpu")
+        assert {k: list(v.shape) for k, v in x.items()} == meta["input_shapes"]
+        assert torch.allclose(x["k"].norm(dim=-1), torch.ones(()), atol=1e-5)
+        assert (x["g"] < 0).all() and ((x["beta"] > 0) & (x["beta"] < 1)).all()
