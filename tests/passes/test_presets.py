@@ -62,7 +62,7 @@ def test_every_permute_left_is_essential(graphs):
     _, o0, o2 = graphs
     users = readers(o2)
     permutes = [n for n in nodes(o2) if n.op == "permute"]
-    assert len(permutes) < o0.op_histogram()["permute"]
+    assert len(permutes) <= o0.op_histogram()["permute"] / 2                 # at most half of O0's remain
     for p in permutes:
         assert p.inputs[0].op != "permute"                                   # no pairs left to compose
         assert not moves_only_unit_axes(p.attrs["axes"], p.inputs[0].shape)  # not a reshape in disguise
