@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EXAMPLE = """examples:
-  dnir demo                     # about a minute on 2 idle cores; pictures in ./dnir-demo/
+  dnir demo                     # under two minutes on 2 cores; pictures in ./dnir-demo/
   dnir demo --quick --out /tmp/demo
 
 The layers are built in chunked (prefill) form with chunk size 64, the way
@@ -24,9 +24,9 @@ float64 recurrent form of the delta rule.
 """
 
 LAYERS = {"qwen3-next": "Gated DeltaNet, Qwen3-Next", "kimi-linear": "Kimi Delta Attention, Kimi Linear"}
-# About a minute on 2 idle cores; Kimi Linear's O0 graph alone holds 2 GB decay tensors
-# ([chunks, heads, 64, 64, 128]) at this length.
-SEQ_LEN = 2048
+# Tokens per layer, within two minutes on 2 cores. Kimi Linear's O0 graph holds
+# [chunks, heads, 64, 64, 128] decay tensors, 1 GB each at T=1024.
+SEQ_LEN = {"qwen3-next": 2048, "kimi-linear": 1024}
 # --quick: the same layers with few, small heads (for tests and a first look).
 QUICK = {"qwen3-next": dict(heads=2, value_heads=4, head_dim=32, value_dim=32),
          "kimi-linear": dict(heads=2, value_heads=2, head_dim=32, value_dim=32)}
@@ -63,7 +63,7 @@ def run(args) -> int:
     print(f"dnir demo: two delta-net layers in chunked form (C=64), optimised O0 -> O2, "
           f"run on {', '.join(targets)}")
     print(f"{note}\n" if note else "")
-    written = [demo_layer(name, title, QUICK_SEQ_LEN if args.quick else SEQ_LEN,
+    written = [demo_layer(name, title, QUICK_SEQ_LEN if args.quick else SEQ_LEN[name],
                           QUICK[name] if args.quick else {}, targets, out, args.seed)
                for name, title in LAYERS.items()]
     print(f"wrote to {out}/: each layer's graph before and after O2 (.dnir, and collapsed pictures .svg)\n"
@@ -75,13 +75,28 @@ def run(args) -> int:
 
 
 def steady_numpy_timings():
-    """NumPy asks the kernel for transparent huge pages for big arrays; where the kernel
-    then compacts memory on page faults (THP defrag=madvise), the same NumPy run takes
-    1x to 10x as long from one run to the next. Plain pages keep the timings repeatable
-    (the same switch as NUMPY_MADVISE_HUGEPAGE=0, which is read only at import)."""
+    """Every NumPy op allocates its result afresh. By default glibc hands each large block
+    back to the kernel when it is freed, and NumPy asks for transparent huge pages, so
+    every op page-faults its output in again; on a virtual machine that can cost more
+    than the arithmetic, and varies from run to run (kimi-linear O0 at T=2048 on NumPy:
+    86 s before, 44 s after, on a 2-core VM). Keep freed memory in the process and use
+    plain pages (as NUMPY_MADVISE_HUGEPAGE=0 and MALLOC_MMAP_MAX_=0 would at start-up)."""
+    import ctypes
+    import sys
+
     import numpy as np
     core = getattr(np, "_core", None) or np.core
     getattr(core.multiarray, "_set_madvise_hugepage", lambda enabled: None)(False)
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:      # not glibc (musl): nothing to tune
+            return
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4     # glibc's mallopt parameters (malloc.h)
 
 
 def available_targets() -> tuple[list[str], str]:
