@@ -72,6 +72,12 @@ def _permuted(operand: Node, axes) -> Node:
     return permute(operand, axes)
 
 
+def _commutes(e: Node, axes) -> bool:
+    """tril/triu mask by position in the last two axes: only permutes that keep those commute."""
+    n = len(axes)
+    return e.op not in ("tril", "triu") or tuple(axes[n - 2:]) == (n - 2, n - 1)
+
+
 def push_into_elementwise(m):
     """permute(f(permute(a), permute(b))) -> f(permute'(a), permute'(b)): the permutes compose,
     and where they are inverse they vanish. Only when f's result has no other reader."""
@@ -81,6 +87,8 @@ def push_into_elementwise(m):
     if not all(_permutable(i, e.rank) for i in e.inputs):
         return None
     axes = m.node.attrs["axes"]
+    if not _commutes(e, axes):
+        return None
     return make_node(e.op, [_permuted(i, axes) for i in e.inputs], e.attrs)
 
 
@@ -91,6 +99,8 @@ def sink_out_of_elementwise(m):
     if not perms or any(p.shape != e.shape for p in perms):
         return None
     axes = perms[0].attrs["axes"]
+    if not _commutes(e, axes):
+        return None
     if any(p.attrs["axes"] != axes for p in perms) or not all(i.op == "permute" or i.rank == 0 or
                                                               (i.op == "full" and i.rank == e.rank)
                                                               for i in e.inputs):

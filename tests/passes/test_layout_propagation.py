@@ -195,3 +195,22 @@ def test_other_layers_keep_results_and_never_gain_permutes(name):
     before, _ = passes.run_pipeline(build_delta_net(config(name)), BEFORE, options=OPTIONS)
     after, _ = passes.run_pipeline(before, ["propagate_layout"], validate=True, seed=4)
     assert permute_cost(after)[0] <= permute_cost(before)[0]
+
+
+@pytest.mark.parametrize("text", [
+    """graph(%x: f32[3,3]) {
+  %0: f32[3,3] = permute(%x) {axes=[1, 0]}
+  %1: f32[3,3] = tril(%0) {k=0}
+  return %1
+}""",
+    """graph(%x: f32[2,3,3]) {
+  %0: f32[2,3,3] = exp(%x)
+  %1: f32[2,3,3] = triu(%0) {k=1}
+  %2: f32[2,3,3] = permute(%1) {axes=[0, 2, 1]}
+  return %2
+}"""])
+def test_masks_do_not_commute_with_a_transpose_of_their_last_two_axes(text):
+    graph = dnir.parse(text)
+    for name in ("eliminate_transposes", "propagate_layout"):
+        after, _ = passes.PASSES[name].fn(graph)
+        assert compare(graph, after, np.random.default_rng(3)) == [], name
