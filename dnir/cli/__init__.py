@@ -14,7 +14,7 @@ from dnir import __version__
 from dnir.errors import DnirError
 
 # Subcommand modules, in the order `dnir --help` lists them.
-COMMANDS = ["check", "demo", "viz", "build", "run", "opt", "stats", "compile", "bench"]
+COMMANDS = ["build", "opt", "stats", "check", "run", "compile", "viz", "bench", "demo"]
 
 
 class UsageError(Exception):
@@ -31,6 +31,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dnir", description="A tensor-graph compiler for delta-net (linear attention) layers.",
+        epilog="examples:\n  dnir demo\n  dnir build gdn --seq-len 1024 -o gdn.dnir && dnir opt gdn.dnir -o gdn.O2.dnir "
+               "--report\n\n`dnir COMMAND --help` shows each command's examples.\n"
+               "Exit codes: 0 ok, 1 a check failed, 2 usage or input error.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dnir {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
