@@ -1,4 +1,7 @@
-"""Every script in examples/ runs to the end (each asserts its own results) and says what it shows."""
+"""Every script in examples/ runs to the end (each asserts its own results) and says what it shows.
+
+(In tests/examples/, not tests/: pytest puts a test file's folder on sys.path, and tests/ holds
+a tests/dnir/ folder that would then shadow the dnir package.)"""
 import ast
 import subprocess
 import sys
@@ -6,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.py"))
 # A line each script prints once its checks have passed.
 LAST_WORDS = {
     "01_build_and_check.py": "O2: ",
