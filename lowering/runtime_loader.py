@@ -107,7 +107,8 @@ def load_executable(path: str, device: int = 0, arch: str = DEFAULT_ARCH):
     if not dev.exist:
         raise BackendError(f"no CUDA device {device} on this machine")
     lib = tvm.runtime.load_module(str(path))
-    return tvm.runtime.vm.VirtualMachine(lib, dev), dev
+    from tvm.runtime.vm import VirtualMachine  # not imported by `tvm` itself in a runtime-only install
+    return VirtualMachine(lib, dev), dev
 
 
 def run_executable(vm, dev, arrays) -> list[np.ndarray]:

@@ -38,7 +38,7 @@ def graphs(seed: int):
     import dnir.passes
     from backends import merge_graphs
     from dnir.models import DeltaNetConfig, build
-    from test_models import LAYERS, SIZES
+    from test_backend_models import LAYERS, SIZES
 
     rng = np.random.default_rng(seed)
     table = cases.build_all()
