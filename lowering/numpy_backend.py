@@ -6,6 +6,7 @@ triangular solve by plain substitution, no fused tricks.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -228,18 +229,43 @@ def missing_ops(graph: Graph) -> list[str]:
     return sorted(found)
 
 
+_RELEASE_PLANS: "weakref.WeakKeyDictionary[Graph, list[list[int]]]" = weakref.WeakKeyDictionary()
+
+
+def _release_plan(graph: Graph) -> list[list[int]]:
+    """For each position in the topological order, the values read for the last
+    time there (never outputs), so that execution holds only live values."""
+    plan = _RELEASE_PLANS.get(graph)
+    if plan is None:
+        order = graph.topo_order()
+        last = {id(i): pos for pos, node in enumerate(order) for i in node.inputs}
+        keep = {id(n) for n in graph.outputs}
+        plan = [[] for _ in order]
+        for key, pos in last.items():
+            if key not in keep:
+                plan[pos].append(key)
+        _RELEASE_PLANS[graph] = plan
+    return plan
+
+
 def execute(graph: Graph, args: Sequence[np.ndarray], float64: bool = False) -> list[np.ndarray]:
-    """Run on already-checked arrays (positional, in graph input order)."""
+    """Run on already-checked arrays (positional, in graph input order).
+
+    Each value is dropped after its last reader: a layer's intermediates can
+    be many times its inputs, and fresh memory is not free.
+    """
     values: dict[int, np.ndarray] = {id(n): a for n, a in zip(graph.inputs, args)}
-    for node in graph.topo_order():
-        if id(node) in values:
-            continue
-        operands = [values[id(i)] for i in node.inputs]
-        dt = None if isinstance(node.type, tuple) else _result_dtype(node.dtype, float64)
-        if node.op == "scan":
-            values[id(node)] = _scan(node, dt, *operands, float64=float64)
-        else:
-            values[id(node)] = KERNELS[node.op](node, dt, *operands)
+    for node, dead in zip(graph.topo_order(), _release_plan(graph)):
+        if id(node) not in values:
+            operands = [values[id(i)] for i in node.inputs]
+            dt = None if isinstance(node.type, tuple) else _result_dtype(node.dtype, float64)
+            if node.op == "scan":
+                values[id(node)] = _scan(node, dt, *operands, float64=float64)
+            else:
+                values[id(node)] = KERNELS[node.op](node, dt, *operands)
+            del operands
+        for key in dead:
+            values.pop(key, None)
     return [values[id(n)] for n in graph.outputs]
 
 
