@@ -1,6 +1,6 @@
 """CPU speed of the `llvm` target against the NumPy backend on one delta-net layer.
 
-    .venv/bin/python benchmarks/cpu_llvm.py [--seq-len 4096] [--preset qwen3-next] [--level O2]
+    .venv/bin/python -m benchmarks.cpu_llvm [--seq-len 4096] [--preset qwen3-next] [--level O2]
 
 Runs the preset's chunked layer (optimised at --level), reports the median
 wall time of each backend, the llvm target's compile time and the kernels
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.machine import cores, cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     ratio = llvm_s / numpy_s
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": {"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "platform": platform.platform()},
+        "machine": {"cpu": cpu_model(), "cores": cores(), "platform": platform.platform()},
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "tvm": tvm.__version__,
                      "dnir": dnir.__version__},
         "workload": {"preset": args.preset, "seq_len": args.seq_len, "mode": "chunked", "level": args.level,
@@ -112,16 +114,6 @@ def main(argv=None) -> int:
         (RESULTS / "cpu_llvm.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / "cpu_llvm.md").write_text(_markdown(result))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _markdown(r: dict) -> str:
@@ -142,7 +134,7 @@ def _markdown(r: dict) -> str:
         "| kernel | calls | ms | share |", "|---|---|---|---|",
     ]
     lines += [f"| `{k['kernel']}` | {k['calls']} | {k['ms']} | {k['share']:.1%} |" for k in r["llvm_kernels"]]
-    lines += ["", "Reproduce: `.venv/bin/python benchmarks/cpu_llvm.py`", ""]
+    lines += ["", "Reproduce: `.venv/bin/python -m benchmarks.cpu_llvm`", ""]
     return "\n".join(lines)
 
 
