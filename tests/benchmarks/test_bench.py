@@ -124,7 +124,7 @@ def test_a_disagreeing_implementation_is_flagged(monkeypatch):
 
 def test_a_case_too_big_for_memory_is_skipped_with_the_reason(monkeypatch):
     monkeypatch.setattr(cpu, "IMPLS", ("dnir-O2-numpy", "fla-chunk-ref"))
-    monkeypatch.setattr(machine, "available_memory_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(machine, "available_memory_bytes", lambda: 1 << 10)
     result = cpu.run_case(_small_case(), cpu.QUICK, 0, _NoProgress())
     dnir_row = result["results"][0]
     assert dnir_row["status"] == "skipped" and "GiB" in dnir_row["reason"] and "available" in dnir_row["reason"]
