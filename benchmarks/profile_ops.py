@@ -15,7 +15,7 @@ import numpy as np
 
 from dnir.analysis.names import value_names
 from dnir.graph import Graph, Node
-from dnir.lowering.numpy_backend import KERNELS, prepare_inputs
+from dnir.lowering.numpy_backend import KERNELS, _release_plan, prepare_inputs
 from dnir.types import numpy_dtype
 
 
@@ -49,18 +49,20 @@ def by_op(rows: list[NodeTime]) -> list[tuple[str, float, int]]:
 def _execute(graph: Graph, args, times, prefix: str):
     names = value_names(graph)
     values: dict[int, np.ndarray] = {id(n): a for n, a in zip(graph.inputs, args)}
-    for node in graph.topo_order():
-        if id(node) in values:
-            continue
-        operands = [values[id(i)] for i in node.inputs]
-        name = prefix + names[id(node)]
-        if node.op == "scan":
-            values[id(node)] = _scan(node, operands, times, name + "/")
-            continue
-        start = time.perf_counter()
-        dt = None if isinstance(node.type, tuple) else numpy_dtype(node.dtype)
-        values[id(node)] = KERNELS[node.op](node, dt, *operands)
-        _add(times, name, node, time.perf_counter() - start)
+    for node, dead in zip(graph.topo_order(), _release_plan(graph)):   # values freed as the executor does
+        if id(node) not in values:
+            operands = [values[id(i)] for i in node.inputs]
+            name = prefix + names[id(node)]
+            if node.op == "scan":
+                values[id(node)] = _scan(node, operands, times, name + "/")
+            else:
+                start = time.perf_counter()
+                dt = None if isinstance(node.type, tuple) else numpy_dtype(node.dtype)
+                values[id(node)] = KERNELS[node.op](node, dt, *operands)
+                _add(times, name, node, time.perf_counter() - start)
+            del operands
+        for key in dead:
+            values.pop(key, None)
     return [values[id(n)] for n in graph.outputs]
 
 
