@@ -7,13 +7,14 @@ the [.., K, C, C] decay tensor), and computes it in b x b blocks:
 
 - blocks above the diagonal are zero and never computed;
 - diagonal blocks keep the masked form, at b x b;
-- a block below the diagonal (rows in block a, columns in block c < a) needs
-  no mask and no decay tensor: with r the first row of block a,
+- left of a diagonal block (rows in block a, every column j before it) there
+  is no mask and no decay tensor: with r the first row of block a,
   exp(gi - gj) = exp(gi - g_r) * exp(g_r - gj), both factors <= 1 (exact, no
-  overflow), so the block is one matmul of rescaled rows, contracted over all
-  channels at once.
+  overflow), so that whole strip is one matmul of rescaled rows, contracted
+  over all channels at once.
 
-For C = 64 and b = 16 that is 10 of 16 blocks, 4 of them masked.
+For C = 64 and b = 16 that is 10 of 16 blocks, 4 of them masked, in 3 strip
+matmuls and 4 diagonal blocks.
 """
 from __future__ import annotations
 
@@ -95,14 +96,12 @@ def block_scores(m, block: int):
     for a in range(nb):
         lo, hi = a * block, (a + 1) * block
         row = []
-        ref = rows(git, lo, lo + 1, -3)
-        x_a = op("mul", rows(xt, lo, hi, -3), op("exp", op("sub", rows(git, lo, hi, -3), ref)))
-        x_a = op("reshape", x_a, shape=x_a.shape[:-3] + (block, width))
-        for c in range(a):
-            y_c = op("mul", rows(yt, c * block, (c + 1) * block, -3),
-                     op("exp", op("sub", ref, rows(gjt, c * block, (c + 1) * block, -3))))
-            y_c = op("reshape", y_c, shape=y_c.shape[:-3] + (block, width))
-            row.append(_fit(op("matmul", x_a, y_c, transpose_a=False, transpose_b=True), batch))
+        if a:   # every column left of the block, in one matmul against the block's first row as reference
+            ref = rows(git, lo, lo + 1, -3)
+            x_a = op("mul", rows(xt, lo, hi, -3), op("exp", op("sub", rows(git, lo, hi, -3), ref)))
+            y_a = op("mul", rows(yt, 0, lo, -3), op("exp", op("sub", ref, rows(gjt, 0, lo, -3))))
+            x_a, y_a = (op("reshape", t, shape=t.shape[:-3] + (t.shape[-3], width)) for t in (x_a, y_a))
+            row.append(_fit(op("matmul", x_a, y_a, transpose_a=False, transpose_b=True), batch))
         if form == "sum" and x.shape[-1] == 1:
             diag = channel_last_diagonal(xt, yt, git, gjt, lo, hi, masked)
         else:
@@ -132,7 +131,9 @@ def channel_last_diagonal(xt, yt, git, gjt, lo, hi, masked) -> Node:
         n = hi - lo
         mask = op("tril", op("full", value=1.0, shape=(n, n), dtype=diff.dtype), k=0)
         diff = op("mul", diff, op("reshape", mask, shape=(n, n, 1)))
-    prod = op("mul", op("mul", split(xt, -3), split(yt, -2)), op("exp", diff))
+    # x_i * (y_j * decay): the bracket is shared by the scores that use the same y (Akk and Aqk),
+    # and the sum over channels of x_i times it is a matrix-vector product (sum_mul_to_matmul).
+    prod = op("mul", split(xt, -3), op("mul", split(yt, -2), op("exp", diff)))
     return op("sum", prod, axes=(prod.rank - 1,), keepdims=False)
 
 
