@@ -26,10 +26,11 @@ QUICK_SIZES = {"qwen3-next": dict(heads=2, value_heads=4, head_dim=32, value_dim
                "kimi-linear": dict(heads=4, value_heads=4, head_dim=32, value_dim=32)}
 PRESETS = ("qwen3-next", "kimi-linear")
 
-# dnir-O2-numpy-arena: the same O2 graph on dnir's memory-planned NumPy executor
-# (lowering/numpy_arena.py), which the functional API does not use: it shows how much
-# of the API path's time is the reference executor's memory traffic.
-IMPLS = ("dnir-O0-numpy", "dnir-O2-numpy", "dnir-O2-numpy-arena", "dnir-O2-tvm-llvm", "fla-chunk-ref",
+# dnir-O{0,2}-numpy is the functional API's NumPy path: the graph in its memory-planned
+# compute buffer (lowering/numpy_arena.py). dnir-O2-numpy-reference runs the same O2 graph
+# on the reference executor (lowering/numpy_backend.py), which allocates a fresh array per
+# op: the difference is what the compute buffer saves.
+IMPLS = ("dnir-O0-numpy", "dnir-O2-numpy", "dnir-O2-numpy-reference", "dnir-O2-tvm-llvm", "fla-chunk-ref",
          "fla-recurrent-ref", "torch-loop")
 PEER_FUNCS = {"fla-chunk-ref": peers.fla_chunk, "fla-recurrent-ref": peers.fla_recurrent,
               "torch-loop": peers.torch_loop}
@@ -107,12 +108,15 @@ def _dnir_call(case: Case, opt: str, target: str, x: dict):
 
 
 def _prepare_dnir(case: Case, opt: str, target: str, x: dict):
-    """Build, optimise and (for TVM) compile the graph the API will use, so that the
-    timed calls only run it; returns (graph, seconds). TVM also loads the compiled
+    """Build, optimise, and plan (NumPy) or compile (TVM) the graph the API will use, so
+    that the timed calls only run it; returns (graph, seconds). TVM also loads the compiled
     module into a VM on its first call (LLVM code generation): that call is made here."""
     from dnir.api import compiled_graph
     start = time.perf_counter()
     graph = compiled_graph(case.config(), opt)
+    if target == "numpy":
+        from dnir.lowering.numpy_arena import graph_plan
+        graph_plan(graph)
     if target == "llvm":
         from dnir.lowering.tvm.compile import build
         build(graph, "llvm")
@@ -120,16 +124,13 @@ def _prepare_dnir(case: Case, opt: str, target: str, x: dict):
     return graph, time.perf_counter() - start
 
 
-def _prepare_arena(case: Case, x: dict):
-    """The O2 graph and its memory plan; returns (call, arena bytes, seconds)."""
-    from dnir.analysis.memory import plan
+def _prepare_reference(case: Case, x: dict):
+    """The O2 graph on the reference executor; returns (call, graph, seconds)."""
     from dnir.api import compiled_graph
-    from dnir.lowering.numpy_arena import run_planned
+    from dnir.lowering.numpy_backend import run
     start = time.perf_counter()
     graph = compiled_graph(case.config(), "O2")
-    memory_plan = plan(graph)
-    return (lambda: run_planned(graph, x, memory_plan)[0], memory_plan.peak_bytes,
-            time.perf_counter() - start)
+    return lambda: run(graph, x), graph, time.perf_counter() - start
 
 
 def _too_big(record: dict, need: int, why: str) -> bool:
@@ -146,16 +147,16 @@ def run_impl(impl: str, case: Case, x: dict, xt: dict, settings: dict) -> tuple[
     """One implementation on one case: its record and its (o, final_state) as NumPy arrays."""
     record = {"impl": impl}
     try:
-        if impl == "dnir-O2-numpy-arena":
-            fn, need, record["prepare_s"] = _prepare_arena(case, x)
-            if _too_big(record, need, "the memory plan's arena"):
+        if impl == "dnir-O2-numpy-reference":
+            fn, graph, record["prepare_s"] = _prepare_reference(case, x)
+            if _too_big(record, numpy_executor_bytes(graph), "the reference executor's live values"):
                 return record, None
         elif impl.startswith("dnir-"):
+            from dnir.lowering.numpy_arena import graph_plan
             _, opt, backend = impl.split("-", 2)
             target = "numpy" if backend == "numpy" else "llvm"
             graph, record["prepare_s"] = _prepare_dnir(case, opt, target, x)
-            if target == "numpy" and _too_big(record, numpy_executor_bytes(graph),
-                                              "the NumPy executor's live values"):
+            if target == "numpy" and _too_big(record, graph_plan(graph).peak_bytes, "the compute buffer"):
                 return record, None
             fn = _dnir_call(case, opt, target, x)
         else:
@@ -166,6 +167,9 @@ def run_impl(impl: str, case: Case, x: dict, xt: dict, settings: dict) -> tuple[
     except Exception as e:  # noqa: BLE001 - one failing implementation must not end the whole run
         record.update(status="failed", reason=f"{type(e).__name__}: {e}")
         return record, None
+    finally:    # the next implementation starts without this one's compute buffer
+        from dnir.lowering.numpy_arena import release_compute_buffer
+        release_compute_buffer()
     record.update(status="ok", timing=timing.to_json(), note=timing.note)
     return record, (_as_numpy(o), _as_numpy(state))
 
@@ -227,7 +231,7 @@ def targets(results: list[dict]) -> list[dict]:
             continue
         by = {r["impl"]: r for r in case["results"] if r["status"] == "ok"}
         o2, o0, ref = by.get("dnir-O2-numpy"), by.get("dnir-O0-numpy"), by.get("fla-chunk-ref")
-        for impl in ("dnir-O2-numpy", "dnir-O2-numpy-arena"):
+        for impl in ("dnir-O2-numpy",):
             if case["T"] == TARGET_SHAPE_T and impl in by and ref:
                 ratio = by[impl]["timing"]["median_s"] / ref["timing"]["median_s"]
                 limit = limits[case["variant"]]

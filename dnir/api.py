@@ -9,7 +9,11 @@ N = len(cu_seqlens) - 1. NumPy arrays in give NumPy arrays out; torch tensors
 in give torch tensors out (o in q's dtype, and device for torch; the final
 state in float32).
 The graph is built, optimised with the pipeline `opt` and cached per shapes
-and options; `target` names the backend that runs it.
+and options; `target` names the backend that runs it. On "numpy" it runs in
+its memory-planned compute buffer (lowering/numpy_arena: the reference
+executor's arithmetic, bit for bit, without fresh memory per op); the buffer
+is kept between calls, and `dnir.lowering.numpy_arena.release_compute_buffer()`
+frees it.
 """
 from __future__ import annotations
 
@@ -67,8 +71,13 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
     cfg = _config(variant, form, fn, arrays, cu, args)
     for name, a in arrays.items():
         _check_finite(a, name, fn)
-    from .lowering import run
-    outputs = run(compiled_graph(cfg, args["opt"]), arrays, target=args["target"])
+    graph = compiled_graph(cfg, args["opt"])
+    if args["target"] == "numpy":
+        from .lowering.numpy_arena import run_planned
+        outputs = run_planned(graph, arrays)[0]
+    else:
+        from .lowering import run
+        outputs = run(graph, arrays, target=args["target"])
     o = outputs[0]
     state = outputs[1] if cfg.final_state else None
     if torch_like is None:

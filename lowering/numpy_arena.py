@@ -5,8 +5,18 @@ offset, and every op writes its result there with `out=` (or in place, when
 the plan put the result over a dying operand). The arithmetic is the NumPy
 backend's, call for call, so results are identical to `numpy_backend.run`.
 Runs in the declared dtypes only (the plan is sized for them).
+
+The arena is a compute buffer kept between calls, as an inference engine
+keeps its own: fresh memory costs a page fault per page on first touch (on a
+virtual machine, more than the arithmetic of a large elementwise op), so one
+buffer grows to the largest plan run and is reused by every later call.
+`release_compute_buffer()` gives it back. A call that finds the buffer in use
+(another thread) runs in a buffer of its own.
 """
 from __future__ import annotations
+
+import threading
+import weakref
 
 import numpy as np
 
@@ -168,8 +178,8 @@ def _bytes(array: np.ndarray) -> np.ndarray:
 
 
 class _Arena:
-    def __init__(self, nbytes: int):
-        self.data = np.empty(nbytes, dtype=np.uint8)
+    def __init__(self, data: np.ndarray):
+        self.data = data
         self.high_water = 0        # highest arena byte any value occupied
 
     def array(self, loc: Loc, t, base: int, regions: dict) -> np.ndarray:
@@ -234,23 +244,65 @@ def _scan(mp: MemoryPlan, node, operands, arena: _Arena, base: int, regions: dic
                 np.copyto(carries[k], stages.get(k, outs[k]))
 
 
+_LOCK = threading.Lock()
+_SPARE: list[np.ndarray] = []      # the compute buffer while no call uses it (at most one)
+_PLANS: "weakref.WeakKeyDictionary[Graph, MemoryPlan]" = weakref.WeakKeyDictionary()
+
+
+def _take_buffer(nbytes: int) -> np.ndarray:
+    with _LOCK:
+        spare = _SPARE.pop() if _SPARE else None
+    if spare is not None and spare.nbytes >= nbytes:
+        return spare
+    del spare                          # too small: let it go before growing
+    return np.empty(nbytes, dtype=np.uint8)
+
+
+def _give_back(buffer: np.ndarray):
+    with _LOCK:
+        if not _SPARE:
+            _SPARE.append(buffer)
+        elif _SPARE[0].nbytes < buffer.nbytes:
+            _SPARE[0] = buffer
+
+
+def release_compute_buffer() -> int:
+    """Free the compute buffer kept between calls; returns its size in bytes (0 if none)."""
+    with _LOCK:
+        freed = sum(b.nbytes for b in _SPARE)
+        _SPARE.clear()
+    return freed
+
+
+def graph_plan(graph: Graph) -> MemoryPlan:
+    """The memory plan of `graph`, made once per graph object."""
+    mp = _PLANS.get(graph)
+    if mp is None:
+        mp = _PLANS[graph] = make_plan(graph)
+    return mp
+
+
 def run_planned(graph: Graph, inputs, plan: MemoryPlan | None = None) -> tuple[list[np.ndarray], int]:
-    """Execute `graph` inside one arena of `plan.peak_bytes` bytes (planned here if not
-    given). Returns (outputs as fresh arrays, the arena bytes actually occupied)."""
+    """Execute `graph` inside the compute buffer, laid out by `plan` (the graph's own,
+    made once, if not given). Returns (outputs as fresh arrays, the arena bytes actually
+    occupied)."""
     missing = missing_ops(graph) + sorted({n.op for n in _all_nodes(graph)} - set(OUT_KERNELS)
                                           - {"input", "item", "scan"})
     if missing:
         raise BackendError(f"numpy arena executor lacks op(s): {', '.join(sorted(set(missing)))}")
-    mp = make_plan(graph) if plan is None else plan
+    mp = graph_plan(graph) if plan is None else plan
     if mp.graph is not graph:
         raise BackendError("the memory plan was made for another graph; plan this one with "
                            "dnir.analysis.memory.plan(graph)")
     args = [np.ascontiguousarray(a) for a in prepare_inputs(graph, inputs)]
     regions = {f"input:{n.attrs['name']}": _bytes(a) for n, a in zip(graph.inputs, args)}
-    arena = _Arena(mp.peak_bytes)
-    with np.errstate(all="ignore"):         # inf/nan follow IEEE, as in the reference backend
-        outs = _execute(mp, arena, 0, regions)
-    return [np.array(o, copy=True) for o in outs], arena.high_water
+    arena = _Arena(_take_buffer(mp.peak_bytes))
+    try:
+        with np.errstate(all="ignore"):     # inf/nan follow IEEE, as in the reference backend
+            outs = [np.array(o, copy=True) for o in _execute(mp, arena, 0, regions)]
+    finally:
+        _give_back(arena.data)
+    return outs, arena.high_water
 
 
 def _all_nodes(graph: Graph):

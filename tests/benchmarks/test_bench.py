@@ -17,7 +17,7 @@ from dnir.benchmarks.timing import measure
 from dnir.models import DeltaNetConfig, build_delta_net, delta_rule_reference, random_inputs, relative_rms_error
 
 ROOT = Path(__file__).resolve().parents[2]
-DNIR_IMPLS = {"dnir-O0-numpy", "dnir-O2-numpy", "dnir-O2-numpy-arena", "dnir-O2-tvm-llvm"}
+DNIR_IMPLS = {"dnir-O0-numpy", "dnir-O2-numpy", "dnir-O2-numpy-reference", "dnir-O2-tvm-llvm"}
 PEER_IMPLS = {"fla-chunk-ref", "fla-recurrent-ref", "torch-loop"}
 
 
