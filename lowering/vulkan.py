@@ -9,11 +9,17 @@ TVM 0.27 has no Vulkan runtime in its wheel, so the host side is here:
      functions become WGSL through TVM's webgpu codegen;
   3. interpret `main` (call_tir, in-place calls, reshapes, calls of scan step
      functions, tuples) and record one compute dispatch per kernel launch.
+     The buffers a function allocates are ranges of one arena per function,
+     placed by the memory plan of `vulkan_plan` and kept by the executable
+     from run to run; only the outputs of `main` get buffers of their own.
 
 Binding rules of TVM's WGSL: storage buffers are numbered in alphabetical
 order of buffer name, then one uniform struct whose last field `packGridDimX`
 is the number of workgroups in x minus one (a kernel returns early past it,
 which is how a grid wider than the 65535-workgroup limit is folded into z).
+Every storage buffer is bound read_write: WebGPU tracks usage per buffer, not
+per range, and a dispatch that reads one range of an arena and writes another
+would otherwise use one buffer as read-only and writable storage at once.
 """
 from __future__ import annotations
 
@@ -38,7 +44,6 @@ _SUBMIT_EVERY = 512   # dispatches per command buffer
 class Launch:
     kernel: str
     args: list            # host buffer name per storage binding, in binding order
-    read_only: list       # per storage binding
     grid: tuple           # workgroups (x, y, z) before folding x into z
     pod: list             # values of the uniform's fields before packGridDimX
 
@@ -59,7 +64,8 @@ def _device():
         adapters.sort(key=lambda a: a.info.get("adapter_type") == "CPU")
         adapter = adapters[0]
         limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
-                                                 "max-storage-buffers-per-shader-stage")}
+                                                 "max-storage-buffers-per-shader-stage",
+                                                 "min-storage-buffer-offset-alignment")}
         _DEVICE = (wgpu, adapter, adapter.request_device_sync(required_limits=limits))
     return _DEVICE
 
@@ -84,6 +90,7 @@ class VulkanExecutable:
 
         from .tvm.compile import make_target
         from .tvm.translate import translate
+        from .vulkan_plan import plan_functions
 
         target = make_target("webgpu")
         mod = translate(graph, gpu=True, dtypes=DTYPES, target_name="vulkan", bool_as_int=True)
@@ -94,9 +101,22 @@ class VulkanExecutable:
         self.launches, self.wgsl = _lower_kernels(prims, target)
         # Kernel arguments are named by the PrimFunc's buffers.
         self.params = {name: [p.name for p in f.params] for name, f in prims.items()}
+        align = _device()[2].limits["min-storage-buffer-offset-alignment"]
+        self.plans = plan_functions(self.functions, align)
+        self._arenas = {}   # function name -> its arena buffer, made on the first call
         self._pipelines = {}
         self._uniforms = {}
         self._consts = {}
+
+    @property
+    def arena_bytes(self) -> dict[str, int]:
+        """Function name -> bytes of its arena (the buffers it allocates that do not escape it)."""
+        return {name: plan.arena_bytes for name, plan in self.plans.items()}
+
+    @property
+    def intermediate_bytes(self) -> dict[str, int]:
+        """Function name -> bytes of every buffer it allocates: what one buffer per value holds."""
+        return {name: plan.intermediate_bytes for name, plan in self.plans.items()}
 
 
 def _lower_kernels(prims: dict, target):
@@ -156,7 +176,7 @@ def _split_wgsl(source: str) -> dict:
     return out
 
 
-_BINDING = re.compile(r"@binding\((\d+)\) var<storage, (read|read_write)> (\w+)_ptr")
+_BINDING = re.compile(r"@binding\((\d+)\) var<storage, (?:read|read_write)> (\w+)_ptr")
 _POD = re.compile(r"struct PODArgs \{([^}]*)\}")
 
 
@@ -165,7 +185,7 @@ def _launch(call, sources, func_name) -> Launch:
     wgsl = sources.get(kernel)
     if wgsl is None:
         raise BackendError(f"vulkan: no WGSL for kernel {kernel} of {func_name}")
-    bindings = sorted((int(i), name, mode == "read") for i, mode, name in _BINDING.findall(wgsl))
+    bindings = sorted((int(i), name) for i, name in _BINDING.findall(wgsl))
     pod_fields = [f.split(":")[0].strip() for f in _POD.search(wgsl).group(1).split(",") if f.strip()]
     params = call.attrs.launch_params
     n_values = len(call.args) - 1 - len(params)
@@ -179,7 +199,7 @@ def _launch(call, sources, func_name) -> Launch:
     for name, ext in zip(params, extents):
         if name.startswith("blockIdx."):
             grid["xyz".index(name[-1])] = ext
-    return Launch(kernel, [b[1] for b in bindings], [b[2] for b in bindings], tuple(grid), pods)
+    return Launch(kernel, [b[1] for b in bindings], tuple(grid), pods)
 
 
 # ---------------------------------------------------------------------------
@@ -187,10 +207,11 @@ def _launch(call, sources, func_name) -> Launch:
 
 
 class _Tensor:
-    __slots__ = ("buffer", "shape", "dtype")
+    __slots__ = ("buffer", "offset", "shape", "dtype")
 
-    def __init__(self, buffer, shape, dtype):
-        self.buffer, self.shape, self.dtype = buffer, tuple(int(d) for d in shape), str(dtype)
+    def __init__(self, buffer, offset, shape, dtype):
+        self.buffer, self.offset = buffer, offset
+        self.shape, self.dtype = tuple(int(d) for d in shape), str(dtype)
 
     @property
     def nbytes(self) -> int:
@@ -207,22 +228,32 @@ class _Run:
         self.pending = 0
 
     # buffers
-    def alloc(self, shape, dtype) -> _Tensor:
+    def buffer(self, size: int):
         usage = self.wgpu.BufferUsage.STORAGE | self.wgpu.BufferUsage.COPY_SRC | self.wgpu.BufferUsage.COPY_DST
-        t = _Tensor(None, shape, dtype)
-        t.buffer = self.device.create_buffer(size=_round4(t.nbytes), usage=usage)
-        return t
+        return self.device.create_buffer(size=_round4(size), usage=usage)
+
+    def arena(self, name: str):
+        """The function's arena, kept by the executable: every call's blocks die within the call."""
+        if name not in self.ex._arenas:
+            size = self.ex.plans[name].arena_bytes
+            limit = self.device.limits["max-buffer-size"]
+            if size > limit:
+                raise BackendError(f"vulkan: the buffers of {name} need an arena of {size} bytes, more than "
+                                   f"the device's max-buffer-size {limit}; run a smaller graph")
+            self.ex._arenas[name] = self.buffer(size) if size else None
+        return self.ex._arenas[name]
 
     def upload(self, array: np.ndarray) -> _Tensor:
         array = np.ascontiguousarray(array)
-        t = self.alloc(array.shape, array.dtype.name)
+        t = _Tensor(None, 0, array.shape, array.dtype.name)
+        t.buffer = self.buffer(t.nbytes)
         if array.nbytes:
             self.device.queue.write_buffer(t.buffer, 0, array.tobytes())
         return t
 
     def download(self, t: _Tensor) -> np.ndarray:
         self.flush()
-        data = self.device.queue.read_buffer(t.buffer, 0, _round4(t.nbytes))
+        data = self.device.queue.read_buffer(t.buffer, t.offset, _round4(t.nbytes))
         count = math.prod(t.shape)
         return np.frombuffer(data, dtype=t.dtype, count=count).reshape(t.shape).copy()
 
@@ -230,11 +261,10 @@ class _Run:
     def pipeline(self, kernel: str):
         cache = self.ex._pipelines
         if kernel not in cache:
-            wgsl = self.ex.wgsl[kernel]
+            wgsl = self.ex.wgsl[kernel].replace("var<storage, read>", "var<storage, read_write>")
             module = self.device.create_shader_module(code=wgsl)
             entries = [{"binding": int(i), "visibility": self.wgpu.ShaderStage.COMPUTE,
-                        "buffer": {"type": "read-only-storage" if mode == "read" else "storage"}}
-                       for i, mode, _ in _BINDING.findall(wgsl)]
+                        "buffer": {"type": "storage"}} for i, _ in _BINDING.findall(wgsl)]
             uniform = int(re.search(r"@binding\((\d+)\) var<uniform>", wgsl).group(1))
             entries.append({"binding": uniform, "visibility": self.wgpu.ShaderStage.COMPUTE,
                             "buffer": {"type": "uniform"}})
@@ -263,7 +293,7 @@ class _Run:
         x, y, z = launch.grid
         if z == 1 and x > MAX_WORKGROUPS:
             x, z = MAX_WORKGROUPS, -(-x // MAX_WORKGROUPS)
-        entries = [{"binding": i, "resource": {"buffer": tensors[name].buffer, "offset": 0,
+        entries = [{"binding": i, "resource": {"buffer": tensors[name].buffer, "offset": tensors[name].offset,
                                                 "size": _round4(tensors[name].nbytes)}}
                    for i, name in enumerate(launch.args)]
         entries.append({"binding": uniform_binding,
@@ -287,15 +317,27 @@ class _Run:
             self.encoder, self.pending = None, 0
 
     # interpretation of the legalised Relax functions
-    def call_function(self, name: str, args: list):
-        func = self.ex.functions[name]
+    def call_function(self, name: str, args: list, dests=None):
+        """Run a function; `dests` are the (buffer, offset) its returned blocks go to, in the order of
+        its plan's escapes (None: buffers of their own, for the outputs of `main`)."""
+        func, plan = self.ex.functions[name], self.ex.plans[name]
+        arena = self.arena(name)
+
+        def place(block):
+            if not block.escapes:
+                return arena, block.offset
+            if dests is not None:
+                return dests[plan.escapes.index(block)]
+            return self.buffer(block.size), 0
+
         env = {p: a for p, a in zip(func.params, args)}
         for block in func.body.blocks:
             for binding in block.bindings:
-                env[binding.var] = self.eval(binding.value, env)
+                places = [place(b) for b in plan.defs.get(binding.var, ())]
+                env[binding.var] = self.eval(binding.value, env, places)
         return self.eval(func.body.body, env)
 
-    def eval(self, expr, env):
+    def eval(self, expr, env, places=()):
         from tvm import relax
         if isinstance(expr, relax.Var):
             return env[expr]
@@ -308,36 +350,36 @@ class _Run:
             return [self.eval(f, env) for f in expr.fields]
         if isinstance(expr, relax.TupleGetItem):
             return self.eval(expr.tuple_value, env)[expr.index]
-        return self.call(expr, env)
+        return self.call(expr, env, places)
 
-    def call(self, expr, env):
+    def call(self, expr, env, places):
+        """Evaluate a call whose new buffers the plan placed at `places` ((buffer, offset) each)."""
         from tvm import relax
         if not isinstance(expr, irx.Call):
             raise BackendError(f"vulkan: cannot run Relax expression {type(expr).__name__}")
         op = expr.op
         if isinstance(op, relax.GlobalVar):
-            return self.call_function(op.name_hint, [self.eval(a, env) for a in expr.args])
+            return self.call_function(op.name_hint, [self.eval(a, env) for a in expr.args], places)
         name = op.name
         if name in ("relax.call_tir", "relax.call_tir_inplace"):
             gv, args = expr.args[0], [self.eval(a, env) for a in expr.args[1].fields]
-            out_types = expr.ty_args[0] if len(expr.ty_args) else None
-            outs_t = list(out_types.fields) if isinstance(out_types, relax.TupleType) else [out_types]
             if name == "relax.call_tir_inplace":
                 outs = [args[i] for i in expr.attrs.inplace_indices]
+                self.run_prim(gv.name_hint, args)
             else:
-                outs = [self.alloc([int(d) for d in t.shape], t.dtype) for t in outs_t]
-            self.run_prim(gv.name_hint, args + [o for i, o in enumerate(outs)
-                                                if name != "relax.call_tir_inplace"])
+                out_ty = expr.ty_args[0]
+                types = list(out_ty.fields) if isinstance(out_ty, relax.TupleType) else [out_ty]
+                outs = [_Tensor(buf, offset, t.shape, t.dtype) for (buf, offset), t in zip(places, types)]
+                self.run_prim(gv.name_hint, args + outs)
             return outs[0] if len(outs) == 1 else outs
         if name == "relax.builtin.alloc_tensor":
-            t = expr.ty
-            return self.alloc([int(d) for d in t.shape], t.dtype)
+            return _Tensor(*places[0], expr.ty.shape, expr.ty.dtype)
         if name == "relax.call_pure_packed" and expr.args[0].global_symbol == "vm.builtin.reshape":
             src = self.eval(expr.args[1], env)
-            return _Tensor(src.buffer, [int(d) for d in expr.args[2].values], src.dtype)
+            return _Tensor(src.buffer, src.offset, expr.args[2].values, src.dtype)
         if name == "relax.reshape":
             src = self.eval(expr.args[0], env)
-            return _Tensor(src.buffer, [int(d) for d in expr.ty.shape], src.dtype)
+            return _Tensor(src.buffer, src.offset, expr.ty.shape, src.dtype)
         raise BackendError(f"vulkan: cannot run Relax call {name}")
 
     def run_prim(self, name: str, args: list):
