@@ -1,13 +1,17 @@
 """sum(mul(a, b), axis) with a broadcast operand is a matrix product.
 
     sum(S^T [.., V, K] * k [.., 1, K], axis=-1)  ->  (S^T @ k^T)[.., V]
+    sum(S [.., K, V] * k [.., K, 1], axis=-2)    ->  (S^T @ k)[.., V]
 
 Every axis of the product is a batch axis (both operands vary along it), an
 m axis (only a varies), an n axis (only b varies) or the contracted axis. The
-operands are laid out as [batch.., m, k] and [batch.., n, k] and multiplied
-with transpose_b; the rewrite applies only when that layout and the way back
-are reshapes (no copies), which is the case whenever the axes are already in
-that order, as in the decode step and in a row-sum written as sum_rows(S * k).
+operands are laid out as [batch.., m, k] and [batch.., n, k] with transpose_b
+(the row-sum form), or, failing that, with the contracted axis on the other
+side of either operand (the transpose flags) or with a and b swapped; the
+rewrite applies only when the layouts and the way back are reshapes (no
+copies), which is the case whenever the axes are already in one of these
+orders, as in the decode step in either state layout and in a row-sum
+written as sum_rows(S * k).
 """
 from __future__ import annotations
 
@@ -33,6 +37,10 @@ def _as_matrix(x: Node, order, shape):
     return x if x.shape == tuple(shape) else make_node("reshape", (x,), {"shape": shape})
 
 
+# Operand layouts tried in turn: [.., m, k] x [.., n, k] first (the row-sum form).
+FLAGS = ((False, True), (False, False), (True, True), (True, False))
+
+
 def sum_of_product(m):
     node, prod = m.node, m.node.inputs[0]
     if len(node.attrs["axes"]) != 1 or prod.dtype == "bool":
@@ -51,14 +59,19 @@ def sum_of_product(m):
     if not ms and not ns:
         return None  # a batched dot product: no broadcast operand, nothing to gain
     bshape = tuple(a.shape[i] for i in batch)
-    msize, nsize = math.prod(a.shape[i] for i in ms), math.prod(b.shape[i] for i in ns)
-    a2 = _as_matrix(a, batch + ms + ns + [k], bshape + (msize, a.shape[k]))
-    b2 = _as_matrix(b, batch + ns + ms + [k], bshape + (nsize, b.shape[k]))
-    order = batch + ms + ns     # the product's axes; the sum's result keeps them in 0..rank order
-    if a2 is None or b2 is None or order != sorted(order):
-        return None
-    out = make_node("matmul", (a2, b2), {"transpose_a": False, "transpose_b": True})
-    return make_node("reshape", (out,), {"shape": node.shape})
+    for left, right, lm, rn in ((a, b, ms, ns), (b, a, ns, ms)):
+        if batch + lm + rn != sorted(batch + lm + rn):
+            continue    # the product's axes; the sum's result keeps them in 0..rank order
+        rows, cols = math.prod(left.shape[i] for i in lm), math.prod(right.shape[i] for i in rn)
+        for ta, tb in FLAGS:
+            a2 = _as_matrix(left, batch + ([k] + lm if ta else lm + [k]) + rn,
+                            bshape + ((left.shape[k], rows) if ta else (rows, left.shape[k])))
+            b2 = _as_matrix(right, batch + (rn + [k] if tb else [k] + rn) + lm,
+                            bshape + ((cols, right.shape[k]) if tb else (right.shape[k], cols)))
+            if a2 is not None and b2 is not None:
+                out = make_node("matmul", (a2, b2), {"transpose_a": ta, "transpose_b": tb})
+                return make_node("reshape", (out,), {"shape": node.shape})
+    return None
 
 
 @register_pass("sum_mul_to_matmul")

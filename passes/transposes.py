@@ -6,6 +6,15 @@ inverse pairs cancel (two permutes compose into one), a permute that moves
 only size-1 axes is a reshape, a swap of the last two axes feeding or fed by a
 matmul becomes a transpose flag, permutes move through elementwise ops when
 that lets them meet and cancel, and every `cont` goes.
+
+Permutes also sink toward their readers: through elementwise ops whose other
+operands change layout without a copy (scalars, vectors, a rank-1 update),
+and into sums, slices and concats, which then move less. A permute with
+several readers sinks into all of them only as a trial, kept when the graph
+then moves fewer elements: that is how a state carried transposed, S^T = P(S),
+read by S^T k, S^T q and a decay and update, runs untransposed with no copy.
+A matrix-vector product reads its matrix untransposed (the vector takes the
+transpose, which for a vector is a reshape).
 """
 from __future__ import annotations
 
@@ -19,7 +28,10 @@ x = P.any("x")
 
 
 def permute(node: Node, axes) -> Node:
+    """permute(node, axes), composed with node's own permute (a permute never reads a permute)."""
     axes = tuple(axes)
+    if node.op == "permute":
+        node, axes = node.inputs[0], tuple(node.attrs["axes"][a] for a in axes)
     return node if axes == tuple(range(len(axes))) else make_node("permute", (node,), {"axes": axes})
 
 
@@ -92,24 +104,80 @@ def push_into_elementwise(m):
     return make_node(e.op, [_permuted(i, axes) for i in e.inputs], e.attrs)
 
 
-def sink_out_of_elementwise(m):
-    """f(permute(a, p), permute(b, p)) -> permute(f(a, b), p): one copy instead of several."""
+def copy_free(x: Node, axes, m, rank: int):
+    """x (an operand of an elementwise op of rank `rank`, aligned from the right) permuted by
+    `axes` without copying a value of the op's size, or None: a scalar, a full, a permute
+    that `axes` undoes, a permute that moves only size-1 axes (a reshape), or an elementwise
+    op read only here whose operands are all such (a rank-1 update k u^T of two vectors)."""
+    if x.rank == 0:
+        return x
+    shape = (1,) * (rank - x.rank) + x.shape
+    if x.op == "full":
+        return make_node("full", (), {**x.attrs, "shape": tuple(shape[a] for a in axes)})
+    if x.rank < rank:
+        x = make_node("reshape", (x,), {"shape": shape})
+    if x.op == "permute" and [x.attrs["axes"][a] for a in axes] == list(range(rank)):
+        return x.inputs[0]
+    if moves_only_unit_axes(axes, x.shape):
+        return make_node("reshape", (x,), {"shape": tuple(x.shape[a] for a in axes)})
+    if x.op == "input" or not is_elementwise(x) or m.uses(x) != 1 or not _commutes(x, axes):
+        return None
+    operands = [copy_free(i, axes, m, rank) for i in x.inputs]
+    return None if None in operands else make_node(x.op, operands, x.attrs)
+
+
+def sink_out_of_elementwise(m, shared=False):
+    """f(permute(a, p), b) -> permute(f(a, b'), p) where b' is b in a's layout at no copy:
+    one copy of the result instead of one per operand, and the permute moves on toward
+    its readers. `shared`: also when the permute has other readers (they keep it)."""
     e = m.node
-    perms = [i for i in e.inputs if i.op == "permute"]
-    if not perms or any(p.shape != e.shape for p in perms):
+    perms = [i for i in e.inputs if i.op == "permute" and i.shape == e.shape]
+    if not perms or not _commutes(e, perms[0].attrs["axes"]):
         return None
     axes = perms[0].attrs["axes"]
-    if not _commutes(e, axes):
-        return None
-    if any(p.attrs["axes"] != axes for p in perms) or not all(i.op == "permute" or i.rank == 0 or
-                                                              (i.op == "full" and i.rank == e.rank)
-                                                              for i in e.inputs):
-        return None
-    if len(perms) == 1 and m.uses(perms[0]) > 1:
+    if not shared and len(perms) == 1 and m.uses(perms[0]) > 1:
         return None    # the permute stays for its other reader: sinking would copy twice
     inverse = [axes.index(a) for a in range(len(axes))]
-    return permute(make_node(e.op, [_permuted(i, inverse) if i.op != "permute" else i.inputs[0]
-                                    for i in e.inputs], e.attrs), axes)
+    operands = [copy_free(i, inverse, m, e.rank) for i in e.inputs]
+    return None if None in operands else permute(make_node(e.op, operands, e.attrs), axes)
+
+
+def sum_of_permute(m, shared=False):
+    """sum(permute(a, p)) -> permute'(sum(a)): the permute moves the smaller, reduced value
+    (and often none at all: summing a transposed matrix over its rows is a column sum)."""
+    node, inner = m.node, m.node.inputs[0]
+    if not shared and m.uses(inner) > 1:
+        return None
+    p, rank, keep = inner.attrs["axes"], node.inputs[0].rank, node.attrs["keepdims"]
+    summed = {a % rank for a in node.attrs["axes"]}
+    out = make_node("sum", (m.x,), {"axes": tuple(sorted(p[a] for a in summed)), "keepdims": keep})
+    if keep:
+        return permute(out, p)
+    kept = [p[a] for a in range(rank) if a not in summed]
+    return permute(out, [sorted(kept).index(a) for a in kept])
+
+
+def slice_of_permute(m, shared=False):
+    """slice(permute(x, p)) -> permute(slice'(x), p): the permute moves only the part kept."""
+    inner = m.node.inputs[0]
+    if not shared and m.uses(inner) > 1:
+        return None
+    p, starts, stops = inner.attrs["axes"], [0] * m.x.rank, list(m.x.shape)
+    for j, a in enumerate(p):
+        starts[a], stops[a] = m.node.attrs["starts"][j], m.node.attrs["stops"][j]
+    return permute(make_node("slice", (m.x,), {"starts": starts, "stops": stops}), p)
+
+
+def concat_of_permutes(m, shared=False):
+    """concat(permute(a, p), permute(b, p)) -> permute(concat(a, b), p): one copy for all parts."""
+    parts = m.node.inputs
+    if any(i.op != "permute" or i.attrs["axes"] != parts[0].attrs["axes"] for i in parts):
+        return None
+    if not shared and any(m.uses(i) > 1 for i in parts):
+        return None
+    p = parts[0].attrs["axes"]
+    joined = make_node("concat", [i.inputs[0] for i in parts], {"axis": p[m.node.attrs["axis"] % m.node.rank]})
+    return permute(joined, p)
 
 
 def permute_of_broadcast(m):
@@ -139,22 +207,70 @@ def permute_of_unit_reshape(m):
     return make_node("reshape", (moved,), {"shape": node.shape})
 
 
-RULES = [
-    Rule(P("cont", x), lambda m: m.x, "drop_cont"),
-    Rule(P("permute", P("permute", x)), compose, "compose_permutes"),
-    Rule(P("permute", x), unit_axes_reshape, "unit_axes_permute_to_reshape"),
-    Rule(P("permute", P("reshape", x)), permute_of_unit_reshape, "permute_of_unit_reshape"),
-    Rule(P("matmul", P.any(), P.any()), fold_into_matmul, "fold_into_matmul_flags"),
-    Rule(P("permute", P("matmul", P.any(), P.any()), axes=is_last_two_swap), transpose_of_matmul,
-         "transpose_of_matmul"),
-    Rule(P("permute", P("broadcast_to", x)), permute_of_broadcast, "permute_of_broadcast"),
-    Rule(P("permute", P.any()), push_into_elementwise, "push_into_elementwise"),
-    Rule(P(None), lambda m: sink_out_of_elementwise(m) if is_elementwise(m.node) else None,
-         "sink_out_of_elementwise"),
-]
+def matrix_as_stored(m):
+    """A matrix-vector product reads its matrix untransposed: A^T x -> (x^T A)^T, where the
+    outer transpose of a vector is a reshape. The matrix is then read row by row."""
+    a, b = m.node.inputs
+    ta, tb = m.node.attrs["transpose_a"], m.node.attrs["transpose_b"]
+    rows, cols = m.node.shape[-2:]
+    if ta and cols == 1 < rows:
+        flags = {"transpose_a": not tb, "transpose_b": False}
+    elif tb and rows == 1 < cols:
+        flags = {"transpose_a": False, "transpose_b": not ta}
+    else:
+        return None
+    return make_node("reshape", (make_node("matmul", (b, a), flags),), {"shape": m.node.shape})
+
+
+def rules(shared: bool) -> list[Rule]:
+    """`shared`: permutes sink into every reader, also when they have several (each gets a copy)."""
+    return [
+        Rule(P("cont", x), lambda m: m.x, "drop_cont"),
+        Rule(P("permute", P("permute", x)), compose, "compose_permutes"),
+        Rule(P("permute", x), unit_axes_reshape, "unit_axes_permute_to_reshape"),
+        Rule(P("permute", P("reshape", x)), permute_of_unit_reshape, "permute_of_unit_reshape"),
+        Rule(P("matmul", P.any(), P.any()), fold_into_matmul, "fold_into_matmul_flags"),
+        Rule(P("matmul", P.any(), P.any()), matrix_as_stored, "matrix_as_stored"),
+        Rule(P("permute", P("matmul", P.any(), P.any()), axes=is_last_two_swap), transpose_of_matmul,
+             "transpose_of_matmul"),
+        Rule(P("permute", P("broadcast_to", x)), permute_of_broadcast, "permute_of_broadcast"),
+        Rule(P("permute", P.any()), push_into_elementwise, "push_into_elementwise"),
+        Rule(P(None), lambda m: sink_out_of_elementwise(m, shared) if is_elementwise(m.node) else None,
+             "sink_out_of_elementwise"),
+        Rule(P("sum", P("permute", x)), lambda m: sum_of_permute(m, shared), "sum_of_permute"),
+        Rule(P("slice", P("permute", x)), lambda m: slice_of_permute(m, shared), "slice_of_permute"),
+        Rule(P("concat"), lambda m: concat_of_permutes(m, shared), "concat_of_permutes"),
+    ]
+
+
+RULES = rules(shared=False)
+SHARED_RULES = rules(shared=True)
+
+
+def permute_traffic(graph: Graph) -> tuple[int, int]:
+    """(permutes run, elements they move) per run of the graph: a scan body's once per step."""
+    count, elements = 0, 0
+    for node in graph.topo_order():
+        if node.op == "permute":
+            count, elements = count + 1, elements + node.type.size
+        elif node.op == "scan":
+            c, e = permute_traffic(node.attrs["body"])
+            count, elements = count + c * node.attrs["length"], elements + e * node.attrs["length"]
+    return count, elements
+
+
+def cheaper(new: Graph, old: Graph) -> bool:
+    (c, e), (c0, e0) = permute_traffic(new), permute_traffic(old)
+    return (c, e) != (c0, e0) and c <= c0 and e <= e0
 
 
 @register_pass("eliminate_transposes")
 def eliminate_transposes(graph: Graph) -> tuple[Graph, bool]:
     """Cancel, fold and drop permutes and conts."""
-    return apply_rules(graph, RULES)
+    graph, changed = apply_rules(graph, RULES)
+    # A permute read by several ops sinks into each of them only if all the copies then
+    # cancel or fold (into matmul flags, sums, other permutes): tried, kept when cheaper.
+    trial, sunk = apply_rules(graph, SHARED_RULES)
+    if sunk and cheaper(trial, graph):
+        return trial, True
+    return graph, changed
