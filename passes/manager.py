@@ -143,7 +143,7 @@ def report_table(records: list[PassRecord]) -> str:
 
 
 CLEANUP = ["remove_identities", "fold_constants", "cse", "dce"]
-LAYOUT = ["eliminate_transposes", "cumsum_axis", "eliminate_transposes"]
+LAYOUT = ["eliminate_transposes", "relayout_scan_carries", "cumsum_axis", "eliminate_transposes"]
 PIPELINES: dict[str, list[str]] = {
     "O0": [],
     "O1": CLEANUP + LAYOUT + CLEANUP,
