@@ -2,7 +2,10 @@
 
 The state is carried transposed, S^T [N, HV, V, K], so that both S^T k and
 S^T q are products along the innermost axis: `sum(mul(S^T, k))`, which is how
-ggml writes them (`sum_rows`).
+ggml writes them (`sum_rows`). This is the O0 reference form; O1/O2 remove
+both state transposes (eliminate_transposes sinks them into the products,
+relayout_scan_carries carries the scan's state as S [N, HV, K, V]), so the
+optimised step reads S row by row as k^T S and q^T S.
 """
 from __future__ import annotations
 
