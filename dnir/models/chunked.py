@@ -10,6 +10,10 @@ gate from the chunk start (a [C, Kg] matrix) and D_ij = gam_i - gam_j:
     Vn = U - W S0,   O = (q exp(gam)) S0 + Aqk Vn
     S  = exp(gam_C) S0 + (k exp(gam_C - gam))^T Vn
 
+O is computed as (q exp(gam) - Aqk W) S0 + Aqk U: both products by Aqk are
+then made for all chunks at once, off the sequential path, and the chunk loop
+multiplies the state once, by W stacked on that [2C, K] operand.
+
 Every exponent above is <= 0 (g <= 0, and D is masked to j <= i before exp),
 so strong gates underflow to 0 and never overflow.
 """
@@ -47,7 +51,8 @@ def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state)
     gam_exp = b.exp(gam)
     w = b.matmul(inverse, b.mul(b.mul(k, beta), gam_exp))       # [R, HV, NC, C, K]
     u = b.matmul(inverse, b.mul(v, beta))                       # [R, HV, NC, C, V]
-    q_decayed = b.mul(q, gam_exp)
+    q_state = b.sub(b.mul(q, gam_exp), b.matmul(aqk, w))        # what the output reads of S0
+    o_intra = b.matmul(aqk, u)                                  # [R, HV, NC, C, V]
     gam_last = b.slice_axis(gam, -2, C - 1, C)                  # [R, HV, NC, 1, Kg]
     k_to_end = b.mul(k, b.exp(b.sub(gam_last, gam)))            # decay from each token to the chunk end
     last_decay = b.reshape(b.exp(gam_last), (R, HV, NC, Kg, 1))  # scales the state's key rows
@@ -55,7 +60,7 @@ def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state)
     def chunk_major(x):  # the scan walks the leading axis
         return b.cont(b.permute(x, (2, 0, 1, 3, 4)))
 
-    xs = [chunk_major(x) for x in (w, u, q_decayed, aqk, k_to_end, last_decay)]
+    xs = [chunk_major(x) for x in (b.concat([w, q_state], axis=-2), u, o_intra, k_to_end, last_decay)]
     body = _chunk_step(xs, (R, HV, K, V))
     if cfg.cu_seqlens is None:
         state, o = b.scan(body, [state], xs)                     # o [NC, R, HV, C, V]
@@ -113,11 +118,13 @@ def _chunk_step(xs, state_shape):
     """Body of the scan over chunks: the only sequential part."""
     bb = Builder()
     s0 = bb.input("state", state_shape)
-    w, u, q_decayed, aqk, k_to_end, last_decay = (
+    wq, u, o_intra, k_to_end, last_decay = (
         bb.input(name, x.shape[1:]) for name, x in
-        zip(("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay"), xs))
-    v_new = bb.sub(u, bb.matmul(w, s0))
-    o = bb.add(bb.matmul(q_decayed, s0), bb.matmul(aqk, v_new))
+        zip(("w_q", "u", "o_intra", "k_to_end", "last_decay"), xs))
+    C = u.shape[-2]
+    reads = bb.matmul(wq, s0)                                   # [.., 2C, V]: W S0 over q_state S0
+    v_new = bb.sub(u, bb.slice_axis(reads, -2, 0, C))
+    o = bb.add(bb.slice_axis(reads, -2, C, 2 * C), o_intra)
     s1 = bb.add(bb.mul(s0, last_decay), bb.matmul(k_to_end, v_new, transpose_a=True))
     return bb.build([s1, o], names=["state", "o"])
 
