@@ -7,7 +7,7 @@ import pytest
 import dnir
 from dnir import passes
 
-OPTIONS = {"block_tril": {"block": 2}, "block_solve": {"block": 2}}
+OPTIONS = {"block_tril": {"block": 2, "scalar_gates": True}, "block_solve": {"block": 2}}
 
 CASES = {
     "dce": (
@@ -147,6 +147,19 @@ CASES = {
   %1: f32[2,8] = reshape(%0) {shape=[2, 8]}
   return %1
 }"""),
+    "reassociate_scales": (
+"""graph(%x: f32[2,8,4], %beta: f32[2,8,1], %gam: f32[2,8,1]) {
+  %0: f32[2,8,4] = mul(%x, %beta)
+  %1: f32[2,8,1] = exp(%gam)
+  %2: f32[2,8,4] = mul(%0, %1)
+  return %2
+}""",
+"""graph(%x: f32[2,8,4], %beta: f32[2,8,1], %gam: f32[2,8,1]) {
+  %0: f32[2,8,1] = exp(%gam)
+  %1: f32[2,8,1] = mul(%beta, %0)
+  %2: f32[2,8,4] = mul(%x, %1)
+  return %2
+}"""),
     "block_tril": (
 """graph(%x: f32[4,8], %y: f32[4,8], %gi: f32[4,1], %gj: f32[1,4]) {
   %0: f32[4,4] = matmul(%x, %y) {transpose_a=false, transpose_b=true}
@@ -267,3 +280,14 @@ def test_pass_is_idempotent_on_its_result(name):
     expected = dnir.parse(CASES[name][1])
     again, changed = passes.PASSES[name].fn(expected, **OPTIONS.get(name, {}))
     assert not changed and again is expected
+
+
+def test_reassociate_scales_keeps_an_intermediate_that_is_read_elsewhere():
+    g = dnir.parse("""graph(%x: f32[2,8,4], %beta: f32[2,8,1], %gam: f32[2,8,1]) {
+  %0: f32[2,8,4] = mul(%x, %beta)
+  %1: f32[2,8,4] = mul(%0, %gam)
+  %2: f32[2,8,4] = add(%0, %1)
+  return %2
+}""")
+    after, changed = passes.PASSES["reassociate_scales"].fn(g)
+    assert not changed and after is g
