@@ -81,15 +81,13 @@ def token_major(t: Node) -> Node:
     return op("permute", t, axes=tuple(range(r - 3)) + (r - 2, r - 3, r - 1))
 
 
-def block_scores(m, block: int, scalar_gates: bool):
+def block_scores(m, block: int):
     s, k = m.node.inputs[0], m.node.attrs["k"]
     n = s.shape[-1]
     found = match_scores(s) if k in (0, -1) and n % block == 0 and n > block else None
     if found is None:
         return None
     form, x, y, gi, gj, masked = found
-    if x.shape[-3] == 1 and not scalar_gates:
-        return None
     nb, batch = n // block, s.shape[:-2]
     xt, yt, git = token_major(x), token_major(y), token_major(gi)
     gjt = op("permute", gj, axes=tuple(range(gj.rank - 3)) + (gj.rank - 1, gj.rank - 3, gj.rank - 2))
@@ -144,13 +142,6 @@ def _fit(t: Node, batch) -> Node:
 
 
 @register_pass("block_tril")
-def block_tril(graph: Graph, block: int = DEFAULT_BLOCK, scalar_gates: bool = False) -> tuple[Graph, bool]:
-    """Compute causal decayed C x C scores in b x b blocks on and below the diagonal.
-
-    By default only where the decay is per channel ([.., K, C, C], one gate per key
-    channel): there blocking removes the large decay tensor. With one gate per head
-    the decay is a single C x C matrix and the unblocked scores are one large matmul,
-    which the blocks would only cut into many small ones; `scalar_gates=True` blocks
-    those too (half the multiply-adds)."""
-    return apply_rules(graph, [Rule(P("tril", P.any()), lambda m: block_scores(m, block, scalar_gates),
-                                    "block_scores")])
+def block_tril(graph: Graph, block: int = DEFAULT_BLOCK) -> tuple[Graph, bool]:
+    """Compute causal decayed C x C scores in b x b blocks on and below the diagonal."""
+    return apply_rules(graph, [Rule(P("tril", P.any()), lambda m: block_scores(m, block), "block_scores")])

@@ -7,7 +7,7 @@ import pytest
 import dnir
 from dnir import passes
 
-OPTIONS = {"block_tril": {"block": 2, "scalar_gates": True}, "block_solve": {"block": 2}}
+OPTIONS = {"block_tril": {"block": 2}, "block_solve": {"block": 2}}
 
 CASES = {
     "dce": (

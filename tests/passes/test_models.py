@@ -21,7 +21,7 @@ CONFIGS = {
     "gdn-decode": dict(variant="gdn", mode="decode", seq_len=1, batch=3, initial_state=True, final_state=True),
     "kda-decode": dict(variant="kda", mode="decode", seq_len=1, batch=2, initial_state=True, final_state=True),
 }
-OPTIONS = {"block_tril": {"block": 8, "scalar_gates": True}, "block_solve": {"block": 8}}
+OPTIONS = {"block_tril": {"block": 8}, "block_solve": {"block": 8}}
 
 
 def config(name) -> DeltaNetConfig:

@@ -90,6 +90,4 @@ def test_o2_needs_fewer_flops_and_reports_each_pass(graphs, tmp_path, capsys):
     assert main(["opt", str(src), "--report", "-o", str(tmp_path / "out.dnir")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:2] == ["pass", "time"] and len(table) == 2 + len(records)
-    # blocks where the decay is per key channel (kda); gdn's one C x C decay stays a single matmul
-    blocked = any(line.split()[0] == "block_tril" and "+" in line for line in table)
-    assert blocked == (name == "kimi-linear")
+    assert any("block_tril" in line and "+" in line for line in table)

@@ -69,7 +69,7 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 @given(graph=random_graphs(), name=st.sampled_from(NAMES + ["O1", "O2"]), seed=st.integers(0, 2**16))
 def test_passes_keep_signature_and_results(graph, name, seed):
     pipeline = passes.PIPELINES.get(name, [name])
-    options = {"block_tril": {"block": 2, "scalar_gates": True}, "block_solve": {"block": 2}}
+    options = {"block_tril": {"block": 2}, "block_solve": {"block": 2}}
     out, _ = passes.run_pipeline(graph, pipeline, options=options)
     assert out.input_types == graph.input_types and out.output_types == graph.output_types
     dnir.verify(out)
