@@ -55,7 +55,7 @@ class FunctionPlan:
         return sum(b.size for b in self.blocks)
 
 
-def tensor_bytes(ty) -> int:
+def _tensor_bytes(ty) -> int:
     n = math.prod(int(d) for d in ty.shape) * np.dtype(str(ty.dtype)).itemsize
     return max(4, -(-n // 4) * 4)
 
@@ -139,10 +139,10 @@ def _plan_function(name, func, align, plan_of) -> FunctionPlan:
             else:
                 out_ty = value.ty_args[0]
                 types = list(out_ty.fields) if isinstance(out_ty, relax.TupleType) else [out_ty]
-                outs = defs[binding.var] = [new_block(tensor_bytes(t), pos) for t in types]
+                outs = defs[binding.var] = [new_block(_tensor_bytes(t), pos) for t in types]
             env[binding.var] = outs[0] if len(outs) == 1 else outs
         elif kind == "relax.builtin.alloc_tensor":
-            defs[binding.var] = [new_block(tensor_bytes(value.ty), pos)]
+            defs[binding.var] = [new_block(_tensor_bytes(value.ty), pos)]
             env[binding.var] = defs[binding.var][0]
         elif kind == "relax.call_pure_packed" and value.args[0].global_symbol == "vm.builtin.reshape":
             env[binding.var] = struct(value.args[1])
