@@ -1,6 +1,7 @@
 """TensorType: the one value type of the IR (static shape, dtype)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +62,7 @@ class TensorType:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)     # exact Python int (executors ask for it per value and step)
 
     @property
     def itemsize(self) -> int:

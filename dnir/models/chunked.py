@@ -12,7 +12,7 @@ gate from the chunk start (a [C, Kg] matrix) and D_ij = gam_i - gam_j:
 
 O is computed as (q exp(gam) - Aqk W) S0 + Aqk U: both products by Aqk are
 then made for all chunks at once, off the sequential path, and the chunk loop
-multiplies the state once, by W stacked on that [2C, K] operand.
+multiplies the state once, by W stacked with that operand.
 
 Every exponent above is <= 0 (g <= 0, and D is masked to j <= i before exp),
 so strong gates underflow to 0 and never overflow.
@@ -60,7 +60,10 @@ def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state)
     def chunk_major(x):  # the scan walks the leading axis
         return b.cont(b.permute(x, (2, 0, 1, 3, 4)))
 
-    xs = [chunk_major(x) for x in (b.concat([w, q_state], axis=-2), u, o_intra, k_to_end, last_decay)]
+    # W and q_state stacked on an axis of their own, outside the matrices, so that the
+    # loop's two halves of the product are contiguous: [NC, 2, R, HV, C, K]
+    w_q = b.concat([b.reshape(chunk_major(x), (NC, 1, R, HV, C, K)) for x in (w, q_state)], axis=1)
+    xs = [w_q] + [chunk_major(x) for x in (u, o_intra, k_to_end, last_decay)]
     body = _chunk_step(xs, (R, HV, K, V))
     if cfg.cu_seqlens is None:
         state, o = b.scan(body, [state], xs)                     # o [NC, R, HV, C, V]
@@ -121,10 +124,9 @@ def _chunk_step(xs, state_shape):
     wq, u, o_intra, k_to_end, last_decay = (
         bb.input(name, x.shape[1:]) for name, x in
         zip(("w_q", "u", "o_intra", "k_to_end", "last_decay"), xs))
-    C = u.shape[-2]
-    reads = bb.matmul(wq, s0)                                   # [.., 2C, V]: W S0 over q_state S0
-    v_new = bb.sub(u, bb.slice_axis(reads, -2, 0, C))
-    o = bb.add(bb.slice_axis(reads, -2, C, 2 * C), o_intra)
+    reads = bb.matmul(wq, s0)                                   # [2, R, HV, C, V]: W S0 and q_state S0
+    v_new = bb.sub(u, bb.reshape(bb.slice_axis(reads, 0, 0, 1), u.shape))
+    o = bb.add(bb.reshape(bb.slice_axis(reads, 0, 1, 2), u.shape), o_intra)
     s1 = bb.add(bb.mul(s0, last_decay), bb.matmul(k_to_end, v_new, transpose_a=True))
     return bb.build([s1, o], names=["state", "o"])
 
