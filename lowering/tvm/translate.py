@@ -382,4 +382,7 @@ def translate(graph: Graph, gpu: bool = False, dtypes=None, target_name: str = "
     missing = unsupported(graph, dtypes)
     if missing:
         raise BackendError(f"target {target_name!r} cannot lower: {', '.join(missing)}")
+    if gpu:     # fused GPU kernels recompute broadcast expansions rather than store them
+        from dnir.passes import optimize
+        graph = optimize(graph, ["recompute_into_reductions"])
     return Translator(gpu, bool_as_int).module(graph)
