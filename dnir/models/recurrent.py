@@ -49,12 +49,20 @@ def _token_body(state_t, xs):
 
 
 def token_step(b: Builder, state_t, q, k, v, g, beta):
-    """One token: state_t [N, HV, V, K]; q, k [N, HV, K]; v [N, HV, V]; g [N, HV, Kg]; beta [N, HV, 1]."""
+    """One token: state_t [N, HV, V, K]; q, k [N, HV, K]; v [N, HV, V]; g [N, HV, Kg]; beta [N, HV, 1].
+
+    With a = exp(g), the decayed state S diag(a) and the new one S' = S diag(a) + k u^T,
+    both products read the state as it comes in: the prediction is S^T (a k), and
+    S'^T q = S^T (a q) + u (k . q). The state is read twice and written once per
+    token, not decayed in a pass of its own and read again after the update."""
     N, HV, V, K = state_t.shape
-    k_row = b.reshape(k, (N, HV, 1, K))
-    state_t = b.mul(state_t, b.reshape(b.exp(g), (N, HV, 1, g.shape[-1])))     # decay key channels
-    predicted = b.sum(b.mul(state_t, k_row), axis=-1)                          # S^T k
-    u = b.mul(b.sub(v, predicted), beta)
-    state_t = b.add(state_t, b.mul(b.reshape(u, (N, HV, V, 1)), k_row))       # S += k u^T
-    o = b.sum(b.mul(state_t, b.reshape(q, (N, HV, 1, K))), axis=-1)           # S^T q
+    decay = b.reshape(b.exp(g), (N, HV, g.shape[-1]))
+    k_decayed, q_decayed = b.mul(k, decay), b.mul(q, decay)
+
+    def reads(x):       # S^T x, along the innermost axis
+        return b.sum(b.mul(state_t, b.reshape(x, (N, HV, 1, K))), axis=-1)
+    u = b.mul(b.sub(v, reads(k_decayed)), beta)
+    o = b.add(reads(q_decayed), b.mul(u, b.sum(b.mul(q, k), axis=-1, keepdims=True)))
+    decayed = b.mul(state_t, b.reshape(decay, (N, HV, 1, g.shape[-1])))
+    state_t = b.add(decayed, b.mul(b.reshape(u, (N, HV, V, 1)), b.reshape(k, (N, HV, 1, K))))  # S += k u^T
     return state_t, o

@@ -193,9 +193,11 @@ def test_recurrent_step_uses_sum_of_products():
     graph = build("gdn", mode="recurrent", seq_len=5, heads=2, value_heads=4, head_dim=8, value_dim=8)
     (scan,) = [n for n in graph.topo_order() if n.op == "scan"]
     body = scan.attrs["body"]
-    sums = [n for n in body.topo_order() if n.op == "sum"]
-    assert len(sums) == 2 and all(n.inputs[0].op == "mul" and n.attrs["axes"] in ((-1,), (3,)) for n in sums)
-    assert "matmul" not in body.op_histogram()
+    state = body.inputs[0]
+    # S^T (a k) and S^T (a q), both of the incoming state, as sum_rows(S^T * x); and the dot product k . q
+    reads = [n for n in body.topo_order() if n.op == "sum" and state in n.inputs[0].inputs]
+    assert len(reads) == 2 and all(n.inputs[0].op == "mul" and n.attrs["axes"] in ((-1,), (3,)) for n in reads)
+    assert body.op_histogram()["sum"] == 3 and "matmul" not in body.op_histogram()
 
 
 def test_blocked_chunks_are_assembled_with_acc_into_zeros():
