@@ -52,7 +52,11 @@ def _cores() -> int:
 
 
 def relax_pipeline(target: tvm.target.Target):
-    """TVM's default pipeline, with dnir's CPU schedules after fusion on llvm."""
+    """TVM's default pipeline, with dnir's CPU schedules after fusion on llvm and one more
+    dlight rule on cuda (gpu_schedule.py)."""
+    if target.kind.name == "cuda":
+        from .gpu_schedule import cuda_pipeline
+        return cuda_pipeline(target)
     if target.kind.name != "llvm":
         return "default"  # LegalizeOps, FuseOps, FuseTIR, dlight GPU rules
     from tvm.relax.backend.cpu_generic import pipeline as cpu
