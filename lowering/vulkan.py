@@ -86,16 +86,16 @@ class VulkanExecutable:
     def __init__(self, graph: Graph):
         import tvm
         from tvm import relax, tirx
+        from tvm.relax.backend.gpu_generic import pipeline as gpu
 
         from .tvm.compile import make_target
-        from .tvm.gpu_schedule import legalize_passes
         from .tvm.translate import translate
         from .vulkan_plan import plan_functions
 
         target = make_target("webgpu")
         mod = translate(graph, gpu=True, dtypes=DTYPES, target_name="vulkan", bool_as_int=True)
         with target:
-            mod = tvm.transform.Sequential(legalize_passes(target))(mod)
+            mod = tvm.transform.Sequential(gpu.legalize_passes(target))(mod)
         self.functions = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
         prims = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
         self.launches, self.wgsl = _lower_kernels(prims, target)

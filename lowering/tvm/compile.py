@@ -52,11 +52,7 @@ def _cores() -> int:
 
 
 def relax_pipeline(target: tvm.target.Target):
-    """TVM's default pipeline, with dnir's CPU schedules after fusion on llvm and one more
-    dlight rule on cuda (gpu_schedule.py)."""
-    if target.kind.name == "cuda":
-        from .gpu_schedule import cuda_pipeline
-        return cuda_pipeline(target)
+    """TVM's default pipeline, with dnir's CPU schedules after fusion on llvm."""
     if target.kind.name != "llvm":
         return "default"  # LegalizeOps, FuseOps, FuseTIR, dlight GPU rules
     from tvm.relax.backend.cpu_generic import pipeline as cpu
