@@ -10,10 +10,6 @@ gate from the chunk start (a [C, Kg] matrix) and D_ij = gam_i - gam_j:
     Vn = U - W S0,   O = (q exp(gam)) S0 + Aqk Vn
     S  = exp(gam_C) S0 + (k exp(gam_C - gam))^T Vn
 
-O is computed as (q exp(gam) - Aqk W) S0 + Aqk U: both products by Aqk are
-then made for all chunks at once, off the sequential path, and the chunk loop
-multiplies the state once, by W stacked with that operand.
-
 Every exponent above is <= 0 (g <= 0, and D is masked to j <= i before exp),
 so strong gates underflow to 0 and never overflow.
 """
@@ -51,8 +47,7 @@ def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state)
     gam_exp = b.exp(gam)
     w = b.matmul(inverse, b.mul(b.mul(k, beta), gam_exp))       # [R, HV, NC, C, K]
     u = b.matmul(inverse, b.mul(v, beta))                       # [R, HV, NC, C, V]
-    q_state = b.sub(b.mul(q, gam_exp), b.matmul(aqk, w))        # what the output reads of S0
-    o_intra = b.matmul(aqk, u)                                  # [R, HV, NC, C, V]
+    q_decayed = b.mul(q, gam_exp)
     gam_last = b.slice_axis(gam, -2, C - 1, C)                  # [R, HV, NC, 1, Kg]
     k_to_end = b.mul(k, b.exp(b.sub(gam_last, gam)))            # decay from each token to the chunk end
     last_decay = b.reshape(b.exp(gam_last), (R, HV, NC, Kg, 1))  # scales the state's key rows
@@ -60,10 +55,7 @@ def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state)
     def chunk_major(x):  # the scan walks the leading axis
         return b.cont(b.permute(x, (2, 0, 1, 3, 4)))
 
-    # W and q_state stacked on an axis of their own, outside the matrices, so that the
-    # loop's two halves of the product are contiguous: [NC, 2, R, HV, C, K]
-    w_q = b.concat([b.reshape(chunk_major(x), (NC, 1, R, HV, C, K)) for x in (w, q_state)], axis=1)
-    xs = [w_q] + [chunk_major(x) for x in (u, o_intra, k_to_end, last_decay)]
+    xs = [chunk_major(x) for x in (w, u, q_decayed, aqk, k_to_end, last_decay)]
     body = _chunk_step(xs, (R, HV, K, V))
     if cfg.cu_seqlens is None:
         state, o = b.scan(body, [state], xs)                     # o [NC, R, HV, C, V]
@@ -121,12 +113,11 @@ def _chunk_step(xs, state_shape):
     """Body of the scan over chunks: the only sequential part."""
     bb = Builder()
     s0 = bb.input("state", state_shape)
-    wq, u, o_intra, k_to_end, last_decay = (
+    w, u, q_decayed, aqk, k_to_end, last_decay = (
         bb.input(name, x.shape[1:]) for name, x in
-        zip(("w_q", "u", "o_intra", "k_to_end", "last_decay"), xs))
-    reads = bb.matmul(wq, s0)                                   # [2, R, HV, C, V]: W S0 and q_state S0
-    v_new = bb.sub(u, bb.reshape(bb.slice_axis(reads, 0, 0, 1), u.shape))
-    o = bb.add(bb.reshape(bb.slice_axis(reads, 0, 1, 2), u.shape), o_intra)
+        zip(("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay"), xs))
+    v_new = bb.sub(u, bb.matmul(w, s0))
+    o = bb.add(bb.matmul(q_decayed, s0), bb.matmul(aqk, v_new))
     s1 = bb.add(bb.mul(s0, last_decay), bb.matmul(k_to_end, v_new, transpose_a=True))
     return bb.build([s1, o], names=["state", "o"])
 
