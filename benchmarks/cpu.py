@@ -83,17 +83,15 @@ def cases(quick: bool) -> list[Case]:
 def numpy_executor_bytes(graph) -> int:
     """Bytes the NumPy executor holds at its peak: it runs the topological order
     and drops each top-level value after its last reader (views counted as copies)."""
+    from dnir.lowering.numpy_backend import release_plan
     order = graph.topo_order()
-    last = {id(i): pos for pos, node in enumerate(order) for i in node.inputs}
-    for node in graph.outputs:
-        last[id(node)] = len(order)
     size = {id(n): sum(t.nbytes for t in (n.type if isinstance(n.type, tuple) else (n.type,)))
             for n in order if n.op != "input"}
     live = peak = 0
-    for pos, node in enumerate(order):
+    for node, dead in zip(order, release_plan(graph)):
         live += size.get(id(node), 0)
         peak = max(peak, live)
-        live -= sum(size.get(id(i), 0) for i in set(node.inputs) if last[id(i)] == pos)
+        live -= sum(size.get(key, 0) for key in dead)
     return peak
 
 

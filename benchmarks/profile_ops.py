@@ -15,7 +15,7 @@ import numpy as np
 
 from dnir.analysis.names import value_names
 from dnir.graph import Graph, Node
-from dnir.lowering.numpy_backend import KERNELS, _release_plan, prepare_inputs
+from dnir.lowering.numpy_backend import KERNELS, prepare_inputs, release_plan
 from dnir.types import numpy_dtype
 
 
@@ -49,7 +49,7 @@ def by_op(rows: list[NodeTime]) -> list[tuple[str, float, int]]:
 def _execute(graph: Graph, args, times, prefix: str):
     names = value_names(graph)
     values: dict[int, np.ndarray] = {id(n): a for n, a in zip(graph.inputs, args)}
-    for node, dead in zip(graph.topo_order(), _release_plan(graph)):   # values freed as the executor does
+    for node, dead in zip(graph.topo_order(), release_plan(graph)):   # values freed as the executor does
         if id(node) not in values:
             operands = [values[id(i)] for i in node.inputs]
             name = prefix + names[id(node)]

@@ -245,13 +245,14 @@ def _scan(mp: MemoryPlan, node, operands, arena: _Arena, base: int, regions: dic
 
 
 _LOCK = threading.Lock()
-_SPARE: list[np.ndarray] = []      # the compute buffer while no call uses it (at most one)
+_spare: np.ndarray | None = None    # the compute buffer while no call uses it
 _PLANS: "weakref.WeakKeyDictionary[Graph, MemoryPlan]" = weakref.WeakKeyDictionary()
 
 
 def _take_buffer(nbytes: int) -> np.ndarray:
+    global _spare
     with _LOCK:
-        spare = _SPARE.pop() if _SPARE else None
+        spare, _spare = _spare, None
     if spare is not None and spare.nbytes >= nbytes:
         return spare
     del spare                          # too small: let it go before growing
@@ -259,18 +260,17 @@ def _take_buffer(nbytes: int) -> np.ndarray:
 
 
 def _give_back(buffer: np.ndarray):
+    global _spare
     with _LOCK:
-        if not _SPARE:
-            _SPARE.append(buffer)
-        elif _SPARE[0].nbytes < buffer.nbytes:
-            _SPARE[0] = buffer
+        if _spare is None or _spare.nbytes < buffer.nbytes:
+            _spare = buffer
 
 
 def release_compute_buffer() -> int:
     """Free the compute buffer kept between calls; returns its size in bytes (0 if none)."""
+    global _spare
     with _LOCK:
-        freed = sum(b.nbytes for b in _SPARE)
-        _SPARE.clear()
+        freed, _spare = (0 if _spare is None else _spare.nbytes), None
     return freed
 
 

@@ -232,7 +232,7 @@ def missing_ops(graph: Graph) -> list[str]:
 _RELEASE_PLANS: "weakref.WeakKeyDictionary[Graph, list[list[int]]]" = weakref.WeakKeyDictionary()
 
 
-def _release_plan(graph: Graph) -> list[list[int]]:
+def release_plan(graph: Graph) -> list[list[int]]:
     """For each position in the topological order, the values read for the last
     time there (never outputs), so that execution holds only live values."""
     plan = _RELEASE_PLANS.get(graph)
@@ -255,7 +255,7 @@ def execute(graph: Graph, args: Sequence[np.ndarray], float64: bool = False) -> 
     be many times its inputs, and fresh memory is not free.
     """
     values: dict[int, np.ndarray] = {id(n): a for n, a in zip(graph.inputs, args)}
-    for node, dead in zip(graph.topo_order(), _release_plan(graph)):
+    for node, dead in zip(graph.topo_order(), release_plan(graph)):
         if id(node) not in values:
             operands = [values[id(i)] for i in node.inputs]
             dt = None if isinstance(node.type, tuple) else _result_dtype(node.dtype, float64)
