@@ -171,6 +171,11 @@ def _cu_seqlens(cu, fn) -> tuple[int, ...]:
 
 
 def _check_finite(a: np.ndarray, name: str, fn: str):
+    # A finite sum means every term is finite (inf and NaN propagate): one pass, no temporary.
+    # A sum that is not finite (a bad value, or an overflow of large ones) is looked at closely.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(a)):
+            return
     bad = ~np.isfinite(a)
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])

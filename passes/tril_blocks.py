@@ -6,15 +6,19 @@ scalar per row (g has one channel) or per channel (g runs over the K channels,
 the [.., K, C, C] decay tensor), and computes it in b x b blocks:
 
 - blocks above the diagonal are zero and never computed;
-- diagonal blocks keep the masked form, at b x b;
-- left of a diagonal block (rows in block a, every column j before it) there
-  is no mask and no decay tensor: with r the first row of block a,
+- one decay per row (scalar gates, g has one channel): block row a is one
+  matmul of its rows against every column up to its diagonal, times
+  exp(gi - gj); gi - gj <= 0 left of the diagonal, and the exponent is masked
+  to 0 above it, so nothing overflows;
+- one decay per channel: diagonal blocks keep the masked form, at b x b; left
+  of a diagonal block (rows in block a, every column j before it) there is no
+  mask and no decay tensor: with r the first row of block a,
   exp(gi - gj) = exp(gi - g_r) * exp(g_r - gj), both factors <= 1 (exact, no
   overflow), so that whole strip is one matmul of rescaled rows, contracted
   over all channels at once.
 
-For C = 64 and b = 16 that is 10 of 16 blocks, 4 of them masked, in 3 strip
-matmuls and 4 diagonal blocks.
+For C = 64 and b = 16 that is 10 of 16 blocks, 4 of them masked: 4 row
+matmuls (scalar decay), or 3 strip matmuls and 4 diagonal blocks (per channel).
 """
 from __future__ import annotations
 
@@ -89,6 +93,8 @@ def block_scores(m, block: int):
         return None
     form, x, y, gi, gj, masked = found
     nb, batch = n // block, s.shape[:-2]
+    if x.shape[-3] == 1 and gi.shape[-3] == 1:
+        return _scalar_decay_rows(x, y, gi, gj, k, block, s)
     xt, yt, git = token_major(x), token_major(y), token_major(gi)
     gjt = op("permute", gj, axes=tuple(range(gj.rank - 3)) + (gj.rank - 1, gj.rank - 3, gj.rank - 2))
     width = x.shape[-3] * x.shape[-1]     # channels G x d, contracted together off the diagonal
@@ -115,6 +121,26 @@ def block_scores(m, block: int):
         if a < nb - 1:
             row.append(op("full", value=0.0, shape=batch + (block, n - hi), dtype=s.dtype))
         block_rows.append(op("concat", *row, axis=len(batch) + 1) if len(row) > 1 else row[0])
+    return op("concat", *block_rows, axis=len(batch))
+
+
+def _scalar_decay_rows(x, y, gi, gj, k, block, s) -> Node:
+    """One decay per row (no channel axis in g): block row a is one matmul against every
+    column up to its diagonal, times exp(gi - gj). Left of the diagonal gi - gj <= 0 (g
+    only falls along the chunk), so the decay needs no reference row; above it the
+    exponent is masked to 0 before exp (no overflow) and the product zeroed after."""
+    n, batch = s.shape[-1], s.shape[:-2]
+    block_rows = []
+    for a in range(n // block):
+        lo, hi = a * block, (a + 1) * block
+        prod = op("matmul", rows(x, lo, hi, -2), rows(y, 0, hi, -2), transpose_a=False, transpose_b=True)
+        decay = op("exp", op("tril", op("sub", rows(gi, lo, hi, -2), rows(gj, 0, hi, -1)), k=lo))
+        scores = op("mul", prod, decay)
+        row = op("tril", _fit(op("reshape", scores, shape=scores.shape[:-3] + scores.shape[-2:]), batch), k=lo + k)
+        if hi < n:
+            row = op("concat", row, op("full", value=0.0, shape=batch + (block, n - hi), dtype=s.dtype),
+                     axis=len(batch) + 1)
+        block_rows.append(row)
     return op("concat", *block_rows, axis=len(batch))
 
 

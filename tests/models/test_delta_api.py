@@ -177,6 +177,19 @@ def test_non_finite_inputs_are_reported(rng, arg, value, word):
         dnir.chunk_kda(**args)
 
 
+def test_large_finite_inputs_whose_sum_overflows_are_accepted(rng):
+    """The finiteness check sums first; an overflowing sum of finite values must not be
+    reported as a bad input."""
+    x, _ = _inputs(rng, "gdn", T=8)
+    v = x["v"].astype(np.float32).copy()
+    v.flat[:4] = 3e38                     # the float32 sum overflows to inf
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.sum(v))
+    x["v"] = v
+    o, _ = dnir.chunk_gated_delta_rule(**x, opt="O0")
+    assert o.shape == x["v"].shape
+
+
 def test_unknown_pipeline_and_target(rng):
     x, _ = _inputs(rng, "gdn", T=8)
     with pytest.raises(dnir.DnirError, match="no-such-pipeline"):
