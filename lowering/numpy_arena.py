@@ -20,7 +20,7 @@ import weakref
 
 import numpy as np
 
-from dnir.analysis.memory import Block, Loc, MemoryPlan, plan as make_plan, view_offset
+from dnir.analysis.memory import Block, Loc, MemoryPlan, plan as make_plan
 from dnir.errors import BackendError
 from dnir.graph import Graph
 from dnir.types import numpy_dtype
@@ -104,10 +104,11 @@ def _tri(node, out, x):
 
 
 @out_kernel("reshape", "slice")
-def _copy_view(node, out, x):             # only reached when the plan copies (a strided slice)
+def _copy_view(node, out, x):   # only reached when the plan copies: a view would not be row-contiguous
     if node.op == "slice":
-        x = x[tuple(slice(a, b) for a, b in zip(node.attrs["starts"], node.attrs["stops"]))]
-    np.copyto(out, x.reshape(node.shape))
+        np.copyto(out, x[tuple(slice(a, b) for a, b in zip(node.attrs["starts"], node.attrs["stops"]))])
+    else:                       # a strided x: copied into out seen in x's shape (no temporary)
+        np.copyto(out.reshape(x.shape), x)
 
 
 @out_kernel("permute")
@@ -182,14 +183,19 @@ class _Arena:
         self.data = data
         self.high_water = 0        # highest arena byte any value occupied
 
-    def array(self, loc: Loc, t, base: int, regions: dict) -> np.ndarray:
+    def array(self, loc: Loc, t, base: int, regions: dict, strides: tuple | None = None) -> np.ndarray:
+        """The value of type t at loc: dense, or a strided view (element strides) of the bytes there."""
         if isinstance(loc.base, Block):
             start = base + loc.base.offset + loc.offset
             self.high_water = max(self.high_water, start + t.nbytes)
-            raw = self.data[start:start + t.nbytes]
+            raw = self.data[start:]
         else:
-            raw = regions[loc.base][loc.offset:loc.offset + t.nbytes]
-        return raw.view(numpy_dtype(t.dtype)).reshape(t.shape)
+            raw = regions[loc.base][loc.offset:]
+        if strides is None:
+            return raw[:t.nbytes].view(numpy_dtype(t.dtype)).reshape(t.shape)
+        itemsize = t.itemsize
+        return np.lib.stride_tricks.as_strided(raw[:itemsize].view(numpy_dtype(t.dtype)), t.shape,
+                                               tuple(s * itemsize for s in strides))
 
 
 def _execute(mp: MemoryPlan, arena: _Arena, base: int, regions: dict) -> list[np.ndarray]:
@@ -201,9 +207,9 @@ def _execute(mp: MemoryPlan, arena: _Arena, base: int, regions: dict) -> list[np
             _scan(mp, node, [values[id(i)] for i in node.inputs], arena, base, regions)
             continue
         loc = mp.locs[id(node)]
-        out = arena.array(loc, node.type, base, regions)
+        out = arena.array(loc, node.type, base, regions, mp.views.get(id(node)))
         values[id(node)] = out
-        if node.op in ("input", "item") or view_offset(node) is not None:
+        if node.op in ("input", "item") or id(node) in mp.views:
             continue                        # the bytes are already there
         operands = [values[id(i)] for i in node.inputs]
         if node.op == "where":

@@ -6,10 +6,16 @@ the end, for the caller to read). It does not hold the graph's inputs (weights,
 activations, the initial state: the caller's arrays) nor views of them.
 
 Storage. The topological order is walked once; each value either
-- is a view that shares its operand's bytes: `reshape` always (every value is
-  dense row-major), a `slice` whose region is one contiguous run of its
-  operand's bytes (leading axes of extent 1, then one partial axis, then full
-  axes), an `item` (a result of a scan);
+- is a view that shares its operand's bytes: `reshape` of a dense value, a
+  `slice` whose region is one contiguous run of its operand's bytes (leading
+  axes of extent 1, then one partial axis, then full axes), an `item` (a
+  result of a scan);
+- is a strided view of its operand's bytes (`MemoryPlan.views` holds its
+  element strides): any `slice` or `permute`, and a `reshape` of a strided
+  value that needs no copy, as long as its rows stay contiguous (last stride 1:
+  matmul and elementwise kernels read such operands at full speed). A strided
+  value is never a graph output or a scan operand (those are read as dense
+  bytes), and nothing is written in place over it;
 - is written in place over an operand that dies at this op: an elementwise op
   whose output has exactly the operand's type (`IN_PLACE` lists which operands),
   and `set`/`acc` over their destination; the operand must own its whole block
@@ -83,6 +89,46 @@ def view_offset(node: Node) -> int | None:
     return sum(s * st for s, st in zip(starts, strides)) * node.type.itemsize
 
 
+VIEW_OPS = ("reshape", "slice", "permute")
+
+
+def dense_strides(shape) -> tuple:
+    return tuple(math.prod(shape[a + 1:]) for a in range(len(shape)))
+
+
+def _dense(shape, strides) -> bool:
+    return all(s == d for n, s, d in zip(shape, strides, dense_strides(shape)) if n != 1)
+
+
+def view_layout(node: Node, src_strides: tuple | None) -> tuple[int, tuple | None] | None:
+    """(byte offset into the operand, element strides, None when dense) of `node` as a view
+    of its operand laid out with `src_strides` (None: dense); None when it needs a copy."""
+    if node.op not in VIEW_OPS:
+        return None
+    src = node.inputs[0]
+    if src_strides is None:
+        if (delta := view_offset(node)) is not None:
+            return delta, None
+        src_strides = dense_strides(src.shape)
+    if node.op == "slice":
+        delta = sum(a * st for a, st in zip(node.attrs["starts"], src_strides)) * node.type.itemsize
+        strides = src_strides
+    elif node.op == "permute":
+        delta, strides = 0, tuple(src_strides[a] for a in node.attrs["axes"])
+    else:   # numpy's own rule for a reshape without copy, on a stand-in with these strides
+        import numpy as np
+        stand_in = np.lib.stride_tricks.as_strided(np.empty(1, np.uint8), src.shape, src_strides)
+        try:
+            delta, strides = 0, stand_in.reshape(node.shape, copy=False).strides
+        except ValueError:
+            return None
+    if _dense(node.shape, strides):
+        return delta, None
+    if node.shape and node.shape[-1] != 1 and strides[-1] != 1:
+        return None       # columns apart: a copy keeps the readers' rows contiguous
+    return delta, tuple(strides)
+
+
 @dataclass(eq=False)
 class Block:
     """A contiguous range of the arena, live over positions [start, end] of its plan."""
@@ -125,6 +171,7 @@ class MemoryPlan:
     stages: dict[int, Block] = field(default_factory=dict)   # carry index -> staging block (bodies)
     peak_bytes: int = 0
     lower_bound: int = 0
+    views: dict[int, tuple | None] = field(default_factory=dict)  # id(node) -> strides of a view (None: dense)
 
     def loc(self, node: Node) -> Loc:
         return self.locs[id(node)]
@@ -197,6 +244,8 @@ class _Planner:
         self.members: dict = defaultdict(list)    # base -> ids of the values living there
         self.blocks: list[Block] = []
         self.scans: dict[int, ScanPlan] = {}
+        self.views: dict[int, tuple | None] = {}  # id(node) -> strides of a view (None: dense)
+        self.outputs = {id(o) for o in graph.outputs}
         self.names = value_names(graph)
         for n in graph.inputs:
             self._put(n, input_locs[id(n)])
@@ -225,7 +274,7 @@ class _Planner:
             return False
         for i in IN_PLACE.get(node.op, ()):
             u = node.inputs[i]
-            if u.type == node.type and self.locs[id(u)] == loc and all(
+            if u.type == node.type and self.locs[id(u)] == loc and self._dense(u) and all(
                     o is u or self.locs[id(o)].base is not loc.base for o in node.inputs):
                 return True
         return False
@@ -238,16 +287,30 @@ class _Planner:
                 self._scan(p, node)
             elif node.op == "item":
                 self._put(node, self.scans[id(node.inputs[0])].result(node.attrs["index"]))
-            elif (delta := view_offset(node)) is not None:
+            elif (layout := self._view(node)) is not None:
                 src = self.locs[id(node.inputs[0])]
-                self._put(node, Loc(src.base, src.offset + delta))
+                self._put(node, Loc(src.base, src.offset + layout[0]))
+                self.views[id(node)] = layout[1]
             else:
                 self._put(node, self._place(p, node))
         stages = self._stages()
         for block in self.blocks:
             block.end = max(block.start, self._base_end(block))
         peak = assign_offsets(self.blocks)
-        return MemoryPlan(self.graph, self.order, self.blocks, self.locs, self.scans, stages, peak, lower_bound(self.blocks))
+        return MemoryPlan(self.graph, self.order, self.blocks, self.locs, self.scans, stages, peak,
+                          lower_bound(self.blocks), self.views)
+
+    def _view(self, node):
+        """view_layout of `node`, unless it is strided and read as dense bytes (an output,
+        a scan operand)."""
+        layout = view_layout(node, self.views.get(id(node.inputs[0]))) if node.op in VIEW_OPS else None
+        if layout is not None and layout[1] is not None and (
+                id(node) in self.outputs or any(u.op == "scan" for u in self.users[id(node)])):
+            return None
+        return layout
+
+    def _dense(self, node) -> bool:
+        return self.views.get(id(node)) is None
 
     def _place(self, p, node) -> Loc:
         target = self.targets.get(id(node))
@@ -256,7 +319,8 @@ class _Planner:
         for i in IN_PLACE.get(node.op, ()):
             loc = self.locs[id(node.inputs[i])]
             if (isinstance(loc.base, Block) and loc.offset == 0 and loc.base.nbytes == nbytes(node.type)
-                    and node.inputs[i].type == node.type and self._free_at(p, node, loc)):
+                    and node.inputs[i].type == node.type and self._dense(node.inputs[i])
+                    and self._free_at(p, node, loc)):
                 return loc
         return self._new_block(nbytes(node.type), p, f"{self.names[id(node)]} = {node.op} {node.type}")
 
@@ -271,7 +335,7 @@ class _Planner:
             loc = self.locs[id(u)]
             # The loop may update the initial value in place when nothing else needs it.
             if (isinstance(loc.base, Block) and loc.offset == 0 and loc.base.nbytes == nbytes(u.type)
-                    and sum(o is u for o in ops) == 1 and self._base_end(loc.base) == p
+                    and self._dense(u) and sum(o is u for o in ops) == 1 and self._base_end(loc.base) == p
                     and all(o is u or self.locs[id(o)].base is not loc.base for o in ops)):
                 carries.append(loc)
             else:
@@ -383,7 +447,8 @@ def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
             return False
         for i in IN_PLACE.get(node.op, ()):
             u = node.inputs[i]
-            if u.type == node.type and loc_of(u) == loc and groups.of[id(u)] == gid and all(
+            if u.type == node.type and loc_of(u) == loc and groups.of[id(u)] == gid and \
+                    mp.views.get(id(u)) is None and all(
                     o is u or groups.of[id(o)] != gid for o in node.inputs):
                 return True
         return False
@@ -415,11 +480,16 @@ def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
                 fail(f"{key} = item is not placed at its scan result")
             groups.join(id(node), gid, *span)
             continue
-        delta = view_offset(node)
-        if delta is not None:
+        if id(node) in mp.views:
             src = loc_of(node.inputs[0])
-            if loc != Loc(src.base, src.offset + delta):
-                fail(f"{key} = {node.op} is a view but is not placed at its operand's bytes (+{delta})")
+            layout = view_layout(node, mp.views.get(id(node.inputs[0])))
+            if layout is None or layout[1] != mp.views[id(node)]:
+                fail(f"{key} = {node.op} is planned as a view with strides {mp.views[id(node)]}, "
+                     f"but its layout is {layout and layout[1]}")
+            if loc != Loc(src.base, src.offset + layout[0]):
+                fail(f"{key} = {node.op} is a view but is not placed at its operand's bytes (+{layout[0]})")
+            if layout[1] is not None and any(o is node for o in graph.outputs):
+                fail(f"{key} = {node.op} is a strided view and an output (outputs are dense)")
             groups.join(id(node), groups.of[id(node.inputs[0])], *span)
             continue
         # Written: into a dead or dying group's whole bytes, or fresh bytes.
@@ -475,6 +545,8 @@ def _check_scan(mp, node, p, groups, results, fresh, loc_of, bounds, names, wher
         raise PlanError(f"{where}: scan {key} has no plan")
     nc = node.attrs["num_carry"]
     ops = node.inputs
+    if any(mp.views.get(id(o)) is not None for o in ops):
+        raise PlanError(f"{where}: scan {key} reads a strided view as an operand (operands are dense)")
     if sp.arena.nbytes < sp.body.peak_bytes:
         raise PlanError(f"{where}: scan {key}: body arena {sp.arena.nbytes} B < body peak {sp.body.peak_bytes} B")
     fresh(("arena", key), Loc(sp.arena), sp.arena.nbytes, p, p)

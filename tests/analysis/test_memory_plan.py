@@ -58,6 +58,49 @@ def test_contiguous_slice_is_a_view_strided_slice_is_a_copy():
     assert mp.peak_bytes == 8 * 16 * F32 + 8 * 4 * F32
 
 
+def test_strided_views_keep_rows_contiguous_and_are_never_outputs_or_written_over():
+    """A permute or strided slice read by a matmul or an elementwise op is a view of its
+    operand (no bytes of its own); a transpose of the last axis, an output, and a scan
+    operand are copies; no op writes in place over a strided view."""
+    b = dnir.Builder()
+    x = b.exp(b.input("x", (4, 8, 16)))
+    heads = b.permute(x, (1, 0, 2))                          # [8, 4, 16], rows of 16 still contiguous
+    out = b.permute(x, (1, 0, 2))                            # the same, as an output
+    cols = b.slice_axis(x, 2, 0, 8)                          # strided rows of 8
+    flipped = b.permute(x, (0, 2, 1))                        # columns apart: a copy
+    y = b.add(b.matmul(heads, heads, transpose_b=True), 1.0)
+    z = b.neg(cols)                                          # same type would allow in place; not over a view
+    mp = planned(b.build([y, z, b.exp(flipped), out]))
+    views = mp.views
+    assert views[id(heads)] == (16, 128, 1) and views.get(id(out)) is None    # an output: dense
+    assert views[id(cols)] == (128, 16, 1)
+    assert id(flipped) not in views
+    assert mp.loc(cols).base is mp.loc(x).base and mp.loc(z).base is not mp.loc(x).base
+    graph = mp.graph
+    rng = np.random.default_rng(0)
+    from dnir.lowering.numpy_arena import run_planned
+    from dnir.lowering.numpy_backend import run
+    arg = rng.standard_normal((4, 8, 16)).astype(np.float32)
+    for got, want in zip(run_planned(graph, {"x": arg}, mp)[0], run(graph, {"x": arg})):
+        np.testing.assert_array_equal(got, want)
+
+    mp.locs[id(z)] = mp.loc(cols)                            # in place over the strided view
+    with pytest.raises(PlanError):
+        check_plan(mp)
+
+
+def test_checker_rejects_a_strided_output():
+    b = dnir.Builder()
+    x = b.exp(b.input("x", (4, 8, 16)))
+    t = b.permute(x, (1, 0, 2))
+    mp = planned(b.build([b.neg(t), t]))
+    src = mp.loc(x)
+    mp.views[id(t)] = (16, 128, 1)                           # claim the output is a strided view
+    mp.locs[id(t)] = Loc(src.base, src.offset)
+    with pytest.raises(PlanError, match="strided view and an output"):
+        check_plan(mp)
+
+
 def test_allocator_finds_the_known_optimum():
     """A (2U) and C (2U) live with B (1U); then D (4U) lives with B. Placed in program
     order B lands between A and C and D must go on top (7U); the optimum is 5U (B at
