@@ -22,7 +22,7 @@ from dnir.errors import BackendError
 from dnir.graph import Graph, Node
 from dnir.types import DTYPES
 
-from . import kernels
+from . import chunk_scan, kernels
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -84,7 +84,7 @@ class Translator:
                 continue
             body, length = node.attrs["body"], node.attrs["length"]
             key = (id(body), length)
-            if key in self.steps:
+            if key in self.steps or (self.gpu and chunk_scan.match_chunk_step(node)):
                 continue
             self._declare_scans(body)
             self.steps[key] = self._step_function(node)
@@ -122,6 +122,8 @@ class Translator:
         return self.bb.get().get_global_var(name)
 
     def scan(self, node: Node, args):
+        if self.gpu and (step := chunk_scan.match_chunk_step(node)) is not None:
+            return self._chunk_scan(node, step, args)
         nc, length = node.attrs["num_carry"], node.attrs["length"]
         gv = self.steps[(id(node.attrs["body"]), length)]
         carries, rest = list(args[:nc]), list(args[nc:])
@@ -133,6 +135,24 @@ class Translator:
             carries = [self.emit(relax.TupleGetItem(r, i)) for i in range(nc)]
             ys = [self.emit(relax.TupleGetItem(r, nc + i)) for i in range(len(ys))]
         return carries + ys
+
+
+    def _chunk_scan(self, node: Node, step, args):
+        """The whole loop over chunks as one kernel (chunk_scan.py): [final state, stacked o]."""
+        length, heads = node.attrs["length"], math.prod(step.batch)
+        C, K, V, Kg = step.C, step.K, step.V, step.Kg
+        dtype = TVM_DTYPES["f32"]
+        tail = dict(w=(C, K), u=(C, V), q_decayed=(C, K), aqk=(C, C), k_to_end=(C, K), last_decay=(Kg,))
+        xs = args[1:1 + node.attrs["num_xs"]]
+        operands = [self.emit(relax.op.reshape(args[0], (heads, K, V)))] + [
+            self.emit(relax.op.reshape(xs[step.xs[role]], (length, heads) + tail[role]))
+            for role in chunk_scan.ROLES]
+        gv = self.prim(("chunk_scan", length, heads, C, K, V, Kg, dtype),
+                       lambda: chunk_scan.chunk_scan_kernel(length, heads, C, K, V, Kg, dtype))
+        out = self.emit(relax.op.call_tir(gv, operands, [relax.TensorType((heads, K, V), dtype),
+                                                         relax.TensorType((length, heads, C, V), dtype)]))
+        return [self.emit(relax.op.reshape(self.emit(relax.TupleGetItem(out, i)), t.shape))
+                for i, t in enumerate(node.type)]
 
 
 # ---------------------------------------------------------------------------

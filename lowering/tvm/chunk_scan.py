@@ -1,0 +1,178 @@
+"""The loop over chunks as one GPU kernel.
+
+Lowered step by step (translate.Translator.scan), a scan costs one VM call and
+about ten kernel launches per step; for a prefill at T = 8192 that is 128
+steps of 32 x 64 x 128 products, and the GPU waits on the launches. This
+module recognises the delta rule's chunk step,
+
+    v_new = u - w S
+    o     = q_decayed S + aqk v_new
+    S'    = S * last_decay + k_to_end^T v_new
+
+(any operand order of the adds and of the decay product; the state S [.., K, V]
+is the only carry; every other operand is a per-step slice), and runs the whole
+loop in one kernel instead: a thread block owns one head's state columns
+[K, VT] in shared memory for all chunks, so the state never leaves the chip
+between steps (as flash-linear-attention's Triton kernels keep it).
+
+Per chunk each block computes its v_new columns (C x VT) into shared memory,
+then its output columns, then updates its state columns in place; barriers
+separate the three (the output reads the old state, the update writes it).
+A step that does not match is lowered step by step as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.script import tirx as T
+
+from dnir.graph import Graph, Node
+
+from .kernels import OPAQUE
+
+ROLES = ("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay")
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    xs: dict            # role -> index of the scan's per-step operand
+    batch: tuple        # the heads' leading axes (.., ) of every operand
+    C: int
+    K: int
+    V: int
+    Kg: int             # decay rows: 1 (one gate per head) or K (one per key channel)
+
+
+def _matmul(n: Node, ta=False, tb=False) -> bool:
+    return n.op == "matmul" and n.attrs["transpose_a"] == ta and n.attrs["transpose_b"] == tb
+
+
+def _split(n: Node, op: str, test):
+    """(x, y) with op(x, y) or op(y, x) and test(x, y) true, else None."""
+    if n.op != op:
+        return None
+    for x, y in (n.inputs, n.inputs[::-1]):
+        if test(x, y):
+            return x, y
+    return None
+
+
+def match_chunk_step(scan: Node) -> ChunkStep | None:
+    """The roles of a scan's operands when its body is the chunk step, else None."""
+    body: Graph = scan.attrs["body"]
+    nc, nx = scan.attrs["num_carry"], scan.attrs["num_xs"]
+    if nc != 1 or nx != len(body.inputs) - 1 or len(body.outputs) != 2:
+        return None
+    s, (s_new, o) = body.inputs[0], body.outputs
+    slots = {id(x): i for i, x in enumerate(body.inputs[1:])}
+    is_x = lambda x: id(x) in slots                                        # noqa: E731
+    found = {}
+    update = _split(s_new, "add", lambda a, b: a.op == "mul" and _matmul(b, ta=True))
+    out = _split(o, "add", lambda a, b: _matmul(a) and a.inputs[1] is s and _matmul(b))
+    if update is None or out is None:
+        return None
+    decay = _split(update[0], "mul", lambda a, b: a is s and is_x(b))
+    k_to_end, v_new = update[1].inputs
+    (q_decayed, _), (aqk, v_new2) = out[0].inputs, out[1].inputs
+    if decay is None or v_new2 is not v_new or v_new.op != "sub":
+        return None
+    u, wS = v_new.inputs
+    if not (_matmul(wS) and wS.inputs[1] is s):
+        return None
+    found = dict(w=wS.inputs[0], u=u, q_decayed=q_decayed, aqk=aqk, k_to_end=k_to_end, last_decay=decay[1])
+    if not all(is_x(found[r]) for r in ROLES) or len({id(found[r]) for r in ROLES}) != len(ROLES):
+        return None
+    *batch, K, V = s.shape
+    C = u.shape[-2]
+    Kg = found["last_decay"].shape[-2]
+    want = dict(w=(C, K), u=(C, V), q_decayed=(C, K), aqk=(C, C), k_to_end=(C, K), last_decay=(Kg, 1))
+    if Kg not in (1, K) or any(found[r].shape != (*batch, *want[r]) for r in ROLES):
+        return None
+    if any(x.dtype != "f32" for x in (s, *found.values())):
+        return None
+    if _threads(C, K, V) is None:
+        return None
+    return ChunkStep({r: slots[id(found[r])] for r in ROLES}, tuple(batch), C, K, V, Kg)
+
+
+def _largest_divisor(n: int, limit: int = 16) -> int:
+    return max(d for d in range(1, limit + 1) if n % d == 0 and d & (d - 1) == 0)
+
+
+def _threads(C: int, K: int, V: int):
+    """(rows, columns) of a block's threads: columns = the state columns it owns."""
+    rows = min(_largest_divisor(C), _largest_divisor(K))
+    cols = _largest_divisor(V)
+    return (rows, cols) if rows * cols >= 32 else None
+
+
+def chunk_scan_kernel(steps: int, heads: int, C: int, K: int, V: int, Kg: int, dtype: str):
+    """S1 [heads, K, V] and O [steps, heads, C, V] from S0 and the per-step operands
+    W, Qd, Kte [steps, heads, C, K], U [steps, heads, C, V], A [steps, heads, C, C],
+    LD [steps, heads, Kg]."""
+    rows, vt = _threads(C, K, V)
+    tiles, threads = V // vt, rows * vt
+    ra, rk = C // rows, K // rows          # outputs per thread: v_new/o rows, state rows
+    per_key = 1 if Kg == K else 0          # the decay row of state row k: k (per channel) or 0
+    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(s0: T.handle, w: T.handle, u: T.handle, qd: T.handle, aqk: T.handle, kte: T.handle,
+               ld: T.handle, s1: T.handle, o: T.handle):
+        T.func_attr(attrs)
+        S0 = T.match_buffer(s0, (heads, K, V), dtype)
+        W = T.match_buffer(w, (steps, heads, C, K), dtype)
+        U = T.match_buffer(u, (steps, heads, C, V), dtype)
+        Qd = T.match_buffer(qd, (steps, heads, C, K), dtype)
+        A = T.match_buffer(aqk, (steps, heads, C, C), dtype)
+        Kte = T.match_buffer(kte, (steps, heads, C, K), dtype)
+        LD = T.match_buffer(ld, (steps, heads, Kg), dtype)
+        S1 = T.match_buffer(s1, (heads, K, V), dtype)
+        O = T.match_buffer(o, (steps, heads, C, V), dtype)
+        with T.sblock("root"):
+            for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    S = T.alloc_shared((K, vt), dtype)
+                    N = T.alloc_shared((C, vt), dtype)
+                    acc = T.alloc_local((max(ra, rk),), dtype)
+                    for r in range(rk):
+                        S[tx // vt + rows * r, tx % vt] = S0[bx // tiles, tx // vt + rows * r,
+                                                             bx % tiles * vt + tx % vt]
+                    T.tvm_storage_sync("shared")
+                    for n in range(steps):
+                        # v_new = u - w S, this block's columns
+                        for r in range(ra):
+                            acc[r] = T.float32(0)
+                        for kk in range(K):
+                            for r in range(ra):
+                                acc[r] = acc[r] + W[n, bx // tiles, tx // vt + rows * r, kk] * S[kk, tx % vt]
+                        for r in range(ra):
+                            N[tx // vt + rows * r, tx % vt] = (
+                                U[n, bx // tiles, tx // vt + rows * r, bx % tiles * vt + tx % vt] - acc[r])
+                        T.tvm_storage_sync("shared")
+                        # o = q_decayed S + aqk v_new
+                        for r in range(ra):
+                            acc[r] = T.float32(0)
+                        for kk in range(K):
+                            for r in range(ra):
+                                acc[r] = acc[r] + Qd[n, bx // tiles, tx // vt + rows * r, kk] * S[kk, tx % vt]
+                        for i in range(C):
+                            for r in range(ra):
+                                acc[r] = acc[r] + A[n, bx // tiles, tx // vt + rows * r, i] * N[i, tx % vt]
+                        for r in range(ra):
+                            O[n, bx // tiles, tx // vt + rows * r, bx % tiles * vt + tx % vt] = acc[r]
+                        T.tvm_storage_sync("shared")   # every read of the old state is done
+                        # S = S * last_decay + k_to_end^T v_new, in place
+                        for r in range(rk):
+                            acc[r] = S[tx // vt + rows * r, tx % vt] * LD[
+                                n, bx // tiles, (tx // vt + rows * r) * per_key]
+                        for i in range(C):
+                            for r in range(rk):
+                                acc[r] = acc[r] + Kte[n, bx // tiles, i, tx // vt + rows * r] * N[i, tx % vt]
+                        for r in range(rk):
+                            S[tx // vt + rows * r, tx % vt] = acc[r]
+                        T.tvm_storage_sync("shared")
+                    for r in range(rk):
+                        S1[bx // tiles, tx // vt + rows * r, bx % tiles * vt + tx % vt] = S[
+                            tx // vt + rows * r, tx % vt]
+    return kernel
