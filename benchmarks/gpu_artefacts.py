@@ -35,11 +35,13 @@ def config(case: dict):
                           initial_state=True, final_state=True)
 
 
-def compile_all(out: Path, arch: str):
+def compile_all(out: Path, arch: str, names=None):
     from dnir.api import compiled_graph
     from dnir.lowering.tvm.compile import build
     out.mkdir(parents=True, exist_ok=True)
     for name, case in CASES.items():
+        if names and name not in names:
+            continue
         start = time.perf_counter()
         cfg = config(case)
         graph = compiled_graph(cfg, OPT)
@@ -53,12 +55,24 @@ def compile_all(out: Path, arch: str):
         print(f"{out / name}.so: {size / 2**20:.1f} MiB, compiled in {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def chunk_scan_tile():
+    from dnir.lowering.tvm import chunk_scan
+    return chunk_scan.TILE
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(".gpu") / "bench")
     p.add_argument("--arch", default="sm_90")
+    p.add_argument("--cases", nargs="*", choices=sorted(CASES), help="only these cases (default: all)")
+    p.add_argument("--chunk-scan-tile", metavar="VTxTC",
+                   help="state columns per thread block and per thread of the fused loop over chunks "
+                        "(lowering/tvm/chunk_scan.py; default %sx%s), to compare schedules" % chunk_scan_tile())
     args = p.parse_args(argv)
-    compile_all(args.out, args.arch)
+    if args.chunk_scan_tile:
+        from dnir.lowering.tvm import chunk_scan
+        chunk_scan.TILE = tuple(int(x) for x in args.chunk_scan_tile.split("x"))
+    compile_all(args.out, args.arch, args.cases)
     return 0
 
 

@@ -99,20 +99,28 @@ def _largest_divisor(n: int, limit: int = 16) -> int:
     return max(d for d in range(1, limit + 1) if n % d == 0 and d & (d - 1) == 0)
 
 
-def _threads(C: int, K: int, V: int):
-    """(rows, columns) of a block's threads: columns = the state columns it owns."""
+# A block owns VT state columns of one head; each thread computes TC of them (columns
+# tx, tx + VT/TC, ..: neighbouring threads read neighbouring words) for every row it owns.
+TILE = (16, 1)
+
+
+def _threads(C: int, K: int, V: int, tile=None):
+    """(thread rows, block columns VT, columns per thread TC), or None when the sizes do not split."""
+    vt, tc = tile or TILE
     rows = min(_largest_divisor(C), _largest_divisor(K))
-    cols = _largest_divisor(V)
-    return (rows, cols) if rows * cols >= 32 else None
+    vt = min(vt, _largest_divisor(V, vt))
+    tc = min(tc, vt)
+    return (rows, vt, tc) if rows * (vt // tc) >= 32 and vt % tc == 0 else None
 
 
-def chunk_scan_kernel(steps: int, heads: int, C: int, K: int, V: int, Kg: int, dtype: str):
+def chunk_scan_kernel(steps: int, heads: int, C: int, K: int, V: int, Kg: int, dtype: str, tile=None):
     """S1 [heads, K, V] and O [steps, heads, C, V] from S0 and the per-step operands
     W, Qd, Kte [steps, heads, C, K], U [steps, heads, C, V], A [steps, heads, C, C],
     LD [steps, heads, Kg]."""
-    rows, vt = _threads(C, K, V)
-    tiles, threads = V // vt, rows * vt
-    ra, rk = C // rows, K // rows          # outputs per thread: v_new/o rows, state rows
+    rows, vt, tc = _threads(C, K, V, tile)
+    ct = vt // tc                          # threads across the block's columns
+    tiles, threads = V // vt, rows * ct
+    ra, rk = C // rows, K // rows          # rows per thread: of v_new and o, of the state
     per_key = 1 if Kg == K else 0          # the decay row of state row k: k (per channel) or 0
     attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
 
@@ -134,45 +142,52 @@ def chunk_scan_kernel(steps: int, heads: int, C: int, K: int, V: int, Kg: int, d
                 for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     S = T.alloc_shared((K, vt), dtype)
                     N = T.alloc_shared((C, vt), dtype)
-                    acc = T.alloc_local((max(ra, rk),), dtype)
-                    for r in range(rk):
-                        S[tx // vt + rows * r, tx % vt] = S0[bx // tiles, tx // vt + rows * r,
-                                                             bx % tiles * vt + tx % vt]
+                    acc = T.alloc_local((max(ra, rk) * tc,), dtype)
+                    # thread tx: rows tx // ct + rows * r, columns tx % ct + ct * j of the block's
+                    for r, j in T.grid(rk, tc):
+                        S[tx // ct + rows * r, tx % ct + ct * j] = S0[
+                            bx // tiles, tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j]
                     T.tvm_storage_sync("shared")
                     for n in range(steps):
                         # v_new = u - w S, this block's columns
-                        for r in range(ra):
-                            acc[r] = T.float32(0)
+                        for r, j in T.grid(ra, tc):
+                            acc[r * tc + j] = T.float32(0)
                         for kk in range(K):
-                            for r in range(ra):
-                                acc[r] = acc[r] + W[n, bx // tiles, tx // vt + rows * r, kk] * S[kk, tx % vt]
-                        for r in range(ra):
-                            N[tx // vt + rows * r, tx % vt] = (
-                                U[n, bx // tiles, tx // vt + rows * r, bx % tiles * vt + tx % vt] - acc[r])
+                            for r, j in T.grid(ra, tc):
+                                acc[r * tc + j] = acc[r * tc + j] + W[
+                                    n, bx // tiles, tx // ct + rows * r, kk] * S[kk, tx % ct + ct * j]
+                        for r, j in T.grid(ra, tc):
+                            N[tx // ct + rows * r, tx % ct + ct * j] = U[
+                                n, bx // tiles, tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j
+                            ] - acc[r * tc + j]
                         T.tvm_storage_sync("shared")
                         # o = q_decayed S + aqk v_new
-                        for r in range(ra):
-                            acc[r] = T.float32(0)
+                        for r, j in T.grid(ra, tc):
+                            acc[r * tc + j] = T.float32(0)
                         for kk in range(K):
-                            for r in range(ra):
-                                acc[r] = acc[r] + Qd[n, bx // tiles, tx // vt + rows * r, kk] * S[kk, tx % vt]
+                            for r, j in T.grid(ra, tc):
+                                acc[r * tc + j] = acc[r * tc + j] + Qd[
+                                    n, bx // tiles, tx // ct + rows * r, kk] * S[kk, tx % ct + ct * j]
                         for i in range(C):
-                            for r in range(ra):
-                                acc[r] = acc[r] + A[n, bx // tiles, tx // vt + rows * r, i] * N[i, tx % vt]
-                        for r in range(ra):
-                            O[n, bx // tiles, tx // vt + rows * r, bx % tiles * vt + tx % vt] = acc[r]
+                            for r, j in T.grid(ra, tc):
+                                acc[r * tc + j] = acc[r * tc + j] + A[
+                                    n, bx // tiles, tx // ct + rows * r, i] * N[i, tx % ct + ct * j]
+                        for r, j in T.grid(ra, tc):
+                            O[n, bx // tiles, tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j] = \
+                                acc[r * tc + j]
                         T.tvm_storage_sync("shared")   # every read of the old state is done
                         # S = S * last_decay + k_to_end^T v_new, in place
-                        for r in range(rk):
-                            acc[r] = S[tx // vt + rows * r, tx % vt] * LD[
-                                n, bx // tiles, (tx // vt + rows * r) * per_key]
+                        for r, j in T.grid(rk, tc):
+                            acc[r * tc + j] = S[tx // ct + rows * r, tx % ct + ct * j] * LD[
+                                n, bx // tiles, (tx // ct + rows * r) * per_key]
                         for i in range(C):
-                            for r in range(rk):
-                                acc[r] = acc[r] + Kte[n, bx // tiles, i, tx // vt + rows * r] * N[i, tx % vt]
-                        for r in range(rk):
-                            S[tx // vt + rows * r, tx % vt] = acc[r]
+                            for r, j in T.grid(rk, tc):
+                                acc[r * tc + j] = acc[r * tc + j] + Kte[
+                                    n, bx // tiles, i, tx // ct + rows * r] * N[i, tx % ct + ct * j]
+                        for r, j in T.grid(rk, tc):
+                            S[tx // ct + rows * r, tx % ct + ct * j] = acc[r * tc + j]
                         T.tvm_storage_sync("shared")
-                    for r in range(rk):
-                        S1[bx // tiles, tx // vt + rows * r, bx % tiles * vt + tx % vt] = S[
-                            tx // vt + rows * r, tx % vt]
+                    for r, j in T.grid(rk, tc):
+                        S1[bx // tiles, tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j] = S[
+                            tx // ct + rows * r, tx % ct + ct * j]
     return kernel

@@ -22,7 +22,7 @@ from dnir.errors import BackendError
 from dnir.graph import Graph, Node
 from dnir.types import DTYPES
 
-from . import chunk_scan, kernels
+from . import chunk_scan, kernels, token_step
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -56,16 +56,49 @@ class Translator:
         with self.bb.function("main", params):
             outputs = self._emit_function_body(graph, params)
             self.bb.emit_func_output(relax.Tuple(outputs))
-        return self.bb.finalize()
+        mod = self.bb.finalize()
+        return relax.transform.DeadCodeElimination(["main"])(mod) if self.gpu else mod
 
     def _emit_function_body(self, graph: Graph, params) -> list:
+        # GPU: a decode step's new state and output come from one kernel (token_step.py); the
+        # ops it replaces are left unused and removed (DeadCodeElimination in module()).
+        fused = {}
+        for step in (token_step.match_graph(graph) if self.gpu else []):
+            fused[id(step.new_state)] = fused[id(step.o)] = step
         with self.bb.dataflow():
             values = {id(n): p for n, p in zip(graph.inputs, params)}
+
+            def lower(node):
+                if id(node) in values:
+                    return
+                if id(node) in fused:
+                    step = fused[id(node)]
+                    for operand in step.operands.values():
+                        lower(operand)
+                    values.update(self._token_step(step, values))
+                    return
+                for i in node.inputs:
+                    lower(i)
+                values[id(node)] = LOWER[node.op](self, node, [values[id(i)] for i in node.inputs])
+
             for node in graph.topo_order():
-                if id(node) not in values:
-                    values[id(node)] = LOWER[node.op](self, node, [values[id(i)] for i in node.inputs])
+                lower(node)
             outputs = [self.bb.emit_output(values[id(n)]) for n in graph.outputs]
         return outputs
+
+    def _token_step(self, step, values) -> dict:
+        """Lower a matched decode step: {id(new state): expr, id(o): expr}."""
+        heads, K, V, Kg = math.prod(step.batch), step.K, step.V, step.Kg
+        dtype = TVM_DTYPES["f32"]
+        tail = dict(state=(K, V), decay=(Kg,), k_col=(K,), k_row=(K,), q_row=(K,), v=(V,), beta=(), qk=())
+        args = [self.emit(relax.op.reshape(values[id(step.operands[n])], (heads,) + tail[n]))
+                for n in token_step.OPERANDS]
+        gv = self.prim(("token_step", heads, K, V, Kg, dtype),
+                       lambda: token_step.token_step_kernel(heads, K, V, Kg, dtype))
+        out = self.emit(relax.op.call_tir(gv, args, [relax.TensorType((heads, K, V), dtype),
+                                                     relax.TensorType((heads, V), dtype)]))
+        return {id(node): self.emit(relax.op.reshape(self.emit(relax.TupleGetItem(out, i)), node.shape))
+                for i, node in enumerate((step.new_state, step.o))}
 
     def emit(self, expr):
         return self.bb.emit(expr)

@@ -1,0 +1,159 @@
+"""One decode step of the delta rule as one GPU kernel.
+
+Lowered op by op, a decode step reads the state three times (two
+matrix-vector products and the update) and writes it once. This module
+recognises the step as the O2 graph writes it,
+
+    pred = (k a) S,   o1 = (q a) S                (row vectors times the state)
+    u    = (v - pred) beta
+    o    = o1 + u (q . k)
+    S'   = S a + k^T u                           (a: the decay, per head or per key row)
+
+(operands of adds and products in any order, reshapes between the vectors' shapes),
+and computes S' and o in one kernel that reads the state once and writes it once:
+a thread owns one state column, keeps it in registers, reduces it against both
+row vectors, then writes the updated column.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tvm.script import tirx as T
+
+from dnir.graph import Graph, Node
+
+from .kernels import OPAQUE
+
+OPERANDS = ("state", "decay", "k_col", "k_row", "q_row", "v", "beta", "qk")
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    new_state: Node
+    o: Node             # o1 + u (q . k), [.., V]
+    operands: dict      # name -> node
+    batch: tuple
+    K: int
+    V: int
+    Kg: int
+
+
+def _through_reshapes(n: Node) -> Node:
+    while n.op == "reshape":
+        n = n.inputs[0]
+    return n
+
+
+def _pair(n: Node, op: str, test):
+    if n.op == op:
+        for x, y in (n.inputs, n.inputs[::-1]):
+            if test(x, y):
+                return x, y
+    return None
+
+
+def _row_times(x: Node, state: Node):
+    """The row vector r of x = reshape(r [.., 1, K] @ state), else None."""
+    mm = _through_reshapes(x)
+    if mm.op == "matmul" and mm.inputs[1] is state and not mm.attrs["transpose_a"] and \
+            not mm.attrs["transpose_b"] and mm.inputs[0].shape[-2] == 1:
+        return mm.inputs[0]
+    return None
+
+
+def match_token_step(new_state: Node, outputs) -> TokenStep | None:
+    """The decode step whose new state is `new_state`, with its output among `outputs`."""
+    update = _pair(new_state, "add", lambda a, b: a.op == "mul" and b.op == "mul")
+    if update is None or new_state.rank < 3:
+        return None
+    *batch, K, V = new_state.shape
+    decayed = _pair(update[0], "mul", lambda s, a: s.shape == new_state.shape and a.shape[-1] == 1)
+    outer = _pair(update[1], "mul", lambda u, k: u.shape[-2:] == (1, V) and k.shape[-2:] == (K, 1))
+    if decayed is None or outer is None:
+        decayed = _pair(update[1], "mul", lambda s, a: s.shape == new_state.shape and a.shape[-1] == 1)
+        outer = _pair(update[0], "mul", lambda u, k: u.shape[-2:] == (1, V) and k.shape[-2:] == (K, 1))
+    if decayed is None or outer is None:
+        return None
+    (state, decay), (u_row, k_col) = decayed, outer
+    u = _through_reshapes(u_row)
+    scaled = _pair(u, "mul", lambda d, b: d.op == "sub" and b.shape[-1] == 1)
+    if scaled is None:
+        return None
+    (diff, beta) = scaled
+    v, pred = diff.inputs
+    k_row = _row_times(pred, state)
+    if k_row is None:
+        return None
+    for out in outputs:
+        found = _pair(_through_reshapes(out), "add", lambda o1, corr: _row_times(o1, state) is not None
+                      and _pair(corr, "mul", lambda uu, qk: uu is u and qk.shape[-1] == 1) is not None)
+        if found is not None:
+            o1, corr = found
+            qk = _pair(corr, "mul", lambda uu, qk: uu is u)[1]
+            o_node = _through_reshapes(out)
+            break
+    else:
+        return None
+    ops = dict(state=state, decay=decay, k_col=k_col, k_row=k_row, q_row=_row_times(o1, state), v=v, beta=beta,
+               qk=qk)
+    Kg = decay.shape[-2]
+    sizes = dict(state=K * V, decay=Kg, k_col=K, k_row=K, q_row=K, v=V, beta=1, qk=1)
+    heads = math.prod(batch)
+    if Kg not in (1, K) or any(math.prod(ops[n].shape) != heads * sizes[n] for n in OPERANDS):
+        return None
+    if any(x.dtype != "f32" for x in ops.values()) or V % 32 or o_node.shape[-1] != V:
+        return None
+    if any(ops[n].shape[:len(batch)] != tuple(batch) for n in ("state", "k_col", "decay")):
+        return None
+    return TokenStep(new_state, o_node, ops, tuple(batch), K, V, Kg)
+
+
+def match_graph(graph: Graph) -> list[TokenStep]:
+    found = []
+    for out in graph.outputs:
+        step = match_token_step(out, graph.outputs)
+        if step is not None:
+            found.append(step)
+    return found
+
+
+def token_step_kernel(heads: int, K: int, V: int, Kg: int, dtype: str):
+    """S1 [heads, K, V] and O [heads, V] from S0 and the vectors (one row per head)."""
+    threads = min(V, 128)
+    tiles = V // threads
+    per_key = 1 if Kg == K else 0
+    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(s0: T.handle, decay: T.handle, kc: T.handle, kr: T.handle, qr: T.handle, v: T.handle,
+               beta: T.handle, qk: T.handle, s1: T.handle, o: T.handle):
+        T.func_attr(attrs)
+        S0 = T.match_buffer(s0, (heads, K, V), dtype)
+        D = T.match_buffer(decay, (heads, Kg), dtype)
+        Kc = T.match_buffer(kc, (heads, K), dtype)
+        Kr = T.match_buffer(kr, (heads, K), dtype)
+        Qr = T.match_buffer(qr, (heads, K), dtype)
+        Vv = T.match_buffer(v, (heads, V), dtype)
+        B = T.match_buffer(beta, (heads,), dtype)
+        QK = T.match_buffer(qk, (heads,), dtype)
+        S1 = T.match_buffer(s1, (heads, K, V), dtype)
+        O = T.match_buffer(o, (heads, V), dtype)
+        with T.sblock("root"):
+            for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    col = T.alloc_local((K,), dtype)
+                    acc = T.alloc_local((2,), dtype)
+                    acc[0] = T.float32(0)
+                    acc[1] = T.float32(0)
+                    for kk in T.unroll(K):
+                        col[kk] = S0[bx // tiles, kk, bx % tiles * threads + tx]
+                        acc[0] = acc[0] + Kr[bx // tiles, kk] * col[kk]
+                        acc[1] = acc[1] + Qr[bx // tiles, kk] * col[kk]
+                    # acc[0] becomes u = (v - pred) beta
+                    acc[0] = (Vv[bx // tiles, bx % tiles * threads + tx] - acc[0]) * B[bx // tiles]
+                    O[bx // tiles, bx % tiles * threads + tx] = acc[1] + acc[0] * QK[bx // tiles]
+                    for kk in T.unroll(K):
+                        S1[bx // tiles, kk, bx % tiles * threads + tx] = (
+                            col[kk] * D[bx // tiles, kk * per_key] + Kc[bx // tiles, kk] * acc[0])
+    return kernel
