@@ -22,13 +22,14 @@ A step that does not match is lowered step by step as before.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
 from dnir.graph import Graph, Node
 
-from .kernels import OPAQUE
+from .kernels import OPAQUE, unravel_index
 
 ROLES = ("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay")
 
@@ -113,81 +114,102 @@ def _threads(C: int, K: int, V: int, tile=None):
     return (rows, vt, tc) if rows * (vt // tc) >= 32 and vt % tc == 0 else None
 
 
-def chunk_scan_kernel(steps: int, heads: int, C: int, K: int, V: int, Kg: int, dtype: str, tile=None):
-    """S1 [heads, K, V] and O [steps, heads, C, V] from S0 and the per-step operands
-    W, Qd, Kte [steps, heads, C, K], U [steps, heads, C, V], A [steps, heads, C, C],
-    LD [steps, heads, Kg]."""
+def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str, tile=None):
+    """S1 [*batch, K, V] and O [steps, *batch, C, V] from S0 and the per-step operands
+    W, Qd, Kte [steps, *batch, C, K], U [steps, *batch, C, V], A [steps, *batch, C, C],
+    LD [steps, *batch, Kg, 1] (the scan's own shapes: nothing is reshaped around the call)."""
     rows, vt, tc = _threads(C, K, V, tile)
     ct = vt // tc                          # threads across the block's columns
+    heads = math.prod(batch)
     tiles, threads = V // vt, rows * ct
     ra, rk = C // rows, K // rows          # rows per thread: of v_new and o, of the state
+    uk, uc = _largest_divisor(K, 4), _largest_divisor(C, 4)   # unrolled steps of the K and C sums
     per_key = 1 if Kg == K else 0          # the decay row of state row k: k (per channel) or 0
     attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
 
+    def head(bx):                          # the block's head, as an index into the batch axes
+        return unravel_index(bx // tiles, batch)
+
+    # Thread tx owns rows tx // ct + rows * r and columns tx % ct + ct * j of its block's
+    # VT columns; its accumulators acc[r * tc + j] are registers (the r, j loops are unrolled).
     @T.prim_func(private=True, s_tir=True)
     def kernel(s0: T.handle, w: T.handle, u: T.handle, qd: T.handle, aqk: T.handle, kte: T.handle,
                ld: T.handle, s1: T.handle, o: T.handle):
         T.func_attr(attrs)
-        S0 = T.match_buffer(s0, (heads, K, V), dtype)
-        W = T.match_buffer(w, (steps, heads, C, K), dtype)
-        U = T.match_buffer(u, (steps, heads, C, V), dtype)
-        Qd = T.match_buffer(qd, (steps, heads, C, K), dtype)
-        A = T.match_buffer(aqk, (steps, heads, C, C), dtype)
-        Kte = T.match_buffer(kte, (steps, heads, C, K), dtype)
-        LD = T.match_buffer(ld, (steps, heads, Kg), dtype)
-        S1 = T.match_buffer(s1, (heads, K, V), dtype)
-        O = T.match_buffer(o, (steps, heads, C, V), dtype)
+        S0 = T.match_buffer(s0, (*batch, K, V), dtype)
+        W = T.match_buffer(w, (steps, *batch, C, K), dtype)
+        U = T.match_buffer(u, (steps, *batch, C, V), dtype)
+        Qd = T.match_buffer(qd, (steps, *batch, C, K), dtype)
+        A = T.match_buffer(aqk, (steps, *batch, C, C), dtype)
+        Kte = T.match_buffer(kte, (steps, *batch, C, K), dtype)
+        LD = T.match_buffer(ld, (steps, *batch, Kg, 1), dtype)
+        S1 = T.match_buffer(s1, (*batch, K, V), dtype)
+        O = T.match_buffer(o, (steps, *batch, C, V), dtype)
         with T.sblock("root"):
             for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
                 for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     S = T.alloc_shared((K, vt), dtype)
                     N = T.alloc_shared((C, vt), dtype)
                     acc = T.alloc_local((max(ra, rk) * tc,), dtype)
-                    # thread tx: rows tx // ct + rows * r, columns tx % ct + ct * j of the block's
-                    for r, j in T.grid(rk, tc):
-                        S[tx // ct + rows * r, tx % ct + ct * j] = S0[
-                            bx // tiles, tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j]
+                    for r in T.unroll(rk):
+                        for j in T.unroll(tc):
+                            S[tx // ct + rows * r, tx % ct + ct * j] = S0[head(bx) + (
+                                tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)]
                     T.tvm_storage_sync("shared")
                     for n in range(steps):
                         # v_new = u - w S, this block's columns
-                        for r, j in T.grid(ra, tc):
-                            acc[r * tc + j] = T.float32(0)
-                        for kk in range(K):
-                            for r, j in T.grid(ra, tc):
-                                acc[r * tc + j] = acc[r * tc + j] + W[
-                                    n, bx // tiles, tx // ct + rows * r, kk] * S[kk, tx % ct + ct * j]
-                        for r, j in T.grid(ra, tc):
-                            N[tx // ct + rows * r, tx % ct + ct * j] = U[
-                                n, bx // tiles, tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j
-                            ] - acc[r * tc + j]
+                        for r in T.unroll(ra):
+                            for j in T.unroll(tc):
+                                acc[r * tc + j] = T.float32(0)
+                        for k0 in range(K // uk):
+                            for k1 in T.unroll(uk):
+                                for r in T.unroll(ra):
+                                    for j in T.unroll(tc):
+                                        acc[r * tc + j] = acc[r * tc + j] + W[(n,) + head(bx) + (
+                                            tx // ct + rows * r, k0 * uk + k1)] * S[k0 * uk + k1, tx % ct + ct * j]
+                        for r in T.unroll(ra):
+                            for j in T.unroll(tc):
+                                N[tx // ct + rows * r, tx % ct + ct * j] = U[(n,) + head(bx) + (
+                                    tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] - acc[r * tc + j]
                         T.tvm_storage_sync("shared")
                         # o = q_decayed S + aqk v_new
-                        for r, j in T.grid(ra, tc):
-                            acc[r * tc + j] = T.float32(0)
-                        for kk in range(K):
-                            for r, j in T.grid(ra, tc):
-                                acc[r * tc + j] = acc[r * tc + j] + Qd[
-                                    n, bx // tiles, tx // ct + rows * r, kk] * S[kk, tx % ct + ct * j]
-                        for i in range(C):
-                            for r, j in T.grid(ra, tc):
-                                acc[r * tc + j] = acc[r * tc + j] + A[
-                                    n, bx // tiles, tx // ct + rows * r, i] * N[i, tx % ct + ct * j]
-                        for r, j in T.grid(ra, tc):
-                            O[n, bx // tiles, tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j] = \
-                                acc[r * tc + j]
+                        for r in T.unroll(ra):
+                            for j in T.unroll(tc):
+                                acc[r * tc + j] = T.float32(0)
+                        for k0 in range(K // uk):
+                            for k1 in T.unroll(uk):
+                                for r in T.unroll(ra):
+                                    for j in T.unroll(tc):
+                                        acc[r * tc + j] = acc[r * tc + j] + Qd[(n,) + head(bx) + (
+                                            tx // ct + rows * r, k0 * uk + k1)] * S[k0 * uk + k1, tx % ct + ct * j]
+                        for i0 in range(C // uc):
+                            for i1 in T.unroll(uc):
+                                for r in T.unroll(ra):
+                                    for j in T.unroll(tc):
+                                        acc[r * tc + j] = acc[r * tc + j] + A[(n,) + head(bx) + (
+                                            tx // ct + rows * r, i0 * uc + i1)] * N[i0 * uc + i1, tx % ct + ct * j]
+                        for r in T.unroll(ra):
+                            for j in T.unroll(tc):
+                                O[(n,) + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = \
+                                    acc[r * tc + j]
                         T.tvm_storage_sync("shared")   # every read of the old state is done
                         # S = S * last_decay + k_to_end^T v_new, in place
-                        for r, j in T.grid(rk, tc):
-                            acc[r * tc + j] = S[tx // ct + rows * r, tx % ct + ct * j] * LD[
-                                n, bx // tiles, (tx // ct + rows * r) * per_key]
-                        for i in range(C):
-                            for r, j in T.grid(rk, tc):
-                                acc[r * tc + j] = acc[r * tc + j] + Kte[
-                                    n, bx // tiles, i, tx // ct + rows * r] * N[i, tx % ct + ct * j]
-                        for r, j in T.grid(rk, tc):
-                            S[tx // ct + rows * r, tx % ct + ct * j] = acc[r * tc + j]
+                        for r in T.unroll(rk):
+                            for j in T.unroll(tc):
+                                acc[r * tc + j] = S[tx // ct + rows * r, tx % ct + ct * j] * LD[(n,) + head(bx) + (
+                                    (tx // ct + rows * r) * per_key, 0)]
+                        for i0 in range(C // uc):
+                            for i1 in T.unroll(uc):
+                                for r in T.unroll(rk):
+                                    for j in T.unroll(tc):
+                                        acc[r * tc + j] = acc[r * tc + j] + Kte[(n,) + head(bx) + (
+                                            i0 * uc + i1, tx // ct + rows * r)] * N[i0 * uc + i1, tx % ct + ct * j]
+                        for r in T.unroll(rk):
+                            for j in T.unroll(tc):
+                                S[tx // ct + rows * r, tx % ct + ct * j] = acc[r * tc + j]
                         T.tvm_storage_sync("shared")
-                    for r, j in T.grid(rk, tc):
-                        S1[bx // tiles, tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j] = S[
-                            tx // ct + rows * r, tx % ct + ct * j]
+                    for r in T.unroll(rk):
+                        for j in T.unroll(tc):
+                            S1[head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = S[
+                                tx // ct + rows * r, tx % ct + ct * j]
     return kernel

@@ -20,6 +20,17 @@ THREADS_PER_BLOCK = 64
 OPAQUE = 8  # Relax op pattern kOpaque: FuseOps leaves these calls alone
 
 
+def unravel_index(e, shape) -> tuple:
+    """Flat row-major index -> index tuple of `shape`. Kernels index their buffers in the
+    callers' own shapes: no buffer views (the vulkan runner binds by name), and no reshape
+    in Relax that could become a copy."""
+    idx = []
+    for d in reversed(shape):
+        idx.append(e % d)
+        e = e // d
+    return tuple(reversed(idx))
+
+
 def _grid(lanes: int) -> tuple[int, int]:
     threads = min(THREADS_PER_BLOCK, max(lanes, 1))
     return -(-lanes // threads), threads
@@ -126,12 +137,7 @@ def put_row(stacked_shape, dtype: str, gpu: bool):
     attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
 
     def unravel(e):
-        """Flat index within a row -> index tuple (no buffer views: the vulkan runner binds by name)."""
-        idx = []
-        for d in reversed(row_shape):
-            idx.append(e % d)
-            e = e // d
-        return tuple(reversed(idx))
+        return unravel_index(e, row_shape)
 
     if gpu:
         blocks, threads = _grid(row)

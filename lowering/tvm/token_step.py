@@ -23,7 +23,7 @@ from tvm.script import tirx as T
 
 from dnir.graph import Graph, Node
 
-from .kernels import OPAQUE
+from .kernels import OPAQUE, unravel_index
 
 OPERANDS = ("state", "decay", "k_col", "k_row", "q_row", "v", "beta", "qk")
 
@@ -104,8 +104,8 @@ def match_token_step(new_state: Node, outputs) -> TokenStep | None:
         return None
     if any(x.dtype != "f32" for x in ops.values()) or V % 32 or o_node.shape[-1] != V:
         return None
-    if any(ops[n].shape[:len(batch)] != tuple(batch) for n in ("state", "k_col", "decay")):
-        return None
+    if any(x.shape[:len(batch)] != tuple(batch) for x in (*ops.values(), o_node)):
+        return None         # the kernel indexes every operand by head first
     return TokenStep(new_state, o_node, ops, tuple(batch), K, V, Kg)
 
 
@@ -118,27 +118,33 @@ def match_graph(graph: Graph) -> list[TokenStep]:
     return found
 
 
-def token_step_kernel(heads: int, K: int, V: int, Kg: int, dtype: str):
-    """S1 [heads, K, V] and O [heads, V] from S0 and the vectors (one row per head)."""
+def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype: str):
+    """S1 [*batch, K, V] and O [*batch, V] from the state and the vectors, each in its own
+    shape `shapes[name]` (batch axes first: nothing is reshaped around the call)."""
+    heads = math.prod(batch)
     threads = min(V, 128)
     tiles = V // threads
     per_key = 1 if Kg == K else 0
+    nb = len(batch)
     attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
+
+    def at(name, bx, e):                   # element e of the block's head in operand `name`
+        return unravel_index(bx // tiles, batch) + unravel_index(e, shapes[name][nb:])
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(s0: T.handle, decay: T.handle, kc: T.handle, kr: T.handle, qr: T.handle, v: T.handle,
                beta: T.handle, qk: T.handle, s1: T.handle, o: T.handle):
         T.func_attr(attrs)
-        S0 = T.match_buffer(s0, (heads, K, V), dtype)
-        D = T.match_buffer(decay, (heads, Kg), dtype)
-        Kc = T.match_buffer(kc, (heads, K), dtype)
-        Kr = T.match_buffer(kr, (heads, K), dtype)
-        Qr = T.match_buffer(qr, (heads, K), dtype)
-        Vv = T.match_buffer(v, (heads, V), dtype)
-        B = T.match_buffer(beta, (heads,), dtype)
-        QK = T.match_buffer(qk, (heads,), dtype)
-        S1 = T.match_buffer(s1, (heads, K, V), dtype)
-        O = T.match_buffer(o, (heads, V), dtype)
+        S0 = T.match_buffer(s0, shapes["state"], dtype)
+        D = T.match_buffer(decay, shapes["decay"], dtype)
+        Kc = T.match_buffer(kc, shapes["k_col"], dtype)
+        Kr = T.match_buffer(kr, shapes["k_row"], dtype)
+        Qr = T.match_buffer(qr, shapes["q_row"], dtype)
+        Vv = T.match_buffer(v, shapes["v"], dtype)
+        B = T.match_buffer(beta, shapes["beta"], dtype)
+        QK = T.match_buffer(qk, shapes["qk"], dtype)
+        S1 = T.match_buffer(s1, shapes["state"], dtype)
+        O = T.match_buffer(o, shapes["o"], dtype)
         with T.sblock("root"):
             for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
                 for tx in T.thread_binding(threads, thread="threadIdx.x"):
@@ -147,13 +153,13 @@ def token_step_kernel(heads: int, K: int, V: int, Kg: int, dtype: str):
                     acc[0] = T.float32(0)
                     acc[1] = T.float32(0)
                     for kk in T.unroll(K):
-                        col[kk] = S0[bx // tiles, kk, bx % tiles * threads + tx]
-                        acc[0] = acc[0] + Kr[bx // tiles, kk] * col[kk]
-                        acc[1] = acc[1] + Qr[bx // tiles, kk] * col[kk]
+                        col[kk] = S0[at("state", bx, kk * V + bx % tiles * threads + tx)]
+                        acc[0] = acc[0] + Kr[at("k_row", bx, kk)] * col[kk]
+                        acc[1] = acc[1] + Qr[at("q_row", bx, kk)] * col[kk]
                     # acc[0] becomes u = (v - pred) beta
-                    acc[0] = (Vv[bx // tiles, bx % tiles * threads + tx] - acc[0]) * B[bx // tiles]
-                    O[bx // tiles, bx % tiles * threads + tx] = acc[1] + acc[0] * QK[bx // tiles]
+                    acc[0] = (Vv[at("v", bx, bx % tiles * threads + tx)] - acc[0]) * B[at("beta", bx, 0)]
+                    O[at("o", bx, bx % tiles * threads + tx)] = acc[1] + acc[0] * QK[at("qk", bx, 0)]
                     for kk in T.unroll(K):
-                        S1[bx // tiles, kk, bx % tiles * threads + tx] = (
-                            col[kk] * D[bx // tiles, kk * per_key] + Kc[bx // tiles, kk] * acc[0])
+                        S1[at("state", bx, kk * V + bx % tiles * threads + tx)] = (
+                            col[kk] * D[at("decay", bx, kk * per_key)] + Kc[at("k_col", bx, kk)] * acc[0])
     return kernel

@@ -88,17 +88,14 @@ class Translator:
 
     def _token_step(self, step, values) -> dict:
         """Lower a matched decode step: {id(new state): expr, id(o): expr}."""
-        heads, K, V, Kg = math.prod(step.batch), step.K, step.V, step.Kg
+        shapes = {n: step.operands[n].shape for n in token_step.OPERANDS}
+        shapes["o"] = step.o.shape
         dtype = TVM_DTYPES["f32"]
-        tail = dict(state=(K, V), decay=(Kg,), k_col=(K,), k_row=(K,), q_row=(K,), v=(V,), beta=(), qk=())
-        args = [self.emit(relax.op.reshape(values[id(step.operands[n])], (heads,) + tail[n]))
-                for n in token_step.OPERANDS]
-        gv = self.prim(("token_step", heads, K, V, Kg, dtype),
-                       lambda: token_step.token_step_kernel(heads, K, V, Kg, dtype))
-        out = self.emit(relax.op.call_tir(gv, args, [relax.TensorType((heads, K, V), dtype),
-                                                     relax.TensorType((heads, V), dtype)]))
-        return {id(node): self.emit(relax.op.reshape(self.emit(relax.TupleGetItem(out, i)), node.shape))
-                for i, node in enumerate((step.new_state, step.o))}
+        gv = self.prim(("token_step", tuple(sorted(shapes.items())), step.K, step.V, step.Kg, dtype),
+                       lambda: token_step.token_step_kernel(step.batch, shapes, step.K, step.V, step.Kg, dtype))
+        out = self.emit(relax.op.call_tir(gv, [values[id(step.operands[n])] for n in token_step.OPERANDS],
+                                          [self.tensor_type(step.new_state.type), self.tensor_type(step.o.type)]))
+        return {id(node): self.emit(relax.TupleGetItem(out, i)) for i, node in enumerate((step.new_state, step.o))}
 
     def emit(self, expr):
         return self.bb.emit(expr)
@@ -172,20 +169,14 @@ class Translator:
 
     def _chunk_scan(self, node: Node, step, args):
         """The whole loop over chunks as one kernel (chunk_scan.py): [final state, stacked o]."""
-        length, heads = node.attrs["length"], math.prod(step.batch)
-        C, K, V, Kg = step.C, step.K, step.V, step.Kg
-        dtype = TVM_DTYPES["f32"]
-        tail = dict(w=(C, K), u=(C, V), q_decayed=(C, K), aqk=(C, C), k_to_end=(C, K), last_decay=(Kg,))
+        length, dtype = node.attrs["length"], TVM_DTYPES["f32"]
         xs = args[1:1 + node.attrs["num_xs"]]
-        operands = [self.emit(relax.op.reshape(args[0], (heads, K, V)))] + [
-            self.emit(relax.op.reshape(xs[step.xs[role]], (length, heads) + tail[role]))
-            for role in chunk_scan.ROLES]
-        gv = self.prim(("chunk_scan", length, heads, C, K, V, Kg, dtype),
-                       lambda: chunk_scan.chunk_scan_kernel(length, heads, C, K, V, Kg, dtype))
-        out = self.emit(relax.op.call_tir(gv, operands, [relax.TensorType((heads, K, V), dtype),
-                                                         relax.TensorType((length, heads, C, V), dtype)]))
-        return [self.emit(relax.op.reshape(self.emit(relax.TupleGetItem(out, i)), t.shape))
-                for i, t in enumerate(node.type)]
+        operands = [args[0]] + [xs[step.xs[role]] for role in chunk_scan.ROLES]
+        gv = self.prim(("chunk_scan", length, step.batch, step.C, step.K, step.V, step.Kg, dtype),
+                       lambda: chunk_scan.chunk_scan_kernel(length, step.batch, step.C, step.K, step.V, step.Kg,
+                                                            dtype))
+        out = self.emit(relax.op.call_tir(gv, operands, [self.tensor_type(t) for t in node.type]))
+        return [self.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
 
 
 # ---------------------------------------------------------------------------
