@@ -65,7 +65,8 @@ def _device():
         adapter = adapters[0]
         limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
                                                  "max-storage-buffers-per-shader-stage",
-                                                 "min-storage-buffer-offset-alignment")}
+                                                 "min-storage-buffer-offset-alignment",
+                                                 "max-compute-workgroup-storage-size")}
         _DEVICE = (wgpu, adapter, adapter.request_device_sync(required_limits=limits))
     return _DEVICE
 
@@ -93,7 +94,8 @@ class VulkanExecutable:
         from .vulkan_plan import plan_functions
 
         target = make_target("webgpu")
-        mod = translate(graph, gpu=True, dtypes=DTYPES, target_name="vulkan", bool_as_int=True)
+        mod = translate(graph, gpu=True, dtypes=DTYPES, target_name="vulkan", bool_as_int=True,
+                        shared_bytes=_device()[2].limits["max-compute-workgroup-storage-size"])
         with target:
             mod = tvm.transform.Sequential(gpu.legalize_passes(target))(mod)
         self.functions = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}

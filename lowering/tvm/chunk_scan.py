@@ -18,7 +18,10 @@ between steps (as flash-linear-attention's Triton kernels keep it).
 Per chunk each block computes its v_new columns (C x VT) into shared memory,
 then its output columns, then updates its state columns in place; barriers
 separate the three (the output reads the old state, the update writes it).
-A step that does not match is lowered step by step as before.
+Each C x K (or C x C) operand of the step is first staged in shared memory by
+the whole block with coalesced loads. A step that does not match, or whose
+block would not fit the target's shared memory, is lowered step by step as
+before.
 """
 from __future__ import annotations
 
@@ -33,6 +36,12 @@ from .kernels import OPAQUE, unravel_index
 
 ROLES = ("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay")
 
+# A block owns VT state columns of one head; each thread computes TC of them (columns
+# tx, tx + VT/TC, ..: neighbouring threads read neighbouring words) for every row it owns.
+TILE = (16, 1)
+# Static shared memory of a CUDA thread block; the Vulkan runner passes its device's limit.
+SHARED_BYTES = 48 * 1024
+
 
 @dataclass(frozen=True)
 class ChunkStep:
@@ -42,6 +51,7 @@ class ChunkStep:
     K: int
     V: int
     Kg: int             # decay rows: 1 (one gate per head) or K (one per key channel)
+    layout: tuple       # (thread rows, state columns per block VT, columns per thread TC)
 
 
 def _matmul(n: Node, ta=False, tb=False) -> bool:
@@ -58,8 +68,9 @@ def _split(n: Node, op: str, test):
     return None
 
 
-def match_chunk_step(scan: Node) -> ChunkStep | None:
-    """The roles of a scan's operands when its body is the chunk step, else None."""
+def match_chunk_step(scan: Node, shared_bytes: int = SHARED_BYTES) -> ChunkStep | None:
+    """The roles of a scan's operands when its body is the chunk step and a thread block's
+    working set fits `shared_bytes` of shared memory, else None."""
     body: Graph = scan.attrs["body"]
     nc, nx = scan.attrs["num_carry"], scan.attrs["num_xs"]
     if nc != 1 or nx != len(body.inputs) - 1 or len(body.outputs) != 2:
@@ -91,34 +102,34 @@ def match_chunk_step(scan: Node) -> ChunkStep | None:
         return None
     if any(x.dtype != "f32" for x in (s, *found.values())):
         return None
-    if _threads(C, K, V) is None:
+    layout = _threads(C, K, V, shared_bytes)
+    if layout is None:
         return None
-    return ChunkStep({r: slots[id(found[r])] for r in ROLES}, tuple(batch), C, K, V, Kg)
+    return ChunkStep({r: slots[id(found[r])] for r in ROLES}, tuple(batch), C, K, V, Kg, layout)
 
 
 def _largest_divisor(n: int, limit: int = 16) -> int:
     return max(d for d in range(1, limit + 1) if n % d == 0 and d & (d - 1) == 0)
 
 
-# A block owns VT state columns of one head; each thread computes TC of them (columns
-# tx, tx + VT/TC, ..: neighbouring threads read neighbouring words) for every row it owns.
-TILE = (16, 1)
-
-
-def _threads(C: int, K: int, V: int, tile=None):
-    """(thread rows, block columns VT, columns per thread TC), or None when the sizes do not split."""
-    vt, tc = tile or TILE
+def _threads(C: int, K: int, V: int, shared_bytes: int):
+    """(thread rows, block columns VT, columns per thread TC), or None when the sizes do not split
+    or a block's shared memory would not fit."""
+    vt, tc = TILE
     rows = min(_largest_divisor(C), _largest_divisor(K))
     vt = min(vt, _largest_divisor(V, vt))
     tc = min(tc, vt)
-    return (rows, vt, tc) if rows * (vt // tc) >= 32 and vt % tc == 0 else None
+    shared = 4 * (K * vt + C * vt + C * (max(K, C) + 1))     # S, v_new and one staged operand
+    ok = rows * (vt // tc) >= 32 and vt % tc == 0 and shared <= shared_bytes
+    return (rows, vt, tc) if ok else None
 
 
-def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str, tile=None):
+def chunk_scan_kernel(steps: int, step: ChunkStep, dtype: str):
     """S1 [*batch, K, V] and O [steps, *batch, C, V] from S0 and the per-step operands
     W, Qd, Kte [steps, *batch, C, K], U [steps, *batch, C, V], A [steps, *batch, C, C],
     LD [steps, *batch, Kg, 1] (the scan's own shapes: nothing is reshaped around the call)."""
-    rows, vt, tc = _threads(C, K, V, tile)
+    batch, C, K, V, Kg = step.batch, step.C, step.K, step.V, step.Kg
+    rows, vt, tc = step.layout
     ct = vt // tc                          # threads across the block's columns
     heads = math.prod(batch)
     tiles, threads = V // vt, rows * ct
@@ -130,8 +141,15 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
     def head(bx):                          # the block's head, as an index into the batch axes
         return unravel_index(bx // tiles, batch)
 
-    # Thread tx owns rows tx // ct + rows * r and columns tx % ct + ct * j of its block's
-    # VT columns; its accumulators acc[r * tc + j] are registers (the r, j loops are unrolled).
+    width = max(K, C) + 1                  # staged rows, padded: a warp's rows fall in different banks
+
+    def staged(count):                     # rounds for the block's threads to stage count elements
+        return -(-count // threads)
+
+    # Per chunk, each of the step's C x K (or C x C) operands is first staged into shared
+    # memory by the whole block with coalesced loads, then read from there. Thread tx owns rows
+    # tx // ct + rows * r and columns tx % ct + ct * j of its block's VT state columns; its
+    # accumulators acc[r * tc + j] are registers (the r, j loops are unrolled).
     @T.prim_func(private=True, s_tir=True)
     def kernel(s0: T.handle, w: T.handle, u: T.handle, qd: T.handle, aqk: T.handle, kte: T.handle,
                ld: T.handle, s1: T.handle, o: T.handle):
@@ -150,14 +168,19 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
                 for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     S = T.alloc_shared((K, vt), dtype)
                     N = T.alloc_shared((C, vt), dtype)
+                    X = T.alloc_shared((C, width), dtype)
                     acc = T.alloc_local((max(ra, rk) * tc,), dtype)
                     for r in T.unroll(rk):
                         for j in T.unroll(tc):
                             S[tx // ct + rows * r, tx % ct + ct * j] = S0[head(bx) + (
                                 tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)]
-                    T.tvm_storage_sync("shared")
                     for n in range(steps):
                         # v_new = u - w S, this block's columns
+                        for e in T.unroll(staged(C * K)):
+                            if e * threads + tx < C * K:
+                                X[(e * threads + tx) // K, (e * threads + tx) % K] = W[(n,) + head(bx) + (
+                                    (e * threads + tx) // K, (e * threads + tx) % K)]
+                        T.tvm_storage_sync("shared")
                         for r in T.unroll(ra):
                             for j in T.unroll(tc):
                                 acc[r * tc + j] = T.float32(0)
@@ -165,14 +188,19 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
                             for k1 in T.unroll(uk):
                                 for r in T.unroll(ra):
                                     for j in T.unroll(tc):
-                                        acc[r * tc + j] = acc[r * tc + j] + W[(n,) + head(bx) + (
-                                            tx // ct + rows * r, k0 * uk + k1)] * S[k0 * uk + k1, tx % ct + ct * j]
+                                        acc[r * tc + j] = acc[r * tc + j] + X[
+                                            tx // ct + rows * r, k0 * uk + k1] * S[k0 * uk + k1, tx % ct + ct * j]
                         for r in T.unroll(ra):
                             for j in T.unroll(tc):
                                 N[tx // ct + rows * r, tx % ct + ct * j] = U[(n,) + head(bx) + (
                                     tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] - acc[r * tc + j]
                         T.tvm_storage_sync("shared")
                         # o = q_decayed S + aqk v_new
+                        for e in T.unroll(staged(C * K)):
+                            if e * threads + tx < C * K:
+                                X[(e * threads + tx) // K, (e * threads + tx) % K] = Qd[(n,) + head(bx) + (
+                                    (e * threads + tx) // K, (e * threads + tx) % K)]
+                        T.tvm_storage_sync("shared")
                         for r in T.unroll(ra):
                             for j in T.unroll(tc):
                                 acc[r * tc + j] = T.float32(0)
@@ -180,20 +208,31 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
                             for k1 in T.unroll(uk):
                                 for r in T.unroll(ra):
                                     for j in T.unroll(tc):
-                                        acc[r * tc + j] = acc[r * tc + j] + Qd[(n,) + head(bx) + (
-                                            tx // ct + rows * r, k0 * uk + k1)] * S[k0 * uk + k1, tx % ct + ct * j]
+                                        acc[r * tc + j] = acc[r * tc + j] + X[
+                                            tx // ct + rows * r, k0 * uk + k1] * S[k0 * uk + k1, tx % ct + ct * j]
+                        T.tvm_storage_sync("shared")
+                        for e in T.unroll(staged(C * C)):
+                            if e * threads + tx < C * C:
+                                X[(e * threads + tx) // C, (e * threads + tx) % C] = A[(n,) + head(bx) + (
+                                    (e * threads + tx) // C, (e * threads + tx) % C)]
+                        T.tvm_storage_sync("shared")
                         for i0 in range(C // uc):
                             for i1 in T.unroll(uc):
                                 for r in T.unroll(ra):
                                     for j in T.unroll(tc):
-                                        acc[r * tc + j] = acc[r * tc + j] + A[(n,) + head(bx) + (
-                                            tx // ct + rows * r, i0 * uc + i1)] * N[i0 * uc + i1, tx % ct + ct * j]
+                                        acc[r * tc + j] = acc[r * tc + j] + X[
+                                            tx // ct + rows * r, i0 * uc + i1] * N[i0 * uc + i1, tx % ct + ct * j]
                         for r in T.unroll(ra):
                             for j in T.unroll(tc):
                                 O[(n,) + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = \
                                     acc[r * tc + j]
-                        T.tvm_storage_sync("shared")   # every read of the old state is done
+                        T.tvm_storage_sync("shared")   # every read of the old state and of X is done
                         # S = S * last_decay + k_to_end^T v_new, in place
+                        for e in T.unroll(staged(C * K)):
+                            if e * threads + tx < C * K:
+                                X[(e * threads + tx) // K, (e * threads + tx) % K] = Kte[(n,) + head(bx) + (
+                                    (e * threads + tx) // K, (e * threads + tx) % K)]
+                        T.tvm_storage_sync("shared")
                         for r in T.unroll(rk):
                             for j in T.unroll(tc):
                                 acc[r * tc + j] = S[tx // ct + rows * r, tx % ct + ct * j] * LD[(n,) + head(bx) + (
@@ -202,8 +241,8 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
                             for i1 in T.unroll(uc):
                                 for r in T.unroll(rk):
                                     for j in T.unroll(tc):
-                                        acc[r * tc + j] = acc[r * tc + j] + Kte[(n,) + head(bx) + (
-                                            i0 * uc + i1, tx // ct + rows * r)] * N[i0 * uc + i1, tx % ct + ct * j]
+                                        acc[r * tc + j] = acc[r * tc + j] + X[
+                                            i0 * uc + i1, tx // ct + rows * r] * N[i0 * uc + i1, tx % ct + ct * j]
                         for r in T.unroll(rk):
                             for j in T.unroll(tc):
                                 S[tx // ct + rows * r, tx % ct + ct * j] = acc[r * tc + j]

@@ -36,8 +36,9 @@ class Translator:
     """Builds one IRModule; `gpu` selects the thread-bound variants of the TIR kernels;
     `bool_as_int` stores bool tensors as int32 (WGSL has no byte-sized storage)."""
 
-    def __init__(self, gpu: bool, bool_as_int: bool = False):
+    def __init__(self, gpu: bool, bool_as_int: bool = False, shared_bytes: int = chunk_scan.SHARED_BYTES):
         self.gpu = gpu
+        self.shared_bytes = shared_bytes
         self.bool_as_int = bool_as_int
         self.bb = relax.BlockBuilder()
         self.steps: dict[tuple[int, int], relax.GlobalVar] = {}
@@ -114,7 +115,7 @@ class Translator:
                 continue
             body, length = node.attrs["body"], node.attrs["length"]
             key = (id(body), length)
-            if key in self.steps or (self.gpu and chunk_scan.match_chunk_step(node)):
+            if key in self.steps or (self.gpu and chunk_scan.match_chunk_step(node, self.shared_bytes)):
                 continue
             self._declare_scans(body)
             self.steps[key] = self._step_function(node)
@@ -152,7 +153,7 @@ class Translator:
         return self.bb.get().get_global_var(name)
 
     def scan(self, node: Node, args):
-        if self.gpu and (step := chunk_scan.match_chunk_step(node)) is not None:
+        if self.gpu and (step := chunk_scan.match_chunk_step(node, self.shared_bytes)) is not None:
             return self._chunk_scan(node, step, args)
         nc, length = node.attrs["num_carry"], node.attrs["length"]
         gv = self.steps[(id(node.attrs["body"]), length)]
@@ -172,9 +173,8 @@ class Translator:
         length, dtype = node.attrs["length"], TVM_DTYPES["f32"]
         xs = args[1:1 + node.attrs["num_xs"]]
         operands = [args[0]] + [xs[step.xs[role]] for role in chunk_scan.ROLES]
-        gv = self.prim(("chunk_scan", length, step.batch, step.C, step.K, step.V, step.Kg, dtype),
-                       lambda: chunk_scan.chunk_scan_kernel(length, step.batch, step.C, step.K, step.V, step.Kg,
-                                                            dtype))
+        gv = self.prim(("chunk_scan", length, step.batch, step.C, step.K, step.V, step.Kg, step.layout, dtype),
+                       lambda: chunk_scan.chunk_scan_kernel(length, step, dtype))
         out = self.emit(relax.op.call_tir(gv, operands, [self.tensor_type(t) for t in node.type]))
         return [self.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
 
@@ -421,12 +421,13 @@ def unsupported(graph: Graph, dtypes=None) -> list[str]:
 
 
 def translate(graph: Graph, gpu: bool = False, dtypes=None, target_name: str = "tvm",
-              bool_as_int: bool = False) -> tvm.IRModule:
-    """The IRModule of `graph`, or a BackendError naming every op (and dtype) the target lacks."""
+              bool_as_int: bool = False, shared_bytes: int = chunk_scan.SHARED_BYTES) -> tvm.IRModule:
+    """The IRModule of `graph`, or a BackendError naming every op (and dtype) the target lacks.
+    `shared_bytes`: shared memory a GPU thread block may use."""
     missing = unsupported(graph, dtypes)
     if missing:
         raise BackendError(f"target {target_name!r} cannot lower: {', '.join(missing)}")
     if gpu:     # fused GPU kernels recompute broadcast expansions rather than store them
         from dnir.passes import optimize
         graph = optimize(graph, ["recompute_into_reductions"])
-    return Translator(gpu, bool_as_int).module(graph)
+    return Translator(gpu, bool_as_int, shared_bytes).module(graph)

@@ -36,6 +36,7 @@ def test_chunked_layers_match_the_chunk_step(name, level):
     step = steps[0]
     assert (step.C, step.K, step.V) == (64, 32, 32) and step.Kg == (1 if name == "qwen3-next" else 32)
     assert sorted(step.xs.values()) == list(range(6))
+    assert match_chunk_step(_scans(graph)[0], shared_bytes=8 * 1024) is None     # a block would not fit
 
 
 def test_other_loops_keep_their_step_function():
