@@ -38,7 +38,7 @@ ROLES = ("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay")
 
 # A block owns VT state columns of one head; each thread computes TC of them (columns
 # tx, tx + VT/TC, ..: neighbouring threads read neighbouring words) for every row it owns.
-TILE = (16, 1)
+TILE = (16, 2)
 # Static shared memory of a CUDA thread block; the Vulkan runner passes its device's limit.
 SHARED_BYTES = 48 * 1024
 
