@@ -141,10 +141,37 @@ def chunk_scan_kernel(steps: int, step: ChunkStep, dtype: str):
     def head(bx):                          # the block's head, as an index into the batch axes
         return unravel_index(bx // tiles, batch)
 
-    width = max(K, C) + 1                  # staged rows, padded: a warp's rows fall in different banks
+    # Staged rows are padded so that a warp's rows fall in different banks. X is flat: TVM
+    # compacts a 2-d shared buffer to the region its loads touch, which drops the padding.
+    width = max(K, C) + 1
 
     def staged(count):                     # rounds for the block's threads to stage count elements
         return -(-count // threads)
+
+    @T.macro
+    def stage(X, src, n, bx, tx, cols):
+        """X[:C, :cols] = the chunk's C x cols operand, loaded by the whole block (coalesced)."""
+        for e in T.unroll(staged(C * cols)):
+            if e * threads + tx < C * cols:
+                X[(e * threads + tx) // cols * width + (e * threads + tx) % cols] = src[(n,) + head(bx) + (
+                    (e * threads + tx) // cols, (e * threads + tx) % cols)]
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def add_rows_times(acc, X, Y, tx, length, unroll):
+        """acc[r, j] += sum_i X[row r, i] * Y[i, column j], over this thread's rows and columns."""
+        for i0 in range(length // unroll):
+            for i1 in T.unroll(unroll):
+                for r in T.unroll(ra):
+                    for j in T.unroll(tc):
+                        acc[r * tc + j] = acc[r * tc + j] + X[(tx // ct + rows * r) * width + i0 * unroll + i1] * Y[
+                            i0 * unroll + i1, tx % ct + ct * j]
+
+    @T.macro
+    def clear(acc):
+        for r in T.unroll(ra):
+            for j in T.unroll(tc):
+                acc[r * tc + j] = T.float32(0)
 
     # Per chunk, each of the step's C x K (or C x C) operands is first staged into shared
     # memory by the whole block with coalesced loads, then read from there. Thread tx owns rows
@@ -168,7 +195,7 @@ def chunk_scan_kernel(steps: int, step: ChunkStep, dtype: str):
                 for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     S = T.alloc_shared((K, vt), dtype)
                     N = T.alloc_shared((C, vt), dtype)
-                    X = T.alloc_shared((C, width), dtype)
+                    X = T.alloc_shared((C * width,), dtype)
                     acc = T.alloc_local((max(ra, rk) * tc,), dtype)
                     for r in T.unroll(rk):
                         for j in T.unroll(tc):
@@ -176,63 +203,28 @@ def chunk_scan_kernel(steps: int, step: ChunkStep, dtype: str):
                                 tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)]
                     for n in range(steps):
                         # v_new = u - w S, this block's columns
-                        for e in T.unroll(staged(C * K)):
-                            if e * threads + tx < C * K:
-                                X[(e * threads + tx) // K, (e * threads + tx) % K] = W[(n,) + head(bx) + (
-                                    (e * threads + tx) // K, (e * threads + tx) % K)]
-                        T.tvm_storage_sync("shared")
-                        for r in T.unroll(ra):
-                            for j in T.unroll(tc):
-                                acc[r * tc + j] = T.float32(0)
-                        for k0 in range(K // uk):
-                            for k1 in T.unroll(uk):
-                                for r in T.unroll(ra):
-                                    for j in T.unroll(tc):
-                                        acc[r * tc + j] = acc[r * tc + j] + X[
-                                            tx // ct + rows * r, k0 * uk + k1] * S[k0 * uk + k1, tx % ct + ct * j]
+                        stage(X, W, n, bx, tx, K)
+                        clear(acc)
+                        add_rows_times(acc, X, S, tx, K, uk)
                         for r in T.unroll(ra):
                             for j in T.unroll(tc):
                                 N[tx // ct + rows * r, tx % ct + ct * j] = U[(n,) + head(bx) + (
                                     tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] - acc[r * tc + j]
                         T.tvm_storage_sync("shared")
                         # o = q_decayed S + aqk v_new
-                        for e in T.unroll(staged(C * K)):
-                            if e * threads + tx < C * K:
-                                X[(e * threads + tx) // K, (e * threads + tx) % K] = Qd[(n,) + head(bx) + (
-                                    (e * threads + tx) // K, (e * threads + tx) % K)]
+                        stage(X, Qd, n, bx, tx, K)
+                        clear(acc)
+                        add_rows_times(acc, X, S, tx, K, uk)
                         T.tvm_storage_sync("shared")
-                        for r in T.unroll(ra):
-                            for j in T.unroll(tc):
-                                acc[r * tc + j] = T.float32(0)
-                        for k0 in range(K // uk):
-                            for k1 in T.unroll(uk):
-                                for r in T.unroll(ra):
-                                    for j in T.unroll(tc):
-                                        acc[r * tc + j] = acc[r * tc + j] + X[
-                                            tx // ct + rows * r, k0 * uk + k1] * S[k0 * uk + k1, tx % ct + ct * j]
-                        T.tvm_storage_sync("shared")
-                        for e in T.unroll(staged(C * C)):
-                            if e * threads + tx < C * C:
-                                X[(e * threads + tx) // C, (e * threads + tx) % C] = A[(n,) + head(bx) + (
-                                    (e * threads + tx) // C, (e * threads + tx) % C)]
-                        T.tvm_storage_sync("shared")
-                        for i0 in range(C // uc):
-                            for i1 in T.unroll(uc):
-                                for r in T.unroll(ra):
-                                    for j in T.unroll(tc):
-                                        acc[r * tc + j] = acc[r * tc + j] + X[
-                                            tx // ct + rows * r, i0 * uc + i1] * N[i0 * uc + i1, tx % ct + ct * j]
+                        stage(X, A, n, bx, tx, C)
+                        add_rows_times(acc, X, N, tx, C, uc)
                         for r in T.unroll(ra):
                             for j in T.unroll(tc):
                                 O[(n,) + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = \
                                     acc[r * tc + j]
                         T.tvm_storage_sync("shared")   # every read of the old state and of X is done
                         # S = S * last_decay + k_to_end^T v_new, in place
-                        for e in T.unroll(staged(C * K)):
-                            if e * threads + tx < C * K:
-                                X[(e * threads + tx) // K, (e * threads + tx) % K] = Kte[(n,) + head(bx) + (
-                                    (e * threads + tx) // K, (e * threads + tx) % K)]
-                        T.tvm_storage_sync("shared")
+                        stage(X, Kte, n, bx, tx, K)
                         for r in T.unroll(rk):
                             for j in T.unroll(tc):
                                 acc[r * tc + j] = S[tx // ct + rows * r, tx % ct + ct * j] * LD[(n,) + head(bx) + (
@@ -242,7 +234,8 @@ def chunk_scan_kernel(steps: int, step: ChunkStep, dtype: str):
                                 for r in T.unroll(rk):
                                     for j in T.unroll(tc):
                                         acc[r * tc + j] = acc[r * tc + j] + X[
-                                            i0 * uc + i1, tx // ct + rows * r] * N[i0 * uc + i1, tx % ct + ct * j]
+                                            (i0 * uc + i1) * width + tx // ct + rows * r] * N[
+                                            i0 * uc + i1, tx % ct + ct * j]
                         for r in T.unroll(rk):
                             for j in T.unroll(tc):
                                 S[tx // ct + rows * r, tx % ct + ct * j] = acc[r * tc + j]

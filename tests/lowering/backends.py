@@ -31,3 +31,17 @@ def merge_graphs(graphs: dict[str, Graph]) -> Graph:
         outputs += [new[id(n)] for n in graph.outputs]
         names += [f"{key}__{n}" for n in graph.output_names]
     return Graph(inputs, outputs, names)
+
+
+def assert_vulkan_matches_numpy(graph: Graph, inputs: dict, gate_scales=(1.0, 8.0)):
+    """Every output of `graph` on Vulkan against the NumPy backend, with the gates as drawn
+    and then scaled up (strong gates)."""
+    import numpy as np
+
+    from cases import nmse
+    from dnir.lowering import run
+    for scale in gate_scales:
+        x = dict(inputs, g=inputs["g"] * scale)
+        for name, out, ref in zip(graph.output_names, run(graph, x, target="vulkan"), run(graph, x)):
+            assert np.isfinite(out).all(), name
+            assert nmse(out, ref) < 1e-10, (name, scale, nmse(out, ref))

@@ -1,18 +1,15 @@
 """The loop over chunks as one GPU kernel: which scans it takes, and its results on Vulkan
-against the NumPy backend (CUDA: compiled here to PTX by test_targets, run on the H200 by
-scripts/gpu_conformance.py)."""
-import numpy as np
+against the NumPy backend (CUDA: compiled here to PTX by test_targets; run on the H200 by
+scripts/gpu_conformance.py, whose chunked layers it takes, and benchmarks/gpu.py)."""
 import pytest
 
 import dnir
 from dnir import passes
-from dnir.lowering import run
 from dnir.lowering.tvm.chunk_scan import match_chunk_step
 from dnir.lowering.tvm.translate import translate
 from dnir.models import build_delta_net, preset, random_inputs
 
-from backends import vulkan_available
-from cases import nmse
+from backends import assert_vulkan_matches_numpy, vulkan_available
 
 SMALL = dict(heads=2, head_dim=32, value_dim=32, initial_state=True, final_state=True)
 VALUE_HEADS = {"qwen3-next": 4, "kimi-linear": 2}     # GQA for gdn
@@ -72,9 +69,4 @@ def test_fused_loop_on_vulkan_matches_numpy(name, options, rng):
     cfg = _config(name, **options)
     graph = passes.optimize(build_delta_net(cfg), "O2")
     assert all(match_chunk_step(s) for s in _scans(graph))
-    inputs = random_inputs(cfg, rng)
-    for scale in (1.0, 8.0):                                        # then strong gates
-        x = dict(inputs, g=inputs["g"] * scale)
-        for out_name, out, ref in zip(graph.output_names, run(graph, x, target="vulkan"), run(graph, x)):
-            assert np.isfinite(out).all(), out_name
-            assert nmse(out, ref) < 1e-10, (out_name, nmse(out, ref))
+    assert_vulkan_matches_numpy(graph, random_inputs(cfg, rng))

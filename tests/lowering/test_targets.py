@@ -58,11 +58,25 @@ def test_cuda_without_a_gpu_is_a_backend_error():
         run(g, {"x": np.ones(2, np.float32)}, target="cuda")
 
 
-def test_cuda_source_for_sm90_compiles_to_ptx(tmp_path):
-    """The whole conformance table compiled for sm_90; nvcc (where present) turns it into PTX."""
+def _fused_delta_kernels():
+    """A chunked layer (its loop over chunks) and a decode layer (its step), each one kernel on GPUs."""
+    from backends import merge_graphs
+    from dnir.models import build
+    from dnir.passes import optimize
+    sizes = dict(heads=2, value_heads=4, head_dim=32, value_dim=32, initial_state=True, final_state=True)
+    return merge_graphs({"prefill": optimize(build("gdn", seq_len=100, **sizes), "O2"),
+                         "decode": optimize(build("kda", mode="decode", seq_len=1, batch=3,
+                                                  **dict(sizes, value_heads=2)), "O2")})
+
+
+@pytest.mark.parametrize("graph,kernels", [(build_all, ["solve_tri"]),
+                                           (_fused_delta_kernels, ["chunk_scan_kernel", "token_step_kernel"])],
+                         ids=["conformance-table", "fused-delta-kernels"])
+def test_cuda_source_for_sm90_compiles_to_ptx(graph, kernels, tmp_path):
+    """The graph compiled for sm_90; nvcc (where present) turns it into PTX."""
     from dnir.lowering.tvm.compile import build, cuda_source
-    source = cuda_source(build(build_all(), "cuda", "sm_90"))
-    assert "__global__" in source and "solve_tri" in source
+    source = cuda_source(build(graph(), "cuda", "sm_90"))
+    assert "__global__" in source and all(k in source for k in kernels)
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not installed: the CUDA source was generated but not compiled")
@@ -71,8 +85,8 @@ def test_cuda_source_for_sm90_compiles_to_ptx(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ptx = (tmp_path / "k.ptx").read_text()
-    kernels = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", source))
-    assert ".target sm_90" in ptx and kernels and set(re.findall(r"\.entry (\w+)\(", ptx)) == kernels
+    found = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", source))
+    assert ".target sm_90" in ptx and found and set(re.findall(r"\.entry (\w+)\(", ptx)) == found
 
 
 def test_compile_cli_exports_llvm_and_cuda_libraries(tmp_path):
