@@ -100,6 +100,24 @@ def _dense(shape, strides) -> bool:
     return all(s == d for n, s, d in zip(shape, strides, dense_strides(shape)) if n != 1)
 
 
+def _reshaped_strides(shape, strides, new_shape) -> tuple | None:
+    """Strides of a reshape without copy of a [shape] value with these strides (NumPy's own
+    rule, on a one-byte stand-in that is never read), or None when it needs a copy."""
+    import numpy as np
+    stand_in = np.lib.stride_tricks.as_strided(np.empty(1, np.uint8), shape, strides)
+    try:
+        return stand_in.reshape(new_shape, copy=False).strides
+    except ValueError:
+        return None
+    except TypeError:       # NumPy < 2.1 has no copy= argument: setting the shape refuses a copy
+        view = stand_in.view()
+        try:
+            view.shape = new_shape
+        except AttributeError:
+            return None
+        return view.strides
+
+
 def view_layout(node: Node, src_strides: tuple | None) -> tuple[int, tuple | None] | None:
     """(byte offset into the operand, element strides, None when dense) of `node` as a view
     of its operand laid out with `src_strides` (None: dense); None when it needs a copy."""
@@ -115,12 +133,9 @@ def view_layout(node: Node, src_strides: tuple | None) -> tuple[int, tuple | Non
         strides = src_strides
     elif node.op == "permute":
         delta, strides = 0, tuple(src_strides[a] for a in node.attrs["axes"])
-    else:   # numpy's own rule for a reshape without copy, on a stand-in with these strides
-        import numpy as np
-        stand_in = np.lib.stride_tricks.as_strided(np.empty(1, np.uint8), src.shape, src_strides)
-        try:
-            delta, strides = 0, stand_in.reshape(node.shape, copy=False).strides
-        except ValueError:
+    else:
+        delta, strides = 0, _reshaped_strides(src.shape, src_strides, node.shape)
+        if strides is None:
             return None
     if _dense(node.shape, strides):
         return delta, None

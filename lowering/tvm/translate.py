@@ -9,6 +9,10 @@ stacked output in place and returns (carries, ys). The caller calls it once
 per step with t as a constant: the kernels are compiled once however long the
 scan is, and no Relax recursion is needed (the VM recurses natively and would
 run out of stack on a few thousand steps).
+
+On GPUs two patterns are lowered to one hand-written kernel each instead: the
+delta rule's loop over chunks (chunk_scan.py) and a decode step
+(token_step.py).
 """
 from __future__ import annotations
 
@@ -166,7 +170,6 @@ class Translator:
             carries = [self.emit(relax.TupleGetItem(r, i)) for i in range(nc)]
             ys = [self.emit(relax.TupleGetItem(r, nc + i)) for i in range(len(ys))]
         return carries + ys
-
 
     def _chunk_scan(self, node: Node, step, args):
         """The whole loop over chunks as one kernel (chunk_scan.py): [final state, stacked o]."""
