@@ -118,9 +118,7 @@ def block_scores(m, block: int):
             diag = op("sum", prod, axes=(prod.rank - 3,), keepdims=False) if form == "sum" else \
                 op("reshape", prod, shape=prod.shape[:-3] + prod.shape[-2:])
         row.append(op("tril", _fit(diag, batch), k=k))
-        if a < nb - 1:
-            row.append(op("full", value=0.0, shape=batch + (block, n - hi), dtype=s.dtype))
-        block_rows.append(op("concat", *row, axis=len(batch) + 1) if len(row) > 1 else row[0])
+        block_rows.append(_block_row(row, n, s))
     return op("concat", *block_rows, axis=len(batch))
 
 
@@ -137,11 +135,16 @@ def _scalar_decay_rows(x, y, gi, gj, k, block, s) -> Node:
         decay = op("exp", op("tril", op("sub", rows(gi, lo, hi, -2), rows(gj, 0, hi, -1)), k=lo))
         scores = op("mul", prod, decay)
         row = op("tril", _fit(op("reshape", scores, shape=scores.shape[:-3] + scores.shape[-2:]), batch), k=lo + k)
-        if hi < n:
-            row = op("concat", row, op("full", value=0.0, shape=batch + (block, n - hi), dtype=s.dtype),
-                     axis=len(batch) + 1)
-        block_rows.append(row)
+        block_rows.append(_block_row([row], n, s))
     return op("concat", *block_rows, axis=len(batch))
+
+
+def _block_row(pieces, n: int, s: Node) -> Node:
+    """One block row of the n x n scores: its pieces up to the diagonal, then zeros."""
+    *batch, b, hi = s.shape[:-2] + (pieces[0].shape[-2], sum(p.shape[-1] for p in pieces))
+    if hi < n:
+        pieces = pieces + [op("full", value=0.0, shape=(*batch, b, n - hi), dtype=s.dtype)]
+    return op("concat", *pieces, axis=len(batch) + 1) if len(pieces) > 1 else pieces[0]
 
 
 def channel_last_diagonal(xt, yt, git, gjt, lo, hi, masked) -> Node:

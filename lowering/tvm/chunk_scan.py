@@ -33,6 +33,7 @@ from tvm.script import tirx as T
 from dnir.graph import Graph, Node
 
 from .kernels import OPAQUE, unravel_index
+from .match import commuted, is_matmul
 
 ROLES = ("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay")
 
@@ -54,20 +55,6 @@ class ChunkStep:
     layout: tuple       # (thread rows, state columns per block VT, columns per thread TC)
 
 
-def _matmul(n: Node, ta=False, tb=False) -> bool:
-    return n.op == "matmul" and n.attrs["transpose_a"] == ta and n.attrs["transpose_b"] == tb
-
-
-def _split(n: Node, op: str, test):
-    """(x, y) with op(x, y) or op(y, x) and test(x, y) true, else None."""
-    if n.op != op:
-        return None
-    for x, y in (n.inputs, n.inputs[::-1]):
-        if test(x, y):
-            return x, y
-    return None
-
-
 def match_chunk_step(scan: Node, shared_bytes: int = SHARED_BYTES) -> ChunkStep | None:
     """The roles of a scan's operands when its body is the chunk step and a thread block's
     working set fits `shared_bytes` of shared memory, else None."""
@@ -78,18 +65,17 @@ def match_chunk_step(scan: Node, shared_bytes: int = SHARED_BYTES) -> ChunkStep 
     s, (s_new, o) = body.inputs[0], body.outputs
     slots = {id(x): i for i, x in enumerate(body.inputs[1:])}
     is_x = lambda x: id(x) in slots                                        # noqa: E731
-    found = {}
-    update = _split(s_new, "add", lambda a, b: a.op == "mul" and _matmul(b, ta=True))
-    out = _split(o, "add", lambda a, b: _matmul(a) and a.inputs[1] is s and _matmul(b))
+    update = commuted(s_new, "add", lambda a, b: a.op == "mul" and is_matmul(b, ta=True))
+    out = commuted(o, "add", lambda a, b: is_matmul(a) and a.inputs[1] is s and is_matmul(b))
     if update is None or out is None:
         return None
-    decay = _split(update[0], "mul", lambda a, b: a is s and is_x(b))
+    decay = commuted(update[0], "mul", lambda a, b: a is s and is_x(b))
     k_to_end, v_new = update[1].inputs
     (q_decayed, _), (aqk, v_new2) = out[0].inputs, out[1].inputs
     if decay is None or v_new2 is not v_new or v_new.op != "sub":
         return None
     u, wS = v_new.inputs
-    if not (_matmul(wS) and wS.inputs[1] is s):
+    if not (is_matmul(wS) and wS.inputs[1] is s):
         return None
     found = dict(w=wS.inputs[0], u=u, q_decayed=q_decayed, aqk=aqk, k_to_end=k_to_end, last_decay=decay[1])
     if not all(is_x(found[r]) for r in ROLES) or len({id(found[r]) for r in ROLES}) != len(ROLES):

@@ -24,6 +24,7 @@ from tvm.script import tirx as T
 from dnir.graph import Graph, Node
 
 from .kernels import OPAQUE, unravel_index
+from .match import commuted, is_matmul, through_reshapes
 
 OPERANDS = ("state", "decay", "k_col", "k_row", "q_row", "v", "beta", "qk")
 
@@ -39,45 +40,27 @@ class TokenStep:
     Kg: int
 
 
-def _through_reshapes(n: Node) -> Node:
-    while n.op == "reshape":
-        n = n.inputs[0]
-    return n
-
-
-def _pair(n: Node, op: str, test):
-    if n.op == op:
-        for x, y in (n.inputs, n.inputs[::-1]):
-            if test(x, y):
-                return x, y
-    return None
-
-
 def _row_times(x: Node, state: Node):
     """The row vector r of x = reshape(r [.., 1, K] @ state), else None."""
-    mm = _through_reshapes(x)
-    if mm.op == "matmul" and mm.inputs[1] is state and not mm.attrs["transpose_a"] and \
-            not mm.attrs["transpose_b"] and mm.inputs[0].shape[-2] == 1:
+    mm = through_reshapes(x)
+    if is_matmul(mm) and mm.inputs[1] is state and mm.inputs[0].shape[-2] == 1:
         return mm.inputs[0]
     return None
 
 
 def match_token_step(new_state: Node, outputs) -> TokenStep | None:
     """The decode step whose new state is `new_state`, with its output among `outputs`."""
-    update = _pair(new_state, "add", lambda a, b: a.op == "mul" and b.op == "mul")
-    if update is None or new_state.rank < 3:
+    if new_state.rank < 3:
         return None
     *batch, K, V = new_state.shape
-    decayed = _pair(update[0], "mul", lambda s, a: s.shape == new_state.shape and a.shape[-1] == 1)
-    outer = _pair(update[1], "mul", lambda u, k: u.shape[-2:] == (1, V) and k.shape[-2:] == (K, 1))
-    if decayed is None or outer is None:
-        decayed = _pair(update[1], "mul", lambda s, a: s.shape == new_state.shape and a.shape[-1] == 1)
-        outer = _pair(update[0], "mul", lambda u, k: u.shape[-2:] == (1, V) and k.shape[-2:] == (K, 1))
-    if decayed is None or outer is None:
+    decays = lambda m: commuted(m, "mul", lambda s, a: s.shape == new_state.shape and a.shape[-1] == 1)  # noqa: E731
+    outer = lambda m: commuted(m, "mul", lambda u, k: u.shape[-2:] == (1, V) and k.shape[-2:] == (K, 1))  # noqa: E731
+    update = commuted(new_state, "add", lambda a, b: decays(a) is not None and outer(b) is not None)
+    if update is None:
         return None
-    (state, decay), (u_row, k_col) = decayed, outer
-    u = _through_reshapes(u_row)
-    scaled = _pair(u, "mul", lambda d, b: d.op == "sub" and b.shape[-1] == 1)
+    (state, decay), (u_row, k_col) = decays(update[0]), outer(update[1])
+    u = through_reshapes(u_row)
+    scaled = commuted(u, "mul", lambda d, b: d.op == "sub" and b.shape[-1] == 1)
     if scaled is None:
         return None
     (diff, beta) = scaled
@@ -85,13 +68,13 @@ def match_token_step(new_state: Node, outputs) -> TokenStep | None:
     k_row = _row_times(pred, state)
     if k_row is None:
         return None
+    correction = lambda c: commuted(c, "mul", lambda uu, qk: uu is u and qk.shape[-1] == 1)  # noqa: E731
     for out in outputs:
-        found = _pair(_through_reshapes(out), "add", lambda o1, corr: _row_times(o1, state) is not None
-                      and _pair(corr, "mul", lambda uu, qk: uu is u and qk.shape[-1] == 1) is not None)
+        o_node = through_reshapes(out)
+        found = commuted(o_node, "add", lambda o1, c: _row_times(o1, state) is not None and correction(c) is not None)
         if found is not None:
             o1, corr = found
-            qk = _pair(corr, "mul", lambda uu, qk: uu is u)[1]
-            o_node = _through_reshapes(out)
+            qk = correction(corr)[1]
             break
     else:
         return None

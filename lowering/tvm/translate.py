@@ -46,6 +46,7 @@ class Translator:
         self.bool_as_int = bool_as_int
         self.bb = relax.BlockBuilder()
         self.steps: dict[tuple[int, int], relax.GlobalVar] = {}
+        self.chunk_steps: dict[int, chunk_scan.ChunkStep] = {}   # id(scan) -> its match, run as one kernel
         self.prims: dict[tuple, relax.GlobalVar] = {}
 
     def dtype(self, dtype: str) -> str:
@@ -119,7 +120,10 @@ class Translator:
                 continue
             body, length = node.attrs["body"], node.attrs["length"]
             key = (id(body), length)
-            if key in self.steps or (self.gpu and chunk_scan.match_chunk_step(node, self.shared_bytes)):
+            step = chunk_scan.match_chunk_step(node, self.shared_bytes) if self.gpu else None
+            if step is not None:
+                self.chunk_steps[id(node)] = step
+            if key in self.steps or step is not None:
                 continue
             self._declare_scans(body)
             self.steps[key] = self._step_function(node)
@@ -157,8 +161,8 @@ class Translator:
         return self.bb.get().get_global_var(name)
 
     def scan(self, node: Node, args):
-        if self.gpu and (step := chunk_scan.match_chunk_step(node, self.shared_bytes)) is not None:
-            return self._chunk_scan(node, step, args)
+        if id(node) in self.chunk_steps:
+            return self._chunk_scan(node, self.chunk_steps[id(node)], args)
         nc, length = node.attrs["num_carry"], node.attrs["length"]
         gv = self.steps[(id(node.attrs["body"]), length)]
         carries, rest = list(args[:nc]), list(args[nc:])

@@ -1,6 +1,8 @@
 """Helpers shared by the lowering tests."""
 from __future__ import annotations
 
+import pytest
+
 from dnir.graph import Graph, Node
 from dnir.ops import make_node
 
@@ -13,6 +15,9 @@ def vulkan_available() -> bool:
     except BackendError:
         return False
     return True
+
+
+needs_vulkan = pytest.mark.skipif(not vulkan_available(), reason="no Vulkan adapter on this machine")
 
 
 def merge_graphs(graphs: dict[str, Graph]) -> Graph:

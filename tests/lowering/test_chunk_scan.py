@@ -9,7 +9,7 @@ from dnir.lowering.tvm.chunk_scan import match_chunk_step
 from dnir.lowering.tvm.translate import translate
 from dnir.models import build_delta_net, preset, random_inputs
 
-from backends import assert_vulkan_matches_numpy, vulkan_available
+from backends import assert_vulkan_matches_numpy, needs_vulkan
 
 SMALL = dict(heads=2, head_dim=32, value_dim=32, initial_state=True, final_state=True)
 VALUE_HEADS = {"qwen3-next": 4, "kimi-linear": 2}     # GQA for gdn
@@ -53,9 +53,6 @@ def test_gpu_module_has_one_kernel_for_the_loop_and_no_step_function():
     cpu = {gv.name_hint for gv in translate(graph, gpu=False).functions}
     assert "chunk_scan" in gpu and not any(n.startswith("scan") for n in gpu)
     assert "scan0_step" in cpu and "chunk_scan" not in cpu
-
-
-needs_vulkan = pytest.mark.skipif(not vulkan_available(), reason="no Vulkan adapter on this machine")
 
 
 @needs_vulkan

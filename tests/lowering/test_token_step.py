@@ -11,7 +11,7 @@ from dnir.lowering.tvm.token_step import match_graph
 from dnir.lowering.tvm.translate import translate
 from dnir.models import build_delta_net, preset, random_inputs
 
-from backends import assert_vulkan_matches_numpy, vulkan_available
+from backends import assert_vulkan_matches_numpy, needs_vulkan
 
 VALUE_HEADS = {"qwen3-next": 4, "kimi-linear": 2}     # GQA for gdn
 
@@ -46,9 +46,6 @@ def test_gpu_module_reads_the_state_in_one_kernel():
     assert main.count("R.call_tir(token_step") == 1
     assert "R.matmul" not in main and "R.call_tir(token_step, (initial_state," in main   # the state as given
     assert "R.matmul" in translate(graph, gpu=False)["main"].script()
-
-
-needs_vulkan = pytest.mark.skipif(not vulkan_available(), reason="no Vulkan adapter on this machine")
 
 
 @needs_vulkan

@@ -14,7 +14,7 @@ from dnir.lowering import run
 from dnir.lowering.vulkan_plan import plan_functions
 from dnir.models import DeltaNetConfig, build, random_inputs
 
-from backends import merge_graphs, vulkan_available
+from backends import merge_graphs, needs_vulkan
 from cases import nmse
 
 
@@ -161,9 +161,6 @@ def _inputs(graph, rng):
             inputs[f"{v}__{name}"] = value
     assert set(inputs) == {n.attrs["name"] for n in graph.inputs}
     return inputs
-
-
-needs_vulkan = pytest.mark.skipif(not vulkan_available(), reason="no Vulkan adapter on this machine")
 
 
 @needs_vulkan
