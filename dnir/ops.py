@@ -1,14 +1,17 @@
 """The op registry: the one place that says what each op is.
 
-An `OpDef` owns an op's arity, attribute schema, type inference and FLOP
-count. Other concerns (NumPy kernels, TVM legalisations, memory rules) keep
-their own tables keyed by op name.
+An `OpDef` owns an op's arity, attribute schema, type inference, FLOP count
+and the facts other layers ask about an op: its class, whether it commutes,
+which view it is, which operands its result may overwrite. Other concerns
+(NumPy kernels, TVM legalisations, value ranges) keep their own tables keyed by
+op name, each checked complete against this registry.
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable
 
 import numpy as np
@@ -34,6 +37,24 @@ _KINDS: dict[str, Callable[[object], bool]] = {
 }
 
 
+class OpClass(str, Enum):
+    """What kind of work an op does (the viz colours and the cost model group by it)."""
+    SOURCE = "source"             # makes a value from its attributes alone
+    ELEMENTWISE = "elementwise"   # each output element from the same-index (broadcast) operand elements
+    LAYOUT = "layout"             # moves elements without arithmetic
+    REDUCTION = "reduction"       # sums or scans along axes
+    MATMUL = "matmul"             # contractions and triangular solves
+    ASSEMBLY = "assembly"         # builds a value from blocks
+    CONTROL = "control"           # loops and reading a multi-result node
+    FUSED = "fused"               # a unit of work defined by its expansion into other ops
+
+    def __str__(self):
+        return self.value
+
+
+VIEWS = ("reshape", "slice", "permute", "broadcast")
+
+
 @dataclass(frozen=True)
 class OpDef:
     name: str
@@ -41,8 +62,36 @@ class OpDef:
     infer: Callable                       # (input types, attrs) -> TensorType | tuple
     attrs: dict = field(default_factory=dict)   # name -> (kind, default or REQUIRED)
     flops: Callable = lambda ins, out, attrs: 0
-    kind: str = "other"                   # op class: source, elementwise, layout, reduction, matmul, assembly, control
+    op_class: OpClass | str | None = None     # required; a string is checked and turned into an OpClass
     pure: bool = True
+    commutative: bool = False             # a binary op whose operands may be swapped
+    view: str | None = None               # which view of its operand the result is (one of VIEWS), or
+                                          # None for an op that makes its own values
+    inplace: tuple[int, ...] = ()         # operands whose buffer the result may take over when the
+                                          # operand dies there (and has the result's type)
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "op_class", OpClass(self.op_class))
+        except ValueError:
+            raise AttrError(f"op {self.name!r}: op_class={self.op_class!r}; expected one of "
+                            f"{[c.value for c in OpClass]}") from None
+        if self.view is not None and self.view not in VIEWS:
+            raise AttrError(f"op {self.name!r}: view={self.view!r}; expected None or one of {list(VIEWS)}")
+        if self.commutative and self.arity != 2:
+            raise AttrError(f"op {self.name!r}: commutative needs two operands, arity is {self.arity}")
+        if self.arity is not None and any(not 0 <= i < self.arity for i in self.inplace):
+            raise AttrError(f"op {self.name!r}: inplace operands {list(self.inplace)} out of range "
+                            f"for arity {self.arity}")
+
+    @property
+    def elementwise(self) -> bool:
+        return self.op_class is OpClass.ELEMENTWISE
+
+    @property
+    def kind(self) -> str:
+        """The op class as a string (readers are moving to `op_class`)."""
+        return self.op_class.value
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -217,12 +266,12 @@ def _infer_eye(ins, attrs):
 
 
 register(OpDef("input", 0, _infer_input, {"name": ("str", REQUIRED), "shape": ("ints", REQUIRED),
-                                           "dtype": ("dtype", REQUIRED)}, kind="source"))
+                                           "dtype": ("dtype", REQUIRED)}, op_class="source"))
 register(OpDef("const", 0, _infer_const, {"value": ("scalars", REQUIRED), "shape": ("ints", REQUIRED),
-                                           "dtype": ("dtype", REQUIRED)}, kind="source"))
+                                           "dtype": ("dtype", REQUIRED)}, op_class="source"))
 register(OpDef("full", 0, _infer_full, {"value": ("float", REQUIRED), "shape": ("ints", REQUIRED),
-                                         "dtype": ("dtype", "f32")}, kind="source"))
-register(OpDef("eye", 0, _infer_eye, {"n": ("int", REQUIRED), "dtype": ("dtype", "f32")}, kind="source"))
+                                         "dtype": ("dtype", "f32")}, op_class="source"))
+register(OpDef("eye", 0, _infer_eye, {"n": ("int", REQUIRED), "dtype": ("dtype", "f32")}, op_class="source"))
 
 # ---------------------------------------------------------------------------
 # Elementwise
@@ -242,14 +291,15 @@ def _infer_unary(ins, attrs):
 UNARY = ("neg", "exp", "log", "sigmoid", "softplus", "sqrt", "rsqrt")
 for _name in UNARY:
     register(OpDef(_name, 1, _infer_unary if _name == "neg" else _infer_unary_float,
-                   flops=_elementwise_flops, kind="elementwise"))
+                   flops=_elementwise_flops, op_class="elementwise", inplace=(0,)))
 
 
 def _infer_cast(ins, attrs):
     return ins[0].with_dtype(canonical_dtype(attrs["dtype"]))
 
 
-register(OpDef("cast", 1, _infer_cast, {"dtype": ("dtype", REQUIRED)}, kind="elementwise"))
+register(OpDef("cast", 1, _infer_cast, {"dtype": ("dtype", REQUIRED)}, op_class="elementwise",
+               inplace=(0,)))
 
 
 def _infer_clamp(ins, attrs):
@@ -260,7 +310,7 @@ def _infer_clamp(ins, attrs):
 
 
 register(OpDef("clamp", 1, _infer_clamp, {"min": ("float", float("-inf")), "max": ("float", float("inf"))},
-               flops=_elementwise_flops, kind="elementwise"))
+               flops=_elementwise_flops, op_class="elementwise", inplace=(0,)))
 
 
 def _infer_binary(ins, attrs):
@@ -281,7 +331,8 @@ def _infer_div(ins, attrs):
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum")
 for _name in BINARY:
     register(OpDef(_name, 2, _infer_div if _name == "div" else _infer_binary, flops=_elementwise_flops,
-                   kind="elementwise"))
+                   op_class="elementwise", commutative=_name in ("add", "mul", "maximum", "minimum"),
+                   inplace=(0, 1)))
 
 
 def _infer_where(ins, attrs):
@@ -291,7 +342,7 @@ def _infer_where(ins, attrs):
     return TensorType(broadcast_shapes(*(t.shape for t in ins)), dtype)
 
 
-register(OpDef("where", 3, _infer_where, flops=_elementwise_flops, kind="elementwise"))
+register(OpDef("where", 3, _infer_where, flops=_elementwise_flops, op_class="elementwise", inplace=(1, 2)))
 
 # ---------------------------------------------------------------------------
 # Layout
@@ -353,14 +404,15 @@ def _infer_concat(ins, attrs):
     return TensorType(shape, dtype)
 
 
-register(OpDef("reshape", 1, _infer_reshape, {"shape": ("ints", REQUIRED)}, kind="layout"))
-register(OpDef("permute", 1, _infer_permute, {"axes": ("ints", REQUIRED)}, kind="layout"))
-register(OpDef("broadcast_to", 1, _infer_broadcast_to, {"shape": ("ints", REQUIRED)}, kind="layout"))
-register(OpDef("pad", 1, _infer_pad, {"pads": ("pads", REQUIRED), "value": ("float", 0.0)}, kind="layout"))
+register(OpDef("reshape", 1, _infer_reshape, {"shape": ("ints", REQUIRED)}, op_class="layout", view="reshape"))
+register(OpDef("permute", 1, _infer_permute, {"axes": ("ints", REQUIRED)}, op_class="layout", view="permute"))
+register(OpDef("broadcast_to", 1, _infer_broadcast_to, {"shape": ("ints", REQUIRED)}, op_class="layout",
+               view="broadcast"))
+register(OpDef("pad", 1, _infer_pad, {"pads": ("pads", REQUIRED), "value": ("float", 0.0)}, op_class="layout"))
 register(OpDef("slice", 1, _infer_slice, {"starts": ("ints", REQUIRED), "stops": ("ints", REQUIRED)},
-               kind="layout"))
-register(OpDef("concat", None, _infer_concat, {"axis": ("int", REQUIRED)}, kind="assembly"))
-register(OpDef("cont", 1, lambda ins, attrs: ins[0], kind="layout"))
+               op_class="layout", view="slice"))
+register(OpDef("concat", None, _infer_concat, {"axis": ("int", REQUIRED)}, op_class="assembly"))
+register(OpDef("cont", 1, lambda ins, attrs: ins[0], op_class="layout"))
 
 # ---------------------------------------------------------------------------
 # Reductions and scans along an axis
@@ -390,9 +442,9 @@ def _infer_cumsum(ins, attrs):
 
 
 register(OpDef("sum", 1, _infer_sum, {"axes": ("ints", REQUIRED), "keepdims": ("bool", False)},
-               flops=lambda ins, out, attrs: _size(ins[0]), kind="reduction"))
+               flops=lambda ins, out, attrs: _size(ins[0]), op_class="reduction"))
 register(OpDef("cumsum", 1, _infer_cumsum, {"axis": ("int", REQUIRED)},
-               flops=lambda ins, out, attrs: _size(out), kind="reduction"))
+               flops=lambda ins, out, attrs: _size(out), op_class="reduction"))
 
 # ---------------------------------------------------------------------------
 # Matrix ops
@@ -447,11 +499,13 @@ def _solve_tri_flops(ins, out, attrs):
 
 
 register(OpDef("matmul", 2, _infer_matmul, {"transpose_a": ("bool", False), "transpose_b": ("bool", False)},
-               flops=_matmul_flops, kind="matmul"))
-register(OpDef("tril", 1, _infer_tri, {"k": ("int", 0)}, flops=_elementwise_flops, kind="elementwise"))
-register(OpDef("triu", 1, _infer_tri, {"k": ("int", 0)}, flops=_elementwise_flops, kind="elementwise"))
+               flops=_matmul_flops, op_class="matmul"))
+register(OpDef("tril", 1, _infer_tri, {"k": ("int", 0)}, flops=_elementwise_flops, op_class="elementwise",
+               inplace=(0,)))
+register(OpDef("triu", 1, _infer_tri, {"k": ("int", 0)}, flops=_elementwise_flops, op_class="elementwise",
+               inplace=(0,)))
 register(OpDef("solve_tri", 2, _infer_solve_tri, {"lower": ("bool", True), "unit_diagonal": ("bool", False)},
-               flops=_solve_tri_flops, kind="matmul"))
+               flops=_solve_tri_flops, op_class="matmul"))
 
 # ---------------------------------------------------------------------------
 # Block assembly: write or add a block at offsets
@@ -469,10 +523,10 @@ def _infer_region(ins, attrs):
     return dst
 
 
-register(OpDef("set", 2, _infer_region, {"offsets": ("ints", REQUIRED)}, kind="assembly"))
+register(OpDef("set", 2, _infer_region, {"offsets": ("ints", REQUIRED)}, op_class="assembly", inplace=(0,)))
 # inplace: the destination has no other reader, so a backend may add into its buffer (set by set_vs_acc).
 register(OpDef("acc", 2, _infer_region, {"offsets": ("ints", REQUIRED), "inplace": ("bool", False)},
-               flops=lambda ins, out, attrs: _size(ins[1]), kind="assembly"))
+               flops=lambda ins, out, attrs: _size(ins[1]), op_class="assembly", inplace=(0,)))
 
 # ---------------------------------------------------------------------------
 # Control: scan over a leading axis, and item to read one result
@@ -527,8 +581,8 @@ def _infer_item(ins, attrs):
 register(OpDef("scan", None, scan_signature,
                {"body": ("graph", REQUIRED), "length": ("int", REQUIRED),
                 "num_carry": ("int", REQUIRED), "num_xs": ("int", REQUIRED)},
-               flops=_scan_flops, kind="control"))
-register(OpDef("item", 1, _infer_item, {"index": ("int", REQUIRED)}, kind="control"))
+               flops=_scan_flops, op_class="control"))
+register(OpDef("item", 1, _infer_item, {"index": ("int", REQUIRED)}, op_class="control"))
 
 
 def op_flops(node: Node) -> int:

@@ -1,7 +1,7 @@
 """Graph pictures through Graphviz: `to_dot(graph)`, `diff_dot(before, after)`, `render(...)`.
 
 Nodes carry their op, key attributes and result type; colours say what class
-of work an op is (from the op registry's `kind`); scan bodies are clusters;
+of work an op is (from the op registry's `op_class`); scan bodies are clusters;
 inputs and outputs have their own shapes. `collapse=True` folds scan bodies
 and chains of layout ops so that a real model's graph stays readable.
 """
@@ -76,10 +76,10 @@ def _fold_layout_chains(graph: Graph) -> dict[int, Node]:
     users = graph.uses()
     head_of: dict[int, Node] = {}
     for node in graph.topo_order():
-        if REGISTRY[node.op].kind != "layout" or not node.inputs:
+        if REGISTRY[node.op].op_class != "layout" or not node.inputs:
             continue
         src = node.inputs[0]
-        if (REGISTRY[src.op].kind == "layout" and src.op != "input" and len(users[id(src)]) == 1):
+        if (REGISTRY[src.op].op_class == "layout" and src.op != "input" and len(users[id(src)]) == 1):
             head_of[id(node)] = head_of.get(id(src), src)
     return head_of
 
@@ -97,7 +97,7 @@ def _add_graph(dot, graph: Graph, prefix: str, collapse: bool, colour_of=None, i
             continue
         name = f"{prefix}n{i}"
         names[id(node)] = name
-        style = {"fillcolor": CLASS_COLOURS.get(REGISTRY[node.op].kind, "white")}
+        style = {"fillcolor": CLASS_COLOURS.get(REGISTRY[node.op].op_class, "white")}
         label = _label(node)
         if node.op == "input":
             style.update(shape="invhouse", fillcolor="#a6d854")
@@ -165,7 +165,7 @@ def diff_dot(before: Graph, after: Graph, collapse: bool = True):
         name = f"r{i}"
         ids[id(node)] = name
         dot.node(name, f"[removed] {_label(node)}", color=DIFF_COLOURS["removed"], penwidth="3",
-                 style="rounded,filled,dashed", fillcolor=CLASS_COLOURS.get(REGISTRY[node.op].kind, "white"))
+                 style="rounded,filled,dashed", fillcolor=CLASS_COLOURS.get(REGISTRY[node.op].op_class, "white"))
     for node in removed:
         for inp in node.inputs:
             src = ids.get(id(inp)) or by_sig.get(_signature(inp, memo_b))

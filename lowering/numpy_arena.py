@@ -39,7 +39,7 @@ def out_kernel(*names):
 
 
 # Each kernel: fn(node, out, *operands) writes the result into `out`; `out` may be
-# an operand's own bytes when the plan put it there (IN_PLACE in the planner).
+# an operand's own bytes when the plan put it there (the OpDef's `inplace` operands).
 
 @out_kernel("const")
 def _const(node, out):

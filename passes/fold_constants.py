@@ -19,7 +19,7 @@ UNIFORM_LAYOUT = ("reshape", "permute", "broadcast_to", "slice", "cont")
 
 
 def _is_source(node: Node) -> bool:
-    return node.op != "input" and REGISTRY[node.op].kind == "source"
+    return node.op != "input" and REGISTRY[node.op].op_class == "source"
 
 
 def _evaluate(node: Node) -> np.ndarray:
@@ -38,7 +38,7 @@ def fold(m) -> Node | None:
         return None
     if not all(_is_source(i) for i in node.inputs):
         return None
-    if all(i.op == "full" for i in node.inputs) and (REGISTRY[node.op].kind == "elementwise" and
+    if all(i.op == "full" for i in node.inputs) and (REGISTRY[node.op].elementwise and
                                                      node.op not in ("tril", "triu")
                                                      or node.op in UNIFORM_LAYOUT):
         scalars = [make_node("full", (), {"value": i.attrs["value"], "shape": (), "dtype": i.dtype})

@@ -6,12 +6,18 @@ a chain of reshapes is one reshape; x + 0, x * 1 and x / 1 are x.
 from __future__ import annotations
 
 from dnir.graph import Graph
-from dnir.ops import make_node
+from dnir.ops import REGISTRY, make_node
 
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules
 
-VIEWS = ("permute", "reshape", "broadcast_to", "slice")
+
+def may_be_strided(node) -> bool:
+    """A view's result may be strided rather than dense (a reshape of a strided value stays
+    strided); any other op writes a dense result, so a cont of it copies nothing."""
+    return REGISTRY[node.op].view is not None
+
+
 x = P.any("x")
 
 
@@ -55,7 +61,7 @@ RULES = [
     Rule(P("broadcast_to", P("broadcast_to", x)),
          lambda m: make_node("broadcast_to", (m.x,), {"shape": m.node.shape}), "broadcast_chain"),
     Rule(P("slice", P("slice", x, name="inner")), nested_slice, "slice_chain"),
-    Rule(P("cont", P.any("x", pred=lambda n: n.op not in VIEWS)), lambda m: m.x, "cont_of_dense"),
+    Rule(P("cont", P.any("x", pred=lambda n: not may_be_strided(n))), lambda m: m.x, "cont_of_dense"),
     Rule(P("clamp", x, min=float("-inf"), max=float("inf")), lambda m: m.x, "unbounded_clamp"),
     Rule(P("pad", x, pads=lambda p: not any(a or b for a, b in p)), lambda m: m.x, "empty_pad"),
     Rule(P("concat", x), lambda m: m.x, "single_concat"),

@@ -15,7 +15,7 @@ from .rewrite import map_bodies, map_nodes, rebuild
 
 
 def _is_source(node: Node) -> bool:
-    return node.op != "input" and REGISTRY[node.op].kind == "source"
+    return node.op != "input" and REGISTRY[node.op].op_class == "source"
 
 
 def hoist_scan(scan: Node) -> Node:

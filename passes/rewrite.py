@@ -174,4 +174,4 @@ def _try_rules(node: Node, rules, counts) -> Node | None:
 
 
 def is_elementwise(node: Node) -> bool:
-    return REGISTRY[node.op].kind == "elementwise"
+    return REGISTRY[node.op].elementwise

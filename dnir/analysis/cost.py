@@ -22,7 +22,7 @@ def graph_flops(graph: Graph) -> int:
 
 def node_bytes(node: Node) -> int:
     from .memory import view_offset
-    if node.op in ("input", "item") or REGISTRY[node.op].kind == "source":
+    if node.op in ("input", "item") or REGISTRY[node.op].op_class == "source":
         return 0
     if node.op == "scan":
         return node.attrs["length"] * graph_bytes(node.attrs["body"])

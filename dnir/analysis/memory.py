@@ -17,7 +17,7 @@ Storage. The topological order is walked once; each value either
   value is never a graph output or a scan operand (those are read as dense
   bytes), and nothing is written in place over it;
 - is written in place over an operand that dies at this op: an elementwise op
-  whose output has exactly the operand's type (`IN_PLACE` lists which operands),
+  whose output has exactly the operand's type (its OpDef's `inplace` lists which operands),
   and `set`/`acc` over their destination; the operand must own its whole block
   and no other operand may read that block;
 - or gets a new block.
@@ -53,14 +53,11 @@ from dataclasses import dataclass, field
 
 from ..errors import VerifyError
 from ..graph import Graph, Node
-from ..ops import BINARY, UNARY
+from ..ops import REGISTRY
 from .allocate import ALIGN, assign_offsets, lower_bound
 from .names import value_names
 from .schedule import candidate_orders
 
-# op -> operand positions the result may overwrite (same type, operand dies here).
-IN_PLACE = {**{op: (0,) for op in UNARY + ("clamp", "cast", "tril", "triu", "set", "acc")},
-            **{op: (0, 1) for op in BINARY}, "where": (1, 2)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,7 +86,13 @@ def view_offset(node: Node) -> int | None:
     return sum(s * st for s, st in zip(starts, strides)) * node.type.itemsize
 
 
-VIEW_OPS = ("reshape", "slice", "permute")
+# The views the plan lays out in their operand's bytes (a broadcast's zero strides would let one
+# element stand for many, which no kernel here writes or reads as rows).
+PLANNED_VIEWS = ("reshape", "slice", "permute")
+
+
+def is_planned_view(node: Node) -> bool:
+    return REGISTRY[node.op].view in PLANNED_VIEWS
 
 
 def dense_strides(shape) -> tuple:
@@ -121,7 +124,7 @@ def _reshaped_strides(shape, strides, new_shape) -> tuple | None:
 def view_layout(node: Node, src_strides: tuple | None) -> tuple[int, tuple | None] | None:
     """(byte offset into the operand, element strides, None when dense) of `node` as a view
     of its operand laid out with `src_strides` (None: dense); None when it needs a copy."""
-    if node.op not in VIEW_OPS:
+    if not is_planned_view(node):
         return None
     src = node.inputs[0]
     if src_strides is None:
@@ -287,7 +290,7 @@ class _Planner:
             return True
         if end > p:
             return False
-        for i in IN_PLACE.get(node.op, ()):
+        for i in REGISTRY[node.op].inplace:
             u = node.inputs[i]
             if u.type == node.type and self.locs[id(u)] == loc and self._dense(u) and all(
                     o is u or self.locs[id(o)].base is not loc.base for o in node.inputs):
@@ -318,7 +321,7 @@ class _Planner:
     def _view(self, node):
         """view_layout of `node`, unless it is strided and read as dense bytes (an output,
         a scan operand)."""
-        layout = view_layout(node, self.views.get(id(node.inputs[0]))) if node.op in VIEW_OPS else None
+        layout = view_layout(node, self.views.get(id(node.inputs[0]))) if is_planned_view(node) else None
         if layout is not None and layout[1] is not None and (
                 id(node) in self.outputs or any(u.op == "scan" for u in self.users[id(node)])):
             return None
@@ -331,7 +334,7 @@ class _Planner:
         target = self.targets.get(id(node))
         if target is not None and self._free_at(p, node, Loc(target)):
             return Loc(target)
-        for i in IN_PLACE.get(node.op, ()):
+        for i in REGISTRY[node.op].inplace:
             loc = self.locs[id(node.inputs[i])]
             if (isinstance(loc.base, Block) and loc.offset == 0 and loc.base.nbytes == nbytes(node.type)
                     and node.inputs[i].type == node.type and self._dense(node.inputs[i])
@@ -460,7 +463,7 @@ def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
             return True
         if groups.extent[gid][1] > p:
             return False
-        for i in IN_PLACE.get(node.op, ()):
+        for i in REGISTRY[node.op].inplace:
             u = node.inputs[i]
             if u.type == node.type and loc_of(u) == loc and groups.of[id(u)] == gid and \
                     mp.views.get(id(u)) is None and all(
@@ -513,7 +516,7 @@ def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
             if not loc.base.startswith(("carry:", "ys:")) or loc.offset != 0:
                 fail(f"{key} = {node.op} writes into {loc.base}, which is read-only here")
             target = region_group[loc.base]
-        for i in IN_PLACE.get(node.op, ()):
+        for i in REGISTRY[node.op].inplace:
             u = node.inputs[i]
             if loc_of(u) == loc and u.type == node.type:
                 target = groups.of[id(u)]

@@ -25,7 +25,7 @@ def test_unknown_target_lists_the_available_ones():
 def test_every_op_a_target_cannot_lower_is_named_in_one_error(monkeypatch):
     # Two ops that no backend table knows, one inside a scan body.
     for name in ("mystery", "enigma"):
-        monkeypatch.setitem(REGISTRY, name, OpDef(name, 1, lambda ins, attrs: ins[0]))
+        monkeypatch.setitem(REGISTRY, name, OpDef(name, 1, lambda ins, attrs: ins[0], op_class="elementwise"))
     body = dnir.Builder()
     s = body.input("s", (3,))
     body_graph = body.build([dnir.make_node("enigma", (s,), {})])
