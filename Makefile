@@ -5,13 +5,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup ggml demo test clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh "$(PYTHON)" "$(VENV)"
 	touch $(STAMP)
+
+# ggml from source, cached outside the repository (lowering/ggml/build.py); setup builds it too.
+ggml: setup
+	$(PY) -m dnir.lowering.ggml.build
 
 demo: setup
 	$(VENV)/bin/dnir demo

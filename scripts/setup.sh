@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up dnir in a virtual environment: system packages where we can install
 # them (Graphviz's `dot`, Mesa's lavapipe Vulkan driver), then the Python
-# package with every optional dependency. Safe to run again.
+# package with every optional dependency, then ggml from source (the CPU
+# benchmark's peer and a backend; cached outside the repository, so a fresh
+# clone on the same machine reuses it). Safe to run again.
 set -euo pipefail
 python=${1:-python3}
 venv=${2:-.venv}
@@ -20,3 +22,5 @@ fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e ".[all]"
+"$venv/bin/python" -m dnir.lowering.ggml.build \
+  || echo "note: ggml was not built (see above): its backend and benchmark peer are unavailable" >&2
