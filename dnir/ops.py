@@ -69,6 +69,8 @@ class OpDef:
                                           # None for an op that makes its own values
     inplace: tuple[int, ...] = ()         # operands whose buffer the result may take over when the
                                           # operand dies there (and has the result's type)
+    expand: Callable | None = None        # a fused op: node -> its results rebuilt from other ops
+                                          # (a tuple for a multi-result op), for backends without a kernel
 
     def __post_init__(self):
         try:
@@ -80,6 +82,8 @@ class OpDef:
             raise AttrError(f"op {self.name!r}: view={self.view!r}; expected None or one of {list(VIEWS)}")
         if self.commutative and self.arity != 2:
             raise AttrError(f"op {self.name!r}: commutative needs two operands, arity is {self.arity}")
+        if (self.op_class is OpClass.FUSED) != (self.expand is not None):
+            raise AttrError(f"op {self.name!r}: a fused op, and only a fused op, has an expand")
         if self.arity is not None and any(not 0 <= i < self.arity for i in self.inplace):
             raise AttrError(f"op {self.name!r}: inplace operands {list(self.inplace)} out of range "
                             f"for arity {self.arity}")
@@ -583,6 +587,18 @@ register(OpDef("scan", None, scan_signature,
                 "num_carry": ("int", REQUIRED), "num_xs": ("int", REQUIRED)},
                flops=_scan_flops, op_class="control"))
 register(OpDef("item", 1, _infer_item, {"index": ("int", REQUIRED)}, op_class="control"))
+
+
+def check_table(table: str, entries, fused: str | None = None):
+    """Raise DnirError unless `entries` (the op names a per-op table of another module has)
+    covers every registered op; `fused` names the rule that covers fused ops, if one does.
+    Tables call this when their module is imported, so an op added without its entry
+    fails at once, naming the op and the table."""
+    missing = sorted(op for op, d in REGISTRY.items()
+                     if op not in entries and not (fused and d.op_class is OpClass.FUSED))
+    if missing:
+        covered = f"; fused ops are covered by {fused}" if fused else "; fused ops need one too"
+        raise DnirError(f"{table} has no entry for op(s) {', '.join(missing)}: add one for each{covered}")
 
 
 def op_flops(node: Node) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 from dnir.analysis.memory import Block, Loc, MemoryPlan, plan as make_plan
 from dnir.errors import BackendError
 from dnir.graph import Graph
+from dnir.ops import check_table
 from dnir.types import numpy_dtype
 
 from .numpy_backend import _BINARY, _UNARY, missing_ops, prepare_inputs
@@ -172,6 +173,12 @@ def _region(node, out, dst, src):
         out[region] = src
     else:
         out[region] += src
+
+
+# input, item: bytes already in place; scan: run by _scan. The memory plan places a fused
+# op's results only once it is expanded, so the executor runs graphs of primitive ops.
+check_table("the arena executor's OUT_KERNELS (lowering/numpy_arena.py)", set(OUT_KERNELS) | {"input", "item", "scan"},
+            fused="expanding it first (passes/expand_fused.py; run_planned names any left)")
 
 
 def _bytes(array: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dnir.analysis.evaluate import evaluate
 from dnir.graph import Graph, Node
 from dnir.ops import REGISTRY, make_node
 
@@ -22,10 +23,9 @@ def _is_source(node: Node) -> bool:
     return node.op != "input" and REGISTRY[node.op].op_class == "source"
 
 
-def _evaluate(node: Node) -> np.ndarray:
-    from dnir.lowering.numpy_backend import execute
-    (value,) = execute(Graph([], [node]), [])
-    return np.asarray(value)
+def _evaluate(node: Node) -> np.ndarray | None:
+    """The node's value from its source operands (None: an op computed at run time only)."""
+    return evaluate(node, [evaluate(i, ()) for i in node.inputs])
 
 
 def _full(value, like: Node) -> Node:
@@ -49,6 +49,8 @@ def fold(m) -> Node | None:
     if node.type.size > MAX_CONST_ELEMENTS:
         return None
     value = _evaluate(node)
+    if value is None:
+        return None
     if value.size and np.all(value == value.flat[0]) and node.dtype != "bool":
         return _full(value.flat[0], node)
     return make_node("const", (), {"value": tuple(value.ravel().tolist()), "shape": node.shape,

@@ -24,8 +24,11 @@ for that:
 - Masks. tril/triu, and `where` with a condition that is known (computed from
   constants only), bound a form over the kept positions only: for
   tril(gam_i - gam_j) the kept elements have m = i - j >= 0.
-Small values computed from constants only are evaluated with the NumPy
-backend and carried as arrays.
+Small values computed from constants only are evaluated (analysis/evaluate.py)
+and carried as arrays.
+
+Every op has a rule in `RULES` (checked at import: a new op without one fails,
+naming it); a fused op's ranges are those of its expansion.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..graph import Graph, Node
+from ..ops import REGISTRY, OpClass, check_table, make_node, matmul_dims
 from ..types import numpy_dtype
+from .evaluate import evaluate
 from .names import value_names
 
 INF = math.inf
@@ -233,6 +238,17 @@ def _prefix_range(p: Prefix, shape, keep=None):
 # ---------------------------------------------------------------------------
 # The interpreter
 
+# op -> rule(interpreter, node, *operand ranges) -> Abstract (a tuple for a multi-result op)
+RULES: dict = {}
+
+
+def rule(*ops):
+    def register(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return register
+
 
 class _Interpreter:
     def __init__(self, findings: list):
@@ -248,9 +264,6 @@ class _Interpreter:
             label = f"{names[id(node)]}{where}"
             if node.op == "scan":
                 values[id(node)] = self.scan(node, ins, label, report)
-                continue
-            if node.op == "item":
-                values[id(node)] = ins[0][node.attrs["index"]]
                 continue
             if report and node.op in CHECKED_OPS:
                 self.check(node, ins, label)
@@ -286,18 +299,20 @@ class _Interpreter:
 
     # -- transfer functions -----------------------------------------------
     def evaluate(self, node: Node, ins) -> Abstract:
-        if (ins and all(a.value is not None for a in ins)) or node.op in ("const", "eye", "full"):
-            if node.type.size <= CONCRETE_LIMIT:
-                return self.concrete(node, ins)
-        rule = getattr(self, "op_" + node.op, None)
-        if rule is not None:
-            return rule(node, *ins)
-        return Abstract(-INF, INF)
+        op_class = REGISTRY[node.op].op_class
+        if op_class is OpClass.FUSED:
+            return self.expanded(node, ins)
+        if op_class is not OpClass.CONTROL and node.type.size <= CONCRETE_LIMIT and (
+                (ins and all(a.value is not None for a in ins)) or op_class is OpClass.SOURCE):
+            concrete = self.concrete(node, ins)
+            if concrete is not None:
+                return concrete
+        return RULES[node.op](self, node, *ins)
 
-    def concrete(self, node: Node, ins) -> Abstract:
-        from ..lowering.numpy_backend import KERNELS
-        with np.errstate(all="ignore"):
-            value = KERNELS[node.op](node, numpy_dtype(node.dtype), *[a.value for a in ins])
+    def concrete(self, node: Node, ins) -> Abstract | None:
+        value = evaluate(node, [a.value for a in ins])
+        if value is None:
+            return None
         flat = np.asarray(value, dtype=np.float64)
         if flat.size == 0:
             return Abstract(0.0, 0.0, value=value)
@@ -305,33 +320,65 @@ class _Interpreter:
             return Abstract(-INF, INF, value=value)
         return Abstract(float(flat.min()), float(flat.max()), value=value)
 
+    def expanded(self, node: Node, ins):
+        """A fused op's ranges: those of its expansion, on stand-in inputs with the operands' ranges."""
+        stand_ins = [make_node("input", (), {"name": f"x{i}", "shape": x.shape, "dtype": x.dtype})
+                     for i, x in enumerate(node.inputs)]
+        results = REGISTRY[node.op].expand(make_node(node.op, stand_ins, node.attrs))
+        results = results if isinstance(results, tuple) else (results,)
+        values = self.run(Graph(stand_ins, list(results)), [Abstract(a.lo, a.hi) for a in ins],
+                          f" in the expansion of {node.op}", report=False)
+        out = tuple(values[id(r)] for r in results)
+        return out if isinstance(node.type, tuple) else out[0]
+
+    @rule("item")
+    def op_item(self, node, results):
+        return results[node.attrs["index"]]
+
+    @rule("const")
+    def op_const(self, node):
+        return Abstract(float(min(node.attrs["value"])), float(max(node.attrs["value"])))
+
+    @rule("eye")
+    def op_eye(self, node):
+        return Abstract(0.0, 1.0)
+
+    @rule("full")
     def op_full(self, node):
         v = float(node.attrs["value"])
         return Abstract(v, v)
 
+    @rule("neg")
     def op_neg(self, node, x):
         p = x.prefix
         return Abstract(-x.hi, -x.lo, None if p is None else Prefix(p.source, p.term, p.common, p.p2, p.p1))
 
+    @rule("exp")
     def op_exp(self, node, x):
         return Abstract(*_monotone(np.exp, x.lo, x.hi))
 
+    @rule("log")
     def op_log(self, node, x):
         return Abstract(*_monotone(np.log, max(x.lo, 0.0), max(x.hi, 0.0)))
 
+    @rule("sigmoid")
     def op_sigmoid(self, node, x):
         return Abstract(*_monotone(lambda t: 1 / (1 + np.exp(-t)), x.lo, x.hi))
 
+    @rule("softplus")
     def op_softplus(self, node, x):
         return Abstract(*_monotone(lambda t: np.logaddexp(0.0, t), x.lo, x.hi))
 
+    @rule("sqrt")
     def op_sqrt(self, node, x):
         return Abstract(*_monotone(np.sqrt, max(x.lo, 0.0), max(x.hi, 0.0)))
 
+    @rule("rsqrt")
     def op_rsqrt(self, node, x):
         hi, lo = _monotone(lambda t: 1 / np.sqrt(t), max(x.lo, 0.0), max(x.hi, 0.0))
         return Abstract(lo, hi)
 
+    @rule("cast")
     def op_cast(self, node, x):
         if node.dtype == "bool":
             return Abstract(0.0, 1.0)
@@ -340,13 +387,16 @@ class _Interpreter:
                             math.ceil(x.hi) if math.isfinite(x.hi) else x.hi)
         return Abstract(x.lo, x.hi)
 
+    @rule("clamp")
     def op_clamp(self, node, x):
         lo, hi = node.attrs["min"], node.attrs["max"]
         return Abstract(min(max(x.lo, lo), hi), min(max(x.hi, lo), hi))
 
+    @rule("add")
     def op_add(self, node, a, b):
         return Abstract(*_clean(a.lo + b.lo, a.hi + b.hi))
 
+    @rule("sub")
     def op_sub(self, node, a, b):
         rank = node.rank
         pa = _aligned(a.prefix, node.inputs[0].rank, rank, node.shape)
@@ -362,6 +412,7 @@ class _Interpreter:
             lo, hi = _prefix_range(prefix, node.shape) or (0.0, 0.0)
         return Abstract(lo, hi, prefix)
 
+    @rule("mul")
     def op_mul(self, node, a, b):
         if node.inputs[0] is node.inputs[1]:   # a square is never negative
             top = max(_mul(a.lo, a.lo), _mul(a.hi, a.hi))
@@ -380,17 +431,21 @@ class _Interpreter:
                     return Abstract(*_hull(*parts))
         return Abstract(*_products(a, b))
 
+    @rule("div")
     def op_div(self, node, a, b):
         if b.lo <= 0 <= b.hi:
             return Abstract(-INF, INF)
         return Abstract(*_products(a, Abstract(1 / b.hi, 1 / b.lo)))
 
+    @rule("maximum")
     def op_maximum(self, node, a, b):
         return Abstract(max(a.lo, b.lo), max(a.hi, b.hi))
 
+    @rule("minimum")
     def op_minimum(self, node, a, b):
         return Abstract(min(a.lo, b.lo), min(a.hi, b.hi))
 
+    @rule("where")
     def op_where(self, node, c, a, b):
         if c.value is None:
             return Abstract(*_hull((a.lo, a.hi), (b.lo, b.hi)))
@@ -410,18 +465,22 @@ class _Interpreter:
         kept = self.restricted(node, 0, x, keep)
         return Abstract(*_hull(kept, (0.0, 0.0) if not keep.all() else None))
 
+    @rule("tril")
     def op_tril(self, node, x):
         rows, cols = node.shape[-2:]
         return self._tri(node, x, np.tri(rows, cols, node.attrs["k"], dtype=bool))
 
+    @rule("triu")
     def op_triu(self, node, x):
         rows, cols = node.shape[-2:]
         return self._tri(node, x, ~np.tri(rows, cols, node.attrs["k"] - 1, dtype=bool))
 
     # layout: the same elements, so the same interval; forms follow the axes
+    @rule("cont")
     def op_cont(self, node, x):
         return Abstract(x.lo, x.hi, x.prefix)
 
+    @rule("reshape")
     def op_reshape(self, node, x):
         old = [a for a, d in enumerate(node.inputs[0].shape) if d != 1]
         new = [a for a, d in enumerate(node.shape) if d != 1]
@@ -430,30 +489,37 @@ class _Interpreter:
             prefix = _remap(x.prefix, {a: (b, 0) for a, b in zip(old, new)}, node.shape)
         return Abstract(x.lo, x.hi, prefix)
 
+    @rule("permute")
     def op_permute(self, node, x):
         axes = [a % node.rank for a in node.attrs["axes"]]
         return Abstract(x.lo, x.hi, _remap(x.prefix, {a: (i, 0) for i, a in enumerate(axes)}, node.shape))
 
+    @rule("broadcast_to")
     def op_broadcast_to(self, node, x):
         return Abstract(x.lo, x.hi, _aligned(x.prefix, node.inputs[0].rank, node.rank, node.shape))
 
+    @rule("slice")
     def op_slice(self, node, x):
         starts = node.attrs["starts"]
         return Abstract(x.lo, x.hi, _remap(x.prefix, {a: (a, s) for a, s in enumerate(starts)}, node.shape))
 
+    @rule("pad")
     def op_pad(self, node, x):
         v = float(node.attrs["value"])
         padded = any(a or b for a, b in node.attrs["pads"])
         return Abstract(*_hull((x.lo, x.hi), (v, v) if padded else None))
 
+    @rule("concat")
     def op_concat(self, node, *xs):
         return Abstract(*_hull(*[(x.lo, x.hi) for x, n in zip(xs, node.inputs) if n.type.size]))
 
+    @rule("sum")
     def op_sum(self, node, x):
         shape = node.inputs[0].shape
         n = math.prod(shape[a % len(shape)] for a in node.attrs["axes"])
         return Abstract(*_scale(n, x.lo, x.hi))
 
+    @rule("cumsum")
     def op_cumsum(self, node, x):
         axis = node.attrs["axis"] % node.rank
         length = node.shape[axis]
@@ -463,11 +529,12 @@ class _Interpreter:
         prefix = _normalize(Prefix(id(node), (x.lo, x.hi), common, ("axis", axis, 0), ("const", -1)), node.shape)
         return Abstract(*_prefix_range(prefix, node.shape), prefix)
 
+    @rule("matmul")
     def op_matmul(self, node, a, b):
-        from ..ops import matmul_dims
         k = matmul_dims(tuple(i.type for i in node.inputs), node.attrs)[2]
         return Abstract(*_scale(k, *_products(a, b)))
 
+    @rule("solve_tri")
     def op_solve_tri(self, node, a, b):
         """|x_i| <= (|b|max / d) (1 + |a|max / d)^i by induction on the substitution,
         with d the smallest |diagonal| (1 when unit)."""
@@ -488,10 +555,12 @@ class _Interpreter:
             bound = INF
         return Abstract(-bound, bound)
 
+    @rule("set")
     def op_set(self, node, dst, src):
         covers = node.inputs[1].shape == node.shape
         return Abstract(*(_hull((src.lo, src.hi)) if covers else _hull((dst.lo, dst.hi), (src.lo, src.hi))))
 
+    @rule("acc")
     def op_acc(self, node, dst, src):
         summed = _clean(dst.lo + src.lo, dst.hi + src.hi)
         covers = node.inputs[1].shape == node.shape
@@ -540,3 +609,8 @@ class _Interpreter:
         if report and length:   # findings once, on the widest inputs the body sees
             step(carries, report=True)
         return tuple(Abstract(*c) for c in carries) + tuple(Abstract(*y) for y in ys)
+
+
+# input: declared ranges; scan: iterated by the interpreter itself.
+check_table("the range analysis' RULES (dnir/analysis/ranges.py)", set(RULES) | {"input", "scan"},
+            fused="the fused op's expansion (_Interpreter.expanded)")
