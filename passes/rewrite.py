@@ -3,19 +3,39 @@
     rules = [Rule(P("permute", P("permute", P.any("x"), name="inner")), fuse_permutes)]
     graph, changed = apply_rules(graph, rules)
 
-A rule's function gets a `Match` (the node, its captures by name, use counts)
+A rule's function gets a `Match` (the node, its captures by name, who reads what)
 and returns a replacement node of the same type, or None to decline. Rules
 apply inside scan bodies too; a scan whose body changed is rebuilt.
+
+Patterns say more than op names:
+
+    # the state times a column of decays, in either order (add, mul, maximum and
+    # minimum commute: their operands match both ways), the state at least 3-d
+    decayed = P("mul", P.any("s", rank=lambda r: r >= 3), P.any("d", shape=lambda t: t[-1] == 1))
+
+    def private_decay(m):
+        if m.uses(m.d) != 1:         # operand slots and graph outputs that read d
+            return None              # the decay is shared
+        # users: who reads a node, at which operand (m.node among them, as itself)
+        others = [u.node for u in m.users(m.s) if u.node is not m.node]
+        ...
+
+    Rule(decayed, private_decay, "private_decay")
+
+The first order of a commutative op's operands that matches is given to the
+rule; if the rule declines it, the other order is offered. Captures never leak
+from one order into the other.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 from dnir.errors import DnirError
 from dnir.graph import Graph, Node
 from dnir.ops import REGISTRY, make_node
-from dnir.types import type_str
+from dnir.types import TensorType, type_str
 
 MAX_SWEEPS = 64          # loop guard: a rule set that keeps rewriting is a bug in the rules
 MAX_REWRITES_PER_NODE = 32
@@ -25,46 +45,133 @@ class RewriteError(DnirError):
     """A rule broke the rewrite contract (changed a type) or the rules do not converge."""
 
 
+def commutes(op: str) -> bool:
+    """Whether a pattern on `op` may match its two operands in either order."""
+    return REGISTRY[op].commutative
+
+
+def _holds(want, have) -> bool:
+    return want(have) if callable(want) else have == want
+
+
 class P:
     """A pattern: op name (or a tuple of names, or None for any op), operand
     patterns, attribute constraints (a value, or a predicate on the value),
-    an optional predicate on the node, and a capture name."""
+    constraints on the result's `shape` and `rank` (likewise), an optional
+    predicate on the node, and a capture name.
 
-    def __init__(self, op=None, *operands, name=None, pred=None, **attrs):
+    `shape` is always the result's shape; for the ops whose attribute is called
+    shape (reshape, broadcast_to, full, ...) that attribute is the result shape."""
+
+    def __init__(self, op=None, *operands, name=None, pred=None, shape=None, rank=None, **attrs):
         self.ops = (op,) if isinstance(op, str) else op
         # No operand patterns: the operands are not looked at (any number of them).
         self.operands, self.name, self.pred, self.attrs = operands or None, name, pred, attrs
+        self.shape, self.rank = shape, rank
 
     @classmethod
-    def any(cls, name=None, pred=None) -> "P":
+    def any(cls, name=None, pred=None, shape=None, rank=None) -> "P":
         """Matches any node (including graph inputs) without looking at its operands."""
-        return cls(None, name=name, pred=pred)
+        return cls(None, name=name, pred=pred, shape=shape, rank=rank)
 
     def match(self, node: Node, caps: dict) -> bool:
+        """Whether the pattern matches `node`; the first match's captures are added to `caps`."""
+        for found in self.matches(node, caps):
+            caps.update(found)
+            return True
+        return False
+
+    def matches(self, node: Node, caps: dict | None = None) -> Iterator[dict]:
+        """Each distinct way the pattern matches `node` (commutative operands in either
+        order), as the captures it makes on top of `caps`."""
+        seen = set()
+        for found in self._match(node, dict(caps or {})):
+            key = frozenset((k, id(v)) for k, v in found.items())
+            if key not in seen:     # two orders that capture the same nodes are one match
+                seen.add(key)
+                yield found
+
+    def _match(self, node: Node, caps: dict) -> Iterator[dict]:
+        # Every alternative extends its own copy of the captures: a failed order leaves nothing behind.
+        if not self._fits(node):
+            return
+        if self.name is not None:
+            if self.name in caps and caps[self.name] is not node:
+                return  # a name captured twice must be the same node
+            caps = {**caps, self.name: node}
+        if self.operands is None:
+            yield caps
+            return
+        orders = (node.inputs, node.inputs[::-1]) if commutes(node.op) else (node.inputs,)
+        for inputs in orders:
+            yield from _match_all(self.operands, inputs, caps)
+
+    def _fits(self, node: Node) -> bool:
+        """The checks on the node itself, before its operands are looked at."""
         if self.ops is not None and node.op not in self.ops:
             return False
         if self.operands is not None and len(self.operands) != len(node.inputs):
             return False
-        for key, want in self.attrs.items():
-            if key not in node.attrs:
-                return False
-            have = node.attrs[key]
-            if not (want(have) if callable(want) else have == want):
-                return False
-        if self.pred is not None and not self.pred(node):
+        if any(key not in node.attrs or not _holds(want, node.attrs[key]) for key, want in self.attrs.items()):
             return False
-        if self.name is not None:
-            if self.name in caps and caps[self.name] is not node:
-                return False  # a name captured twice must be the same node
-            caps[self.name] = node
-        return all(p.match(x, caps) for p, x in zip(self.operands or (), node.inputs))
+        if self.shape is not None or self.rank is not None:
+            if not isinstance(node.type, TensorType):
+                return False    # a multi-result node has no one shape
+            if self.shape is not None and not _holds(self.shape, node.shape):
+                return False
+            if self.rank is not None and not _holds(self.rank, node.rank):
+                return False
+        return self.pred is None or self.pred(node)
+
+
+def _match_all(patterns, nodes, caps: dict) -> Iterator[dict]:
+    if not patterns:
+        yield caps
+        return
+    for found in patterns[0]._match(nodes[0], caps):
+        yield from _match_all(patterns[1:], nodes[1:], found)
+
+
+class Use(NamedTuple):
+    node: Node      # the reader
+    operand: int    # which of its operands it reads
+
+
+class Readers:
+    """Who reads each node, in the graph as it was at the start of a sweep. A node the sweep
+    built in place of another (rebuilt on new operands, or a rule's result) answers for
+    the node it replaces."""
+
+    def __init__(self, graph: Graph):
+        self._users: dict[int, list[Use]] = {id(n): [] for n in graph.topo_order()}
+        for node in graph.topo_order():
+            for slot, inp in enumerate(node.inputs):
+                self._users[id(inp)].append(Use(node, slot))
+        self._outputs = Counter(id(n) for n in graph.outputs)
+        self._stands_for: dict[int, tuple[Node, Node]] = {}   # the new node is held so its id stays its own
+
+    def replaced(self, new: Node, old: Node) -> None:
+        """`new` takes `old`'s place (a node of the graph, or one already standing for one)."""
+        if id(new) not in self._users and id(new) not in self._stands_for:
+            self._stands_for[id(new)] = (new, self.original(old))
+
+    def original(self, node: Node) -> Node:
+        """The node of the graph that `node` stands for (itself if it is one)."""
+        entry = self._stands_for.get(id(node))
+        return node if entry is None else entry[1]
+
+    def users(self, node: Node) -> tuple[Use, ...]:
+        return tuple(self._users.get(id(self.original(node)), ()))
+
+    def outputs(self, node: Node) -> int:
+        return self._outputs[id(self.original(node))]
 
 
 @dataclass
 class Match:
     node: Node
     caps: dict
-    use_counts: dict = field(repr=False)
+    readers: Readers = field(repr=False)
 
     def __getitem__(self, name) -> Node:
         return self.caps[name]
@@ -75,9 +182,21 @@ class Match:
         except KeyError:
             raise AttributeError(name) from None
 
+    def users(self, node: Node) -> tuple[Use, ...]:
+        """The nodes that read `node` and at which operand, one per operand slot, in the graph
+        as it was at the start of this sweep (for a node rebuilt in this sweep: the readers of
+        the node it replaces), the matched node given as itself. A node a rule has just
+        built has none."""
+        me = self.readers.original(self.node)
+        return tuple(Use(self.node, u.operand) if u.node is me else u for u in self.readers.users(node))
+
+    def is_output(self, node: Node) -> bool:
+        """Whether `node` is an output of the graph being rewritten (for a scan body: of the body)."""
+        return self.readers.outputs(node) > 0
+
     def uses(self, node: Node) -> int:
-        """How many operand slots read `node` in the graph as it was before this sweep."""
-        return self.use_counts.get(id(node), 0)
+        """How many operand slots and graph outputs read `node` (as `users`)."""
+        return len(self.users(node)) + self.readers.outputs(node)
 
 
 @dataclass(frozen=True)
@@ -122,13 +241,6 @@ def map_bodies(graph: Graph, fn: Callable[[Graph], tuple[Graph, bool]]) -> tuple
     return map_nodes(graph, visit)
 
 
-def use_counts(graph: Graph) -> dict[int, int]:
-    counts = {key: len(users) for key, users in graph.uses().items()}
-    for out in graph.outputs:
-        counts[id(out)] = counts.get(id(out), 0) + 1
-    return counts
-
-
 def apply_rules(graph: Graph, rules, max_sweeps: int = MAX_SWEEPS) -> tuple[Graph, bool]:
     """Rewrite to a fixpoint: sweep bottom-up, at each node try the rules until
     none applies; repeat sweeps until nothing changes. Scan bodies first."""
@@ -138,12 +250,12 @@ def apply_rules(graph: Graph, rules, max_sweeps: int = MAX_SWEEPS) -> tuple[Grap
         for op in rule.pattern.ops or (None,):
             by_op.setdefault(op, []).append(rule)
     for _ in range(max_sweeps):
-        counts = use_counts(graph)
+        readers = Readers(graph)
 
         def visit(node, original):
             for _ in range(MAX_REWRITES_PER_NODE):
-                counts.setdefault(id(node), counts.get(id(original), 0))  # rebuilt nodes keep their uses
-                out = _try_rules(node, by_op.get(node.op, []) + by_op.get(None, []), counts)
+                readers.replaced(node, original)
+                out = _try_rules(node, by_op.get(node.op, []) + by_op.get(None, []), readers)
                 if out is None:
                     return node
                 node = out
@@ -156,20 +268,18 @@ def apply_rules(graph: Graph, rules, max_sweeps: int = MAX_SWEEPS) -> tuple[Grap
     raise RewriteError(f"rules did not converge in {max_sweeps} sweeps: {[r.name for r in rules]}")
 
 
-def _try_rules(node: Node, rules, counts) -> Node | None:
+def _try_rules(node: Node, rules, readers: Readers) -> Node | None:
     if node.op == "input":
         return None
     for rule in rules:
-        caps: dict = {}
-        if not rule.pattern.match(node, caps):
-            continue
-        out = rule.fn(Match(node, caps, counts))
-        if out is None or out is node:
-            continue
-        if out.type != node.type:
-            raise RewriteError(f"rule {rule.name or rule.fn.__name__} turned {node.op}: {type_str(node.type)} "
-                               f"into {out.op}: {type_str(out.type)}")
-        return out
+        for caps in rule.pattern.matches(node):
+            out = rule.fn(Match(node, caps, readers))
+            if out is None or out is node:
+                continue
+            if out.type != node.type:
+                raise RewriteError(f"rule {rule.name or rule.fn.__name__} turned {node.op}: "
+                                   f"{type_str(node.type)} into {out.op}: {type_str(out.type)}")
+            return out
     return None
 
 
