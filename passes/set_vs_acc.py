@@ -72,6 +72,9 @@ def tile(shape, blocks, fill: Node | None, axis: int = 0):
 
 
 def sets_to_concat(m):
+    """A chain of sets, from its end (the last set: none writes into it), as concats of its blocks."""
+    if any(u.node.op in ("set", "acc") and u.operand == 0 for u in m.users(m.node)):
+        return None     # a later write builds on this one: the chain goes on
     base, writes = chain(m.node)
     if any(op != "set" for op, _, _ in writes) or len(writes) < 2:
         return None
@@ -86,24 +89,10 @@ def mark_inplace(m):
     return make_node("acc", m.node.inputs, {**m.node.attrs, "inplace": True})
 
 
-def chain_ends(graph: Graph) -> set:
-    """ids of the set nodes that no later set/acc writes into (in scan bodies too)."""
-    writes, inner = set(), set()
-    for node in graph.topo_order():
-        if node.op in ("set", "acc"):
-            writes.add(id(node))
-            inner.add(id(node.inputs[0]))
-        if node.op == "scan":
-            writes |= chain_ends(node.attrs["body"])
-    return writes - inner
-
-
 @register_pass("set_vs_acc")
 def set_vs_acc(graph: Graph) -> tuple[Graph, bool]:
     """Replace acc into zeros by set, tiling sets by concat; mark the remaining accs in-place."""
     graph, changed = apply_rules(graph, [Rule(P("acc"), acc_to_set, "acc_into_zeros_is_set")])
-    ends = chain_ends(graph)
-    graph, tiled = apply_rules(graph, [Rule(P("set", pred=lambda n: id(n) in ends), sets_to_concat,
-                                            "tiling_sets_are_concat")])
+    graph, tiled = apply_rules(graph, [Rule(P("set"), sets_to_concat, "tiling_sets_are_concat")])
     graph, marked = apply_rules(graph, [Rule(P("acc"), mark_inplace, "inplace_acc")])
     return graph, changed or tiled or marked
