@@ -8,6 +8,7 @@ from .errors import (AttrError, BackendError, DnirError, DTypeError, InputError,
 from .types import TensorType
 from .graph import Graph, Node, structurally_equal
 from .ops import REGISTRY, OpDef, make_node
+from . import fused  # noqa: F401  (registers the fused ops)
 from .builder import Builder
 from .text import parse, parse_file, print_graph
 from .verify import verify

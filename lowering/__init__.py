@@ -1,25 +1,18 @@
-"""Backends: NumPy (the reference), TVM (llvm / cuda / webgpu), Vulkan."""
+"""Backends: NumPy (the reference), TVM (llvm / cuda), Vulkan, each registered in
+lowering/registry.py, which says how to add one."""
 from __future__ import annotations
 
 from dnir.errors import BackendError
 
-TARGETS = ("numpy", "llvm", "cuda", "vulkan")
+from . import numpy_backend, registry
+from .tvm import backends as _tvm_backends  # noqa: F401  (registers llvm, cuda, vulkan)
 
 
 def run(graph, inputs, *, target: str = "numpy", float64: bool = False):
     """Run `graph` on `target`; outputs as NumPy arrays. float64 is for the NumPy oracle only."""
-    if target == "numpy":
-        from .numpy_backend import run as run_numpy
-        return run_numpy(graph, inputs, float64=float64)
-    if target not in TARGETS:
-        raise BackendError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
+    backend = registry.backend_for(target)
     if float64:
-        raise BackendError(f"float64=True runs the NumPy oracle; target {target!r} runs the graph's own dtypes")
-    if target == "llvm":
-        from .tvm.compile import run_llvm
-        return run_llvm(graph, inputs)
-    if target == "cuda":
-        from .runtime_loader import run_cuda
-        return run_cuda(graph, inputs)
-    from .vulkan import run_vulkan
-    return run_vulkan(graph, inputs)
+        if target != "numpy":
+            raise BackendError(f"float64=True runs the NumPy oracle; target {target!r} runs the graph's own dtypes")
+        return numpy_backend.run(registry.prepare(graph, target), inputs, float64=True)
+    return backend.run(registry.prepare(graph, target), inputs, target)

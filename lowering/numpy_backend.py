@@ -6,6 +6,7 @@ triangular solve by plain substitution, no fused tricks.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable, Mapping, Sequence
 
@@ -13,8 +14,11 @@ import numpy as np
 
 from dnir.errors import BackendError, InputError
 from dnir.graph import Graph, Node
-from dnir.ops import REGISTRY
+from dnir.ops import REGISTRY, OpClass
+from dnir.passes.context import Target, any_node
 from dnir.types import canonical_dtype, numpy_dtype
+
+from .registry import Backend, register as register_backend
 
 Kernel = Callable[..., np.ndarray]
 KERNELS: dict[str, Kernel] = {}
@@ -213,6 +217,35 @@ def _scan(node, dt, *operands, float64=False):
     return tuple(carries) + tuple(ys)
 
 
+# Fused ops (dnir/fused.py): their meaning written out, step by step as the docstrings there say.
+
+@kernel("chunk_scan")
+def _chunk_scan(node, dt, state, w, u, q_decayed, aqk, k_to_end, last_decay):
+    s = state.copy()
+    o = np.empty((w.shape[0],) + u.shape[1:], dtype=state.dtype)
+    with np.errstate(all="ignore"):
+        for n in range(w.shape[0]):
+            v_new = u[n] - np.matmul(w[n], s)
+            o[n] = np.matmul(q_decayed[n], s) + np.matmul(aqk[n], v_new)
+            s = s * last_decay[n] + np.matmul(np.swapaxes(k_to_end[n], -1, -2), v_new)
+    return s, o
+
+
+@kernel("token_step")
+def _token_step(node, dt, state, decay, k_col, k_row, q_row, v, beta, qk):
+    *batch, K, V = state.shape
+    batch = tuple(batch)
+    Kg = decay.size // max(math.prod(batch), 1)
+
+    def per_head(x, *shape):
+        return x.reshape(batch + shape)
+    with np.errstate(all="ignore"):
+        u = (per_head(v, V) - np.matmul(per_head(k_row, 1, K), state)[..., 0, :]) * per_head(beta, 1)
+        o = np.matmul(per_head(q_row, 1, K), state)[..., 0, :] + u * per_head(qk, 1)
+        new_state = state * per_head(decay, Kg, 1) + per_head(k_col, K, 1) * u[..., None, :]
+    return new_state, o
+
+
 def _result_dtype(dtype: str, float64: bool) -> np.dtype:
     if float64 and dtype in ("f16", "bf16", "f32"):
         return np.dtype(np.float64)
@@ -308,3 +341,13 @@ def run(graph: Graph, inputs, *, float64: bool = False) -> list[np.ndarray]:
 
 
 assert set(KERNELS) | {"input"} == set(REGISTRY), sorted(set(REGISTRY) ^ set(KERNELS) ^ {"input"})
+
+
+def _run_reference(graph: Graph, inputs, target: str) -> list[np.ndarray]:
+    return run(graph, inputs)
+
+
+# Every fused op has its reference kernel here: the NumPy target never expands one.
+register_backend(Backend("numpy", ("numpy",), _run_reference,
+                         lambda target: Target(target, kernels={op: any_node for op in KERNELS
+                                                                if REGISTRY[op].op_class is OpClass.FUSED})))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import dnir
-from dnir import Builder, structurally_equal
+from dnir import Builder, fused, structurally_equal
 
 
 def roundtrip(g):
@@ -33,7 +33,13 @@ def every_op_graph():
     c, xt = bb.input("c", (3, 5)), bb.input("xt", (3, 5))
     body = bb.build([c * xt, bb.sum(c, axis=0)])
     c_fin, ys = b.scan(body, [b.cast(b.cast(b.reshape(w[0], (3, 5)), "i32"), "f32")], [w])
-    return b.build([c_fin, ys], names=["c", "ys"])
+    # the fused delta-rule ops: a loop over 2 chunks of 2 (K=3, V=4) and a decode step of 2 heads
+    chunks = fused.chunk_scan(b.reshape(x[0:1], (3, 4)), x[:, 0:2, 0:3], x[:, 0:2, :], x[:, 1:3, 1:4],
+                              x[:, 0:2, 2:4], x[:, 1:3, 0:3], x[:, 0:1, 0:1])
+    step = fused.token_step(x, x[:, 0:1, 0:1], x[:, :, 0:1], x[:, 0:1, 0:3], b.reshape(x[:, 1:2, 0:3], (2, 3)),
+                            b.reshape(x[:, 2:3, :], (2, 4)), b.reshape(x[:, 0:1, 1:2], (2, 1)),
+                            b.reshape(x[:, 0:1, 2:3], (2,)))
+    return b.build([c_fin, ys, *chunks, *step], names=["c", "ys", "chunk_state", "chunk_o", "step_state", "step_o"])
 
 
 def test_every_op_round_trips():

@@ -1,0 +1,186 @@
+"""Fused ops: the delta rule's units of work, for backends with a kernel for each.
+
+    chunk_scan(state, w, u, q_decayed, aqk, k_to_end, last_decay) -> (final state, o)
+        The loop over chunks. Per chunk n, with S the state [*batch, K, V]:
+            v_new = u[n] - w[n] S
+            o[n]  = q_decayed[n] S + aqk[n] v_new
+            S     = S * last_decay[n] + k_to_end[n]^T v_new
+        w, q_decayed, k_to_end [n, *batch, C, K]; u [n, *batch, C, V];
+        aqk [n, *batch, C, C]; last_decay [n, *batch, Kg, 1] with Kg 1 (one gate per
+        head) or K (one per key channel). o is stacked per chunk: [n, *batch, C, V].
+
+    token_step(state, decay, k_col, k_row, q_row, v, beta, qk) -> (new state, o)
+        One decode step:
+            u  = (v - k_row S) beta
+            o  = q_row S + u qk
+            S' = S * decay + k_col^T u
+        state [*batch, K, V]; every other operand holds, per head (the leading axes
+        are `batch`), decay Kg values, k_col, k_row, q_row K, v V, beta and qk one,
+        in any shape with that many elements (a kernel reads them flat, so the
+        graph's own reshapes need no copy); o is [*batch, V].
+
+Each op is multi-result, like `scan`: its results are read with `item`. Its
+`expand` rewrites it into primitive ops (the chunk scan into the `scan` whose
+step body it stands for), for a backend without a kernel for it; NumPy's
+reference kernels (lowering/numpy_backend.py) are the ops' meaning in code.
+passes/fuse_delta_steps.py recognises them in a GPU target's pipeline.
+"""
+from __future__ import annotations
+
+import math
+
+from .errors import DTypeError
+from .graph import Graph, Node
+from .ops import OpDef, fail, make_node, register
+from .types import FLOAT_DTYPES, TensorType
+
+CHUNK_ROLES = ("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay")
+STEP_ROLES = ("state", "decay", "k_col", "k_row", "q_row", "v", "beta", "qk")
+
+
+def _one_float_dtype(ins, roles) -> str:
+    dtypes = {t.dtype for t in ins}
+    if len(dtypes) != 1 or ins[0].dtype not in FLOAT_DTYPES:
+        fail(f"operands ({', '.join(roles)}) have dtypes {[t.dtype for t in ins]}; expected one "
+             f"floating-point dtype", DTypeError)
+    return ins[0].dtype
+
+
+# ---------------------------------------------------------------------------
+# The loop over chunks
+
+
+def _chunk_sizes(ins):
+    """(n, batch, C, K, V, Kg) of a chunk scan's operands, or fail naming the operand."""
+    state, *xs = ins
+    if state.rank < 2:
+        fail(f"state must be [*batch, K, V], got {list(state.shape)}")
+    *batch, K, V = state.shape
+    batch = tuple(batch)
+    n = xs[0].shape[0] if xs[0].rank else 0
+    C = xs[1].shape[-2] if xs[1].rank >= 2 else 0       # u [n, *batch, C, V]
+    Kg = xs[5].shape[-2] if xs[5].rank >= 2 else 0
+    want = dict(w=(C, K), u=(C, V), q_decayed=(C, K), aqk=(C, C), k_to_end=(C, K), last_decay=(Kg, 1))
+    for role, t in zip(CHUNK_ROLES, xs):
+        expected = (n, *batch, *want[role])
+        if t.shape != expected:
+            fail(f"{role} has shape {list(t.shape)}; expected {list(expected)} "
+                 f"([chunks, *batch, ...] with the state [*batch, K={K}, V={V}], chunk C={C})")
+    if Kg not in (1, K):
+        fail(f"last_decay has {Kg} rows; expected 1 (one gate per head) or K={K} (one per key channel)")
+    return n, batch, C, K, V, Kg
+
+
+def _infer_chunk_scan(ins, attrs):
+    _one_float_dtype(ins, ("state",) + CHUNK_ROLES)
+    n, batch, C, K, V, Kg = _chunk_sizes(ins)
+    return ins[0], TensorType((n, *batch, C, V), ins[0].dtype)
+
+
+def _chunk_scan_flops(ins, out, attrs):
+    n, batch, C, K, V, Kg = _chunk_sizes(ins)
+    products = 2 * C * K * V * 3 + 2 * C * C * V      # w S, q_decayed S, k_to_end^T v_new; aqk v_new
+    elementwise = 2 * C * V + 2 * K * V               # the sub, the output's add; the decay and its add
+    return n * math.prod(batch) * (products + elementwise)
+
+
+def chunk_step_body(state: TensorType, xs) -> Graph:
+    """The scan body of one chunk: (state, w, u, q_decayed, aqk, k_to_end, last_decay) -> (state, o)."""
+    def param(name, t):
+        return make_node("input", (), {"name": name, "shape": t.shape, "dtype": t.dtype})
+    s = param("state", state)
+    w, u, qd, aqk, kte, ld = (param(r, t.with_shape(t.shape[1:])) for r, t in zip(CHUNK_ROLES, xs))
+
+    def mm(a, b, ta=False):
+        return make_node("matmul", (a, b), {"transpose_a": ta, "transpose_b": False})
+    decayed = make_node("mul", (s, ld), {})
+    v_new = make_node("sub", (u, mm(w, s)), {})
+    new_state = make_node("add", (decayed, mm(kte, v_new, ta=True)), {})
+    o = make_node("add", (mm(qd, s), mm(aqk, v_new)), {})
+    return Graph([s, w, u, qd, aqk, kte, ld], [new_state, o], ["state", "o"])
+
+
+def _expand_chunk_scan(node: Node) -> tuple[Node, ...]:
+    state, *xs = node.inputs
+    body = chunk_step_body(state.type, [x.type for x in xs])
+    scan = make_node("scan", node.inputs, {"body": body, "length": xs[0].shape[0], "num_carry": 1,
+                                           "num_xs": len(xs)})
+    return _items(scan)
+
+
+def chunk_scan(state: Node, w: Node, u: Node, q_decayed: Node, aqk: Node, k_to_end: Node,
+               last_decay: Node) -> tuple[Node, Node]:
+    """(final state, stacked o) of the loop over chunks."""
+    return _items(make_node("chunk_scan", (state, w, u, q_decayed, aqk, k_to_end, last_decay), {}))
+
+
+def _items(node: Node) -> tuple[Node, ...]:
+    return tuple(make_node("item", (node,), {"index": i}) for i in range(len(node.type)))
+
+
+register(OpDef("chunk_scan", 7, _infer_chunk_scan, flops=_chunk_scan_flops, op_class="fused",
+               expand=_expand_chunk_scan))
+
+
+# ---------------------------------------------------------------------------
+# One decode step
+
+
+def step_sizes(ins):
+    """(batch, K, V, Kg) of a token step's operands, or fail naming the operand."""
+    state = ins[0]
+    if state.rank < 3:
+        fail(f"state must be [*batch, K, V] with at least one batch axis, got {list(state.shape)}")
+    *batch, K, V = state.shape
+    batch, nb = tuple(batch), len(batch)
+    decay = ins[1]
+    Kg = math.prod(decay.shape[nb:])
+    per_head = dict(decay=Kg, k_col=K, k_row=K, q_row=K, v=V, beta=1, qk=1)
+    for role, t in zip(STEP_ROLES[1:], ins[1:]):
+        if t.shape[:nb] != batch or math.prod(t.shape[nb:]) != per_head[role]:
+            fail(f"{role} has shape {list(t.shape)}; expected the state's batch axes {list(batch)} first, "
+                 f"then {per_head[role]} element(s) per head")
+    if Kg not in (1, K):
+        fail(f"decay has {Kg} values per head; expected 1 or K={K}")
+    return batch, K, V, Kg
+
+
+def _infer_token_step(ins, attrs):
+    _one_float_dtype(ins, STEP_ROLES)
+    batch, K, V, Kg = step_sizes(ins)
+    return ins[0], TensorType((*batch, V), ins[0].dtype)
+
+
+def _token_step_flops(ins, out, attrs):
+    batch, K, V, Kg = step_sizes(ins)
+    # two rows times S; the decay, k^T u and their add; the sub, the two scalings, the output's add
+    return math.prod(batch) * (4 * K * V + 3 * K * V + 4 * V)
+
+
+def _expand_token_step(node: Node) -> tuple[Node, ...]:
+    state, decay, k_col, k_row, q_row, v, beta, qk = node.inputs
+    batch, K, V, Kg = step_sizes([i.type for i in node.inputs])
+
+    def shaped(x, *shape):
+        shape = (*batch, *shape)
+        return x if x.shape == shape else make_node("reshape", (x,), {"shape": shape})
+
+    def row_times_state(row):
+        product = make_node("matmul", (shaped(row, 1, K), state), {"transpose_a": False, "transpose_b": False})
+        return shaped(product, V)
+    error = make_node("sub", (shaped(v, V), row_times_state(k_row)), {})
+    u = make_node("mul", (error, shaped(beta, 1)), {})
+    o = make_node("add", (row_times_state(q_row), make_node("mul", (u, shaped(qk, 1)), {})), {})
+    decayed = make_node("mul", (state, shaped(decay, Kg, 1)), {})
+    new_state = make_node("add", (decayed, make_node("mul", (shaped(u, 1, V), shaped(k_col, K, 1)), {})), {})
+    return new_state, o
+
+
+def token_step(state: Node, decay: Node, k_col: Node, k_row: Node, q_row: Node, v: Node, beta: Node,
+               qk: Node) -> tuple[Node, Node]:
+    """(new state, o) of one decode step."""
+    return _items(make_node("token_step", (state, decay, k_col, k_row, q_row, v, beta, qk), {}))
+
+
+register(OpDef("token_step", 8, _infer_token_step, flops=_token_step_flops, op_class="fused",
+               expand=_expand_token_step))

@@ -1,0 +1,56 @@
+"""The TVM backends: llvm (the CPU), cuda, and vulkan (TVM's WGSL run by wgpu).
+
+TVM takes seconds to import, so nothing here imports it until a graph is run or
+compiled. On the GPU targets the pipeline recomputes broadcast expansions inside
+the reductions that read them, and recognises the delta rule's loop over chunks
+and decode step (passes/fuse_delta_steps.py) where the target's kernels take them
+(chunk_scan.py: a thread block fits the shared memory; both: float32).
+"""
+from __future__ import annotations
+
+from dnir.passes.context import Target
+
+from ..registry import Backend, register
+
+GPU_PIPELINE = ("recompute_into_reductions",)
+KERNEL_DTYPES = frozenset({"f32"})
+CUDA_SHARED_BYTES = 48 * 1024       # static shared memory of a CUDA thread block
+
+
+def _run_llvm(graph, inputs, target):
+    from .compile import run_llvm
+    return run_llvm(graph, inputs)
+
+
+def _run_cuda(graph, inputs, target):
+    from ..runtime_loader import run_cuda
+    return run_cuda(graph, inputs)
+
+
+def _run_vulkan(graph, inputs, target):
+    from ..vulkan import run_vulkan
+    return run_vulkan(graph, inputs)
+
+
+def _build(graph, target, **options):
+    from .compile import build
+    return build(graph, target, **options)
+
+
+def _build_vulkan(graph, target):
+    from ..vulkan import build
+    return build(graph)
+
+
+def _vulkan_shared_bytes() -> int:
+    from ..vulkan import shared_bytes
+    return shared_bytes()
+
+
+register(Backend("tvm-llvm", ("llvm",), _run_llvm, lambda target: Target(target), build=_build))
+register(Backend("tvm-cuda", ("cuda",), _run_cuda,
+                 lambda target: Target(target, shared_bytes=CUDA_SHARED_BYTES, dtypes=KERNEL_DTYPES),
+                 GPU_PIPELINE, _build))
+register(Backend("vulkan", ("vulkan",), _run_vulkan,
+                 lambda target: Target(target, shared_bytes=_vulkan_shared_bytes(), dtypes=KERNEL_DTYPES),
+                 GPU_PIPELINE, _build_vulkan))

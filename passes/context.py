@@ -1,0 +1,71 @@
+"""The pass context: which target a pipeline prepares a graph for, and that target's limits.
+
+    with PassContext(target):
+        graph = optimize(graph, ["fuse_delta_steps", "expand_fused"])
+
+As TVM's PassContext, it is entered with `with` and read by the passes that
+depend on the target (`current().target`); a pipeline without a target (O0, O1,
+O2) runs in the default context, whose target is None. A `Target` says which
+fused ops (dnir/fused.py) the target has kernels for, and each kernel's check
+of a node against the target's limits (shared memory per thread block, the
+dtypes the kernel is written for), so that a pass in passes/ can ask the
+lowering layer's question without importing it. Passes leave remarks on the
+context (what matched, what almost did and why not), which `dnir opt --report`
+prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+from dnir.graph import Node
+
+# kernel check: (fused node, target) -> None when the kernel takes the node, else why not
+KernelCheck = Callable[[Node, "Target"], "str | None"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    kernels: Mapping[str, KernelCheck] = field(default_factory=dict)   # fused op -> its kernel's check
+    shared_bytes: int | None = None          # shared memory of one GPU thread block
+    dtypes: frozenset[str] | None = None     # dtypes the fused kernels are written for (None: any)
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernels", MappingProxyType(dict(self.kernels)))
+
+    def rejects(self, node: Node) -> str | None:
+        """None when this target runs `node` (a fused op) with its own kernel, else why not."""
+        if node.op not in self.kernels:
+            return f"target {self.name!r} has no {node.op} kernel"
+        return self.kernels[node.op](node, self)
+
+
+def any_node(node: Node, target: Target) -> None:
+    """The check of a kernel that takes every node of its op (e.g. a reference kernel)."""
+    return None
+
+
+class PassContext:
+    def __init__(self, target: Target | None = None):
+        self.target = target
+        self.remarks: list[tuple[str, str]] = []    # (pass name, remark)
+
+    def remark(self, pass_name: str, text: str):
+        self.remarks.append((pass_name, text))
+
+    def __enter__(self) -> "PassContext":
+        _STACK.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _STACK.pop()
+
+
+_STACK: list[PassContext] = []
+
+
+def current() -> PassContext:
+    """The innermost entered context, or a fresh one without a target."""
+    return _STACK[-1] if _STACK else PassContext()
