@@ -1,0 +1,538 @@
+"""dnir graphs as ggml graphs: one lowering for running (run.py) and for C export (export_c.py).
+
+The lowering walks a dnir graph and calls ggml's graph-building functions
+through an emitter: run.py's emitter calls them with ctypes, export_c.py's
+writes them as C statements. Both see the same calls.
+
+Conventions:
+- Every value is a contiguous ggml tensor holding its dnir (row-major) value;
+  an op views its operands in the at most 4 ggml dimensions it needs. ggml
+  lists dimensions innermost first: a NumPy [B, T, H, K] value is ggml
+  [K, H, T, B]. dnir values may have more than 4 axes: each op merges the
+  axes it treats alike (size-1 axes dropped, neighbours merged where the op's
+  pattern allows); a value that still needs more than 4 raises a BackendError
+  naming the node.
+- ggml broadcasts only the second operand of a binary op, and only by
+  repetition: a first operand that needs broadcasting is repeated.
+- `ggml_mul_mat(x, y)` contracts the innermost dimension of both and gives
+  [x rows, y rows, y batch]: dnir's a @ b is mul_mat(b^T, a), with b^T the
+  one that may broadcast over the batch.
+- bool values are stored as f32 0/1 (ggml has no bool type).
+- A scan is unrolled: ggml has no loop op. The graph grows with the trip
+  count, as llama.cpp's own chunked graphs do.
+- ops ggml lacks are expressed: where/maximum/minimum select with a 0/1
+  mask (x*m + (y - y*m): exact for finite values, NaN where an unselected
+  operand is infinite), rsqrt as 1/sqrt, tril/triu other than ggml_tri's
+  four cases through a mask cut from a ggml_tri of ones, an upper or
+  unit-diagonal solve through ggml's lower solve.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from dnir.errors import BackendError
+from dnir.graph import Graph, Node
+from dnir.ops import broadcast_shapes
+
+from .api import F32, F16, I32, BF16, TRI_LOWER, TRI_LOWER_DIAG, TRI_UPPER, TRI_UPPER_DIAG
+
+STORAGE = {"f32": F32, "bool": F32, "i32": I32, "f16": F16, "bf16": BF16}
+ITEM_SIZE = {F32: 4, I32: 4, F16: 2, BF16: 2}
+
+
+class Emitter(Protocol):
+    """What the lowering needs from its caller; handles are opaque to it."""
+
+    def call(self, fn: str, *args): ...                      # a ggml function from api.SIGNATURES
+    def input(self, node: Node, gtype: int, ne: tuple): ...  # a graph input
+    def constant(self, node: Node, value: np.ndarray, gtype: int, ne: tuple): ...  # a tensor of given data
+    def node(self, label: str): ...                          # the dnir node lowered next (comments)
+
+
+@dataclass(frozen=True)
+class Value:
+    t: object          # the emitter's handle of a contiguous tensor with this value
+    shape: tuple       # dnir (NumPy order) shape
+    ne: tuple          # the ggml shape t has (4 dims, innermost first)
+    base: object       # the tensor owning t's memory (t unless t is a view)
+    dtype: str
+
+    @property
+    def gtype(self) -> int:
+        return STORAGE[self.dtype]
+
+
+def ggml_ne(shape) -> tuple:
+    """A NumPy-order shape of at most 4 dims as ggml's ne (innermost first, padded with 1)."""
+    assert len(shape) <= 4, shape
+    return tuple(reversed(shape)) + (1,) * (4 - len(shape))
+
+
+def merge_broadcast(out, *shapes):
+    """Merge neighbouring axes that every operand treats alike (full or broadcast).
+
+    `shapes` are broadcast to `out` (aligned on the right). Size-1 axes of `out`
+    are dropped. Returns the merged out shape and each operand's merged shape.
+    """
+    rank = len(out)
+    aligned = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]
+    groups: list[list[int]] = []
+    last = None
+    for axis in range(rank):
+        if out[axis] == 1:
+            continue
+        pattern = tuple(s[axis] == 1 for s in aligned)
+        if groups and pattern == last:
+            groups[-1].append(axis)
+        else:
+            groups.append([axis])
+        last = pattern
+    merged_out = tuple(math.prod(out[a] for a in g) for g in groups)
+    merged = [tuple(math.prod(s[a] for a in g) for g in groups) for s in aligned]
+    return merged_out, merged
+
+
+def merge_runs(sizes, full) -> list[list[int]]:
+    """Axes grouped into runs that one strided view can address: in a run every
+    axis but the outermost is `full` (untouched by a slice, pad or block)."""
+    groups: list[list[int]] = []
+    for axis in reversed(range(len(sizes))):
+        if groups and all(full[a] for a in groups[0]):
+            groups[0].insert(0, axis)
+        else:
+            groups.insert(0, [axis])
+    return groups
+
+
+class Lowerer:
+    def __init__(self, emitter: Emitter):
+        self.e = emitter
+        self.where = ""            # the node being lowered, for errors
+
+    # -- the graph walk ---------------------------------------------------------------------
+    def lower(self, graph: Graph, inputs: list[Value], path: str = "") -> list[Value]:
+        values: dict[int, object] = {id(n): v for n, v in zip(graph.inputs, inputs)}
+        counter = 0
+        for node in graph.topo_order():
+            if id(node) in values:
+                continue
+            label = f"{path}%{counter} = {node.op}"
+            counter += 1
+            self.where = label
+            self.e.node(label)
+            operands = [values[id(i)] for i in node.inputs]
+            for i, v in zip(node.inputs, operands):
+                if isinstance(v, Value) and node.op not in _ANY_DTYPE and v.dtype not in ("f32", "bool"):
+                    self.fail(f"operand of dtype {v.dtype}: the lowering handles f32 (and casts) only")
+            method = getattr(self, "op_" + node.op, None)
+            if method is None:
+                self.fail("no ggml lowering for this op")
+            values[id(node)] = method(node, *operands)
+        return [values[id(n)] for n in graph.outputs]
+
+    def fail(self, message: str):
+        raise BackendError(f"ggml: node {self.where}: {message}")
+
+    # -- helpers on values --------------------------------------------------------------------
+    def call(self, fn, *args):
+        return self.e.call(fn, *args)
+
+    def view(self, v: Value, shape) -> object:
+        """v's tensor with a NumPy-order shape of at most 4 dims (a free reshape: v is contiguous)."""
+        shape = tuple(shape)
+        if len(shape) > 4:
+            self.fail(f"a value of shape {list(v.shape)} needs {len(shape)} ggml dimensions "
+                      f"{list(shape)} here; ggml has 4")
+        ne = ggml_ne(shape)
+        if ne == v.ne:
+            return v.t
+        return self.call("ggml_reshape_4d", v.t, *ne)
+
+    def made(self, t, shape_used, shape, dtype) -> Value:
+        """A fresh tensor `t` (ggml shape from `shape_used`) holding a value of dnir `shape`."""
+        return Value(t, tuple(shape), ggml_ne(shape_used), t, dtype)
+
+    def as_shape(self, v: Value, shape) -> Value:
+        """The same data read with another dnir shape (reshape: no copy)."""
+        return Value(v.t, tuple(shape), v.ne, v.base, v.dtype)
+
+    def flat(self, v: Value) -> object:
+        return self.view(v, (math.prod(v.shape),))
+
+    def new(self, shape, gtype=F32) -> object:
+        """A fresh scratch tensor of a NumPy-order shape (allocated by ggml's allocator)."""
+        ne = [d for d in reversed(shape)] or [1]
+        return self.call(f"ggml_new_tensor_{len(ne)}d", gtype, *ne)
+
+    def fill(self, shape, value) -> Value:
+        merged = (math.prod(shape),)
+        t = self.call("ggml_fill_inplace", self.new(merged), float(value))
+        return self.made(t, merged, shape, "f32")
+
+    def permute(self, v: Value, axes) -> Value:
+        """v with axes permuted, contiguous (ggml_permute + ggml_cont)."""
+        shape = v.shape
+        out_shape = tuple(shape[a] for a in axes)
+        groups: list[list[int]] = []
+        for a in axes:
+            if shape[a] == 1:
+                continue
+            if groups and groups[-1][-1] + 1 == a:
+                groups[-1].append(a)
+            else:
+                groups.append([a])
+        in_groups = sorted(groups)
+        perm = [in_groups.index(g) for g in groups]
+        if perm == sorted(perm):
+            return self.as_shape(v, out_shape)      # the same order in memory
+        if len(perm) > 4:
+            # In steps of at most 4 groups: bring the first misplaced axis forward, then the rest.
+            i = next(i for i, a in enumerate(axes) if a != i)
+            step = list(range(i)) + [axes[i]] + [a for a in range(i, len(axes)) if a != axes[i]]
+            return self.permute(self.permute(v, step), [step.index(a) for a in axes])
+        pad = 4 - len(perm)
+        in4 = (1,) * pad + tuple(math.prod(shape[a] for a in g) for g in in_groups)
+        perm4 = list(range(pad)) + [p + pad for p in perm]
+        ax = [0] * 4
+        for j in range(4):
+            ax[3 - perm4[j]] = 3 - j
+        t = self.call("ggml_permute", self.view(v, in4), *ax)
+        t = self.call("ggml_cont", t)
+        return self.made(t, tuple(in4[p] for p in perm4), out_shape, v.dtype)
+
+    def broadcast(self, v: Value, shape) -> Value:
+        shape = tuple(shape)
+        if v.shape == shape:
+            return v
+        out_m, (x_m,) = merge_broadcast(shape, v.shape)
+        if x_m == out_m:
+            return self.as_shape(v, shape)
+        self.check_rank(out_m, "broadcast")
+        t = self.call("ggml_repeat_4d", self.view(v, x_m), *ggml_ne(out_m))
+        return self.made(t, out_m, shape, v.dtype)
+
+    def check_rank(self, merged, what):
+        if len(merged) > 4:
+            self.fail(f"{what} over {len(merged)} groups of axes {list(merged)}; ggml has 4 dims")
+
+    def binary(self, fn, a: Value, b: Value, shape, dtype="f32") -> Value:
+        """ggml's binary op on NumPy-broadcast operands: the first repeated to the full shape if needed."""
+        out_m, (a_m, b_m) = merge_broadcast(shape, a.shape, b.shape)
+        self.check_rank(out_m, fn)
+        if a_m != out_m:
+            a = self.broadcast(a, shape)
+            out_m, (a_m, b_m) = merge_broadcast(shape, a.shape, b.shape)
+        t = self.call(fn, self.view(a, a_m), self.view(b, b_m))
+        return self.made(t, out_m, shape, dtype)
+
+    def select(self, mask: Value, x: Value, y: Value, shape) -> Value:
+        """x where mask is 1 else y (mask 0/1): x*m + (y - y*m), exact for finite values."""
+        m = self.broadcast(mask, shape)
+        xm = self.binary("ggml_mul", m, x, shape)
+        ym = self.binary("ggml_mul", m, y, shape)
+        rest = self.binary("ggml_sub", self.broadcast(y, shape), ym, shape)
+        return self.binary("ggml_add", xm, rest, shape)
+
+    def tri(self, v: Value, kind: int) -> Value:
+        """ggml_tri over the last two (square) axes."""
+        n, m = v.shape[-2:]
+        merged = (math.prod(v.shape[:-2]), n, m)
+        t = self.call("ggml_tri", self.view(v, merged), kind)
+        return self.made(t, merged, v.shape, v.dtype)
+
+    def matmul(self, a: Value, b: Value, ta=False, tb=False) -> Value:
+        m, k = (a.shape[-1], a.shape[-2]) if ta else a.shape[-2:]
+        n = b.shape[-2] if tb else b.shape[-1]
+        batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        rows_a = self.permute(a, _swap_last(a.shape)) if ta else a       # [..., m, k]
+        rows_b = b if tb else self.permute(b, _swap_last(b.shape))       # [..., n, k]
+        out_b, (ab, bb) = merge_broadcast(batch, rows_a.shape[:-2], rows_b.shape[:-2])
+        # mul_mat(x, y): y must hold the whole batch, x may be broadcast over it.
+        swap = ab != out_b and bb == out_b
+        x, y = (rows_a, rows_b) if swap else (rows_b, rows_a)
+        xb, yb = (ab, bb) if swap else (bb, ab)
+        if yb != out_b:
+            y = self.broadcast(y, batch + y.shape[-2:])
+        if len(out_b) > 2 and xb != out_b:
+            x = self.broadcast(x, batch + x.shape[-2:])
+            xb = out_b
+        if len(out_b) > 2:
+            xb = out_b = (math.prod(out_b),)
+        t = self.call("ggml_mul_mat", self.view(x, xb + x.shape[-2:]), self.view(y, out_b + y.shape[-2:]))
+        rows_x, rows_y = x.shape[-2], y.shape[-2]
+        out = self.made(t, out_b + (rows_y, rows_x), batch + (rows_y, rows_x), a.dtype)
+        return self.permute(out, _swap_last(out.shape)) if swap else out
+
+    def reverse_rows(self, v: Value) -> Value:
+        """v with the order of the rows (axis -2) reversed: J @ v, J the exchange matrix (exact)."""
+        n = v.shape[-2]
+        # ggml_arange counts up only: n-1 .. 0 as (n-1) - (0 .. n-1).
+        down = self.call("ggml_scale_bias", self.call("ggml_arange", 0.0, float(n), 1.0), -1.0, float(n - 1))
+        idx = self.call("ggml_cast", down, I32)
+        j = self.call("ggml_get_rows", self.op_eye_n(n).t, idx)
+        return self.matmul(self.made(j, (n, n), (n, n), "f32"), v)
+
+    def op_eye_n(self, n) -> Value:
+        ones = self.fill((n, n), 1.0)
+        t = self.call("ggml_tri", self.call("ggml_tri", self.view(ones, (n, n)), TRI_LOWER_DIAG), TRI_UPPER_DIAG)
+        return self.made(t, (n, n), (n, n), "f32")
+
+    # -- sources ------------------------------------------------------------------------------
+    def op_const(self, node):
+        values = np.asarray(node.attrs["value"])
+        if node.dtype == "f32" and values.size and np.all(values == values.flat[0]):
+            return self.fill(node.shape, float(values.flat[0]))
+        array = np.asarray(values.reshape(node.shape), dtype=_numpy_storage(node.dtype))
+        shape = (array.size,)
+        return self.made(self.e.constant(node, array, STORAGE[node.dtype], ggml_ne(shape)), shape,
+                         node.shape, node.dtype)
+
+    def op_full(self, node):
+        if node.dtype != "f32":
+            self.fail(f"full of dtype {node.dtype}: ggml_fill makes f32")
+        return self.fill(node.shape, node.attrs["value"])
+
+    def op_eye(self, node):
+        if node.dtype != "f32":
+            self.fail(f"eye of dtype {node.dtype}: the lowering makes f32")
+        return self.op_eye_n(node.attrs["n"])
+
+    # -- elementwise ----------------------------------------------------------------------------
+    def unary(self, fn, node, x: Value) -> Value:
+        flat = (math.prod(x.shape),)
+        return self.made(self.call(fn, self.view(x, flat)), flat, node.shape, node.dtype)
+
+    def op_neg(self, node, x): return self.unary("ggml_neg", node, x)
+    def op_exp(self, node, x): return self.unary("ggml_exp", node, x)
+    def op_log(self, node, x): return self.unary("ggml_log", node, x)
+    def op_sigmoid(self, node, x): return self.unary("ggml_sigmoid", node, x)
+    def op_softplus(self, node, x): return self.unary("ggml_softplus", node, x)
+    def op_sqrt(self, node, x): return self.unary("ggml_sqrt", node, x)
+
+    def op_rsqrt(self, node, x):
+        root = self.unary("ggml_sqrt", node, x)
+        ones = self.made(self.call("ggml_fill", root.t, 1.0), (math.prod(x.shape),), node.shape, "f32")
+        return self.binary("ggml_div", ones, root, node.shape)
+
+    def op_add(self, node, a, b): return self.binary("ggml_add", a, b, node.shape)
+    def op_sub(self, node, a, b): return self.binary("ggml_sub", a, b, node.shape)
+    def op_mul(self, node, a, b): return self.binary("ggml_mul", a, b, node.shape)
+    def op_div(self, node, a, b): return self.binary("ggml_div", a, b, node.shape)
+
+    def op_maximum(self, node, a, b):
+        return self.select(self.unary("ggml_step", node, self.binary("ggml_sub", a, b, node.shape)), a, b, node.shape)
+
+    def op_minimum(self, node, a, b):
+        return self.select(self.unary("ggml_step", node, self.binary("ggml_sub", b, a, node.shape)), a, b, node.shape)
+
+    def op_where(self, node, c, x, y):
+        return self.select(c, x, y, node.shape)
+
+    def op_cast(self, node, x):
+        src, dst = x.dtype, node.dtype
+        if dst == "bool" or dst not in STORAGE:
+            self.fail(f"cast {src} -> {dst}: not expressible in ggml (no bool type)")
+        if STORAGE[src] == STORAGE[dst]:     # f32 <-> a bool stored as f32 0/1: the same numbers
+            return self.made(self.call("ggml_cont", x.t), _shape_of(x.ne), node.shape, dst)
+        flat = (math.prod(x.shape),)
+        return self.made(self.call("ggml_cast", self.view(x, flat), STORAGE[dst]), flat, node.shape, dst)
+
+    def op_clamp(self, node, x):
+        flat = (math.prod(x.shape),)
+        t = self.call("ggml_clamp", self.view(x, flat), node.attrs["min"], node.attrs["max"])
+        return self.made(t, flat, node.shape, node.dtype)
+
+    def op_tril(self, node, x): return self.triangle(node, x, lower=True)
+    def op_triu(self, node, x): return self.triangle(node, x, lower=False)
+
+    def triangle(self, node, x: Value, lower: bool) -> Value:
+        k = node.attrs["k"]
+        n, m = x.shape[-2:]
+        native = {(True, 0): TRI_LOWER_DIAG, (True, -1): TRI_LOWER, (False, 0): TRI_UPPER_DIAG, (False, 1): TRI_UPPER}
+        if n == m and (lower, k) in native:
+            return self.tri(x, native[(lower, k)])
+        # A 0/1 mask: the n x m block of a ggml_tri of ones that starts k rows below the diagonal.
+        r, c = max(k, 0), max(-k, 0)
+        size = max(n + r, m + c)
+        ones = self.fill((size, size), 1.0)
+        tri = self.call("ggml_tri", self.view(ones, (size, size)), TRI_LOWER_DIAG if lower else TRI_UPPER_DIAG)
+        block = self.call("ggml_view_4d", tri, m, n, 1, 1, size * 4, size * n * 4, size * n * 4, (r * size + c) * 4)
+        mask = self.made(self.call("ggml_cont", block), (n, m), (n, m), "f32")
+        return self.binary("ggml_mul", x, mask, node.shape)
+
+    # -- layout ----------------------------------------------------------------------------------
+    def op_reshape(self, node, x):
+        return self.as_shape(x, node.shape)
+
+    def op_permute(self, node, x):
+        return self.permute(x, [a % len(x.shape) for a in node.attrs["axes"]])
+
+    def op_broadcast_to(self, node, x):
+        return self.broadcast(x, node.shape)
+
+    def op_cont(self, node, x):
+        t = self.call("ggml_cont", x.t)
+        return Value(t, x.shape, x.ne, t, x.dtype)
+
+    def op_pad(self, node, x):
+        pads, value = node.attrs["pads"], node.attrs["value"]
+        groups = merge_runs(x.shape, [p == (0, 0) for p in pads])
+        self.check_rank(groups, "pad")
+        merged = tuple(math.prod(x.shape[a] for a in g) for g in groups)
+        inner = [math.prod(x.shape[a] for a in g[1:]) for g in groups]
+        mpads = [(pads[g[0]][0] * s, pads[g[0]][1] * s) for g, s in zip(groups, inner)]
+        out_m = tuple(d + a + b for d, (a, b) in zip(merged, mpads))
+        flat = [p for pair in reversed(mpads) for p in pair] + [0, 0] * (4 - len(mpads))
+        t = self.call("ggml_pad_ext", self.view(x, merged), *flat)
+        out = self.made(t, out_m, node.shape, x.dtype)
+        if value == 0:
+            return out
+        # value outside x: value - value * pad(ones) is 0 inside and value outside, added exactly.
+        ones = self.call("ggml_fill", self.view(x, merged), 1.0)
+        border = self.call("ggml_scale_bias", self.call("ggml_pad_ext", ones, *flat), -float(value), float(value))
+        return self.made(self.call("ggml_add", t, border), out_m, node.shape, x.dtype)
+
+    def op_slice(self, node, x):
+        starts, stops = node.attrs["starts"], node.attrs["stops"]
+        full = [a == 0 and b == d for a, b, d in zip(starts, stops, x.shape)]
+        groups = merge_runs(x.shape, full)
+        self.check_rank(groups, "slice")
+        size = ITEM_SIZE[x.gtype]
+        dims = [math.prod(x.shape[a] for a in g) for g in groups]       # merged input dims
+        inner = [math.prod(x.shape[a] for a in g[1:]) for g in groups]
+        lens = [(stops[g[0]] - starts[g[0]]) * s for g, s in zip(groups, inner)]
+        offs = [starts[g[0]] * s for g, s in zip(groups, inner)]
+        strides = [size * math.prod(dims[i + 1:]) for i in range(len(dims))]   # bytes, NumPy order
+        offset = sum(o * s for o, s in zip(offs, strides))
+        pad = 4 - len(dims)
+        ne = ggml_ne(tuple(lens))
+        nb = list(reversed(strides)) + [strides[0] * dims[0]] * pad        # ggml order nb0..nb3
+        t = self.call("ggml_view_4d", x.t, *ne, nb[1], nb[2], nb[3], offset)
+        return self.made(self.call("ggml_cont", t), tuple(lens), node.shape, x.dtype)
+
+    def op_concat(self, node, *xs):
+        axis = node.attrs["axis"] % len(node.shape)
+        outer, inner = math.prod(node.shape[:axis]), math.prod(node.shape[axis + 1:])
+        t = None
+        for x in xs:
+            part = self.view(x, (outer, x.shape[axis], inner))
+            t = part if t is None else self.call("ggml_concat", t, part, 1)
+        if len(xs) == 1:
+            t = self.call("ggml_cont", t)
+        return self.made(t, (outer, node.shape[axis], inner), node.shape, node.dtype)
+
+    # -- reductions --------------------------------------------------------------------------------
+    def op_sum(self, node, x):
+        axes = sorted(a % len(x.shape) for a in node.attrs["axes"])
+        rest = [a for a in range(len(x.shape)) if a not in axes]
+        x = self.permute(x, rest + axes)
+        rows = (math.prod(x.shape[:len(rest)]), math.prod(x.shape[len(rest):]))
+        t = self.call("ggml_sum_rows", self.view(x, rows))
+        return self.made(t, (rows[0], 1), node.shape, node.dtype)
+
+    def op_cumsum(self, node, x):
+        axis = node.attrs["axis"] % len(x.shape)
+        outer, d, inner = math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1:])
+        if inner == 1:
+            t = self.call("ggml_cumsum", self.view(x, (outer, d)))
+            return self.made(t, (outer, d), node.shape, node.dtype)
+        moved = self.permute(self.as_shape(x, (outer, d, inner)), (0, 2, 1))
+        summed = self.made(self.call("ggml_cumsum", self.view(moved, (outer * inner, d))), (outer * inner, d),
+                           (outer, inner, d), node.dtype)
+        return self.as_shape(self.permute(summed, (0, 2, 1)), node.shape)
+
+    # -- matrices ----------------------------------------------------------------------------------
+    def op_matmul(self, node, a, b):
+        return self.matmul(a, b, node.attrs["transpose_a"], node.attrs["transpose_b"])
+
+    def op_solve_tri(self, node, a, b):
+        n, m = b.shape[-2:]
+        batch = node.shape[:-2]
+        a = self.broadcast(a, batch + (n, n))
+        b = self.broadcast(b, batch + (n, m))
+        lower = node.attrs["lower"]
+        if node.attrs["unit_diagonal"]:
+            # ggml's solve reads the diagonal: make it 1.
+            strict = self.tri(a, TRI_LOWER if lower else TRI_UPPER)
+            a = self.binary("ggml_add", strict, self.op_eye_n(n), a.shape)
+        if not lower:
+            # An upper system read bottom-up is lower: (J A J)(J X) = J B, J reversing the order.
+            a = self.reverse_rows(self.permute(self.reverse_rows(self.permute(a, _swap_last(a.shape))),
+                                               _swap_last(a.shape)))
+            b = self.reverse_rows(b)
+        nb = math.prod(batch)
+        t = self.call("ggml_solve_tri", self.view(a, (nb, n, n)), self.view(b, (nb, n, m)), True, True, False)
+        x = self.made(t, (nb, n, m), node.shape, node.dtype)
+        return x if lower else self.reverse_rows(x)
+
+    # -- assembly ----------------------------------------------------------------------------------
+    def op_set(self, node, dst, src): return self.region("ggml_set", node, dst, src)
+    def op_acc(self, node, dst, src): return self.region("ggml_acc", node, dst, src)
+
+    def region(self, fn, node, dst: Value, src: Value) -> Value:
+        offsets = node.attrs["offsets"]
+        full = [s == d for s, d in zip(src.shape, dst.shape)]
+        groups = merge_runs(dst.shape, full)
+        self.check_rank(groups, fn)
+        size = ITEM_SIZE[dst.gtype]
+        dims = [math.prod(dst.shape[a] for a in g) for g in groups]
+        sdims = [math.prod(src.shape[a] for a in g) for g in groups]
+        inner = [math.prod(dst.shape[a] for a in g[1:]) for g in groups]
+        strides = [size * math.prod(dims[i + 1:]) for i in range(len(dims))]
+        offset = sum(offsets[g[0]] * s * st for g, s, st in zip(groups, inner, strides))
+        nb = list(reversed(strides)) + [strides[0] * dims[0]] * (4 - len(dims))
+        t = self.call(fn, self.view(dst, dims), self.view(src, sdims), nb[1], nb[2], nb[3], offset)
+        return self.made(t, dims, node.shape, node.dtype)
+
+    # -- control -----------------------------------------------------------------------------------
+    def op_item(self, node, results):
+        return results[node.attrs["index"]]
+
+    def op_scan(self, node, *operands):
+        body: Graph = node.attrs["body"]
+        nc, nx, length = node.attrs["num_carry"], node.attrs["num_xs"], node.attrs["length"]
+        if length == 0:
+            self.fail("a scan of length 0 (ggml has no empty tensors)")
+        label = self.where
+        carries, xs, consts = list(operands[:nc]), operands[nc:nc + nx], list(operands[nc + nx:])
+        ys_types = body.output_types[nc:]
+        bufs = [self.new((length * math.prod(t.shape),)) for t in ys_types]
+        stacks = list(bufs)
+        for step in range(length):
+            sliced = [self.step_slice(x, step) for x in xs]
+            outs = self.lower(body, carries + sliced + consts, f"{label} step {step}: ")
+            carries = outs[:nc]
+            for j, y in enumerate(outs[nc:]):
+                size = math.prod(y.shape)
+                stacks[j] = self.call("ggml_set_1d_inplace", stacks[j], self.flat(y),
+                                      step * size * ITEM_SIZE[y.gtype])
+        self.where = label
+        ys = [Value(s, (length,) + t.shape, ggml_ne((length * math.prod(t.shape),)), buf, t.dtype)
+              for s, buf, t in zip(stacks, bufs, ys_types)]
+        return tuple(carries) + tuple(ys)
+
+    def step_slice(self, x: Value, step: int) -> Value:
+        size = math.prod(x.shape[1:])
+        t = self.call("ggml_view_1d", x.t, size, step * size * ITEM_SIZE[x.gtype])
+        return Value(t, x.shape[1:], ggml_ne((size,)), x.base, x.dtype)
+
+
+# Ops that move or convert values of any dtype; every other op computes on f32 (bool as f32 0/1).
+_ANY_DTYPE = {"cast", "reshape", "item", "scan"}
+
+
+def _swap_last(shape):
+    r = len(shape)
+    return tuple(range(r - 2)) + (r - 1, r - 2)
+
+
+def _shape_of(ne):
+    return tuple(reversed(ne))
+
+
+def _numpy_storage(dtype: str):
+    return {"f32": np.float32, "bool": np.float32, "i32": np.int32, "f16": np.float16}[dtype]

@@ -1,0 +1,91 @@
+"""The ggml backend: every op of the conformance table on ggml's CPU backend
+against NumPy, whole delta-net layers against the float64 oracle, and the
+lowering's errors. Skipped only where ggml cannot be built (the reason says
+what is missing)."""
+import numpy as np
+import pytest
+
+import dnir
+import dnir.passes
+from dnir.errors import BackendError
+from dnir.lowering.ggml.build import GgmlUnavailable, ggml_build
+from dnir.models import DeltaNetConfig, build, delta_rule_reference, random_inputs, relative_rms_error
+
+from cases import CASES, build_all, nmse
+from cases import random_inputs as case_inputs
+
+
+def _ggml_or_reason():
+    try:
+        ggml_build()
+    except GgmlUnavailable as e:
+        return str(e)
+    return None
+
+
+_MISSING = _ggml_or_reason()
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"ggml cannot be built here: {_MISSING}")
+
+if _MISSING is None:
+    from dnir.lowering.ggml.run import compile_ggml, run_ggml
+
+
+@pytest.fixture(scope="module")
+def table():
+    graph = build_all()
+    inputs = case_inputs(graph, np.random.default_rng())
+    refs = dict(zip(graph.output_names, dnir.run(graph, inputs)))
+    outs = dict(zip(graph.output_names, run_ggml(graph, inputs)))
+    return refs, outs
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_op_matches_numpy(table, name):
+    ref, out = table[0][name], table[1][name]
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if ref.dtype.kind == "f":
+        assert np.isfinite(out).all()
+        assert nmse(out, ref) < 1e-7, nmse(out, ref)
+    else:
+        np.testing.assert_array_equal(out, ref)
+
+
+# Small layers: GQA, a length that is not a multiple of the chunk, several sequences, both states.
+SIZES = dict(heads=2, value_heads=4, head_dim=16, value_dim=16, chunk_size=16, initial_state=True, final_state=True)
+SHAPES = {"chunked": dict(seq_len=40, batch=2), "recurrent": dict(seq_len=21, batch=2),
+          "decode": dict(seq_len=1, batch=3), "varlen": dict(seq_len=40, batch=1, cu_seqlens=(0, 13, 19, 40))}
+
+
+@pytest.mark.parametrize("level", ["O0", "O2"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_layer_matches_oracle(variant, shape, level, rng):
+    mode = "chunked" if shape == "varlen" else shape
+    cfg = DeltaNetConfig(variant, mode=mode, **SIZES, **SHAPES[shape])
+    graph = dnir.passes.optimize(build(variant, mode=mode, **SIZES, **SHAPES[shape]), level)
+    compiled = compile_ggml(graph)
+    for gate_scale in (1.0, 8.0):      # as drawn, then strong gates
+        x = random_inputs(cfg, rng)
+        x["g"] = x["g"] * gate_scale
+        o, state = compiled(x)
+        o_ref, state_ref = delta_rule_reference(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=cfg.scale,
+                                                initial_state=x["initial_state"], cu_seqlens=cfg.cu_seqlens)
+        for name, out, ref in (("o", o, o_ref), ("final_state", state, state_ref)):
+            assert out.shape == ref.shape and np.isfinite(out).all(), name
+            assert relative_rms_error(out, ref) < 1e-5, (name, gate_scale, relative_rms_error(out, ref))
+
+
+def test_compute_buffer_holds_the_outputs():
+    graph = build("gdn", mode="chunked", seq_len=40, **SIZES)
+    compiled = compile_ggml(graph)
+    outputs = sum(4 * int(np.prod(t.shape)) for t in graph.output_types)
+    assert compiled.compute_buffer_bytes >= outputs
+
+
+def test_too_many_dimensions_names_the_node():
+    b = dnir.Builder()
+    x = b.input("x", (2, 1, 2, 1, 2))
+    y = b.input("y", (1, 2, 1, 2, 1))
+    graph = b.build(b.add(x, y))
+    with pytest.raises(BackendError, match=r"node %0 = add: .*ggml has 4 dims"):
+        compile_ggml(graph)
