@@ -92,10 +92,6 @@ class OpDef:
     def elementwise(self) -> bool:
         return self.op_class is OpClass.ELEMENTWISE
 
-    @property
-    def kind(self) -> str:
-        """The op class as a string (readers are moving to `op_class`)."""
-        return self.op_class.value
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -569,7 +565,6 @@ def scan_signature(ins, attrs):
 
 
 def _scan_flops(ins, out, attrs):
-    from .cost import graph_flops
     return attrs["length"] * graph_flops(attrs["body"])
 
 
@@ -603,3 +598,8 @@ def check_table(table: str, entries, fused: str | None = None):
 
 def op_flops(node: Node) -> int:
     return REGISTRY[node.op].flops(tuple(i.type for i in node.inputs), node.type, node.attrs)
+
+
+def graph_flops(graph: Graph) -> int:
+    """A graph's FLOPs by its ops' own counts (a scan counts its body once per step)."""
+    return sum(op_flops(n) for n in graph.topo_order())

@@ -26,7 +26,7 @@ from dnir.graph import Graph
 from dnir.ops import check_table
 from dnir.types import numpy_dtype
 
-from .numpy_backend import _BINARY, _UNARY, missing_ops, prepare_inputs
+from .numpy_backend import _BINARY, _UNARY, KERNELS, missing_ops, prepare_inputs
 
 OUT_KERNELS = {}
 
@@ -175,10 +175,10 @@ def _region(node, out, dst, src):
         out[region] += src
 
 
-# input, item: bytes already in place; scan: run by _scan. The memory plan places a fused
-# op's results only once it is expanded, so the executor runs graphs of primitive ops.
-check_table("the arena executor's OUT_KERNELS (lowering/numpy_arena.py)", set(OUT_KERNELS) | {"input", "item", "scan"},
-            fused="expanding it first (passes/expand_fused.py; run_planned names any left)")
+# input, item: bytes already in place; scan: run by _scan; a fused op runs its NumPy
+# reference kernel out of place, its results copied to their planned blocks.
+check_table("the arena executor's OUT_KERNELS (lowering/numpy_arena.py)",
+            set(OUT_KERNELS) | {"input", "item", "scan"}, fused="its reference kernel (in _execute)")
 
 
 def _bytes(array: np.ndarray) -> np.ndarray:
@@ -212,6 +212,11 @@ def _execute(mp: MemoryPlan, arena: _Arena, base: int, regions: dict) -> list[np
     for node in mp.order:
         if node.op == "scan":
             _scan(mp, node, [values[id(i)] for i in node.inputs], arena, base, regions)
+            continue
+        if isinstance(node.type, tuple):    # a fused op: the reference kernel, out of place
+            results = KERNELS[node.op](node, None, *[values[id(i)] for i in node.inputs])
+            for loc, t, value in zip(mp.results[id(node)], node.type, results):
+                np.copyto(arena.array(loc, t, base, regions), value)
             continue
         loc = mp.locs[id(node)]
         out = arena.array(loc, node.type, base, regions, mp.views.get(id(node)))
@@ -299,8 +304,8 @@ def run_planned(graph: Graph, inputs, plan: MemoryPlan | None = None) -> tuple[l
     """Execute `graph` inside the compute buffer, laid out by `plan` (the graph's own,
     made once, if not given). Returns (outputs as fresh arrays, the arena bytes actually
     occupied)."""
-    missing = missing_ops(graph) + sorted({n.op for n in _all_nodes(graph)} - set(OUT_KERNELS)
-                                          - {"input", "item", "scan"})
+    missing = missing_ops(graph) + sorted({n.op for n in _all_nodes(graph) if not isinstance(n.type, tuple)}
+                                          - set(OUT_KERNELS) - {"input", "item"})
     if missing:
         raise BackendError(f"numpy arena executor lacks op(s): {', '.join(sorted(set(missing)))}")
     mp = graph_plan(graph) if plan is None else plan

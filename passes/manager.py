@@ -10,7 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from dnir.cost import graph_flops
+from dnir.analysis.cost import graph_flops
+from dnir.analysis.memory import plan as memory_plan
 from dnir.errors import DnirError
 from dnir.graph import Graph
 from dnir.text import print_graph
@@ -56,18 +57,9 @@ class PassRecord:
                 "delta": dict(self.delta)}
 
 
-def planned_peak_bytes(graph: Graph) -> int | None:
-    """The memory planner's peak, when the analysis is available in this install."""
-    try:
-        from dnir.analysis import memory
-    except ImportError:
-        return None
-    for name in ("peak_bytes", "planned_peak_bytes"):
-        if hasattr(memory, name):
-            return int(getattr(memory, name)(graph))
-    if hasattr(memory, "plan"):
-        return int(memory.plan(graph).peak_bytes)
-    return None
+def planned_peak_bytes(graph: Graph) -> int:
+    """The memory plan's peak: the compute buffer the graph needs."""
+    return memory_plan(graph).peak_bytes
 
 
 def resolve(pipeline) -> list[str]:

@@ -9,19 +9,17 @@ contiguous slice, a scan's item) move nothing.
 from __future__ import annotations
 
 from ..graph import Graph, Node
-from ..ops import REGISTRY, op_flops
+from ..ops import REGISTRY, graph_flops, op_flops
+from .views import view_offset
+
+__all__ = ["graph_bytes", "graph_flops", "node_bytes", "node_flops"]
 
 
 def node_flops(node: Node) -> int:
     return op_flops(node)
 
 
-def graph_flops(graph: Graph) -> int:
-    return sum(op_flops(n) for n in graph.topo_order())
-
-
 def node_bytes(node: Node) -> int:
-    from .memory import view_offset
     if node.op in ("input", "item") or REGISTRY[node.op].op_class == "source":
         return 0
     if node.op == "scan":

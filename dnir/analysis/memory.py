@@ -46,8 +46,6 @@ one is a view of the other or was legally overwritten in place.
 """
 from __future__ import annotations
 
-import functools
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -57,94 +55,12 @@ from ..ops import REGISTRY
 from .allocate import ALIGN, assign_offsets, lower_bound
 from .names import value_names
 from .schedule import candidate_orders
+from .views import is_planned_view, nbytes, view_layout, view_offset
 
-
-
-@functools.lru_cache(maxsize=None)
-def nbytes(t) -> int:
-    """A TensorType's size in bytes (cached: planning asks for it often)."""
-    return math.prod(t.shape) * t.itemsize
 
 
 class PlanError(VerifyError):
     """A memory plan lets two live values share bytes, or is inconsistent with its graph."""
-
-
-def view_offset(node: Node) -> int | None:
-    """Byte offset of a view into its operand's bytes, or None when the op writes new bytes."""
-    if node.op == "reshape":
-        return 0
-    if node.op != "slice":
-        return None
-    shape, starts, stops = node.inputs[0].shape, node.attrs["starts"], node.attrs["stops"]
-    if math.prod(node.shape) == 0:
-        return 0
-    partial = [a for a, (s, e, d) in enumerate(zip(starts, stops, shape)) if e - s != d]
-    if partial and any(stops[a] - starts[a] != 1 for a in range(partial[-1])):
-        return None
-    strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]
-    return sum(s * st for s, st in zip(starts, strides)) * node.type.itemsize
-
-
-# The views the plan lays out in their operand's bytes (a broadcast's zero strides would let one
-# element stand for many, which no kernel here writes or reads as rows).
-PLANNED_VIEWS = ("reshape", "slice", "permute")
-
-
-def is_planned_view(node: Node) -> bool:
-    return REGISTRY[node.op].view in PLANNED_VIEWS
-
-
-def dense_strides(shape) -> tuple:
-    return tuple(math.prod(shape[a + 1:]) for a in range(len(shape)))
-
-
-def _dense(shape, strides) -> bool:
-    return all(s == d for n, s, d in zip(shape, strides, dense_strides(shape)) if n != 1)
-
-
-def _reshaped_strides(shape, strides, new_shape) -> tuple | None:
-    """Strides of a reshape without copy of a [shape] value with these strides (NumPy's own
-    rule, on a one-byte stand-in that is never read), or None when it needs a copy."""
-    import numpy as np
-    stand_in = np.lib.stride_tricks.as_strided(np.empty(1, np.uint8), shape, strides)
-    try:
-        return stand_in.reshape(new_shape, copy=False).strides
-    except ValueError:
-        return None
-    except TypeError:       # NumPy < 2.1 has no copy= argument: setting the shape refuses a copy
-        view = stand_in.view()
-        try:
-            view.shape = new_shape
-        except AttributeError:
-            return None
-        return view.strides
-
-
-def view_layout(node: Node, src_strides: tuple | None) -> tuple[int, tuple | None] | None:
-    """(byte offset into the operand, element strides, None when dense) of `node` as a view
-    of its operand laid out with `src_strides` (None: dense); None when it needs a copy."""
-    if not is_planned_view(node):
-        return None
-    src = node.inputs[0]
-    if src_strides is None:
-        if (delta := view_offset(node)) is not None:
-            return delta, None
-        src_strides = dense_strides(src.shape)
-    if node.op == "slice":
-        delta = sum(a * st for a, st in zip(node.attrs["starts"], src_strides)) * node.type.itemsize
-        strides = src_strides
-    elif node.op == "permute":
-        delta, strides = 0, tuple(src_strides[a] for a in node.attrs["axes"])
-    else:
-        delta, strides = 0, _reshaped_strides(src.shape, src_strides, node.shape)
-        if strides is None:
-            return None
-    if _dense(node.shape, strides):
-        return delta, None
-    if node.shape and node.shape[-1] != 1 and strides[-1] != 1:
-        return None       # columns apart: a copy keeps the readers' rows contiguous
-    return delta, tuple(strides)
 
 
 @dataclass(eq=False)
@@ -190,9 +106,16 @@ class MemoryPlan:
     peak_bytes: int = 0
     lower_bound: int = 0
     views: dict[int, tuple | None] = field(default_factory=dict)  # id(node) -> strides of a view (None: dense)
+    results: dict[int, list[Loc]] = field(default_factory=dict)   # id(multi-result op, not a scan) -> its results
 
     def loc(self, node: Node) -> Loc:
         return self.locs[id(node)]
+
+    def result(self, node: Node, index: int) -> Loc | None:
+        """Where result `index` of a multi-result node (a scan, a fused op) lives."""
+        if node.op == "scan":
+            return self.scans[id(node)].result(index)
+        return self.results[id(node)][index]
 
     def offset(self, node: Node) -> int | None:
         """A value's byte offset in the arena; None for a value outside it (an input or a view of one)."""
@@ -262,6 +185,7 @@ class _Planner:
         self.members: dict = defaultdict(list)    # base -> ids of the values living there
         self.blocks: list[Block] = []
         self.scans: dict[int, ScanPlan] = {}
+        self.results: dict[int, list[Loc]] = {}
         self.views: dict[int, tuple | None] = {}  # id(node) -> strides of a view (None: dense)
         self.outputs = {id(o) for o in graph.outputs}
         self.names = value_names(graph)
@@ -304,7 +228,13 @@ class _Planner:
             if node.op == "scan":
                 self._scan(p, node)
             elif node.op == "item":
-                self._put(node, self.scans[id(node.inputs[0])].result(node.attrs["index"]))
+                src = node.inputs[0]
+                self._put(node, (self.scans[id(src)].result if src.op == "scan" else
+                                 self.results[id(src)].__getitem__)(node.attrs["index"]))
+            elif isinstance(node.type, tuple):      # a fused op: each result a block of its own
+                self.results[id(node)] = [
+                    self._new_block(nbytes(t), p, f"{self.names[id(node)]} = {node.op}: result {j} {t}")
+                    for j, t in enumerate(node.type)]
             elif (layout := self._view(node)) is not None:
                 src = self.locs[id(node.inputs[0])]
                 self._put(node, Loc(src.base, src.offset + layout[0]))
@@ -316,7 +246,7 @@ class _Planner:
             block.end = max(block.start, self._base_end(block))
         peak = assign_offsets(self.blocks)
         return MemoryPlan(self.graph, self.order, self.blocks, self.locs, self.scans, stages, peak,
-                          lower_bound(self.blocks), self.views)
+                          lower_bound(self.blocks), self.views, self.results)
 
     def _view(self, node):
         """view_layout of `node`, unless it is strided and read as dense bytes (an output,
@@ -491,11 +421,17 @@ def _check_graph(mp: MemoryPlan, region_sizes: dict, where: str):
         if node.op == "scan":
             _check_scan(mp, node, p, groups, results, fresh, loc_of, bounds, names, where)
             continue
+        if isinstance(node.type, tuple):
+            if len(mp.results.get(id(node), ())) != len(node.type):
+                fail(f"{key} = {node.op} has no location for each of its {len(node.type)} results")
+            for j, (loc, t) in enumerate(zip(mp.results[id(node)], node.type)):
+                results[(id(node), j)] = fresh((key, j), loc, nbytes(t), p, p)
+            continue
         loc = loc_of(node)
         if node.op == "item":
             gid = results.get((id(node.inputs[0]), node.attrs["index"]))
-            if gid is None or loc != mp.scans[id(node.inputs[0])].result(node.attrs["index"]):
-                fail(f"{key} = item is not placed at its scan result")
+            if gid is None or loc != mp.result(node.inputs[0], node.attrs["index"]):
+                fail(f"{key} = item is not placed at its result")
             groups.join(id(node), gid, *span)
             continue
         if id(node) in mp.views:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ..graph import Graph, Node
+from .views import nbytes, view_offset
 
 
 def candidate_orders(graph: Graph) -> list[list[Node]]:
@@ -25,7 +26,6 @@ def candidate_orders(graph: Graph) -> list[list[Node]]:
 
 
 def greedy_order(graph: Graph) -> list[Node]:
-    from .memory import nbytes, view_offset
     order = graph.topo_order()
     rank = {id(n): i for i, n in enumerate(order)}
     inputs = {id(n) for n in graph.inputs}

@@ -42,11 +42,6 @@ def test_bytes_views_move_nothing_and_scans_count_per_step():
     assert node_bytes(scan) == 4 * graph_bytes(body) and node_flops(scan) == 4 * graph_flops(body)
 
 
-def test_dnir_cost_stays_importable():
-    from dnir import cost
-    assert cost.graph_flops is graph_flops
-
-
 @pytest.fixture
 def layer(tmp_path):
     path = tmp_path / "kda.dnir"
