@@ -1,4 +1,4 @@
-"""Backends: NumPy (the reference), TVM (llvm / cuda), Vulkan, each registered in
+"""Backends: NumPy (the reference), TVM (llvm / cuda), Vulkan, ggml, each registered in
 lowering/registry.py, which says how to add one."""
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dnir.errors import BackendError
 
 from . import numpy_backend, registry
 from .tvm import backends as _tvm_backends  # noqa: F401  (registers llvm, cuda, vulkan)
+from .ggml import backend as _ggml_backend  # noqa: F401  (registers ggml)
 
 
 def run(graph, inputs, *, target: str = "numpy", float64: bool = False):

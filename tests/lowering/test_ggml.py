@@ -89,3 +89,13 @@ def test_too_many_dimensions_names_the_node():
     graph = b.build(b.add(x, y))
     with pytest.raises(BackendError, match=r"node %0 = add: .*ggml has 4 dims"):
         compile_ggml(graph)
+
+
+def test_registered_as_a_target(rng):
+    from dnir.lowering import run
+    from dnir.lowering.registry import backend_for
+    assert backend_for("ggml").name == "ggml"
+    graph = build("kda", mode="chunked", seq_len=20, **SIZES)
+    x = random_inputs(DeltaNetConfig.from_meta(graph.meta), rng)
+    for out, ref in zip(run(graph, x, target="ggml"), run(graph, x)):
+        assert nmse(out, ref) < 1e-7
