@@ -7,8 +7,10 @@ TVM 0.27 has no Vulkan runtime in its wheel, so the host side is here:
      `call_ffi_kernel` statements give the kernels it launches, in order,
      with their buffer arguments (by name) and grid extents; the device
      functions become WGSL through TVM's webgpu codegen;
-  3. interpret `main` (call_tir, in-place calls, reshapes, calls of scan step
-     functions, tuples) and record one compute dispatch per kernel launch.
+  3. interpret `main` (call_tir, in-place calls, reshapes, calls of scan loop
+     and step functions, tuples) and record one compute dispatch per kernel
+     launch. A scan's loop function (translate.py: it halves its range with
+     Relax recursion) is run here as a loop over its step function.
      The buffers a function allocates are ranges of one arena per function,
      placed by the memory plan of `vulkan_plan` and kept by the executable
      from run to run; only the outputs of `main` get buffers of their own.
@@ -29,10 +31,13 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 import tvm.ir.expr as irx
 
 from dnir.errors import BackendError
 from dnir.graph import Graph
+
+from .vulkan_plan import scan_step_of
 
 # WGSL has no 64-bit types; bool tensors are stored as int32 (WGSL storage has no bool or i8).
 DTYPES = frozenset({"f32", "i32", "bool"})
@@ -45,7 +50,8 @@ class Launch:
     kernel: str
     args: list            # host buffer name per storage binding, in binding order
     grid: tuple           # workgroups (x, y, z) before folding x into z
-    pod: list             # values of the uniform's fields before packGridDimX
+    pod: list             # the uniform's fields before packGridDimX: an int, or the name of the
+                          # kernel's scalar parameter that holds the value (a scan's step index)
 
 
 def _device():
@@ -72,6 +78,11 @@ def _device():
 
 
 _DEVICE = None
+
+
+def shared_bytes() -> int:
+    """Workgroup (shared) memory one thread block of the Vulkan device may use."""
+    return _device()[2].limits["max-compute-workgroup-storage-size"]
 
 
 def adapter_info() -> dict:
@@ -193,7 +204,7 @@ def _launch(call, sources, func_name) -> Launch:
     n_values = len(call.args) - 1 - len(params)
     values, extents = call.args[1:1 + n_values], [int(e) for e in call.args[1 + n_values:]]
     buffers = [str(v).removesuffix(".data") for v in values if str(v).endswith(".data")]
-    pods = [int(v) for v in values if not str(v).endswith(".data")]
+    pods = [v.name if isinstance(v, tvm.ir.expr.Var) else int(v) for v in values if not str(v).endswith(".data")]
     if [b[1] for b in bindings] != sorted(buffers) or len(pods) != len(pod_fields) - 1:
         raise BackendError(f"vulkan: kernel {kernel} arguments {buffers} do not match its bindings "
                            f"{[b[1] for b in bindings]}")
@@ -277,11 +288,11 @@ class _Run:
             cache[kernel] = (pipe, layout, uniform)
         return cache[kernel]
 
-    def uniform(self, launch: Launch, grid_x: int):
-        key = (launch.kernel, tuple(launch.pod), grid_x)
+    def uniform(self, launch: Launch, pod: list, grid_x: int):
+        key = (launch.kernel, tuple(pod), grid_x)
         cache = self.ex._uniforms
         if key not in cache:
-            values = np.array(launch.pod + [launch.grid[0] - 1], dtype=np.int32)
+            values = np.array(pod + [launch.grid[0] - 1], dtype=np.int32)
             data = np.zeros(max(16, -(-values.nbytes // 16) * 16), dtype=np.uint8)
             data[:values.nbytes] = values.view(np.uint8)
             buf = self.device.create_buffer(size=data.nbytes, usage=self.wgpu.BufferUsage.UNIFORM
@@ -298,8 +309,9 @@ class _Run:
         entries = [{"binding": i, "resource": {"buffer": tensors[name].buffer, "offset": tensors[name].offset,
                                                 "size": _round4(tensors[name].nbytes)}}
                    for i, name in enumerate(launch.args)]
+        pod = [tensors[p] if isinstance(p, str) else p for p in launch.pod]
         entries.append({"binding": uniform_binding,
-                        "resource": {"buffer": self.uniform(launch, x), "offset": 0, "size": 16 * (
+                        "resource": {"buffer": self.uniform(launch, pod, x), "offset": 0, "size": 16 * (
                             1 + len(launch.pod) // 4)}})
         group = self.device.create_bind_group(layout=layout, entries=entries)
         if self.encoder is None:
@@ -323,6 +335,8 @@ class _Run:
         """Run a function; `dests` are the (buffer, offset) its returned blocks go to, in the order of
         its plan's escapes (None: buffers of their own, for the outputs of `main`)."""
         func, plan = self.ex.functions[name], self.ex.plans[name]
+        if scan_step_of(func) is not None:
+            return self.run_loop(name, args, dests)
         arena = self.arena(name)
 
         def place(block):
@@ -339,10 +353,30 @@ class _Run:
                 env[binding.var] = self.eval(binding.value, env, places)
         return self.eval(func.body.body, env)
 
+    def run_loop(self, name: str, args: list, dests):
+        """A scan's loop function, `name(lo, hi, carries, xs, consts, ys)`: its step function for t in lo..hi-1.
+        Each step's new carries go alternately to the loop's own blocks and to `dests`, so that no step
+        writes the buffers it reads and the last one writes `dests`."""
+        func, plan = self.ex.functions[name], self.ex.plans[name]
+        step, nc = scan_step_of(func), int(func.attrs["num_carry"])
+        if dests is None:   # the outputs of main: buffers of their own, made once
+            dests = [(self.buffer(b.size), 0) for b in plan.escapes]
+        arena = self.arena(name)
+        own = [(arena, b.offset) for b in plan.blocks if not b.escapes]
+        lo, hi, state = args[0], args[1], list(args[2:])
+        ys_at = len(state) - (len(func.ret_ty.fields) - nc)
+        out = None
+        for t in range(lo, hi):
+            out = self.call_function(step, [t] + state, dests if (hi - 1 - t) % 2 == 0 else own)
+            state = out[:nc] + state[nc:ys_at] + out[nc:]
+        return out
+
     def eval(self, expr, env, places=()):
         from tvm import relax
         if isinstance(expr, relax.Var):
             return env[expr]
+        if isinstance(expr, tvm.tirx.IntImm):   # a scan's step range
+            return int(expr.value)
         if isinstance(expr, (irx.Constant, irx.GenericConst)):
             key = id(expr)
             if key not in self.ex._consts:

@@ -11,7 +11,10 @@ own arena, or a buffer of their own for the outputs of `main`), which gives
 the carried state of a scan a ping-pong pair in the caller's arena instead of
 one buffer per step. All other blocks share one arena per function, placed
 by the offline allocator so that blocks live at the same position never
-share bytes.
+share bytes. A scan's loop function is not interpreted but run as a loop
+over its step function (vulkan._Run.run_loop); its plan is its step's, with a
+second set of the step's returned blocks in its arena for the carries to
+alternate between.
 """
 from __future__ import annotations
 
@@ -67,7 +70,9 @@ def plan_functions(functions: dict, align: int) -> dict[str, FunctionPlan]:
     def plan(name: str) -> FunctionPlan:
         if name not in plans:
             plans[name] = None   # marks the function as being planned
-            plans[name] = _plan_function(name, functions[name], align, plan)
+            step = scan_step_of(functions[name])
+            plans[name] = (_plan_function(name, functions[name], align, plan) if step is None
+                           else _plan_loop(name, plan(step)))
         elif plans[name] is None:
             raise BackendError(f"vulkan: {name} calls itself; recursion is not supported")
         return plans[name]
@@ -75,6 +80,24 @@ def plan_functions(functions: dict, align: int) -> dict[str, FunctionPlan]:
     for name in functions:
         plan(name)
     return plans
+
+
+def scan_step_of(func) -> str | None:
+    """The step function a scan's loop function repeats (None for any other function)."""
+    attrs = func.attrs
+    return str(attrs["scan_step"]) if attrs is not None and "scan_step" in attrs else None
+
+
+def _plan_loop(name: str, step: FunctionPlan) -> FunctionPlan:
+    """The loop's parameters are the step's with (lo, hi) in place of t: one more in front."""
+    escapes = [Block(b.size, b.nbytes, 0, 0, escapes=True) for b in step.escapes]
+    own = [Block(b.size, b.nbytes, 0, 0) for b in step.escapes]
+    of = {id(b): e for b, e in zip(step.escapes, escapes)}
+    result = _map(step.result, lambda leaf: _Param(leaf.index + 1) if isinstance(leaf, _Param)
+                  else of[id(leaf)] if isinstance(leaf, Block) else None)
+    plan = FunctionPlan(name, escapes + own, escapes, {}, result)
+    plan.arena_bytes = assign_offsets(own)
+    return plan
 
 
 def _plan_function(name, func, align, plan_of) -> FunctionPlan:

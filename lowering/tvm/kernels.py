@@ -5,7 +5,7 @@ Each kernel is a loop over independent "lanes" with a serial loop inside:
     rows are solved in order (forward or backward substitution).
   - cumsum:    a lane is one line along the scanned axis.
   - put_row:   writes one step's value into row t of a scan's stacked output,
-    in place (t is read from a 0-d int32 tensor, so one kernel serves every step).
+    in place (t is a scalar argument, so one kernel serves every step).
 
 On CPU the lane loop is `parallel`; on GPU it is bound to blockIdx/threadIdx.
 The functions carry `tirx.is_scheduled` so that dlight leaves them alone.
@@ -131,7 +131,7 @@ def cumsum(outer: int, length: int, inner: int, dtype: str, gpu: bool):
 
 
 def put_row(stacked_shape, dtype: str, gpu: bool):
-    """ys[t] = y in place, t read from a 0-d int32 tensor."""
+    """ys[t] = y in place, t a scalar argument (the scan loop's step index)."""
     row_shape = tuple(stacked_shape[1:])
     row = math.prod(row_shape)
     attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
@@ -143,25 +143,23 @@ def put_row(stacked_shape, dtype: str, gpu: bool):
         blocks, threads = _grid(row)
 
         @T.prim_func(private=True, s_tir=True)
-        def kernel(ys: T.handle, y: T.handle, t: T.handle):
+        def kernel(ys: T.handle, y: T.handle, t: T.int64):
             T.func_attr(attrs)
             Ys = T.match_buffer(ys, stacked_shape, dtype)
             Yr = T.match_buffer(y, row_shape, dtype)
-            step = T.match_buffer(t, (), "int32")
             with T.sblock("root"):
                 for bx in T.thread_binding(blocks, thread="blockIdx.x"):
                     for tx in T.thread_binding(threads, thread="threadIdx.x"):
                         if bx * threads + tx < row:
-                            Ys[(step[()],) + unravel(bx * threads + tx)] = Yr[unravel(bx * threads + tx)]
+                            Ys[(t,) + unravel(bx * threads + tx)] = Yr[unravel(bx * threads + tx)]
         return kernel
 
     @T.prim_func(private=True, s_tir=True)
-    def kernel(ys: T.handle, y: T.handle, t: T.handle):
+    def kernel(ys: T.handle, y: T.handle, t: T.int64):
         T.func_attr(attrs)
         Ys = T.match_buffer(ys, stacked_shape, dtype)
         Yr = T.match_buffer(y, row_shape, dtype)
-        step = T.match_buffer(t, (), "int32")
         with T.sblock("root"):
             for e in range(row):
-                Ys[(step[()],) + unravel(e)] = Yr[unravel(e)]
+                Ys[(t,) + unravel(e)] = Yr[unravel(e)]
     return kernel

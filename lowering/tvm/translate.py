@@ -3,12 +3,20 @@
 Relax where Relax has the op; hand-written TIR (kernels.py) for the triangular
 solve, cumsum and the scan's stacked outputs; TE for set/acc regions.
 
-A scan becomes a private Relax function `scanN_step(t, carries, xs, consts,
-ys)` that reads slice t of every sequence, runs the body, writes row t of every
-stacked output in place and returns (carries, ys). The caller calls it once
-per step with t as a constant: the kernels are compiled once however long the
-scan is, and no Relax recursion is needed (the VM recurses natively and would
-run out of stack on a few thousand steps).
+A scan becomes two private Relax functions. `scanN_step(t, carries, xs,
+consts, ys)` reads slice t of every sequence, runs the body, writes row t of
+every stacked output in place and returns (carries, ys); t is a scalar (an
+int64 Relax value), so the same kernels serve every step. `scanN_loop(lo, hi,
+...)` runs steps lo..hi-1: one step when hi - lo == 1, else the two halves of
+the range one after the other. `main` calls the loop once, so the module and
+its compile time do not grow with the number of steps, and the recursion is
+ceil(log2(length)) calls deep. Why this loop: Relax has no loop construct,
+only `If` and calls; a plain recursion (one call per step) overflows the VM's
+native stack after a few thousand steps, and a loop in a packed function of
+dnir's own would be missing from a TVM runtime that runs an exported module.
+Halving needs nothing beyond Relax, so it runs wherever the VM runs (llvm, and
+cuda with the TVM runtime only); the Vulkan runner (lowering/vulkan.py) runs a
+`scan_step`-tagged loop function as a loop of its own.
 
 On GPUs two patterns are lowered to one hand-written kernel each instead: the
 delta rule's loop over chunks (chunk_scan.py) and a decode step
@@ -21,6 +29,7 @@ import math
 import numpy as np
 import tvm
 from tvm import relax, te
+from tvm.ir import PrimType
 
 from dnir.errors import BackendError
 from dnir.graph import Graph, Node
@@ -126,14 +135,14 @@ class Translator:
             if key in self.steps or step is not None:
                 continue
             self._declare_scans(body)
-            self.steps[key] = self._step_function(node)
+            self.steps[key] = self._loop_function(node, self._step_function(node))
 
     def _step_function(self, node: Node) -> relax.GlobalVar:
         body: Graph = node.attrs["body"]
         nc, nx = node.attrs["num_carry"], node.attrs["num_xs"]
         operands = [i.type for i in node.inputs]
         stacked = node.type[nc:]
-        step = relax.Var("t", relax.TensorType((), "int32"))
+        step = relax.Var("t", PrimType("int64"))
         params = ([step] + [relax.Var(f"c{i}", self.tensor_type(t)) for i, t in enumerate(operands[:nc])]
                   + [relax.Var(f"x{i}", self.tensor_type(t)) for i, t in enumerate(operands[nc:nc + nx])]
                   + [relax.Var(f"k{i}", self.tensor_type(t)) for i, t in enumerate(operands[nc + nx:])]
@@ -160,6 +169,45 @@ class Translator:
             self.bb.emit_func_output(out)
         return self.bb.get().get_global_var(name)
 
+    def _loop_function(self, node: Node, step_gv: relax.GlobalVar) -> relax.GlobalVar:
+        """`scanN_loop(lo, hi, carries, xs, consts, ys)`: steps lo..hi-1 (hi > lo), by halving the range."""
+        step_params = self.bb.get()[step_gv].params
+        name = step_gv.name_hint.replace("_step", "_loop")
+
+        def params():
+            return [relax.Var("lo", PrimType("int64")), relax.Var("hi", PrimType("int64"))] + [
+                relax.Var(p.name, p.ty) for p in step_params[1:]]
+
+        # Declared first as one step, so that the loop's body can call the loop itself.
+        stub = params()
+        with self.bb.function(name, stub, private=True):
+            self.bb.emit_func_output(self.emit(relax.Call(step_gv, [stub[0]] + stub[2:])))
+        gv = self.bb.get().get_global_var(name)
+
+        ps = params()
+        lo, hi, rest = ps[0], ps[1], ps[2:]
+        nc = node.attrs["num_carry"]
+        self.bb.begin_scope(ps)
+        self.bb._begin_binding_block()
+        one = self.emit(relax.Call(step_gv, [lo] + rest))
+        one_step = relax.SeqExpr([self.bb._end_block()], one)
+        self.bb._begin_binding_block()
+        mid = self.emit(lo + (hi - lo) // 2)
+        first = self.emit(relax.Call(gv, [lo, mid] + rest))
+        carried = [self.emit(relax.TupleGetItem(first, i)) for i in range(len(node.type))]
+        ys_at = len(rest) - (len(node.type) - nc)
+        second = self.emit(relax.Call(gv, [mid, hi] + carried[:nc] + rest[nc:ys_at] + carried[nc:]))
+        halves = relax.SeqExpr([self.bb._end_block()], second)
+        self.bb._begin_binding_block()
+        out = self.emit(relax.If(hi - lo == 1, one_step, halves))
+        body = relax.SeqExpr([self.bb._end_block()], out)
+        self.bb.end_scope()
+        # scan_step and num_carry tell the Vulkan runner, which runs the loop itself, what to repeat.
+        func = relax.Function(ps, body, self.bb.get()[step_gv].ret_ty).with_attrs(
+            {"scan_step": step_gv.name_hint, "num_carry": nc})
+        self.bb.update_func(gv, func)
+        return gv
+
     def scan(self, node: Node, args):
         if id(node) in self.chunk_steps:
             return self._chunk_scan(node, self.chunk_steps[id(node)], args)
@@ -169,11 +217,10 @@ class Translator:
         # Stacked outputs start uninitialised: every row is written by its step.
         ys = [self.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(t.shape), self.dtype(t.dtype), 0))
               for t in node.type[nc:]]
-        for t in range(length):
-            r = self.emit(relax.Call(gv, [_const(t, "i32")] + carries + rest + ys))
-            carries = [self.emit(relax.TupleGetItem(r, i)) for i in range(nc)]
-            ys = [self.emit(relax.TupleGetItem(r, nc + i)) for i in range(len(ys))]
-        return carries + ys
+        if length == 0:
+            return carries + ys
+        out = self.emit(relax.Call(gv, [relax.prim_value(0), relax.prim_value(length)] + carries + rest + ys))
+        return [self.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
 
     def _chunk_scan(self, node: Node, step, args):
         """The whole loop over chunks as one kernel (chunk_scan.py): [final state, stacked o]."""
