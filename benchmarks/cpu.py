@@ -5,7 +5,8 @@ implementation gets the same float32 inputs, is timed (timing.measure), and
 its output and final state are compared with every other implementation's.
 Ratios are against the peer's chunked PyTorch reference for prefill and
 against its recurrent reference for decode (the chunked reference needs whole
-chunks of 64 tokens).
+chunks of 64 tokens), and against ggml's fused op (llama.cpp's default path,
+ggml_peer.py), the peer that CPU users run.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ QUICK_SIZES = {"qwen3-next": dict(heads=2, value_heads=4, head_dim=32, value_dim
                "kimi-linear": dict(heads=4, value_heads=4, head_dim=32, value_dim=32)}
 PRESETS = ("qwen3-next", "kimi-linear")
 
+GGML = "ggml-gated-delta-net"
 # dnir-O{0,2}-numpy is the functional API's NumPy path: the graph in its memory-planned
 # compute buffer (lowering/numpy_arena.py). dnir-O2-numpy-reference runs the same O2 graph
 # on the reference executor (lowering/numpy_backend.py), which allocates a fresh array per
 # op: the difference is what the compute buffer saves.
-IMPLS = ("dnir-O0-numpy", "dnir-O2-numpy", "dnir-O2-numpy-reference", "dnir-O2-tvm-llvm", "fla-chunk-ref",
-         "fla-recurrent-ref", "torch-loop")
+IMPLS = ("dnir-O0-numpy", "dnir-O2-numpy", "dnir-O2-numpy-reference", "dnir-O2-tvm-llvm", GGML,
+         "fla-chunk-ref", "fla-recurrent-ref", "torch-loop")
 PEER_FUNCS = {"fla-chunk-ref": peers.fla_chunk, "fla-recurrent-ref": peers.fla_recurrent,
               "torch-loop": peers.torch_loop}
 # rms(a - b) / rms(b) above which two float32 implementations disagree.
@@ -141,11 +143,38 @@ def _too_big(record: dict, need: int, why: str) -> bool:
     return True
 
 
+def _prepare_ggml(record: dict, x: dict, settings: dict):
+    """ggml's fused op on these inputs, copied into ggml's buffer once (a timed call is one graph
+    compute); None, with the record marked skipped and why, when ggml cannot be built here."""
+    from dnir.lowering.ggml.build import GgmlUnavailable
+
+    from .ggml_peer import GgmlDeltaNet, harness
+    try:
+        harness()    # builds ggml and the harness on first use (minutes), not part of the graph's preparation
+    except GgmlUnavailable as e:
+        record.update(status="skipped", reason=f"ggml unavailable: {e}")
+        return None
+    # ggml's copy of the inputs and the outputs, and the reordered value heads on their way in.
+    if _too_big(record, 2 * sum(a.nbytes for a in x.values()), "ggml's tensors"):
+        return None
+    start = time.perf_counter()
+    run = GgmlDeltaNet(x["q"], x["k"], x["v"], x["g"], x["beta"], x["initial_state"],
+                       threads=settings.get("threads", 1))
+    record["prepare_s"] = time.perf_counter() - start
+    return run
+
+
 def run_impl(impl: str, case: Case, x: dict, xt: dict, settings: dict) -> tuple[dict, tuple | None]:
     """One implementation on one case: its record and its (o, final_state) as NumPy arrays."""
     record = {"impl": impl}
+    ggml_run = None
     try:
-        if impl == "dnir-O2-numpy-reference":
+        if impl == GGML:
+            ggml_run = _prepare_ggml(record, x, settings)
+            if ggml_run is None:
+                return record, None
+            fn = ggml_run.compute
+        elif impl == "dnir-O2-numpy-reference":
             fn, graph, record["prepare_s"] = _prepare_reference(case, x)
             if _too_big(record, numpy_executor_bytes(graph), "the reference executor's live values"):
                 return record, None
@@ -161,13 +190,16 @@ def run_impl(impl: str, case: Case, x: dict, xt: dict, settings: dict) -> tuple[
             variant = case.config().variant
             peer = PEER_FUNCS[impl]
             fn = lambda: peer(variant, xt["q"], xt["k"], xt["v"], xt["g"], xt["beta"], xt["initial_state"])  # noqa: E731
-        timing, (o, state) = measure(fn, settings["budget_s"], settings["max_runs"])
+        timing, out = measure(fn, settings["budget_s"], settings["max_runs"])
+        o, state = ggml_run.outputs() if ggml_run is not None else out
     except Exception as e:  # noqa: BLE001 - one failing implementation must not end the whole run
         record.update(status="failed", reason=f"{type(e).__name__}: {e}")
         return record, None
     finally:    # the next implementation starts without this one's compute buffer
         from dnir.lowering.numpy_arena import release_compute_buffer
         release_compute_buffer()
+        if ggml_run is not None:
+            ggml_run.close()
     record.update(status="ok", timing=timing.to_json(), note=timing.note)
     return record, (_as_numpy(o), _as_numpy(state))
 
@@ -206,9 +238,12 @@ def run_case(case: Case, settings: dict, seed: int, progress) -> dict:
         gc.collect()
     result["errors_o"], result["errors_state"] = compare(outputs)
     base = next((r for r in result["results"] if r["impl"] == case.baseline and r["status"] == "ok"), None)
+    ggml = next((r for r in result["results"] if r["impl"] == GGML and r["status"] == "ok"), None)
     for r in result["results"]:
         if r["status"] != "ok":
             continue
+        if ggml is not None:
+            r["ratio_vs_ggml"] = r["timing"]["median_s"] / ggml["timing"]["median_s"]
         others = result["errors_o"][r["impl"]]
         r["max_err_o_vs_others"] = max(others.values(), default=None)
         r["max_err_state_vs_others"] = max(result["errors_state"][r["impl"]].values(), default=None)
@@ -221,13 +256,23 @@ def run_case(case: Case, settings: dict, seed: int, progress) -> dict:
 
 
 def targets(results: list[dict]) -> list[dict]:
-    """The issue's CPU targets at (1, 4096, 32 heads, 128), as measured ratios."""
+    """The CPU targets as measured ratios: against fla's chunked reference and ggml's fused op
+    at (1, 4096, 32 heads, 128), and against ggml's fused op at every decode batch."""
     limits = {"gdn": 0.5, "kda": 0.25}
     out = []
     for case in results:
+        by = {r["impl"]: r for r in case["results"] if r["status"] == "ok"}
+        ggml = by.get(GGML)
+        if ggml and (case["kind"] == "decode" or case["T"] == TARGET_SHAPE_T):
+            limit = 0.5 if case["kind"] == "prefill" else 1.0
+            for impl in ("dnir-O2-numpy", "dnir-O2-tvm-llvm"):
+                if impl in by:
+                    ratio = by[impl]["timing"]["median_s"] / ggml["timing"]["median_s"]
+                    out.append({"target": f"{impl} <= {limit}x {GGML} ({case['kind']}, B={case['B']})",
+                                "variant": case["variant"], "T": case["T"], "ratio": ratio, "limit": limit,
+                                "met": ratio <= limit, "factor_to_go": ratio / limit})
         if case["kind"] != "prefill":
             continue
-        by = {r["impl"]: r for r in case["results"] if r["status"] == "ok"}
         o2, o0, ref = by.get("dnir-O2-numpy"), by.get("dnir-O0-numpy"), by.get("fla-chunk-ref")
         for impl in ("dnir-O2-numpy",):
             if case["T"] == TARGET_SHAPE_T and impl in by and ref:
@@ -262,9 +307,12 @@ def profile_o2(case: Case, seed: int, top: int = 15) -> dict:
 
 def run_benchmark(quick: bool, seed: int, threads: int) -> dict:
     from tqdm import tqdm
-    settings = QUICK if quick else FULL
+
+    from dnir.lowering.ggml.build import GGML_VERSION, SDIST
+    settings = {**(QUICK if quick else FULL), "threads": threads}
     todo = cases(quick)
     meta = machine.describe(threads)
+    meta["versions"]["ggml"] = f"{GGML_VERSION} (from the {SDIST} source distribution)"
     results = []
     start = time.perf_counter()
     with tqdm(total=sum(len(c.impls) for c in todo), unit="run", dynamic_ncols=True) as progress:

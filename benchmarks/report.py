@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TABLE_COLUMNS = ("layer", "B", "T", "implementation", "median", "min", "max", "runs", "vs {baseline}", "sys",
+TABLE_COLUMNS = ("layer", "B", "T", "implementation", "median", "min", "max", "runs", "vs {baseline}", "vs ggml", "sys",
                  "rms err o", "rms err state", "worst vs any", "checked", "note")
 
 
@@ -34,7 +34,8 @@ def markdown(doc: dict) -> str:
         f"- load average at start / end: {m['load_average_start']} / {m['load_average_end']} "
         f"(the machine is shared: other processes compete for the cores)",
         f"- versions: dnir {v['dnir']} ({m['dnir_commit']}), numpy {v['numpy']}, torch {v['torch']}, "
-        f"tvm {v['tvm']}, flash-linear-attention (fla-core) {v['fla']}, Python {m['python']}",
+        f"tvm {v['tvm']}, flash-linear-attention (fla-core) {v['fla']}, ggml {v.get('ggml', '-')}, "
+        f"Python {m['python']}",
         f"- NumPy's BLAS: {blas}; environment: "
         + ", ".join(f"{k}={val if val is not None else '(unset)'}" for k, val in m["blas_env"].items()),
         f"- float32, inputs as dnir.models.random_inputs (seed {doc['settings']['seed']}), with an initial "
@@ -50,7 +51,8 @@ def markdown(doc: dict) -> str:
         if not rows:
             continue
         baseline = rows[0]["baseline"]
-        lines += [f"## {title}", "", f"Ratios and errors against `{baseline}`.", ""]
+        lines += [f"## {title}", "", f"Ratios and errors against `{baseline}`; `vs ggml`: against ggml's fused "
+                  f"op (`ggml-gated-delta-net`, llama.cpp's default path).", ""]
         header = [c.format(baseline=baseline) for c in TABLE_COLUMNS]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for case in rows:
@@ -100,11 +102,12 @@ def _missed(t: dict, profiles: list[dict]) -> str:
 
 def _row(layer, case, r) -> list[str]:
     if r["status"] != "ok":
-        return [layer, str(case["B"]), str(case["T"]), r["impl"]] + ["-"] * 10 + [f"{r['status']}: {r['reason']}"]
+        return [layer, str(case["B"]), str(case["T"]), r["impl"]] + ["-"] * 11 + [f"{r['status']}: {r['reason']}"]
     t = r["timing"]
-    ratio = r.get("ratio_vs_baseline")
+    ratio, vs_ggml = r.get("ratio_vs_baseline"), r.get("ratio_vs_ggml")
     return [layer, str(case["B"]), str(case["T"]), r["impl"], fmt_time(t["median_s"]), fmt_time(t["min_s"]),
             fmt_time(t["max_s"]), str(t["runs"]), "-" if ratio is None else f"{ratio:.2f}x",
+            "-" if vs_ggml is None else f"{vs_ggml:.2f}x",
             f"{100 * t['sys_share']:.0f}%",
             _err(r.get("err_o_vs_baseline")), _err(r.get("err_state_vs_baseline")),
             _err(max(r["max_err_o_vs_others"] or 0, r["max_err_state_vs_others"] or 0)),
@@ -112,7 +115,8 @@ def _row(layer, case, r) -> list[str]:
 
 
 def _prepared(r) -> str:
-    """dnir's one-off cost before the first timed call: build, optimise, compile (and load, for TVM)."""
+    """The one-off cost before the first timed call: build, optimise, compile (and load, for TVM);
+    for ggml, its graph and tensors with the inputs copied in."""
     return "" if "prepare_s" not in r else f"; graph prepared in {r['prepare_s']:.1f} s"
 
 
