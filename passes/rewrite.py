@@ -22,9 +22,12 @@ Patterns say more than op names:
 
     Rule(decayed, private_decay, "private_decay")
 
-The first order of a commutative op's operands that matches is given to the
-rule; if the rule declines it, the other order is offered. Captures never leak
-from one order into the other.
+    # alternatives, each with its own captures: the gate with or without its broadcast
+    P.either(P("broadcast_to", P.any("g")), P.any("g", pred=lambda n: n.op != "broadcast_to"))
+
+The first order of a commutative op's operands (or the first alternative) that
+matches is given to the rule; if the rule declines it, the next is offered.
+Captures never leak from one try into another.
 """
 from __future__ import annotations
 
@@ -74,6 +77,11 @@ class P:
         """Matches any node (including graph inputs) without looking at its operands."""
         return cls(None, name=name, pred=pred, shape=shape, rank=rank)
 
+    @classmethod
+    def either(cls, *alternatives: "P") -> "P":
+        """Matches what any of `alternatives` matches (each in turn, with its own captures)."""
+        return _Either(alternatives)
+
     def match(self, node: Node, caps: dict) -> bool:
         """Whether the pattern matches `node`; the first match's captures are added to `caps`."""
         for found in self.matches(node, caps):
@@ -122,6 +130,17 @@ class P:
             if self.rank is not None and not _holds(self.rank, node.rank):
                 return False
         return self.pred is None or self.pred(node)
+
+
+class _Either(P):
+    def __init__(self, alternatives):
+        ops = [alt.ops for alt in alternatives]
+        super().__init__(None if None in ops else tuple(dict.fromkeys(o for alt in ops for o in alt)))
+        self.alternatives = alternatives
+
+    def _match(self, node: Node, caps: dict) -> Iterator[dict]:
+        for alt in self.alternatives:
+            yield from alt._match(node, caps)
 
 
 def _match_all(patterns, nodes, caps: dict) -> Iterator[dict]:

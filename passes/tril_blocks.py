@@ -41,42 +41,41 @@ def rows(x: Node, start: int, stop: int, axis: int) -> Node:
     return op("slice", x, starts=starts, stops=stops)
 
 
-def _unbroadcast(x: Node) -> Node:
-    return x.inputs[0] if x.op == "broadcast_to" else x
+def _gate(name: str) -> P:
+    """A gate operand, captured without the broadcast_to (one) that may wrap it."""
+    return P.either(P("broadcast_to", P.any(name)), P.any(name, pred=lambda n: n.op != "broadcast_to"))
 
 
-def match_scores(s: Node):
-    """(form, X, Y, gi, gj, masked) of a decayed score matrix, or None.
+def score_patterns(block: int) -> dict[str, P]:
+    """tril(S, k) with k in (0, -1) over C x C scores (C a multiple of `block`, above it), S a
+    product of rows X Y^T (either operand order of the mul) and exp of gi - gj, masked or not,
+    in one of three forms: 'sum' (channel groups summed on axis -3), 'unit' (a size-1 group
+    axis dropped by a reshape) or 'plain' (no group axis)."""
+    diff = P("sub", _gate("gi"), _gate("gj"))
+    decay = P("exp", P.either(P("tril", diff, k=0, name="masked"), diff))
+    prod = P("mul", P("matmul", P.any("x"), P.any("y"), transpose_a=False, transpose_b=True), decay,
+             name="prod", shape=lambda s: s[-2] == s[-1])
+    forms = {
+        "sum": P("sum", prod, keepdims=False,
+                 pred=lambda s: [a % s.inputs[0].rank for a in s.attrs["axes"]] == [s.inputs[0].rank - 3]),
+        "unit": P("reshape", prod, pred=lambda s: s.inputs[0].shape == s.shape[:-2] + (1,) + s.shape[-2:]),
+        "plain": prod,
+    }
+    causal = lambda s: s[-1] % block == 0 and s[-1] > block      # noqa: E731
+    return {form: P("tril", scores, k=lambda k: k in (0, -1), shape=causal) for form, scores in forms.items()}
 
-    form: 'sum' (channel groups summed on axis -3), 'unit' (a size-1 group axis
-    dropped by a reshape) or 'plain' (no group axis)."""
-    form, prod = "plain", s
-    if s.op == "sum" and not s.attrs["keepdims"] and [a % s.inputs[0].rank for a in s.attrs["axes"]] == \
-            [s.inputs[0].rank - 3]:
-        form, prod = "sum", s.inputs[0]
-    elif s.op == "reshape" and s.inputs[0].shape == s.shape[:-2] + (1,) + s.shape[-2:]:
-        form, prod = "unit", s.inputs[0]
-    if prod.op != "mul":
-        return None
-    for mm, decay in (prod.inputs, prod.inputs[::-1]):
-        if mm.op == "matmul" and not mm.attrs["transpose_a"] and mm.attrs["transpose_b"] and decay.op == "exp":
-            break
-    else:
-        return None
-    diff, masked = decay.inputs[0], False
-    if diff.op == "tril" and diff.attrs["k"] == 0:
-        diff, masked = diff.inputs[0], True
-    if diff.op != "sub":
-        return None
-    gi, gj = (_unbroadcast(x) for x in diff.inputs)
+
+def scores_operands(m, form: str):
+    """(X, Y, gi, gj) of a matched score matrix, each with a group axis, or None when their
+    shapes do not fit the C x C product."""
+    prod, x, y, gi, gj = m.prod, m.x, m.y, m.gi, m.gj
     n, rank = prod.shape[-1], prod.rank
-    x, y = mm.inputs
     if not (gi.rank == gj.rank == x.rank == y.rank == rank and gi.shape[-2:] == (n, 1) and gj.shape[-2:] == (1, n)
-            and x.shape[-2] == y.shape[-2] == n and prod.shape[-2] == n):
+            and x.shape[-2] == y.shape[-2] == n):
         return None
     if form == "plain":   # give it a group axis of size 1
         x, y, gi, gj = (op("reshape", t, shape=t.shape[:-2] + (1,) + t.shape[-2:]) for t in (x, y, gi, gj))
-    return form, x, y, gi, gj, masked
+    return x, y, gi, gj
 
 
 def token_major(t: Node) -> Node:
@@ -85,13 +84,14 @@ def token_major(t: Node) -> Node:
     return op("permute", t, axes=tuple(range(r - 3)) + (r - 2, r - 3, r - 1))
 
 
-def block_scores(m, block: int):
+def block_scores(m, form: str, block: int):
     s, k = m.node.inputs[0], m.node.attrs["k"]
     n = s.shape[-1]
-    found = match_scores(s) if k in (0, -1) and n % block == 0 and n > block else None
+    found = scores_operands(m, form)
     if found is None:
         return None
-    form, x, y, gi, gj, masked = found
+    x, y, gi, gj = found
+    masked = "masked" in m.caps
     nb, batch = n // block, s.shape[:-2]
     if x.shape[-3] == 1 and gi.shape[-3] == 1:
         return _scalar_decay_rows(x, y, gi, gj, k, block, s)
@@ -173,4 +173,5 @@ def _fit(t: Node, batch) -> Node:
 @register_pass("block_tril")
 def block_tril(graph: Graph, block: int = DEFAULT_BLOCK) -> tuple[Graph, bool]:
     """Compute causal decayed C x C scores in b x b blocks on and below the diagonal."""
-    return apply_rules(graph, [Rule(P("tril", P.any()), lambda m: block_scores(m, block), "block_scores")])
+    return apply_rules(graph, [Rule(pattern, lambda m, form=form: block_scores(m, form, block), f"block_scores_{form}")
+                               for form, pattern in score_patterns(block).items()])

@@ -137,3 +137,21 @@ def test_a_rebuilt_node_answers_for_the_node_it_replaces():
     # second sweep: the exp reads x, and is named as itself among x's readers.
     assert seen == [(True, ["add", "mul"], 2, ["add", "mul", "neg"], False),
                     (True, ["add", "mul"], 2, ["add", "exp", "mul"], True)]
+
+
+def test_either_offers_each_alternative_with_its_own_captures():
+    u, v = leaves()
+    gate = P.either(P("broadcast_to", P.any("g")), P.any("g", pred=lambda n: n.op != "broadcast_to"))
+    wide = op("broadcast_to", op("reshape", u, shape=(4, 1, 8)), shape=(4, 3, 8))
+    caps = {}
+    assert gate.match(wide, caps) and caps["g"].op == "reshape"
+    caps = {}
+    assert gate.match(u, caps) and caps == {"g": u}
+    root = P.either(P("exp", P.any("a"), name="e"), P("neg", P.any("b")))
+    assert root.ops == ("exp", "neg")
+    assert [sorted(c) for c in root.matches(op("neg", u))] == [["b"]]
+    b = dnir.Builder()
+    x = b.input("x", (4, 8))
+    g = b.build([b.exp(b.neg(x))], names=["y"])
+    out, changed = apply_rules(g, [Rule(root, lambda m: m.a if "a" in m.caps and m.a.op == "neg" else None, "r")])
+    assert changed and out.outputs[0].op == "neg"      # dispatched on exp through the either
