@@ -143,3 +143,22 @@ def test_two_processes_build_once(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     (root,) = roots
     assert len((Path(root) / "builders").read_text().split()) == 1
+
+
+def _record(impl, median_s):
+    return {"impl": impl, "status": "ok", "timing": {"median_s": median_s}}
+
+
+def test_targets_compare_dnir_with_ggml_at_the_target_shape_and_in_decode():
+    prefill = {"kind": "prefill", "variant": "gdn", "B": 1, "T": cpu.TARGET_SHAPE_T,
+               "results": [_record(cpu.GGML, 0.3), _record("dnir-O2-numpy", 0.42), _record("dnir-O2-tvm-llvm", 0.1)]}
+    decode = {"kind": "decode", "variant": "kda", "B": 64, "T": 1,
+              "results": [_record(cpu.GGML, 2e-3), _record("dnir-O2-numpy", 1e-3)]}
+    other_length = {**prefill, "T": 1024}
+    got = {(t["target"], t["T"]): (round(t["ratio"], 6), t["met"]) for t in cpu.targets([prefill, decode, other_length])
+           if cpu.GGML in t["target"]}
+    assert got == {
+        (f"dnir-O2-numpy <= 0.5x {cpu.GGML} (prefill, B=1)", cpu.TARGET_SHAPE_T): (1.4, False),
+        (f"dnir-O2-tvm-llvm <= 0.5x {cpu.GGML} (prefill, B=1)", cpu.TARGET_SHAPE_T): (round(1 / 3, 6), True),
+        (f"dnir-O2-numpy <= 1.0x {cpu.GGML} (decode, B=64)", 1): (0.5, True),
+    }
