@@ -13,6 +13,14 @@ from .builder import Builder
 from .text import parse, parse_file, print_graph
 from .verify import verify
 from .api import chunk_gated_delta_rule, chunk_kda, fused_recurrent_gated_delta_rule, fused_recurrent_kda
+from .lowering.numpy_backend import run as _reference_run
+from .models import DeltaNetConfig as _DeltaNetConfig, random_inputs as _model_inputs
+from .passes.validate import use_reference as _use_reference
+
+# Numeric validation of passes runs the NumPy reference and draws a delta-net graph's inputs as the
+# model does; both live above the passes, which cannot import them, so they are handed in here.
+_use_reference(_reference_run,
+               {"delta_net": lambda meta, rng: _model_inputs(_DeltaNetConfig.from_meta(meta), rng)})
 
 print = print_graph  # noqa: A001  - `dnir.print(g)` is the text format's printer
 

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import AttrError, DnirError, DTypeError, ShapeError, user_call_site
-from .graph import Graph, Node
+from .graph import Graph, Node, _freeze
 from .types import FLOAT_DTYPES, TensorType, canonical_dtype, type_str
 
 REQUIRED = object()
@@ -155,7 +155,6 @@ def _raise(cls, op, inputs, message):
 
 
 def _check_attrs(opdef: OpDef, attrs: dict, inputs) -> dict:
-    from .graph import _freeze
     unknown = set(attrs) - set(opdef.attrs)
     if unknown:
         _raise(AttrError, opdef.name, inputs,

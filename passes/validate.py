@@ -1,5 +1,9 @@
 """Numeric validation of a rewrite: run the NumPy backend before and after on
-fresh random inputs drawn from each input's domain, compare the outputs."""
+fresh random inputs drawn from each input's domain, compare the outputs.
+
+The NumPy reference backend and a model's own input draws live in layers above
+the passes; dnir/__init__.py, which assembles the layers, hands them in with
+`use_reference` (so the passes import neither)."""
 from __future__ import annotations
 
 import re
@@ -8,6 +12,8 @@ import numpy as np
 
 from dnir.errors import DnirError
 from dnir.graph import Graph
+
+_REFERENCE: dict = {"run": None, "model_inputs": {}}
 
 
 class ValidationError(DnirError):
@@ -23,6 +29,12 @@ DOMAIN_HINTS = [
 ]
 
 
+def use_reference(run, model_inputs: dict):
+    """run(graph, inputs, float64=True) -> outputs, the executor validation compares with;
+    model_inputs: graph.meta["model"] -> fn(meta, rng) -> {input name: array}, a model's draws."""
+    _REFERENCE.update(run=run, model_inputs=dict(model_inputs))
+
+
 def input_domain(graph: Graph, name: str):
     domains = dict(graph.meta.get("domains", ()) or ())
     if name in domains:
@@ -34,10 +46,9 @@ def input_domain(graph: Graph, name: str):
 
 
 def random_inputs(graph: Graph, rng: np.random.Generator) -> list[np.ndarray]:
-    if graph.meta.get("model") == "delta_net":   # the model draws its own inputs the way real layers see them
-        from dnir.models import DeltaNetConfig
-        from dnir.models import random_inputs as model_inputs
-        drawn = model_inputs(DeltaNetConfig.from_meta(graph.meta), rng)
+    model_inputs = _REFERENCE["model_inputs"].get(graph.meta.get("model"))
+    if model_inputs:             # a model draws its own inputs the way real layers see them
+        drawn = model_inputs(graph.meta, rng)
         return [drawn[name] for name in graph.input_names]
     arrays = []
     for node in graph.inputs:
@@ -60,7 +71,7 @@ def compare(before: Graph, after: Graph, rng: np.random.Generator, rtol: float =
     float64 makes the check about algebra: a rewrite may reassociate sums, so
     outputs agree to rounding, relative to the output's magnitude.
     """
-    from dnir.lowering.numpy_backend import run
+    run = _REFERENCE["run"]
     inputs = random_inputs(before, rng)
     want = run(before, inputs, float64=True)
     got = run(after, inputs, float64=True)
