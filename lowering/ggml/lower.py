@@ -72,6 +72,16 @@ def ggml_ne(shape) -> tuple:
     return tuple(reversed(shape)) + (1,) * (4 - len(shape))
 
 
+def input_values(emitter: Emitter, graph: Graph) -> list[Value]:
+    """The graph's inputs as tensors of their own shape (flat where it has more than 4 axes)."""
+    values = []
+    for node in graph.inputs:
+        ne = ggml_ne(node.shape if len(node.shape) <= 4 else (math.prod(node.shape),))
+        t = emitter.input(node, STORAGE[node.dtype], ne)
+        values.append(Value(t, node.shape, ne, t, node.dtype))
+    return values
+
+
 def merge_broadcast(out, *shapes):
     """Merge neighbouring axes that every operand treats alike (full or broadcast).
 

@@ -20,7 +20,7 @@ from dnir.graph import Graph
 from dnir.lowering.numpy_backend import prepare_inputs
 
 from . import api
-from .lower import STORAGE, Lowerer, Value, ggml_ne
+from .lower import STORAGE, Lowerer, input_values
 
 _NUMPY = {api.F32: np.float32, api.I32: np.int32, api.F16: np.float16}
 
@@ -79,52 +79,52 @@ class _Calls:
         pass
 
 
-def _input_values(emitter, graph: Graph) -> list[Value]:
-    values = []
-    for node in graph.inputs:
-        size = max(1, math.prod(node.shape))
-        t = emitter.input(node, STORAGE[node.dtype], ggml_ne((size,)))
-        values.append(Value(t, node.shape, ggml_ne((size,)), t, node.dtype))
-    return values
-
-
 class GgmlGraph:
-    """A dnir graph built as a ggml graph on the CPU backend, ready to run."""
+    """A dnir graph built as a ggml graph on the CPU backend, ready to run.
 
-    def __init__(self, graph: Graph, threads: int | None = None):
+    `builder`, if given, builds the graph instead of the lowering: a function
+    (ctx, input tensors) -> output tensors, such as the C function that
+    export_c.py writes, compiled and loaded with ctypes.
+    """
+
+    def __init__(self, graph: Graph, threads: int | None = None, builder=None):
         if any(math.prod(n.shape) == 0 for n in graph.inputs):
             raise BackendError("ggml: a graph input has no elements (ggml has no empty tensors)")
         lib = api.lib()
         self.graph, self._lib = graph, lib
         counter = _Counter()
-        Lowerer(counter).lower(graph, _input_values(counter, graph))
+        Lowerer(counter).lower(graph, input_values(counter, graph))
         n_data = len(graph.inputs) + sum(1 for _ in _const_nodes(graph))
-        size = counter.tensors + len(graph.outputs) + 16
-        self._ctx = lib.ggml_init(api.InitParams(size * lib.ggml_tensor_overhead()
-                                                 + lib.ggml_graph_overhead_custom(size, False), None, True))
-        self._data_ctx = lib.ggml_init(api.InitParams((n_data + 1) * lib.ggml_tensor_overhead(), None, True))
-        self._backend = self._data_buffer = self._galloc = None
-        emitter = _Calls(lib, self._ctx, self._data_ctx, counter.tensors)
-        self._inputs = _input_values(emitter, graph)
-        self._outputs = Lowerer(emitter).lower(graph, self._inputs)
-        self._cgraph = lib.ggml_new_graph_custom(self._ctx, size, False)
-        for v in self._outputs:
-            lib.ggml_set_output(v.t)
-            lib.ggml_set_output(v.base)     # a view's memory must outlive the graph too
-            lib.ggml_build_forward_expand(self._cgraph, v.t)
+        size = counter.tensors + 2 * len(graph.outputs) + 16
+        held = self._held = {}     # what _free releases, filled as it is made
+        held["ctx"] = lib.ggml_init(api.InitParams(size * lib.ggml_tensor_overhead()
+                                                   + lib.ggml_graph_overhead_custom(size, False), None, True))
+        held["data_ctx"] = lib.ggml_init(api.InitParams((n_data + 1) * lib.ggml_tensor_overhead(), None, True))
+        self._finalizer = weakref.finalize(self, _free, lib, held)
+        emitter = _Calls(lib, held["ctx"], held["data_ctx"], size - len(graph.outputs))
+        self._inputs = input_values(emitter, graph)
+        if builder is None:
+            outputs = Lowerer(emitter).lower(graph, self._inputs)
+            for v in outputs:
+                lib.ggml_set_output(v.base)     # a view's memory must outlive the graph too
+            self._outputs = [v.t for v in outputs]
+        else:
+            self._outputs = list(builder(held["ctx"], [v.t for v in self._inputs]))
+        self._cgraph = lib.ggml_new_graph_custom(held["ctx"], size, False)
+        for t in self._outputs:
+            lib.ggml_set_output(t)
+            lib.ggml_build_forward_expand(self._cgraph, t)
         self.nodes = lib.ggml_graph_n_nodes(self._cgraph)
 
-        self._backend = lib.ggml_backend_cpu_init()
+        self._backend = held["backend"] = lib.ggml_backend_cpu_init()
         lib.ggml_backend_cpu_set_n_threads(self._backend, threads or os.cpu_count() or 1)
-        self._data_buffer = lib.ggml_backend_alloc_ctx_tensors(self._data_ctx, self._backend)
+        held["data_buffer"] = lib.ggml_backend_alloc_ctx_tensors(held["data_ctx"], self._backend)
         for t, value in emitter.constants.values():
             lib.ggml_backend_tensor_set(t, value.ctypes.data, 0, value.nbytes)
-        self._galloc = lib.ggml_gallocr_new(lib.ggml_backend_get_default_buffer_type(self._backend))
-        if not lib.ggml_gallocr_alloc_graph(self._galloc, self._cgraph):
+        galloc = held["galloc"] = lib.ggml_gallocr_new(lib.ggml_backend_get_default_buffer_type(self._backend))
+        if not lib.ggml_gallocr_alloc_graph(galloc, self._cgraph):
             raise BackendError("ggml: the graph allocator could not place the graph")
-        self.compute_buffer_bytes = lib.ggml_gallocr_get_buffer_size(self._galloc, 0)
-        self._finalizer = weakref.finalize(self, _free, lib, self._ctx, self._data_ctx, self._backend,
-                                           self._data_buffer, self._galloc)
+        self.compute_buffer_bytes = lib.ggml_gallocr_get_buffer_size(galloc, 0)
 
     def __call__(self, inputs) -> list[np.ndarray]:
         lib = self._lib
@@ -135,19 +135,18 @@ class GgmlGraph:
         if status != 0:
             raise BackendError(f"ggml: computing the graph failed (ggml_status {status})")
         outs = []
-        for v in self._outputs:
-            out = np.empty(v.shape, dtype=_NUMPY[v.gtype])
-            lib.ggml_backend_tensor_get(v.t, out.ctypes.data, 0, out.nbytes)
-            outs.append(out != 0 if v.dtype == "bool" else out)
+        for t, out_type in zip(self._outputs, self.graph.output_types):
+            out = np.empty(out_type.shape, dtype=_NUMPY[STORAGE[out_type.dtype]])
+            lib.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
+            outs.append(out != 0 if out_type.dtype == "bool" else out)
         return outs
 
 
-def _free(lib, ctx, data_ctx, backend, data_buffer, galloc):
-    lib.ggml_gallocr_free(galloc)
-    lib.ggml_backend_buffer_free(data_buffer)
-    lib.ggml_backend_free(backend)
-    lib.ggml_free(data_ctx)
-    lib.ggml_free(ctx)
+def _free(lib, held):
+    for key, free in (("galloc", lib.ggml_gallocr_free), ("data_buffer", lib.ggml_backend_buffer_free),
+                      ("backend", lib.ggml_backend_free), ("data_ctx", lib.ggml_free), ("ctx", lib.ggml_free)):
+        if held.get(key):
+            free(held[key])
 
 
 def _const_nodes(graph: Graph):

@@ -1,0 +1,77 @@
+"""`dnir export --format ggml-c`: the exported C function, compiled against
+ggml, builds a graph that computes what NumPy computes."""
+import numpy as np
+import pytest
+
+import dnir
+import dnir.passes
+from dnir.errors import BackendError
+from dnir.lowering.ggml.build import GgmlUnavailable, ggml_build
+from dnir.models import DeltaNetConfig, build, random_inputs
+
+from cases import CASES, build_all, nmse
+from cases import random_inputs as case_inputs
+
+
+def _ggml_or_reason():
+    try:
+        ggml_build()
+    except GgmlUnavailable as e:
+        return str(e)
+    return None
+
+
+_MISSING = _ggml_or_reason()
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"ggml cannot be built here: {_MISSING}")
+
+if _MISSING is None:
+    from dnir.lowering.ggml.export_c import compile_c, export_c, load_builder
+    from dnir.lowering.ggml.run import GgmlGraph
+
+
+def run_exported(graph, inputs, tmp_path, name="build_graph"):
+    source = tmp_path / f"{name}.c"
+    source.write_text(export_c(graph, name))
+    library = compile_c(source, tmp_path / f"{name}.so")
+    return GgmlGraph(graph, builder=load_builder(library, name, graph))(inputs)
+
+
+@pytest.mark.parametrize("variant,mode,level", [("gdn", "chunked", "O2"), ("kda", "chunked", "O0"),
+                                                ("kda", "recurrent", "O2"), ("gdn", "decode", "O2")])
+def test_exported_layer_matches_numpy(tmp_path, rng, variant, mode, level):
+    shape = dict(seq_len=1, batch=2) if mode == "decode" else dict(seq_len=21, batch=2)
+    graph = dnir.passes.optimize(build(variant, mode=mode, heads=2, value_heads=4, head_dim=16, value_dim=16,
+                                       chunk_size=16, initial_state=True, final_state=True, **shape), level)
+    x = random_inputs(DeltaNetConfig.from_meta(graph.meta), rng)
+    for out, ref in zip(run_exported(graph, x, tmp_path), dnir.run(graph, x)):
+        assert np.isfinite(out).all()
+        assert nmse(out, ref) < 1e-7
+
+
+def test_exported_conformance_table_matches_numpy(tmp_path):
+    graph = build_all([name for name in CASES if name != "const"])
+    x = case_inputs(graph, np.random.default_rng())
+    for name, out, ref in zip(graph.output_names, run_exported(graph, x, tmp_path), dnir.run(graph, x)):
+        if ref.dtype.kind == "f":
+            assert nmse(out, ref) < 1e-7, name
+        else:
+            np.testing.assert_array_equal(out, ref, err_msg=name)
+
+
+def test_export_is_one_statement_per_call_under_the_node_it_lowers():
+    b = dnir.Builder()
+    x = b.input("x", (4, 8))
+    graph = b.build(b.exp(b.cumsum(x, axis=1)), names=["y"])
+    source = export_c(graph, "f")
+    body = source[source.index("{"):]
+    assert "// %0 = cumsum\n    struct ggml_tensor * t0 = ggml_cumsum(ctx, x);" in body
+    assert "// %1 = exp\n" in body and "ggml_exp(ctx, t" in body
+    assert "*out_y = " in body
+
+
+def test_a_const_of_differing_values_cannot_be_exported():
+    b = dnir.Builder()
+    x = b.input("x", (2, 3))
+    graph = b.build(x + b.const(np.arange(6.0).reshape(2, 3)))
+    with pytest.raises(BackendError, match=r"node %0 = const: a const of 6 differing values"):
+        export_c(graph)
