@@ -166,8 +166,8 @@ class Translator:
                     new_ys.append(self.emit(relax.op.call_tir_inplace(gv, [y_all, y_row, step], 0,
                                                                       self.tensor_type(t))))
                 out = self.bb.emit_output(relax.Tuple(results[:nc] + new_ys))
-            self.bb.emit_func_output(out)
-        return self.bb.get().get_global_var(name)
+            # The builder may return an equal function added before (another scan of the same body).
+            return self.bb.emit_func_output(out)
 
     def _loop_function(self, node: Node, step_gv: relax.GlobalVar) -> relax.GlobalVar:
         """`scanN_loop(lo, hi, carries, xs, consts, ys)`: steps lo..hi-1 (hi > lo), by halving the range."""
@@ -181,8 +181,7 @@ class Translator:
         # Declared first as one step, so that the loop's body can call the loop itself.
         stub = params()
         with self.bb.function(name, stub, private=True):
-            self.bb.emit_func_output(self.emit(relax.Call(step_gv, [stub[0]] + stub[2:])))
-        gv = self.bb.get().get_global_var(name)
+            gv = self.bb.emit_func_output(self.emit(relax.Call(step_gv, [stub[0]] + stub[2:])))
 
         ps = params()
         lo, hi, rest = ps[0], ps[1], ps[2:]
