@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 # ggml from source, cached outside the repository (lowering/ggml/build.py); setup builds it too.
 ggml: setup
-	$(PY) -m dnir.lowering.ggml.build
+	$(PY) -c "import sys; from dnir.lowering.ggml.build import main; sys.exit(main())"
 
 demo: setup
 	$(VENV)/bin/dnir demo

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -44,14 +43,12 @@ def harness() -> ctypes.CDLL:
 
     Raises lowering.ggml.build.GgmlUnavailable (a BackendError) naming what is missing.
     """
-    from dnir.lowering.ggml.build import GgmlUnavailable, ggml_build
+    from dnir.lowering.ggml.build import GgmlUnavailable, c_compiler, ggml_build
     build = ggml_build()
     source = HARNESS_SOURCE.read_bytes()
     library = build.root / f"harness-{hashlib.sha256(source).hexdigest()[:12]}.so"
     if not library.exists():
-        cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-        if cc is None or shutil.which(cc) is None:
-            raise GgmlUnavailable("compiling the ggml harness needs a C compiler (cc, gcc or clang; or set CC)")
+        cc = c_compiler(f"compiling {HARNESS_SOURCE.name}")
         partial = library.with_suffix(f".{os.getpid()}.tmp")
         cmd = [cc, "-O2", "-shared", "-fPIC", "-o", str(partial), str(HARNESS_SOURCE), f"-I{build.include_dir}",
                f"-L{build.lib_dir}", "-lggml", "-lggml-cpu", "-lggml-base", f"-Wl,-rpath,{build.lib_dir}"]

@@ -22,5 +22,5 @@ fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e ".[all]"
-"$venv/bin/python" -m dnir.lowering.ggml.build \
+"$venv/bin/python" -c "import sys; from dnir.lowering.ggml.build import main; sys.exit(main())" \
   || echo "note: ggml was not built (see above): its backend and benchmark peer are unavailable" >&2

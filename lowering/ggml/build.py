@@ -9,7 +9,7 @@ version and the host's CPU features, so that a fresh clone on the same machine
 reuses it and a different CPU gets its own. A file lock serialises the build
 between processes (pytest -n 2 starts two at once).
 
-    python -m dnir.lowering.ggml.build     # build if needed, print the paths
+    make ggml     # build if needed, print the paths (build.main)
 """
 from __future__ import annotations
 
@@ -86,16 +86,28 @@ def _found(root: Path) -> GgmlBuild | None:
     return GgmlBuild(root, root / "src" / "include", lib_dir, tuple(_library_file(lib_dir, n) for n in LIBRARIES))
 
 
+C_COMPILER = ("CC", ("cc", "gcc", "clang"), "a C compiler (cc, gcc or clang; or set CC)")
+CXX_COMPILER = ("CXX", ("c++", "g++", "clang++"), "a C++ compiler (c++, g++ or clang++; or set CXX)")
+
+
+def _find(tool) -> str | None:
+    variable, names, _ = tool
+    chosen = os.environ.get(variable) or next((n for n in names if shutil.which(n)), None)
+    return chosen if chosen is not None and shutil.which(chosen) else None
+
+
+def c_compiler(purpose: str) -> str:
+    """The C compiler to build with (CC, else cc, gcc or clang); GgmlUnavailable naming `purpose` if none."""
+    cc = _find(C_COMPILER)
+    if cc is None:
+        raise GgmlUnavailable(f"{purpose} needs {C_COMPILER[2]}: none found on PATH")
+    return cc
+
+
 def _require_tools() -> tuple[str, str]:
-    missing = []
-    if shutil.which("cmake") is None:
-        missing.append("cmake")
-    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    cxx = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
-    if cc is None or shutil.which(cc) is None:
-        missing.append("a C compiler (cc, gcc or clang; or set CC)")
-    if cxx is None or shutil.which(cxx) is None:
-        missing.append("a C++ compiler (c++, g++ or clang++; or set CXX)")
+    cc, cxx = _find(C_COMPILER), _find(CXX_COMPILER)
+    missing = [what for what, found in (("cmake", shutil.which("cmake")), (C_COMPILER[2], cc), (CXX_COMPILER[2], cxx))
+               if found is None]
     if missing:
         raise GgmlUnavailable(f"building ggml {GGML_VERSION} needs {' and '.join(missing)}: none found on PATH")
     return cc, cxx
@@ -161,12 +173,25 @@ def _build(root: Path):
     (root / "complete").touch()
 
 
-@lru_cache(maxsize=None)
+_failed: list[GgmlUnavailable] = []   # a build that failed is not tried again by the same process
+
+
 def ggml_build() -> GgmlBuild:
     """This machine's ggml build, built first if needed (about 2 minutes on 2 cores).
 
     Raises GgmlUnavailable, naming the missing tool or the failed step, when it cannot be built.
     """
+    if _failed:
+        raise _failed[0]
+    try:
+        return _ggml_build()
+    except GgmlUnavailable as e:
+        _failed.append(e)
+        raise
+
+
+@lru_cache(maxsize=None)
+def _ggml_build() -> GgmlBuild:
     root = build_dir()
     found = _found(root)
     if found is not None:

@@ -115,8 +115,8 @@ def test_the_benchmark_skips_ggml_with_the_reason(monkeypatch):
 
 def test_a_missing_tool_is_named(tmp_path):
     env = {"DNIR_CACHE": str(tmp_path), "PATH": str(tmp_path / "empty"), "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "dnir.lowering.ggml.build"], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=60)
+    code = "import sys; from dnir.lowering.ggml.build import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert done.returncode == 1
     assert "needs cmake and a C compiler" in done.stderr and "C++ compiler" in done.stderr
 
