@@ -75,3 +75,16 @@ def test_a_const_of_differing_values_cannot_be_exported():
     graph = b.build(x + b.const(np.arange(6.0).reshape(2, 3)))
     with pytest.raises(BackendError, match=r"node %0 = const: a const of 6 differing values"):
         export_c(graph)
+
+
+def test_cli_export_writes_the_function_and_reports_both_buffers(tmp_path, capsys):
+    from dnir.cli import main
+    graph = dnir.passes.optimize(build("gdn", mode="chunked", seq_len=20, heads=2, head_dim=16, value_dim=16,
+                                       chunk_size=16), "O2")
+    source = tmp_path / "gdn.dnir"
+    source.write_text(dnir.print(graph))
+    assert main(["export", str(source), "--format", "ggml-c", "-o", str(tmp_path / "delta_net.c")]) == 0
+    text = (tmp_path / "delta_net.c").read_text()
+    assert "void delta_net(struct ggml_context * ctx," in text and "struct ggml_tensor ** out_o" in text
+    out = capsys.readouterr().out
+    assert "compute buffer: ggml " in out and "dnir's plan" in out
