@@ -18,7 +18,8 @@ from dnir.ops import make_node
 
 from .manager import register_pass
 from .rewrite import map_nodes, rebuild
-from .transposes import cheaper, eliminate_transposes, permute
+from .layout_cost import cheaper
+from .transposes import eliminate_transposes, permute
 
 
 def unpermuted(init: Node):

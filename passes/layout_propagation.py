@@ -23,6 +23,7 @@ from dnir.ops import make_node
 
 from .cse import cse
 from .layouts import Layout, relayout, reshape, runs, split_groups
+from .layout_cost import keep_if_cheaper
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules, is_elementwise
 
@@ -122,13 +123,6 @@ RULES = [
 ]
 
 
-def permute_cost(graph: Graph) -> tuple[int, int]:
-    """(permutes, elements they move), scan bodies included."""
-    nodes = [n for n in graph.topo_order() if n.op == "permute"]
-    body = [permute_cost(n.attrs["body"]) for n in graph.topo_order() if n.op == "scan"]
-    return len(nodes) + sum(c for c, _ in body), sum(n.type.size for n in nodes) + sum(e for _, e in body)
-
-
 @register_pass("propagate_layout")
 def propagate_layout(graph: Graph) -> tuple[Graph, bool]:
     """Move permutes up to the inputs and merge them (kept when that leaves fewer)."""
@@ -138,7 +132,4 @@ def propagate_layout(graph: Graph) -> tuple[Graph, bool]:
         new, merged = cse(new)
         if not (moved or merged):
             break
-    (count, elements), (count0, elements0) = permute_cost(new), permute_cost(graph)
-    if (count, elements) != (count0, elements0) and count <= count0 and elements <= elements0:
-        return new, True
-    return graph, False
+    return keep_if_cheaper(new, graph)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dnir.graph import Graph, Node
 from dnir.ops import make_node
 
+from .layout_cost import keep_if_cheaper
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules, is_elementwise
 
@@ -247,23 +248,6 @@ RULES = rules(shared=False)
 SHARED_RULES = rules(shared=True)
 
 
-def permute_traffic(graph: Graph) -> tuple[int, int]:
-    """(permutes run, elements they move) per run of the graph: a scan body's once per step."""
-    count, elements = 0, 0
-    for node in graph.topo_order():
-        if node.op == "permute":
-            count, elements = count + 1, elements + node.type.size
-        elif node.op == "scan":
-            c, e = permute_traffic(node.attrs["body"])
-            count, elements = count + c * node.attrs["length"], elements + e * node.attrs["length"]
-    return count, elements
-
-
-def cheaper(new: Graph, old: Graph) -> bool:
-    (c, e), (c0, e0) = permute_traffic(new), permute_traffic(old)
-    return (c, e) != (c0, e0) and c <= c0 and e <= e0
-
-
 @register_pass("eliminate_transposes")
 def eliminate_transposes(graph: Graph) -> tuple[Graph, bool]:
     """Cancel, fold and drop permutes and conts."""
@@ -271,6 +255,5 @@ def eliminate_transposes(graph: Graph) -> tuple[Graph, bool]:
     # A permute read by several ops sinks into each of them only if all the copies then
     # cancel or fold (into matmul flags, sums, other permutes): tried, kept when cheaper.
     trial, sunk = apply_rules(graph, SHARED_RULES)
-    if sunk and cheaper(trial, graph):
-        return trial, True
-    return graph, changed
+    kept, cheaper = keep_if_cheaper(trial, graph) if sunk else (graph, False)
+    return kept, changed or cheaper

@@ -8,7 +8,8 @@ import dnir
 from dnir import passes, run
 from dnir.models import build_delta_net, delta_rule_reference, preset, relative_rms_error
 from dnir.passes.carry_layout import relayout_scan_carries
-from dnir.passes.transposes import eliminate_transposes, permute_traffic
+from dnir.passes.layout_cost import permute_traffic
+from dnir.passes.transposes import eliminate_transposes
 
 PRESETS = ["qwen3-next", "kimi-linear"]
 SMALL = dict(heads=2, value_heads=4, head_dim=8, value_dim=4)   # GQA for qwen3-next; K != V

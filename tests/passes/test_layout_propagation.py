@@ -9,7 +9,8 @@ from test_models import OPTIONS, config
 import dnir
 from dnir import passes
 from dnir.models import DeltaNetConfig, build_delta_net
-from dnir.passes.layout_propagation import permute_cost, propagate_layout
+from dnir.passes.layout_cost import permute_traffic
+from dnir.passes.layout_propagation import propagate_layout
 from dnir.passes.validate import compare
 
 GOLDEN = {
@@ -166,7 +167,7 @@ def test_random_layout_chains_keep_results_and_lose_permutes(graph, seed):
     dnir.verify(after)
     assert compare(graph, after, np.random.default_rng(seed)) == []
     if changed:
-        assert permute_cost(after)[0] < permute_cost(graph)[0] or permute_cost(after)[1] < permute_cost(graph)[1]
+        assert permute_traffic(after)[0] < permute_traffic(graph)[0] or permute_traffic(after)[1] < permute_traffic(graph)[1]
     else:
         assert after is graph
 
@@ -187,14 +188,14 @@ def test_chunked_layers_keep_one_permute_per_input_and_output(name):
     before, _ = passes.run_pipeline(o0, BEFORE, options=OPTIONS)
     after, records = passes.run_pipeline(before, ["propagate_layout"], validate=True, seed=2)
     assert records[-1].changed
-    assert permute_cost(after)[0] == len(cfg.input_shapes()) - cfg.initial_state + 1 <= permute_cost(o0)[0] / 2
+    assert permute_traffic(after)[0] == len(cfg.input_shapes()) - cfg.initial_state + 1 <= permute_traffic(o0)[0] / 2
 
 
 @pytest.mark.parametrize("name", ["gdn-varlen", "kda-recurrent", "gdn-decode"])
 def test_other_layers_keep_results_and_never_gain_permutes(name):
     before, _ = passes.run_pipeline(build_delta_net(config(name)), BEFORE, options=OPTIONS)
     after, _ = passes.run_pipeline(before, ["propagate_layout"], validate=True, seed=4)
-    assert permute_cost(after)[0] <= permute_cost(before)[0]
+    assert permute_traffic(after)[0] <= permute_traffic(before)[0]
 
 
 @pytest.mark.parametrize("text", [
