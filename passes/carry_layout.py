@@ -18,8 +18,9 @@ from dnir.ops import make_node
 
 from .manager import register_pass
 from .rewrite import map_nodes, rebuild
+from .construct import permute
 from .layout_cost import cheaper
-from .transposes import eliminate_transposes, permute
+from .transposes import eliminate_transposes
 
 
 def unpermuted(init: Node):

@@ -22,7 +22,8 @@ from dnir.graph import Graph
 from dnir.ops import make_node
 
 from .cse import cse
-from .layouts import Layout, relayout, reshape, runs, split_groups
+from .construct import reshape
+from .layouts import Layout, relayout, runs, split_groups
 from .layout_cost import keep_if_cheaper
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules, is_elementwise

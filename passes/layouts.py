@@ -11,11 +11,8 @@ import math
 from dnir.graph import Node
 from dnir.ops import make_node
 
+from .construct import reshape
 from .transposes import moves_only_unit_axes
-
-
-def reshape(x: Node, shape) -> Node:
-    return x if tuple(shape) == x.shape else make_node("reshape", (x,), {"shape": tuple(shape)})
 
 
 def split_groups(src, dst):

@@ -21,19 +21,12 @@ from __future__ import annotations
 from dnir.graph import Graph, Node
 from dnir.ops import make_node
 
+from .construct import permute
 from .layout_cost import keep_if_cheaper
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules, is_elementwise
 
 x = P.any("x")
-
-
-def permute(node: Node, axes) -> Node:
-    """permute(node, axes), composed with node's own permute (a permute never reads a permute)."""
-    axes = tuple(axes)
-    if node.op == "permute":
-        node, axes = node.inputs[0], tuple(node.attrs["axes"][a] for a in axes)
-    return node if axes == tuple(range(len(axes))) else make_node("permute", (node,), {"axes": axes})
 
 
 def compose(m):
