@@ -10,11 +10,13 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 DESCRIPTION = """Time dnir (O0 and O2 on NumPy, O2 on TVM-llvm) side by side with
-flash-linear-attention's PyTorch chunked and recurrent references and a plain
-PyTorch loop, on the qwen3-next and kimi-linear layers (prefill at T = 1024,
-4096, 16384; decode at B = 1, 64, 256), float32, in one process. Every
-output is checked against every other implementation's. Writes cpu.json,
-cpu.md and cpu.png (cpu-quick.* with --quick) to the results folder."""
+ggml's fused delta-rule op (llama.cpp's path; ggml is built from source on first
+use, cached outside the repository), flash-linear-attention's PyTorch chunked
+and recurrent references and a plain PyTorch loop, on the qwen3-next and
+kimi-linear layers (prefill at T = 1024, 4096, 16384; decode at B = 1, 64,
+256), float32, in one process. Every output is checked against every other
+implementation's. Writes cpu.json, cpu.md and cpu.png (cpu-quick.* with
+--quick) to the results folder."""
 
 EXAMPLE = """examples:
   python -m benchmarks --quick                 # small shapes, a few seconds per implementation
@@ -31,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="print the result as JSON (default: the markdown table)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the result files (default {RESULTS})")
     p.add_argument("--threads", type=int, default=None,
-                   help="threads for NumPy's BLAS, torch and TVM (default: every core this process may use)")
+                   help="threads for NumPy's BLAS, torch, TVM and ggml (default: every core this process may use)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
 
 
