@@ -583,6 +583,17 @@ register(OpDef("scan", None, scan_signature,
 register(OpDef("item", 1, _infer_item, {"index": ("int", REQUIRED)}, op_class="control"))
 
 
+def table_entry(table: dict):
+    """A decorator maker for a per-op table: @entry("add", "sub") enters a function for both ops."""
+    def entry(*ops):
+        def register(fn):
+            for op in ops:
+                table[op] = fn
+            return fn
+        return register
+    return entry
+
+
 def check_table(table: str, entries, fused: str | None = None):
     """Raise DnirError unless `entries` (the op names a per-op table of another module has)
     covers every registered op; `fused` names the rule that covers fused ops, if one does.

@@ -23,20 +23,13 @@ import numpy as np
 from dnir.analysis.memory import Block, Loc, MemoryPlan, plan as make_plan
 from dnir.errors import BackendError
 from dnir.graph import Graph
-from dnir.ops import check_table
+from dnir.ops import check_table, table_entry
 from dnir.types import numpy_dtype
 
 from .numpy_backend import _BINARY, _UNARY, KERNELS, missing_ops, prepare_inputs
 
 OUT_KERNELS = {}
-
-
-def out_kernel(*names):
-    def register(fn):
-        for name in names:
-            OUT_KERNELS[name] = fn
-        return fn
-    return register
+out_kernel = table_entry(OUT_KERNELS)
 
 
 # Each kernel: fn(node, out, *operands) writes the result into `out`; `out` may be

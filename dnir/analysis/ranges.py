@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..graph import Graph, Node
-from ..ops import REGISTRY, OpClass, check_table, make_node, matmul_dims
+from ..ops import REGISTRY, OpClass, check_table, make_node, matmul_dims, table_entry
 from ..types import numpy_dtype
 from .evaluate import evaluate
 from .names import value_names
@@ -240,14 +240,7 @@ def _prefix_range(p: Prefix, shape, keep=None):
 
 # op -> rule(interpreter, node, *operand ranges) -> Abstract (a tuple for a multi-result op)
 RULES: dict = {}
-
-
-def rule(*ops):
-    def register(fn):
-        for op in ops:
-            RULES[op] = fn
-        return fn
-    return register
+rule = table_entry(RULES)
 
 
 class _Interpreter:
