@@ -14,35 +14,49 @@ its memory-planned compute buffer (lowering/numpy_arena: the reference
 executor's arithmetic, bit for bit, without fresh memory per op); the buffer
 is kept between calls, and `dnir.lowering.numpy_arena.release_compute_buffer()`
 frees it.
+
+Inputs are checked before anything runs (the README's "What dnir checks and
+guarantees" lists it all): shapes, dtypes, finite values, and the model's domain.
+A gate g > 0 is a growing state, outside the model (a log-decay is <= 0): an
+`InputError` naming the first such position, unless `allow_positive_gates=True`.
+beta * |k|^2 >= 2 makes the delta rule unstable: one `InputWarning` per call naming
+the worst token. An output that is not finite although every input is (a float32
+overflow) is a `NumericError`, never returned. dnir computes the forward pass only:
+torch tensors that require grad while autograd is on are refused (under
+`torch.no_grad()` they are read as values).
 """
 from __future__ import annotations
 
 import numbers
+import warnings
 from functools import lru_cache
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, InputWarning, NumericError
+from .limits import check_fits_memory
 from .models.config import DeltaNetConfig, check_cu_seqlens
 from .models.delta import build_delta_net
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64,
-                           target="numpy", opt="O2"):
+                           target="numpy", opt="O2", allow_positive_gates=False):
     """Gated DeltaNet (one gate per value head), chunked form. Returns (o, final_state or None)."""
     return _delta_rule("gdn", "chunked", "chunk_gated_delta_rule", locals())
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-              use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2"):
+              use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2",
+              allow_positive_gates=False):
     """Kimi Delta Attention (one gate per key channel), chunked form. Returns (o, final_state or None)."""
     return _delta_rule("kda", "chunked", "chunk_kda", locals())
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
                                      output_final_state=False, use_qk_l2norm_in_kernel=False,
-                                     cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2"):
+                                     cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2",
+                                     allow_positive_gates=False):
     """Gated DeltaNet, token by token (one step without a loop when every sequence has
     one token: decode). chunk_size is accepted for a uniform signature and unused."""
     return _delta_rule("gdn", "recurrent", "fused_recurrent_gated_delta_rule", locals())
@@ -50,7 +64,7 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
 
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64,
-                        target="numpy", opt="O2"):
+                        target="numpy", opt="O2", allow_positive_gates=False):
     """Kimi Delta Attention, token by token (decode when every sequence has one token).
     chunk_size is accepted for a uniform signature and unused."""
     return _delta_rule("kda", "recurrent", "fused_recurrent_kda", locals())
@@ -65,19 +79,30 @@ def compiled_graph(cfg: DeltaNetConfig, opt: str):
 
 def _delta_rule(variant: str, form: str, fn: str, args: dict):
     torch_like = _torch_reference(args)
+    for name in ("q", "k", "v", "g", "beta"):
+        if args[name] is None:
+            raise InputError(f"{fn}: {name} is None; expected an array (q, k, v, g and beta are required)")
+    _refuse_autograd(args, fn)
     arrays = {name: _to_numpy(args[name], name, fn)
               for name in ("q", "k", "v", "g", "beta", "initial_state") if args[name] is not None}
     cu = None if args["cu_seqlens"] is None else _cu_seqlens(args["cu_seqlens"], fn)
     cfg = _config(variant, form, fn, arrays, cu, args)
     for name, a in arrays.items():
         _check_finite(a, name, fn)
+    if not args["allow_positive_gates"]:
+        _check_gates(arrays["g"], fn)
+    if not cfg.l2norm:
+        _warn_unstable(arrays["k"], arrays["beta"], fn)
     graph = compiled_graph(cfg, args["opt"])
     if args["target"] == "numpy":
-        from .lowering.numpy_arena import run_planned
+        from .lowering.numpy_arena import graph_plan, run_planned
+        check_fits_memory(graph, fn, sum(a.nbytes for a in arrays.values()), graph_plan(graph).peak_bytes)
         outputs = run_planned(graph, arrays)[0]
     else:
         from .lowering import run
         outputs = run(graph, arrays, target=args["target"])
+    for name, out in zip(graph.output_names, outputs):
+        _check_output(out, name, fn, arrays)
     o = outputs[0]
     state = outputs[1] if cfg.final_state else None
     if torch_like is None:
@@ -127,8 +152,13 @@ def _config(variant, form, fn, arrays, cu, args) -> DeltaNetConfig:
         raise InputError(f"{fn}: initial_state has shape {list(state.shape)}; expected [N, HV, K, V] = "
                          f"{[N, HV, K, V]} (N = {'len(cu_seqlens) - 1' if cu is not None else 'B'})")
     chunk_size = args["chunk_size"]
-    if chunk_size not in (16, 32, 64):
-        raise InputError(f"{fn}: chunk_size={chunk_size!r}; expected 16, 32 or 64")
+    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool) or chunk_size not in (16, 32, 64):
+        raise InputError(f"{fn}: chunk_size={chunk_size!r}; expected the integer 16, 32 or 64")
+    chunk_size = int(chunk_size)
+    for name, expected in (("opt", "a pipeline O0, O1 or O2, or comma-separated pass names"),
+                           ("target", "a backend name: numpy, llvm, cuda or vulkan")):
+        if not isinstance(args[name], str) or not args[name].strip(" ,"):
+            raise InputError(f"{fn}: {name}={args[name]!r}; expected {expected}")
     scale = args["scale"]
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (np.isfinite(scale) and scale > 0):
@@ -138,10 +168,13 @@ def _config(variant, form, fn, arrays, cu, args) -> DeltaNetConfig:
     longest = T if cu is None else max(b - a for a, b in zip(cu, cu[1:]))
     if form == "recurrent" and longest == 1:
         mode = "decode"
-    return DeltaNetConfig(variant, batch=B, seq_len=T, heads=H, value_heads=HV, head_dim=K, value_dim=V,
-                          mode=mode, chunk_size=chunk_size, l2norm=bool(args["use_qk_l2norm_in_kernel"]),
-                          scale=scale, initial_state=state is not None,
-                          final_state=bool(args["output_final_state"]), cu_seqlens=cu)
+    try:
+        return DeltaNetConfig(variant, batch=B, seq_len=T, heads=H, value_heads=HV, head_dim=K, value_dim=V,
+                              mode=mode, chunk_size=chunk_size, l2norm=bool(args["use_qk_l2norm_in_kernel"]),
+                              scale=scale, initial_state=state is not None,
+                              final_state=bool(args["output_final_state"]), cu_seqlens=cu)
+    except InputError as e:
+        raise InputError(f"{fn}: {e}") from None
 
 
 def _torch_reference(args):
@@ -182,3 +215,56 @@ def _check_finite(a: np.ndarray, name: str, fn: str):
         what = "NaN" if np.isnan(a[index]) else "inf"
         raise InputError(f"{fn}: {name} contains {what} (first at index {list(index)}, "
                          f"{int(bad.sum())} non-finite value(s)); inputs must be finite")
+
+
+def _refuse_autograd(args, fn):
+    """dnir computes the forward pass only. A tensor that requires grad while autograd
+    records would lose its graph silently, so it is refused; under torch.no_grad() (or
+    inference_mode) nothing is recorded anyway and the values are used as they are."""
+    grads = [n for n in ("q", "k", "v", "g", "beta", "initial_state")
+             if getattr(args[n], "requires_grad", False)]
+    if grads:
+        import torch
+        if torch.is_grad_enabled():
+            raise InputError(f"{fn}: {', '.join(grads)} require(s) grad, but dnir computes the forward pass "
+                             f"only (no backward); call it under torch.no_grad() or pass .detach()ed tensors")
+
+
+def _check_gates(g: np.ndarray, fn: str):
+    """g is a log-decay (<= 0); above zero the state grows without bound. One reduction."""
+    if np.max(g) > 0:
+        index = [int(i) for i in np.unravel_index(np.argmax(g > 0), g.shape)]
+        raise InputError(f"{fn}: g has {int(np.count_nonzero(g > 0))} value(s) above zero (first at index {index}: "
+                         f"{float(g[tuple(index)]):.4g}); g is a log-decay, expected g <= 0 (pass "
+                         f"allow_positive_gates=True to run a growing state anyway)")
+
+
+def _warn_unstable(k: np.ndarray, beta: np.ndarray, fn: str):
+    """The delta rule contracts the state along k only while beta * |k|^2 < 2 (the step
+    is I - beta k k^T); one warning per call, naming the worst token."""
+    ksq = np.einsum("bthk,bthk->bth", k, k)
+    group = beta.shape[2] // k.shape[2]          # value head j reads key head j // group
+    stiffness = beta.reshape(*ksq.shape, group) * ksq[..., None]
+    worst = np.unravel_index(np.argmax(stiffness), stiffness.shape)
+    value = float(stiffness[worst])
+    if value >= 2:
+        b, t, h, j = (int(i) for i in worst)
+        warnings.warn(f"{fn}: beta * |k|^2 = {value:.4g} >= 2 at batch {b}, token {t}, value head {h * group + j} "
+                      f"(the worst of {int(np.count_nonzero(stiffness >= 2))}): the delta rule is unstable there; "
+                      f"normalise k (use_qk_l2norm_in_kernel=True) or keep beta * |k|^2 < 2",
+                      InputWarning, stacklevel=4)
+
+
+def _check_output(out: np.ndarray, name: str, fn: str, arrays: dict):
+    """The inputs are finite (checked first): an output that is not is an overflow of the
+    arithmetic (float32 above 3.4e38), reported rather than returned."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(out)):
+            return
+    bad = ~np.isfinite(out)
+    if bad.any():
+        index = [int(i) for i in np.argwhere(bad)[0]]
+        largest = max(arrays, key=lambda n: float(np.max(np.abs(arrays[n]))))
+        raise NumericError(f"{fn}: output {name} is not finite ({int(bad.sum())} value(s), first at index {index}) "
+                           f"although every input is finite: the result overflows float32 (the largest input "
+                           f"magnitude is {float(np.max(np.abs(arrays[largest]))):.3g} in {largest})")

@@ -56,5 +56,13 @@ class InputError(DnirError):
     """A runtime input (array, state, option) does not fit what the graph expects."""
 
 
+class NumericError(DnirError):
+    """A result is not finite although every input is (float32 overflow)."""
+
+
+class InputWarning(UserWarning):
+    """An input dnir accepts but that is outside where the model behaves (an unstable key)."""
+
+
 class BackendError(DnirError):
     """A backend cannot lower or run a graph (missing ops, no device)."""

@@ -15,8 +15,9 @@ import json
 import math
 import re
 
-from .errors import DnirError, ParseError
+from .errors import DnirError, InputError, ParseError
 from .graph import Graph, Node
+from .limits import MAX_TEXT_BYTES, format_bytes, oversize
 from .ops import make_node
 from .types import DTYPES, TensorType, type_str
 
@@ -148,17 +149,26 @@ def parse(text: str, source_name: str = "<text>") -> Graph:
     """Parse `.dnir` text into a Graph; errors carry line and column."""
     toks = _Tokens(text, source_name)
     toks.expect("graph")
-    graph = _parse_graph(toks)
+    try:
+        graph = _parse_graph(toks)
+    except RecursionError:
+        raise toks.error("brackets or scan bodies nested too deeply") from None
     toks.expect(kind="eof")
     return graph
 
 
 def parse_file(path) -> Graph:
-    with open(path, encoding="utf-8") as f:
-        try:
-            text = f.read()
-        except UnicodeDecodeError as e:
-            raise DnirError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    """Read and parse a .dnir file of at most MAX_TEXT_BYTES (a device or a stray
+    huge file is refused after that many bytes, not read to the end)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise InputError(f"{path}: larger than {format_bytes(MAX_TEXT_BYTES)}, too large for a .dnir graph "
+                         f"(a graph's text does not grow with the sequence length)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     return parse(text, str(path))
 
 
@@ -224,11 +234,18 @@ def _parse_type(toks: _Tokens):
             d = toks.expect(kind="number")
             if not d[1].isdigit():
                 raise toks.error(f"dimension {d[1]!r} must be a non-negative integer", d)
+            if len(d[1]) > 15:      # beyond the bound below; int() refuses thousands of digits
+                raise toks.error(f"dimension {d[1][:15]}... ({len(d[1])} digits) is beyond the size of any "
+                                 f"tensor (at most 2**40 elements)", d)
             dims.append(int(d[1]))
             if toks.accept("]"):
                 break
             toks.expect(",")
-    return TensorType(dims, tok[1])
+    t = TensorType(dims, tok[1])
+    why = oversize(t)
+    if why:
+        raise toks.error(f"type {t} has {why}", tok)
+    return t
 
 
 def _parse_stmt(toks: _Tokens, env: dict):
@@ -287,9 +304,17 @@ def _parse_value(toks: _Tokens):
     if kind == "number":
         if any(c in text for c in ".eEn") or "inf" in text:
             return float(text)
+        # Attributes are 64-bit integers everywhere they are used (NumPy, TVM); the length
+        # test first, as int() refuses strings of thousands of digits.
+        if len(text) > 20 or not -2**63 <= int(text) < 2**63:
+            raise toks.error(f"integer {text if len(text) <= 20 else text[:20] + '...'} is outside the "
+                             f"64-bit range", tok)
         return int(text)
     if kind == "string":
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise toks.error(f"bad string {text}: {e.msg}", tok) from None
     if kind == "ident":
         return {"true": True, "false": False}.get(text, text)
     if text == "[":

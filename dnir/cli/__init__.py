@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import stat
 import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 from dnir import __version__
 from dnir.errors import DnirError
 
 # Subcommand modules, in the order `dnir --help` lists them.
-COMMANDS = ["build", "opt", "stats", "check", "run", "compile", "viz", "bench", "demo"]
+COMMANDS = ["build", "opt", "stats", "check", "run", "compile", "export", "viz", "bench", "demo"]
 
 
 class UsageError(Exception):
@@ -50,18 +55,115 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UsageError, OSError) as e:   # OSError: a path that cannot be read or written
+    except UsageError as e:
         print(f"dnir {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:     # a path that cannot be read or written
+        print(f"dnir {args.command}: {os_error(e)}", file=sys.stderr)
         return 2
     except DnirError as e:
         print(f"dnir {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 
-def load_graph(path: str):
-    """Read a .dnir file; a missing file is a usage error."""
-    from dnir.text import parse_file
+def os_error(e: OSError) -> str:
+    """One wording for a path that cannot be read or written."""
+    if isinstance(e, FileNotFoundError) and e.filename is not None:
+        return f"no such file: {e.filename}"
+    if e.filename is not None and e.strerror:
+        return f"cannot use {e.filename}: {e.strerror}"
+    return str(e)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: seeds, counts."""
     try:
-        return parse_file(path)
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 0")
+    return value
+
+
+def pipeline_names(option: str, text: str) -> str:
+    """A --pipeline or --passes value that names at least one pass."""
+    if not text.strip(" ,"):
+        raise UsageError(f"{option} {text!r} names no pass; expected O0, O1, O2 or comma-separated pass names")
+    return text
+
+
+def load_graph(path: str):
+    """Read, parse and verify a .dnir file; a delta-net layer's metadata is checked
+    against the graph (the inputs and oracle drawn from it must fit). Every command
+    reads its graphs here: one size limit, one wording for a missing file."""
+    from dnir.models import DeltaNetConfig
+    from dnir.text import parse_file
+    from dnir.verify import verify
+    try:
+        graph = verify(parse_file(path), path)
     except FileNotFoundError:
         raise UsageError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder; expected a .dnir file") from None
+    if graph.meta.get("model") == "delta_net":
+        DeltaNetConfig.of_graph(graph, path)
+    return graph
+
+
+@contextmanager
+def output_path(path):
+    """A temporary file beside `path` (same folder and suffix) to write into; renamed onto
+    `path` when the block succeeds (atomically: readers see the old file or the new one,
+    never a part), removed when it fails. Every command writes its files this way, so an
+    interrupted or failing run leaves no truncated file, and `-o` may name the input."""
+    target = check_output(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode) if target.exists() else 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_output(path) -> Path:
+    """An output path in an existing folder, not itself a folder (checked by output_path;
+    commands with slow work before the write check it first too)."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise UsageError(f"cannot write {path}: no folder {target.parent} (create it first)")
+    if target.is_dir():
+        raise UsageError(f"cannot write {path}: it is a folder")
+    return target
+
+
+def write_text(path, text: str):
+    with output_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def render_picture(dot, path) -> Path:
+    """viz.render through output_path. Without Graphviz, viz writes the .dot source next
+    to the temporary and raises; that file is moved beside `path` and the error names it."""
+    from dnir import viz
+    with output_path(path) as tmp:
+        try:
+            viz.render(dot, tmp)
+        except DnirError as e:
+            source = Path(tmp).with_suffix(".dot")
+            if not source.exists():
+                raise
+            os.replace(source, Path(path).with_suffix(".dot"))
+            raise DnirError(str(e).replace(str(source), str(Path(path).with_suffix(".dot")))
+                            .replace(tmp, str(path))) from None
+    return Path(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -45,7 +45,9 @@ def register(sub):
 
 
 def run(args) -> int:
-    from dnir.cli import UsageError
+    from dnir.analysis.memory import plan
+    from dnir.cli import UsageError, write_text
+    from dnir.limits import check_graph_sizes, format_bytes
     from dnir.models import build_delta_net, preset
     from dnir.text import print_graph
 
@@ -69,8 +71,9 @@ def run(args) -> int:
             options[name] = getattr(args, name)
     cfg = preset(args.preset or DEFAULT_PRESET[args.variant], variant=args.variant, **options)
     graph = build_delta_net(cfg)
-    with open(args.output, "w", encoding="utf-8") as f:
-        f.write(print_graph(graph))
+    check_graph_sizes(graph, f"seq_len={cfg.seq_len}")
+    write_text(args.output, print_graph(graph))
     print(f"wrote {args.output}: {args.variant} {cfg.mode}, B={cfg.batch} T={cfg.seq_len} H={cfg.heads} "
-          f"HV={cfg.value_heads} K={cfg.head_dim} V={cfg.value_dim}, {graph.node_count()} nodes")
+          f"HV={cfg.value_heads} K={cfg.head_dim} V={cfg.value_dim}, {graph.node_count()} nodes, "
+          f"planned compute buffer {format_bytes(plan(graph).peak_bytes)}")
     return 0

@@ -1,4 +1,5 @@
-"""dnir check FILE.dnir: parse and verify a graph; with --ranges, find ops that can overflow."""
+"""dnir check FILE.dnir: parse and verify a graph (and a layer's metadata against it);
+with --ranges, find ops that can overflow."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,12 @@ import sys
 from dnir.errors import DnirError
 
 EXAMPLE = """examples:
-  dnir check layer.dnir
+  dnir check layer.dnir                                # not a valid graph: exit 2
   dnir check layer.dnir --ranges                       # exp/div/log that can overflow: exit 1
   dnir check layer.dnir --ranges --range g=-5,0 --range v=-10,10
+
+A valid file parses, verifies, and (a delta-net layer's) metadata describes the
+graph's own inputs and outputs.
 
 --ranges propagates value intervals from the inputs' declared ranges (defaults:
 g in [-20, 0], beta in [0, 1], q and k in [-1, 1]; any other input unbounded)
@@ -45,20 +49,15 @@ def parse_range(text: str) -> tuple[str, tuple[float, float]]:
 
 
 def run(args) -> int:
-    from dnir.cli import UsageError
-    from dnir.text import parse_file
-    from dnir.verify import verify
+    from dnir.cli import UsageError, load_graph
     declared = dict(parse_range(r) for r in args.range)
     try:
-        graph = verify(parse_file(args.file))
-    except FileNotFoundError:
-        raise
-    except DnirError as e:
-        if args.json:
-            print(json.dumps({"ok": False, "error": str(e), "kind": type(e).__name__}))
-        else:
-            print(f"{args.file}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        graph = load_graph(args.file)
+    except DnirError as e:      # not a valid graph: an input error (exit 2), as in every command
+        if not args.json:
+            raise
+        print(json.dumps({"ok": False, "error": str(e), "kind": type(e).__name__}))
+        return 2
     unknown = sorted(set(declared) - set(graph.input_names))
     if unknown:
         raise UsageError(f"--range names {unknown}, which are not inputs of the graph; "

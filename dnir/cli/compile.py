@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 EXAMPLE = """examples:
   dnir compile gdn.dnir --target cuda --arch sm_90 -o gdn_cuda.so
@@ -23,16 +24,18 @@ def register(sub):
 
 
 def run(args) -> int:
-    from dnir.cli import UsageError, load_graph
-    from dnir.lowering.tvm.compile import build
+    from dnir.cli import UsageError, load_graph, output_path
+    from dnir.lowering.registry import build
 
     from .progress import busy
 
     if not args.output.endswith(".so"):
         raise UsageError(f"output {args.output!r} must end with .so (a shared library)")
+    if not re.fullmatch(r"sm_\d{2,3}[a-z]?", args.arch):
+        raise UsageError(f"--arch {args.arch!r}: expected a CUDA architecture sm_XY, e.g. sm_80, sm_90 or sm_90a")
     graph = load_graph(args.file)
-    with busy(f"compiling for {args.target}"):
-        build(graph, args.target, args.arch).export_library(args.output)
+    with output_path(args.output) as tmp, busy(f"compiling for {args.target}"):
+        build(graph, args.target, arch=args.arch).export_library(tmp)
     where = f"{args.target} ({args.arch})" if args.target == "cuda" else args.target
     print(f"{args.output}: {where}, inputs {', '.join(graph.input_names)}; outputs {', '.join(graph.output_names)}")
     return 0

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import non_negative_int
+
 EXAMPLE = """examples:
   dnir demo                     # under two minutes on 2 cores; pictures in ./dnir-demo/
   dnir demo --quick --out /tmp/demo
@@ -39,7 +41,7 @@ def register(sub):
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"small heads and T={QUICK_SEQ_LEN} (seconds, not minutes)")
     p.add_argument("--out", default="dnir-demo", help="folder for the pictures and graphs (default ./dnir-demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random inputs (>= 0)")
     p.set_defaults(func=run)
 
 
@@ -194,18 +196,20 @@ def draw(name, before, after, out: Path) -> list[Path]:
     from dnir import viz
     from dnir.errors import DnirError
     from dnir.text import print_graph
+
+    from . import render_picture, write_text
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for level, graph in (("O0", before), ("O2", after)):
         path = out / f"{name}.{level}.dnir"
-        path.write_text(print_graph(graph))
+        write_text(path, print_graph(graph))
         written.append(path)
     pictures = {f"{name}.O0.svg": viz.to_dot(before, collapse=True),
                 f"{name}.O2.svg": viz.to_dot(after, collapse=True),
                 f"{name}.diff.svg": viz.diff_dot(before, after, collapse=True)}
     for file, dot in pictures.items():
         try:
-            written.append(viz.render(dot, out / file))
+            written.append(render_picture(dot, out / file))
         except DnirError as e:   # no Graphviz `dot`: render wrote the .dot file and says how to draw it
             print(f"note: {e}")
             written.append((out / file).with_suffix(".dot"))

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from . import UsageError, load_graph
+from . import UsageError, check_output, load_graph, pipeline_names, write_text
 
 EXAMPLE = """examples:
   dnir opt layer.dnir -o layer.O2.dnir --report
@@ -41,6 +41,7 @@ def run(args) -> int:
 
     from .progress import progress
     graph = load_graph(args.file)
+    check_output(args.output)
     if args.block_size is not None and args.block_size < 1:
         raise UsageError(f"--block-size {args.block_size}: expected a positive integer")
     if args.viz and not args.dump_dir:
@@ -48,11 +49,12 @@ def run(args) -> int:
     options = {}
     if args.block_size:
         options = {name: {"block": args.block_size} for name in ("block_tril", "block_solve")}
-    graph, records = run_pipeline(graph, args.passes or args.pipeline, options=options,
+    pipeline = pipeline_names("--passes", args.passes) if args.passes is not None else \
+        pipeline_names("--pipeline", args.pipeline)
+    graph, records = run_pipeline(graph, pipeline, options=options,
                                   validate=args.validate, dump_dir=args.dump_dir,
                                   progress=lambda names: progress(names, desc="passes", unit="pass"))
-    with open(args.output, "w", encoding="utf-8") as f:
-        f.write(print_graph(graph))
+    write_text(args.output, print_graph(graph))       # atomic: -o may name the input file
     if args.viz:
         draw_passes(args.dump_dir, records)
     if args.json:
@@ -73,13 +75,14 @@ def draw_passes(dump_dir: str, records):
     from dnir import viz
     from dnir.text import parse_file
 
+    from . import render_picture
     from .progress import progress
     paths = [os.path.join(dump_dir, f"{i:03d}_{r.name}") for i, r in enumerate(records)]
     drawn = [i for i, r in enumerate(records) if i == 0 or r.changed]
     previous = None
     for i in progress(drawn, desc="drawing passes", unit="pass"):
         graph = parse_file(paths[i] + ".dnir")
-        viz.render(viz.to_dot(graph), paths[i] + ".svg")
+        render_picture(viz.to_dot(graph), paths[i] + ".svg")
         if previous is not None:
-            viz.render(viz.diff_dot(previous, graph), paths[i] + ".diff.svg")
+            render_picture(viz.diff_dot(previous, graph), paths[i] + ".diff.svg")
         previous = graph

@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 
+from . import non_negative_int
+
 EXAMPLE = """examples:
   dnir build gdn --heads 2 --value-heads 4 --head-dim 16 --value-dim 16 --seq-len 200 -o gdn.dnir
   dnir run gdn.dnir --target numpy --check
@@ -27,13 +29,14 @@ def register(sub):
     p.add_argument("--target", default="numpy", help="backend to run on (default numpy)")
     p.add_argument("--check", action="store_true",
                    help="compare with the float64 recurrent oracle; exit 1 above the tolerance")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random inputs (>= 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from dnir.cli import UsageError, load_graph
+    from dnir.limits import check_fits_memory
     from dnir.lowering import run as run_graph
     from dnir.models import DeltaNetConfig, random_inputs
 
@@ -41,6 +44,10 @@ def run(args) -> int:
 
     graph = load_graph(args.file)
     cfg = DeltaNetConfig.from_meta(graph.meta) if graph.meta.get("model") == "delta_net" else None
+    # Before any input is drawn: the inputs live on the host; on a CPU target the
+    # planned compute buffer too (a GPU's is on the device).
+    check_fits_memory(graph, args.file, sum(t.nbytes for t in graph.input_types),
+                      None if args.target in ("numpy", "llvm") else 0)
     if cfg is None:
         if args.check:
             raise UsageError(f"{args.file} has no delta-net model metadata, so there is no oracle to "

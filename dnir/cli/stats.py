@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import UsageError, load_graph
+from . import UsageError, load_graph, non_negative_int, pipeline_names
 
 EXAMPLE = """examples:
   dnir stats layer.dnir
@@ -23,7 +23,7 @@ def register(sub):
     p.add_argument("file", help="graph in the .dnir text format")
     p.add_argument("--pipeline", help="also run this pipeline (O0, O1, O2 or pass names, comma-separated) "
                                       "and report every pass; the totals are then the final graph's")
-    p.add_argument("--top", type=int, default=5, help="how many of the largest values live at the peak to list")
+    p.add_argument("--top", type=non_negative_int, default=5, help="how many of the largest values live at the peak to list")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=run)
 
@@ -39,11 +39,10 @@ def graph_stats(graph, top: int = 5) -> dict:
 
 
 def run(args) -> int:
-    if args.top < 0:
-        raise UsageError(f"--top {args.top}: expected a count >= 0")
     graph = load_graph(args.file)
     passes = None
-    if args.pipeline:
+    if args.pipeline is not None:
+        pipeline_names("--pipeline", args.pipeline)
         graph, passes = _per_pass(graph, args.pipeline, args.top)
     stats = {"file": args.file, **graph_stats(graph, args.top)}
     if passes is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from dnir.cli import load_graph
+from dnir.cli import load_graph, render_picture
 
 EXAMPLE = """examples:
   dnir viz layer.dnir -o layer.svg
@@ -29,6 +29,6 @@ def run(args) -> int:
         dot = viz.diff_dot(graph, load_graph(args.diff), collapse=args.collapse)
     else:
         dot = viz.to_dot(graph, collapse=args.collapse)
-    path = viz.render(dot, args.output)
+    path = render_picture(dot, args.output)
     print(f"wrote {path}")
     return 0

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import InputError
+from ..limits import oversize
+from ..types import TensorType
 
 VARIANTS = ("gdn", "kda")
 MODES = ("chunked", "recurrent", "decode")
@@ -43,7 +45,10 @@ class DeltaNetConfig:
 
     def __post_init__(self):
         if self.cu_seqlens is not None:
-            object.__setattr__(self, "cu_seqlens", tuple(int(x) for x in self.cu_seqlens))
+            cu = self.cu_seqlens
+            if not isinstance(cu, (tuple, list)) or not all(_is_int(x) for x in cu):
+                raise InputError(f"cu_seqlens={cu!r}; expected a sequence of integers [0, ..., T]")
+            object.__setattr__(self, "cu_seqlens", tuple(int(x) for x in cu))
         _check(self)
         object.__setattr__(self, "scale", float(self.head_dim ** -0.5 if self.scale is None else self.scale))
 
@@ -77,6 +82,13 @@ class DeltaNetConfig:
     def state_shape(self) -> tuple[int, int, int, int]:
         return (self.num_sequences, self.value_heads, self.head_dim, self.value_dim)
 
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Graph outputs by name, in order."""
+        shapes = {"o": (self.batch, self.seq_len, self.value_heads, self.value_dim)}
+        if self.final_state:
+            shapes["final_state"] = self.state_shape
+        return shapes
+
     def to_meta(self) -> dict:
         """The graph metadata; None-valued options are left out (metadata has no null)."""
         return {"model": "delta_net", **{k: v for k, v in asdict(self).items() if v is not None}}
@@ -87,7 +99,31 @@ class DeltaNetConfig:
             raise InputError("the graph has no delta-net model metadata (meta {model=\"delta_net\", ...}); "
                              "build it with `dnir build gdn|kda`")
         names = {f.name for f in fields(cls)}
+        if "variant" not in meta:
+            raise InputError("the delta-net metadata has no variant (meta {variant=\"gdn\"|\"kda\", ...})")
         return cls(**{k: v for k, v in meta.items() if k in names})
+
+    @classmethod
+    def of_graph(cls, graph, where: str = "graph") -> "DeltaNetConfig":
+        """The config in the graph's metadata, checked against the graph: the inputs and
+        outputs it describes are the graph's own (names, order, shapes, float32), so that
+        inputs drawn and an oracle built from the metadata fit the graph."""
+        try:
+            cfg = cls.from_meta(graph.meta)
+        except InputError as e:
+            raise InputError(f"{where}: meta: {e}") from None
+        for kind, want, names, types in (
+                ("inputs", cfg.input_shapes(), graph.input_names, graph.input_types),
+                ("outputs", cfg.output_shapes(), graph.output_names, graph.output_types)):
+            have = {n: t for n, t in zip(names, types)}
+            expect = {n: TensorType(s, "f32") for n, s in want.items()}
+            if list(have) != list(expect):
+                raise InputError(f"{where}: meta describes {kind} {list(expect)}, the graph has {list(have)}")
+            for n, t in have.items():
+                if t != expect[n]:
+                    raise InputError(f"{where}: meta describes {kind[:-1]} {n} as {expect[n]}, the graph "
+                                     f"has {t}")
+        return cfg
 
 
 def preset(name: str, **overrides) -> DeltaNetConfig:
@@ -108,16 +144,28 @@ def _check(c: DeltaNetConfig):
         raise InputError(f"mode={c.mode!r}; expected one of {', '.join(MODES)}")
     for name in ("batch", "seq_len", "heads", "value_heads", "head_dim", "value_dim"):
         value = getattr(c, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_int(value) or value < 1:
             raise InputError(f"{name}={value!r}; expected a positive integer")
+    for name in ("l2norm", "initial_state", "final_state", "factorized_decay"):
+        if not isinstance(getattr(c, name), bool):
+            raise InputError(f"{name}={getattr(c, name)!r}; expected true or false")
     if c.value_heads % c.heads:
         raise InputError(f"value_heads={c.value_heads} is not a multiple of heads={c.heads} "
                          f"(each q/k head serves HV // H value heads)")
-    if c.chunk_size not in CHUNK_SIZES:
-        raise InputError(f"chunk_size={c.chunk_size}; expected one of {', '.join(map(str, CHUNK_SIZES))}")
-    if c.block_size is not None and (c.block_size < 1 or c.chunk_size % c.block_size):
-        raise InputError(f"block_size={c.block_size} does not divide chunk_size={c.chunk_size}; "
+    if not _is_int(c.chunk_size) or c.chunk_size not in CHUNK_SIZES:
+        raise InputError(f"chunk_size={c.chunk_size!r}; expected one of {', '.join(map(str, CHUNK_SIZES))}")
+    if c.block_size is not None and (not _is_int(c.block_size) or c.block_size < 1
+                                     or c.chunk_size % c.block_size):
+        raise InputError(f"block_size={c.block_size!r} does not divide chunk_size={c.chunk_size}; "
                          f"expected None or a divisor of it")
+    # Sizes first, before anything is built or planned: the largest input or output
+    # (q, k, v, g, the state) within the bound on one tensor.
+    for name, shape in {**c.input_shapes(), **c.output_shapes()}.items():
+        why = oversize(TensorType(shape, "f32"))
+        if why:
+            sizes = ", ".join(f"{n}={getattr(c, n)}" for n in ("batch", "seq_len", "heads", "value_heads",
+                                                                "head_dim", "value_dim"))
+            raise InputError(f"{sizes}: {name} would be f32{list(shape)}, {why}")
     if c.scale is not None and not (isinstance(c.scale, (int, float)) and math.isfinite(c.scale) and c.scale > 0):
         raise InputError(f"scale={c.scale}; expected a positive finite number")
     if c.cu_seqlens is not None:
@@ -125,6 +173,10 @@ def _check(c: DeltaNetConfig):
     if c.mode == "decode" and max(c.seq_lens) != 1:
         raise InputError(f"mode='decode' computes one token per sequence; got sequence length(s) "
                          f"{sorted(set(c.seq_lens))} (use mode='recurrent' or 'chunked')")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def check_cu_seqlens(cu, seq_len: int, batch: int):

@@ -1,4 +1,5 @@
-"""`dnir --version` and `dnir check`: exit codes 0 (ok), 1 (check failed), 2 (usage/input)."""
+"""`dnir --version` and `dnir check`: exit codes 0 (ok), 1 (a check of a valid graph failed),
+2 (usage or input: a file that is not a valid graph is an input error, as in every command)."""
 import json
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def test_check_bad_file_reports_line_and_column(tmp_path):
     bad = tmp_path / "bad.dnir"
     bad.write_text(GOOD.replace("cumsum(%0) {axis=-1}", "cumsum(%0) {axis=2}"))
     done = cli("check", str(bad))
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert f"{bad}:3:18:" in done.stderr and "ParseError" in done.stderr
     assert "cumsum(f32[2,3]): axis 2 is out of range for rank 2" in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
@@ -82,23 +83,55 @@ def test_check_bad_file_reports_line_and_column(tmp_path):
     (GOOD[:-2], ["5:1:", "expected '}', got end of input"]),
     (GOOD.replace("f32[2,3], %w", "f32[2,3) %w"), ["1:18:", "expected ',', got ')'"]),
 ])
-def test_check_failures_exit_1(tmp_path, capsys, text, fragments):
+def test_invalid_files_exit_2(tmp_path, capsys, text, fragments):
     bad = tmp_path / "bad.dnir"
     bad.write_text(text)
-    assert main(["check", str(bad)]) == 1
+    assert main(["check", str(bad)]) == 2
     err = capsys.readouterr().err
     for fragment in fragments:
         assert fragment in err
-    assert main(["check", "--json", str(bad)]) == 1
+    assert main(["check", "--json", str(bad)]) == 2
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] is False and fragments[-1] in result["error"]
 
 
-def test_check_binary_file_exits_1(tmp_path, capsys):
+def test_check_binary_file_exits_2(tmp_path, capsys):
     path = tmp_path / "blob.dnir"
     path.write_bytes(b"\xff\xfe\x00graph")
-    assert main(["check", str(path)]) == 1
+    assert main(["check", str(path)]) == 2
     assert "not a UTF-8 text file" in capsys.readouterr().err
+
+
+def test_check_reads_a_bounded_prefix_of_an_endless_file(capsys):
+    """/dev/zero never ends: it is refused after the size limit, not read to the end."""
+    assert main(["check", "/dev/zero"]) == 2
+    assert "/dev/zero: larger than 64.0 MiB" in capsys.readouterr().err
+
+
+def test_check_validates_the_metadata_against_the_graph(tmp_path, capsys):
+    path = tmp_path / "gdn.dnir"
+    assert main(["build", "gdn", "--heads", "1", "--value-heads", "2", "--head-dim", "8", "--value-dim", "8",
+                 "--seq-len", "20", "--final-state", "-o", str(path)]) == 0
+    assert main(["check", str(path)]) == 0
+    text = path.read_text()
+    cases = [(text.replace("value_dim=8", "value_dim=99999999999999999999"), "outside the 64-bit range"),
+             (text.replace("value_dim=8", "value_dim=2**70"), "unexpected character '*'"),
+             (text.replace("value_dim=8", "value_dim=999999999999"), "value_dim=999999999999: v would be"),
+             (text.replace("value_dim=8", "value_dim=4"), "meta describes input v as f32[1,20,2,4], the graph "
+                                                         "has f32[1,20,2,8]"),
+             (text.replace("final_state=true", "final_state=false"), "meta describes outputs ['o'], the graph "
+                                                                    "has ['o', 'final_state']"),
+             (text.replace("chunk_size=64", "chunk_size=64.0"), "chunk_size=64.0"),
+             (text.replace("l2norm=false", 'l2norm="no"'), "l2norm='no'; expected true or false"),
+             (text.replace('variant="gdn", ', ""), "no variant")]
+    for bad, words in cases:
+        assert bad != text, words
+        path.write_text(bad)
+        capsys.readouterr()
+        assert main(["check", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and str(path) in err, err
+        assert main(["run", str(path), "--check"]) == 2          # run reads it the same way
 
 
 def test_check_missing_file_exits_2(tmp_path):

@@ -21,8 +21,9 @@ USAGE_ERRORS = {
     "build": (["build", "gdn", "--heads", "0", "-o", "{tmp}/x.dnir"], "heads=0"),
     "run": (["run", "{good}", "--target", "nosuch"], "nosuch"),
     "opt": (["opt", "{good}", "--passes", "nosuch", "-o", "{tmp}/x.dnir"], "nosuch"),
-    "stats": (["stats", "{good}", "--top", "-1"], "--top"),
+    "stats": (["stats", "{good}", "--pipeline", ","], "--pipeline"),
     "compile": (["compile", "{good}", "--target", "llvm", "-o", "{tmp}/g.txt"], ".so"),
+    "export": (["export", "{good}", "--format", "ggml-c", "-o", "{tmp}/9x.c"], "9x"),
     "bench": (["bench", "--threads", "0"], "--threads"),
 }
 JSON_COMMANDS = {
@@ -89,11 +90,140 @@ def test_json_output_is_one_document(command, files, capsys):
     assert isinstance(json.loads(out), dict)
 
 
-def test_check_failure_exits_1(files, capsys):
+def test_check_failure_exits_1_and_an_invalid_file_2(files, capsys):
+    exp = files["tmp"] / "exp.dnir"
+    exp.write_text("graph(%x: f32[2]) {\n  %0: f32[2] = exp(%x)\n  return %0\n}\n")
+    assert main(["check", str(exp)]) == 0
+    assert main(["check", str(exp), "--ranges"]) == 1              # valid, but exp(x) can overflow
+    assert "exp" in capsys.readouterr().out
     bad = files["tmp"] / "bad.dnir"
     bad.write_text(GOOD.replace("%1: f32[2,3] = cumsum", "%1: f32[3,2] = cumsum"))
-    assert main(["check", str(bad)]) == 1
-    assert "bad.dnir" in _one_line(capsys.readouterr().err)
+    for command in (["check"], ["opt", "-o", str(files["tmp"] / "o.dnir")], ["stats"], ["run"],
+                    ["viz", "-o", str(files["tmp"] / "o.svg")], ["compile", "--target", "llvm", "-o",
+                                                                 str(files["tmp"] / "o.so")]):
+        assert main([command[0], str(bad), *command[1:]]) == 2, command
+        assert "bad.dnir:3:7: ParseError" not in (err := _one_line(capsys.readouterr().err))
+        assert err.startswith(f"dnir {command[0]}: ParseError: {bad}:3:7: %1 is declared f32[3,2]"), err
+
+
+def test_missing_file_has_one_wording(files, capsys):
+    missing = files["tmp"] / "nope.dnir"
+    for command in (["check"], ["opt", "-o", str(files["tmp"] / "o.dnir")], ["stats"], ["run"],
+                    ["viz", "-o", str(files["tmp"] / "o.svg")], ["compile", "--target", "llvm", "-o",
+                                                                 str(files["tmp"] / "o.so")]):
+        assert main([command[0], str(missing), *command[1:]]) == 2, command
+        assert _one_line(capsys.readouterr().err) == f"dnir {command[0]}: no such file: {missing}"
+    assert main(["viz", str(files["good"]), "--diff", str(missing), "-o", str(files["tmp"] / "d.svg")]) == 2
+    assert _one_line(capsys.readouterr().err) == f"dnir viz: no such file: {missing}"
+
+
+# Every command that writes a file, with {out} for the path it writes.
+WRITERS = {
+    "build": ["build", "gdn", "--heads", "1", "--value-heads", "1", "--head-dim", "4", "--value-dim", "4",
+              "--seq-len", "8", "-o", "{out}.dnir"],
+    "opt": ["opt", "{good}", "-o", "{out}.dnir"],
+    "viz": ["viz", "{good}", "-o", "{out}.dot"],
+    "compile": ["compile", "{good}", "--target", "llvm", "-o", "{out}.so"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_output_into_a_missing_folder_is_one_error(command, files, capsys):
+    missing = files["tmp"] / "no" / "such"
+    argv = [a.format(out=missing / "x", **files) for a in WRITERS[command]]
+    assert main(argv) == 2
+    out = argv[argv.index("-o") + 1]
+    assert _one_line(capsys.readouterr().err) == f"dnir {command}: cannot write {out}: no folder {missing} " \
+                                                 f"(create it first)"
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("command", sorted(WRITERS))
+def test_outputs_are_renamed_into_place(command, files, monkeypatch):
+    """Each command writes a temporary beside its output and renames it: the output
+    appears whole (with the usual permissions), and no temporary is left behind."""
+    import os
+    renamed = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((str(a), str(b))), real(a, b))[1])
+    argv = [a.format(out=files["tmp"] / "x", **files) for a in WRITERS[command]]
+    assert main(argv) == 0
+    out = argv[argv.index("-o") + 1]
+    tmp, dst = renamed[-1]
+    assert dst == out and os.path.dirname(tmp) == os.path.dirname(out) and tmp.endswith(os.path.splitext(out)[1])
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert sorted(p.name for p in files["tmp"].iterdir()) == sorted(["good.dnir", os.path.basename(out)])
+
+
+def _umask():
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_opt_in_place_and_a_failure_leaves_the_file(files, capsys):
+    path = files["tmp"] / "g.dnir"
+    path.write_text(GOOD)
+    assert main(["opt", str(path), "-o", str(path), "--passes", "nosuch"]) == 2
+    assert path.read_text() == GOOD                                 # a failed run keeps the old file whole
+    assert main(["opt", str(path), "-o", str(path)]) == 0           # the in-place edit
+    assert main(["check", str(path)]) == 0 and path.read_text() != GOOD
+    assert sorted(p.name for p in files["tmp"].iterdir()) == ["g.dnir", "good.dnir"]
+
+
+def test_empty_pipeline_is_an_error(files, capsys):
+    for argv in (["opt", "{good}", "--passes", "", "-o", "{tmp}/o.dnir"],
+                 ["opt", "{good}", "--pipeline", " , ", "-o", "{tmp}/o.dnir"],
+                 ["stats", "{good}", "--pipeline", ""]):
+        assert main(_argv(argv, files)) == 2
+        assert "names no pass" in _one_line(capsys.readouterr().err)
+    assert not (files["tmp"] / "o.dnir").exists()
+
+
+@pytest.mark.parametrize("command", [["run", "{good}"], ["demo", "--quick", "--out", "{tmp}/d"]])
+def test_negative_seed_is_a_usage_error(command, files, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(_argv(command, files) + ["--seed", "-1"])
+    assert e.value.code == 2
+    assert "argument --seed: -1: expected an integer >= 0" in _one_line(capsys.readouterr().err)
+
+
+def test_compile_checks_the_architecture(files, capsys):
+    assert main(_argv(["compile", "{good}", "--target", "cuda", "--arch", "sm_bogus", "-o", "{tmp}/g.so"],
+                      files)) == 2
+    assert "--arch 'sm_bogus': expected a CUDA architecture" in _one_line(capsys.readouterr().err)
+    assert not (files["tmp"] / "g.so").exists()
+
+
+@pytest.mark.parametrize("seq_len", ["1000000000000", str(10**30)])
+def test_sizes_are_bounded_where_they_are_read(seq_len, files, capsys):
+    out = files["tmp"] / "big.dnir"
+    assert main(["build", "gdn", "--seq-len", seq_len, "-o", str(out)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"seq_len={seq_len}" in err and "q would be f32[1," in err and ("PiB" in err or "EiB" in err), err
+    assert "a tensor may have at most 2**40 elements" in err and not out.exists()
+    # the same size in a file
+    text = GOOD.replace("%x: f32[2,3]", f"%x: f32[{seq_len},3]")
+    (files["tmp"] / "big_input.dnir").write_text(text)
+    assert main(["stats", str(files["tmp"] / "big_input.dnir")]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "big_input.dnir:1:" in err and "at most 2**40 elements" in err, err
+
+
+def test_run_names_the_memory_a_graph_needs_before_it_runs(files, capsys):
+    """Within the size bound but beyond this machine: stats and build state the plan, run
+    refuses before drawing inputs."""
+    from dnir.limits import machine_memory
+    out = files["tmp"] / "long.dnir"
+    assert main(["build", "gdn", "--seq-len", "100000000", "-o", str(out)]) == 0
+    assert "planned compute buffer" in capsys.readouterr().out
+    assert main(["stats", str(out), "--json"]) == 0
+    peak = json.loads(capsys.readouterr().out)["peak_bytes"]
+    assert peak > machine_memory()
+    assert main(["run", str(out)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"{out}: running needs at least" in err and "TiB" in err and "of memory" in err
 
 
 def test_run_check_failure_exits_1(files, capsys):

@@ -1,8 +1,12 @@
 """The functional API (flash-linear-attention's signatures) with NumPy arrays and torch tensors."""
+import re
+import warnings
+
 import numpy as np
 import pytest
 
 import dnir
+from dnir.errors import InputWarning, NumericError
 from dnir.api import compiled_graph
 from dnir.models import delta_rule_reference
 from delta_helpers import assert_close, unit_rows
@@ -94,7 +98,7 @@ def test_torch_tensors_in_torch_tensors_out(rng, fn):
     x, s0 = _inputs(rng, variant, B=1, T=50, N=2)
     cu = np.array([0, 20, 50])
     o_np, state_np = f(**x, initial_state=s0, output_final_state=True, cu_seqlens=cu, opt="O0")
-    tx = {n: torch.from_numpy(a).double().requires_grad_(n == "q") for n, a in x.items()}
+    tx = {n: torch.from_numpy(a).double() for n, a in x.items()}
     o, state = f(**tx, initial_state=torch.from_numpy(s0), output_final_state=True,
                  cu_seqlens=torch.from_numpy(cu), opt="O0")
     assert isinstance(o, torch.Tensor) and isinstance(state, torch.Tensor)
@@ -178,8 +182,8 @@ def test_non_finite_inputs_are_reported(rng, arg, value, word):
 
 
 def test_large_finite_inputs_whose_sum_overflows_are_accepted(rng):
-    """The finiteness check sums first; an overflowing sum of finite values must not be
-    reported as a bad input."""
+    """The finiteness checks sum first; an overflowing sum of finite values must not be
+    reported as a bad input, nor an output whose sum overflows as a bad output."""
     x, _ = _inputs(rng, "gdn", T=8)
     v = x["v"].astype(np.float32).copy()
     v.flat[:4] = 3e38                     # the float32 sum overflows to inf
@@ -187,7 +191,95 @@ def test_large_finite_inputs_whose_sum_overflows_are_accepted(rng):
         assert not np.isfinite(np.sum(v))
     x["v"] = v
     o, _ = dnir.chunk_gated_delta_rule(**x, opt="O0")
-    assert o.shape == x["v"].shape
+    assert np.isfinite(o).all()
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_an_output_that_overflows_float32_is_reported(rng, fn):
+    variant, f = FUNCTIONS[fn]
+    x, _ = _inputs(rng, variant, T=8)
+    x["v"] = np.full_like(x["v"], 3e38)   # finite; the state learns v, and o = scale q.k v = 6e38
+    x["q"] = x["k"].copy()
+    with pytest.raises(NumericError, match=rf"{fn}: output o is not finite .* although every input is finite: "
+                                           rf"the result overflows float32 .*3e\+38 in v"):
+        f(**x, scale=2.0, opt="O0")
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_positive_gates_are_refused_unless_allowed(rng, fn):
+    variant, f = FUNCTIONS[fn]
+    x, _ = _inputs(rng, variant, T=20)
+    index = (1, 7, 3) + ((5,) if variant == "kda" else ())
+    x["g"][index] = 0.25
+    x["g"][(1, 9) + index[2:]] = 0.5
+    with pytest.raises(dnir.InputError, match=rf"{fn}: g has 2 value\(s\) above zero \(first at index "
+                                                rf"\[{', '.join(map(str, index))}\]: 0.25\)"):
+        f(**x, opt="O0")
+    o, _ = f(**x, opt="O0", allow_positive_gates=True)
+    assert_close(o, delta_rule_reference(**x)[0])
+    x["g"][x["g"] > 0] = 0.0                                        # zero is a gate that keeps everything
+    f(**x, opt="O0")
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_unstable_keys_warn_once_naming_the_worst_token(rng, fn):
+    variant, f = FUNCTIONS[fn]
+    x, _ = _inputs(rng, variant, T=20)
+    x["k"][0, 4, 1] *= 1.5                                           # |k|^2 = 2.25
+    x["k"][1, 11, 0] *= 3.0                                          # |k|^2 = 9: the worst
+    x["beta"][1, 11, :2] = 0.1, 0.9                                  # value heads 0 and 1 read key head 0
+    x["beta"][0, 4, 2:] = 0.95
+    worst = 9.0 * 0.9
+    with pytest.warns(InputWarning) as record:
+        f(**x, opt="O0")
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert f"beta * |k|^2 = {worst:.4g} >= 2 at batch 1, token 11, value head 1 (the worst of 3)" in message
+    assert record[0].filename == __file__                             # points at the call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f(**x, opt="O0", use_qk_l2norm_in_kernel=True)              # normalised in the graph: stable
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_missing_arrays_and_options_of_the_wrong_kind(rng, fn):
+    variant, f = FUNCTIONS[fn]
+    x, _ = _inputs(rng, variant, T=20)
+    for name in ("q", "k", "v", "g", "beta"):
+        with pytest.raises(dnir.InputError, match=rf"{fn}: {name} is None; expected an array"):
+            f(**{**x, name: None}, opt="O0")
+    for option, value, words in [("chunk_size", 64.0, "chunk_size=64.0; expected the integer 16, 32 or 64"),
+                                 ("chunk_size", True, "chunk_size=True"),
+                                 ("opt", None, "opt=None; expected a pipeline"),
+                                 ("opt", "", "opt=''; expected a pipeline"),
+                                 ("target", None, "target=None; expected a backend name")]:
+        with pytest.raises(dnir.InputError, match=re.escape(f"{fn}: {words}")):
+            f(**x, **{"opt": "O0", option: value})
+    o, _ = f(**x, opt="O0", chunk_size=np.int64(16))              # a NumPy integer is an integer
+    assert_close(o, delta_rule_reference(**x)[0])
+
+
+def test_torch_tensors_that_require_grad_are_refused_while_autograd_records(rng):
+    torch = pytest.importorskip("torch")
+    x, _ = _inputs(rng, "gdn")
+    tx = {n: torch.from_numpy(a).requires_grad_(n in ("k", "beta")) for n, a in x.items()}
+    with pytest.raises(dnir.InputError, match="k, beta require.* forward pass only .*torch.no_grad()"):
+        dnir.chunk_gated_delta_rule(**tx, opt="O0")
+    with torch.no_grad():                                           # nothing is recorded: the values are used
+        o, _ = dnir.chunk_gated_delta_rule(**tx, opt="O0")
+    assert not o.requires_grad
+    assert_close(o.numpy(), delta_rule_reference(**x)[0])
+
+
+def test_the_memory_a_call_needs_is_checked_before_it_runs(rng, monkeypatch):
+    """On NumPy the planned compute buffer and the inputs must fit the machine (here: a
+    machine of 1 MiB), else an InputError names the figures before anything is allocated."""
+    import dnir.limits
+    x, _ = _inputs(rng, "kda", T=40)
+    monkeypatch.setattr(dnir.limits, "machine_memory", lambda: 2**20)
+    with pytest.raises(dnir.InputError, match=r"chunk_kda: running needs at least .* MiB \(planned compute buffer "
+                                              r".* \+ inputs .* KiB\), more than this machine's 1.0 MiB"):
+        dnir.chunk_kda(**x, opt="O0")
 
 
 def test_unknown_pipeline_and_target(rng):
