@@ -19,6 +19,8 @@ Patterns say more than op names:
         # users: who reads a node, at which operand (m.node among them, as itself)
         others = [u.node for u in m.users(m.s) if u.node is not m.node]
         ...
+        m.replace(others[0], item_of_the_fused_op)   # a sibling replaced with the rule's node
+        return ...
 
     Rule(decayed, private_decay, "private_decay")
 
@@ -156,18 +158,22 @@ class Use(NamedTuple):
     operand: int    # which of its operands it reads
 
 
-class Readers:
-    """Who reads each node, in the graph as it was at the start of a sweep. A node the sweep
-    built in place of another (rebuilt on new operands, or a rule's result) answers for
-    the node it replaces."""
+class Sweep:
+    """One sweep over a graph: who reads each node in the graph as the sweep began, and the
+    replacements rules asked for beyond their own node. A node the sweep built in place of
+    another (rebuilt on new operands, or a rule's result) answers for the node it replaces."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, pending: dict):
         self._users: dict[int, list[Use]] = {id(n): [] for n in graph.topo_order()}
         for node in graph.topo_order():
             for slot, inp in enumerate(node.inputs):
                 self._users[id(inp)].append(Use(node, slot))
         self._outputs = Counter(id(n) for n in graph.outputs)
-        self._stands_for: dict[int, tuple[Node, Node]] = {}   # the new node is held so its id stays its own
+        # Nodes are held next to their ids (so that an id stays its own while it is a key).
+        self._stands_for: dict[int, tuple[Node, Node]] = {}   # id(new) -> (new, the graph's node)
+        self._pending = pending                               # id(node) -> (node, its replacement)
+        self._done: dict[int, tuple[Node, Node]] = {}         # id(node) -> (node, what the sweep made of it)
+        self.carried: dict[int, tuple[Node, Node]] = {}       # replacements left for the next sweep
 
     def replaced(self, new: Node, old: Node) -> None:
         """`new` takes `old`'s place (a node of the graph, or one already standing for one)."""
@@ -185,12 +191,30 @@ class Readers:
     def outputs(self, node: Node) -> int:
         return self._outputs[id(self.original(node))]
 
+    def schedule(self, node: Node, by: Node) -> None:
+        """Put `by` in `node`'s place: when the sweep reaches it, or in the next sweep if it has passed it."""
+        node = self.original(node)
+        done = self._done.get(id(node))
+        if done is None:
+            self._pending[id(node)] = (node, by)
+        else:
+            self.carried[id(done[1])] = (done[1], by)
+
+    def start(self, original: Node, node: Node) -> Node:
+        """The node to visit for the graph's `original` (rebuilt as `node`): a scheduled replacement, or node."""
+        entry = self._pending.pop(id(original), None)
+        return entry[1] if entry is not None and entry[0] is original else node
+
+    def finish(self, original: Node, node: Node) -> None:
+        self._done[id(original)] = (original, node)
+
 
 @dataclass
 class Match:
     node: Node
     caps: dict
-    readers: Readers = field(repr=False)
+    sweep: Sweep = field(repr=False)
+    also: list = field(default_factory=list, repr=False)   # (node, replacement) beside the rule's own
 
     def __getitem__(self, name) -> Node:
         return self.caps[name]
@@ -206,16 +230,24 @@ class Match:
         as it was at the start of this sweep (for a node rebuilt in this sweep: the readers of
         the node it replaces), the matched node given as itself. A node a rule has just
         built has none."""
-        me = self.readers.original(self.node)
-        return tuple(Use(self.node, u.operand) if u.node is me else u for u in self.readers.users(node))
+        me = self.sweep.original(self.node)
+        return tuple(Use(self.node, u.operand) if u.node is me else u for u in self.sweep.users(node))
 
     def is_output(self, node: Node) -> bool:
         """Whether `node` is an output of the graph being rewritten (for a scan body: of the body)."""
-        return self.readers.outputs(node) > 0
+        return self.sweep.outputs(node) > 0
 
     def uses(self, node: Node) -> int:
         """How many operand slots and graph outputs read `node` (as `users`)."""
-        return len(self.users(node)) + self.readers.outputs(node)
+        return len(self.users(node)) + self.sweep.outputs(node)
+
+    def replace(self, node: Node, by: Node) -> None:
+        """Also put `by` (of the same type) in the place of `node`, another node of the graph (one
+        found through `users`, say: the second result of a fused op), if the rule's own
+        replacement is taken."""
+        if by.type != node.type:
+            raise RewriteError(f"{by.op}: {type_str(by.type)} cannot replace {node.op}: {type_str(node.type)}")
+        self.also.append((node, by))
 
 
 @dataclass(frozen=True)
@@ -268,14 +300,17 @@ def apply_rules(graph: Graph, rules, max_sweeps: int = MAX_SWEEPS) -> tuple[Grap
     for rule in rules:
         for op in rule.pattern.ops or (None,):
             by_op.setdefault(op, []).append(rule)
+    pending: dict = {}
     for _ in range(max_sweeps):
-        readers = Readers(graph)
+        sweep = Sweep(graph, pending)
 
         def visit(node, original):
+            node = sweep.start(original, node)
             for _ in range(MAX_REWRITES_PER_NODE):
-                readers.replaced(node, original)
-                out = _try_rules(node, by_op.get(node.op, []) + by_op.get(None, []), readers)
+                sweep.replaced(node, original)
+                out = _try_rules(node, by_op.get(node.op, []) + by_op.get(None, []), sweep)
                 if out is None:
+                    sweep.finish(original, node)
                     return node
                 node = out
             raise RewriteError(f"rules keep rewriting a {node.op} node: {[r.name for r in rules]}")
@@ -283,21 +318,24 @@ def apply_rules(graph: Graph, rules, max_sweeps: int = MAX_SWEEPS) -> tuple[Grap
         graph, swept = map_nodes(graph, visit)
         if not swept:
             return graph, changed
-        changed = True
+        changed, pending = True, sweep.carried
     raise RewriteError(f"rules did not converge in {max_sweeps} sweeps: {[r.name for r in rules]}")
 
 
-def _try_rules(node: Node, rules, readers: Readers) -> Node | None:
+def _try_rules(node: Node, rules, sweep: Sweep) -> Node | None:
     if node.op == "input":
         return None
     for rule in rules:
         for caps in rule.pattern.matches(node):
-            out = rule.fn(Match(node, caps, readers))
+            match = Match(node, caps, sweep)
+            out = rule.fn(match)
             if out is None or out is node:
                 continue
             if out.type != node.type:
                 raise RewriteError(f"rule {rule.name or rule.fn.__name__} turned {node.op}: "
                                    f"{type_str(node.type)} into {out.op}: {type_str(out.type)}")
+            for other, by in match.also:
+                sweep.schedule(other, by)
             return out
     return None
 

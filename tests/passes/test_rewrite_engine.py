@@ -1,8 +1,11 @@
-"""The rewrite engine's matching: commutative operands, shape constraints, a node's users."""
+"""The rewrite engine: commutative operands, alternatives, shape constraints, a node's users, a
+rule that replaces a sibling beside its own node."""
+import pytest
+
 import dnir
 from dnir.ops import make_node
 from dnir.passes import P, Rule, apply_rules
-from dnir.passes.rewrite import Use, commutes
+from dnir.passes.rewrite import RewriteError, Use, commutes
 
 
 def op(name, *inputs, **attrs):
@@ -155,3 +158,51 @@ def test_either_offers_each_alternative_with_its_own_captures():
     g = b.build([b.exp(b.neg(x))], names=["y"])
     out, changed = apply_rules(g, [Rule(root, lambda m: m.a if "a" in m.caps and m.a.op == "neg" else None, "r")])
     assert changed and out.outputs[0].op == "neg"      # dispatched on exp through the either
+
+
+def pair_rule(seen=None, decline=False):
+    """On neg(c): a stand-in for a fused op of two results, sqrt(c) for the neg and log(c) for
+    the mul that reads c beside it (found among c's readers)."""
+    def fuse(m):
+        siblings = [u.node for u in m.users(m.c) if u.node.op == "mul"]
+        if not siblings:
+            return None
+        m.replace(siblings[0], op("log", op("add", m.c, m.c)))
+        return None if decline else op("sqrt", m.c)
+    return Rule(P("neg", P.any("c")), fuse, "pair")
+
+
+def sibling_graph(order, rebuilt=False):
+    b = dnir.Builder()
+    x, y = b.input("x", (4, 8)), b.input("y", (4, 8))
+    c = b.exp(x)
+    sibling = b.mul(c, b.cont(y) if rebuilt else y)
+    outs = {"neg": b.neg(c), "mul": sibling}
+    return b.build([outs[k] for k in order], names=list(order))
+
+
+def ops_out(g):
+    return [(o.op, o.inputs[0].op) for o in g.outputs]
+
+
+def test_a_rule_replaces_a_sibling_after_or_before_its_node():
+    for order in (("neg", "mul"), ("mul", "neg")):        # the mul visited after the neg, or before it
+        out, changed = apply_rules(sibling_graph(order), [pair_rule()])
+        want = {"neg": ("sqrt", "exp"), "mul": ("log", "add")}
+        assert changed and ops_out(out) == [want[k] for k in order], dnir.print(out)
+
+
+def test_a_sibling_rebuilt_earlier_in_the_sweep_is_still_replaced():
+    drop_cont = Rule(P("cont", P.any("x")), lambda m: m.x, "drop_cont")
+    out, _ = apply_rules(sibling_graph(("mul", "neg"), rebuilt=True), [drop_cont, pair_rule()])
+    assert ops_out(out) == [("log", "add"), ("sqrt", "exp")], dnir.print(out)
+
+
+def test_a_declined_rule_replaces_nothing_and_a_wrong_type_is_refused():
+    g = sibling_graph(("neg", "mul"))
+    assert apply_rules(g, [pair_rule(decline=True)]) == (g, False)
+
+    def bad(m):
+        m.replace(m.node, op("sum", m.c, axes=(0,)))
+    with pytest.raises(RewriteError, match="cannot replace"):
+        apply_rules(g, [Rule(P("neg", P.any("c")), bad, "bad")])
