@@ -37,7 +37,7 @@ def config(case: dict):
 
 def compile_all(out: Path, arch: str, names=None):
     from dnir.api import compiled_graph
-    from dnir.lowering.tvm.compile import build
+    from dnir.lowering.registry import build
     out.mkdir(parents=True, exist_ok=True)
     for name, case in CASES.items():
         if names and name not in names:
@@ -45,7 +45,7 @@ def compile_all(out: Path, arch: str, names=None):
         start = time.perf_counter()
         cfg = config(case)
         graph = compiled_graph(cfg, OPT)
-        build(graph, "cuda", arch).export_library(str(out / f"{name}.so"))
+        build(graph, "cuda", arch=arch).export_library(str(out / f"{name}.so"))
         meta = {**case, "heads": cfg.heads, "value_heads": cfg.value_heads, "head_dim": cfg.head_dim,
                 "value_dim": cfg.value_dim, "chunk_size": cfg.chunk_size, "scale": cfg.scale, "opt": OPT,
                 "arch": arch, "input_names": list(graph.input_names), "output_names": list(graph.output_names),

@@ -105,8 +105,7 @@ class VulkanExecutable:
         from .vulkan_plan import plan_functions
 
         target = make_target("webgpu")
-        mod = translate(graph, gpu=True, dtypes=DTYPES, target_name="vulkan", bool_as_int=True,
-                        shared_bytes=_device()[2].limits["max-compute-workgroup-storage-size"])
+        mod = translate(graph, gpu=True, dtypes=DTYPES, target_name="vulkan", bool_as_int=True)
         with target:
             mod = tvm.transform.Sequential(gpu.legalize_passes(target))(mod)
         self.functions = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}

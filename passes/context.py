@@ -53,7 +53,9 @@ class PassContext:
         self.remarks: list[tuple[str, str]] = []    # (pass name, remark)
 
     def remark(self, pass_name: str, text: str):
-        self.remarks.append((pass_name, text))
+        """Note what a pass found (once: a rule may see the same node in every sweep)."""
+        if (pass_name, text) not in self.remarks:
+            self.remarks.append((pass_name, text))
 
     def __enter__(self) -> "PassContext":
         _STACK.append(self)

@@ -81,14 +81,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from dnir.lowering import run
-    from dnir.lowering.tvm.compile import build
+    from dnir.lowering.registry import build
 
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     ffi_wheel(out)
     tvm_runtime_tarball(out / "tvmrt.tgz")
     for name, (graph, inputs) in graphs(args.seed).items():
-        build(graph, "cuda", args.arch).export_library(str(out / f"{name}.so"))
+        build(graph, "cuda", arch=args.arch).export_library(str(out / f"{name}.so"))
         refs = run(graph, inputs)
         np.savez(out / f"{name}.npz", input_names=np.array(graph.input_names),
                  output_names=np.array(graph.output_names), arch=np.array(args.arch),

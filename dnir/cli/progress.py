@@ -40,11 +40,7 @@ def _tick(bar, done: threading.Event):
 def compile_for(graph, target: str):
     """Compile `graph` for llvm or vulkan ahead of its first run (cached by the backend),
     showing a bar; other targets compile (or not) when they run."""
-    if target == "llvm":
-        from dnir.lowering.tvm.compile import build
-        with busy("compiling for llvm"):
-            build(graph, "llvm")
-    elif target == "vulkan":
-        from dnir.lowering.vulkan import build
-        with busy("compiling for vulkan"):
-            build(graph)
+    if target in ("llvm", "vulkan"):
+        from dnir.lowering.registry import build     # the graph as the target's pipeline prepares it
+        with busy(f"compiling for {target}"):
+            build(graph, target)

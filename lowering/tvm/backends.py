@@ -12,7 +12,7 @@ from dnir.passes.context import Target
 
 from ..registry import Backend, register
 
-GPU_PIPELINE = ("recompute_into_reductions",)
+GPU_PIPELINE = ("recompute_into_reductions", "fuse_delta_steps")
 KERNEL_DTYPES = frozenset({"f32"})
 CUDA_SHARED_BYTES = 48 * 1024       # static shared memory of a CUDA thread block
 
@@ -42,15 +42,28 @@ def _build_vulkan(graph, target):
     return build(graph)
 
 
-def _vulkan_shared_bytes() -> int:
+def _chunk_scan_rejects(node, target):
+    from .chunk_scan import rejects
+    return rejects(node, target)
+
+
+def _token_step_rejects(node, target):
+    from .token_step import rejects
+    return rejects(node, target)
+
+
+def _gpu_target(name: str, shared_bytes: int) -> Target:
+    return Target(name, {"chunk_scan": _chunk_scan_rejects, "token_step": _token_step_rejects},
+                  shared_bytes=shared_bytes, dtypes=KERNEL_DTYPES)
+
+
+def _vulkan_target(name: str) -> Target:
     from ..vulkan import shared_bytes
-    return shared_bytes()
+    return _gpu_target(name, shared_bytes())
 
 
-register(Backend("tvm-llvm", ("llvm",), _run_llvm, lambda target: Target(target), build=_build))
-register(Backend("tvm-cuda", ("cuda",), _run_cuda,
-                 lambda target: Target(target, shared_bytes=CUDA_SHARED_BYTES, dtypes=KERNEL_DTYPES),
+# llvm has no kernel of its own for a fused op: they run expanded (the loop over chunks as a scan).
+register(Backend("tvm-llvm", ("llvm",), _run_llvm, Target, build=_build))
+register(Backend("tvm-cuda", ("cuda",), _run_cuda, lambda name: _gpu_target(name, CUDA_SHARED_BYTES),
                  GPU_PIPELINE, _build))
-register(Backend("vulkan", ("vulkan",), _run_vulkan,
-                 lambda target: Target(target, shared_bytes=_vulkan_shared_bytes(), dtypes=KERNEL_DTYPES),
-                 GPU_PIPELINE, _build_vulkan))
+register(Backend("vulkan", ("vulkan",), _run_vulkan, _vulkan_target, GPU_PIPELINE, _build_vulkan))

@@ -1,121 +1,90 @@
-"""The loop over chunks as one GPU kernel.
+"""The loop over chunks (the fused op `chunk_scan`, dnir/fused.py) as one GPU kernel.
 
 Lowered step by step (translate.Translator.scan), a scan costs one VM call and
 about ten kernel launches per step; for a prefill at T = 8192 that is 128
-steps of 32 x 64 x 128 products, and the GPU waits on the launches. This
-module recognises the delta rule's chunk step,
+steps of 32 x 64 x 128 products, and the GPU waits on the launches. The GPU
+pipelines recognise the delta rule's chunk step (passes/fuse_delta_steps.py),
 
     v_new = u - w S
     o     = q_decayed S + aqk v_new
     S'    = S * last_decay + k_to_end^T v_new
 
-(any operand order of the adds and of the decay product; the state S [.., K, V]
-is the only carry; every other operand is a per-step slice), and runs the whole
-loop in one kernel instead: a thread block owns one head's state columns
-[K, VT] in shared memory for all chunks, so the state never leaves the chip
-between steps (as flash-linear-attention's Triton kernels keep it).
+and this kernel runs the whole loop instead: a thread block owns one head's
+state columns [K, VT] in shared memory for all chunks, so the state never
+leaves the chip between steps (as flash-linear-attention's Triton kernels keep
+it).
 
 Per chunk each block computes its v_new columns (C x VT) into shared memory,
 then its output columns, then updates its state columns in place; barriers
 separate the three (the output reads the old state, the update writes it).
 Each C x K (or C x C) operand of the step is first staged in shared memory by
-the whole block with coalesced loads. A step that does not match, or whose
-block would not fit the target's shared memory, is lowered step by step as
-before.
+the whole block with coalesced loads. `rejects` says when the kernel does not
+take a chunk scan (the sizes do not split into blocks, a block would not fit
+the target's shared memory, another dtype than float32): the op is then
+expanded back into its scan and lowered step by step.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
-from dnir.graph import Graph, Node
+from dnir.graph import Node
 
 from .kernels import OPAQUE, unravel_index
-from .match import commuted, is_matmul
-
-ROLES = ("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay")
 
 # A block owns VT state columns of one head; each thread computes TC of them (columns
 # tx, tx + VT/TC, ..: neighbouring threads read neighbouring words) for every row it owns.
 TILE = (16, 2)
-# Static shared memory of a CUDA thread block; the Vulkan runner passes its device's limit.
-SHARED_BYTES = 48 * 1024
 
 
-@dataclass(frozen=True)
-class ChunkStep:
-    xs: dict            # role -> index of the scan's per-step operand
-    batch: tuple        # the heads' leading axes (.., ) of every operand
-    C: int
-    K: int
-    V: int
-    Kg: int             # decay rows: 1 (one gate per head) or K (one per key channel)
-    layout: tuple       # (thread rows, state columns per block VT, columns per thread TC)
-
-
-def match_chunk_step(scan: Node, shared_bytes: int = SHARED_BYTES) -> ChunkStep | None:
-    """The roles of a scan's operands when its body is the chunk step and a thread block's
-    working set fits `shared_bytes` of shared memory, else None."""
-    body: Graph = scan.attrs["body"]
-    nc, nx = scan.attrs["num_carry"], scan.attrs["num_xs"]
-    if nc != 1 or nx != len(body.inputs) - 1 or len(body.outputs) != 2:
-        return None
-    s, (s_new, o) = body.inputs[0], body.outputs
-    slots = {id(x): i for i, x in enumerate(body.inputs[1:])}
-    is_x = lambda x: id(x) in slots                                        # noqa: E731
-    update = commuted(s_new, "add", lambda a, b: a.op == "mul" and is_matmul(b, ta=True))
-    out = commuted(o, "add", lambda a, b: is_matmul(a) and a.inputs[1] is s and is_matmul(b))
-    if update is None or out is None:
-        return None
-    decay = commuted(update[0], "mul", lambda a, b: a is s and is_x(b))
-    k_to_end, v_new = update[1].inputs
-    (q_decayed, _), (aqk, v_new2) = out[0].inputs, out[1].inputs
-    if decay is None or v_new2 is not v_new or v_new.op != "sub":
-        return None
-    u, wS = v_new.inputs
-    if not (is_matmul(wS) and wS.inputs[1] is s):
-        return None
-    found = dict(w=wS.inputs[0], u=u, q_decayed=q_decayed, aqk=aqk, k_to_end=k_to_end, last_decay=decay[1])
-    if not all(is_x(found[r]) for r in ROLES) or len({id(found[r]) for r in ROLES}) != len(ROLES):
-        return None
-    *batch, K, V = s.shape
-    C = u.shape[-2]
-    Kg = found["last_decay"].shape[-2]
-    want = dict(w=(C, K), u=(C, V), q_decayed=(C, K), aqk=(C, C), k_to_end=(C, K), last_decay=(Kg, 1))
-    if Kg not in (1, K) or any(found[r].shape != (*batch, *want[r]) for r in ROLES):
-        return None
-    if any(x.dtype != "f32" for x in (s, *found.values())):
-        return None
-    layout = _threads(C, K, V, shared_bytes)
-    if layout is None:
-        return None
-    return ChunkStep({r: slots[id(found[r])] for r in ROLES}, tuple(batch), C, K, V, Kg, layout)
+def sizes(node: Node):
+    """(steps, batch, C, K, V, Kg) of a chunk_scan node."""
+    state, w, u, *_, last_decay = node.inputs
+    *batch, K, V = state.shape
+    return w.shape[0], tuple(batch), u.shape[-2], K, V, last_decay.shape[-2]
 
 
 def _largest_divisor(n: int, limit: int = 16) -> int:
     return max(d for d in range(1, limit + 1) if n % d == 0 and d & (d - 1) == 0)
 
 
-def _threads(C: int, K: int, V: int, shared_bytes: int):
-    """(thread rows, block columns VT, columns per thread TC), or None when the sizes do not split
-    or a block's shared memory would not fit."""
+def layout(C: int, K: int, V: int):
+    """(thread rows, block columns VT, columns per thread TC), or None when the sizes do not
+    split into blocks of at least 32 threads."""
     vt, tc = TILE
     rows = min(_largest_divisor(C), _largest_divisor(K))
     vt = min(vt, _largest_divisor(V, vt))
     tc = min(tc, vt)
-    shared = 4 * (K * vt + C * vt + C * max(K, C))     # S, v_new and one staged operand
-    ok = rows * (vt // tc) >= 32 and vt % tc == 0 and shared <= shared_bytes
-    return (rows, vt, tc) if ok else None
+    return (rows, vt, tc) if rows * (vt // tc) >= 32 and vt % tc == 0 else None
 
 
-def chunk_scan_kernel(steps: int, step: ChunkStep, dtype: str):
+def shared_bytes(C: int, K: int, V: int, layout) -> int:
+    """Shared memory of one block: its state columns, its v_new columns and one staged operand."""
+    vt = layout[1]
+    return 4 * (K * vt + C * vt + C * max(K, C))
+
+
+def rejects(node: Node, target) -> str | None:
+    """None when this kernel runs the chunk scan `node` on `target`, else why not."""
+    _, _, C, K, V, _ = sizes(node)
+    dtype = node.inputs[0].dtype
+    if target.dtypes is not None and dtype not in target.dtypes:
+        return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
+    split = layout(C, K, V)
+    if split is None:
+        return f"C={C}, K={K}, V={V} do not split into thread blocks of 32 threads or more"
+    need = shared_bytes(C, K, V, split)
+    if target.shared_bytes is not None and need > target.shared_bytes:
+        return f"a thread block needs {need} B of shared memory, the target has {target.shared_bytes} B"
+    return None
+
+
+def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str):
     """S1 [*batch, K, V] and O [steps, *batch, C, V] from S0 and the per-step operands
     W, Qd, Kte [steps, *batch, C, K], U [steps, *batch, C, V], A [steps, *batch, C, C],
-    LD [steps, *batch, Kg, 1] (the scan's own shapes: nothing is reshaped around the call)."""
-    batch, C, K, V, Kg = step.batch, step.C, step.K, step.V, step.Kg
-    rows, vt, tc = step.layout
+    LD [steps, *batch, Kg, 1] (the op's own shapes: nothing is reshaped around the call)."""
+    rows, vt, tc = layout
     ct = vt // tc                          # threads across the block's columns
     heads = math.prod(batch)
     tiles, threads = V // vt, rows * ct

@@ -1,103 +1,51 @@
-"""One decode step of the delta rule as one GPU kernel.
+"""One decode step of the delta rule (the fused op `token_step`, dnir/fused.py) as one GPU kernel.
 
 Lowered op by op, a decode step reads the state three times (two
-matrix-vector products and the update) and writes it once. This module
-recognises the step as the O2 graph writes it,
+matrix-vector products and the update) and writes it once. The GPU pipelines
+recognise the step as the O2 graph writes it (passes/fuse_delta_steps.py),
 
     pred = (k a) S,   o1 = (q a) S                (row vectors times the state)
     u    = (v - pred) beta
     o    = o1 + u (q . k)
     S'   = S a + k^T u                           (a: the decay, per head or per key row)
 
-(operands of adds and products in any order, reshapes between the vectors' shapes),
-and computes S' and o in one kernel that reads the state once and writes it once:
-a thread owns one state column, keeps it in registers, reduces it against both
-row vectors, then writes the updated column.
+and this kernel computes S' and o at once, reading the state once and writing
+it once: a thread owns one state column, keeps it in registers, reduces it
+against both row vectors, then writes the updated column. Every operand keeps
+its own shape (the graph's reshapes cost nothing); the kernel reads it flat.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
-from dnir.graph import Graph, Node
+from dnir.fused import STEP_ROLES, step_sizes
+from dnir.graph import Node
 
 from .kernels import OPAQUE, unravel_index
-from .match import commuted, is_matmul, through_reshapes
-
-OPERANDS = ("state", "decay", "k_col", "k_row", "q_row", "v", "beta", "qk")
 
 
-@dataclass(frozen=True)
-class TokenStep:
-    new_state: Node
-    o: Node             # o1 + u (q . k), [.., V]
-    operands: dict      # name -> node
-    batch: tuple
-    K: int
-    V: int
-    Kg: int
+def sizes(node: Node):
+    """(batch, K, V, Kg) of a token_step node."""
+    return step_sizes([i.type for i in node.inputs])
 
 
-def _row_times(x: Node, state: Node):
-    """The row vector r of x = reshape(r [.., 1, K] @ state), else None."""
-    mm = through_reshapes(x)
-    if is_matmul(mm) and mm.inputs[1] is state and mm.inputs[0].shape[-2] == 1:
-        return mm.inputs[0]
+def rejects(node: Node, target) -> str | None:
+    """None when this kernel runs the decode step `node` on `target`, else why not."""
+    _, _, V, _ = sizes(node)
+    dtype = node.inputs[0].dtype
+    if target.dtypes is not None and dtype not in target.dtypes:
+        return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
+    if V % 32:
+        return f"V={V} is not a multiple of 32 (one thread per state column, whole warps)"
     return None
 
 
-def match_token_step(new_state: Node, outputs) -> TokenStep | None:
-    """The decode step whose new state is `new_state`, with its output among `outputs`."""
-    if new_state.rank < 3:
-        return None
-    *batch, K, V = new_state.shape
-    decays = lambda m: commuted(m, "mul", lambda s, a: s.shape == new_state.shape and a.shape[-1] == 1)  # noqa: E731
-    outer = lambda m: commuted(m, "mul", lambda u, k: u.shape[-2:] == (1, V) and k.shape[-2:] == (K, 1))  # noqa: E731
-    update = commuted(new_state, "add", lambda a, b: decays(a) is not None and outer(b) is not None)
-    if update is None:
-        return None
-    (state, decay), (u_row, k_col) = decays(update[0]), outer(update[1])
-    u = through_reshapes(u_row)
-    scaled = commuted(u, "mul", lambda d, b: d.op == "sub" and b.shape[-1] == 1)
-    if scaled is None:
-        return None
-    (diff, beta) = scaled
-    v, pred = diff.inputs
-    k_row = _row_times(pred, state)
-    if k_row is None:
-        return None
-    correction = lambda c: commuted(c, "mul", lambda uu, qk: uu is u and qk.shape[-1] == 1)  # noqa: E731
-    for out in outputs:
-        o_node = through_reshapes(out)
-        found = commuted(o_node, "add", lambda o1, c: _row_times(o1, state) is not None and correction(c) is not None)
-        if found is not None:
-            o1, corr = found
-            qk = correction(corr)[1]
-            break
-    else:
-        return None
-    ops = dict(state=state, decay=decay, k_col=k_col, k_row=k_row, q_row=_row_times(o1, state), v=v, beta=beta,
-               qk=qk)
-    Kg = decay.shape[-2]
-    sizes = dict(state=K * V, decay=Kg, k_col=K, k_row=K, q_row=K, v=V, beta=1, qk=1)
-    heads = math.prod(batch)
-    if Kg not in (1, K) or any(math.prod(ops[n].shape) != heads * sizes[n] for n in OPERANDS):
-        return None
-    if any(x.dtype != "f32" for x in ops.values()) or V % 32 or o_node.shape[-1] != V:
-        return None
-    if any(x.shape[:len(batch)] != tuple(batch) for x in (*ops.values(), o_node)):
-        return None         # the kernel indexes every operand by head first
-    return TokenStep(new_state, o_node, ops, tuple(batch), K, V, Kg)
-
-
-def match_graph(graph: Graph) -> list[TokenStep]:
-    found = []
-    for out in graph.outputs:
-        step = match_token_step(out, graph.outputs)
-        if step is not None:
-            found.append(step)
+def operand_shapes(node: Node) -> dict:
+    """The operands' shapes by role, and the output's ("o"), as the kernel indexes them."""
+    found = {role: x.shape for role, x in zip(STEP_ROLES, node.inputs)}
+    found["o"] = node.type[1].shape
     return found
 
 

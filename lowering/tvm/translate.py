@@ -18,9 +18,9 @@ Halving needs nothing beyond Relax, so it runs wherever the VM runs (llvm, and
 cuda with the TVM runtime only); the Vulkan runner (lowering/vulkan.py) runs a
 `scan_step`-tagged loop function as a loop of its own.
 
-On GPUs two patterns are lowered to one hand-written kernel each instead: the
-delta rule's loop over chunks (chunk_scan.py) and a decode step
-(token_step.py).
+The fused ops (dnir/fused.py) that a GPU target's pipeline put in the graph
+are lowered through this table too, each to one hand-written kernel: the
+delta rule's loop over chunks (chunk_scan.py) and a decode step (token_step.py).
 """
 from __future__ import annotations
 
@@ -49,13 +49,11 @@ class Translator:
     """Builds one IRModule; `gpu` selects the thread-bound variants of the TIR kernels;
     `bool_as_int` stores bool tensors as int32 (WGSL has no byte-sized storage)."""
 
-    def __init__(self, gpu: bool, bool_as_int: bool = False, shared_bytes: int = chunk_scan.SHARED_BYTES):
+    def __init__(self, gpu: bool, bool_as_int: bool = False):
         self.gpu = gpu
-        self.shared_bytes = shared_bytes
         self.bool_as_int = bool_as_int
         self.bb = relax.BlockBuilder()
         self.steps: dict[tuple[int, int], relax.GlobalVar] = {}
-        self.chunk_steps: dict[int, chunk_scan.ChunkStep] = {}   # id(scan) -> its match, run as one kernel
         self.prims: dict[tuple, relax.GlobalVar] = {}
 
     def dtype(self, dtype: str) -> str:
@@ -71,46 +69,16 @@ class Translator:
         with self.bb.function("main", params):
             outputs = self._emit_function_body(graph, params)
             self.bb.emit_func_output(relax.Tuple(outputs))
-        mod = self.bb.finalize()
-        return relax.transform.DeadCodeElimination(["main"])(mod) if self.gpu else mod
+        return self.bb.finalize()
 
     def _emit_function_body(self, graph: Graph, params) -> list:
-        # GPU: a decode step's new state and output come from one kernel (token_step.py); the
-        # ops it replaces are left unused and removed (DeadCodeElimination in module()).
-        fused = {}
-        for step in (token_step.match_graph(graph) if self.gpu else []):
-            fused[id(step.new_state)] = fused[id(step.o)] = step
         with self.bb.dataflow():
             values = {id(n): p for n, p in zip(graph.inputs, params)}
-
-            def lower(node):
-                if id(node) in values:
-                    return
-                if id(node) in fused:
-                    step = fused[id(node)]
-                    for operand in step.operands.values():
-                        lower(operand)
-                    values.update(self._token_step(step, values))
-                    return
-                for i in node.inputs:
-                    lower(i)
-                values[id(node)] = LOWER[node.op](self, node, [values[id(i)] for i in node.inputs])
-
             for node in graph.topo_order():
-                lower(node)
+                if id(node) not in values:
+                    values[id(node)] = LOWER[node.op](self, node, [values[id(i)] for i in node.inputs])
             outputs = [self.bb.emit_output(values[id(n)]) for n in graph.outputs]
         return outputs
-
-    def _token_step(self, step, values) -> dict:
-        """Lower a matched decode step: {id(new state): expr, id(o): expr}."""
-        shapes = {n: step.operands[n].shape for n in token_step.OPERANDS}
-        shapes["o"] = step.o.shape
-        dtype = TVM_DTYPES["f32"]
-        gv = self.prim(("token_step", tuple(sorted(shapes.items())), step.K, step.V, step.Kg, dtype),
-                       lambda: token_step.token_step_kernel(step.batch, shapes, step.K, step.V, step.Kg, dtype))
-        out = self.emit(relax.op.call_tir(gv, [values[id(step.operands[n])] for n in token_step.OPERANDS],
-                                          [self.tensor_type(step.new_state.type), self.tensor_type(step.o.type)]))
-        return {id(node): self.emit(relax.TupleGetItem(out, i)) for i, node in enumerate((step.new_state, step.o))}
 
     def emit(self, expr):
         return self.bb.emit(expr)
@@ -129,10 +97,7 @@ class Translator:
                 continue
             body, length = node.attrs["body"], node.attrs["length"]
             key = (id(body), length)
-            step = chunk_scan.match_chunk_step(node, self.shared_bytes) if self.gpu else None
-            if step is not None:
-                self.chunk_steps[id(node)] = step
-            if key in self.steps or step is not None:
+            if key in self.steps:
                 continue
             self._declare_scans(body)
             self.steps[key] = self._loop_function(node, self._step_function(node))
@@ -208,8 +173,6 @@ class Translator:
         return gv
 
     def scan(self, node: Node, args):
-        if id(node) in self.chunk_steps:
-            return self._chunk_scan(node, self.chunk_steps[id(node)], args)
         nc, length = node.attrs["num_carry"], node.attrs["length"]
         gv = self.steps[(id(node.attrs["body"]), length)]
         carries, rest = list(args[:nc]), list(args[nc:])
@@ -219,16 +182,6 @@ class Translator:
         if length == 0:
             return carries + ys
         out = self.emit(relax.Call(gv, [relax.prim_value(0), relax.prim_value(length)] + carries + rest + ys))
-        return [self.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
-
-    def _chunk_scan(self, node: Node, step, args):
-        """The whole loop over chunks as one kernel (chunk_scan.py): [final state, stacked o]."""
-        length, dtype = node.attrs["length"], TVM_DTYPES["f32"]
-        xs = args[1:1 + node.attrs["num_xs"]]
-        operands = [args[0]] + [xs[step.xs[role]] for role in chunk_scan.ROLES]
-        gv = self.prim(("chunk_scan", length, step.batch, step.C, step.K, step.V, step.Kg, step.layout, dtype),
-                       lambda: chunk_scan.chunk_scan_kernel(length, step, dtype))
-        out = self.emit(relax.op.call_tir(gv, operands, [self.tensor_type(t) for t in node.type]))
         return [self.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
 
 
@@ -450,6 +403,31 @@ def _lower_scan(tr, node, args):
     return tr.scan(node, args)
 
 
+@lowers("chunk_scan")
+def _lower_chunk_scan(tr, node, args):
+    """The whole loop over chunks as one kernel (chunk_scan.py): [final state, stacked o]."""
+    steps, batch, C, K, V, Kg = chunk_scan.sizes(node)
+    layout, dtype = chunk_scan.layout(C, K, V), TVM_DTYPES[node.inputs[0].dtype]
+    gv = tr.prim(("chunk_scan", steps, batch, C, K, V, Kg, layout, dtype),
+                 lambda: chunk_scan.chunk_scan_kernel(steps, batch, C, K, V, Kg, layout, dtype))
+    return _call_fused(tr, node, gv, args)
+
+
+@lowers("token_step")
+def _lower_token_step(tr, node, args):
+    """A decode step's new state and output from one kernel (token_step.py)."""
+    batch, K, V, Kg = token_step.sizes(node)
+    shapes, dtype = token_step.operand_shapes(node), TVM_DTYPES[node.inputs[0].dtype]
+    gv = tr.prim(("token_step", tuple(sorted(shapes.items())), K, V, Kg, dtype),
+                 lambda: token_step.token_step_kernel(batch, shapes, K, V, Kg, dtype))
+    return _call_fused(tr, node, gv, args)
+
+
+def _call_fused(tr, node, gv, args) -> list:
+    out = tr.emit(relax.op.call_tir(gv, list(args), [tr.tensor_type(t) for t in node.type]))
+    return [tr.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
+
+
 @lowers("item")
 def _lower_item(tr, node, args):
     return args[0][node.attrs["index"]]
@@ -474,13 +452,11 @@ def unsupported(graph: Graph, dtypes=None) -> list[str]:
 
 
 def translate(graph: Graph, gpu: bool = False, dtypes=None, target_name: str = "tvm",
-              bool_as_int: bool = False, shared_bytes: int = chunk_scan.SHARED_BYTES) -> tvm.IRModule:
+              bool_as_int: bool = False) -> tvm.IRModule:
     """The IRModule of `graph`, or a BackendError naming every op (and dtype) the target lacks.
-    `shared_bytes`: shared memory a GPU thread block may use."""
+    A GPU target's graph comes prepared by its pipeline (lowering/registry.py: fused ops where
+    the kernels take them, broadcast expansions recomputed inside reductions)."""
     missing = unsupported(graph, dtypes)
     if missing:
         raise BackendError(f"target {target_name!r} cannot lower: {', '.join(missing)}")
-    if gpu:     # fused GPU kernels recompute broadcast expansions rather than store them
-        from dnir.passes import optimize
-        graph = optimize(graph, ["recompute_into_reductions"])
-    return Translator(gpu, bool_as_int, shared_bytes).module(graph)
+    return Translator(gpu, bool_as_int).module(graph)

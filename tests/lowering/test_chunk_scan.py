@@ -1,13 +1,17 @@
-"""The loop over chunks as one GPU kernel: which scans it takes, and its results on Vulkan
-against the NumPy backend (CUDA: compiled here to PTX by test_targets; run on the H200 by
-scripts/gpu_conformance.py, whose chunked layers it takes, and benchmarks/gpu.py)."""
+"""The loop over chunks as one GPU kernel: which scans the GPU pipelines fuse into chunk_scan,
+and its results on Vulkan against the NumPy backend (CUDA: compiled here to PTX by
+test_targets; run on the H200 by scripts/gpu_conformance.py, whose chunked layers it takes,
+and benchmarks/gpu.py)."""
+from dataclasses import replace
+
 import pytest
 
 import dnir
 from dnir import passes
-from dnir.lowering.tvm.chunk_scan import match_chunk_step
+from dnir.lowering import registry
 from dnir.lowering.tvm.translate import translate
 from dnir.models import build_delta_net, preset, random_inputs
+from dnir.passes.context import PassContext
 
 from backends import assert_vulkan_matches_numpy, needs_vulkan
 
@@ -19,38 +23,50 @@ def _config(name, **options):
     return preset(name, value_heads=VALUE_HEADS[name], **SMALL, **options)
 
 
-def _scans(graph):
-    return [n for n in graph.topo_order() if n.op == "scan"]
+def _ops(graph, op):
+    return [n for n in graph.topo_order() if n.op == op]
+
+
+def _fused_for(graph, target):
+    with target as ctx:
+        return passes.optimize(graph, ["fuse_delta_steps"]), ctx.remarks
 
 
 @pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
 @pytest.mark.parametrize("level", ["O0", "O2"])
-def test_chunked_layers_match_the_chunk_step(name, level):
-    cfg = _config(name, seq_len=150)
-    graph = passes.optimize(build_delta_net(cfg), level)
-    steps = [match_chunk_step(s) for s in _scans(graph)]
-    assert steps and all(steps)
-    step = steps[0]
-    assert (step.C, step.K, step.V) == (64, 32, 32) and step.Kg == (1 if name == "qwen3-next" else 32)
-    assert sorted(step.xs.values()) == list(range(6))
-    assert match_chunk_step(_scans(graph)[0], shared_bytes=8 * 1024) is None     # a block would not fit
+def test_chunked_layers_are_fused_on_gpu_targets(name, level):
+    graph = passes.optimize(build_delta_net(_config(name, seq_len=150)), level)
+    fused = registry.prepare(graph, "cuda")
+    (op,) = _ops(fused, "chunk_scan")
+    assert not _ops(fused, "scan") and len(_ops(graph, "scan")) == 1
+    state, w, u, *_, last_decay = op.inputs
+    assert state.shape == (1, VALUE_HEADS[name], 32, 32) and w.shape[0] == 3 and u.shape[-2] == 64
+    assert last_decay.shape[-2] == (1 if name == "qwen3-next" else 32)
+    # a block of (rows, 16 columns) needs 4 * (32 * 16 + 64 * 16 + 64 * 64) B = 22 KiB
+    small = replace(registry.backend_for("cuda").context("cuda"), shared_bytes=8 * 1024)
+    unfused, remarks = _fused_for(graph, PassContext(small))
+    assert not _ops(unfused, "chunk_scan")
+    assert remarks == [("fuse_delta_steps", "chunk_scan not fused: a thread block needs 22528 B of shared "
+                                            "memory, the target has 8192 B (the scan over 3 chunks)")]
 
 
 def test_other_loops_keep_their_step_function():
     recurrent = passes.optimize(build_delta_net(_config("qwen3-next", seq_len=20, mode="recurrent")), "O2")
-    assert not any(match_chunk_step(s) for s in _scans(recurrent))
+    assert _ops(registry.prepare(recurrent, "cuda"), "scan") and not _ops(registry.prepare(recurrent, "cuda"),
+                                                                          "chunk_scan")
     # the chunk step with the output's two products subtracted instead of added
     chunked = passes.optimize(build_delta_net(_config("qwen3-next", seq_len=70)), "O2")
     text = dnir.print(chunked)
     assert text.count(" = add(%5, %6)") == 1
     changed = dnir.parse(text.replace(" = add(%5, %6)", " = sub(%5, %6)"))
-    assert not any(match_chunk_step(s) for s in _scans(changed))
+    assert _ops(registry.prepare(chunked, "cuda"), "chunk_scan")
+    assert not _ops(registry.prepare(changed, "cuda"), "chunk_scan")
 
 
 def test_gpu_module_has_one_kernel_for_the_loop_and_no_step_function():
     graph = passes.optimize(build_delta_net(_config("kimi-linear", seq_len=150)), "O2")
-    gpu = {gv.name_hint for gv in translate(graph, gpu=True).functions}
-    cpu = {gv.name_hint for gv in translate(graph, gpu=False).functions}
+    gpu = {gv.name_hint for gv in translate(registry.prepare(graph, "cuda"), gpu=True).functions}
+    cpu = {gv.name_hint for gv in translate(registry.prepare(graph, "llvm"), gpu=False).functions}
     assert "chunk_scan" in gpu and not any(n.startswith("scan") for n in gpu)
     assert "scan0_step" in cpu and "chunk_scan" not in cpu
 
@@ -65,5 +81,6 @@ def test_gpu_module_has_one_kernel_for_the_loop_and_no_step_function():
 def test_fused_loop_on_vulkan_matches_numpy(name, options, rng):
     cfg = _config(name, **options)
     graph = passes.optimize(build_delta_net(cfg), "O2")
-    assert all(match_chunk_step(s) for s in _scans(graph))
+    fused = registry.prepare(graph, "vulkan")
+    assert _ops(fused, "chunk_scan") and not _ops(fused, "scan")
     assert_vulkan_matches_numpy(graph, random_inputs(cfg, rng))
