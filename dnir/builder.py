@@ -8,35 +8,13 @@ import numpy as np
 
 from .errors import AttrError, DnirError, DTypeError, ShapeError
 from .graph import Graph, Node
-from .ops import _raise, make_node
+from .ops import _raise, as_node_like, make_node, slice_by_index
 from .types import canonical_dtype
+from .verify import verify
 
 
 def _ints(xs) -> tuple[int, ...]:
     return tuple(int(x) for x in xs)
-
-
-def slice_by_index(x: Node, index) -> Node:
-    """x[1:3, :, 0:4] (basic slices only; an integer index keeps its axis)."""
-    if not isinstance(index, tuple):
-        index = (index,)
-    if len(index) > x.rank:
-        _raise(ShapeError, "slice", (x,), f"index {index} has more entries than rank {x.rank}")
-    starts, stops = [], []
-    for axis, d in enumerate(x.shape):
-        sl = index[axis] if axis < len(index) else slice(None)
-        if isinstance(sl, (int, np.integer)):
-            if not -d <= sl < d:
-                _raise(ShapeError, "slice", (x,), f"index {int(sl)} is out of range for axis {axis} of size {d}")
-            i = int(sl) + (d if sl < 0 else 0)
-            sl = slice(i, i + 1)
-        if not isinstance(sl, slice) or sl.step not in (None, 1):
-            _raise(ShapeError, "slice", (x,), f"axis {axis}: only unit-step slices and integers are supported, "
-                                              f"got {sl!r}")
-        a, b, _ = sl.indices(d)
-        starts.append(a)
-        stops.append(max(a, b))
-    return make_node("slice", (x,), {"starts": starts, "stops": stops})
 
 
 class Builder:
@@ -200,7 +178,6 @@ class Builder:
     def build(self, outputs, names=None, meta=None) -> Graph:
         if isinstance(outputs, Node):
             outputs = [outputs]
-        from .verify import verify
         graph = Graph(self.inputs, outputs, names, meta)
         verify(graph)
         return graph
@@ -215,5 +192,4 @@ def _dtype(op, operands, dtype) -> str:
 
 
 def _scalar_like(value, like: Node) -> Node:
-    from .ops import as_node_like
     return as_node_like(value, like)

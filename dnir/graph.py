@@ -6,7 +6,16 @@ from types import MappingProxyType
 
 import numpy as np
 
-from .types import TensorType
+from .types import TensorType, type_str
+
+# Node's operators build typed nodes, which the op registry does, and a graph's str() is
+# the text format's printer; both modules import this one, so each installs what it
+# provides here when imported (dnir.ops: build, operand, index; dnir.text: print).
+_INSTALLED: dict = {}
+
+
+def install(**functions):
+    _INSTALLED.update(functions)
 
 
 def _freeze(value):
@@ -38,7 +47,6 @@ class Node:
 
     def replace(self, *, op=None, inputs=None, attrs=None, type=None) -> "Node":
         """A new node with some fields changed; type is re-inferred unless given."""
-        from .ops import make_node
         new_op = self.op if op is None else op
         new_inputs = self.inputs if inputs is None else tuple(inputs)
         new_attrs = dict(self.attrs) if attrs is None else dict(attrs)
@@ -46,7 +54,7 @@ class Node:
             return Node(new_op, new_inputs, new_attrs, type)
         if new_op == "input":
             return Node(new_op, new_inputs, new_attrs, self.type)
-        return make_node(new_op, new_inputs, new_attrs)
+        return _INSTALLED["build"](new_op, new_inputs, new_attrs)
 
     # Shortcuts used everywhere.
     @property
@@ -66,17 +74,14 @@ class Node:
         return (self.op, tuple(id(i) for i in self.inputs), _attr_key(self.attrs), self.type)
 
     def __repr__(self) -> str:
-        from .types import type_str
         name = f" {self.attrs['name']!r}" if self.op == "input" else ""
         return f"<Node {self.op}{name}: {type_str(self.type)}>"
 
     # Arithmetic sugar so graphs read like NumPy: x * y, x @ y, -x, x[0:4].
     def _bin(self, op, other, swap=False):
-        from .ops import as_node_like
-        other = as_node_like(other, self)
+        other = _INSTALLED["operand"](other, self)
         a, b = (other, self) if swap else (self, other)
-        from .ops import make_node
-        return make_node(op, (a, b), {})
+        return _INSTALLED["build"](op, (a, b), {})
 
     def __add__(self, o): return self._bin("add", o)
     def __radd__(self, o): return self._bin("add", o, True)
@@ -88,16 +93,13 @@ class Node:
     def __rtruediv__(self, o): return self._bin("div", o, True)
 
     def __matmul__(self, o):
-        from .ops import make_node
-        return make_node("matmul", (self, o), {})
+        return _INSTALLED["build"]("matmul", (self, o), {})
 
     def __neg__(self):
-        from .ops import make_node
-        return make_node("neg", (self,), {})
+        return _INSTALLED["build"]("neg", (self,), {})
 
     def __getitem__(self, index):
-        from .builder import slice_by_index
-        return slice_by_index(self, index)
+        return _INSTALLED["index"](self, index)
 
     __hash__ = object.__hash__
 
@@ -206,8 +208,7 @@ class Graph:
         return f"<Graph {len(self.inputs)} inputs, {len(self.outputs)} outputs, {len(self)} nodes>"
 
     def __str__(self) -> str:
-        from .text import print_graph
-        return print_graph(self)
+        return _INSTALLED["print"](self)
 
 
 def structurally_equal(a: Graph, b: Graph) -> bool:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import AttrError, DnirError, DTypeError, ShapeError, user_call_site
-from .graph import Graph, Node, _freeze
+from .graph import Graph, Node, _freeze, install
 from .types import FLOAT_DTYPES, TensorType, canonical_dtype, type_str
 
 REQUIRED = object()
@@ -182,6 +182,29 @@ def as_node_like(value, like: Node) -> Node:
     if isinstance(value, (int, float, bool, np.generic)):
         return make_node("const", (), {"value": (value,), "shape": (), "dtype": like.dtype})
     raise DnirError(f"cannot use {type(value).__name__} {value!r} as a dnir operand")
+
+
+def slice_by_index(x: Node, index) -> Node:
+    """x[1:3, :, 0:4] (basic slices only; an integer index keeps its axis)."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if len(index) > x.rank:
+        _raise(ShapeError, "slice", (x,), f"index {index} has more entries than rank {x.rank}")
+    starts, stops = [], []
+    for axis, d in enumerate(x.shape):
+        sl = index[axis] if axis < len(index) else slice(None)
+        if isinstance(sl, (int, np.integer)):
+            if not -d <= sl < d:
+                _raise(ShapeError, "slice", (x,), f"index {int(sl)} is out of range for axis {axis} of size {d}")
+            i = int(sl) + (d if sl < 0 else 0)
+            sl = slice(i, i + 1)
+        if not isinstance(sl, slice) or sl.step not in (None, 1):
+            _raise(ShapeError, "slice", (x,), f"axis {axis}: only unit-step slices and integers are supported, "
+                                              f"got {sl!r}")
+        a, b, _ = sl.indices(d)
+        starts.append(a)
+        stops.append(max(a, b))
+    return make_node("slice", (x,), {"starts": starts, "stops": stops})
 
 
 # ---------------------------------------------------------------------------
@@ -613,3 +636,6 @@ def op_flops(node: Node) -> int:
 def graph_flops(graph: Graph) -> int:
     """A graph's FLOPs by its ops' own counts (a scan counts its body once per step)."""
     return sum(op_flops(n) for n in graph.topo_order())
+
+
+install(build=make_node, operand=as_node_like, index=slice_by_index)

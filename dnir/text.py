@@ -16,7 +16,7 @@ import math
 import re
 
 from .errors import DnirError, InputError, ParseError
-from .graph import Graph, Node
+from .graph import Graph, Node, install
 from .limits import MAX_TEXT_BYTES, format_bytes, oversize
 from .ops import make_node
 from .types import DTYPES, TensorType, type_str
@@ -327,3 +327,6 @@ def _parse_value(toks: _Tokens):
                 toks.expect(",")
         return tuple(items)
     raise toks.error(f"expected an attribute value, got {text!r}", tok)
+
+
+install(print=print_graph)   # str(graph) is its text

@@ -35,12 +35,6 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {}
 KNOWN = {
     ("dnir.limits", "dnir.analysis.memory"):
         "check_fits_memory plans memory from the IR layer: it belongs with its callers (api, cli)",
-    ("dnir.graph", "dnir.ops"): "Node's operators and methods build nodes with make_node (ops imports graph)",
-    ("dnir.graph", "dnir.builder"): "Node.__getitem__ slices through the builder",
-    ("dnir.graph", "dnir.text"): "Node.__repr__ prints through the text format",
-    ("dnir.graph", "dnir.types"): "type_str is imported inside a method (TensorType at the top)",
-    ("dnir.builder", "dnir.verify"): "Builder.build verifies (verify imports nothing above builder: a re-check)",
-    ("dnir.builder", "dnir.ops"): "as_node_like is imported inside a function",
 }
 
 
