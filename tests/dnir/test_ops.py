@@ -509,6 +509,48 @@ def test_nested_scan(rng):
 
 
 # ---------------------------------------------------------------------------
+# fused delta-rule ops (dnir/fused.py; tests/lowering/test_fused_reference.py checks them against
+# their expansions and the float64 oracle on whole layers)
+
+
+@covers("chunk_scan", "item")
+def test_chunk_scan(rng):
+    n, H, C, K, V = 3, 2, 4, 5, 3
+    ops = [f32(rng, H, K, V), f32(rng, n, H, C, K), f32(rng, n, H, C, V), f32(rng, n, H, C, K),
+           f32(rng, n, H, C, C), f32(rng, n, H, C, K), rng.uniform(0.1, 1, (n, H, K, 1)).astype(np.float32)]
+    b = Builder()
+    final, o = dnir.fused.chunk_scan(*[b.input(f"x{i}", a.shape) for i, a in enumerate(ops)])
+    got_final, got_o = run(b.build([final, o]), ops)
+    S0, W, U, Qd, A, Kte, LD = (a.astype(np.float64) for a in ops)
+    S, want_o = S0.copy(), np.zeros((n, H, C, V))
+    for t in range(n):
+        for h in range(H):
+            v_new = U[t, h] - W[t, h] @ S[h]
+            want_o[t, h] = Qd[t, h] @ S[h] + A[t, h] @ v_new
+            S[h] = S[h] * LD[t, h] + Kte[t, h].T @ v_new
+    close(got_final, S, rtol=1e-4, atol=1e-5)
+    close(got_o, want_o, rtol=1e-4, atol=1e-5)
+
+
+@covers("token_step", "item")
+def test_token_step(rng):
+    H, K, V = 3, 4, 5
+    ops = [f32(rng, H, K, V), rng.uniform(0.1, 1, (H, 1, 1)).astype(np.float32), f32(rng, H, K, 1),
+           f32(rng, H, 1, K), f32(rng, H, K), f32(rng, H, V), f32(rng, H, 1), f32(rng, H)]
+    b = Builder()
+    new_state, o = dnir.fused.token_step(*[b.input(f"x{i}", a.shape) for i, a in enumerate(ops)])
+    got_state, got_o = run(b.build([new_state, o]), ops)
+    S, a, kc, kr, qr, v, beta, qk = (x.astype(np.float64) for x in ops)
+    want_state, want_o = np.zeros((H, K, V)), np.zeros((H, V))
+    for h in range(H):
+        u = (v[h] - kr[h, 0] @ S[h]) * beta[h, 0]
+        want_o[h] = qr[h] @ S[h] + u * qk[h]
+        want_state[h] = S[h] * a[h, 0, 0] + np.outer(kc[h, :, 0], u)
+    close(got_state, want_state, rtol=1e-5, atol=1e-6)
+    close(got_o, want_o, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
 # precision
 
 
