@@ -36,7 +36,7 @@ SIGNATURES: dict[str, str] = {
     "ggml_reshape_4d": "TIIII", "ggml_view_1d": "TIz", "ggml_view_4d": "TIIIIzzzz",
     "ggml_permute": "Tiiii", "ggml_repeat_4d": "TIIII", "ggml_pad_ext": "Tiiiiiiii",
     "ggml_concat": "TTi", "ggml_mul_mat": "TT", "ggml_solve_tri": "TTbbb", "ggml_get_rows": "TT",
-    "ggml_set": "TTzzzz", "ggml_set_inplace": "TTzzzz", "ggml_acc": "TTzzzz", "ggml_set_1d_inplace": "TTz",
+    "ggml_set": "TTzzzz", "ggml_set_inplace": "TTzzzz", "ggml_acc": "TTzzzz", "ggml_acc_inplace": "TTzzzz", "ggml_set_1d_inplace": "TTz",
     "ggml_gated_delta_net": "TTTTTTI",
 }
 

@@ -122,10 +122,14 @@ class Lowerer:
     def __init__(self, emitter: Emitter):
         self.e = emitter
         self.where = ""            # the node being lowered, for errors
+        self.readers: dict[int, list] = {}   # of the graph being lowered: id(node) -> its readers
+        self.kept: set[int] = set()          # ... and its outputs
 
     # -- the graph walk ---------------------------------------------------------------------
     def lower(self, graph: Graph, inputs: list[Value], path: str = "") -> list[Value]:
         values: dict[int, object] = {id(n): v for n, v in zip(graph.inputs, inputs)}
+        outer = self.readers, self.kept
+        self.readers, self.kept = graph.uses(), {id(n) for n in graph.outputs}
         counter = 0
         for node in graph.topo_order():
             if id(node) in values:
@@ -142,7 +146,19 @@ class Lowerer:
             if method is None:
                 self.fail("no ggml lowering for this op")
             values[id(node)] = method(node, *operands)
+        self.readers, self.kept = outer
         return [values[id(n)] for n in graph.outputs]
+
+    def dies_at(self, node: Node) -> bool:
+        """Whether `node`'s bytes can be overwritten by its one reader: nothing else reads
+        them, following reshapes (and permutes or broadcasts, which may not copy) back to the
+        op that wrote them; never an input, a constant or a scan's result."""
+        while True:
+            if id(node) in self.kept or len(self.readers[id(node)]) != 1 or node.op in _SHARED:
+                return False
+            if node.op not in ("reshape", "permute", "broadcast_to"):
+                return True
+            node = node.inputs[0]
 
     def fail(self, message: str):
         raise BackendError(f"ggml: node {self.where}: {message}")
@@ -483,6 +499,8 @@ class Lowerer:
     def op_set(self, node, dst, src): return self.region("ggml_set", node, dst, src)
     def op_acc(self, node, dst, src): return self.region("ggml_acc", node, dst, src)
 
+    # ggml's allocator reuses a dying operand's memory for elementwise ops, not for set and acc.
+
     def region(self, fn, node, dst: Value, src: Value) -> Value:
         offsets = node.attrs["offsets"]
         full = [s == d for s, d in zip(src.shape, dst.shape)]
@@ -495,8 +513,10 @@ class Lowerer:
         strides = [size * math.prod(dims[i + 1:]) for i in range(len(dims))]
         offset = sum(offsets[g[0]] * s * st for g, s, st in zip(groups, inner, strides))
         nb = list(reversed(strides)) + [strides[0] * dims[0]] * (4 - len(dims))
+        if self.dies_at(node.inputs[0]):
+            fn += "_inplace"            # written over the destination, as dnir's memory plan does
         t = self.call(fn, self.view(dst, dims), self.view(src, sdims), nb[1], nb[2], nb[3], offset)
-        return self.made(t, dims, node.shape, node.dtype)
+        return Value(t, node.shape, ggml_ne(dims), dst.base if fn.endswith("_inplace") else t, node.dtype)
 
     # -- control -----------------------------------------------------------------------------------
     def op_item(self, node, results):
@@ -530,6 +550,9 @@ class Lowerer:
         t = self.call("ggml_view_1d", x.t, size, step * size * ITEM_SIZE[x.gtype])
         return Value(t, x.shape[1:], ggml_ne((size,)), x.base, x.dtype)
 
+
+# Values whose bytes are not the node's own to overwrite.
+_SHARED = {"input", "const", "item", "scan"}
 
 # Ops that move or convert values of any dtype; every other op computes on f32 (bool as f32 0/1).
 _ANY_DTYPE = {"cast", "reshape", "item", "scan"}
