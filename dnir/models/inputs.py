@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError
 from .config import DeltaNetConfig
 from .reference import l2normalize
 
 
 def random_inputs(cfg: DeltaNetConfig, rng) -> dict[str, np.ndarray]:
-    """Float32 arrays by graph input name; rng: a numpy Generator or a seed."""
+    """Float32 arrays by graph input name; rng: a numpy Generator or a seed (an integer >= 0)."""
+    if isinstance(rng, (int, np.integer)) and rng < 0:
+        raise InputError(f"seed {rng}: expected an integer >= 0 (NumPy's generators take no negative seed)")
     rng = np.random.default_rng(rng)
     shapes = cfg.input_shapes()
 

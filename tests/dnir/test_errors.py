@@ -246,3 +246,32 @@ def test_malformed_scan_body_text():
         dnir.parse(text)
     assert (info.value.line, info.value.col) == (2, 28)
     assert "body input 1 (x) has type f32[3], expected f32[2]" in str(info.value)
+
+
+@pytest.mark.parametrize("text, line, col, fragments", [
+    # sizes nobody can mean: named with their bytes, before anything counts them
+    (GOOD.replace("f32[2,3]", "f32[2000000,3000000]", 1), 1, 11,
+     ["type f32[2000000,3000000] has 6e+12 elements, 21.8 TiB", "at most 2**40 elements"]),
+    (GOOD.replace("f32[2,3]", "f32[" + "9" * 5000 + ",3]", 1), 1, 15, ["(5000 digits)", "2**40 elements"]),
+    # integers beyond 64 bits, strings JSON cannot read, brackets without end
+    (GOOD.replace("exp(%x)", "cumsum(%x) {axis=99999999999999999999}"), 2, 35, ["outside the 64-bit range"]),
+    (GOOD.replace("exp(%x)", "cumsum(%x) {axis=" + "1" * 5000 + "}"), 2, 35, ["outside the 64-bit range"]),
+    (GOOD.replace("exp(%x)", 'cumsum(%x) {axis="\\q"}'), 2, 35, ["bad string", "Invalid \\escape"]),
+    (GOOD.replace("exp(%x)", "cumsum(%x) {axis=" + "[" * 100000 + "}"), 2, None, ["nested too deeply"]),
+])
+def test_text_beyond_the_format_s_bounds(text, line, col, fragments):
+    with pytest.raises(ParseError) as info:
+        dnir.parse(text, "big.dnir")
+    assert info.value.line == line and col in (None, info.value.col), str(info.value)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_files_are_read_up_to_a_size_limit(tmp_path, monkeypatch):
+    import dnir.text
+    path = tmp_path / "long.dnir"
+    path.write_text(GOOD + "#" * 200 + "\n")
+    assert dnir.parse_file(path).output_names == ("out0",)
+    monkeypatch.setattr(dnir.text, "MAX_TEXT_BYTES", 100)
+    fails(InputError, lambda: dnir.parse_file(path), f"{path}: larger than 100 B, too large for a .dnir graph",
+          site=False)

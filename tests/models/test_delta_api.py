@@ -288,3 +288,15 @@ def test_unknown_pipeline_and_target(rng):
         dnir.chunk_gated_delta_rule(**x, opt="no-such-pipeline")
     with pytest.raises(dnir.BackendError, match="no-such-target"):
         dnir.chunk_gated_delta_rule(**x, opt="O0", target="no-such-target")
+
+
+@pytest.mark.parametrize("seq_len", [10**12, 10**30])
+def test_sizes_are_bounded_before_anything_is_built(seq_len):
+    """The API, `dnir build` and a file's metadata all make a DeltaNetConfig: the bound is
+    checked there, by arithmetic on the sizes, before a graph is built or planned."""
+    with pytest.raises(dnir.InputError, match=rf"seq_len={seq_len}.*: q would be f32\[1, {seq_len}, 2, 16\], "
+                                              rf".* elements, .*iB; a tensor may have at most 2\*\*40 elements"):
+        dnir.models.DeltaNetConfig("gdn", seq_len=seq_len)
+    cfg = dnir.models.DeltaNetConfig("gdn", seq_len=2**20)            # large, but within the bound
+    with pytest.raises(dnir.InputError, match="seed -1: expected an integer >= 0"):
+        dnir.models.random_inputs(cfg, -1)
