@@ -12,19 +12,12 @@ L above the diagonal are never formed at all.
 """
 from __future__ import annotations
 
-from dnir.graph import Graph, Node
+from dnir.graph import Graph
 from dnir.ops import make_node
 
+from .construct import DEFAULT_BLOCK, op, rows, slice_, square
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules, is_elementwise
-from .tril_blocks import DEFAULT_BLOCK, op, rows
-
-
-def square(x: Node, r: int, c: int, block: int) -> Node:
-    """Block (r, c) of the last two axes."""
-    starts, stops = [0] * x.rank, list(x.shape)
-    starts[-2:], stops[-2:] = [r * block, c * block], [(r + 1) * block, (c + 1) * block]
-    return op("slice", x, starts=starts, stops=stops)
 
 
 def block_solve(m, block: int):
@@ -55,7 +48,7 @@ def slice_of_concat(m):
         if start <= lo and hi <= end:
             starts, stops = list(node.attrs["starts"]), list(node.attrs["stops"])
             starts[axis], stops[axis] = lo - start, hi - start
-            return make_node("slice", (part,), {"starts": starts, "stops": stops})
+            return slice_(part, starts, stops)
         start = end
     return None
 
@@ -71,7 +64,7 @@ def slice_of_elementwise(m):
         starts = [0 if d == 1 else s for s, d in zip(node.attrs["starts"][pad:], x.shape)]
         stops = [1 if d == 1 else s for s, d in zip(node.attrs["stops"][pad:], x.shape)]
         parts.append(x if list(x.shape) == stops and not any(starts) else
-                     make_node("slice", (x,), {"starts": starts, "stops": stops}))
+                     slice_(x, starts, stops))
     return make_node(e.op, parts, e.attrs)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dnir.graph import Graph, Node
 from dnir.ops import broadcast_shapes, make_node
 
+from .construct import reshape
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules, is_elementwise
 
@@ -56,8 +57,8 @@ def strip_sum(m):
     count = 1
     for a in axes:
         count *= node.inputs[0].shape[a]
-    aligned = make_node("reshape", (src,), {"shape": (1,) * pad + src.shape}) if pad else src
-    summed = make_node("reshape", (aligned,), {"shape": _reduced(aligned.shape, axes, node.attrs["keepdims"])})
+    aligned = reshape(src, (1,) * pad + src.shape) if pad else src
+    summed = reshape(aligned, _reduced(aligned.shape, axes, node.attrs["keepdims"]))
     scaled = make_node("mul", (summed, make_node("full", (), {"value": float(count), "shape": (),
                                                                "dtype": node.dtype})), {})
     shape = broadcast_shapes(scaled.shape, node.shape)

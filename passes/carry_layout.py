@@ -16,10 +16,10 @@ from __future__ import annotations
 from dnir.graph import Graph, Node
 from dnir.ops import make_node
 
+from .construct import permute, slice_under_permute
+from .layout_cost import cheaper
 from .manager import register_pass
 from .rewrite import map_nodes, rebuild
-from .construct import permute
-from .layout_cost import cheaper
 from .transposes import eliminate_transposes
 
 
@@ -29,10 +29,7 @@ def unpermuted(init: Node):
         return init.inputs[0], init.attrs["axes"]
     if init.op == "slice" and init.inputs[0].op == "permute":
         x, p = init.inputs[0].inputs[0], init.inputs[0].attrs["axes"]
-        starts, stops = [0] * x.rank, list(x.shape)
-        for j, a in enumerate(p):
-            starts[a], stops[a] = init.attrs["starts"][j], init.attrs["stops"][j]
-        return make_node("slice", (x,), {"starts": starts, "stops": stops}), p
+        return slice_under_permute(x, p, init.attrs["starts"], init.attrs["stops"]), p
     return None
 
 

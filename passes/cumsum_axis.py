@@ -12,9 +12,9 @@ from __future__ import annotations
 from dnir.graph import Graph
 from dnir.ops import make_node
 
+from .construct import permute, reshape
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules
-from .transposes import compose
 
 x = P.any("x")
 
@@ -22,7 +22,7 @@ x = P.any("x")
 def permute_out_of_cumsum(m):
     axis = m.node.attrs["axis"] % m.node.rank
     axes = m.node.inputs[0].attrs["axes"]
-    return make_node("permute", (make_node("cumsum", (m.x,), {"axis": axes[axis]}),), {"axes": axes})
+    return permute(make_node("cumsum", (m.x,), {"axis": axes[axis]}), axes)
 
 
 def _big_axes(shape):
@@ -38,14 +38,15 @@ def reshape_out_of_cumsum(m):
     if dst[axis] == 1:
         return m.node.inputs[0]  # a running sum over one element is the element
     src_axis = _big_axes(src)[_big_axes(dst).index(axis)]
-    return make_node("reshape", (make_node("cumsum", (m.x,), {"axis": src_axis}),), {"shape": dst})
+    return reshape(make_node("cumsum", (m.x,), {"axis": src_axis}), dst)
 
 
 RULES = [
     Rule(P("cumsum", P("cont", x)), lambda m: make_node("cumsum", (m.x,), m.node.attrs), "cumsum_of_cont"),
     Rule(P("cumsum", P("permute", x)), permute_out_of_cumsum, "permute_out_of_cumsum"),
     Rule(P("cumsum", P("reshape", x)), reshape_out_of_cumsum, "reshape_out_of_cumsum"),
-    Rule(P("permute", P("permute", x)), compose, "compose_permutes"),
+    Rule(P("permute", P("permute", x)), lambda m: permute(m.node.inputs[0], m.node.attrs["axes"]),
+         "compose_permutes"),
 ]
 
 

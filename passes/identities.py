@@ -8,6 +8,7 @@ from __future__ import annotations
 from dnir.graph import Graph
 from dnir.ops import REGISTRY, make_node
 
+from .construct import reshape, slice_
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules
 
@@ -43,20 +44,20 @@ def neutral_operand(m):
 def sum_of_unit_axes(m):
     axes = m.node.attrs["axes"]
     if all(m.x.shape[a] == 1 for a in axes):
-        return make_node("reshape", (m.x,), {"shape": m.node.shape})
+        return reshape(m.x, m.node.shape)
     return None
 
 
 def nested_slice(m):
     base = m.inner.attrs["starts"]
-    return make_node("slice", (m.x,), {"starts": tuple(o + a for o, a in zip(base, m.node.attrs["starts"])),
-                                       "stops": tuple(o + b for o, b in zip(base, m.node.attrs["stops"]))})
+    return slice_(m.x, tuple(o + a for o, a in zip(base, m.node.attrs["starts"])),
+                  tuple(o + b for o, b in zip(base, m.node.attrs["stops"])))
 
 
 RULES = [
     Rule(P("permute", x, axes=lambda a: list(a) == sorted(a)), lambda m: m.x, "identity_permute"),
     Rule(P(("reshape", "broadcast_to", "slice", "cont", "cast"), x), same_shape, "same_shape"),
-    Rule(P("reshape", P("reshape", x)), lambda m: make_node("reshape", (m.x,), {"shape": m.node.shape}),
+    Rule(P("reshape", P("reshape", x)), lambda m: reshape(m.x, m.node.shape),
          "reshape_chain"),
     Rule(P("broadcast_to", P("broadcast_to", x)),
          lambda m: make_node("broadcast_to", (m.x,), {"shape": m.node.shape}), "broadcast_chain"),

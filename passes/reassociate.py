@@ -21,6 +21,7 @@ import math
 from dnir.graph import Graph
 from dnir.ops import broadcast_shapes, make_node
 
+from .construct import reshape
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules
 
@@ -62,7 +63,7 @@ def scale_smaller_operand(m):
                     or s.shape[axis] != x.shape[axis] or s.dtype != other.dtype):
                 continue
             moved = s if axis == other_axis else \
-                make_node("reshape", (s,), {"shape": s.shape[:-2] + (s.shape[-1], s.shape[-2])})
+                reshape(s, s.shape[:-2] + (s.shape[-1], s.shape[-2]))
             if (broadcast_shapes(other.shape, moved.shape) != other.shape
                     or math.prod(other.shape) >= math.prod(x.shape)):
                 continue

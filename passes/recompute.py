@@ -20,6 +20,7 @@ from __future__ import annotations
 from dnir.graph import Graph, Node
 from dnir.ops import make_node
 
+from .construct import reshape
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules, is_elementwise
 
@@ -48,7 +49,7 @@ def matvec_as_reduction(m):
         return None
     prod = make_node("mul", (x, _copy(t, t.type.size)), {})
     total = make_node("sum", (prod,), {"axes": (prod.rank - 1,), "keepdims": False})
-    return make_node("reshape", (total,), {"shape": node.shape})
+    return reshape(total, node.shape)
 
 
 @register_pass("recompute_into_reductions")

@@ -20,21 +20,21 @@ import math
 from dnir.graph import Graph, Node
 from dnir.ops import make_node
 
+from .construct import moves_only_unit_axes, reshape
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules
-from .transposes import moves_only_unit_axes
 
 
 def _aligned(x: Node, rank: int) -> Node:
     x = x.inputs[0] if x.op == "broadcast_to" else x
-    return x if x.rank == rank else make_node("reshape", (x,), {"shape": (1,) * (rank - x.rank) + x.shape})
+    return x if x.rank == rank else reshape(x, (1,) * (rank - x.rank) + x.shape)
 
 
 def _as_matrix(x: Node, order, shape):
     """permute x to `order` and reshape to `shape`, if that permute moves only size-1 axes."""
     if not moves_only_unit_axes(order, x.shape):
         return None
-    return x if x.shape == tuple(shape) else make_node("reshape", (x,), {"shape": shape})
+    return x if x.shape == tuple(shape) else reshape(x, shape)
 
 
 # Operand layouts tried in turn: [.., m, k] x [.., n, k] first (the row-sum form).
@@ -70,7 +70,7 @@ def sum_of_product(m):
                             bshape + ((cols, right.shape[k]) if tb else (right.shape[k], cols)))
             if a2 is not None and b2 is not None:
                 out = make_node("matmul", (a2, b2), {"transpose_a": ta, "transpose_b": tb})
-                return make_node("reshape", (out,), {"shape": node.shape})
+                return reshape(out, node.shape)
     return None
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dnir.graph import Graph, Node
 from dnir.ops import make_node
 
-from .construct import permute
+from .construct import is_last_two_swap, moves_only_unit_axes, permute, reshape, slice_under_permute
 from .layout_cost import keep_if_cheaper
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules, is_elementwise
@@ -30,19 +30,7 @@ x = P.any("x")
 
 
 def compose(m):
-    inner = m.node.inputs[0].attrs["axes"]
-    return permute(m.x, [inner[a] for a in m.node.attrs["axes"]])
-
-
-def moves_only_unit_axes(axes, shape) -> bool:
-    """True if the axes longer than 1 keep their relative order (then the permute is a reshape)."""
-    big = [a for a in axes if shape[a] != 1]
-    return big == sorted(big)
-
-
-def is_last_two_swap(axes) -> bool:
-    n = len(axes)
-    return n >= 2 and tuple(axes) == tuple(range(n - 2)) + (n - 1, n - 2)
+    return permute(m.node.inputs[0], m.node.attrs["axes"])   # permute composes with its operand
 
 
 def fold_into_matmul(m):
@@ -109,11 +97,11 @@ def copy_free(x: Node, axes, m, rank: int):
     if x.op == "full":
         return make_node("full", (), {**x.attrs, "shape": tuple(shape[a] for a in axes)})
     if x.rank < rank:
-        x = make_node("reshape", (x,), {"shape": shape})
+        x = reshape(x, shape)
     if x.op == "permute" and [x.attrs["axes"][a] for a in axes] == list(range(rank)):
         return x.inputs[0]
     if moves_only_unit_axes(axes, x.shape):
-        return make_node("reshape", (x,), {"shape": tuple(x.shape[a] for a in axes)})
+        return reshape(x, tuple(x.shape[a] for a in axes))
     if x.op == "input" or not is_elementwise(x) or m.uses(x) != 1 or not _commutes(x, axes):
         return None
     operands = [copy_free(i, axes, m, rank) for i in x.inputs]
@@ -156,10 +144,8 @@ def slice_of_permute(m, shared=False):
     inner = m.node.inputs[0]
     if not shared and m.uses(inner) > 1:
         return None
-    p, starts, stops = inner.attrs["axes"], [0] * m.x.rank, list(m.x.shape)
-    for j, a in enumerate(p):
-        starts[a], stops[a] = m.node.attrs["starts"][j], m.node.attrs["stops"][j]
-    return permute(make_node("slice", (m.x,), {"starts": starts, "stops": stops}), p)
+    p = inner.attrs["axes"]
+    return permute(slice_under_permute(m.x, p, m.node.attrs["starts"], m.node.attrs["stops"]), p)
 
 
 def concat_of_permutes(m, shared=False):
@@ -177,14 +163,14 @@ def concat_of_permutes(m, shared=False):
 def permute_of_broadcast(m):
     """Permute the small operand, then broadcast: permute(broadcast_to(x)) -> broadcast_to(permute(x))."""
     src, axes = m.x, m.node.attrs["axes"]
-    full_rank = make_node("reshape", (src,), {"shape": (1,) * (m.node.rank - src.rank) + src.shape}) \
+    full_rank = reshape(src, (1,) * (m.node.rank - src.rank) + src.shape) \
         if src.rank != m.node.rank else src
     return make_node("broadcast_to", (permute(full_rank, axes),), {"shape": m.node.shape})
 
 
 def unit_axes_reshape(m):
     if moves_only_unit_axes(m.node.attrs["axes"], m.x.shape):
-        return make_node("reshape", (m.x,), {"shape": m.node.shape})
+        return reshape(m.x, m.node.shape)
     return None
 
 
@@ -198,7 +184,7 @@ def permute_of_unit_reshape(m):
         return None
     order = [big_x[big_y.index(a)] for a in node.attrs["axes"] if a in big_y]
     moved = permute(x, order + [i for i in range(x.rank) if i not in big_x])
-    return make_node("reshape", (moved,), {"shape": node.shape})
+    return reshape(moved, node.shape)
 
 
 def matrix_as_stored(m):
@@ -213,7 +199,7 @@ def matrix_as_stored(m):
         flags = {"transpose_a": False, "transpose_b": not ta}
     else:
         return None
-    return make_node("reshape", (make_node("matmul", (b, a), flags),), {"shape": m.node.shape})
+    return reshape(make_node("matmul", (b, a), flags), m.node.shape)
 
 
 def rules(shared: bool) -> list[Rule]:

@@ -23,22 +23,10 @@ matmuls (scalar decay), or 3 strip matmuls and 4 diagonal blocks (per channel).
 from __future__ import annotations
 
 from dnir.graph import Graph, Node
-from dnir.ops import make_node
 
+from .construct import DEFAULT_BLOCK, op, rows
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules
-
-DEFAULT_BLOCK = 16
-
-
-def op(name, *inputs, **attrs) -> Node:
-    return make_node(name, inputs, attrs)
-
-
-def rows(x: Node, start: int, stop: int, axis: int) -> Node:
-    starts, stops = [0] * x.rank, list(x.shape)
-    starts[axis], stops[axis] = start, stop
-    return op("slice", x, starts=starts, stops=stops)
 
 
 def _gate(name: str) -> P:

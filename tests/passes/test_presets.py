@@ -8,7 +8,7 @@ from dnir import passes
 from dnir.cli import main
 from dnir.models import build
 from dnir.passes.rewrite import is_elementwise
-from dnir.passes.transposes import is_last_two_swap, moves_only_unit_axes
+from dnir.passes.construct import is_last_two_swap, moves_only_unit_axes
 from dnir.text import print_graph
 
 C, K = 64, 128
