@@ -1,7 +1,9 @@
 """Graph pictures through Graphviz: `to_dot(graph)`, `diff_dot(before, after)`, `render(...)`.
 
 Nodes carry their op, key attributes and result type; colours say what class
-of work an op is (from the op registry's `op_class`); scan bodies are clusters;
+of work an op is (from the op registry's `op_class`; fused ops, which a GPU
+target's pipeline puts in place of the delta rule's units, are also drawn as
+3-d boxes with a heavy border); scan bodies are clusters;
 inputs and outputs have their own shapes. `collapse=True` folds scan bodies
 and chains of layout ops so that a real model's graph stays readable.
 """
@@ -19,7 +21,7 @@ from .types import type_str
 # Fill colours by op class (ColorBrewer Pastel1-like, readable with black text).
 CLASS_COLOURS = {
     "source": "#e5e5e5", "elementwise": "#b3cde3", "layout": "#fed9a6", "matmul": "#fbb4ae",
-    "reduction": "#ccebc5", "assembly": "#decbe4", "control": "#ffffcc",
+    "reduction": "#ccebc5", "assembly": "#decbe4", "control": "#ffffcc", "fused": "#f781bf",
 }
 DIFF_COLOURS = {"removed": "#e41a1c", "added": "#4daf4a", "unchanged": "#999999"}
 _HIDDEN_ATTRS = {"body", "value", "name", "shape", "dtype"}
@@ -101,6 +103,8 @@ def _add_graph(dot, graph: Graph, prefix: str, collapse: bool, colour_of=None, i
         label = _label(node)
         if node.op == "input":
             style.update(shape="invhouse", fillcolor="#a6d854")
+        if REGISTRY[node.op].op_class == "fused":     # a unit a target runs as one kernel: drawn apart
+            style.update(shape="box3d", penwidth="2")
         if id(node) in chain_len:
             label = f"layout chain x{chain_len[id(node)]}\n{label}"
         if colour_of is not None:

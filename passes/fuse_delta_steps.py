@@ -153,10 +153,14 @@ class _TokenSteps:
 @register_pass(PASS)
 def fuse_delta_steps(graph: Graph) -> tuple[Graph, bool]:
     """The delta rule's loop over chunks and decode step: fused ops, where the target has kernels."""
-    if current().target is None:
+    ctx = current()
+    if ctx.target is None:
         return graph, False
-    steps = _TokenSteps()
-    return apply_rules(graph, [Rule(P("scan", num_carry=1, num_xs=len(CHUNK_ROLES)), fuse_chunk_scan,
-                                    "chunk_scan"),
-                               Rule(STEP_STATE, steps.fuse, "token_step"),
-                               Rule(P("add"), steps.output, "token_step output")])
+    steps, remarks = _TokenSteps(), len(ctx.remarks)
+    graph, changed = apply_rules(graph, [Rule(P("scan", num_carry=1, num_xs=len(CHUNK_ROLES)), fuse_chunk_scan,
+                                              "chunk_scan"),
+                                         Rule(STEP_STATE, steps.fuse, "token_step"),
+                                         Rule(P("add"), steps.output, "token_step output")])
+    if len(ctx.remarks) == remarks:
+        ctx.remark(PASS, "no loop over chunks or decode step in the graph")
+    return graph, changed

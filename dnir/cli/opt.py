@@ -12,6 +12,7 @@ EXAMPLE = """examples:
   dnir opt layer.dnir --passes eliminate_transposes,cumsum_axis -o out.dnir --validate
   dnir opt layer.dnir --pipeline O2 --block-size 32 --dump-dir ir/ -o out.dnir
   dnir opt layer.dnir --dump-dir ir/ --viz -o out.dnir   # ir/NNN_<pass>.svg and .diff.svg
+  dnir opt layer.dnir --target cuda --report -o layer.cuda.dnir   # what the cuda pipeline fuses
 """
 
 
@@ -23,7 +24,10 @@ def register(sub):
     which.add_argument("--pipeline", default="O2", help="O0, O1 or O2 (default O2)")
     which.add_argument("--passes", help="comma-separated pass names, run in this order")
     p.add_argument("--block-size", type=int, help="block size of block_tril and block_solve (default 16)")
-    p.add_argument("--report", action="store_true", help="print a table of what each pass changed")
+    p.add_argument("--target", help="then the target's own pipeline, under its pass context (e.g. cuda, "
+                                    "vulkan: the delta rule's units fused where the kernels take them)")
+    p.add_argument("--report", action="store_true",
+                   help="print a table of what each pass changed, and what the target's passes found")
     p.add_argument("--validate", action="store_true",
                    help="check each pass numerically (NumPy before/after on random inputs)")
     p.add_argument("--dump-dir", help="write the IR after each pass as NNN_<pass>.dnir")
@@ -36,7 +40,9 @@ def register(sub):
 
 
 def run(args) -> int:
-    from dnir.passes import report_table, run_pipeline
+    from dnir.lowering import registry
+    from dnir.passes import report_table, resolve, run_pipeline
+    from dnir.passes.context import PassContext
     from dnir.text import print_graph
 
     from .progress import progress
@@ -51,16 +57,26 @@ def run(args) -> int:
         options = {name: {"block": args.block_size} for name in ("block_tril", "block_solve")}
     pipeline = pipeline_names("--passes", args.passes) if args.passes is not None else \
         pipeline_names("--pipeline", args.pipeline)
-    graph, records = run_pipeline(graph, pipeline, options=options,
-                                  validate=args.validate, dump_dir=args.dump_dir,
-                                  progress=lambda names: progress(names, desc="passes", unit="pass"))
+    context = PassContext()
+    if args.target is not None:
+        if args.target not in registry.targets():
+            raise UsageError(f"--target {args.target!r}: expected one of {', '.join(registry.targets())}")
+        pipeline = resolve(pipeline) + registry.pipeline(args.target)
+        context = registry.target_context(args.target)
+    with context:
+        graph, records = run_pipeline(graph, pipeline, options=options,
+                                      validate=args.validate, dump_dir=args.dump_dir,
+                                      progress=lambda names: progress(names, desc="passes", unit="pass"))
     write_text(args.output, print_graph(graph))       # atomic: -o may name the input file
     if args.viz:
         draw_passes(args.dump_dir, records)
     if args.json:
-        print(json.dumps({"output": args.output, "passes": [r.to_json() for r in records]}))
+        print(json.dumps({"output": args.output, "passes": [r.to_json() for r in records],
+                          "remarks": [{"pass": name, "remark": text} for name, text in context.remarks]}))
     elif args.report:
         print(report_table(records))
+        for name, text in context.remarks:
+            print(f"{name}: {text}")
     else:
         first, last = records[0], records[-1]
         print(f"{args.file} -> {args.output}: {first.nodes} -> {last.nodes} nodes, "

@@ -43,3 +43,39 @@ def test_viz_without_dump_dir_is_a_usage_error(tmp_path, capsys):
     assert main(["opt", str(src), "--viz", "-o", str(tmp_path / "out.dnir")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--dump-dir" in err
+
+
+def _decode_layer(tmp_path, value_dim):
+    import dnir
+    from dnir.models import build_delta_net, preset
+    from dnir.passes import optimize
+    cfg = preset("kimi-linear", batch=2, seq_len=1, mode="decode", heads=2, value_heads=2, head_dim=16,
+                 value_dim=value_dim, initial_state=True, final_state=True)
+    path = tmp_path / f"decode{value_dim}.dnir"
+    path.write_text(dnir.print(optimize(build_delta_net(cfg), "O2")))
+    return path
+
+
+def test_opt_target_reports_and_draws_the_fused_step(tmp_path, capsys):
+    import dnir
+    out = tmp_path / "cuda.dnir"
+    assert main(["opt", str(_decode_layer(tmp_path, 32)), "--passes", "dce", "--target", "cuda", "--report",
+                 "-o", str(out)]) == 0
+    report = capsys.readouterr().out
+    row = next(line for line in report.splitlines() if line.startswith("fuse_delta_steps "))
+    assert "+1 token_step" in row and "-1 matmul" not in row and "-2 matmul" in row
+    assert report.splitlines()[-1] == "fuse_delta_steps: token_step fused (decode step)"
+    graph = dnir.parse_file(out)
+    assert graph.op_histogram()["token_step"] == 1
+    (node,) = re.findall(r'label="token_step\n[^"]*"[^\]]*\]', viz.to_dot(graph).source)   # its attributes
+    assert "shape=box3d" in node and viz.CLASS_COLOURS["fused"] in node
+
+
+def test_opt_target_says_why_a_step_is_not_fused(tmp_path, capsys):
+    assert main(["opt", str(_decode_layer(tmp_path, 48)), "--passes", "dce", "--target", "cuda", "--report",
+                 "-o", str(tmp_path / "cuda.dnir")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("fuse_delta_steps: token_step not fused: V=48 is not a "
+                                                        "multiple of 32 (one thread per state column, whole "
+                                                        "warps) (decode step)")
+    assert main(["opt", str(tmp_path / "decode48.dnir"), "--target", "tpu", "-o", str(tmp_path / "x.dnir")]) == 2
+    assert "--target 'tpu': expected one of numpy, llvm, cuda, vulkan" in capsys.readouterr().err
