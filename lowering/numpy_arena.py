@@ -20,6 +20,7 @@ import weakref
 
 import numpy as np
 
+from dnir.analysis.evaluate import matmul_operands
 from dnir.analysis.memory import Block, Loc, MemoryPlan, plan as make_plan
 from dnir.errors import BackendError
 from dnir.graph import Graph
@@ -138,11 +139,7 @@ def _cumsum(node, out, x):
 
 @out_kernel("matmul")
 def _matmul(node, out, a, b):
-    if node.attrs["transpose_a"]:
-        a = np.swapaxes(a, -1, -2)
-    if node.attrs["transpose_b"]:
-        b = np.swapaxes(b, -1, -2)
-    np.matmul(a, b, out=out)
+    np.matmul(*matmul_operands(node, a, b), out=out)
 
 
 @out_kernel("solve_tri")

@@ -14,7 +14,7 @@ import numpy as np
 
 from dnir.errors import BackendError, InputError
 from dnir.graph import Graph, Node
-from dnir.ops import REGISTRY, OpClass
+from dnir.ops import REGISTRY, OpClass, check_table, table_entry
 from dnir.passes.context import Target, any_node
 from dnir.types import canonical_dtype, numpy_dtype
 
@@ -22,14 +22,7 @@ from .registry import Backend, register as register_backend
 
 Kernel = Callable[..., np.ndarray]
 KERNELS: dict[str, Kernel] = {}
-
-
-def kernel(*names):
-    def register(fn):
-        for name in names:
-            KERNELS[name] = fn
-        return fn
-    return register
+kernel = table_entry(KERNELS)
 
 
 # Each kernel: fn(node, dtype, *operands) with dtype the NumPy result dtype.
@@ -340,7 +333,7 @@ def run(graph: Graph, inputs, *, float64: bool = False) -> list[np.ndarray]:
     return execute(graph, prepare_inputs(graph, inputs, float64), float64)
 
 
-assert set(KERNELS) | {"input"} == set(REGISTRY), sorted(set(REGISTRY) ^ set(KERNELS) ^ {"input"})
+check_table("the NumPy backend's KERNELS (lowering/numpy_backend.py)", set(KERNELS) | {"input"})
 
 
 def _run_reference(graph: Graph, inputs, target: str) -> list[np.ndarray]:

@@ -28,10 +28,14 @@ def _written(node, dt, dst, src):
     return out
 
 
+def matmul_operands(node, a, b):
+    """A matmul's operands as [.., m, k] and [.., k, n] (views, for the transpose flags)."""
+    return (np.swapaxes(a, -1, -2) if node.attrs["transpose_a"] else a,
+            np.swapaxes(b, -1, -2) if node.attrs["transpose_b"] else b)
+
+
 def _matmul(node, dt, a, b):
-    a = np.swapaxes(a, -1, -2) if node.attrs["transpose_a"] else a
-    b = np.swapaxes(b, -1, -2) if node.attrs["transpose_b"] else b
-    return np.matmul(a, b)
+    return np.matmul(*matmul_operands(node, a, b))
 
 
 # op -> fn(node, result dtype, *operands); the caller casts the result to the dtype.
