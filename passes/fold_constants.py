@@ -10,13 +10,17 @@ import numpy as np
 
 from dnir.analysis.evaluate import evaluate
 from dnir.graph import Graph, Node
-from dnir.ops import REGISTRY, make_node
+from dnir.ops import REGISTRY, OpClass, make_node
 
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules
 
 MAX_CONST_ELEMENTS = 64            # larger non-uniform results stay computed at run time
-UNIFORM_LAYOUT = ("reshape", "permute", "broadcast_to", "slice", "cont")
+
+
+def _keeps_uniform(node: Node) -> bool:
+    """A view or a copy of a uniform value is uniform (pad and concat may add other values)."""
+    return node.op == "cont" or REGISTRY[node.op].view is not None
 
 
 def _is_source(node: Node) -> bool:
@@ -34,16 +38,16 @@ def _full(value, like: Node) -> Node:
 
 def fold(m) -> Node | None:
     node = m.node
-    if node.op in ("scan", "item") or _is_source(node) or not node.inputs:
+    if REGISTRY[node.op].op_class in (OpClass.CONTROL, OpClass.FUSED) or _is_source(node) or not node.inputs:
         return None
     if not all(_is_source(i) for i in node.inputs):
         return None
     if all(i.op == "full" for i in node.inputs) and (REGISTRY[node.op].elementwise and
                                                      node.op not in ("tril", "triu")
-                                                     or node.op in UNIFORM_LAYOUT):
+                                                     or _keeps_uniform(node)):
         scalars = [make_node("full", (), {"value": i.attrs["value"], "shape": (), "dtype": i.dtype})
                    for i in node.inputs]
-        if node.op in UNIFORM_LAYOUT:
+        if _keeps_uniform(node):
             return _full(node.inputs[0].attrs["value"], node)
         return _full(_evaluate(make_node(node.op, scalars, node.attrs)).item(), node)
     if node.type.size > MAX_CONST_ELEMENTS:
