@@ -14,4 +14,8 @@ def register(sub):
 
 def run(args) -> int:
     from dnir.benchmarks.cli import run as run_bench
+
+    from . import UsageError
+    if args.seed < 0:        # before the benchmark loads its peers
+        raise UsageError(f"--seed {args.seed}: expected an integer >= 0")
     return run_bench(args)
