@@ -101,8 +101,8 @@ def prepare(graph: Graph, target: str) -> Graph:
             for name in pipeline(target):
                 new = PASSES[name].fn(new)[0]
             verify(new)
-        done[target] = new
-    return done[target]
+        done[target] = None if new is graph else new     # None: the graph itself (no reference back to the key)
+    return graph if done[target] is None else done[target]
 
 
 def run(graph: Graph, inputs, target: str = "numpy") -> list[np.ndarray]:

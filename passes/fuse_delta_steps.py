@@ -34,8 +34,8 @@ from .rewrite import P, Rule, apply_rules
 PASS = "fuse_delta_steps"
 
 
-def _mm(a: P, b: P, ta=False, name=None) -> P:
-    return P("matmul", a, b, transpose_a=ta, transpose_b=False, name=name)
+def _mm(a: P, b: P, ta=False) -> P:
+    return P("matmul", a, b, transpose_a=ta, transpose_b=False)
 
 
 # The chunk step's two results, with the state captured before matching (as "s").
@@ -72,10 +72,9 @@ def fuse_chunk_scan(m) -> Node | None:
     body: Graph = scan.attrs["body"]
     if len(body.inputs) != 1 + len(CHUNK_ROLES) or len(body.outputs) != 2:
         return None
-    s = body.inputs[0]
+    s, slot = body.inputs[0], {id(x): i for i, x in enumerate(body.inputs)}
     for caps in NEW_STATE.matches(body.outputs[0], {"s": s}):
         for found in CHUNK_O.matches(body.outputs[1], caps):
-            slot = {id(x): i for i, x in enumerate(body.inputs)}
             roles = [found[r] for r in CHUNK_ROLES]
             if any(id(x) not in slot for x in roles) or len({id(x) for x in roles}) != len(roles) \
                     or s in roles:
