@@ -36,7 +36,7 @@ import numpy as np
 
 from dnir.errors import BackendError
 from dnir.graph import Graph, Node
-from dnir.ops import broadcast_shapes
+from dnir.ops import REGISTRY, broadcast_shapes, make_node
 
 from .api import F32, F16, I32, BF16, TRI_LOWER, TRI_LOWER_DIAG, TRI_UPPER, TRI_UPPER_DIAG
 
@@ -124,12 +124,13 @@ class Lowerer:
         self.where = ""            # the node being lowered, for errors
         self.readers: dict[int, list] = {}   # of the graph being lowered: id(node) -> its readers
         self.kept: set[int] = set()          # ... and its outputs
+        self.values: dict[int, object] = {}  # ... and the values lowered so far
 
     # -- the graph walk ---------------------------------------------------------------------
     def lower(self, graph: Graph, inputs: list[Value], path: str = "") -> list[Value]:
         values: dict[int, object] = {id(n): v for n, v in zip(graph.inputs, inputs)}
-        outer = self.readers, self.kept
-        self.readers, self.kept = graph.uses(), {id(n) for n in graph.outputs}
+        outer = self.readers, self.kept, self.values
+        self.readers, self.kept, self.values = graph.uses(), {id(n) for n in graph.outputs}, values
         counter = 0
         for node in graph.topo_order():
             if id(node) in values:
@@ -146,7 +147,7 @@ class Lowerer:
             if method is None:
                 self.fail("no ggml lowering for this op")
             values[id(node)] = method(node, *operands)
-        self.readers, self.kept = outer
+        self.readers, self.kept, self.values = outer
         return [values[id(n)] for n in graph.outputs]
 
     def dies_at(self, node: Node) -> bool:
@@ -527,6 +528,9 @@ class Lowerer:
         nc, nx, length = node.attrs["num_carry"], node.attrs["num_xs"], node.attrs["length"]
         if length == 0:
             self.fail("a scan of length 0 (ggml has no empty tensors)")
+        fused = self.token_scan(node, operands)
+        if fused is not None:
+            return fused
         label = self.where
         carries, xs, consts = list(operands[:nc]), operands[nc:nc + nx], list(operands[nc + nx:])
         ys_types = body.output_types[nc:]
@@ -545,10 +549,93 @@ class Lowerer:
               for s, buf, t in zip(stacks, bufs, ys_types)]
         return tuple(carries) + tuple(ys)
 
+    # -- the delta rule through ggml_gated_delta_net ---------------------------------------------
+    # ggml's fused op runs the delta rule token by token over a whole sequence, from the raw
+    # q, k, v, log-gate g and beta. A token_step (dnir/fused.py, recognised by the target's
+    # pipeline) whose operands are made from such raw values (delta_rule_roles) lowers to it;
+    # so does a scan over tokens whose body is that step. Anything else is expanded (the step)
+    # or unrolled (the scan).
+
+    def op_token_step(self, node, *operands):
+        roles = delta_rule_roles(node)
+        state = operands[0]
+        if roles is not None and state.shape[-1] == state.shape[-2]:
+            raw = {role: self.values[id(n)] for role, n in roles.items()}
+            return self.gated_delta_net(raw, state, 1, node.type[1].shape)
+        params = [make_node("input", (), {"name": f"x{i}", "shape": x.shape, "dtype": x.dtype})
+                  for i, x in enumerate(node.inputs)]
+        step = Graph(params, REGISTRY["token_step"].expand(node.replace(inputs=params)))
+        return tuple(self.lower(step, list(operands), f"{self.where} expanded: "))
+
+    def token_scan(self, node, operands):
+        """The results of a scan over tokens through ggml_gated_delta_net, or None if its body is not
+        one delta-rule step on the scan's per-token slices (carrying only the state)."""
+        body: Graph = node.attrs["body"]
+        nc, nx = node.attrs["num_carry"], node.attrs["num_xs"]
+        if nc != 1 or len(body.outputs) != 2 or body.outputs[0].op != "item":
+            return None
+        step = body.outputs[0].inputs[0]
+        o = _through_reshapes(body.outputs[1])
+        if step.op != "token_step" or o.op != "item" or o.inputs[0] is not step or step.inputs[0] is not body.inputs[0]:
+            return None
+        roles = delta_rule_roles(step)
+        slices = {id(n): i for i, n in enumerate(body.inputs[1:1 + nx], 1)}
+        state = operands[0]
+        if roles is None or any(id(n) not in slices for n in roles.values()) or state.shape[-1] != state.shape[-2]:
+            return None
+        raw = {role: operands[slices[id(n)]] for role, n in roles.items()}
+        return self.gated_delta_net(raw, state, node.attrs["length"], node.type[1].shape)
+
+    def gated_delta_net(self, raw: dict, state: Value, tokens: int, o_shape) -> tuple:
+        """(final state, o) of `tokens` delta-rule steps from raw per-token values, each laid out
+        [tokens, *heads, n] (heads: the state's leading axes, any number of them)."""
+        *heads, k, v = state.shape
+        p = math.prod(heads)
+        size = math.prod(raw["g"].shape) // (tokens * p)       # 1 (a gate per head) or k (per channel)
+        # ggml scales q by 1/sqrt(k) itself; dnir's graph has scaled it already.
+        q = self.call("ggml_scale", self.view(raw["q"], (1, tokens, p, k)), math.sqrt(k))
+        args = [q, self.view(raw["k"], (1, tokens, p, k)), self.view(raw["v"], (1, tokens, p, v)),
+                self.view(raw["g"], (1, tokens, p, size)), self.view(raw["beta"], (1, tokens, p, 1))]
+        # ggml keeps each head's state transposed ([v, k] rows).
+        s0 = self.permute(self.as_shape(state, (p, k, v)), (0, 2, 1))
+        out = self.call("ggml_gated_delta_net", *args, self.view(s0, (1, p, v, k)), 1)
+        o = self.call("ggml_view_1d", out, tokens * p * v, 0)
+        s1 = self.call("ggml_view_1d", out, p * v * k, tokens * p * v * 4)
+        s1 = self.permute(self.made(s1, (p * v * k,), (p, v, k), "f32"), (0, 2, 1))
+        return (self.as_shape(s1, state.shape),
+                Value(o, tuple(o_shape), ggml_ne((tokens * p * v,)), out, "f32"))
+
     def step_slice(self, x: Value, step: int) -> Value:
         size = math.prod(x.shape[1:])
         t = self.call("ggml_view_1d", x.t, size, step * size * ITEM_SIZE[x.gtype])
         return Value(t, x.shape[1:], ggml_ne((size,)), x.base, x.dtype)
+
+
+def _through_reshapes(node: Node) -> Node:
+    while node.op == "reshape":
+        node = node.inputs[0]
+    return node
+
+
+def _product_of(node: Node, x: Node, y: Node) -> bool:
+    """Whether `node` is mul(x, y) or mul(y, x), reshapes aside."""
+    return node.op == "mul" and sorted(id(_through_reshapes(i)) for i in node.inputs) == sorted((id(x), id(y)))
+
+
+def delta_rule_roles(step: Node) -> dict | None:
+    """The raw q, k, v, g, beta a token_step is made of, when it is made of them the way
+    ggml_gated_delta_net computes (decay = exp(g), k_row = k decay, q_row = q decay,
+    qk = sum(q k) over the last axis; reshapes aside), else None."""
+    _, decay, k_col, k_row, q_row, v, beta, qk = (_through_reshapes(i) for i in step.inputs)
+    dot = qk.inputs[0] if qk.op == "sum" and tuple(qk.attrs["axes"]) in ((-1,), (qk.inputs[0].rank - 1,)) else None
+    if decay.op != "exp" or dot is None or dot.op != "mul" or step.inputs[0].dtype != "f32":
+        return None
+    q, k = (_through_reshapes(i) for i in dot.inputs)
+    if id(k) != id(k_col):
+        q, k = k, q
+    if id(k) != id(k_col) or not _product_of(k_row, k, decay) or not _product_of(q_row, q, decay):
+        return None
+    return {"q": q, "k": k, "v": v, "g": decay.inputs[0], "beta": beta}
 
 
 # Values whose bytes are not the node's own to overwrite.

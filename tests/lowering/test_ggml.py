@@ -9,6 +9,7 @@ import dnir
 import dnir.passes
 from dnir.errors import BackendError
 from dnir.lowering.ggml.build import GgmlUnavailable, ggml_build
+from dnir.lowering.registry import prepare
 from dnir.models import DeltaNetConfig, build, delta_rule_reference, random_inputs, relative_rms_error
 
 from cases import CASES, build_all, nmse
@@ -27,6 +28,7 @@ _MISSING = _ggml_or_reason()
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"ggml cannot be built here: {_MISSING}")
 
 if _MISSING is None:
+    from dnir.lowering.ggml.export_c import export_c
     from dnir.lowering.ggml.run import compile_ggml, run_ggml
 
 
@@ -62,7 +64,7 @@ SHAPES = {"chunked": dict(seq_len=40, batch=2), "recurrent": dict(seq_len=21, ba
 def test_layer_matches_oracle(variant, shape, level, rng):
     mode = "chunked" if shape == "varlen" else shape
     cfg = DeltaNetConfig(variant, mode=mode, **SIZES, **SHAPES[shape])
-    graph = dnir.passes.optimize(build(variant, mode=mode, **SIZES, **SHAPES[shape]), level)
+    graph = prepare(dnir.passes.optimize(build(variant, mode=mode, **SIZES, **SHAPES[shape]), level), "ggml")
     compiled = compile_ggml(graph)
     for gate_scale in (1.0, 8.0):      # as drawn, then strong gates
         x = random_inputs(cfg, rng)
@@ -99,3 +101,31 @@ def test_registered_as_a_target(rng):
     x = random_inputs(DeltaNetConfig.from_meta(graph.meta), rng)
     for out, ref in zip(run(graph, x, target="ggml"), run(graph, x)):
         assert nmse(out, ref) < 1e-7
+
+
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_token_loops_run_as_ggmls_fused_op(variant):
+    """Recurrent and decode layers (the step recognised at O2) run as ggml_gated_delta_net, one
+    call; a chunked layer's loop over chunks is unrolled (ggml has no kernel for it)."""
+    def calls(mode, **shape):
+        graph = dnir.passes.optimize(build(variant, mode=mode, **SIZES, **shape), "O2")
+        return export_c(prepare(graph, "ggml")).count("ggml_gated_delta_net(")
+    assert calls("recurrent", seq_len=21) == 1
+    assert calls("decode", seq_len=1, batch=3) == 1
+    assert calls("chunked", seq_len=40) == 0
+
+
+@pytest.mark.parametrize("mode,shape", [("decode", dict(seq_len=1, batch=3)), ("recurrent", dict(seq_len=9, batch=2))])
+def test_steps_ggml_cannot_run_fused_are_expanded(rng, mode, shape):
+    """ggml_gated_delta_net needs K == V: with V != K the recognised step is expanded (and a scan
+    over it unrolled), and the layer still matches the oracle."""
+    sizes = dict(SIZES, value_dim=8)
+    cfg = DeltaNetConfig("gdn", mode=mode, **sizes, **shape)
+    graph = prepare(dnir.passes.optimize(build("gdn", mode=mode, **sizes, **shape), "O2"), "ggml")
+    assert graph.op_histogram()["token_step"] == 1
+    assert "ggml_gated_delta_net(" not in export_c(graph)
+    x = random_inputs(cfg, rng)
+    o, state = compile_ggml(graph)(x)
+    o_ref, state_ref = delta_rule_reference(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=cfg.scale,
+                                            initial_state=x["initial_state"])
+    assert relative_rms_error(o, o_ref) < 1e-5 and relative_rms_error(state, state_ref) < 1e-5
