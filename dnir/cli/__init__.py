@@ -118,7 +118,10 @@ def output_path(path):
     never a part), removed when it fails. Every command writes its files this way, so an
     interrupted or failing run leaves no truncated file, and `-o` may name the input."""
     target = check_output(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    except OSError as e:     # a read-only folder: name the output, not the temporary
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None
     os.close(fd)
     try:
         yield tmp

@@ -17,7 +17,7 @@ from dnir.models import DeltaNetConfig, build_delta_net
 from dnir.passes import optimize
 
 # Bounded in time: a few seconds for the whole file on one core.
-bounded = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+bounded = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
 _TOKEN = re.compile(r'\s+|%[A-Za-z0-9_]+|-?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|[A-Za-z_]\w*|"(?:[^"\\]|\\.)*"|.')
 
