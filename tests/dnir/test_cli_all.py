@@ -245,3 +245,14 @@ def test_run_check_failure_exits_1(files, capsys):
     capsys.readouterr()
     assert main(["run", str(path), "--check"]) == 1
     assert "ABOVE TOLERANCE" in capsys.readouterr().out
+
+
+def test_without_graphviz_the_dot_source_lands_beside_the_picture(files, capsys, monkeypatch):
+    import dnir.viz
+    monkeypatch.setattr(dnir.viz, "dot_available", lambda: False)
+    out = files["tmp"] / "p.svg"
+    assert main(["viz", str(files["good"]), "-o", str(out)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"wrote {out.with_suffix('.dot')}." in line and f"-o {out}" in line
+    assert sorted(p.name for p in files["tmp"].iterdir()) == ["good.dnir", "p.dot"]
+    assert out.with_suffix(".dot").read_text().startswith("digraph")
