@@ -96,7 +96,7 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
     graph = compiled_graph(cfg, args["opt"])
     if args["target"] == "numpy":
         from .lowering.numpy_arena import graph_plan, run_planned
-        check_fits_memory(graph, fn, sum(a.nbytes for a in arrays.values()), graph_plan(graph).peak_bytes)
+        check_fits_memory(fn, graph_plan(graph).peak_bytes, sum(a.nbytes for a in arrays.values()))
         outputs = run_planned(graph, arrays)[0]
     else:
         from .lowering import run

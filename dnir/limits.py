@@ -56,17 +56,12 @@ def machine_memory() -> int | None:
         return None
 
 
-def check_fits_memory(graph, what: str, input_bytes: int = 0, peak: int | None = None):
-    """InputError when the memory plan says a CPU run of `graph` needs more than this
-    machine has: the planned compute buffer (`peak`, planned here if not given) is a
-    lower bound of any run's memory."""
+def check_fits_memory(what: str, peak: int, input_bytes: int):
+    """InputError when a CPU run needs more than this machine has. `peak` is the memory
+    plan's compute buffer (dnir.analysis.memory.plan, made by the caller before anything
+    runs): a lower bound of any run's memory, to which the inputs add."""
     total = machine_memory()
-    if total is None:
-        return
-    if peak is None:
-        from .analysis.memory import plan
-        peak = plan(graph).peak_bytes
-    if peak + input_bytes > total:
+    if total is not None and peak + input_bytes > total:
         raise InputError(f"{what}: running needs at least {format_bytes(peak + input_bytes)} (planned compute "
                          f"buffer {format_bytes(peak)} + inputs {format_bytes(input_bytes)}), more than this "
                          f"machine's {format_bytes(total)} of memory")

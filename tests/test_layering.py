@@ -32,10 +32,7 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {}
 
 # Imports still to remove, each named with what has to move; the tests fail when one goes
 # (delete its entry then) or a new one comes.
-KNOWN = {
-    ("dnir.limits", "dnir.analysis.memory"):
-        "check_fits_memory plans memory from the IR layer: it belongs with its callers (api, cli)",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def layer_of(module: str) -> int:

@@ -35,6 +35,7 @@ def register(sub):
 
 
 def run(args) -> int:
+    from dnir.analysis.memory import plan
     from dnir.cli import UsageError, load_graph
     from dnir.limits import check_fits_memory
     from dnir.lowering import run as run_graph
@@ -46,8 +47,8 @@ def run(args) -> int:
     cfg = DeltaNetConfig.from_meta(graph.meta) if graph.meta.get("model") == "delta_net" else None
     # Before any input is drawn: the inputs live on the host; on a CPU target the
     # planned compute buffer too (a GPU's is on the device).
-    check_fits_memory(graph, args.file, sum(t.nbytes for t in graph.input_types),
-                      None if args.target in ("numpy", "llvm") else 0)
+    check_fits_memory(args.file, plan(graph).peak_bytes if args.target in ("numpy", "llvm") else 0,
+                      sum(t.nbytes for t in graph.input_types))
     if cfg is None:
         if args.check:
             raise UsageError(f"{args.file} has no delta-net model metadata, so there is no oracle to "
