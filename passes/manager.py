@@ -13,6 +13,7 @@ import numpy as np
 from dnir.analysis.cost import graph_flops
 from dnir.analysis.memory import plan as memory_plan
 from dnir.errors import DnirError
+from dnir.files import write_text
 from dnir.graph import Graph
 from dnir.text import print_graph
 from dnir.verify import verify
@@ -120,8 +121,7 @@ def run_pipeline(graph: Graph, pipeline="O2", *, options: dict | None = None, va
 
 
 def _dump(dump_dir, index, name, graph):
-    with open(os.path.join(dump_dir, f"{index:03d}_{name}.dnir"), "w", encoding="utf-8") as f:
-        f.write(print_graph(graph))
+    write_text(os.path.join(dump_dir, f"{index:03d}_{name}.dnir"), print_graph(graph))
 
 
 def report_table(records: list[PassRecord]) -> str:

@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"dnir": ROOT / "dnir", "dnir.passes": ROOT / "passes", "dnir.lowering": ROOT / "lowering"}
 IR = ("dnir.types", "dnir.graph", "dnir.ops", "dnir.fused", "dnir.builder", "dnir.text", "dnir.verify",
-      "dnir.errors", "dnir.limits")
+      "dnir.errors", "dnir.limits", "dnir.files")
 LAYERS = ("IR", "analysis", "passes", "lowering", "models/api/cli")
 
 # Imports inside functions that are not cycle-dodges: optional heavy dependencies, loaded

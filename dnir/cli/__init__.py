@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import stat
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from dnir import __version__
 from dnir.errors import DnirError
+from dnir.files import check_output, output_path, write_text  # noqa: F401  (every command writes through them)
 
 # Subcommand modules, in the order `dnir --help` lists them.
 COMMANDS = ["build", "opt", "stats", "check", "run", "compile", "export", "viz", "bench", "demo"]
@@ -111,44 +109,6 @@ def load_graph(path: str):
     return graph
 
 
-@contextmanager
-def output_path(path):
-    """A temporary file beside `path` (same folder and suffix) to write into; renamed onto
-    `path` when the block succeeds (atomically: readers see the old file or the new one,
-    never a part), removed when it fails. Every command writes its files this way, so an
-    interrupted or failing run leaves no truncated file, and `-o` may name the input."""
-    target = check_output(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
-    except OSError as e:     # a read-only folder: name the output, not the temporary
-        raise UsageError(f"cannot write {path}: {e.strerror}") from None
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode) if target.exists() else 0o666 & ~_umask())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def check_output(path) -> Path:
-    """An output path in an existing folder, not itself a folder (checked by output_path;
-    commands with slow work before the write check it first too)."""
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise UsageError(f"cannot write {path}: no folder {target.parent} (create it first)")
-    if target.is_dir():
-        raise UsageError(f"cannot write {path}: it is a folder")
-    return target
-
-
-def write_text(path, text: str):
-    with output_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
 def render_picture(dot, path) -> Path:
     """viz.render through output_path. Without Graphviz, viz writes the .dot source next
     to the temporary and raises; that file is moved beside `path` and the error names it."""
@@ -164,9 +124,3 @@ def render_picture(dot, path) -> Path:
             raise DnirError(str(e).replace(str(source), str(Path(path).with_suffix(".dot")))
                             .replace(tmp, str(path))) from None
     return Path(path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

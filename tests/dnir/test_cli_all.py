@@ -134,8 +134,8 @@ def test_output_into_a_missing_folder_is_one_error(command, files, capsys):
     argv = [a.format(out=missing / "x", **files) for a in WRITERS[command]]
     assert main(argv) == 2
     out = argv[argv.index("-o") + 1]
-    assert _one_line(capsys.readouterr().err) == f"dnir {command}: cannot write {out}: no folder {missing} " \
-                                                 f"(create it first)"
+    assert _one_line(capsys.readouterr().err) == f"dnir {command}: InputError: cannot write {out}: no folder " \
+                                                 f"{missing} (create it first)"
     assert not missing.exists()
 
 
