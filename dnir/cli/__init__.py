@@ -1,7 +1,8 @@
 """The `dnir` command line. One module per subcommand, each with
 `register(subparsers)` that adds its parser and sets `func(args) -> exit code`.
 
-Exit codes: 0 ok, 1 a check failed, 2 usage or input error. User errors are
+Exit codes: 0 ok, 1 a check of a valid graph failed, 2 usage or input error (a
+missing, unreadable or invalid file included), 130 interrupted. User errors are
 one line on stderr, never a traceback.
 """
 from __future__ import annotations
@@ -62,6 +63,9 @@ def main(argv=None) -> int:
     except DnirError as e:
         print(f"dnir {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # outputs are renamed into place only when complete: none is half-written
+        print(f"dnir {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def os_error(e: OSError) -> str:

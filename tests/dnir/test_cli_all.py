@@ -256,3 +256,19 @@ def test_without_graphviz_the_dot_source_lands_beside_the_picture(files, capsys,
     assert f"wrote {out.with_suffix('.dot')}." in line and f"-o {out}" in line
     assert sorted(p.name for p in files["tmp"].iterdir()) == ["good.dnir", "p.dot"]
     assert out.with_suffix(".dot").read_text().startswith("digraph")
+
+
+def test_an_interrupted_write_leaves_the_old_file(files, capsys, monkeypatch):
+    """Ctrl-C while the optimised graph is being written: exit 130, one line, the old
+    file whole and no temporary left."""
+    import dnir.files
+    path = files["tmp"] / "g.dnir"
+    path.write_text(GOOD)
+
+    def interrupted(tmp, target):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dnir.files.os, "replace", interrupted)
+    assert main(["opt", str(path), "-o", str(path)]) == 130
+    assert _one_line(capsys.readouterr().err) == "dnir opt: interrupted"
+    assert path.read_text() == GOOD
+    assert sorted(p.name for p in files["tmp"].iterdir()) == ["g.dnir", "good.dnir"]
