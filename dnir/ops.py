@@ -93,7 +93,6 @@ class OpDef:
         return self.op_class is OpClass.ELEMENTWISE
 
 
-
 REGISTRY: dict[str, OpDef] = {}
 
 
