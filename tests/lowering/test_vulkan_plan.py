@@ -163,18 +163,24 @@ def _inputs(graph, rng):
     return inputs
 
 
+def _executable(graph):
+    """The executable that `run(graph, target="vulkan")` uses: the graph as the target's pipeline prepares it."""
+    from dnir.lowering.registry import prepare
+    from dnir.lowering.vulkan import build as build_vulkan
+    return build_vulkan(prepare(graph, "vulkan"))
+
+
 @needs_vulkan
 @pytest.mark.parametrize("level", ["O0", "O2"])
 def test_planned_run_matches_numpy(level, rng):
     from dnir.lowering.vulkan import _device
-    from dnir.lowering.vulkan import build as build_vulkan
     graph = _graph(level)
     inputs = _inputs(graph, rng)
     outs = run(graph, inputs, target="vulkan")
     for name, out, ref in zip(graph.output_names, outs, run(graph, inputs)):
         assert np.isfinite(out).all(), name
         assert nmse(out, ref) < 1e-7, (name, nmse(out, ref))
-    ex = build_vulkan(graph)
+    ex = _executable(graph)
     assert set(ex.plans) == {"main", "scan0_loop", "scan0_step"}
     for plan in ex.plans.values():
         assert_live_blocks_disjoint(plan, _device()[2].limits["min-storage-buffer-offset-alignment"])
@@ -182,21 +188,20 @@ def test_planned_run_matches_numpy(level, rng):
 
 @needs_vulkan
 def test_arena_is_smaller_than_one_buffer_per_value():
-    from dnir.lowering.vulkan import build as build_vulkan
-    ex = build_vulkan(_graph("O2"))
+    ex = _executable(_graph("O2"))
     for name in ex.plans:
         assert 0 < ex.arena_bytes[name] < ex.intermediate_bytes[name], name
 
 
 @needs_vulkan
 def test_rerun_reuses_the_arena_and_repeats_its_results(rng):
-    from dnir.lowering.vulkan import build as build_vulkan
     graph = _graph("O2")
     first, other = _inputs(graph, rng), _inputs(graph, rng)
     outs = run(graph, first, target="vulkan")
-    arenas = dict(build_vulkan(graph)._arenas)
+    arenas = dict(_executable(graph)._arenas)
+    assert arenas
     run(graph, other, target="vulkan")      # overwrites every arena
     again = run(graph, first, target="vulkan")
-    assert build_vulkan(graph)._arenas == arenas
+    assert _executable(graph)._arenas == arenas
     for name, a, b in zip(graph.output_names, outs, again):
         assert np.array_equal(a, b), name
