@@ -72,7 +72,7 @@ def plan_functions(functions: dict, align: int) -> dict[str, FunctionPlan]:
             plans[name] = None   # marks the function as being planned
             step = scan_step_of(functions[name])
             plans[name] = (_plan_function(name, functions[name], align, plan) if step is None
-                           else _plan_loop(name, plan(step)))
+                           else _plan_loop(name, plan(step), int(functions[name].attrs["num_carry"])))
         elif plans[name] is None:
             raise BackendError(f"vulkan: {name} calls itself; recursion is not supported")
         return plans[name]
@@ -88,8 +88,14 @@ def scan_step_of(func) -> str | None:
     return str(attrs["scan_step"]) if attrs is not None and "scan_step" in attrs else None
 
 
-def _plan_loop(name: str, step: FunctionPlan) -> FunctionPlan:
+def _plan_loop(name: str, step: FunctionPlan, num_carry: int) -> FunctionPlan:
     """The loop's parameters are the step's with (lo, hi) in place of t: one more in front."""
+    for i, leaf in enumerate(step.result[:num_carry]):
+        # The step's parameters: t, then the carries. A carry that the step sets to another carry,
+        # unchanged, would leave the loop's result in a buffer that depends on the number of steps.
+        if isinstance(leaf, _Param) and 1 <= leaf.index <= num_carry and leaf.index != 1 + i:
+            raise BackendError(f"vulkan: {name}: carry {i} is carry {leaf.index - 1} of the step before, "
+                               f"unchanged; the runner cannot place such a loop's result")
     escapes = [Block(b.size, b.nbytes, 0, 0, escapes=True) for b in step.escapes]
     own = [Block(b.size, b.nbytes, 0, 0) for b in step.escapes]
     of = {id(b): e for b, e in zip(step.escapes, escapes)}

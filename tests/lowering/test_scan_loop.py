@@ -111,3 +111,29 @@ def test_loop_runs_every_step_on_llvm(rng):
 @needs_vulkan
 def test_loop_runs_every_step_on_vulkan(rng):
     _check("vulkan", rng)
+
+
+def _swap_graph(length: int):
+    """Two carries that trade places unchanged each step; stacks their difference."""
+    body = dnir.Builder()
+    a, b = body.input("a", (4,)), body.input("b", (4,))
+    step = body.build([b, a, body.sub(a, b)])
+    g = dnir.Builder()
+    a0, b0 = g.input("a0", (4,)), g.input("b0", (4,))
+    a1, b1, diffs = g.scan(step, [a0, b0], length=length)
+    return g.build([a1, b1, diffs], names=["a", "b", "diffs"])
+
+
+def test_carries_that_trade_places_on_llvm(rng):
+    graph = merge_graphs({f"n{n}": _swap_graph(n) for n in (4, 5)})    # even and odd: the result swaps
+    inputs = _inputs(graph, rng)
+    for name, out, ref in zip(graph.output_names, run(graph, inputs, target="llvm"), run(graph, inputs)):
+        assert np.array_equal(out, ref), name
+
+
+@needs_vulkan
+def test_vulkan_names_a_loop_it_cannot_place():
+    from dnir.errors import BackendError
+    graph = _swap_graph(5)
+    with pytest.raises(BackendError, match=r"scan0_loop: carry 0 is carry 1 of the step before"):
+        run(graph, _inputs(graph, np.random.default_rng(0)), target="vulkan")
