@@ -118,7 +118,7 @@ def _prepare_dnir(case: Case, opt: str, target: str, x: dict):
         from dnir.lowering.numpy_arena import graph_plan
         graph_plan(graph)
     if target == "llvm":
-        from dnir.lowering.tvm.compile import build
+        from dnir.lowering.registry import build
         build(graph, "llvm")
         _dnir_call(case, opt, target, x)()
     return graph, time.perf_counter() - start

@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     import dnir.passes
     from dnir.lowering.numpy_arena import run_planned
     from dnir.lowering.numpy_backend import prepare_inputs
-    from dnir.lowering.tvm.compile import build, run_llvm
+    from dnir.lowering.registry import build
+    from dnir.lowering.tvm.compile import run_llvm
     from dnir.models import DeltaNetConfig, build as build_layer, random_inputs
 
     graph = dnir.passes.optimize(build_layer(args.preset, seq_len=args.seq_len, mode="chunked"), args.level)

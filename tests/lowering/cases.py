@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 import dnir
+from dnir import fused
 from dnir.graph import Graph
 
 # name -> (input specs {name: (shape, kind)}, build(b, inputs) -> output node)
@@ -110,6 +111,20 @@ def _scan_case(b, s0, xs, w):
 
 
 case("scan", s0=_spec((8, 4)), xs=_spec((6, 8)), w=_spec((8, 4)))(_scan_case)
+
+
+# -- fused (dnir/fused.py): the GPU targets run their kernels, the others their expansions ----------
+def _both(b, results):
+    return b.concat([b.reshape(r, (r.type.size,)) for r in results], axis=0)
+
+
+_CHUNKS = dict(s0=_spec((2, 16, 16)), w=_spec((3, 2, 16, 16)), u=_spec((3, 2, 16, 16)), qd=_spec((3, 2, 16, 16)),
+               aqk=_spec((3, 2, 16, 16)), kte=_spec((3, 2, 16, 16)), ld=_spec((3, 2, 16, 1), "positive"))
+case("chunk_scan", **_CHUNKS)(lambda b, **x: _both(b, fused.chunk_scan(*x.values())))
+_STEP = dict(s=_spec((2, 3, 16, 32)), a=_spec((2, 3, 1, 1), "positive"), kc=_spec((2, 3, 16, 1)),
+             kr=_spec((2, 3, 1, 16)), qr=_spec((2, 3, 16)), v=_spec((2, 3, 32)), beta=_spec((2, 3, 1), "positive"),
+             qk=_spec((2, 3)))
+case("token_step", **_STEP)(lambda b, **x: _both(b, fused.token_step(*x.values())))
 
 
 def build_all(names=None) -> Graph:
