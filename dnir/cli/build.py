@@ -71,9 +71,10 @@ def run(args) -> int:
             options[name] = getattr(args, name)
     cfg = preset(args.preset or DEFAULT_PRESET[args.variant], variant=args.variant, **options)
     graph = build_delta_net(cfg)
-    check_graph_sizes(graph, f"seq_len={cfg.seq_len}")
+    sizes = (f"B={cfg.batch} T={cfg.seq_len} H={cfg.heads} HV={cfg.value_heads} K={cfg.head_dim} "
+             f"V={cfg.value_dim}")
+    check_graph_sizes(graph, f"{args.variant} {cfg.mode} {sizes}")    # the inputs are bounded; intermediates too
     write_text(args.output, print_graph(graph))
-    print(f"wrote {args.output}: {args.variant} {cfg.mode}, B={cfg.batch} T={cfg.seq_len} H={cfg.heads} "
-          f"HV={cfg.value_heads} K={cfg.head_dim} V={cfg.value_dim}, {graph.node_count()} nodes, "
+    print(f"wrote {args.output}: {args.variant} {cfg.mode}, {sizes}, {graph.node_count()} nodes, "
           f"planned compute buffer {format_bytes(plan(graph).peak_bytes)}")
     return 0

@@ -272,3 +272,14 @@ def test_an_interrupted_write_leaves_the_old_file(files, capsys, monkeypatch):
     assert _one_line(capsys.readouterr().err) == "dnir opt: interrupted"
     assert path.read_text() == GOOD
     assert sorted(p.name for p in files["tmp"].iterdir()) == ["g.dnir", "good.dnir"]
+
+
+def test_build_bounds_the_values_inside_the_graph_too(files, capsys):
+    """KDA's O0 graph holds [.., chunks, C, C, K] decays, far larger than its inputs: a
+    length whose inputs fit but whose decays do not is refused before the file is written."""
+    out = files["tmp"] / "kda.dnir"
+    assert main(["build", "kda", "--seq-len", "5000000", "-o", str(out)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("dnir build: InputError: kda chunked B=1 T=5000000 H=32 HV=32 K=128 V=128: ") and \
+        "1.31e+12 elements, 4.8 TiB; a tensor may have at most 2**40 elements" in err, err
+    assert not out.exists()
