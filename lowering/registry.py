@@ -23,8 +23,9 @@ is expanded back into primitive ops through its op's `expand`. A backend's
 accepts; it raises a BackendError naming every op it still cannot lower.
 The prepared graph is kept per graph object and target.
 
-Adding a backend is one `register` call in its own module (imported by
-dnir.lowering); it touches no other backend.
+Adding a backend is one `register` call in its own module, and one line in
+lowering/__init__.py that imports it; it touches no other backend
+(examples/06_toy_backend.py registers one from a script).
 """
 from __future__ import annotations
 
