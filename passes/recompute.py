@@ -12,8 +12,8 @@ and the exponentials are cheap next to the traffic saved.
 The rewrite: a matrix-vector product of t [.., n, K], built by elementwise ops
 from operands smaller than itself, and a vector x [.., 1, K] (x @ t^T or
 t @ x^T) becomes sum(x * t', axis=-1) with t' a private copy of that chain.
-Only the order of the channel sum changes. Not in O2: the GPU targets run it
-just before lowering.
+Only the order of the channel sum changes. Not in O2: it is the first pass of
+the GPU targets' own pipelines (lowering/tvm/backends.py).
 """
 from __future__ import annotations
 
