@@ -15,7 +15,8 @@ block of the chunk scan must fit the shared memory, the kernels are float32):
       u = (v - (k a) S) beta;   o = (q a) S + u (q . k);   S' = S a + k^T u
 
   becomes `token_step`: the new state's add is replaced by the op's first result,
-  and the output's add (found among the readers of u) by its second.
+  and the output's add (found among the readers of u) by its second. A decode
+  layer is one such step; a recurrent layer's loop body is one per token.
 
 Without a target in the context nothing is fused. Each match, and each subgraph
 that has the shape of a unit but that the target's kernel declines, leaves a

@@ -70,3 +70,13 @@ def test_fused_step_on_vulkan_matches_numpy(name, rng):
     cfg, graph = _graph(name)
     assert _steps(registry.prepare(graph, "vulkan"))
     assert_vulkan_matches_numpy(graph, random_inputs(cfg, rng))
+
+
+@needs_vulkan
+@pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
+def test_fused_step_inside_a_token_loop_on_vulkan_matches_numpy(name, rng):
+    """A recurrent layer's loop body is a decode step: fused there, run once per token."""
+    cfg, graph = _graph(name, mode="recurrent", batch=2, seq_len=5)
+    body = next(n for n in registry.prepare(graph, "vulkan").topo_order() if n.op == "scan").attrs["body"]
+    assert _steps(body)
+    assert_vulkan_matches_numpy(graph, random_inputs(cfg, rng))
