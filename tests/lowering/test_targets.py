@@ -59,14 +59,16 @@ def test_cuda_without_a_gpu_is_a_backend_error():
 
 
 def _fused_delta_kernels():
-    """A chunked layer (its loop over chunks) and a decode layer (its step), each one kernel on GPUs."""
+    """A chunked layer (its loop over chunks), a decode layer (its step) and a recurrent one (a step
+    per token, inside its loop), each unit one kernel on GPUs."""
     from backends import merge_graphs
     from dnir.models import build
     from dnir.passes import optimize
     sizes = dict(heads=2, value_heads=4, head_dim=32, value_dim=32, initial_state=True, final_state=True)
     return merge_graphs({"prefill": optimize(build("gdn", seq_len=100, **sizes), "O2"),
                          "decode": optimize(build("kda", mode="decode", seq_len=1, batch=3,
-                                                  **dict(sizes, value_heads=2)), "O2")})
+                                                  **dict(sizes, value_heads=2)), "O2"),
+                         "recurrent": optimize(build("gdn", mode="recurrent", seq_len=5, **sizes), "O2")})
 
 
 @pytest.mark.parametrize("graph,kernels", [(build_all, ["solve_tri"]),
