@@ -55,11 +55,15 @@ class Emitter(Protocol):
 
 @dataclass(frozen=True)
 class Value:
-    t: object          # the emitter's handle of a contiguous tensor with this value
+    t: object          # the emitter's handle of a contiguous tensor with this value (see strides)
     shape: tuple       # dnir (NumPy order) shape
-    ne: tuple          # the ggml shape t has (4 dims, innermost first)
+    ne: tuple | None   # the ggml shape t has (4 dims, innermost first)
     base: object       # the tensor owning t's memory (t unless t is a view)
     dtype: str
+    # A strided view (a slice, a permute that keeps the rows): element strides in NumPy order
+    # from byte `offset` of t, the innermost non-1 axis of stride 1 (ggml reads rows whole).
+    strides: tuple | None = None
+    offset: int = 0
 
     @property
     def gtype(self) -> int:
@@ -106,6 +110,71 @@ def merge_broadcast(out, *shapes):
     return merged_out, merged
 
 
+def _contiguous(shape) -> list[int]:
+    """Row-major element strides of a shape."""
+    return [math.prod(shape[i + 1:]) for i in range(len(shape))]
+
+
+def _rows_whole(shape, strides) -> bool:
+    """Whether the innermost axis of more than one element has stride 1 (ggml reads rows whole)."""
+    inner = [st for d, st in zip(shape, strides) if d != 1]
+    return not inner or inner[-1] == 1
+
+
+def _viewable(shape, strides) -> bool:
+    """Whether one ggml view can read this strided value: whole rows, at most 4 dims."""
+    return _rows_whole(shape, strides) and len(merge_strided(shape, strides)) <= 4
+
+
+def _padded_nb(shape, strides, size) -> list[int]:
+    """ggml's nb (bytes, innermost first) of a view of `shape` with element `strides`, 4 entries."""
+    nb = [st * size for st in reversed(strides)] or [size]
+    ne = list(reversed(shape)) or [1]
+    while len(nb) < 4:
+        nb.append(nb[-1] * ne[len(nb) - 1] if len(nb) <= len(ne) else nb[-1])
+    return nb
+
+
+def merge_strided(shape, strides) -> list[list[int]]:
+    """Axes of more than one element, neighbours merged where their strides allow."""
+    groups: list[list[int]] = []
+    for axis, (d, st) in enumerate(zip(shape, strides)):
+        if d == 1:
+            continue
+        if groups and strides[groups[-1][-1]] == st * d:
+            groups[-1].append(axis)
+        else:
+            groups.append([axis])
+    return groups
+
+
+def reshape_strides(shape, strides, new_shape) -> tuple | None:
+    """Element strides that read a strided value in `new_shape` (same elements, same order),
+    or None where that needs a copy (NumPy's no-copy reshape)."""
+    old = [(d, st) for d, st in zip(shape, strides) if d != 1]
+    new = [i for i, d in enumerate(new_shape) if d != 1]
+    result = [1] * len(new_shape)
+    a = b = 0
+    while a < len(old):
+        a2, b2 = a + 1, b + 1
+        p_old, p_new = old[a][0], new_shape[new[b]]
+        while p_old != p_new:
+            if p_old < p_new:
+                p_old *= old[a2][0]
+                a2 += 1
+            else:
+                p_new *= new_shape[new[b2]]
+                b2 += 1
+        if any(old[i][1] != old[i + 1][1] * old[i + 1][0] for i in range(a, a2 - 1)):
+            return None
+        stride = old[a2 - 1][1]
+        for i in reversed(range(b, b2)):
+            result[new[i]] = stride
+            stride *= new_shape[new[i]]
+        a, b = a2, b2
+    return tuple(result)
+
+
 def merge_runs(sizes, full) -> list[list[int]]:
     """Axes grouped into runs that one strided view can address: in a run every
     axis but the outermost is `full` (untouched by a slice, pad or block)."""
@@ -140,15 +209,17 @@ class Lowerer:
             self.where = label
             self.e.node(label)
             operands = [values[id(i)] for i in node.inputs]
+            if node.op not in _READS_STRIDED:
+                operands = [self.dense(v) for v in operands]
             for i, v in zip(node.inputs, operands):
                 if isinstance(v, Value) and node.op not in _ANY_DTYPE and v.dtype not in ("f32", "bool"):
                     self.fail(f"operand of dtype {v.dtype}: the lowering handles f32 (and casts) only")
             method = getattr(self, "op_" + node.op, None)
-            if method is None:
+            if method is None and getattr(REGISTRY[node.op], "expand", None) is None:
                 self.fail("no ggml lowering for this op")
-            values[id(node)] = method(node, *operands)
+            values[id(node)] = method(node, *operands) if method else self.expanded(node, operands)
         self.readers, self.kept, self.values = outer
-        return [values[id(n)] for n in graph.outputs]
+        return [self.dense(values[id(n)]) for n in graph.outputs]
 
     def dies_at(self, node: Node) -> bool:
         """Whether `node`'s bytes can be overwritten by its one reader: nothing else reads
@@ -157,7 +228,7 @@ class Lowerer:
         while True:
             if id(node) in self.kept or len(self.readers[id(node)]) != 1 or node.op in _SHARED:
                 return False
-            if node.op not in ("reshape", "permute", "broadcast_to"):
+            if node.op not in ("reshape", "permute", "broadcast_to", "slice"):
                 return True
             node = node.inputs[0]
 
@@ -169,15 +240,41 @@ class Lowerer:
         return self.e.call(fn, *args)
 
     def view(self, v: Value, shape) -> object:
-        """v's tensor with a NumPy-order shape of at most 4 dims (a free reshape: v is contiguous)."""
+        """v's tensor with a NumPy-order shape of at most 4 dims: a free reshape of a contiguous
+        value, a ggml view of a strided one (copied first if the shape does not fit its strides)."""
         shape = tuple(shape)
         if len(shape) > 4:
             self.fail(f"a value of shape {list(v.shape)} needs {len(shape)} ggml dimensions "
                       f"{list(shape)} here; ggml has 4")
+        if v.strides is not None:
+            strides = reshape_strides(v.shape, v.strides, shape)
+            if strides is None:
+                return self.view(self.dense(v), shape)
+            size = ITEM_SIZE[v.gtype]
+            return self.call("ggml_view_4d", v.t, *ggml_ne(shape), *_padded_nb(shape, strides, size)[1:], v.offset)
         ne = ggml_ne(shape)
         if ne == v.ne:
             return v.t
         return self.call("ggml_reshape_4d", v.t, *ne)
+
+    def dense(self, v):
+        """v as a contiguous tensor (a strided view copied with ggml_cont)."""
+        if not isinstance(v, Value) or v.strides is None:
+            return v
+        groups = merge_strided(v.shape, v.strides)
+        if len(groups) > 4:
+            self.fail(f"a strided value of shape {list(v.shape)} spans {len(groups)} groups of axes; ggml has 4 dims")
+        shape = tuple(math.prod(v.shape[a] for a in g) for g in groups)
+        t = self.call("ggml_cont", self.view(v, shape))
+        return self.made(t, shape, v.shape, v.dtype)
+
+    def strided(self, v: Value, shape, strides, offset=0) -> Value:
+        """A view of v's bytes (v contiguous or strided) with element `strides` from element `offset`."""
+        if v.strides is None and offset == 0 and math.prod(shape) == math.prod(v.shape) \
+                and list(strides) == _contiguous(shape):
+            return self.as_shape(v, shape)
+        return Value(v.t, tuple(shape), None, v.base, v.dtype, tuple(strides),
+                     v.offset + offset * ITEM_SIZE[v.gtype])
 
     def made(self, t, shape_used, shape, dtype) -> Value:
         """A fresh tensor `t` (ggml shape from `shape_used`) holding a value of dnir `shape`."""
@@ -201,9 +298,14 @@ class Lowerer:
         return self.made(t, merged, shape, "f32")
 
     def permute(self, v: Value, axes) -> Value:
-        """v with axes permuted, contiguous (ggml_permute + ggml_cont)."""
+        """v with axes permuted: a strided view where its rows stay whole, else a copy
+        (ggml_permute + ggml_cont)."""
         shape = v.shape
         out_shape = tuple(shape[a] for a in axes)
+        strides = [(v.strides or _contiguous(shape))[a] for a in axes]
+        if _viewable(out_shape, strides):
+            return self.strided(v, out_shape, strides)
+        v = self.dense(v)
         groups: list[list[int]] = []
         for a in axes:
             if shape[a] == 1:
@@ -235,6 +337,7 @@ class Lowerer:
         shape = tuple(shape)
         if v.shape == shape:
             return v
+        v = self.dense(v)
         out_m, (x_m,) = merge_broadcast(shape, v.shape)
         if x_m == out_m:
             return self.as_shape(v, shape)
@@ -247,9 +350,16 @@ class Lowerer:
             self.fail(f"{what} over {len(merged)} groups of axes {list(merged)}; ggml has 4 dims")
 
     def binary(self, fn, a: Value, b: Value, shape, dtype="f32") -> Value:
-        """ggml's binary op on NumPy-broadcast operands: the first repeated to the full shape if needed."""
+        """ggml's binary op on NumPy-broadcast operands. ggml broadcasts only the second: a first
+        operand that needs it swaps with a full second one where the op allows (a + b = b + a,
+        a * b = b * a, a - b = (-b) + a, all exact), else it is repeated to the full shape."""
         out_m, (a_m, b_m) = merge_broadcast(shape, a.shape, b.shape)
         self.check_rank(out_m, fn)
+        if a_m != out_m and b_m == out_m and fn in ("ggml_add", "ggml_mul", "ggml_sub"):
+            if fn == "ggml_sub":
+                flat = (math.prod(shape),)
+                b = self.made(self.call("ggml_neg", self.view(b, flat)), flat, shape, dtype)
+            return self.binary("ggml_mul" if fn == "ggml_mul" else "ggml_add", b, a, shape, dtype)
         if a_m != out_m:
             a = self.broadcast(a, shape)
             out_m, (a_m, b_m) = merge_broadcast(shape, a.shape, b.shape)
@@ -393,7 +503,12 @@ class Lowerer:
 
     # -- layout ----------------------------------------------------------------------------------
     def op_reshape(self, node, x):
-        return self.as_shape(x, node.shape)
+        if x.strides is None:
+            return self.as_shape(x, node.shape)
+        strides = reshape_strides(x.shape, x.strides, node.shape)
+        if strides is None:
+            return self.as_shape(self.dense(x), node.shape)
+        return Value(x.t, node.shape, None, x.base, x.dtype, strides, x.offset)
 
     def op_permute(self, node, x):
         return self.permute(x, [a % len(x.shape) for a in node.attrs["axes"]])
@@ -402,6 +517,8 @@ class Lowerer:
         return self.broadcast(x, node.shape)
 
     def op_cont(self, node, x):
+        if x.strides is not None:
+            return self.dense(x)
         t = self.call("ggml_cont", x.t)
         return Value(t, x.shape, x.ne, t, x.dtype)
 
@@ -425,6 +542,10 @@ class Lowerer:
 
     def op_slice(self, node, x):
         starts, stops = node.attrs["starts"], node.attrs["stops"]
+        strides = x.strides or _contiguous(x.shape)
+        if _viewable(node.shape, strides):
+            return self.strided(x, node.shape, strides, sum(a * st for a, st in zip(starts, strides)))
+        x = self.dense(x)
         full = [a == 0 and b == d for a, b, d in zip(starts, stops, x.shape)]
         groups = merge_runs(x.shape, full)
         self.check_rank(groups, "slice")
@@ -560,12 +681,16 @@ class Lowerer:
         roles = delta_rule_roles(node)
         state = operands[0]
         if roles is not None and state.shape[-1] == state.shape[-2]:
-            raw = {role: self.values[id(n)] for role, n in roles.items()}
+            raw = {role: self.dense(self.values[id(n)]) for role, n in roles.items()}
             return self.gated_delta_net(raw, state, 1, node.type[1].shape)
+        return self.expanded(node, operands)
+
+    def expanded(self, node, operands) -> tuple:
+        """A fused op through its expansion into primitive ops (dnir/fused.py)."""
         params = [make_node("input", (), {"name": f"x{i}", "shape": x.shape, "dtype": x.dtype})
                   for i, x in enumerate(node.inputs)]
-        step = Graph(params, REGISTRY["token_step"].expand(node.replace(inputs=params)))
-        return tuple(self.lower(step, list(operands), f"{self.where} expanded: "))
+        body = Graph(params, REGISTRY[node.op].expand(node.replace(inputs=params)))
+        return tuple(self.lower(body, list(operands), f"{self.where} expanded: "))
 
     def token_scan(self, node, operands):
         """The results of a scan over tokens through ggml_gated_delta_net, or None if its body is not
@@ -637,6 +762,10 @@ def delta_rule_roles(step: Node) -> dict | None:
         return None
     return {"q": q, "k": k, "v": v, "g": decay.inputs[0], "beta": beta}
 
+
+# Ops that read strided operands (views): ggml's binary ops and mul_mat read rows with any
+# strides, and the layout ops only make new views. Every other op gets contiguous operands.
+_READS_STRIDED = {"add", "sub", "mul", "div", "matmul", "reshape", "permute", "slice", "cont", "item"}
 
 # Values whose bytes are not the node's own to overwrite.
 _SHARED = {"input", "const", "item", "scan"}
