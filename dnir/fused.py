@@ -84,7 +84,7 @@ def _chunk_scan_flops(ins, out, attrs):
     return n * math.prod(batch) * (products + elementwise)
 
 
-def chunk_step_body(state: TensorType, xs) -> Graph:
+def _chunk_step_body(state: TensorType, xs) -> Graph:
     """The scan body of one chunk: (state, w, u, q_decayed, aqk, k_to_end, last_decay) -> (state, o)."""
     def param(name, t):
         return make_node("input", (), {"name": name, "shape": t.shape, "dtype": t.dtype})
@@ -102,7 +102,7 @@ def chunk_step_body(state: TensorType, xs) -> Graph:
 
 def _expand_chunk_scan(node: Node) -> tuple[Node, ...]:
     state, *xs = node.inputs
-    body = chunk_step_body(state.type, [x.type for x in xs])
+    body = _chunk_step_body(state.type, [x.type for x in xs])
     scan = make_node("scan", node.inputs, {"body": body, "length": xs[0].shape[0], "num_carry": 1,
                                            "num_xs": len(xs)})
     return _items(scan)
