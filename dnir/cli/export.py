@@ -30,7 +30,8 @@ def register(sub):
 
 def run(args) -> int:
     from dnir.analysis.memory import plan
-    from dnir.cli import UsageError, check_output, load_graph, write_text
+    from dnir.cli import UsageError, load_graph
+    from dnir.files import check_output, write_text
     from dnir.lowering.ggml.export_c import export_c
     from dnir.lowering.ggml.run import compile_ggml
     from dnir.lowering.registry import prepare
@@ -39,7 +40,7 @@ def run(args) -> int:
     if not name.isidentifier():
         raise UsageError(f"function name {name!r} is not a C identifier; give one with --name")
     check_output(args.output)
-    graph = prepare(load_graph(args.file), "ggml")     # fused ops expanded, as the ggml target runs them
+    graph = prepare(load_graph(args.file), "ggml")     # the graph as the ggml target runs it
     write_text(args.output, export_c(graph, name, args.file))
     ggml_bytes = compile_ggml(graph).compute_buffer_bytes
     print(f"{args.output}: function {name}, inputs {', '.join(graph.input_names)}; outputs "
