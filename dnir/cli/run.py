@@ -47,7 +47,7 @@ def run(args) -> int:
     cfg = DeltaNetConfig.from_meta(graph.meta) if graph.meta.get("model") == "delta_net" else None
     # Before any input is drawn: the inputs live on the host; on a CPU target the
     # planned compute buffer too (a GPU's is on the device).
-    check_fits_memory(args.file, plan(graph).peak_bytes if args.target in ("numpy", "llvm") else 0,
+    check_fits_memory(args.file, plan(graph).peak_bytes if args.target in ("numpy", "llvm", "ggml") else 0,
                       sum(t.nbytes for t in graph.input_types))
     if cfg is None:
         if args.check:
@@ -62,6 +62,10 @@ def run(args) -> int:
               "outputs": [{"name": name, "shape": list(out.shape), "dtype": str(out.dtype),
                            "finite": bool(np.isfinite(out).all())}
                           for name, out in zip(graph.output_names, outputs)]}
+    if args.target == "ggml":    # the compute buffer ggml's allocator placed, next to dnir's plan of that graph
+        from dnir.lowering.registry import build, prepare
+        result["compute_buffer"] = {"ggml_bytes": build(graph, "ggml").compute_buffer_bytes,
+                                    "plan_bytes": plan(prepare(graph, "ggml")).peak_bytes}
     ok = True
     if args.check:
         errors = _oracle_errors(cfg, graph, inputs, outputs)
@@ -101,6 +105,10 @@ def _report(result, as_json: bool):
     outs = "; ".join(f"{o['name']} {o['dtype']}{o['shape']}{'' if o['finite'] else ' (NOT FINITE)'}"
                      for o in result["outputs"])
     print(f"{result['file']} on {result['target']} (seed {result['seed']}): {outs}")
+    buffer = result.get("compute_buffer")
+    if buffer:
+        print(f"compute buffer: ggml {buffer['ggml_bytes'] / 2**20:.1f} MiB, dnir's plan "
+              f"{buffer['plan_bytes'] / 2**20:.1f} MiB")
     check = result.get("check")
     if check:
         errs = ", ".join(f"{name} {'not finite' if err is None else f'{err:.2e}'}"

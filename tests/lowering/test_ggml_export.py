@@ -88,3 +88,15 @@ def test_cli_export_writes_the_function_and_reports_both_buffers(tmp_path, capsy
     assert "void delta_net(struct ggml_context * ctx," in text and "struct ggml_tensor ** out_o" in text
     out = capsys.readouterr().out
     assert "compute buffer: ggml " in out and "dnir's plan" in out
+
+
+def test_cli_run_on_ggml_reports_its_compute_buffer(tmp_path, capsys):
+    import json
+    from dnir.cli import main
+    source = tmp_path / "kda.dnir"
+    source.write_text(dnir.print(build("kda", mode="chunked", seq_len=20, heads=2, head_dim=16, value_dim=16,
+                                       chunk_size=16)))
+    assert main(["run", str(source), "--target", "ggml", "--check", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["check"]["ok"]
+    assert result["compute_buffer"]["ggml_bytes"] > 0 and result["compute_buffer"]["plan_bytes"] > 0
