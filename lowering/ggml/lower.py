@@ -5,21 +5,25 @@ through an emitter: run.py's emitter calls them with ctypes, export_c.py's
 writes them as C statements. Both see the same calls.
 
 Conventions:
-- Every value is a contiguous ggml tensor holding its dnir (row-major) value;
-  an op views its operands in the at most 4 ggml dimensions it needs. ggml
-  lists dimensions innermost first: a NumPy [B, T, H, K] value is ggml
-  [K, H, T, B]. dnir values may have more than 4 axes: each op merges the
-  axes it treats alike (size-1 axes dropped, neighbours merged where the op's
-  pattern allows); a value that still needs more than 4 raises a BackendError
-  naming the node.
+- A value is a contiguous ggml tensor holding its dnir (row-major) value, or
+  a strided view of one (a slice, or a permute that keeps rows whole), which
+  ggml_mul_mat and the binary ops read directly and every other op gets
+  copied (ggml_cont). An op views its operands in the at most 4 ggml
+  dimensions it needs. ggml lists dimensions innermost first: a NumPy
+  [B, T, H, K] value is ggml [K, H, T, B]. dnir values may have more than 4
+  axes: each op merges the axes it treats alike (size-1 axes dropped,
+  neighbours merged where the op's pattern allows); a value that still needs
+  more than 4 raises a BackendError naming the node.
 - ggml broadcasts only the second operand of a binary op, and only by
-  repetition: a first operand that needs broadcasting is repeated.
+  repetition: a first operand that needs broadcasting trades places with a
+  full second one where the op allows, else it is repeated.
 - `ggml_mul_mat(x, y)` contracts the innermost dimension of both and gives
   [x rows, y rows, y batch]: dnir's a @ b is mul_mat(b^T, a), with b^T the
   one that may broadcast over the batch.
 - bool values are stored as f32 0/1 (ggml has no bool type).
 - A scan is unrolled: ggml has no loop op. The graph grows with the trip
-  count, as llama.cpp's own chunked graphs do.
+  count, as llama.cpp's own chunked graphs do. A scan over tokens whose body
+  is the delta rule's step runs as one ggml_gated_delta_net instead.
 - ops ggml lacks are expressed: where/maximum/minimum select with a 0/1
   mask (x*m + (y - y*m): exact for finite values, NaN where an unselected
   operand is infinite), rsqrt as 1/sqrt, tril/triu other than ggml_tri's
@@ -55,7 +59,7 @@ class Emitter(Protocol):
 
 @dataclass(frozen=True)
 class Value:
-    t: object          # the emitter's handle of a contiguous tensor with this value (see strides)
+    t: object          # the emitter's handle of a tensor with this value (contiguous unless strided)
     shape: tuple       # dnir (NumPy order) shape
     ne: tuple | None   # the ggml shape t has (4 dims, innermost first)
     base: object       # the tensor owning t's memory (t unless t is a view)
