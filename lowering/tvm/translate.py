@@ -45,7 +45,8 @@ from . import chunk_scan, kernels, token_step
 TVM_DTYPES = dict(DTYPES)
 # Steps a call of a scan's loop function runs one after the other before it halves its range. The VM
 # checks every argument of every call, so one step per loop call cost 13% on a recurrent layer on the
-# H100 (Qwen3-Next sizes, T=512: 37.1 against 33.0 ms one call per step); 4 cost 3% (34.1 ms), 8 no less.
+# H100 (Qwen3-Next sizes, T=512: 37.1 against 33.0 ms with one main call per step); 4 cost 3%
+# (34.1 ms), 8 no less.
 LOOP_LEAF = 4
 
 
@@ -162,27 +163,35 @@ class Translator:
         nc = node.attrs["num_carry"]
         ys_at = len(rest) - (len(node.type) - nc)
 
-        def call(callee, prefix, state, last=False):
-            """The call's result, and the next call's state (its carries and stacked outputs in place)."""
+        def call(callee, prefix, state):
+            """The next call's state: the call's carries and stacked outputs, the other arguments as they were."""
             out = self.emit(relax.Call(callee, prefix + state))
-            if last:
-                return out, None
             new = [self.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
-            return out, new[:nc] + state[nc:ys_at] + new[nc:]
+            return new[:nc] + state[nc:ys_at] + new[nc:]
 
         def steps(k, state) -> relax.SeqExpr:
-            """Steps lo + k .. hi - 1, where hi - lo <= LOOP_LEAF."""
+            """Steps lo + k .. hi - 1, where hi - lo <= LOOP_LEAF. Each step is called in both branches
+            of the test for the last one, so that its result lives only until the next step has read
+            it, as when main called every step."""
             self.bb._begin_binding_block()
-            out, state = call(step_gv, [lo + k], state, last=k + 1 == LOOP_LEAF)
-            if k + 1 < LOOP_LEAF:
-                out = self.emit(relax.If(hi - lo == k + 1, relax.SeqExpr([], out), steps(k + 1, state)))
+            if k + 1 == LOOP_LEAF:
+                out = self.emit(relax.Call(step_gv, [lo + k] + state))
+            else:
+                self.bb._begin_binding_block()
+                last = self.emit(relax.Call(step_gv, [lo + k] + state))
+                one = relax.SeqExpr([self.bb._end_block()], last)
+                self.bb._begin_binding_block()
+                after = call(step_gv, [lo + k], state)
+                others = steps(k + 1, after)
+                more = relax.SeqExpr([self.bb._end_block(), *others.blocks], others.body)
+                out = self.emit(relax.If(hi - lo == k + 1, one, more))
             return relax.SeqExpr([self.bb._end_block()], out)
 
         self.bb.begin_scope(ps)
         leaf = steps(0, rest)
         self.bb._begin_binding_block()
         mid = self.emit(lo + (hi - lo) // 2)
-        _, state = call(gv, [lo, mid], rest)
+        state = call(gv, [lo, mid], rest)
         second = self.emit(relax.Call(gv, [mid, hi] + state))
         halves = relax.SeqExpr([self.bb._end_block()], second)
         self.bb._begin_binding_block()
