@@ -91,7 +91,9 @@ class GgmlGraph:
         if any(math.prod(n.shape) == 0 for n in graph.inputs):
             raise BackendError("ggml: a graph input has no elements (ggml has no empty tensors)")
         lib = api.lib()
-        self.graph, self._lib = graph, lib
+        # The graph's signature, not the graph: compile_ggml keeps this object per graph in a weak
+        # dictionary, which a reference back to its key would keep alive forever.
+        self.signature, self._lib = Graph(graph.inputs, graph.outputs, graph.output_names), lib
         counter = _Counter()
         Lowerer(counter).lower(graph, input_values(counter, graph))
         n_data = len(graph.inputs) + sum(1 for _ in _const_nodes(graph))
@@ -128,14 +130,14 @@ class GgmlGraph:
 
     def __call__(self, inputs) -> list[np.ndarray]:
         lib = self._lib
-        for v, array in zip(self._inputs, prepare_inputs(self.graph, inputs)):
+        for v, array in zip(self._inputs, prepare_inputs(self.signature, inputs)):
             data = np.ascontiguousarray(array, dtype=_NUMPY[v.gtype])
             lib.ggml_backend_tensor_set(v.t, data.ctypes.data, 0, data.nbytes)
         status = lib.ggml_backend_graph_compute(self._backend, self._cgraph)
         if status != 0:
             raise BackendError(f"ggml: computing the graph failed (ggml_status {status})")
         outs = []
-        for t, out_type in zip(self._outputs, self.graph.output_types):
+        for t, out_type in zip(self._outputs, self.signature.output_types):
             out = np.empty(out_type.shape, dtype=_NUMPY[STORAGE[out_type.dtype]])
             lib.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
             outs.append(out != 0 if out_type.dtype == "bool" else out)
