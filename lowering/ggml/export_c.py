@@ -56,7 +56,7 @@ class _Source:
         return name
 
     def input(self, node, gtype, ne):
-        return node.attrs["name"]
+        return c_name(node.attrs["name"])
 
     def constant(self, node, value, gtype, ne):
         raise BackendError(f"ggml-c export: node {self.label}: a const of {value.size} differing values "
@@ -65,6 +65,17 @@ class _Source:
     def node(self, label):
         self.label = label
         self.lines.append(f"    // {label}")
+
+
+_C_WORDS = set("""auto bool break case char const continue default do double else enum extern false float for goto
+    if inline int long register restrict return short signed sizeof static struct switch true typedef union
+    unsigned void volatile while ctx""".split())
+
+
+def c_name(name: str) -> str:
+    """An input's parameter name: its own, unless C or the function's other names take it."""
+    clash = name in _C_WORDS or name.startswith("out_") or (name[:1] == "t" and name[1:].isdigit())
+    return f"in_{name}" if clash else name
 
 
 def _arg(fn, index, kind, value) -> str:

@@ -100,3 +100,15 @@ def test_cli_run_on_ggml_reports_its_compute_buffer(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["check"]["ok"]
     assert result["compute_buffer"]["ggml_bytes"] > 0 and result["compute_buffer"]["plan_bytes"] > 0
+
+
+def test_inputs_named_like_c_words_or_the_functions_tensors_are_renamed(tmp_path, rng):
+    b = dnir.Builder()
+    names = ("int", "t0", "ctx", "out_x")
+    xs = [b.input(n, (3, 4)) for n in names]
+    graph = b.build((xs[0] * xs[1] + xs[2]) - xs[3], names=["y"])
+    source = export_c(graph, "f")
+    assert all(f"struct ggml_tensor * in_{n} " in source for n in names)
+    x = {n: rng.standard_normal((3, 4)).astype(np.float32) for n in names}
+    (out,) = run_exported(graph, x, tmp_path, "f")
+    np.testing.assert_allclose(out, x["int"] * x["t0"] + x["ctx"] - x["out_x"], rtol=1e-6)
