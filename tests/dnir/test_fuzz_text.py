@@ -1,6 +1,7 @@
 """Mutated `.dnir` text never escapes as anything but a DnirError.
 
-Real graphs (delta-net layers in every mode, before and after O2, and a scan)
+Real graphs (delta-net layers in every mode, before and after O2, one as a GPU
+target runs it with a fused op, and a scan)
 are printed, then tokens are replaced, deleted, repeated or swapped. Every
 outcome is either a graph that verifies (and prints back to the same text) or
 a DnirError; any other exception is a bug in the parser or in an op's checks.
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 import dnir
 from dnir import DnirError
+from dnir.lowering import registry
 from dnir.models import DeltaNetConfig, build_delta_net
 from dnir.passes import optimize
 
@@ -52,6 +54,9 @@ def corpus() -> tuple[str, ...]:
         graphs.append(build_delta_net(DeltaNetConfig(variant, **small, mode="recurrent", final_state=True)))
     graphs.append(optimize(graphs[1], "O2"))
     graphs.append(build_delta_net(DeltaNetConfig("kda", **{**small, "seq_len": 1}, mode="decode")))
+    # as a GPU target runs it: the loop over chunks as one fused chunk_scan op
+    fusable = DeltaNetConfig("gdn", **{**small, "head_dim": 16, "value_dim": 16, "seq_len": 40})
+    graphs.append(registry.prepare(optimize(build_delta_net(fusable), "O2"), "cuda"))
     return tuple(dnir.print(g) for g in graphs)
 
 
