@@ -15,6 +15,7 @@ prints.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping
@@ -58,16 +59,23 @@ class PassContext:
             self.remarks.append((pass_name, text))
 
     def __enter__(self) -> "PassContext":
-        _STACK.append(self)
+        _stack().append(self)
         return self
 
     def __exit__(self, *exc):
-        _STACK.pop()
+        _stack().pop()
 
 
-_STACK: list[PassContext] = []
+_LOCAL = threading.local()      # each thread enters its own contexts (two may prepare graphs at once)
+
+
+def _stack() -> list[PassContext]:
+    if not hasattr(_LOCAL, "stack"):
+        _LOCAL.stack = []
+    return _LOCAL.stack
 
 
 def current() -> PassContext:
-    """The innermost entered context, or a fresh one without a target."""
-    return _STACK[-1] if _STACK else PassContext()
+    """The innermost context this thread entered, or a fresh one without a target."""
+    stack = _stack()
+    return stack[-1] if stack else PassContext()
