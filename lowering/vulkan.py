@@ -7,10 +7,10 @@ TVM 0.27 has no Vulkan runtime in its wheel, so the host side is here:
      `call_ffi_kernel` statements give the kernels it launches, in order,
      with their buffer arguments (by name) and grid extents; the device
      functions become WGSL through TVM's webgpu codegen;
-  3. interpret `main` (call_tir, in-place calls, reshapes, calls of scan loop
-     and step functions, tuples) and record one compute dispatch per kernel
-     launch. A scan's loop function (translate.py: it halves its range with
-     Relax recursion) is run here as a loop over its step function.
+  3. interpret `main` (call_tir, in-place calls, reshapes, calls of a scan's
+     functions, tuples) and record one compute dispatch per kernel launch.
+     A scan's loop function (translate.py: it halves its range with Relax
+     recursion) is run here as a loop over its body.
      The buffers a function allocates are ranges of one arena per function,
      placed by the memory plan of `vulkan_plan` and kept by the executable
      from run to run; only the outputs of `main` get buffers of their own.
@@ -26,6 +26,7 @@ would otherwise use one buffer as read-only and writable storage at once.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import tvm.ir.expr as irx
 from dnir.errors import BackendError
 from dnir.graph import Graph
 
-from .vulkan_plan import scan_step_of
+from .vulkan_plan import loop_body_of
 
 # WGSL has no 64-bit types; bool tensors are stored as int32 (WGSL storage has no bool or i8).
 DTYPES = frozenset({"f32", "i32", "bool"})
@@ -334,7 +335,7 @@ class _Run:
         """Run a function; `dests` are the (buffer, offset) its returned blocks go to, in the order of
         its plan's escapes (None: buffers of their own, for the outputs of `main`)."""
         func, plan = self.ex.functions[name], self.ex.plans[name]
-        if scan_step_of(func) is not None:
+        if loop_body_of(func) is not None:
             return self.run_loop(name, args, dests)
         arena = self.arena(name)
 
@@ -353,11 +354,11 @@ class _Run:
         return self.eval(func.body.body, env)
 
     def run_loop(self, name: str, args: list, dests):
-        """A scan's loop function, `name(lo, hi, carries, xs, consts, ys)`: its step function for t in lo..hi-1.
-        Each step's new carries go alternately to the loop's own blocks and to `dests`, so that no step
-        writes the buffers it reads and the last one writes `dests`."""
+        """A scan's loop function, `name(lo, hi, carries, xs, consts, ys)`: its body for i in lo..hi-1.
+        Each iteration's new carries go alternately to the loop's own blocks and to `dests`, so that
+        none writes the buffers it reads and the last one writes `dests`."""
         func, plan = self.ex.functions[name], self.ex.plans[name]
-        step, nc = scan_step_of(func), int(func.attrs["num_carry"])
+        body, nc = loop_body_of(func), int(func.attrs["num_carry"])
         if dests is None:   # the outputs of main: buffers of their own, made once
             dests = [(self.buffer(b.size), 0) for b in plan.escapes]
         arena = self.arena(name)
@@ -365,8 +366,8 @@ class _Run:
         lo, hi, state = args[0], args[1], list(args[2:])
         ys_at = len(state) - (len(func.ret_ty.fields) - nc)
         out = None
-        for t in range(lo, hi):
-            out = self.call_function(step, [t] + state, dests if (hi - 1 - t) % 2 == 0 else own)
+        for i in range(lo, hi):
+            out = self.call_function(body, [i] + state, dests if (hi - 1 - i) % 2 == 0 else own)
             state = out[:nc] + state[nc:ys_at] + out[nc:]
         return out
 
@@ -374,8 +375,8 @@ class _Run:
         from tvm import relax
         if isinstance(expr, relax.Var):
             return env[expr]
-        if isinstance(expr, tvm.tirx.IntImm):   # a scan's step range
-            return int(expr.value)
+        if type(expr).__name__ in _INDEX_OPS or isinstance(expr, tvm.tirx.IntImm):   # a scan's step index
+            return _index(expr, env)
         if isinstance(expr, (irx.Constant, irx.GenericConst)):
             key = id(expr)
             if key not in self.ex._consts:
@@ -421,6 +422,18 @@ class _Run:
         tensors = dict(zip(self.ex.params[name], args))
         for launch in self.ex.launches[name]:
             self.dispatch(launch, tensors)
+
+
+_INDEX_OPS = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "FloorDiv": operator.floordiv}
+
+
+def _index(expr, env) -> int:
+    """The value of an integer expression of the scalar parameters in `env` (a scan's step index)."""
+    if isinstance(expr, tvm.tirx.IntImm):
+        return int(expr.value)
+    if type(expr).__name__ in _INDEX_OPS:
+        return _INDEX_OPS[type(expr).__name__](_index(expr.a, env), _index(expr.b, env))
+    return env[expr]
 
 
 def _round4(n: int) -> int:

@@ -12,9 +12,9 @@ the carried state of a scan a ping-pong pair in the caller's arena instead of
 one buffer per step. All other blocks share one arena per function, placed
 by the offline allocator so that blocks live at the same position never
 share bytes. A scan's loop function is not interpreted but run as a loop
-over its step function (vulkan._Run.run_loop); its plan is its step's, with a
-second set of the step's returned blocks in its arena for the carries to
-alternate between.
+over its body, the function it names in `loop_body` (vulkan._Run.run_loop);
+its plan is its body's, with a second set of the body's returned blocks in its
+arena for the carries to alternate between.
 """
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ def plan_functions(functions: dict, align: int) -> dict[str, FunctionPlan]:
     def plan(name: str) -> FunctionPlan:
         if name not in plans:
             plans[name] = None   # marks the function as being planned
-            step = scan_step_of(functions[name])
-            plans[name] = (_plan_function(name, functions[name], align, plan) if step is None
-                           else _plan_loop(name, plan(step), int(functions[name].attrs["num_carry"])))
+            body = loop_body_of(functions[name])
+            plans[name] = (_plan_function(name, functions[name], align, plan) if body is None
+                           else _plan_loop(name, plan(body), int(functions[name].attrs["num_carry"])))
         elif plans[name] is None:
             raise BackendError(f"vulkan: {name} calls itself; recursion is not supported")
         return plans[name]
@@ -82,24 +82,24 @@ def plan_functions(functions: dict, align: int) -> dict[str, FunctionPlan]:
     return plans
 
 
-def scan_step_of(func) -> str | None:
-    """The step function a scan's loop function repeats (None for any other function)."""
+def loop_body_of(func) -> str | None:
+    """The function a scan's loop function repeats (None for any other function)."""
     attrs = func.attrs
-    return str(attrs["scan_step"]) if attrs is not None and "scan_step" in attrs else None
+    return str(attrs["loop_body"]) if attrs is not None and "loop_body" in attrs else None
 
 
-def _plan_loop(name: str, step: FunctionPlan, num_carry: int) -> FunctionPlan:
-    """The loop's parameters are the step's with (lo, hi) in place of t: one more in front."""
-    for i, leaf in enumerate(step.result[:num_carry]):
-        # The step's parameters: t, then the carries. A carry that the step sets to another carry,
-        # unchanged, would leave the loop's result in a buffer that depends on the number of steps.
+def _plan_loop(name: str, body: FunctionPlan, num_carry: int) -> FunctionPlan:
+    """The loop's parameters are its body's with (lo, hi) in place of the index: one more in front."""
+    for i, leaf in enumerate(body.result[:num_carry]):
+        # The body's parameters: the index, then the carries. A carry that the body sets to another
+        # carry, unchanged, would leave the loop's result in a buffer that depends on the trip count.
         if isinstance(leaf, _Param) and 1 <= leaf.index <= num_carry and leaf.index != 1 + i:
-            raise BackendError(f"vulkan: {name}: carry {i} is carry {leaf.index - 1} of the step before, "
-                               f"unchanged; the runner cannot place such a loop's result")
-    escapes = [Block(b.size, b.nbytes, 0, 0, escapes=True) for b in step.escapes]
-    own = [Block(b.size, b.nbytes, 0, 0) for b in step.escapes]
-    of = {id(b): e for b, e in zip(step.escapes, escapes)}
-    result = _map(step.result, lambda leaf: _Param(leaf.index + 1) if isinstance(leaf, _Param)
+            raise BackendError(f"vulkan: {name}: carry {i} is carry {leaf.index - 1} of the iteration "
+                               f"before, unchanged; the runner cannot place such a loop's result")
+    escapes = [Block(b.size, b.nbytes, 0, 0, escapes=True) for b in body.escapes]
+    own = [Block(b.size, b.nbytes, 0, 0) for b in body.escapes]
+    of = {id(b): e for b, e in zip(body.escapes, escapes)}
+    result = _map(body.result, lambda leaf: _Param(leaf.index + 1) if isinstance(leaf, _Param)
                   else of[id(leaf)] if isinstance(leaf, Block) else None)
     plan = FunctionPlan(name, escapes + own, escapes, {}, result)
     plan.arena_bytes = assign_offsets(own)

@@ -3,14 +3,16 @@
 Relax where Relax has the op; hand-written TIR (kernels.py) for the triangular
 solve, cumsum and the scan's stacked outputs; TE for set/acc regions.
 
-A scan becomes two private Relax functions. `scanN_step(t, carries, xs,
-consts, ys)` reads slice t of every sequence, runs the body, writes row t of
-every stacked output in place and returns (carries, ys); t is a scalar (an
-int64 Relax value), so the same kernels serve every step. `scanN_loop(lo, hi,
-...)` runs steps lo..hi-1: the steps themselves when there are at most
-LOOP_LEAF, else the two halves of the range one after the other. `main` calls
-the loop once, so the module and its compile time do not grow with the number
-of steps, and the recursion is about log2(length / LOOP_LEAF) calls deep.
+A scan becomes private Relax functions. `scanN_step(t, carries, xs, consts,
+ys)` reads slice t of every sequence, runs the body, writes row t of every
+stacked output in place and returns (carries, ys); t is a scalar (an int64
+Relax value), so the same kernels serve every step. `scanN_block(b, ...)` runs
+the LOOP_LEAF steps of block b one after the other, and `scanN_loop(lo, hi,
+...)` runs blocks lo..hi-1: block lo when there is one, else the two halves of
+the range one after the other. `main` calls the loop once and the last
+length % LOOP_LEAF steps itself, so the module and its compile time do not grow
+with the number of steps, and the recursion is about log2(length / LOOP_LEAF)
+calls deep.
 
 Why this loop: Relax has no loop construct, only `If` and calls, and TVM's VM
 has no builtin that repeats a function. A recursion of one call per step runs
@@ -20,7 +22,7 @@ an exported module (`dnir compile`; a plain TVM runtime has none); a loop in TIR
 would need the whole step body as TIR with its memory planned by hand. Halving
 needs nothing beyond Relax, so it runs wherever the VM runs (llvm, and cuda
 with the TVM runtime only). The Vulkan runner (lowering/vulkan.py) interprets
-Relax itself and runs a loop function, tagged with its `scan_step`, as a loop.
+Relax itself and runs a loop function, tagged with its `loop_body`, as a loop.
 
 The fused ops (dnir/fused.py) that a GPU target's pipeline put in the graph
 are lowered through this table too, each to one hand-written kernel: the
@@ -43,11 +45,11 @@ from . import chunk_scan, kernels, token_step
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
-# Steps a call of a scan's loop function runs one after the other before it halves its range. The VM
-# checks every argument of every call, so one step per loop call cost 13% on a recurrent layer on the
-# H100 (Qwen3-Next sizes, T=512: 37.1 against 33.0 ms with one main call per step); 4 cost 3%
-# (34.1 ms), 8 no less.
-LOOP_LEAF = 4
+# Steps of a scan's loop block. The VM checks every argument of every call: against one main call per
+# step, a recurrent layer (Qwen3-Next sizes, T=512, H100) took 13% longer with a loop call per step,
+# 4.1% with blocks of 4 steps and 2.3% with blocks of 8 (28.9 -> 29.6 ms); on 16 Xeon cores (T=256)
+# blocks of 8 cost 1.0% (41.95 -> 42.38 ms).
+LOOP_LEAF = 8
 
 
 def _const(value, dtype: str) -> relax.Constant:
@@ -62,7 +64,7 @@ class Translator:
         self.gpu = gpu
         self.bool_as_int = bool_as_int
         self.bb = relax.BlockBuilder()
-        self.steps: dict[tuple[int, int], relax.GlobalVar] = {}
+        self.steps: dict[tuple[int, int], tuple] = {}    # (id(body), length) -> (loop, step) functions
         self.prims: dict[tuple, relax.GlobalVar] = {}
 
     def dtype(self, dtype: str) -> str:
@@ -109,7 +111,8 @@ class Translator:
             if key in self.steps:
                 continue
             self._declare_scans(body)
-            self.steps[key] = self._loop_function(node, self._step_function(node))
+            step = self._step_function(node)
+            self.steps[key] = (self._loop_function(node, step), step)
 
     def _step_function(self, node: Node) -> relax.GlobalVar:
         body: Graph = node.attrs["body"]
@@ -143,78 +146,72 @@ class Translator:
             # The builder may return an equal function added before (another scan of the same body).
             return self.bb.emit_func_output(out)
 
+    def _next_state(self, node: Node, out, state: list) -> list:
+        """The arguments of the next step after a call that returned `out`: its carries and stacked
+        outputs, with the sequences and invariants as they were."""
+        nc, ys_at = node.attrs["num_carry"], len(state) - (len(node.type) - node.attrs["num_carry"])
+        new = [self.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
+        return new[:nc] + state[nc:ys_at] + new[nc:]
+
     def _loop_function(self, node: Node, step_gv: relax.GlobalVar) -> relax.GlobalVar:
-        """`scanN_loop(lo, hi, carries, xs, consts, ys)`: steps lo..hi-1 (hi > lo), by halving the range
-        down to at most LOOP_LEAF steps."""
+        """`scanN_loop(lo, hi, carries, xs, consts, ys)`: blocks lo..hi-1 (hi > lo) of LOOP_LEAF steps each,
+        by halving the range. A block is a function of its own, `scanN_block(b, ...)`, whose steps are
+        straight-line code: the VM frees a step's result once the next step has read it only there
+        (a value used inside an If branch lives to the end of the enclosing function)."""
         step_params = self.bb.get()[step_gv].params
-        name = step_gv.name_hint.replace("_step", "_loop")
+        prefix = step_gv.name_hint.removesuffix("_step")
 
-        def params():
-            return [relax.Var("lo", PrimType("int64")), relax.Var("hi", PrimType("int64"))] + [
-                relax.Var(p.name, p.ty) for p in step_params[1:]]
+        def params(*index):
+            return [relax.Var(i, PrimType("int64")) for i in index] + [relax.Var(p.name, p.ty) for p in step_params[1:]]
 
-        # Declared first as one step, so that the loop's body can call the loop itself.
-        stub = params()
-        with self.bb.function(name, stub, private=True):
-            gv = self.bb.emit_func_output(self.emit(relax.Call(step_gv, [stub[0]] + stub[2:])))
+        block = params("b")
+        with self.bb.function(f"{prefix}_block", block, private=True):
+            state = block[1:]
+            for i in range(LOOP_LEAF):
+                out = self.emit(relax.Call(step_gv, [block[0] * LOOP_LEAF + i] + state))
+                state = self._next_state(node, out, state) if i + 1 < LOOP_LEAF else state
+            block_gv = self.bb.emit_func_output(out)
 
-        ps = params()
+        # Declared first as one block, so that the loop's body can call the loop itself.
+        stub = params("lo", "hi")
+        with self.bb.function(f"{prefix}_loop", stub, private=True):
+            gv = self.bb.emit_func_output(self.emit(relax.Call(block_gv, [stub[0]] + stub[2:])))
+
+        ps = params("lo", "hi")
         lo, hi, rest = ps[0], ps[1], ps[2:]
-        nc = node.attrs["num_carry"]
-        ys_at = len(rest) - (len(node.type) - nc)
-
-        def call(callee, prefix, state):
-            """The next call's state: the call's carries and stacked outputs, the other arguments as they were."""
-            out = self.emit(relax.Call(callee, prefix + state))
-            new = [self.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
-            return new[:nc] + state[nc:ys_at] + new[nc:]
-
-        def steps(k, state) -> relax.SeqExpr:
-            """Steps lo + k .. hi - 1, where hi - lo <= LOOP_LEAF. Each step is called in both branches
-            of the test for the last one, so that its result lives only until the next step has read
-            it, as when main called every step."""
-            self.bb._begin_binding_block()
-            if k + 1 == LOOP_LEAF:
-                out = self.emit(relax.Call(step_gv, [lo + k] + state))
-            else:
-                self.bb._begin_binding_block()
-                last = self.emit(relax.Call(step_gv, [lo + k] + state))
-                one = relax.SeqExpr([self.bb._end_block()], last)
-                self.bb._begin_binding_block()
-                after = call(step_gv, [lo + k], state)
-                others = steps(k + 1, after)
-                more = relax.SeqExpr([self.bb._end_block(), *others.blocks], others.body)
-                out = self.emit(relax.If(hi - lo == k + 1, one, more))
-            return relax.SeqExpr([self.bb._end_block()], out)
-
         self.bb.begin_scope(ps)
-        leaf = steps(0, rest)
+        self.bb._begin_binding_block()
+        one = self.emit(relax.Call(block_gv, [lo] + rest))
+        leaf = relax.SeqExpr([self.bb._end_block()], one)
         self.bb._begin_binding_block()
         mid = self.emit(lo + (hi - lo) // 2)
-        state = call(gv, [lo, mid], rest)
+        state = self._next_state(node, self.emit(relax.Call(gv, [lo, mid] + rest)), rest)
         second = self.emit(relax.Call(gv, [mid, hi] + state))
         halves = relax.SeqExpr([self.bb._end_block()], second)
         self.bb._begin_binding_block()
-        out = self.emit(relax.If(hi - lo <= LOOP_LEAF, leaf, halves))
+        out = self.emit(relax.If(hi - lo == 1, leaf, halves))
         body = relax.SeqExpr([self.bb._end_block()], out)
         self.bb.end_scope()
-        # scan_step and num_carry tell the Vulkan runner, which runs the loop itself, what to repeat.
+        # loop_body and num_carry tell the Vulkan runner, which runs the loop itself, what to repeat.
         func = relax.Function(ps, body, self.bb.get()[step_gv].ret_ty).with_attrs(
-            {"scan_step": step_gv.name_hint, "num_carry": nc})
+            {"loop_body": block_gv.name_hint, "num_carry": node.attrs["num_carry"]})
         self.bb.update_func(gv, func)
         return gv
 
     def scan(self, node: Node, args):
         nc, length = node.attrs["num_carry"], node.attrs["length"]
-        gv = self.steps[(id(node.attrs["body"]), length)]
-        carries, rest = list(args[:nc]), list(args[nc:])
+        loop_gv, step_gv = self.steps[(id(node.attrs["body"]), length)]
         # Stacked outputs start uninitialised: every row is written by its step.
         ys = [self.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr(t.shape), self.dtype(t.dtype), 0))
               for t in node.type[nc:]]
-        if length == 0:
-            return carries + ys
-        out = self.emit(relax.Call(gv, [relax.prim_value(0), relax.prim_value(length)] + carries + rest + ys))
-        return [self.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
+        state = list(args) + ys
+        blocks = length // LOOP_LEAF
+        if blocks:
+            out = self.emit(relax.Call(loop_gv, [relax.prim_value(0), relax.prim_value(blocks)] + state))
+            state = self._next_state(node, out, state)
+        for t in range(blocks * LOOP_LEAF, length):     # fewer than LOOP_LEAF: the module's size is bounded
+            state = self._next_state(node, self.emit(relax.Call(step_gv, [relax.prim_value(t)] + state)), state)
+        return state[:nc] + state[len(state) - len(ys):]
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import dnir
 from dnir.lowering import run
 from dnir.lowering.tvm.translate import LOOP_LEAF, translate
 
-INNER = 3   # steps of the nested scan
+INNER = 10   # steps of the nested scan: a loop of one block and two steps of main's
 
 
 def _inner_body():
@@ -68,23 +68,25 @@ def _callees(func) -> list[str]:
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-def test_module_size_does_not_depend_on_the_number_of_steps(gpu):
-    short, long = (translate(scan_graph(n), gpu=gpu) for n in (5, 5000))
+@pytest.mark.parametrize("rest", [0, 1, LOOP_LEAF - 1])
+def test_module_size_does_not_depend_on_the_number_of_steps(gpu, rest):
+    short, long = (translate(scan_graph(n), gpu=gpu) for n in (2 * LOOP_LEAF + rest, 1250 * LOOP_LEAF + rest))
     assert _sizes(short) == _sizes(long)
-    assert set(_sizes(short)) == {"main", "scan0_loop", "scan0_step", "scan1_loop", "scan1_step"}
+    assert set(_sizes(short)) == {"main"} | {f"scan{i}_{f}" for i in (0, 1) for f in ("loop", "block", "step")}
     assert len(short.functions) == len(long.functions)
-    assert _callees(long["main"]) == ["scan1_loop"]       # the outer loop, once (the nested one is scan0)
+    # The outer loop once (the nested scan is scan0), then the steps that do not fill a block.
+    assert _callees(long["main"]) == ["scan1_loop"] + ["scan1_step"] * rest
 
 
 def test_loop_halves_its_range():
-    """Two calls of itself (the halves), and the steps of a short range one after the other."""
+    """Two calls of itself (the halves) or one block, whose steps are straight-line code."""
     mod = translate(scan_graph(5000))
-    # The last of a short range's steps is called in one branch, the others in both.
-    assert sorted(_callees(mod["scan1_loop"])) == ["scan1_loop"] * 2 + ["scan1_step"] * (2 * LOOP_LEAF - 1)
-    assert _callees(mod["scan1_step"]) == ["scan0_loop"]       # the nested scan, once per outer step
+    assert sorted(_callees(mod["scan1_loop"])) == ["scan1_block", "scan1_loop", "scan1_loop"]
+    assert _callees(mod["scan1_block"]) == ["scan1_step"] * LOOP_LEAF
+    assert _callees(mod["scan1_step"]) == ["scan0_loop", "scan0_step", "scan0_step"]     # the nested scan
 
 
-LENGTHS = (0, 1, 2, 7, 13)   # below, at and above LOOP_LEAF; odd halves
+LENGTHS = (0, 1, 8, 13, 27)   # no block, one, one and steps of main's, three blocks (uneven halves)
 
 
 def _merged():
@@ -101,8 +103,8 @@ def _check(target, rng):
             assert np.isfinite(out).all(), name
             assert nmse(out, ref) < 1e-10, (name, nmse(out, ref))
     # Each step's result differs: a loop that skipped or repeated a step would be caught.
-    rows = dict(zip(graph.output_names, outs))["n13__rows"]
-    assert len({tuple(r) for r in rows}) == 13
+    rows = dict(zip(graph.output_names, outs))["n27__rows"]
+    assert len({tuple(r) for r in rows}) == 27
 
 
 def test_loop_runs_every_step_on_llvm(rng):
@@ -114,19 +116,19 @@ def test_loop_runs_every_step_on_vulkan(rng):
     _check("vulkan", rng)
 
 
-def _swap_graph(length: int):
-    """Two carries that trade places unchanged each step; stacks their difference."""
+def _rotate_graph(length: int):
+    """Three carries that rotate unchanged each step; stacks the difference of two."""
     body = dnir.Builder()
-    a, b = body.input("a", (4,)), body.input("b", (4,))
-    step = body.build([b, a, body.sub(a, b)])
+    a, b, c = body.input("a", (4,)), body.input("b", (4,)), body.input("c", (4,))
+    step = body.build([b, c, a, body.sub(a, b)])
     g = dnir.Builder()
-    a0, b0 = g.input("a0", (4,)), g.input("b0", (4,))
-    a1, b1, diffs = g.scan(step, [a0, b0], length=length)
-    return g.build([a1, b1, diffs], names=["a", "b", "diffs"])
+    a0, b0, c0 = g.input("a0", (4,)), g.input("b0", (4,)), g.input("c0", (4,))
+    a1, b1, c1, diffs = g.scan(step, [a0, b0, c0], length=length)
+    return g.build([a1, b1, c1, diffs], names=["a", "b", "c", "diffs"])
 
 
-def test_carries_that_trade_places_on_llvm(rng):
-    graph = merge_graphs({f"n{n}": _swap_graph(n) for n in (4, 5)})    # even and odd: the result swaps
+def test_carries_that_rotate_on_llvm(rng):
+    graph = merge_graphs({f"n{n}": _rotate_graph(n) for n in (24, 25, 26)})    # every position of the rotation
     inputs = _inputs(graph, rng)
     for name, out, ref in zip(graph.output_names, run(graph, inputs, target="llvm"), run(graph, inputs)):
         assert np.array_equal(out, ref), name
@@ -135,6 +137,6 @@ def test_carries_that_trade_places_on_llvm(rng):
 @needs_vulkan
 def test_vulkan_names_a_loop_it_cannot_place():
     from dnir.errors import BackendError
-    graph = _swap_graph(5)
-    with pytest.raises(BackendError, match=r"scan0_loop: carry 0 is carry 1 of the step before"):
+    graph = _rotate_graph(16)
+    with pytest.raises(BackendError, match=r"scan0_loop: carry 0 is carry [12] of the iteration before"):
         run(graph, _inputs(graph, np.random.default_rng(0)), target="vulkan")

@@ -145,7 +145,7 @@ def test_step_results_live_in_the_caller():
 SIZES = dict(seq_len=40, heads=2, value_heads=4, head_dim=16, value_dim=16,
              chunk_size=16, initial_state=True, final_state=True)
 # gdn's loop over chunks runs as one kernel (chunk_scan.py); kda's recurrent loop over
-# tokens keeps a loop and a step function, whose arenas the plan places.
+# tokens keeps loop, block and step functions, whose arenas the plan places.
 MODES = {"gdn": "chunked", "kda": "recurrent"}
 
 
@@ -181,7 +181,7 @@ def test_planned_run_matches_numpy(level, rng):
         assert np.isfinite(out).all(), name
         assert nmse(out, ref) < 1e-7, (name, nmse(out, ref))
     ex = _executable(graph)
-    assert set(ex.plans) == {"main", "scan0_loop", "scan0_step"}
+    assert set(ex.plans) == {"main", "scan0_loop", "scan0_block", "scan0_step"}
     for plan in ex.plans.values():
         assert_live_blocks_disjoint(plan, _device()[2].limits["min-storage-buffer-offset-alignment"])
 
