@@ -102,7 +102,7 @@ class Translator:
 
     # -- scans ----------------------------------------------------------------
     def _declare_scans(self, graph: Graph):
-        """Build every scan's step function (innermost first) before main."""
+        """Build every scan's step, block and loop functions (innermost scans first) before main."""
         for node in graph.topo_order():
             if node.op != "scan":
                 continue
@@ -161,15 +161,17 @@ class Translator:
         step_params = self.bb.get()[step_gv].params
         prefix = step_gv.name_hint.removesuffix("_step")
 
-        def params(*index):
-            return [relax.Var(i, PrimType("int64")) for i in index] + [relax.Var(p.name, p.ty) for p in step_params[1:]]
+        def params(*indices):
+            return ([relax.Var(i, PrimType("int64")) for i in indices]
+                    + [relax.Var(p.name, p.ty) for p in step_params[1:]])
 
         block = params("b")
         with self.bb.function(f"{prefix}_block", block, private=True):
             state = block[1:]
             for i in range(LOOP_LEAF):
+                if i:
+                    state = self._next_state(node, out, state)
                 out = self.emit(relax.Call(step_gv, [block[0] * LOOP_LEAF + i] + state))
-                state = self._next_state(node, out, state) if i + 1 < LOOP_LEAF else state
             block_gv = self.bb.emit_func_output(out)
 
         # Declared first as one block, so that the loop's body can call the loop itself.
