@@ -15,7 +15,7 @@ block of the chunk scan must fit the shared memory, the kernels are float32):
       u = (v - (k a) S) beta;   o = (q a) S + u (q . k);   S' = S a + k^T u
 
   becomes `token_step`: the new state's add is replaced by the op's first result,
-  and the output's add (found among the readers of u) by its second. A decode
+  and the output's add (found among the readers of u) by its second (Match.replace). A decode
   layer is one such step; a recurrent layer's loop body is one per token.
 
 Without a target in the context nothing is fused. Each match, and each subgraph
@@ -101,53 +101,43 @@ def _row_times(x: Node, state: Node, row_shape) -> Node | None:
     return None
 
 
-class _TokenSteps:
-    """The decode-step rule and the rule that gives the same step's output its result."""
+def _step_output(m, u: Node, state: Node, batch, K, V):
+    """(o, q_row, qk) with o = q_row S + u qk among the readers of u, else None."""
+    for use in m.users(u):
+        correction = use.node
+        if correction.op != "mul" or correction.shape != batch + (V,):
+            continue
+        qk = correction.inputs[1 - use.operand]
+        for use2 in m.users(correction):
+            o = use2.node
+            if o.op == "add" and o.shape == batch + (V,):
+                q_row = _row_times(o.inputs[1 - use2.operand], state, batch + (1, K))
+                if q_row is not None:
+                    return o, q_row, qk
+    return None
 
-    def __init__(self):
-        self.outputs: dict[int, tuple[Node, Node]] = {}     # id(o's add) -> (it, the fused op's o)
 
-    def fuse(self, m) -> Node | None:
-        *batch, K, V = m.node.shape
-        batch = tuple(batch)
-        state, decay, u_row, k_col = m.state, m.decay, m.u_row, m.k_col
-        if (state.shape != m.node.shape or decay.shape not in (batch + (1, 1), batch + (K, 1))
-                or u_row.shape != batch + (1, V) or k_col.shape != batch + (K, 1)):
-            return None
-        u = _through_reshapes(u_row)
-        if u.shape != batch + (V,):
-            return None
-        for caps in STEP_U.matches(u):
-            k_row = _row_times(caps["pred"], state, batch + (1, K))
-            found = k_row is not None and self._output(m, u, state, batch, K, V)
-            if found:
-                o, q_row, qk = found
-                operands = (state, decay, k_col, k_row, q_row, caps["v"], caps["beta"], qk)
-                items = _build(token_step, operands, "decode step")
-                if items and _offer(items[0].inputs[0], "decode step"):
-                    self.outputs[id(o)] = (o, items[1])     # o held, so that its id stays its own
-                    return items[0]
+def fuse_token_step(m) -> Node | None:
+    *batch, K, V = m.node.shape
+    batch = tuple(batch)
+    state, decay, u_row, k_col = m.state, m.decay, m.u_row, m.k_col
+    if (state.shape != m.node.shape or decay.shape not in (batch + (1, 1), batch + (K, 1))
+            or u_row.shape != batch + (1, V) or k_col.shape != batch + (K, 1)):
         return None
-
-    @staticmethod
-    def _output(m, u: Node, state: Node, batch, K, V):
-        """(o, q_row, qk) with o = q_row S + u qk among the readers of u, else None."""
-        for use in m.users(u):
-            correction = use.node
-            if correction.op != "mul" or correction.shape != batch + (V,):
-                continue
-            qk = correction.inputs[1 - use.operand]
-            for use2 in m.users(correction):
-                o = use2.node
-                if o.op == "add" and o.shape == batch + (V,):
-                    q_row = _row_times(o.inputs[1 - use2.operand], state, batch + (1, K))
-                    if q_row is not None:
-                        return o, q_row, qk
+    u = _through_reshapes(u_row)
+    if u.shape != batch + (V,):
         return None
-
-    def output(self, m) -> Node | None:
-        o, result = self.outputs.get(id(m.node), (None, None))
-        return result if o is m.node else None
+    for caps in STEP_U.matches(u):
+        k_row = _row_times(caps["pred"], state, batch + (1, K))
+        found = k_row is not None and _step_output(m, u, state, batch, K, V)
+        if found:
+            o, q_row, qk = found
+            operands = (state, decay, k_col, k_row, q_row, caps["v"], caps["beta"], qk)
+            items = _build(token_step, operands, "decode step")
+            if items and _offer(items[0].inputs[0], "decode step"):
+                m.replace(o, items[1])          # the output's add takes the op's second result
+                return items[0]
+    return None
 
 
 @register_pass(PASS)
@@ -156,11 +146,10 @@ def fuse_delta_steps(graph: Graph) -> tuple[Graph, bool]:
     ctx = current()
     if ctx.target is None:
         return graph, False
-    steps, remarks = _TokenSteps(), len(ctx.remarks)
+    remarks = len(ctx.remarks)
     graph, changed = apply_rules(graph, [Rule(P("scan", num_carry=1, num_xs=len(CHUNK_ROLES)), fuse_chunk_scan,
                                               "chunk_scan"),
-                                         Rule(STEP_STATE, steps.fuse, "token_step"),
-                                         Rule(P("add"), steps.output, "token_step output")])
+                                         Rule(STEP_STATE, fuse_token_step, "token_step")])
     if len(ctx.remarks) == remarks:
         ctx.remark(PASS, "no loop over chunks or decode step in the graph")
     return graph, changed
