@@ -1,9 +1,16 @@
 """Lower-triangular block skipping for causal, decayed scores.
 
-Recognises S = tril(sum_g (X_g Y_g^T) * exp(tril(gi_g - gj_g)), k): a C x C
-product of rows X against rows Y under a causal mask with decay factors,
-scalar per row (g has one channel) or per channel (g runs over the K channels,
-the [.., K, C, C] decay tensor), and computes it in b x b blocks:
+Recognises S = tril(sum_g (X_g Y_g^T) * exp(E_g), k): a C x C product of rows
+X against rows Y under a causal mask with decay factors, scalar per row (g has
+one channel) or per channel (g runs over the K channels, the [.., K, C, C]
+decay tensor), and computes it in b x b blocks. The exponent E is written in
+one of two ways:
+
+- segment sums of the gates, E_ij = sum_{j < l <= i} g_l (the running sum down
+  i of g_i masked to i > j, as the layer writes it): every exponent below is
+  again a sum of gates over its own segment, exact whatever their size;
+- a difference of cumulative gates gi - gj, masked to j <= i or not (graphs
+  written that way): the blocks use differences too, the same numerics.
 
 - blocks above the diagonal are zero and never computed;
 - one decay per row (scalar gates, g has one channel): block row a is one
@@ -13,9 +20,10 @@ the [.., K, C, C] decay tensor), and computes it in b x b blocks:
 - one decay per channel: diagonal blocks keep the masked form, at b x b; left
   of a diagonal block (rows in block a, every column j before it) there is no
   mask and no decay tensor: with r the first row of block a,
-  exp(gi - gj) = exp(gi - g_r) * exp(g_r - gj), both factors <= 1 (exact, no
-  overflow), so that whole strip is one matmul of rescaled rows, contracted
-  over all channels at once.
+  E_ij = E_ir + E_rj, both <= 0 (no overflow), so that whole strip is one
+  matmul of rescaled rows, contracted over all channels at once. As segment
+  sums E_ir = sum_{r < l <= i} g_l is a running sum within the block with g_r
+  left out, and E_rj = sum_{j < l <= r} g_l a suffix sum of the columns up to r.
 
 For C = 64 and b = 16 that is 10 of 16 blocks, 4 of them masked: 4 row
 matmuls (scalar decay), or 3 strip matmuls and 4 diagonal blocks (per channel).
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 from dnir.graph import Graph, Node
 
-from .construct import DEFAULT_BLOCK, op, rows
+from .construct import DEFAULT_BLOCK, op, rows, slice_axes
 from .manager import register_pass
 from .rewrite import P, Rule, apply_rules
 
@@ -40,7 +48,10 @@ def score_patterns(block: int) -> dict[str, P]:
     in one of three forms: 'sum' (channel groups summed on axis -3), 'unit' (a size-1 group
     axis dropped by a reshape) or 'plain' (no group axis)."""
     diff = P("sub", _gate("gi"), _gate("gj"))
-    decay = P("exp", P.either(P("tril", diff, k=0, name="masked"), diff))
+    below = P("tril", P("full", value=1.0), k=-1, shape=lambda s: len(s) == 2 and s[0] == s[1])
+    segments = P("cumsum", P("mul", _gate("gs"), below), name="seg",
+                 pred=lambda s: s.attrs["axis"] % s.rank == s.rank - 2)
+    decay = P("exp", P.either(P("tril", diff, k=0, name="masked"), diff, segments))
     prod = P("mul", P("matmul", P.any("x"), P.any("y"), transpose_a=False, transpose_b=True), decay,
              name="prod", shape=lambda s: s[-2] == s[-1])
     forms = {
@@ -54,16 +65,100 @@ def score_patterns(block: int) -> dict[str, P]:
 
 
 def scores_operands(m, form: str):
-    """(X, Y, gi, gj) of a matched score matrix, each with a group axis, or None when their
+    """(X, Y, gates) of a matched score matrix, X and Y with a group axis, or None when their
     shapes do not fit the C x C product."""
-    prod, x, y, gi, gj = m.prod, m.x, m.y, m.gi, m.gj
+    prod, x, y = m.prod, m.x, m.y
     n, rank = prod.shape[-1], prod.rank
-    if not (gi.rank == gj.rank == x.rank == y.rank == rank and gi.shape[-2:] == (n, 1) and gj.shape[-2:] == (1, n)
-            and x.shape[-2] == y.shape[-2] == n):
+    gs = m.caps.get("gs")
+    gi, gj = (gs, None) if gs is not None else (m.gi, m.gj)
+    if not (gi.rank == x.rank == y.rank == rank and gi.shape[-2:] == (n, 1) and x.shape[-2] == y.shape[-2] == n
+            and (gj is None or (gj.rank == rank and gj.shape[-2:] == (1, n)))):
         return None
-    if form == "plain":   # give it a group axis of size 1
-        x, y, gi, gj = (op("reshape", t, shape=t.shape[:-2] + (1,) + t.shape[-2:]) for t in (x, y, gi, gj))
-    return x, y, gi, gj
+    unit = (lambda t: op("reshape", t, shape=t.shape[:-2] + (1,) + t.shape[-2:])) if form == "plain" else \
+        (lambda t: t)   # "plain" gets a group axis of size 1
+    if gs is not None:
+        return unit(x), unit(y), SegmentGates(unit(gs), unit(m.seg))
+    return unit(x), unit(y), DifferenceGates(unit(gi), unit(gj), "masked" in m.caps)
+
+
+def below_diagonal(n: int, dtype: str) -> Node:
+    """The n x n ones strictly below the diagonal: [i, j] = 1 where i > j."""
+    return op("tril", op("full", value=1.0, shape=(n, n), dtype=dtype), k=-1)
+
+
+class SegmentGates:
+    """The exponent as segment sums of the gates gs [.., G, n, 1]: E_ij = sum_{j < l <= i} g_l
+    (0 for i <= j). Every piece is again a sum of gates, never a difference of sums."""
+
+    def __init__(self, gs: Node, seg: Node):
+        self.gs, self.seg, self.gst = gs, seg, token_major(gs)
+        self.groups = gs.shape[-3]
+
+    def rows_exponent(self, lo, hi):
+        """E over rows [lo, hi) and columns [0, hi) (the whole matrix's; 0 above the diagonal)."""
+        return slice_axes(self.seg, {self.seg.rank - 2: lo}, {self.seg.rank - 2: hi, self.seg.rank - 1: hi})
+
+    def block_exponent(self, lo, hi):
+        """E of the diagonal block [lo, hi): [.., G, b, b], the running sum down i of g_i masked to i > j."""
+        g = rows(self.gs, lo, hi, -2)
+        return op("cumsum", op("mul", g, below_diagonal(hi - lo, g.dtype)), axis=g.rank - 2)
+
+    def channel_last_exponent(self, lo, hi):
+        """E of the diagonal block [lo, hi) token-major: [.., i, j, G]."""
+        g = rows(self.gst, lo, hi, -3)                              # [.., b, G, 1]
+        n = hi - lo
+        g = op("reshape", g, shape=g.shape[:-3] + (n, 1, g.shape[-2]))
+        return op("cumsum", op("mul", g, op("reshape", below_diagonal(n, g.dtype), shape=(n, n, 1))), axis=g.rank - 3)
+
+    def to_ref(self, lo, hi):
+        """E_ir = sum_{r < l <= i} g_l for i in [lo, hi), r = lo, token-major [.., b, G, 1]."""
+        g = rows(self.gst, lo, hi, -3)
+        first = op("full", value=0.0, shape=g.shape[:-3] + (1,) + g.shape[-2:], dtype=g.dtype)
+        return op("cumsum", op("concat", first, rows(g, 1, hi - lo, -3), axis=g.rank - 3), axis=g.rank - 3)
+
+    def from_ref(self, lo):
+        """E_rj = sum_{j < l <= r} g_l for j in [0, r), r = lo, token-major [.., r, G, 1]:
+        a matmul by the strictly upper-triangular ones."""
+        g = rows(self.gst, 0, lo + 1, -3)
+        g = op("reshape", g, shape=g.shape[:-2] + (g.shape[-2],))   # [.., r + 1, G]
+        sums = rows(op("matmul", below_diagonal(lo + 1, g.dtype), g, transpose_a=True, transpose_b=False), 0, lo, -2)
+        return op("reshape", sums, shape=sums.shape + (1,))
+
+
+class DifferenceGates:
+    """The exponent as gi - gj (gi [.., G, n, 1], gj [.., G, 1, n]), masked to j <= i or not."""
+
+    def __init__(self, gi: Node, gj: Node, masked: bool):
+        self.gi, self.gj, self.masked = gi, gj, masked
+        self.groups = gi.shape[-3]
+        self.git = token_major(gi)
+        self.gjt = op("permute", gj, axes=tuple(range(gj.rank - 3)) + (gj.rank - 1, gj.rank - 3, gj.rank - 2))
+
+    def rows_exponent(self, lo, hi):
+        # left of the diagonal gi - gj <= 0 (g only falls along the chunk); masked above it
+        return op("tril", op("sub", rows(self.gi, lo, hi, -2), rows(self.gj, 0, hi, -1)), k=lo)
+
+    def block_exponent(self, lo, hi):
+        diff = op("sub", rows(self.gi, lo, hi, -2), rows(self.gj, lo, hi, -1))
+        return op("tril", diff, k=0) if self.masked else diff
+
+    def channel_last_exponent(self, lo, hi):
+        def split(t, axis):  # [.., b, G, 1] -> [.., b, 1, G] (axis -3) or [.., 1, b, G] (axis -2)
+            t = rows(t, lo, hi, -3)
+            shape = t.shape[:-3] + ((t.shape[-3], 1) if axis == -3 else (1, t.shape[-3])) + (t.shape[-2],)
+            return op("reshape", t, shape=shape)
+        diff = op("sub", split(self.git, -3), split(self.gjt, -2))
+        if not self.masked:
+            return diff
+        n = hi - lo     # the mask multiplies the exponent (masked to 0 before exp)
+        mask = op("tril", op("full", value=1.0, shape=(n, n), dtype=diff.dtype), k=0)
+        return op("mul", diff, op("reshape", mask, shape=(n, n, 1)))
+
+    def to_ref(self, lo, hi):
+        return op("sub", rows(self.git, lo, hi, -3), rows(self.git, lo, lo + 1, -3))
+
+    def from_ref(self, lo):
+        return op("sub", rows(self.git, lo, lo + 1, -3), rows(self.gjt, 0, lo, -3))
 
 
 def token_major(t: Node) -> Node:
@@ -78,29 +173,25 @@ def block_scores(m, form: str, block: int):
     found = scores_operands(m, form)
     if found is None:
         return None
-    x, y, gi, gj = found
-    masked = "masked" in m.caps
+    x, y, gates = found
     nb, batch = n // block, s.shape[:-2]
-    if x.shape[-3] == 1 and gi.shape[-3] == 1:
-        return _scalar_decay_rows(x, y, gi, gj, k, block, s)
-    xt, yt, git = token_major(x), token_major(y), token_major(gi)
-    gjt = op("permute", gj, axes=tuple(range(gj.rank - 3)) + (gj.rank - 1, gj.rank - 3, gj.rank - 2))
+    if x.shape[-3] == 1 and gates.groups == 1:
+        return _scalar_decay_rows(x, y, gates, k, block, s)
+    xt, yt = token_major(x), token_major(y)
     width = x.shape[-3] * x.shape[-1]     # channels G x d, contracted together off the diagonal
     block_rows = []
     for a in range(nb):
         lo, hi = a * block, (a + 1) * block
         row = []
         if a:   # every column left of the block, in one matmul against the block's first row as reference
-            ref = rows(git, lo, lo + 1, -3)
-            x_a = op("mul", rows(xt, lo, hi, -3), op("exp", op("sub", rows(git, lo, hi, -3), ref)))
-            y_a = op("mul", rows(yt, 0, lo, -3), op("exp", op("sub", ref, rows(gjt, 0, lo, -3))))
+            x_a = op("mul", rows(xt, lo, hi, -3), op("exp", gates.to_ref(lo, hi)))
+            y_a = op("mul", rows(yt, 0, lo, -3), op("exp", gates.from_ref(lo)))
             x_a, y_a = (op("reshape", t, shape=t.shape[:-3] + (t.shape[-3], width)) for t in (x_a, y_a))
             row.append(_fit(op("matmul", x_a, y_a, transpose_a=False, transpose_b=True), batch))
         if form == "sum" and x.shape[-1] == 1:
-            diag = channel_last_diagonal(xt, yt, git, gjt, lo, hi, masked)
+            diag = channel_last_diagonal(xt, yt, gates, lo, hi)
         else:
-            diff = op("sub", rows(gi, lo, hi, -2), rows(gj, lo, hi, -1))
-            decay = op("exp", op("tril", diff, k=0) if masked else diff)
+            decay = op("exp", gates.block_exponent(lo, hi))
             prod = op("mul", op("matmul", rows(x, lo, hi, -2), rows(y, lo, hi, -2), transpose_a=False,
                                 transpose_b=True), decay)
             diag = op("sum", prod, axes=(prod.rank - 3,), keepdims=False) if form == "sum" else \
@@ -110,17 +201,16 @@ def block_scores(m, form: str, block: int):
     return op("concat", *block_rows, axis=len(batch))
 
 
-def _scalar_decay_rows(x, y, gi, gj, k, block, s) -> Node:
+def _scalar_decay_rows(x, y, gates, k, block, s) -> Node:
     """One decay per row (no channel axis in g): block row a is one matmul against every
-    column up to its diagonal, times exp(gi - gj). Left of the diagonal gi - gj <= 0 (g
-    only falls along the chunk), so the decay needs no reference row; above it the
-    exponent is masked to 0 before exp (no overflow) and the product zeroed after."""
+    column up to its diagonal, times exp(E) with E <= 0 (gi - gj is masked to 0 above the
+    diagonal; segment sums are 0 there), and the product zeroed above the diagonal after."""
     n, batch = s.shape[-1], s.shape[:-2]
     block_rows = []
     for a in range(n // block):
         lo, hi = a * block, (a + 1) * block
         prod = op("matmul", rows(x, lo, hi, -2), rows(y, 0, hi, -2), transpose_a=False, transpose_b=True)
-        decay = op("exp", op("tril", op("sub", rows(gi, lo, hi, -2), rows(gj, 0, hi, -1)), k=lo))
+        decay = op("exp", gates.rows_exponent(lo, hi))
         scores = op("mul", prod, decay)
         row = op("tril", _fit(op("reshape", scores, shape=scores.shape[:-3] + scores.shape[-2:]), batch), k=lo + k)
         block_rows.append(_block_row([row], n, s))
@@ -135,22 +225,17 @@ def _block_row(pieces, n: int, s: Node) -> Node:
     return op("concat", *pieces, axis=len(batch) + 1) if len(pieces) > 1 else pieces[0]
 
 
-def channel_last_diagonal(xt, yt, git, gjt, lo, hi, masked) -> Node:
+def channel_last_diagonal(xt, yt, gates, lo, hi) -> Node:
     """A diagonal block with one gate per channel, kept in the token-major layout:
-    [.., i, 1, G] * [.., 1, j, G] * exp(mask(g_i - g_j)), summed over the channels G.
-    The mask multiplies the exponent (masked to 0 before exp); the tril after it zeroes those entries."""
+    [.., i, 1, G] * [.., 1, j, G] * exp(E_ij), summed over the channels G; E is 0 above
+    the diagonal (no overflow) and the tril after it zeroes those entries."""
     def split(t, axis):  # [.., b, G, 1] -> [.., b, 1, G] (axis -3) or [.., 1, b, G] (axis -2)
         t = rows(t, lo, hi, -3)
         shape = t.shape[:-3] + ((t.shape[-3], 1) if axis == -3 else (1, t.shape[-3])) + (t.shape[-2],)
         return op("reshape", t, shape=shape)
-    diff = op("sub", split(git, -3), split(gjt, -2))
-    if masked:
-        n = hi - lo
-        mask = op("tril", op("full", value=1.0, shape=(n, n), dtype=diff.dtype), k=0)
-        diff = op("mul", diff, op("reshape", mask, shape=(n, n, 1)))
     # x_i * (y_j * decay): the bracket is shared by the scores that use the same y (Akk and Aqk),
     # and the sum over channels of x_i times it is a matrix-vector product (sum_mul_to_matmul).
-    prod = op("mul", split(xt, -3), op("mul", split(yt, -2), op("exp", diff)))
+    prod = op("mul", split(xt, -3), op("mul", split(yt, -2), op("exp", gates.channel_last_exponent(lo, hi))))
     return op("sum", prod, axes=(prod.rank - 1,), keepdims=False)
 
 

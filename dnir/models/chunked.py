@@ -10,8 +10,13 @@ gate from the chunk start (a [C, Kg] matrix) and D_ij = gam_i - gam_j:
     Vn = U - W S0,   O = (q exp(gam)) S0 + Aqk Vn
     S  = exp(gam_C) S0 + (k exp(gam_C - gam))^T Vn
 
-Every exponent above is <= 0 (g <= 0, and D is masked to j <= i before exp),
-so strong gates underflow to 0 and never overflow.
+Every exponent above is <= 0 (g <= 0), so strong gates underflow to 0 and
+never overflow. And each is a sum of gates over its own segment, never a
+difference of two prefix sums: gam_i (from the chunk start), gam_C (the whole
+chunk), gam_C - gam_i = sum_{l > i} g_l (a suffix sum) and D_ij = sum_{j < l <= i} g_l
+(a segment sum). Sums of terms of one sign are exact to float32 rounding
+whatever their size; a difference of prefix sums that reach 1e6 would lose
+every gate of -0.01 after a -1e6 one.
 """
 from __future__ import annotations
 
@@ -34,13 +39,13 @@ def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state)
 
     q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
     # ggml's cumsum runs along the innermost axis only: transpose, copy, cumsum, and back.
-    gam_t = b.cumsum(b.cont(b.transpose(g)), axis=-1)          # [R, HV, NC, Kg, C]
-    gam = b.cont(b.transpose(gam_t))                            # [R, HV, NC, C, Kg]
+    g_t = b.cont(b.transpose(g))                                # [R, HV, NC, Kg, C]
+    gam = b.cont(b.transpose(b.cumsum(g_t, axis=-1)))           # [R, HV, NC, C, Kg]
 
     if cfg.block_size is None:
-        akk, aqk = diagonal_scores(b, cfg, q, k, beta, gam, gam_t)
+        akk, aqk = diagonal_scores(b, cfg, q, k, beta, g, g_t)
     else:
-        akk, aqk = blocked_scores(b, cfg, q, k, beta, gam, gam_t)
+        akk, aqk = blocked_scores(b, cfg, q, k, beta, g, g_t)
 
     eye = b.eye(C)
     inverse = b.solve_tri(b.add(eye, akk), eye, lower=True, unit_diagonal=True)   # (I + Akk)^-1
@@ -49,7 +54,7 @@ def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state)
     u = b.matmul(inverse, b.mul(v, beta))                       # [R, HV, NC, C, V]
     q_decayed = b.mul(q, gam_exp)
     gam_last = b.slice_axis(gam, -2, C - 1, C)                  # [R, HV, NC, 1, Kg]
-    k_to_end = b.mul(k, b.exp(b.sub(gam_last, gam)))            # decay from each token to the chunk end
+    k_to_end = b.mul(k, b.exp(suffix_sums(b, g)))               # decay from each token to the chunk end
     last_decay = b.reshape(b.exp(gam_last), (R, HV, NC, Kg, 1))  # scales the state's key rows
 
     def chunk_major(x):  # the scan walks the leading axis
@@ -122,19 +127,38 @@ def _chunk_step(xs, state_shape):
     return bb.build([s1, o], names=["state", "o"])
 
 
-def diagonal_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, gam, gam_t):
+def below_diagonal(b: Builder, n: int):
+    """The n x n ones strictly below the diagonal: [i, j] = 1 where i > j."""
+    return b.tril(b.full((n, n), 1.0), -1)
+
+
+def suffix_sums(b: Builder, g):
+    """sum_{l > i} g_l over a run of n tokens, [..., n, Kg]: one matmul by the ones above the
+    diagonal (never the chunk total minus a prefix sum)."""
+    return b.matmul(below_diagonal(b, g.shape[-2]), g, transpose_a=True)
+
+
+def segment_sums(b: Builder, g_t):
+    """D_ij = sum_{j < l <= i} g_l (0 for i <= j) over a run of n tokens: [..., Kg, n] ->
+    [..., Kg, n, n], the running sum down i of g_i masked to i > j."""
+    *batch, Kg, n = g_t.shape
+    g_i = b.broadcast_to(b.reshape(g_t, (*batch, Kg, n, 1)), (*batch, Kg, n, n))        # ggml_repeat
+    # ggml's cumsum runs along the innermost axis: down i is across the transposed rows.
+    masked = b.mul(g_i, below_diagonal(b, n))
+    return b.transpose(b.cumsum(b.cont(b.transpose(masked)), axis=-1))
+
+
+def diagonal_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, g, g_t):
     """Akk and Aqk of a run of n tokens against itself: [..., n, n].
 
-    q, k [..., n, K]; beta [..., n, 1]; gam [..., n, Kg]; gam_t [..., Kg, n].
+    q, k [..., n, K]; beta [..., n, 1]; g [..., n, Kg]; g_t [..., Kg, n].
     The decay tensor exp(D) is [..., Kg, n, n]; channels that share a gate are
     contracted by one matmul (all K channels for gdn, one each for kda).
     """
     if cfg.factorized_decay:
-        return _factorized_scores(b, q, k, beta, gam)
-    *batch, Kg, n = gam_t.shape
-    gam_i = b.reshape(gam_t, (*batch, Kg, n, 1))
-    gam_j = b.broadcast_to(b.reshape(gam_t, (*batch, Kg, 1, n)), (*batch, Kg, n, n))   # ggml_repeat
-    decay = b.exp(b.tril(b.sub(gam_i, gam_j)))        # masked before exp: every exponent <= 0
+        return _factorized_scores(b, q, k, beta, b.cont(b.transpose(b.cumsum(g_t, axis=-1))))
+    Kg = g_t.shape[-2]
+    decay = b.exp(segment_sums(b, g_t))               # D <= 0 below the diagonal, 0 on and above it
     k_groups = _gate_groups(b, k, Kg)
     kk = b.sum(b.mul(b.matmul(k_groups, k_groups, transpose_b=True), decay), axis=-3)
     qk = b.sum(b.mul(b.matmul(_gate_groups(b, q, Kg), k_groups, transpose_b=True), decay), axis=-3)
@@ -159,30 +183,33 @@ def _factorized_scores(b: Builder, q, k, beta, gam):
     return b.tril(kk, -1), b.tril(qk)
 
 
-def blocked_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, gam, gam_t):
+def blocked_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, g, g_t):
     """Akk and Aqk of a chunk assembled from block_size x block_size blocks with `acc`.
 
     Diagonal blocks need the masked decay. A block below the diagonal (rows in
-    block a, columns in block c < a) is one matmul of rescaled operands:
-    with r the first row of block a, exp(gam_i - gam_j) =
-    exp(gam_i - gam_r) * exp(gam_r - gam_j), both factors <= 1.
+    block a, columns in block c < a) is one matmul of rescaled operands: with r
+    the first row of block a, D_ij = sum_{r < l <= i} g_l + sum_{j < l <= r} g_l,
+    both sums of gates (exact) and both exponents <= 0.
     """
     C, s = cfg.chunk_size, cfg.block_size
     batch = q.shape[:-2]
     akk = aqk = b.zeros((*batch, C, C))
-    blocks = [[b.slice_axis(x, -2, a * s, (a + 1) * s) for x in (q, k, beta, gam)] for a in range(C // s)]
-    for a, (q_a, k_a, beta_a, gam_a) in enumerate(blocks):
+    blocks = [[b.slice_axis(x, -2, a * s, (a + 1) * s) for x in (q, k, beta, g)] for a in range(C // s)]
+    for a, (q_a, k_a, beta_a, g_a) in enumerate(blocks):
         offsets = (0,) * len(batch) + (a * s, a * s)
-        kk, qk = diagonal_scores(b, cfg, q_a, k_a, beta_a, gam_a, b.slice_axis(gam_t, -1, a * s, (a + 1) * s))
+        g_t_a = b.slice_axis(g_t, -1, a * s, (a + 1) * s)
+        kk, qk = diagonal_scores(b, cfg, q_a, k_a, beta_a, g_a, g_t_a)
         akk, aqk = b.acc(akk, kk, offsets), b.acc(aqk, qk, offsets)
         if a == 0:
             continue
-        gam_r = b.slice_axis(gam, -2, a * s, a * s + 1)
-        to_ref = b.exp(b.sub(gam_a, gam_r))
+        r = a * s
+        from_ref = b.concat([b.zeros((*g_t_a.shape[:-1], 1)), b.slice_axis(g_t_a, -1, 1, s)], axis=-1)
+        to_ref = b.exp(b.cont(b.transpose(b.cumsum(from_ref, axis=-1))))     # sum_{r < l <= i} g_l
         q_ref = b.mul(q_a, to_ref)
         k_ref = b.mul(b.mul(k_a, to_ref), beta_a)
-        for c, (_, k_c, _, gam_c) in enumerate(blocks[:a]):
-            k_c = b.mul(k_c, b.exp(b.sub(gam_r, gam_c)))
+        back = b.exp(b.slice_axis(suffix_sums(b, b.slice_axis(g, -2, 0, r + 1)), -2, 0, r))  # sum_{j < l <= r}
+        for c, (_, k_c, _, _) in enumerate(blocks[:a]):
+            k_c = b.mul(k_c, b.slice_axis(back, -2, c * s, (c + 1) * s))
             offsets = (0,) * len(batch) + (a * s, c * s)
             akk = b.acc(akk, b.matmul(k_ref, k_c, transpose_b=True), offsets)
             aqk = b.acc(aqk, b.matmul(q_ref, k_c, transpose_b=True), offsets)

@@ -178,9 +178,11 @@ def test_chunked_graph_is_written_as_for_ggml(variant):
     cumsums = [n for n in nodes if n.op == "cumsum"]
     assert cumsums and all(n.attrs["axis"] in (-1, n.rank - 1) for n in cumsums)
     assert all(n.inputs[0].op == "cont" and n.inputs[0].inputs[0].op == "permute" for n in cumsums)
-    # the decay mask: masked (tril) before exp, the gate repeated with broadcast_to
-    exps_of_masks = [n for n in nodes if n.op == "exp" and n.inputs[0].op == "tril"]
-    assert exps_of_masks
+    # the decay: exp of segment sums, a running sum of the gate (repeated with broadcast_to) masked
+    # to below the diagonal by a tril of ones, never a difference of prefix sums
+    masks = [n.inputs[0].inputs[0].inputs[0] for n in cumsums]
+    assert any(m.op == "mul" and {i.op for i in m.inputs} == {"broadcast_to", "tril"} for m in masks)
+    assert "sub" not in {n.inputs[0].op for n in nodes if n.op == "exp"}
     assert any(n.op == "broadcast_to" for n in nodes)
     assert "neg" not in hist                                    # no exp(-gam) factorisation
     # full C x C products, masked afterwards; the solve; the scan over chunks
