@@ -7,6 +7,7 @@ import dnir
 import dnir.passes
 from dnir.errors import BackendError
 from dnir.lowering.ggml.build import GgmlUnavailable, ggml_build
+from dnir.lowering.registry import prepare
 from dnir.models import DeltaNetConfig, build, random_inputs
 
 from cases import CASES, build_all, nmse
@@ -42,6 +43,7 @@ def test_exported_layer_matches_numpy(tmp_path, rng, variant, mode, level):
     shape = dict(seq_len=1, batch=2) if mode == "decode" else dict(seq_len=21, batch=2)
     graph = dnir.passes.optimize(build(variant, mode=mode, heads=2, value_heads=4, head_dim=16, value_dim=16,
                                        chunk_size=16, initial_state=True, final_state=True, **shape), level)
+    graph = prepare(graph, "ggml")      # as the ggml target runs it: token loops as ggml_gated_delta_net
     x = random_inputs(DeltaNetConfig.from_meta(graph.meta), rng)
     for out, ref in zip(run_exported(graph, x, tmp_path), dnir.run(graph, x)):
         assert np.isfinite(out).all()
