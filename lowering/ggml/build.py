@@ -38,6 +38,9 @@ CMAKE_FLAGS = (
     "-DGGML_BUILD_TESTS=OFF", "-DGGML_BUILD_EXAMPLES=OFF",
     # CPU only, whatever else the machine has.
     "-DGGML_CUDA=OFF", "-DGGML_VULKAN=OFF", "-DGGML_METAL=OFF", "-DGGML_BLAS=OFF",
+    # llama.cpp's own build turns on the llamafile sgemm for float32 matrix products (ggml alone
+    # leaves it off): the ggml that users run.
+    "-DGGML_LLAMAFILE=ON",
 )
 
 
@@ -58,7 +61,7 @@ def cache_root() -> Path:
 
 
 def _cpu_key() -> str:
-    """A short hash of what a native build depends on: architecture and CPU feature flags."""
+    """A short hash of what a native build depends on: architecture, CPU feature flags, cmake flags."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -67,7 +70,7 @@ def _cpu_key() -> str:
                 break
     except OSError:
         flags = platform.processor()
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{platform.machine()} {flags} {CMAKE_FLAGS}".encode()).hexdigest()[:12]
 
 
 def build_dir() -> Path:
