@@ -39,6 +39,7 @@ from tvm.ir import PrimType
 
 from dnir.errors import BackendError
 from dnir.graph import Graph, Node
+from dnir.ops import table_entry
 from dnir.types import DTYPES
 
 from . import chunk_scan, kernels, token_step
@@ -220,14 +221,7 @@ class Translator:
 # Lowering rules: fn(translator, node, operand exprs) -> relax expr (or list for scan)
 
 LOWER = {}
-
-
-def lowers(*names):
-    def register(fn):
-        for name in names:
-            LOWER[name] = fn
-        return fn
-    return register
+lowers = table_entry(LOWER)
 
 
 def _emit(tr, expr):
