@@ -464,8 +464,10 @@ def _infer_cumsum(ins, attrs):
 
 register(OpDef("sum", 1, _infer_sum, {"axes": ("ints", REQUIRED), "keepdims": ("bool", False)},
                flops=lambda ins, out, attrs: _size(ins[0]), op_class="reduction"))
+# inplace: each running sum reads its own element before writing it (the segment sums' masked
+# gates [.., C, C, K] need no second buffer).
 register(OpDef("cumsum", 1, _infer_cumsum, {"axis": ("int", REQUIRED)},
-               flops=lambda ins, out, attrs: _size(out), op_class="reduction"))
+               flops=lambda ins, out, attrs: _size(out), op_class="reduction", inplace=(0,)))
 
 # ---------------------------------------------------------------------------
 # Matrix ops

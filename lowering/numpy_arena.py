@@ -132,9 +132,23 @@ def _sum(node, out, x):
     np.sum(x, axis=tuple(node.attrs["axes"]), keepdims=node.attrs["keepdims"], dtype=out.dtype, out=out)
 
 
+SHORT_SCAN = 64    # a chunk: running sums this short go one whole slice at a time
+
+
 @out_kernel("cumsum")
 def _cumsum(node, out, x):
-    np.cumsum(x, axis=node.attrs["axis"], dtype=out.dtype, out=out)
+    """np.cumsum walks one element at a time (~50 ns each along an inner axis); along a short axis
+    the same sums in the same order, out[i] = out[i - 1] + x[i], as one vectorised add per slice
+    are several times faster (the segment sums [.., C, C, K] and the cumulative gates)."""
+    axis = node.attrs["axis"] % node.rank
+    n = node.shape[axis]
+    if n > SHORT_SCAN:
+        np.cumsum(x, axis=axis, dtype=out.dtype, out=out)
+        return
+    x, out = np.moveaxis(x, axis, 0), np.moveaxis(out, axis, 0)
+    out[0] = x[0]
+    for i in range(1, n):
+        np.add(out[i - 1], x[i], out=out[i])
 
 
 @out_kernel("matmul")

@@ -78,6 +78,7 @@ INPLACE_CASES = {   # op -> (operand types, attrs)
                                               "clamp")},
     "cast": ([((2, 3), "f32")], {"dtype": "f32"}),
     **{op: ([((3, 3), "f32")], {}) for op in ("tril", "triu")},
+    "cumsum": ([((2, 3), "f32")], {"axis": 0}),
     **{op: ([((2, 3), "f32"), ((2, 3), "f32")], {}) for op in ("add", "sub", "mul", "div", "maximum", "minimum")},
     "where": ([((2, 3), "bool"), ((2, 3), "f32"), ((2, 3), "f32")], {}),
     **{op: ([((4, 4), "f32"), ((2, 2), "f32")], {"offsets": (1, 2)}) for op in ("set", "acc")},
