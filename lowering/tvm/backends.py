@@ -4,7 +4,8 @@ TVM takes seconds to import, so nothing here imports it until a graph is run or
 compiled. On the GPU targets the pipeline recomputes broadcast expansions inside
 the reductions that read them, and recognises the delta rule's loop over chunks
 and decode step (passes/fuse_delta_steps.py) where the target's kernels take them
-(chunk_scan.py: a thread block fits the shared memory; both: float32).
+(chunk_scan.py: a thread block fits the shared memory; both: float32). On llvm the
+pipeline recognises the decode step (cpu_token_step.py: float32 and float64).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from ..registry import Backend, register
 
 GPU_PIPELINE = ("recompute_into_reductions", "fuse_delta_steps")
 KERNEL_DTYPES = frozenset({"f32"})
+CPU_PIPELINE = ("fuse_delta_steps",)
+CPU_KERNEL_DTYPES = frozenset({"f32", "f64"})
 CUDA_SHARED_BYTES = 48 * 1024       # static shared memory of a CUDA thread block
 
 
@@ -62,8 +65,17 @@ def _vulkan_target(name: str) -> Target:
     return _gpu_target(name, shared_bytes())
 
 
-# llvm has no kernel of its own for a fused op: they run expanded (the loop over chunks as a scan).
-register(Backend("tvm-llvm", ("llvm",), _run_llvm, Target, build=_build))
+def _cpu_token_step_rejects(node, target):
+    from .cpu_token_step import rejects
+    return rejects(node, target)
+
+
+def _llvm_target(name: str) -> Target:
+    return Target(name, {"token_step": _cpu_token_step_rejects}, dtypes=CPU_KERNEL_DTYPES)
+
+
+# llvm: a decode step is one kernel (cpu_token_step.py); the loop over chunks runs expanded (a scan).
+register(Backend("tvm-llvm", ("llvm",), _run_llvm, _llvm_target, CPU_PIPELINE, _build))
 register(Backend("tvm-cuda", ("cuda",), _run_cuda, lambda name: _gpu_target(name, CUDA_SHARED_BYTES),
                  GPU_PIPELINE, _build))
 register(Backend("vulkan", ("vulkan",), _run_vulkan, _vulkan_target, GPU_PIPELINE, _build_vulkan))

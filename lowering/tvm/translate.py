@@ -42,7 +42,7 @@ from dnir.graph import Graph, Node
 from dnir.ops import table_entry
 from dnir.types import DTYPES
 
-from . import chunk_scan, kernels, token_step
+from . import chunk_scan, cpu_token_step, kernels, token_step
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -440,11 +440,12 @@ def _lower_chunk_scan(tr, node, args):
 
 @lowers("token_step")
 def _lower_token_step(tr, node, args):
-    """A decode step's new state and output from one kernel (token_step.py)."""
+    """A decode step's new state and output from one kernel (token_step.py; cpu_token_step.py on llvm)."""
     batch, K, V, Kg = token_step.sizes(node)
     shapes, dtype = token_step.operand_shapes(node), TVM_DTYPES[node.inputs[0].dtype]
+    make = token_step.token_step_kernel if tr.gpu else cpu_token_step.token_step_kernel
     gv = tr.prim(("token_step", tuple(sorted(shapes.items())), K, V, Kg, dtype),
-                 lambda: token_step.token_step_kernel(batch, shapes, K, V, Kg, dtype))
+                 lambda: make(batch, shapes, K, V, Kg, dtype))
     return _call_fused(tr, node, gv, args)
 
 

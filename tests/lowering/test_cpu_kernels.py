@@ -1,0 +1,63 @@
+"""The fused ops' CPU kernels on the llvm target (lowering/tvm/cpu_token_step.py): which graphs
+the llvm pipeline fuses, that the compiled module runs them as one kernel, and their results
+against the NumPy backend and the float64 recurrent oracle on fresh random inputs (GQA, a
+gate per key channel, one and several sequences, an initial state, strong gates)."""
+import numpy as np
+import pytest
+
+from dnir import passes
+from dnir.lowering import registry
+from dnir.lowering.tvm.compile import build
+from dnir.lowering.tvm.translate import translate
+from dnir.models import build_delta_net, delta_rule_reference, preset, random_inputs, relative_rms_error
+
+VALUE_HEADS = {"qwen3-next": 4, "kimi-linear": 2}     # GQA for gdn
+GATE_SCALES = (1.0, 8.0)        # as drawn, and strong gates (decays near 0)
+
+
+def _decode(name, batch):
+    cfg = preset(name, heads=2, value_heads=VALUE_HEADS[name], head_dim=32, value_dim=64, batch=batch,
+                 seq_len=1, mode="decode", initial_state=True, final_state=True)
+    return cfg, passes.optimize(build_delta_net(cfg), "O2")
+
+
+def _ops(graph, op):
+    return [n for n in graph.topo_order() if n.op == op]
+
+
+@pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
+def test_decode_step_is_one_kernel_on_llvm(name):
+    _, graph = _decode(name, 3)
+    prepared = registry.prepare(graph, "llvm")
+    assert len(_ops(prepared, "token_step")) == 1 and not _ops(prepared, "matmul")
+    main = translate(prepared, gpu=False)["main"].script()
+    assert main.count("R.call_tir(token_step, (initial_state,") == 1 and "R.matmul" not in main
+    # the compiled library holds the kernel, a parallel loop over heads
+    assert "__tvm_ffi_token_step" in build(prepared, "llvm").mod.imports[0].inspect_source("asm")
+
+
+@pytest.mark.parametrize("scale", GATE_SCALES)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
+def test_decode_on_llvm_matches_numpy_and_the_oracle(name, batch, scale, rng):
+    cfg, graph = _decode(name, batch)
+    x = random_inputs(cfg, rng)
+    x["g"] = x["g"] * scale
+    got = registry.run(graph, x, target="llvm")
+    want = registry.run(graph, x, target="numpy")
+    o, state = delta_rule_reference(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=cfg.scale,
+                                    initial_state=x["initial_state"])
+    oracle = dict(o=o, final_state=state)
+    for out_name, out, ref in zip(graph.output_names, got, want):
+        assert out.shape == ref.shape and out.dtype == np.float32
+        assert relative_rms_error(out, ref) < 1e-6, out_name
+        assert relative_rms_error(out, oracle[out_name]) < 1e-5, out_name
+
+
+def test_a_decode_step_in_another_dtype_stays_op_by_op():
+    _, graph = _decode("kimi-linear", 1)
+    (step,) = _ops(registry.prepare(graph, "llvm"), "token_step")
+    target = registry.backend_for("llvm").context("llvm")
+    assert target.rejects(step) is None
+    narrow = type(target)(target.name, target.kernels, dtypes=frozenset({"f64"}))
+    assert narrow.rejects(step) == "the kernel is written for f64, not f32"
