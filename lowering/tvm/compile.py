@@ -36,6 +36,7 @@ from .translate import translate
 DEFAULT_CUDA_ARCH = "sm_90"
 _CACHE: dict[tuple[str, str], object] = {}
 _VMS: dict[str, object] = {}          # library name -> its VM (loading a library runs no compiler)
+_GRAPH_VMS: "weakref.WeakKeyDictionary[Graph, object]" = weakref.WeakKeyDictionary()   # no hashing per call
 _HASHES: "weakref.WeakKeyDictionary[Graph, str]" = weakref.WeakKeyDictionary()
 _STAGING: dict[tuple, list[np.ndarray]] = {}    # (shape, dtype) -> aligned input buffers not in use
 _LOCK = threading.Lock()
@@ -130,10 +131,15 @@ def _llvm_vm(graph: Graph):
     """The VM running `graph` on the CPU: its library loaded from the disk cache, compiled and
     exported there first when missing (kept in memory only, with a warning, when it cannot be
     written)."""
+    with _LOCK:
+        vm = _GRAPH_VMS.get(graph)
+    if vm is not None:
+        return vm
     path = library_path(graph)
     with _LOCK:
         vm = _VMS.get(path.name)
     if vm is not None:
+        _GRAPH_VMS[graph] = vm
         return vm
     if path.exists():
         module = tvm.runtime.load_module(str(path))
@@ -149,7 +155,8 @@ def _llvm_vm(graph: Graph):
                           f"the next process compiles it again", RuntimeWarning, stacklevel=3)
     with _LOCK:
         # Loading an executable runs LLVM's code generation: keep one VM per library.
-        return _VMS.setdefault(path.name, relax.VirtualMachine(module, tvm.cpu()))
+        vm = _GRAPH_VMS[graph] = _VMS.setdefault(path.name, relax.VirtualMachine(module, tvm.cpu()))
+    return vm
 
 
 def _take_staging(a: np.ndarray) -> np.ndarray:
