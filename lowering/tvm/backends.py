@@ -5,7 +5,7 @@ compiled. On the GPU targets the pipeline recomputes broadcast expansions inside
 the reductions that read them, and recognises the delta rule's loop over chunks
 and decode step (passes/fuse_delta_steps.py) where the target's kernels take them
 (chunk_scan.py: a thread block fits the shared memory; both: float32). On llvm the
-pipeline recognises the decode step (cpu_token_step.py: float32 and float64).
+pipeline recognises both too (cpu_chunk_scan.py, cpu_token_step.py: float32 and float64).
 """
 from __future__ import annotations
 
@@ -70,11 +70,17 @@ def _cpu_token_step_rejects(node, target):
     return rejects(node, target)
 
 
+def _cpu_chunk_scan_rejects(node, target):
+    from .cpu_chunk_scan import rejects
+    return rejects(node, target)
+
+
 def _llvm_target(name: str) -> Target:
-    return Target(name, {"token_step": _cpu_token_step_rejects}, dtypes=CPU_KERNEL_DTYPES)
+    return Target(name, {"chunk_scan": _cpu_chunk_scan_rejects, "token_step": _cpu_token_step_rejects},
+                  dtypes=CPU_KERNEL_DTYPES)
 
 
-# llvm: a decode step is one kernel (cpu_token_step.py); the loop over chunks runs expanded (a scan).
+# llvm: the loop over chunks and a decode step are one kernel each (cpu_chunk_scan.py, cpu_token_step.py).
 register(Backend("tvm-llvm", ("llvm",), _run_llvm, _llvm_target, CPU_PIPELINE, _build))
 register(Backend("tvm-cuda", ("cuda",), _run_cuda, lambda name: _gpu_target(name, CUDA_SHARED_BYTES),
                  GPU_PIPELINE, _build))

@@ -42,7 +42,7 @@ from dnir.graph import Graph, Node
 from dnir.ops import table_entry
 from dnir.types import DTYPES
 
-from . import chunk_scan, cpu_token_step, kernels, token_step
+from . import chunk_scan, cpu_chunk_scan, cpu_token_step, kernels, token_step
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -430,9 +430,15 @@ def _lower_scan(tr, node, args):
 
 @lowers("chunk_scan")
 def _lower_chunk_scan(tr, node, args):
-    """The whole loop over chunks as one kernel (chunk_scan.py): [final state, stacked o]."""
+    """The whole loop over chunks as one kernel (chunk_scan.py; cpu_chunk_scan.py on llvm): [final state,
+    stacked o]."""
     steps, batch, C, K, V, Kg = chunk_scan.sizes(node)
-    layout, dtype = chunk_scan.layout(C, K, V), TVM_DTYPES[node.inputs[0].dtype]
+    dtype = TVM_DTYPES[node.inputs[0].dtype]
+    if not tr.gpu:
+        gv = tr.prim(("chunk_scan", steps, batch, C, K, V, Kg, dtype),
+                     lambda: cpu_chunk_scan.chunk_scan_kernel(steps, batch, C, K, V, Kg, dtype))
+        return _call_fused(tr, node, gv, args)
+    layout = chunk_scan.layout(C, K, V)
     gv = tr.prim(("chunk_scan", steps, batch, C, K, V, Kg, layout, dtype),
                  lambda: chunk_scan.chunk_scan_kernel(steps, batch, C, K, V, Kg, layout, dtype))
     return _call_fused(tr, node, gv, args)
