@@ -23,7 +23,7 @@ Each op is multi-result, like `scan`: its results are read with `item`. Its
 `expand` rewrites it into primitive ops (the chunk scan into the `scan` whose
 step body it stands for), for a backend without a kernel for it; NumPy's
 reference kernels (lowering/numpy_backend.py) are the ops' meaning in code.
-passes/fuse_delta_steps.py recognises them in a GPU target's pipeline.
+passes/fuse_delta_steps.py recognises them in the pipelines of the targets with kernels for them (GPUs, llvm).
 """
 from __future__ import annotations
 

@@ -1,11 +1,18 @@
 """The fused ops' CPU kernels on the llvm target (lowering/tvm/cpu_token_step.py): which graphs
 the llvm pipeline fuses, that the compiled module runs them as one kernel, and their results
 against the NumPy backend and the float64 recurrent oracle on fresh random inputs (GQA, a
-gate per key channel, one and several sequences, an initial state, strong gates)."""
+gate per key channel, one and several sequences, an initial state, strong gates); and how
+llvm runs cross the boundary: outputs of their own, compiled libraries kept on disk."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from dnir import passes
+from dnir.builder import Builder
 from dnir.lowering import registry
 from dnir.lowering.tvm.compile import build
 from dnir.lowering.tvm.translate import translate
@@ -92,3 +99,47 @@ def test_chunked_layer_on_llvm_matches_numpy_and_the_oracle(case, scale, rng):
         assert out.shape == ref.shape and out.dtype == np.float32
         assert relative_rms_error(out, ref) < 1e-5, out_name
         assert relative_rms_error(out, oracle[out_name]) < 1e-5, out_name
+
+
+def test_outputs_own_their_memory(rng):
+    """Arrays cross into TVM without a copy where aligned (else through a buffer kept for the next
+    call): an output that is an input's reshape is still a copy, and a later call changes no
+    earlier result."""
+    b = Builder()
+    x = b.input("x", (3, 50))
+    graph = b.build([b.reshape(x, (50, 3)), b.add(x, x)])
+    raw = np.empty(4 * 150 + 128, np.uint8)
+    start = -raw.ctypes.data % 64
+    inputs = [raw[start + offset:start + offset + 600].view(np.float32).reshape(3, 50) for offset in (0, 4, 4)]
+    assert [a.ctypes.data % 64 for a in inputs] == [0, 4, 4]    # aligned (no copy), then staged twice
+    runs, values = [], []
+    for a in inputs:
+        a[...] = rng.standard_normal(a.shape)
+        values.append(a.copy())
+        runs.append(registry.run(graph, {"x": a}, target="llvm"))
+    for a, value, (view, twice) in zip(inputs, values, runs):
+        assert np.array_equal(view, value.reshape(50, 3)) and np.array_equal(twice, 2 * value)
+        assert not np.may_share_memory(view, raw) and not np.may_share_memory(twice, raw)
+
+
+def test_a_second_process_loads_the_compiled_library(tmp_path):
+    script = (
+        "import numpy as np\n"
+        "from dnir import passes\n"
+        "from dnir.lowering import registry\n"
+        "from dnir.lowering.tvm import compile\n"
+        "from dnir.models import build_delta_net, preset, random_inputs\n"
+        "cfg = preset('kimi-linear', heads=2, value_heads=2, head_dim=32, value_dim=64, batch=2, seq_len=1,\n"
+        "             mode='decode', initial_state=True, final_state=True)\n"
+        "graph = passes.optimize(build_delta_net(cfg), 'O2')\n"
+        "o, state = registry.run(graph, random_inputs(cfg, 0), target='llvm')\n"
+        "path = compile.library_path(registry.prepare(graph, 'llvm'))\n"
+        "print(len(compile._CACHE), path.parent == compile.cache_root() / 'tvm', path.exists(), float(o.sum()))\n")
+    env = dict(os.environ, DNIR_CACHE=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    first, second = (r.stdout.split() for r in runs)
+    assert first[:3] == ["1", "True", "True"]          # compiled, and kept in $DNIR_CACHE/tvm
+    assert second[:3] == ["0", "True", "True"]         # loaded: nothing compiled
+    assert first[3] == second[3]
+    assert [p.name for p in (tmp_path / "tvm").iterdir()] == [Path(p).name for p in (tmp_path / "tvm").glob("*.so")]
