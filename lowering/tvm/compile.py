@@ -6,15 +6,18 @@ share one executable.
 
 On llvm, `run_llvm` also keeps the compiled library on disk, in
 `$DNIR_CACHE/tvm` (default `~/.cache/dnir`), named for the graph's hash, the
-target (with the host CPU) and TVM's version: a second process loads it instead
+target (with the host CPU), TVM's version and the sources of this package (the
+kernels and schedules): a second process loads it instead
 of compiling. Arrays cross into TVM without a copy where TVM's kernels can read
-them in place (64-byte aligned, contiguous) and the outputs come back as NumPy
+them in place (contiguous, 64-byte aligned, or any alignment for an input that
+only a kernel declared for it reads: a decode step's state) and the outputs come back as NumPy
 views of TVM's tensors; an unaligned input is copied into an aligned buffer kept
 for the next call (fresh memory costs a page fault per page: for a decode
 step's 128 MiB state at B = 64 that was 56 ms, the step itself 10 ms).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from dnir.errors import BackendError
@@ -31,12 +35,14 @@ from dnir.graph import Graph
 from dnir.lowering.ggml.build import cache_root
 from dnir.text import print_graph
 
+from . import cpu_token_step
 from .translate import translate
 
 DEFAULT_CUDA_ARCH = "sm_90"
 _CACHE: dict[tuple[str, str], object] = {}
 _VMS: dict[str, object] = {}          # library name -> its VM (loading a library runs no compiler)
 _GRAPH_VMS: "weakref.WeakKeyDictionary[Graph, object]" = weakref.WeakKeyDictionary()   # no hashing per call
+_UNALIGNED: "weakref.WeakKeyDictionary[Graph, frozenset]" = weakref.WeakKeyDictionary()
 _HASHES: "weakref.WeakKeyDictionary[Graph, str]" = weakref.WeakKeyDictionary()
 _STAGING: dict[tuple, list[np.ndarray]] = {}    # (shape, dtype) -> aligned input buffers not in use
 _LOCK = threading.Lock()
@@ -121,9 +127,18 @@ def _find_module(mod, kind):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _lowering_hash() -> str:
+    """The hash of this package's sources: a library made by other kernels or schedules is not reused."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def library_path(graph: Graph) -> Path:
     """Where the llvm library of `graph` is kept between processes."""
-    key = f"{graph_hash(graph)} {make_target('llvm')} tvm-{tvm.__version__}"
+    key = f"{graph_hash(graph)} {make_target('llvm')} tvm-{tvm.__version__} {_lowering_hash()}"
     return cache_root() / "tvm" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
 
 
@@ -178,15 +193,37 @@ def _give_back_staging(buffers):
             _STAGING.setdefault((b.shape, b.dtype.str), []).append(b)
 
 
+def unaligned_inputs(graph: Graph) -> frozenset[int]:
+    """The graph inputs (by position) that only kernels reading any 4-byte alignment read."""
+    readers: dict[int, set] = {id(x): set() for x in graph.inputs}
+    for node in graph.topo_order():
+        for k, operand in enumerate(node.inputs):
+            if id(operand) in readers:
+                readers[id(operand)].add((node.op, k))
+    for out in graph.outputs:
+        if id(out) in readers:
+            readers[id(out)].add(("output", 0))
+    tolerant = {("token_step", k) for k in cpu_token_step.UNALIGNED_OPERANDS}
+    return frozenset(i for i, x in enumerate(graph.inputs) if readers[id(x)] and readers[id(x)] <= tolerant)
+
+
+def _staged(a: np.ndarray, unaligned_ok: bool) -> bool:
+    return bool(a.size) and a.ctypes.data % (a.itemsize if unaligned_ok else ALIGNMENT) != 0
+
+
 def run_llvm(graph: Graph, inputs) -> list[np.ndarray]:
     """Run on the CPU through TVM's LLVM backend; outputs as NumPy arrays."""
     from dnir.lowering.numpy_backend import prepare_inputs
     arrays = [np.ascontiguousarray(a) for a in prepare_inputs(graph, inputs)]
     vm = _llvm_vm(graph)
-    staged = [_take_staging(a) for a in arrays if a.size and a.ctypes.data % ALIGNMENT]
+    loose = _UNALIGNED.get(graph)
+    if loose is None:
+        loose = _UNALIGNED[graph] = unaligned_inputs(graph)
+    stage = [_staged(a, i in loose) for i, a in enumerate(arrays)]
+    staged = [_take_staging(a) for a, s in zip(arrays, stage) if s]
     staging = iter(staged)
-    tensors = [tvm.runtime.from_dlpack(next(staging) if a.ctypes.data % ALIGNMENT else a) if a.size
-               else tvm.runtime.empty(a.shape, a.dtype) for a in arrays]
+    tensors = [tvm_ffi.from_dlpack(next(staging) if s else a, require_alignment=0) if a.size
+               else tvm.runtime.empty(a.shape, a.dtype) for a, s in zip(arrays, stage)]
     try:
         outputs = [np.from_dlpack(o) for o in vm["main"](*tensors)]
         # an output that is an input or its view (a reshape) is copied: it must share no memory

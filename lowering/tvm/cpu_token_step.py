@@ -29,6 +29,9 @@ from tvm.script import tirx as T
 from .kernels import OPAQUE, unravel_index
 
 COLUMNS = 128   # value columns per tile: 8 AVX-512 vectors of float32 per accumulator, 16 in all
+# The state's buffer is declared 4-byte aligned (its vector loads are unaligned ones, as fast on
+# AVX-512): a decode layer's initial state, a graph input read only here, needs no aligned copy.
+UNALIGNED_OPERANDS = (0,)
 
 
 def columns(V: int) -> int:
@@ -64,7 +67,7 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
     def kernel(s0: T.handle, decay: T.handle, kc: T.handle, kr: T.handle, qr: T.handle, v: T.handle,
                beta: T.handle, qk: T.handle, s1: T.handle, o: T.handle):
         T.func_attr(attrs)
-        S0 = T.match_buffer(s0, shapes["state"], dtype)
+        S0 = T.match_buffer(s0, shapes["state"], dtype, align=4)
         D = T.match_buffer(decay, shapes["decay"], dtype)
         Kc = T.match_buffer(kc, shapes["k_col"], dtype)
         Kr = T.match_buffer(kr, shapes["k_row"], dtype)

@@ -14,7 +14,7 @@ import pytest
 from dnir import passes
 from dnir.builder import Builder
 from dnir.lowering import registry
-from dnir.lowering.tvm.compile import build
+from dnir.lowering.tvm.compile import build, unaligned_inputs
 from dnir.lowering.tvm.translate import translate
 from dnir.models import build_delta_net, delta_rule_reference, preset, random_inputs, relative_rms_error
 
@@ -143,3 +143,23 @@ def test_a_second_process_loads_the_compiled_library(tmp_path):
     assert second[:3] == ["0", "True", "True"]         # loaded: nothing compiled
     assert first[3] == second[3]
     assert [p.name for p in (tmp_path / "tvm").iterdir()] == [Path(p).name for p in (tmp_path / "tvm").glob("*.so")]
+
+
+@pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
+def test_decode_reads_an_unaligned_state_in_place(name, rng):
+    """The decode step's kernel reads its state at any alignment: the initial state, read only
+    there, crosses into TVM as it is (no aligned copy), and the results are the same."""
+    cfg, graph = _decode(name, 3)
+    prepared = registry.prepare(graph, "llvm")
+    state_input = [n.attrs["name"] for n in prepared.inputs].index("initial_state")
+    assert unaligned_inputs(prepared) == {state_input}
+    x = random_inputs(cfg, rng)
+    state = x["initial_state"]
+    raw = np.empty(state.nbytes + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + 4
+    x["initial_state"] = raw[start:start + state.nbytes].view(np.float32).reshape(state.shape)
+    x["initial_state"][...] = state
+    assert x["initial_state"].ctypes.data % 64 == 4
+    for out, ref in zip(registry.run(graph, x, target="llvm"), registry.run(graph, x, target="numpy")):
+        assert relative_rms_error(out, ref) < 1e-6
+    assert np.array_equal(x["initial_state"], state)        # read, never written
