@@ -8,7 +8,9 @@ one of two ways:
 
 - segment sums of the gates, E_ij = sum_{j < l <= i} g_l (the running sum down
   i of g_i masked to i > j, as the layer writes it): every exponent below is
-  again a sum of gates over its own segment, exact whatever their size;
+  again exact whatever the gates' sizes (sums of gates over their own
+  segments, or on diagonal blocks differences of running sums that are exact,
+  see exact_running_sums);
 - a difference of cumulative gates gi - gj, masked to j <= i or not (graphs
   written that way): the blocks use differences too, the same numerics.
 
@@ -29,6 +31,8 @@ For C = 64 and b = 16 that is 10 of 16 blocks, 4 of them masked: 4 row
 matmuls (scalar decay), or 3 strip matmuls and 4 diagonal blocks (per channel).
 """
 from __future__ import annotations
+
+import math
 
 from dnir.graph import Graph, Node
 
@@ -81,6 +85,36 @@ def scores_operands(m, form: str):
     return unit(x), unit(y), DifferenceGates(unit(gi), unit(gj), "masked" in m.caps)
 
 
+GATE_FLOOR = -110.0     # exp of any sum of gates below this is 0 in float32 (e^-103.98 rounds to 0)
+
+
+def exact_running_sums(g: Node, axis: int) -> list[Node]:
+    """Two running sums along `axis` (a diagonal block's tokens) whose differences give the
+    block's segment sums E_ij = sum_{j < l <= i} g_l exactly, elementwise from small operands:
+    E_ij = ((C_i - C_j) + F_i) - F_j. A GPU compiler then recomputes exp(E) inside the
+    reductions that read it (recompute_into_reductions) instead of storing a [.., b, b, K] tensor.
+
+    Each gate is first raised to GATE_FLOOR (a segment holding such a gate decays to exactly 0
+    either way), then split into a coarse part, a multiple of 2^-k, and a fine rest below 2^-k
+    (both exact): with b * 110 * 2^k < 2^24 every running sum of coarse parts and every
+    difference of two is exact in float32, whatever order a backend adds in; the fine parts sum
+    to less than b * 2^-k, so their differences are off by ~1e-7 of that, far below a gate."""
+    n = g.shape[axis]
+    k = 24 - math.ceil(math.log2(n * -GATE_FLOOR)) - 1
+    g = op("clamp", g, min=GATE_FLOOR, max=math.inf)
+    scale = lambda t, f: op("mul", t, op("full", value=f, shape=(), dtype=g.dtype))   # noqa: E731
+    coarse = scale(op("cast", op("cast", scale(g, 2.0 ** k), dtype="i32"), dtype=g.dtype), 2.0 ** -k)
+    return [op("cumsum", part, axis=axis) for part in (coarse, op("sub", g, coarse))]
+
+
+def exact_differences(coarse, fine) -> Node:
+    """E_ij from the (i, j) forms of the two running sums: ((C_i - C_j) + F_i) - F_j, the first
+    difference exact, so one full-size value is made and the rest is done in place. Capped at 0:
+    above the diagonal E_ij > 0 (exp could overflow; the scores are zeroed there after), and
+    every exponent is then provably <= 0 (the range analysis sees exp <= 1)."""
+    return op("clamp", op("sub", op("add", op("sub", *coarse), fine[0]), fine[1]), min=-math.inf, max=0.0)
+
+
 def below_diagonal(n: int, dtype: str) -> Node:
     """The n x n ones strictly below the diagonal: [i, j] = 1 where i > j."""
     return op("tril", op("full", value=1.0, shape=(n, n), dtype=dtype), k=-1)
@@ -88,7 +122,7 @@ def below_diagonal(n: int, dtype: str) -> Node:
 
 class SegmentGates:
     """The exponent as segment sums of the gates gs [.., G, n, 1]: E_ij = sum_{j < l <= i} g_l
-    (0 for i <= j). Every piece is again a sum of gates, never a difference of sums."""
+    (0 for i <= j). Every piece is exact: a sum of gates, or a difference of exact running sums."""
 
     def __init__(self, gs: Node, seg: Node):
         self.gs, self.seg, self.gst = gs, seg, token_major(gs)
@@ -99,16 +133,19 @@ class SegmentGates:
         return slice_axes(self.seg, {self.seg.rank - 2: lo}, {self.seg.rank - 2: hi, self.seg.rank - 1: hi})
 
     def block_exponent(self, lo, hi):
-        """E of the diagonal block [lo, hi): [.., G, b, b], the running sum down i of g_i masked to i > j."""
-        g = rows(self.gs, lo, hi, -2)
-        return op("cumsum", op("mul", g, below_diagonal(hi - lo, g.dtype)), axis=g.rank - 2)
+        """E of the diagonal block [lo, hi): [.., G, b, b] (see exact_differences)."""
+        g = rows(self.gs, lo, hi, -2)                               # [.., G, b, 1]
+        n = hi - lo
+        pairs = [(run, op("reshape", run, shape=run.shape[:-2] + (1, n))) for run in exact_running_sums(g, g.rank - 2)]
+        return exact_differences(*pairs)
 
     def channel_last_exponent(self, lo, hi):
-        """E of the diagonal block [lo, hi) token-major: [.., i, j, G]."""
+        """E of the diagonal block [lo, hi) token-major: [.., i, j, G] (see exact_differences)."""
         g = rows(self.gst, lo, hi, -3)                              # [.., b, G, 1]
-        n = hi - lo
-        g = op("reshape", g, shape=g.shape[:-3] + (n, 1, g.shape[-2]))
-        return op("cumsum", op("mul", g, op("reshape", below_diagonal(n, g.dtype), shape=(n, n, 1))), axis=g.rank - 3)
+        n, G = hi - lo, g.shape[-2]
+        pairs = [tuple(op("reshape", run, shape=run.shape[:-3] + ij) for ij in ((n, 1, G), (1, n, G)))
+                 for run in exact_running_sums(g, g.rank - 3)]
+        return exact_differences(*pairs)
 
     def to_ref(self, lo, hi):
         """E_ir = sum_{r < l <= i} g_l for i in [lo, hi), r = lo, token-major [.., b, G, 1]."""

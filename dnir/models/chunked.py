@@ -43,9 +43,9 @@ def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state)
     gam = b.cont(b.transpose(b.cumsum(g_t, axis=-1)))           # [R, HV, NC, C, Kg]
 
     if cfg.block_size is None:
-        akk, aqk = diagonal_scores(b, cfg, q, k, beta, g, g_t)
+        akk, aqk = diagonal_scores(b, cfg, q, k, beta, g_t)
     else:
-        akk, aqk = blocked_scores(b, cfg, q, k, beta, g, g_t)
+        akk, aqk = blocked_scores(b, cfg, q, k, beta, g_t)
 
     eye = b.eye(C)
     inverse = b.solve_tri(b.add(eye, akk), eye, lower=True, unit_diagonal=True)   # (I + Akk)^-1
@@ -54,7 +54,7 @@ def chunked_delta_rule(b: Builder, cfg: DeltaNetConfig, q, k, v, g, beta, state)
     u = b.matmul(inverse, b.mul(v, beta))                       # [R, HV, NC, C, V]
     q_decayed = b.mul(q, gam_exp)
     gam_last = b.slice_axis(gam, -2, C - 1, C)                  # [R, HV, NC, 1, Kg]
-    k_to_end = b.mul(k, b.exp(suffix_sums(b, g)))               # decay from each token to the chunk end
+    k_to_end = b.mul(k, b.exp(suffix_sums(b, g_t)))             # decay from each token to the chunk end
     last_decay = b.reshape(b.exp(gam_last), (R, HV, NC, Kg, 1))  # scales the state's key rows
 
     def chunk_major(x):  # the scan walks the leading axis
@@ -132,10 +132,10 @@ def below_diagonal(b: Builder, n: int):
     return b.tril(b.full((n, n), 1.0), -1)
 
 
-def suffix_sums(b: Builder, g):
-    """sum_{l > i} g_l over a run of n tokens, [..., n, Kg]: one matmul by the ones above the
-    diagonal (never the chunk total minus a prefix sum)."""
-    return b.matmul(below_diagonal(b, g.shape[-2]), g, transpose_a=True)
+def suffix_sums(b: Builder, g_t):
+    """sum_{l > i} g_l over a run of n tokens, [..., Kg, n] -> [..., n, Kg]: one matmul by the
+    ones below the diagonal (never the chunk total minus a prefix sum)."""
+    return b.cont(b.transpose(b.matmul(g_t, below_diagonal(b, g_t.shape[-1]))))
 
 
 def segment_sums(b: Builder, g_t):
@@ -148,10 +148,10 @@ def segment_sums(b: Builder, g_t):
     return b.transpose(b.cumsum(b.cont(b.transpose(masked)), axis=-1))
 
 
-def diagonal_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, g, g_t):
+def diagonal_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, g_t):
     """Akk and Aqk of a run of n tokens against itself: [..., n, n].
 
-    q, k [..., n, K]; beta [..., n, 1]; g [..., n, Kg]; g_t [..., Kg, n].
+    q, k [..., n, K]; beta [..., n, 1]; g_t [..., Kg, n] (the gates, transposed).
     The decay tensor exp(D) is [..., Kg, n, n]; channels that share a gate are
     contracted by one matmul (all K channels for gdn, one each for kda).
     """
@@ -183,7 +183,7 @@ def _factorized_scores(b: Builder, q, k, beta, gam):
     return b.tril(kk, -1), b.tril(qk)
 
 
-def blocked_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, g, g_t):
+def blocked_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, g_t):
     """Akk and Aqk of a chunk assembled from block_size x block_size blocks with `acc`.
 
     Diagonal blocks need the masked decay. A block below the diagonal (rows in
@@ -194,21 +194,21 @@ def blocked_scores(b: Builder, cfg: DeltaNetConfig, q, k, beta, g, g_t):
     C, s = cfg.chunk_size, cfg.block_size
     batch = q.shape[:-2]
     akk = aqk = b.zeros((*batch, C, C))
-    blocks = [[b.slice_axis(x, -2, a * s, (a + 1) * s) for x in (q, k, beta, g)] for a in range(C // s)]
-    for a, (q_a, k_a, beta_a, g_a) in enumerate(blocks):
+    blocks = [[b.slice_axis(x, -2, a * s, (a + 1) * s) for x in (q, k, beta)] for a in range(C // s)]
+    for a, (q_a, k_a, beta_a) in enumerate(blocks):
         offsets = (0,) * len(batch) + (a * s, a * s)
         g_t_a = b.slice_axis(g_t, -1, a * s, (a + 1) * s)
-        kk, qk = diagonal_scores(b, cfg, q_a, k_a, beta_a, g_a, g_t_a)
+        kk, qk = diagonal_scores(b, cfg, q_a, k_a, beta_a, g_t_a)
         akk, aqk = b.acc(akk, kk, offsets), b.acc(aqk, qk, offsets)
         if a == 0:
             continue
         r = a * s
-        from_ref = b.concat([b.zeros((*g_t_a.shape[:-1], 1)), b.slice_axis(g_t_a, -1, 1, s)], axis=-1)
-        to_ref = b.exp(b.cont(b.transpose(b.cumsum(from_ref, axis=-1))))     # sum_{r < l <= i} g_l
+        after_r = b.concat([b.zeros((*g_t_a.shape[:-1], 1)), b.slice_axis(g_t_a, -1, 1, s)], axis=-1)
+        to_ref = b.exp(b.cont(b.transpose(b.cumsum(after_r, axis=-1))))      # sum_{r < l <= i} g_l
         q_ref = b.mul(q_a, to_ref)
         k_ref = b.mul(b.mul(k_a, to_ref), beta_a)
-        back = b.exp(b.slice_axis(suffix_sums(b, b.slice_axis(g, -2, 0, r + 1)), -2, 0, r))  # sum_{j < l <= r}
-        for c, (_, k_c, _, _) in enumerate(blocks[:a]):
+        back = b.exp(b.slice_axis(suffix_sums(b, b.slice_axis(g_t, -1, 0, r + 1)), -2, 0, r))  # sum_{j < l <= r}
+        for c, (_, k_c, _) in enumerate(blocks[:a]):
             k_c = b.mul(k_c, b.slice_axis(back, -2, c * s, (c + 1) * s))
             offsets = (0,) * len(batch) + (a * s, c * s)
             akk = b.acc(akk, b.matmul(k_ref, k_c, transpose_b=True), offsets)

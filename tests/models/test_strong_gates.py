@@ -34,7 +34,16 @@ def alternating(g):
     return g
 
 
-GATES = {"single": single, "alternating": alternating}
+def near_floor(g):
+    """Gates either side of the -110 below which O2's diagonal blocks raise a gate (their
+    segments decay to exactly 0 in float32 either way), among -0.01."""
+    g[...] = -0.01
+    g[:, g.shape[1] // 2 - 5] = -100.0
+    g[:, g.shape[1] // 2 - 2] = -120.0
+    return g
+
+
+GATES = {"single": single, "alternating": alternating, "near_floor": near_floor}
 
 
 def _inputs(cfg, rng, gates):
