@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from .checkout import import_loader
+
 ROOT = Path(__file__).resolve().parent.parent
 # flash-linear-attention's Triton kernels take float32 products through TF32 tensor
 # cores, so dnir (plain float32) and the peer differ by TF32 rounding: fla's own tests
@@ -36,17 +38,6 @@ TOLERANCE = 5e-3
 PREFILL_LIMIT = 3.0          # first milestone: dnir prefill within 3x of the peer
 DECODE_BANDWIDTH_SHARE = 0.5  # decode state traffic at least half the copy bandwidth (B=64)
 L2_FLUSH_BYTES = 256 << 20    # larger than the H200's 60 MB L2
-
-
-def import_loader():
-    """dnir.lowering.runtime_loader from this checkout (dnir.lowering is lowering/, which an
-    install maps into the package; without an install, map it here)."""
-    sys.path.insert(0, str(ROOT))
-    import dnir
-    if str(ROOT) not in dnir.__path__:
-        dnir.__path__.append(str(ROOT))
-    from dnir.lowering import runtime_loader
-    return runtime_loader
 
 
 def make_inputs(meta: dict, seed: int, device):

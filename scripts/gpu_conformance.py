@@ -25,13 +25,9 @@ TOLERANCE = 1e-7
 
 
 def _import_loader():
-    # dnir.lowering lives in lowering/ (mapped by the install); without an install, map it here.
     sys.path.insert(0, str(ROOT))
-    import dnir
-    if str(ROOT) not in dnir.__path__:
-        dnir.__path__.append(str(ROOT))
-    from dnir.lowering import runtime_loader
-    return runtime_loader
+    from benchmarks.checkout import import_loader
+    return import_loader()
 
 
 def check(loader, so: Path) -> list[dict]:
