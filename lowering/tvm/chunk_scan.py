@@ -31,7 +31,8 @@ from tvm.script import tirx as T
 
 from dnir.graph import Node
 
-from .kernels import OPAQUE, unravel_index
+from .fused_signatures import chunk_scan_function
+from .kernels import unravel_index
 
 # A block owns VT state columns of one head; each thread computes TC of them (columns
 # tx, tx + VT/TC, ..: neighbouring threads read neighbouring words) for every row it owns.
@@ -81,9 +82,7 @@ def rejects(node: Node, target) -> str | None:
 
 
 def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str):
-    """S1 [*batch, K, V] and O [steps, *batch, C, V] from S0 and the per-step operands
-    W, Qd, Kte [steps, *batch, C, K], U [steps, *batch, C, V], A [steps, *batch, C, C],
-    LD [steps, *batch, Kg, 1] (the op's own shapes: nothing is reshaped around the call)."""
+    """The chunk scan's function (fused_signatures.chunk_scan_function) with this kernel's loop nest."""
     rows, vt, tc = layout
     ct = vt // tc                          # threads across the block's columns
     heads = math.prod(batch)
@@ -91,7 +90,6 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
     ra, rk = C // rows, K // rows          # rows per thread: of v_new and o, of the state
     uk, uc = _largest_divisor(K, 4), _largest_divisor(C, 4)   # unrolled steps of the K and C sums
     per_key = 1 if Kg == K else 0          # the decay row of state row k: k (per channel) or 0
-    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
 
     def head(bx):                          # the block's head, as an index into the batch axes
         return unravel_index(bx // tiles, batch)
@@ -133,70 +131,58 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
     # memory by the whole block with coalesced loads, then read from there. Thread tx owns rows
     # tx // ct + rows * r and columns tx % ct + ct * j of its block's VT state columns; its
     # accumulators acc[r * tc + j] are registers (the r, j loops are unrolled).
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(s0: T.handle, w: T.handle, u: T.handle, qd: T.handle, aqk: T.handle, kte: T.handle,
-               ld: T.handle, s1: T.handle, o: T.handle):
-        T.func_attr(attrs)
-        S0 = T.match_buffer(s0, (*batch, K, V), dtype)
-        W = T.match_buffer(w, (steps, *batch, C, K), dtype)
-        U = T.match_buffer(u, (steps, *batch, C, V), dtype)
-        Qd = T.match_buffer(qd, (steps, *batch, C, K), dtype)
-        A = T.match_buffer(aqk, (steps, *batch, C, C), dtype)
-        Kte = T.match_buffer(kte, (steps, *batch, C, K), dtype)
-        LD = T.match_buffer(ld, (steps, *batch, Kg, 1), dtype)
-        S1 = T.match_buffer(s1, (*batch, K, V), dtype)
-        O = T.match_buffer(o, (steps, *batch, C, V), dtype)
-        with T.sblock("root"):
-            for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
-                for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                    S = T.alloc_shared((K, vt), dtype)
-                    N = T.alloc_shared((C, vt), dtype)
-                    X = T.alloc_shared((C, width), dtype)
-                    acc = T.alloc_local((max(ra, rk) * tc,), dtype)
+    @T.macro
+    def body(S0, W, U, Qd, A, Kte, LD, S1, O):
+        for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                S = T.alloc_shared((K, vt), dtype)
+                N = T.alloc_shared((C, vt), dtype)
+                X = T.alloc_shared((C, width), dtype)
+                acc = T.alloc_local((max(ra, rk) * tc,), dtype)
+                for r in T.unroll(rk):
+                    for j in T.unroll(tc):
+                        S[tx // ct + rows * r, tx % ct + ct * j] = S0[head(bx) + (
+                            tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)]
+                for n in range(steps):
+                    # v_new = u - w S, this block's columns
+                    stage(X, W, n, bx, tx, K)
+                    clear(acc)
+                    add_rows_times(acc, X, S, tx, K, uk)
+                    for r in T.unroll(ra):
+                        for j in T.unroll(tc):
+                            N[tx // ct + rows * r, tx % ct + ct * j] = U[(n,) + head(bx) + (
+                                tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] - acc[r * tc + j]
+                    T.tvm_storage_sync("shared")
+                    # o = q_decayed S + aqk v_new
+                    stage(X, Qd, n, bx, tx, K)
+                    clear(acc)
+                    add_rows_times(acc, X, S, tx, K, uk)
+                    T.tvm_storage_sync("shared")
+                    stage(X, A, n, bx, tx, C)
+                    add_rows_times(acc, X, N, tx, C, uc)
+                    for r in T.unroll(ra):
+                        for j in T.unroll(tc):
+                            O[(n,) + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = \
+                                acc[r * tc + j]
+                    T.tvm_storage_sync("shared")   # every read of the old state and of X is done
+                    # S = S * last_decay + k_to_end^T v_new, in place
+                    stage(X, Kte, n, bx, tx, K)
                     for r in T.unroll(rk):
                         for j in T.unroll(tc):
-                            S[tx // ct + rows * r, tx % ct + ct * j] = S0[head(bx) + (
-                                tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)]
-                    for n in range(steps):
-                        # v_new = u - w S, this block's columns
-                        stage(X, W, n, bx, tx, K)
-                        clear(acc)
-                        add_rows_times(acc, X, S, tx, K, uk)
-                        for r in T.unroll(ra):
-                            for j in T.unroll(tc):
-                                N[tx // ct + rows * r, tx % ct + ct * j] = U[(n,) + head(bx) + (
-                                    tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] - acc[r * tc + j]
-                        T.tvm_storage_sync("shared")
-                        # o = q_decayed S + aqk v_new
-                        stage(X, Qd, n, bx, tx, K)
-                        clear(acc)
-                        add_rows_times(acc, X, S, tx, K, uk)
-                        T.tvm_storage_sync("shared")
-                        stage(X, A, n, bx, tx, C)
-                        add_rows_times(acc, X, N, tx, C, uc)
-                        for r in T.unroll(ra):
-                            for j in T.unroll(tc):
-                                O[(n,) + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = \
-                                    acc[r * tc + j]
-                        T.tvm_storage_sync("shared")   # every read of the old state and of X is done
-                        # S = S * last_decay + k_to_end^T v_new, in place
-                        stage(X, Kte, n, bx, tx, K)
-                        for r in T.unroll(rk):
-                            for j in T.unroll(tc):
-                                acc[r * tc + j] = S[tx // ct + rows * r, tx % ct + ct * j] * LD[(n,) + head(bx) + (
-                                    (tx // ct + rows * r) * per_key, 0)]
-                        for i0 in range(C // uc):
-                            for i1 in T.unroll(uc):
-                                for r in T.unroll(rk):
-                                    for j in T.unroll(tc):
-                                        acc[r * tc + j] = acc[r * tc + j] + X[
-                                            i0 * uc + i1, tx // ct + rows * r] * N[i0 * uc + i1, tx % ct + ct * j]
-                        for r in T.unroll(rk):
-                            for j in T.unroll(tc):
-                                S[tx // ct + rows * r, tx % ct + ct * j] = acc[r * tc + j]
-                        T.tvm_storage_sync("shared")
+                            acc[r * tc + j] = S[tx // ct + rows * r, tx % ct + ct * j] * LD[(n,) + head(bx) + (
+                                (tx // ct + rows * r) * per_key, 0)]
+                    for i0 in range(C // uc):
+                        for i1 in T.unroll(uc):
+                            for r in T.unroll(rk):
+                                for j in T.unroll(tc):
+                                    acc[r * tc + j] = acc[r * tc + j] + X[
+                                        i0 * uc + i1, tx // ct + rows * r] * N[i0 * uc + i1, tx % ct + ct * j]
                     for r in T.unroll(rk):
                         for j in T.unroll(tc):
-                            S1[head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = S[
-                                tx // ct + rows * r, tx % ct + ct * j]
-    return kernel
+                            S[tx // ct + rows * r, tx % ct + ct * j] = acc[r * tc + j]
+                    T.tvm_storage_sync("shared")
+                for r in T.unroll(rk):
+                    for j in T.unroll(tc):
+                        S1[head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = S[
+                            tx // ct + rows * r, tx % ct + ct * j]
+    return chunk_scan_function(steps, batch, C, K, V, Kg, dtype, body)

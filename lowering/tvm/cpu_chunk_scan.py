@@ -25,7 +25,8 @@ import math
 
 from tvm.script import tirx as T
 
-from .kernels import OPAQUE, unravel_index
+from .fused_signatures import chunk_scan_function
+from .kernels import unravel_index
 
 ROWS, COLUMNS = 4, 32      # a register tile: 4 x 2 AVX-512 vectors of float32 accumulators
 
@@ -43,14 +44,11 @@ def rejects(node, target) -> str | None:
 
 
 def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str):
-    """S1 [*batch, K, V] and O [steps, *batch, C, V] from S0 and the per-step operands
-    W, Qd, Kte [steps, *batch, C, K], U [steps, *batch, C, V], A [steps, *batch, C, C],
-    LD [steps, *batch, Kg, 1] (the op's own shapes: nothing is reshaped around the call)."""
+    """The chunk scan's function (fused_signatures.chunk_scan_function) with this kernel's loop nest."""
     heads = math.prod(batch)
     rc, rk = _divisor(C, ROWS), _divisor(K, ROWS)      # tile rows: of v_new and o, of the state
     vt = _divisor(V, COLUMNS)
     per_key = 1 if Kg == K else 0                      # the decay row of state row k: k or 0
-    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
 
     def at(n, h, *rest):                               # element of chunk n, head h
         return (n,) + unravel_index(h, batch) + rest
@@ -58,68 +56,56 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
     def state(h, *rest):
         return unravel_index(h, batch) + rest
 
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(s0: T.handle, w: T.handle, u: T.handle, qd: T.handle, aqk: T.handle, kte: T.handle,
-               ld: T.handle, s1: T.handle, o: T.handle):
-        T.func_attr(attrs)
-        S0 = T.match_buffer(s0, (*batch, K, V), dtype)
-        W = T.match_buffer(w, (steps, *batch, C, K), dtype)
-        U = T.match_buffer(u, (steps, *batch, C, V), dtype)
-        Qd = T.match_buffer(qd, (steps, *batch, C, K), dtype)
-        A = T.match_buffer(aqk, (steps, *batch, C, C), dtype)
-        Kte = T.match_buffer(kte, (steps, *batch, C, K), dtype)
-        LD = T.match_buffer(ld, (steps, *batch, Kg, 1), dtype)
-        S = T.match_buffer(s1, (*batch, K, V), dtype)
-        O = T.match_buffer(o, (steps, *batch, C, V), dtype)
-        with T.sblock("root"):
-            for h in T.parallel(heads):
-                vnew = T.alloc_buffer((C, V), dtype)
-                for kk, j in T.grid(K, V):
-                    S[state(h, kk, j)] = S0[state(h, kk, j)]
-                for n in range(steps):
-                    # v_new = u - w S, and o = q_decayed S + aqk v_new, by tiles of rc rows
-                    for c0, j0 in T.grid(C // rc, V // vt):
-                        acc = T.alloc_buffer((rc, vt), dtype)
+    @T.macro
+    def body(S0, W, U, Qd, A, Kte, LD, S, O):
+        for h in T.parallel(heads):
+            vnew = T.alloc_buffer((C, V), dtype)
+            for kk, j in T.grid(K, V):
+                S[state(h, kk, j)] = S0[state(h, kk, j)]
+            for n in range(steps):
+                # v_new = u - w S, and o = q_decayed S + aqk v_new, by tiles of rc rows
+                for c0, j0 in T.grid(C // rc, V // vt):
+                    acc = T.alloc_buffer((rc, vt), dtype)
+                    for r in T.unroll(rc):
+                        for j in T.vectorized(vt):
+                            acc[r, j] = U[at(n, h, c0 * rc + r, j0 * vt + j)]
+                    for kk in range(K):
                         for r in T.unroll(rc):
                             for j in T.vectorized(vt):
-                                acc[r, j] = U[at(n, h, c0 * rc + r, j0 * vt + j)]
-                        for kk in range(K):
-                            for r in T.unroll(rc):
-                                for j in T.vectorized(vt):
-                                    acc[r, j] = acc[r, j] - W[at(n, h, c0 * rc + r, kk)] * S[
-                                        state(h, kk, j0 * vt + j)]
+                                acc[r, j] = acc[r, j] - W[at(n, h, c0 * rc + r, kk)] * S[
+                                    state(h, kk, j0 * vt + j)]
+                    for r in T.unroll(rc):
+                        for j in T.vectorized(vt):
+                            vnew[c0 * rc + r, j0 * vt + j] = acc[r, j]
+                for c0, j0 in T.grid(C // rc, V // vt):
+                    acc = T.alloc_buffer((rc, vt), dtype)
+                    for r in T.unroll(rc):
+                        for j in T.vectorized(vt):
+                            acc[r, j] = T.cast(0, dtype)
+                    for kk in range(K):
                         for r in T.unroll(rc):
                             for j in T.vectorized(vt):
-                                vnew[c0 * rc + r, j0 * vt + j] = acc[r, j]
-                    for c0, j0 in T.grid(C // rc, V // vt):
-                        acc = T.alloc_buffer((rc, vt), dtype)
+                                acc[r, j] = acc[r, j] + Qd[at(n, h, c0 * rc + r, kk)] * S[
+                                    state(h, kk, j0 * vt + j)]
+                    for cc in range(C):
                         for r in T.unroll(rc):
                             for j in T.vectorized(vt):
-                                acc[r, j] = T.cast(0, dtype)
-                        for kk in range(K):
-                            for r in T.unroll(rc):
-                                for j in T.vectorized(vt):
-                                    acc[r, j] = acc[r, j] + Qd[at(n, h, c0 * rc + r, kk)] * S[
-                                        state(h, kk, j0 * vt + j)]
-                        for cc in range(C):
-                            for r in T.unroll(rc):
-                                for j in T.vectorized(vt):
-                                    acc[r, j] = acc[r, j] + A[at(n, h, c0 * rc + r, cc)] * vnew[cc, j0 * vt + j]
-                        for r in T.unroll(rc):
-                            for j in T.vectorized(vt):
-                                O[at(n, h, c0 * rc + r, j0 * vt + j)] = acc[r, j]
-                    # S = S * last_decay + k_to_end^T v_new, by tiles of rk state rows
-                    for k0, j0 in T.grid(K // rk, V // vt):
-                        acc = T.alloc_buffer((rk, vt), dtype)
+                                acc[r, j] = acc[r, j] + A[at(n, h, c0 * rc + r, cc)] * vnew[cc, j0 * vt + j]
+                    for r in T.unroll(rc):
+                        for j in T.vectorized(vt):
+                            O[at(n, h, c0 * rc + r, j0 * vt + j)] = acc[r, j]
+                # S = S * last_decay + k_to_end^T v_new, by tiles of rk state rows
+                for k0, j0 in T.grid(K // rk, V // vt):
+                    acc = T.alloc_buffer((rk, vt), dtype)
+                    for r in T.unroll(rk):
+                        for j in T.vectorized(vt):
+                            acc[r, j] = S[state(h, k0 * rk + r, j0 * vt + j)] * LD[
+                                at(n, h, (k0 * rk + r) * per_key, 0)]
+                    for cc in range(C):
                         for r in T.unroll(rk):
                             for j in T.vectorized(vt):
-                                acc[r, j] = S[state(h, k0 * rk + r, j0 * vt + j)] * LD[
-                                    at(n, h, (k0 * rk + r) * per_key, 0)]
-                        for cc in range(C):
-                            for r in T.unroll(rk):
-                                for j in T.vectorized(vt):
-                                    acc[r, j] = acc[r, j] + Kte[at(n, h, cc, k0 * rk + r)] * vnew[cc, j0 * vt + j]
-                        for r in T.unroll(rk):
-                            for j in T.vectorized(vt):
-                                S[state(h, k0 * rk + r, j0 * vt + j)] = acc[r, j]
-    return kernel
+                                acc[r, j] = acc[r, j] + Kte[at(n, h, cc, k0 * rk + r)] * vnew[cc, j0 * vt + j]
+                    for r in T.unroll(rk):
+                        for j in T.vectorized(vt):
+                            S[state(h, k0 * rk + r, j0 * vt + j)] = acc[r, j]
+    return chunk_scan_function(steps, batch, C, K, V, Kg, dtype, body)

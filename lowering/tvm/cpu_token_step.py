@@ -26,7 +26,8 @@ import math
 
 from tvm.script import tirx as T
 
-from .kernels import OPAQUE, unravel_index
+from .fused_signatures import token_step_function
+from .kernels import unravel_index
 
 COLUMNS = 128   # value columns per tile: 8 AVX-512 vectors of float32 per accumulator, 16 in all
 # The state's buffer is declared 4-byte aligned (its vector loads are unaligned ones, as fast on
@@ -55,7 +56,6 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
     tiles = V // vt
     per_key = 1 if Kg == K else 0
     nb = len(batch)
-    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
 
     def at(name, h, e):                    # element e of head h in operand `name`
         return unravel_index(h, batch) + unravel_index(e, shapes[name][nb:])
@@ -63,40 +63,27 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
     def state(h, kk, c):                   # row kk, column c of head h's state
         return unravel_index(h, batch) + (kk, c)
 
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(s0: T.handle, decay: T.handle, kc: T.handle, kr: T.handle, qr: T.handle, v: T.handle,
-               beta: T.handle, qk: T.handle, s1: T.handle, o: T.handle):
-        T.func_attr(attrs)
-        S0 = T.match_buffer(s0, shapes["state"], dtype, align=4)
-        D = T.match_buffer(decay, shapes["decay"], dtype)
-        Kc = T.match_buffer(kc, shapes["k_col"], dtype)
-        Kr = T.match_buffer(kr, shapes["k_row"], dtype)
-        Qr = T.match_buffer(qr, shapes["q_row"], dtype)
-        Vv = T.match_buffer(v, shapes["v"], dtype)
-        B = T.match_buffer(beta, shapes["beta"], dtype)
-        QK = T.match_buffer(qk, shapes["qk"], dtype)
-        S1 = T.match_buffer(s1, shapes["state"], dtype)
-        O = T.match_buffer(o, shapes["o"], dtype)
-        with T.sblock("root"):
-            for h in T.parallel(heads):
-                for t in range(tiles):
-                    # "global" scope: a small constant allocation on the stack (LLVM keeps it in
-                    # registers); "local" would be a workspace allocation per tile
-                    pred = T.alloc_buffer((vt,), dtype)
-                    out = T.alloc_buffer((vt,), dtype)
+    @T.macro
+    def body(S0, D, Kc, Kr, Qr, Vv, B, QK, S1, O):
+        for h in T.parallel(heads):
+            for t in range(tiles):
+                # "global" scope: a small constant allocation on the stack (LLVM keeps it in
+                # registers); "local" would be a workspace allocation per tile
+                pred = T.alloc_buffer((vt,), dtype)
+                out = T.alloc_buffer((vt,), dtype)
+                for j in T.vectorized(vt):
+                    pred[j] = T.cast(0, dtype)
+                    out[j] = T.cast(0, dtype)
+                for kk in range(K):
                     for j in T.vectorized(vt):
-                        pred[j] = T.cast(0, dtype)
-                        out[j] = T.cast(0, dtype)
-                    for kk in range(K):
-                        for j in T.vectorized(vt):
-                            pred[j] = pred[j] + Kr[at("k_row", h, kk)] * S0[state(h, kk, t * vt + j)]
-                            out[j] = out[j] + Qr[at("q_row", h, kk)] * S0[state(h, kk, t * vt + j)]
-                    for j in T.vectorized(vt):     # pred becomes u = (v - pred) beta
-                        pred[j] = (Vv[at("v", h, t * vt + j)] - pred[j]) * B[at("beta", h, 0)]
-                        O[at("o", h, t * vt + j)] = out[j] + pred[j] * QK[at("qk", h, 0)]
-                    for kk in range(K):
-                        for j in T.vectorized(vt):
-                            S1[state(h, kk, t * vt + j)] = (S0[state(h, kk, t * vt + j)]
-                                                            * D[at("decay", h, kk * per_key)]
-                                                            + Kc[at("k_col", h, kk)] * pred[j])
-    return kernel
+                        pred[j] = pred[j] + Kr[at("k_row", h, kk)] * S0[state(h, kk, t * vt + j)]
+                        out[j] = out[j] + Qr[at("q_row", h, kk)] * S0[state(h, kk, t * vt + j)]
+                for j in T.vectorized(vt):     # pred becomes u = (v - pred) beta
+                    pred[j] = (Vv[at("v", h, t * vt + j)] - pred[j]) * B[at("beta", h, 0)]
+                    O[at("o", h, t * vt + j)] = out[j] + pred[j] * QK[at("qk", h, 0)]
+                for kk in range(K):
+                    for j in T.vectorized(vt):
+                        S1[state(h, kk, t * vt + j)] = (S0[state(h, kk, t * vt + j)]
+                                                        * D[at("decay", h, kk * per_key)]
+                                                        + Kc[at("k_col", h, kk)] * pred[j])
+    return token_step_function(shapes, dtype, body, state_align=4)

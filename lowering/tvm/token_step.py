@@ -23,7 +23,8 @@ from tvm.script import tirx as T
 from dnir.fused import STEP_ROLES, step_sizes
 from dnir.graph import Node
 
-from .kernels import OPAQUE, unravel_index
+from .fused_signatures import token_step_function
+from .kernels import unravel_index
 
 
 def sizes(node: Node):
@@ -57,40 +58,26 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
     tiles = V // threads
     per_key = 1 if Kg == K else 0
     nb = len(batch)
-    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
 
     def at(name, bx, e):                   # element e of the block's head in operand `name`
         return unravel_index(bx // tiles, batch) + unravel_index(e, shapes[name][nb:])
 
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(s0: T.handle, decay: T.handle, kc: T.handle, kr: T.handle, qr: T.handle, v: T.handle,
-               beta: T.handle, qk: T.handle, s1: T.handle, o: T.handle):
-        T.func_attr(attrs)
-        S0 = T.match_buffer(s0, shapes["state"], dtype)
-        D = T.match_buffer(decay, shapes["decay"], dtype)
-        Kc = T.match_buffer(kc, shapes["k_col"], dtype)
-        Kr = T.match_buffer(kr, shapes["k_row"], dtype)
-        Qr = T.match_buffer(qr, shapes["q_row"], dtype)
-        Vv = T.match_buffer(v, shapes["v"], dtype)
-        B = T.match_buffer(beta, shapes["beta"], dtype)
-        QK = T.match_buffer(qk, shapes["qk"], dtype)
-        S1 = T.match_buffer(s1, shapes["state"], dtype)
-        O = T.match_buffer(o, shapes["o"], dtype)
-        with T.sblock("root"):
-            for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
-                for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                    col = T.alloc_local((K,), dtype)
-                    acc = T.alloc_local((2,), dtype)
-                    acc[0] = T.float32(0)
-                    acc[1] = T.float32(0)
-                    for kk in T.unroll(K):
-                        col[kk] = S0[at("state", bx, kk * V + bx % tiles * threads + tx)]
-                        acc[0] = acc[0] + Kr[at("k_row", bx, kk)] * col[kk]
-                        acc[1] = acc[1] + Qr[at("q_row", bx, kk)] * col[kk]
-                    # acc[0] becomes u = (v - pred) beta
-                    acc[0] = (Vv[at("v", bx, bx % tiles * threads + tx)] - acc[0]) * B[at("beta", bx, 0)]
-                    O[at("o", bx, bx % tiles * threads + tx)] = acc[1] + acc[0] * QK[at("qk", bx, 0)]
-                    for kk in T.unroll(K):
-                        S1[at("state", bx, kk * V + bx % tiles * threads + tx)] = (
-                            col[kk] * D[at("decay", bx, kk * per_key)] + Kc[at("k_col", bx, kk)] * acc[0])
-    return kernel
+    @T.macro
+    def body(S0, D, Kc, Kr, Qr, Vv, B, QK, S1, O):
+        for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                col = T.alloc_local((K,), dtype)
+                acc = T.alloc_local((2,), dtype)
+                acc[0] = T.float32(0)
+                acc[1] = T.float32(0)
+                for kk in T.unroll(K):
+                    col[kk] = S0[at("state", bx, kk * V + bx % tiles * threads + tx)]
+                    acc[0] = acc[0] + Kr[at("k_row", bx, kk)] * col[kk]
+                    acc[1] = acc[1] + Qr[at("q_row", bx, kk)] * col[kk]
+                # acc[0] becomes u = (v - pred) beta
+                acc[0] = (Vv[at("v", bx, bx % tiles * threads + tx)] - acc[0]) * B[at("beta", bx, 0)]
+                O[at("o", bx, bx % tiles * threads + tx)] = acc[1] + acc[0] * QK[at("qk", bx, 0)]
+                for kk in T.unroll(K):
+                    S1[at("state", bx, kk * V + bx % tiles * threads + tx)] = (
+                        col[kk] * D[at("decay", bx, kk * per_key)] + Kc[at("k_col", bx, kk)] * acc[0])
+    return token_step_function(shapes, dtype, body)

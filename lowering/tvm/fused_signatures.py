@@ -1,0 +1,60 @@
+"""The fused ops' kernel signatures, one per op, shared by its GPU and its CPU kernel.
+
+A fused op's kernel takes the op's operands and outputs in their own shapes
+(nothing is reshaped around the call), the same on every target; only the loop
+nest differs. So each op's function, its buffers and their shapes are declared
+here once, and a kernel passes its loop nest as a `T.macro` taking the buffers
+in the order of the op's operands, then its outputs.
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from .kernels import OPAQUE
+
+ATTRS = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
+
+
+def chunk_scan_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str, body):
+    """body(S0, W, U, Qd, A, Kte, LD, S1, O): S1 [*batch, K, V] and O [steps, *batch, C, V] from
+    S0 and the per-step operands W, Qd, Kte [steps, *batch, C, K], U [steps, *batch, C, V],
+    A [steps, *batch, C, C], LD [steps, *batch, Kg, 1]."""
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(s0: T.handle, w: T.handle, u: T.handle, qd: T.handle, aqk: T.handle, kte: T.handle,
+               ld: T.handle, s1: T.handle, o: T.handle):
+        T.func_attr(ATTRS)
+        S0 = T.match_buffer(s0, (*batch, K, V), dtype)
+        W = T.match_buffer(w, (steps, *batch, C, K), dtype)
+        U = T.match_buffer(u, (steps, *batch, C, V), dtype)
+        Qd = T.match_buffer(qd, (steps, *batch, C, K), dtype)
+        A = T.match_buffer(aqk, (steps, *batch, C, C), dtype)
+        Kte = T.match_buffer(kte, (steps, *batch, C, K), dtype)
+        LD = T.match_buffer(ld, (steps, *batch, Kg, 1), dtype)
+        S1 = T.match_buffer(s1, (*batch, K, V), dtype)
+        O = T.match_buffer(o, (steps, *batch, C, V), dtype)
+        with T.sblock("root"):
+            body(S0, W, U, Qd, A, Kte, LD, S1, O)
+    return kernel
+
+
+def token_step_function(shapes: dict, dtype: str, body, state_align: int = -1):
+    """body(S0, D, Kc, Kr, Qr, Vv, B, QK, S1, O): the new state S1 and the output O from the
+    state S0 and the step's vectors, each in its own shape `shapes[role]` (dnir.fused.STEP_ROLES,
+    and "o" for the output). state_align: the alignment S0 is declared with (-1: the default)."""
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(s0: T.handle, decay: T.handle, kc: T.handle, kr: T.handle, qr: T.handle, v: T.handle,
+               beta: T.handle, qk: T.handle, s1: T.handle, o: T.handle):
+        T.func_attr(ATTRS)
+        S0 = T.match_buffer(s0, shapes["state"], dtype, align=state_align)
+        D = T.match_buffer(decay, shapes["decay"], dtype)
+        Kc = T.match_buffer(kc, shapes["k_col"], dtype)
+        Kr = T.match_buffer(kr, shapes["k_row"], dtype)
+        Qr = T.match_buffer(qr, shapes["q_row"], dtype)
+        Vv = T.match_buffer(v, shapes["v"], dtype)
+        B = T.match_buffer(beta, shapes["beta"], dtype)
+        QK = T.match_buffer(qk, shapes["qk"], dtype)
+        S1 = T.match_buffer(s1, shapes["state"], dtype)
+        O = T.match_buffer(o, shapes["o"], dtype)
+        with T.sblock("root"):
+            body(S0, D, Kc, Kr, Qr, Vv, B, QK, S1, O)
+    return kernel
