@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .kernels import OPAQUE
-
-ATTRS = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
+from .kernels import ATTRS
 
 
 def chunk_scan_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str, body):

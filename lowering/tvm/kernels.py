@@ -7,7 +7,9 @@ Each kernel is a loop over independent "lanes" with a serial loop inside:
   - put_row:   writes one step's value into row t of a scan's stacked output,
     in place (t is a scalar argument, so one kernel serves every step).
 
-On CPU the lane loop is `parallel`; on GPU it is bound to blockIdx/threadIdx.
+On CPU the lane loop is `parallel`; on GPU it is bound to blockIdx/threadIdx:
+each kernel declares its function once and takes one of its two loop nests
+(`T.macro`s over the function's buffers).
 The functions carry `tirx.is_scheduled` so that dlight leaves them alone.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tvm.script import tirx as T
 
 THREADS_PER_BLOCK = 64
 OPAQUE = 8  # Relax op pattern kOpaque: FuseOps leaves these calls alone
+ATTRS = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
 
 
 def unravel_index(e, shape) -> tuple:
@@ -41,92 +44,88 @@ def solve_tri(batch: int, n: int, m: int, dtype: str, lower: bool, unit_diagonal
     # Row r of the solve is matrix row i = r (lower) or n-1-r (upper); the
     # already-solved rows are j' = j (lower) or n-1-j (upper) for j < r.
     sign, base = (1, 0) if lower else (-1, n - 1)
-    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
+    blocks, threads = _grid(batch * m)
 
-    if gpu:
-        blocks, threads = _grid(batch * m)
+    @T.macro
+    def on_gpu(A, B, X):                   # a lane: one column of one matrix
+        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                if bx * threads + tx < batch * m:
+                    for r in range(n):
+                        X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m] = B[
+                            (bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m]
+                        for j in range(r):
+                            X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m] = (
+                                X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m]
+                                - A[(bx * threads + tx) // m, base + sign * r, base + sign * j]
+                                * X[(bx * threads + tx) // m, base + sign * j, (bx * threads + tx) % m])
+                        if not unit_diagonal:
+                            X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m] = (
+                                X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m]
+                                / A[(bx * threads + tx) // m, base + sign * r, base + sign * r])
 
-        @T.prim_func(private=True, s_tir=True)
-        def kernel(a: T.handle, b: T.handle, x: T.handle):
-            T.func_attr(attrs)
-            A = T.match_buffer(a, (batch, n, n), dtype)
-            B = T.match_buffer(b, (batch, n, m), dtype)
-            X = T.match_buffer(x, (batch, n, m), dtype)
-            with T.sblock("root"):
-                for bx in T.thread_binding(blocks, thread="blockIdx.x"):
-                    for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                        if bx * threads + tx < batch * m:
-                            for r in range(n):
-                                X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m] = B[
-                                    (bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m]
-                                for j in range(r):
-                                    X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m] = (
-                                        X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m]
-                                        - A[(bx * threads + tx) // m, base + sign * r, base + sign * j]
-                                        * X[(bx * threads + tx) // m, base + sign * j, (bx * threads + tx) % m])
-                                if not unit_diagonal:
-                                    X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m] = (
-                                        X[(bx * threads + tx) // m, base + sign * r, (bx * threads + tx) % m]
-                                        / A[(bx * threads + tx) // m, base + sign * r, base + sign * r])
-        return kernel
+    @T.macro
+    def on_cpu(A, B, X):                   # a lane: one matrix
+        for p in T.parallel(batch):
+            for r in range(n):
+                for c in range(m):
+                    X[p, base + sign * r, c] = B[p, base + sign * r, c]
+                for j in range(r):
+                    for c in range(m):
+                        X[p, base + sign * r, c] = (X[p, base + sign * r, c]
+                                                    - A[p, base + sign * r, base + sign * j] * X[p, base + sign * j, c])
+                if not unit_diagonal:
+                    for c in range(m):
+                        X[p, base + sign * r, c] = X[p, base + sign * r, c] / A[p, base + sign * r, base + sign * r]
+
+    body = on_gpu if gpu else on_cpu
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(a: T.handle, b: T.handle, x: T.handle):
-        T.func_attr(attrs)
+        T.func_attr(ATTRS)
         A = T.match_buffer(a, (batch, n, n), dtype)
         B = T.match_buffer(b, (batch, n, m), dtype)
         X = T.match_buffer(x, (batch, n, m), dtype)
         with T.sblock("root"):
-            for p in T.parallel(batch):
-                for r in range(n):
-                    for c in range(m):
-                        X[p, base + sign * r, c] = B[p, base + sign * r, c]
-                    for j in range(r):
-                        for c in range(m):
-                            X[p, base + sign * r, c] = (X[p, base + sign * r, c]
-                                                        - A[p, base + sign * r, base + sign * j] * X[p, base + sign * j, c])
-                    if not unit_diagonal:
-                        for c in range(m):
-                            X[p, base + sign * r, c] = X[p, base + sign * r, c] / A[p, base + sign * r, base + sign * r]
+            body(A, B, X)
     return kernel
 
 
 def cumsum(outer: int, length: int, inner: int, dtype: str, gpu: bool):
     """Y [outer, length, inner] = running sum of X along the middle axis."""
     lanes = outer * inner
-    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
-    if gpu:
-        blocks, threads = _grid(lanes)
+    blocks, threads = _grid(lanes)
 
-        @T.prim_func(private=True, s_tir=True)
-        def kernel(x: T.handle, y: T.handle):
-            T.func_attr(attrs)
-            X = T.match_buffer(x, (outer, length, inner), dtype)
-            Y = T.match_buffer(y, (outer, length, inner), dtype)
-            with T.sblock("root"):
-                for bx in T.thread_binding(blocks, thread="blockIdx.x"):
-                    for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                        if bx * threads + tx < lanes:
-                            Y[(bx * threads + tx) // inner, 0, (bx * threads + tx) % inner] = X[
-                                (bx * threads + tx) // inner, 0, (bx * threads + tx) % inner]
-                            for t in range(1, length):
-                                Y[(bx * threads + tx) // inner, t, (bx * threads + tx) % inner] = (
-                                    Y[(bx * threads + tx) // inner, t - 1, (bx * threads + tx) % inner]
-                                    + X[(bx * threads + tx) // inner, t, (bx * threads + tx) % inner])
-        return kernel
+    @T.macro
+    def on_gpu(X, Y):                      # a lane: one line
+        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                if bx * threads + tx < lanes:
+                    Y[(bx * threads + tx) // inner, 0, (bx * threads + tx) % inner] = X[
+                        (bx * threads + tx) // inner, 0, (bx * threads + tx) % inner]
+                    for t in range(1, length):
+                        Y[(bx * threads + tx) // inner, t, (bx * threads + tx) % inner] = (
+                            Y[(bx * threads + tx) // inner, t - 1, (bx * threads + tx) % inner]
+                            + X[(bx * threads + tx) // inner, t, (bx * threads + tx) % inner])
+
+    @T.macro
+    def on_cpu(X, Y):                      # a lane: the lines of one outer index
+        for o in T.parallel(outer):
+            for i in range(inner):
+                Y[o, 0, i] = X[o, 0, i]
+            for t in range(1, length):
+                for i in range(inner):
+                    Y[o, t, i] = Y[o, t - 1, i] + X[o, t, i]
+
+    body = on_gpu if gpu else on_cpu
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x: T.handle, y: T.handle):
-        T.func_attr(attrs)
+        T.func_attr(ATTRS)
         X = T.match_buffer(x, (outer, length, inner), dtype)
         Y = T.match_buffer(y, (outer, length, inner), dtype)
         with T.sblock("root"):
-            for o in T.parallel(outer):
-                for i in range(inner):
-                    Y[o, 0, i] = X[o, 0, i]
-                for t in range(1, length):
-                    for i in range(inner):
-                        Y[o, t, i] = Y[o, t - 1, i] + X[o, t, i]
+            body(X, Y)
     return kernel
 
 
@@ -134,32 +133,30 @@ def put_row(stacked_shape, dtype: str, gpu: bool):
     """ys[t] = y in place, t a scalar argument (the scan loop's step index)."""
     row_shape = tuple(stacked_shape[1:])
     row = math.prod(row_shape)
-    attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
+    blocks, threads = _grid(row)
 
     def unravel(e):
         return unravel_index(e, row_shape)
 
-    if gpu:
-        blocks, threads = _grid(row)
+    @T.macro
+    def on_gpu(Ys, Yr, t):                 # a lane: one element
+        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                if bx * threads + tx < row:
+                    Ys[(t,) + unravel(bx * threads + tx)] = Yr[unravel(bx * threads + tx)]
 
-        @T.prim_func(private=True, s_tir=True)
-        def kernel(ys: T.handle, y: T.handle, t: T.int64):
-            T.func_attr(attrs)
-            Ys = T.match_buffer(ys, stacked_shape, dtype)
-            Yr = T.match_buffer(y, row_shape, dtype)
-            with T.sblock("root"):
-                for bx in T.thread_binding(blocks, thread="blockIdx.x"):
-                    for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                        if bx * threads + tx < row:
-                            Ys[(t,) + unravel(bx * threads + tx)] = Yr[unravel(bx * threads + tx)]
-        return kernel
+    @T.macro
+    def on_cpu(Ys, Yr, t):
+        for e in range(row):
+            Ys[(t,) + unravel(e)] = Yr[unravel(e)]
+
+    body = on_gpu if gpu else on_cpu
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(ys: T.handle, y: T.handle, t: T.int64):
-        T.func_attr(attrs)
+        T.func_attr(ATTRS)
         Ys = T.match_buffer(ys, stacked_shape, dtype)
         Yr = T.match_buffer(y, row_shape, dtype)
         with T.sblock("root"):
-            for e in range(row):
-                Ys[(t,) + unravel(e)] = Yr[unravel(e)]
+            body(Ys, Yr, t)
     return kernel
