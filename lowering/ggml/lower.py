@@ -44,6 +44,10 @@ from dnir.ops import REGISTRY, broadcast_shapes, make_node
 
 from .api import F32, F16, I32, BF16, TRI_LOWER, TRI_LOWER_DIAG, TRI_UPPER, TRI_UPPER_DIAG
 
+# Elementwise ops that are ggml's function of the same name (ggml_<op>), of one and of two operands.
+_UNARY = ("neg", "exp", "log", "sigmoid", "softplus", "sqrt")
+_BINARY = ("add", "sub", "mul", "div")
+
 STORAGE = {"f32": F32, "bool": F32, "i32": I32, "f16": F16, "bf16": BF16}
 ITEM_SIZE = {F32: 4, I32: 4, F16: 2, BF16: 2}
 
@@ -218,7 +222,7 @@ class Lowerer:
             for i, v in zip(node.inputs, operands):
                 if isinstance(v, Value) and node.op not in _ANY_DTYPE and v.dtype not in ("f32", "bool"):
                     self.fail(f"operand of dtype {v.dtype}: the lowering handles f32 (and casts) only")
-            method = getattr(self, "op_" + node.op, None)
+            method = self.lowering(node.op)
             if method is None and getattr(REGISTRY[node.op], "expand", None) is None:
                 self.fail("no ggml lowering for this op")
             values[id(node)] = method(node, *operands) if method else self.expanded(node, operands)
@@ -235,6 +239,15 @@ class Lowerer:
             if node.op not in ("reshape", "permute", "broadcast_to", "slice"):
                 return True
             node = node.inputs[0]
+
+    def lowering(self, op: str):
+        """The method lowering `op` (called with the node and its operands), or None: ggml's
+        function of the same name for the ops in _UNARY and _BINARY, else the method op_<op>."""
+        if op in _UNARY:
+            return lambda node, x: self.unary("ggml_" + op, node, x)
+        if op in _BINARY:
+            return lambda node, a, b: self.binary("ggml_" + op, a, b, node.shape)
+        return getattr(self, "op_" + op, None)
 
     def fail(self, message: str):
         raise BackendError(f"ggml: node {self.where}: {message}")
@@ -447,22 +460,10 @@ class Lowerer:
         flat = (math.prod(x.shape),)
         return self.made(self.call(fn, self.view(x, flat)), flat, node.shape, node.dtype)
 
-    def op_neg(self, node, x): return self.unary("ggml_neg", node, x)
-    def op_exp(self, node, x): return self.unary("ggml_exp", node, x)
-    def op_log(self, node, x): return self.unary("ggml_log", node, x)
-    def op_sigmoid(self, node, x): return self.unary("ggml_sigmoid", node, x)
-    def op_softplus(self, node, x): return self.unary("ggml_softplus", node, x)
-    def op_sqrt(self, node, x): return self.unary("ggml_sqrt", node, x)
-
     def op_rsqrt(self, node, x):
         root = self.unary("ggml_sqrt", node, x)
         ones = self.made(self.call("ggml_fill", root.t, 1.0), (math.prod(x.shape),), node.shape, "f32")
         return self.binary("ggml_div", ones, root, node.shape)
-
-    def op_add(self, node, a, b): return self.binary("ggml_add", a, b, node.shape)
-    def op_sub(self, node, a, b): return self.binary("ggml_sub", a, b, node.shape)
-    def op_mul(self, node, a, b): return self.binary("ggml_mul", a, b, node.shape)
-    def op_div(self, node, a, b): return self.binary("ggml_div", a, b, node.shape)
 
     def op_maximum(self, node, a, b):
         return self.select(self.unary("ggml_step", node, self.binary("ggml_sub", a, b, node.shape)), a, b, node.shape)
