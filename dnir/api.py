@@ -37,6 +37,7 @@ from .errors import InputError, InputWarning, NumericError
 from .limits import check_fits_memory
 from .models.config import DeltaNetConfig, check_cu_seqlens
 from .models.delta import build_delta_net
+from .types import numpy_dtype
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -109,9 +110,9 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
         o = o.astype(np.asarray(args["q"]).dtype, copy=False)
     else:
         import torch
-        o = torch.from_numpy(np.ascontiguousarray(o)).to(device=torch_like.device, dtype=torch_like.dtype)
+        o = _to_torch(o, torch_like).to(dtype=torch_like.dtype)
         if state is not None:
-            state = torch.from_numpy(np.ascontiguousarray(state)).to(device=torch_like.device)
+            state = _to_torch(state, torch_like)
     return o, state
 
 
@@ -172,7 +173,7 @@ def _config(variant, form, fn, arrays, cu, args) -> DeltaNetConfig:
         return DeltaNetConfig(variant, batch=B, seq_len=T, heads=H, value_heads=HV, head_dim=K, value_dim=V,
                               mode=mode, chunk_size=chunk_size, l2norm=bool(args["use_qk_l2norm_in_kernel"]),
                               scale=scale, initial_state=state is not None,
-                              final_state=bool(args["output_final_state"]), cu_seqlens=cu)
+                              final_state=bool(args["output_final_state"]), cu_seqlens=cu, dtype=_layer_dtype(q))
     except InputError as e:
         raise InputError(f"{fn}: {e}") from None
 
@@ -183,14 +184,39 @@ def _torch_reference(args):
     return q if type(q).__module__.startswith("torch") else None
 
 
+# dtypes: q's dtype is the layer's (bf16 and fp16 stay half: the graph reads them as they are and
+# computes in float32; anything else runs in float32). g and the state are float32 always, as in
+# flash-linear-attention; o comes back in q's dtype, the state in float32.
+_HALF = {"bfloat16": "bf16", "float16": "f16"}
+
+
 def _to_numpy(x, name, fn) -> np.ndarray:
+    """x as a NumPy array: half precision (ml_dtypes' bfloat16 for torch.bfloat16) kept, other
+    floating-point dtypes as float32."""
     if type(x).__module__.startswith("torch"):
+        import torch
         x = x.detach().cpu()
-        x = (x.float() if x.dtype.is_floating_point else x).numpy()
+        if x.dtype == torch.bfloat16:       # NumPy has no bfloat16: the same 16 bits, viewed as ml_dtypes'
+            x = x.view(torch.int16).numpy().view(numpy_dtype("bf16"))
+        else:
+            x = (x.float() if x.dtype.is_floating_point and x.dtype != torch.float16 else x).numpy()
     a = np.asarray(x)
-    if a.dtype.kind != "f":
+    if a.dtype.name not in _HALF and a.dtype.kind != "f":
         raise InputError(f"{fn}: {name} has dtype {a.dtype}; expected a floating-point array")
-    return a.astype(np.float32, copy=False)
+    return a if a.dtype.name in _HALF and name in ("q", "k", "v", "beta") else a.astype(np.float32, copy=False)
+
+
+def _to_torch(a: np.ndarray, like):
+    """A result as a torch tensor on `like`'s device (o in `like`'s dtype; a float32 state stays so)."""
+    import torch
+    a = np.ascontiguousarray(a)
+    t = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype.name == "bfloat16"
+         else torch.from_numpy(a))
+    return t.to(device=like.device)
+
+
+def _layer_dtype(q: np.ndarray) -> str:
+    return _HALF.get(q.dtype.name, "f32")
 
 
 def _cu_seqlens(cu, fn) -> tuple[int, ...]:
@@ -242,6 +268,7 @@ def _check_gates(g: np.ndarray, fn: str):
 def _warn_unstable(k: np.ndarray, beta: np.ndarray, fn: str):
     """The delta rule contracts the state along k only while beta * |k|^2 < 2 (the step
     is I - beta k k^T); one warning per call, naming the worst token."""
+    k, beta = k.astype(np.float32, copy=False), beta.astype(np.float32, copy=False)   # einsum has no bfloat16
     ksq = np.einsum("bthk,bthk->bth", k, k)
     group = beta.shape[2] // k.shape[2]          # value head j reads key head j // group
     stiffness = beta.reshape(*ksq.shape, group) * ksq[..., None]

@@ -16,7 +16,7 @@ from dnir.errors import BackendError, InputError
 from dnir.graph import Graph, Node
 from dnir.ops import REGISTRY, OpClass, check_table, table_entry
 from dnir.passes.context import Target, any_node
-from dnir.types import canonical_dtype, numpy_dtype
+from dnir.types import FLOAT_DTYPES, canonical_dtype, numpy_dtype
 
 from .registry import Backend, register as register_backend
 
@@ -224,6 +224,25 @@ def _chunk_scan(node, dt, state, w, u, q_decayed, aqk, k_to_end, last_decay):
     return s, o
 
 
+@kernel("chunk_states")
+def _chunk_states(node, dt, state, w, u, k_to_end, last_decay):
+    s = state.copy()
+    starts = np.empty((w.shape[0],) + state.shape, dtype=state.dtype)
+    v_new = np.empty(u.shape, dtype=state.dtype)
+    with np.errstate(all="ignore"):
+        for n in range(w.shape[0]):
+            starts[n] = s
+            v_new[n] = u[n] - np.matmul(w[n], s)
+            s = s * last_decay[n] + np.matmul(np.swapaxes(k_to_end[n], -1, -2), v_new[n])
+    return s, starts, v_new
+
+
+@kernel("chunk_output")
+def _chunk_output(node, dt, q_decayed, starts, aqk, v_new):
+    with np.errstate(all="ignore"):
+        return np.matmul(q_decayed, starts) + np.matmul(aqk, v_new)
+
+
 @kernel("token_step")
 def _token_step(node, dt, state, decay, k_col, k_row, q_row, v, beta, qk):
     *batch, K, V = state.shape
@@ -318,7 +337,7 @@ def prepare_inputs(graph: Graph, inputs, float64: bool = False) -> list[np.ndarr
             given = canonical_dtype(arr.dtype)
         except Exception:
             given = str(arr.dtype)
-        if given != t.dtype and not (t.is_float and arr.dtype.kind == "f"):
+        if given != t.dtype and not (t.is_float and (arr.dtype.kind == "f" or given in FLOAT_DTYPES)):
             raise InputError(f"input {name!r}: dtype {given}, expected {t.dtype}")
         arrays.append(np.asarray(arr.astype(_result_dtype(t.dtype, float64), copy=False), order="C"))
     return arrays

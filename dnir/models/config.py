@@ -10,13 +10,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import InputError
+from ..errors import DnirError, InputError
 from ..limits import oversize
-from ..types import TensorType
+from ..types import TensorType, canonical_dtype
 
 VARIANTS = ("gdn", "kda")
 MODES = ("chunked", "recurrent", "decode")
 CHUNK_SIZES = (16, 32, 64)
+# The activations' dtype (q, k, v, beta and o). The gate g and the states are float32 always:
+# a half state would round every step, and both models compute their gates in float32.
+DTYPES = ("f32", "bf16", "f16")
+WIDE_INPUTS = ("g", "initial_state")
 
 PRESETS = {
     "qwen3-next": dict(variant="gdn", heads=16, value_heads=32, head_dim=128, value_dim=128),
@@ -42,6 +46,7 @@ class DeltaNetConfig:
     final_state: bool = False         # the graph returns `final_state` [N, HV, K, V]
     cu_seqlens: tuple[int, ...] | None = None   # packed sequences (needs batch 1)
     factorized_decay: bool = False    # the overflowing exp(gam_i) * exp(-gam_j) form, for range analysis
+    dtype: str = "f32"                # q, k, v, beta and o: f32, bf16 or f16 (g and the states f32)
 
     def __post_init__(self):
         if self.cu_seqlens is not None:
@@ -49,6 +54,10 @@ class DeltaNetConfig:
             if not isinstance(cu, (tuple, list)) or not all(_is_int(x) for x in cu):
                 raise InputError(f"cu_seqlens={cu!r}; expected a sequence of integers [0, ..., T]")
             object.__setattr__(self, "cu_seqlens", tuple(int(x) for x in cu))
+        try:    # 'bfloat16', np.float16, torch's names as NumPy spells them
+            object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        except DnirError:
+            pass    # _check names the choices
         _check(self)
         object.__setattr__(self, "scale", float(self.head_dim ** -0.5 if self.scale is None else self.scale))
 
@@ -81,6 +90,11 @@ class DeltaNetConfig:
     @property
     def state_shape(self) -> tuple[int, int, int, int]:
         return (self.num_sequences, self.value_heads, self.head_dim, self.value_dim)
+
+    def dtype_of(self, name: str) -> str:
+        """The dtype of the graph input or output `name`: the activations' dtype, f32 for
+        the gate and the states."""
+        return "f32" if name in WIDE_INPUTS or name == "final_state" else self.dtype
 
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
         """Graph outputs by name, in order."""
@@ -116,7 +130,7 @@ class DeltaNetConfig:
                 ("inputs", cfg.input_shapes(), graph.input_names, graph.input_types),
                 ("outputs", cfg.output_shapes(), graph.output_names, graph.output_types)):
             have = {n: t for n, t in zip(names, types)}
-            expect = {n: TensorType(s, "f32") for n, s in want.items()}
+            expect = {n: TensorType(s, cfg.dtype_of(n)) for n, s in want.items()}
             if list(have) != list(expect):
                 raise InputError(f"{where}: meta describes {kind} {list(expect)}, the graph has {list(have)}")
             for n, t in have.items():
@@ -140,6 +154,9 @@ def preset(name: str, **overrides) -> DeltaNetConfig:
 def _check(c: DeltaNetConfig):
     if c.variant not in VARIANTS:
         raise InputError(f"variant={c.variant!r}; expected one of {', '.join(VARIANTS)}")
+    if c.dtype not in DTYPES:
+        raise InputError(f"dtype={c.dtype!r}; expected one of {', '.join(DTYPES)} (the dtype of q, k, v, beta "
+                         f"and o; g and the states are f32)")
     if c.mode not in MODES:
         raise InputError(f"mode={c.mode!r}; expected one of {', '.join(MODES)}")
     for name in ("batch", "seq_len", "heads", "value_heads", "head_dim", "value_dim"):

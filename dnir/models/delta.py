@@ -25,7 +25,7 @@ from .reference import L2NORM_EPS
 def build_delta_net(cfg: DeltaNetConfig) -> Graph:
     """The layer graph for `cfg`: outputs `o` [B, T, HV, V] and, when asked, `final_state`."""
     b = Builder()
-    x = {name: b.input(name, shape) for name, shape in cfg.input_shapes().items()}
+    x = {name: _widened(b, b.input(name, shape, cfg.dtype_of(name))) for name, shape in cfg.input_shapes().items()}
     q, k = x["q"], x["k"]
     if cfg.l2norm:
         q, k = _l2norm(b, q), _l2norm(b, k)
@@ -37,7 +37,7 @@ def build_delta_net(cfg: DeltaNetConfig) -> Graph:
     state = x["initial_state"] if cfg.initial_state else b.zeros(cfg.state_shape)
     form = chunked_delta_rule if cfg.mode == "chunked" else recurrent_delta_rule
     o, state = form(b, cfg, q, k, x["v"], g, beta, state)
-    outputs, names = [o], ["o"]
+    outputs, names = [o if cfg.dtype == "f32" else b.cast(o, cfg.dtype)], ["o"]
     if cfg.final_state:
         outputs.append(state)
         names.append("final_state")
@@ -49,6 +49,13 @@ def build(variant_or_preset: str, **options) -> Graph:
     if variant_or_preset in ("gdn", "kda"):
         return build_delta_net(DeltaNetConfig(variant_or_preset, **options))
     return build_delta_net(preset(variant_or_preset, **options))
+
+
+def _widened(b: Builder, x):
+    """A half input read as float32: one explicit `cast` right after the input, so that
+    everything after it (passes, memory plan, kernels) computes in float32, as a GPU
+    does with half operands; a kernel that loads the half value may widen it itself."""
+    return x if x.dtype == "f32" else b.cast(x, "f32")
 
 
 def _l2norm(b: Builder, x):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
+from ..types import numpy_dtype
 from .config import DeltaNetConfig
 from .reference import l2normalize
 
 
 def random_inputs(cfg: DeltaNetConfig, rng) -> dict[str, np.ndarray]:
-    """Float32 arrays by graph input name; rng: a numpy Generator or a seed (an integer >= 0)."""
+    """Arrays by graph input name in the graph's dtypes (q, k, v, beta rounded to a half
+    `cfg.dtype`; g and the state float32); rng: a numpy Generator or a seed (an integer >= 0)."""
     if isinstance(rng, (int, np.integer)) and rng < 0:
         raise InputError(f"seed {rng}: expected an integer >= 0 (NumPy's generators take no negative seed)")
     rng = np.random.default_rng(rng)
@@ -30,4 +32,4 @@ def random_inputs(cfg: DeltaNetConfig, rng) -> dict[str, np.ndarray]:
     }
     if cfg.initial_state:
         inputs["initial_state"] = 0.5 * normal("initial_state")
-    return {name: a.astype(np.float32) for name, a in inputs.items()}
+    return {name: a.astype(numpy_dtype(cfg.dtype_of(name))) for name, a in inputs.items()}
