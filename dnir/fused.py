@@ -9,6 +9,21 @@
         aqk [n, *batch, C, C]; last_decay [n, *batch, Kg, 1] with Kg 1 (one gate per
         head) or K (one per key channel). o is stacked per chunk: [n, *batch, C, V].
 
+    chunk_states(state, w, u, k_to_end, last_decay) -> (final state, starts, v_new)
+        The part of the loop over chunks that must run in order. Per chunk n:
+            starts[n] = S
+            v_new[n]  = u[n] - w[n] S
+            S         = S * last_decay[n] + k_to_end[n]^T v_new[n]
+        Operands as chunk_scan's; starts [n, *batch, K, V], v_new [n, *batch, C, V].
+
+    chunk_output(q_decayed, starts, aqk, v_new) -> o
+        chunk_scan's output from chunk_states' results, every chunk at once:
+            o[n] = q_decayed[n] starts[n] + aqk[n] v_new[n]
+        A GPU runs the two as a sequential kernel (one thread block per head and value
+        columns: the fewer products inside the loop, the shorter the critical path) and
+        a chunk-parallel one; passes/fuse_delta_steps.py splits a chunk_scan into them
+        where the target has kernels for both.
+
     token_step(state, decay, k_col, k_row, q_row, v, beta, qk) -> (new state, o)
         One decode step:
             u  = (v - k_row S) beta
@@ -50,18 +65,20 @@ def _one_float_dtype(ins, roles) -> str:
 # The loop over chunks
 
 
-def _chunk_sizes(ins):
-    """(n, batch, C, K, V, Kg) of a chunk scan's operands, or fail naming the operand."""
+def _chunk_sizes(ins, roles=CHUNK_ROLES):
+    """(n, batch, C, K, V, Kg) of a chunk scan's operands (the state, then one per role, in the
+    order `roles` names them: all of CHUNK_ROLES or some), or fail naming the operand."""
     state, *xs = ins
     if state.rank < 2:
         fail(f"state must be [*batch, K, V], got {list(state.shape)}")
     *batch, K, V = state.shape
     batch = tuple(batch)
-    n = xs[0].shape[0] if xs[0].rank else 0
-    C = xs[1].shape[-2] if xs[1].rank >= 2 else 0       # u [n, *batch, C, V]
-    Kg = xs[5].shape[-2] if xs[5].rank >= 2 else 0
+    got = dict(zip(roles, xs))
+    n = got["w"].shape[0] if got["w"].rank else 0
+    C = got["u"].shape[-2] if got["u"].rank >= 2 else 0       # u [n, *batch, C, V]
+    Kg = got["last_decay"].shape[-2] if got["last_decay"].rank >= 2 else 0
     want = dict(w=(C, K), u=(C, V), q_decayed=(C, K), aqk=(C, C), k_to_end=(C, K), last_decay=(Kg, 1))
-    for role, t in zip(CHUNK_ROLES, xs):
+    for role, t in got.items():
         expected = (n, *batch, *want[role])
         if t.shape != expected:
             fail(f"{role} has shape {list(t.shape)}; expected {list(expected)} "
@@ -120,6 +137,88 @@ def _items(node: Node) -> tuple[Node, ...]:
 
 register(OpDef("chunk_scan", 7, _infer_chunk_scan, flops=_chunk_scan_flops, op_class="fused",
                expand=_expand_chunk_scan))
+
+
+STATES_ROLES = ("w", "u", "k_to_end", "last_decay")
+OUTPUT_ROLES = ("q_decayed", "starts", "aqk", "v_new")
+
+
+def _infer_chunk_states(ins, attrs):
+    _one_float_dtype(ins, ("state",) + STATES_ROLES)
+    n, batch, C, K, V, Kg = _chunk_sizes(ins, STATES_ROLES)
+    dtype = ins[0].dtype
+    return ins[0], TensorType((n, *batch, K, V), dtype), TensorType((n, *batch, C, V), dtype)
+
+
+def _chunk_states_flops(ins, out, attrs):
+    n, batch, C, K, V, Kg = _chunk_sizes(ins, STATES_ROLES)
+    return n * math.prod(batch) * (2 * C * K * V * 2 + C * V + 2 * K * V)   # w S, k_to_end^T v_new
+
+
+def _expand_chunk_states(node: Node) -> tuple[Node, ...]:
+    state, w, u, kte, ld = node.inputs
+    s = make_node("input", (), {"name": "state", "shape": state.shape, "dtype": state.dtype})
+    wi, ui, ki, li = (make_node("input", (), {"name": r, "shape": t.shape[1:], "dtype": t.dtype})
+                      for r, t in zip(STATES_ROLES, (w, u, kte, ld)))
+    v_new = make_node("sub", (ui, make_node("matmul", (wi, s), {"transpose_a": False, "transpose_b": False})), {})
+    grown = make_node("matmul", (ki, v_new), {"transpose_a": True, "transpose_b": False})
+    new_state = make_node("add", (make_node("mul", (s, li), {}), grown), {})
+    # the state a chunk starts from, as a result of its own (a body's output node is not its input)
+    start = make_node("reshape", (s,), {"shape": s.shape})
+    body = Graph([s, wi, ui, ki, li], [new_state, start, v_new], ["state", "start", "v_new"])
+    scan = make_node("scan", node.inputs, {"body": body, "length": w.shape[0], "num_carry": 1, "num_xs": 4})
+    return _items(scan)
+
+
+def chunk_states(state: Node, w: Node, u: Node, k_to_end: Node, last_decay: Node) -> tuple[Node, Node, Node]:
+    """(final state, each chunk's starting state, each chunk's v_new) of the loop over chunks."""
+    return _items(make_node("chunk_states", (state, w, u, k_to_end, last_decay), {}))
+
+
+register(OpDef("chunk_states", 5, _infer_chunk_states, flops=_chunk_states_flops, op_class="fused",
+               expand=_expand_chunk_states))
+
+
+def output_sizes(ins):
+    """(n, batch, C, K, V) of a chunk_output's operands, or fail naming the operand."""
+    qd, starts, aqk, v_new = ins
+    if starts.rank < 3:
+        fail(f"starts must be [n, *batch, K, V], got {list(starts.shape)}")
+    n, *batch, K, V = starts.shape
+    C = qd.shape[-2] if qd.rank >= 2 else 0
+    want = dict(q_decayed=(C, K), aqk=(C, C), v_new=(C, V))
+    for role, t in (("q_decayed", qd), ("aqk", aqk), ("v_new", v_new)):
+        expected = (n, *batch, *want[role])
+        if t.shape != expected:
+            fail(f"{role} has shape {list(t.shape)}; expected {list(expected)} (with starts "
+                 f"{list(starts.shape)} and chunk C={C})")
+    return n, tuple(batch), C, K, V
+
+
+def _infer_chunk_output(ins, attrs):
+    _one_float_dtype(ins, OUTPUT_ROLES)
+    n, batch, C, K, V = output_sizes(ins)
+    return TensorType((n, *batch, C, V), ins[0].dtype)
+
+
+def _chunk_output_flops(ins, out, attrs):
+    n, batch, C, K, V = output_sizes(ins)
+    return n * math.prod(batch) * (2 * C * K * V + 2 * C * C * V + C * V)
+
+
+def _expand_chunk_output(node: Node) -> Node:
+    qd, starts, aqk, v_new = node.inputs
+    plain = {"transpose_a": False, "transpose_b": False}
+    return make_node("add", (make_node("matmul", (qd, starts), plain), make_node("matmul", (aqk, v_new), plain)), {})
+
+
+def chunk_output(q_decayed: Node, starts: Node, aqk: Node, v_new: Node) -> Node:
+    """Every chunk's output from its starting state and its v_new (chunk_states)."""
+    return make_node("chunk_output", (q_decayed, starts, aqk, v_new), {})
+
+
+register(OpDef("chunk_output", 4, _infer_chunk_output, flops=_chunk_output_flops, op_class="fused",
+               expand=_expand_chunk_output))
 
 
 # ---------------------------------------------------------------------------

@@ -532,6 +532,29 @@ def test_chunk_scan(rng):
     close(got_o, want_o, rtol=1e-4, atol=1e-5)
 
 
+@covers("chunk_states", "chunk_output", "item")
+def test_chunk_states_and_output(rng):
+    """The loop over chunks split in two: its sequential part, then every chunk's output at once."""
+    n, H, C, K, V = 3, 2, 4, 5, 3
+    ops = [f32(rng, H, K, V), f32(rng, n, H, C, K), f32(rng, n, H, C, V), f32(rng, n, H, C, K),
+           rng.uniform(0.1, 1, (n, H, K, 1)).astype(np.float32), f32(rng, n, H, C, K), f32(rng, n, H, C, C)]
+    b = Builder()
+    s0, w, u, kte, ld, qd, aqk = (b.input(f"x{i}", a.shape) for i, a in enumerate(ops))
+    final, starts, v_new = dnir.fused.chunk_states(s0, w, u, kte, ld)
+    o = dnir.fused.chunk_output(qd, starts, aqk, v_new)
+    got = run(b.build([final, starts, v_new, o]), ops)
+    S0, W, U, Kte, LD, Qd, A = (a.astype(np.float64) for a in ops)
+    S, want = S0.copy(), [np.zeros((n, H, K, V)), np.zeros((n, H, C, V)), np.zeros((n, H, C, V))]
+    for t in range(n):
+        for h in range(H):
+            want[0][t, h] = S[h]
+            want[1][t, h] = v_new = U[t, h] - W[t, h] @ S[h]
+            want[2][t, h] = Qd[t, h] @ S[h] + A[t, h] @ v_new
+            S[h] = S[h] * LD[t, h] + Kte[t, h].T @ v_new
+    for g, w_ in zip(got, [S] + want):
+        close(g, w_, rtol=1e-4, atol=1e-5)
+
+
 @covers("token_step", "item")
 def test_token_step(rng):
     H, K, V = 3, 4, 5
