@@ -15,6 +15,9 @@ DTYPES = {
 }
 _LONG = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"f16", "bf16", "f32", "f64"})
+# The largest relative error of rounding to nearest into each float dtype (half an ulp at 1):
+# the error a result stored in it carries however exactly it was computed.
+UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "f16": 2.0 ** -11, "f32": 2.0 ** -24, "f64": 2.0 ** -53}
 INT_DTYPES = frozenset({"i32", "i64"})
 
 

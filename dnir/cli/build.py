@@ -8,6 +8,7 @@ EXAMPLE = """examples:
   dnir build kda --heads 2 --value-heads 2 --head-dim 16 --value-dim 16 --seq-len 300 \\
       --cu-seqlens 0,15,100,300 --block-size 16 --initial-state --final-state -o kda.dnir
   dnir run kda.dnir --target numpy --check
+  dnir build gdn --preset qwen3-next --seq-len 4096 --dtype bf16 -o gdn.bf16.dnir
 
 Without --preset the variant's real layer sizes are the defaults
 (gdn: qwen3-next, H=16, HV=32, K=V=128; kda: kimi-linear, H=HV=32, K=V=128);
@@ -38,6 +39,8 @@ def register(sub):
     p.add_argument("--initial-state", action="store_true", help="take an initial_state input")
     p.add_argument("--final-state", action="store_true", help="return the final_state output")
     p.add_argument("--cu-seqlens", help="packed sequences, e.g. 0,15,100,300 (batch 1)")
+    p.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
+                   help="q, k, v, beta and o (g and the states stay f32; the graph computes in f32)")
     p.add_argument("--factorized-decay", action="store_true",
                    help="write the overflowing exp(gam_i) * exp(-gam_j) decay (for range analysis)")
     p.add_argument("-o", "--output", required=True, help="the .dnir file to write")
@@ -65,6 +68,7 @@ def run(args) -> int:
         "mode": args.mode, "chunk_size": args.chunk_size, "block_size": args.block_size,
         "scale": args.scale, "l2norm": args.l2norm, "initial_state": args.initial_state,
         "final_state": args.final_state, "cu_seqlens": cu, "factorized_decay": args.factorized_decay,
+        "dtype": args.dtype,
     }
     for name in ("heads", "value_heads", "head_dim", "value_dim"):
         if getattr(args, name) is not None:

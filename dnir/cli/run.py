@@ -69,11 +69,19 @@ def run(args) -> int:
     ok = True
     if args.check:
         errors = _oracle_errors(cfg, graph, inputs, outputs)
-        ok = all(e is not None and e <= TOLERANCE for e in errors.values())
+        tolerances = {name: _tolerance(t.dtype) for name, t in zip(graph.output_names, graph.output_types)}
+        ok = all(e is not None and e <= tolerances[name] for name, e in errors.items())
         result["check"] = {"oracle": "float64 recurrent", "metric": "rms(out - ref) / rms(ref)",
-                           "tolerance": TOLERANCE, "errors": errors, "ok": ok}
+                           "tolerance": TOLERANCE, "tolerances": tolerances, "errors": errors, "ok": ok}
     _report(result, args.json)
     return 0 if ok else 1
+
+
+def _tolerance(dtype: str) -> float:
+    """TOLERANCE, plus for a half output the rounding of every element into it (the computation
+    is float32 throughout; storing o in bf16 alone costs up to 2**-8 of each value)."""
+    from dnir.types import UNIT_ROUNDOFF
+    return TOLERANCE + (UNIT_ROUNDOFF[dtype] if dtype in ("bf16", "f16") else 0.0)
 
 
 def _oracle_errors(cfg, graph, inputs, outputs) -> dict[str, float | None]:
@@ -114,5 +122,7 @@ def _report(result, as_json: bool):
         errs = ", ".join(f"{name} {'not finite' if err is None else f'{err:.2e}'}"
                          for name, err in check["errors"].items())
         verdict = "ok" if check["ok"] else "ABOVE TOLERANCE"
+        loose = {n: t for n, t in check["tolerances"].items() if t != check["tolerance"]}
+        also = "".join(f"; {n} {t:.1e} for its dtype's rounding" for n, t in loose.items())
         print(f"error vs float64 recurrent oracle, rms(out - ref) / rms(ref): {errs} "
-              f"(tolerance {check['tolerance']:.0e}): {verdict}")
+              f"(tolerance {check['tolerance']:.0e}{also}): {verdict}")

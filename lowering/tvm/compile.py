@@ -34,6 +34,7 @@ from dnir.errors import BackendError
 from dnir.graph import Graph
 from dnir.lowering.ggml.build import cache_root
 from dnir.text import print_graph
+from dnir.types import numpy_dtype
 
 from . import cpu_token_step
 from .translate import translate
@@ -211,6 +212,22 @@ def _staged(a: np.ndarray, unaligned_ok: bool) -> bool:
     return bool(a.size) and a.ctypes.data % (a.itemsize if unaligned_ok else ALIGNMENT) != 0
 
 
+def _tensor_of(a: np.ndarray):
+    """A TVM tensor on a's memory. DLPack has no bfloat16 for NumPy (ml_dtypes'): its bits cross
+    as uint16 and TVM views them as bfloat16."""
+    if a.dtype.name == "bfloat16":
+        t = tvm_ffi.from_dlpack(a.view(np.uint16), require_alignment=0)
+        return t._create_view(t.shape, "bfloat16")
+    return tvm_ffi.from_dlpack(a, require_alignment=0)
+
+
+def _array_of(t) -> np.ndarray:
+    """A NumPy view of a TVM tensor (bfloat16 as ml_dtypes' bfloat16)."""
+    if t.dtype == "bfloat16":
+        return np.from_dlpack(t._create_view(t.shape, "uint16")).view(numpy_dtype("bf16"))
+    return np.from_dlpack(t)
+
+
 def run_llvm(graph: Graph, inputs) -> list[np.ndarray]:
     """Run on the CPU through TVM's LLVM backend; outputs as NumPy arrays."""
     from dnir.lowering.numpy_backend import prepare_inputs
@@ -222,10 +239,10 @@ def run_llvm(graph: Graph, inputs) -> list[np.ndarray]:
     stage = [_staged(a, i in loose) for i, a in enumerate(arrays)]
     staged = [_take_staging(a) for a, s in zip(arrays, stage) if s]
     staging = iter(staged)
-    tensors = [tvm_ffi.from_dlpack(next(staging) if s else a, require_alignment=0) if a.size
-               else tvm.runtime.empty(a.shape, a.dtype) for a, s in zip(arrays, stage)]
+    tensors = [_tensor_of(next(staging) if s else a) if a.size
+               else tvm.runtime.empty(a.shape, a.dtype.name) for a, s in zip(arrays, stage)]
     try:
-        outputs = [np.from_dlpack(o) for o in vm["main"](*tensors)]
+        outputs = [_array_of(o) for o in vm["main"](*tensors)]
         # an output that is an input or its view (a reshape) is copied: it must share no memory
         # with the caller's arrays or with a buffer kept for reuse
         return [o.copy() if any(np.may_share_memory(o, b) for b in arrays + staged) else o for o in outputs]
