@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 import re
 from dataclasses import dataclass
 
@@ -37,13 +36,20 @@ import tvm.ir.expr as irx
 
 from dnir.errors import BackendError
 from dnir.graph import Graph
+from dnir.types import numpy_dtype
 
 from .vulkan_plan import loop_body_of
+from .vulkan_program import (MAX_WORKGROUPS, Dispatch, Program, Runner, _device, _round4,  # noqa: F401
+                             adapter_info, has_f16, offset_alignment, shared_bytes)
 
 # WGSL has no 64-bit types; bool tensors are stored as int32 (WGSL storage has no bool or i8).
+# f16 needs the device's shader-f16 feature; WGSL has no bfloat16 at all.
 DTYPES = frozenset({"f32", "i32", "bool"})
-MAX_WORKGROUPS = 65535
-_SUBMIT_EVERY = 512   # dispatches per command buffer
+
+
+def dtypes() -> frozenset[str]:
+    """The dtypes this machine's Vulkan device runs."""
+    return DTYPES | ({"f16"} if has_f16() else set())
 
 
 @dataclass
@@ -53,42 +59,6 @@ class Launch:
     grid: tuple           # workgroups (x, y, z) before folding x into z
     pod: list             # the uniform's fields before packGridDimX: an int, or the name of the
                           # kernel's scalar parameter that holds the value (a scan's step index)
-
-
-def _device():
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
-    try:
-        import wgpu
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise BackendError("the vulkan target needs the wgpu package (pip install wgpu)") from e
-    global _DEVICE
-    if _DEVICE is None:
-        adapters = [a for a in wgpu.gpu.enumerate_adapters_sync() if a.info.get("backend_type") == "Vulkan"]
-        if not adapters:
-            raise BackendError("no Vulkan adapter found: install a Vulkan driver (on a machine without a GPU, "
-                               "Mesa's lavapipe: apt-get install mesa-vulkan-drivers)")
-        # Prefer a real GPU over lavapipe when both exist.
-        adapters.sort(key=lambda a: a.info.get("adapter_type") == "CPU")
-        adapter = adapters[0]
-        limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
-                                                 "max-storage-buffers-per-shader-stage",
-                                                 "min-storage-buffer-offset-alignment",
-                                                 "max-compute-workgroup-storage-size")}
-        _DEVICE = (wgpu, adapter, adapter.request_device_sync(required_limits=limits))
-    return _DEVICE
-
-
-_DEVICE = None
-
-
-def shared_bytes() -> int:
-    """Workgroup (shared) memory one thread block of the Vulkan device may use."""
-    return _device()[2].limits["max-compute-workgroup-storage-size"]
-
-
-def adapter_info() -> dict:
-    """The Vulkan adapter the runner uses (raises BackendError when there is none)."""
-    return dict(_device()[1].info)
 
 
 # ---------------------------------------------------------------------------
@@ -106,7 +76,7 @@ class VulkanExecutable:
         from .vulkan_plan import plan_functions
 
         target = make_target("webgpu")
-        mod = translate(graph, gpu=True, dtypes=DTYPES, target_name="vulkan", bool_as_int=True)
+        mod = translate(graph, gpu=True, dtypes=dtypes(), target_name="vulkan", bool_as_int=True)
         with target:
             mod = tvm.transform.Sequential(gpu.legalize_passes(target))(mod)
         self.functions = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
@@ -114,12 +84,16 @@ class VulkanExecutable:
         self.launches, self.wgsl = _lower_kernels(prims, target)
         # Kernel arguments are named by the PrimFunc's buffers.
         self.params = {name: [p.name for p in f.params] for name, f in prims.items()}
-        align = _device()[2].limits["min-storage-buffer-offset-alignment"]
-        self.plans = plan_functions(self.functions, align)
-        self._arenas = {}   # function name -> its arena buffer, made on the first call
-        self._pipelines = {}
-        self._uniforms = {}
-        self._consts = {}
+        self.plans = plan_functions(self.functions, offset_alignment())
+        self.program = _Recorder(self).record(graph)
+        self._runner = None
+
+    @property
+    def runner(self) -> Runner:
+        """The program on this machine's Vulkan device, made on the first call."""
+        if self._runner is None:
+            self._runner = Runner(self.program)
+        return self._runner
 
     @property
     def arena_bytes(self) -> dict[str, int]:
@@ -231,104 +205,46 @@ class _Tensor:
         return max(math.prod(self.shape) * np.dtype(self.dtype).itemsize, 4)
 
 
-class _Run:
-    """One execution of an executable: records dispatches, submits in batches."""
+class _Recorder:
+    """Interprets the legalised Relax functions once and records the Program a run is: buffers by
+    index (each function's arena made once), constants, and one Dispatch per kernel launch."""
 
     def __init__(self, ex: VulkanExecutable):
-        self.wgpu, _, self.device = _device()
         self.ex = ex
-        self.encoder = None
-        self.pending = 0
+        self.program = Program(wgsl=dict(ex.wgsl))
+        self.arenas = {}    # function name -> its arena buffer
+        self.consts = {}    # id of a Relax constant -> its buffer
 
-    # buffers
-    def buffer(self, size: int):
-        usage = self.wgpu.BufferUsage.STORAGE | self.wgpu.BufferUsage.COPY_SRC | self.wgpu.BufferUsage.COPY_DST
-        return self.device.create_buffer(size=_round4(size), usage=usage)
+    def record(self, graph: Graph) -> Program:
+        p = self.program
+        args = []
+        for t in graph.input_types:
+            dtype = "int32" if t.dtype == "bool" else numpy_dtype(t.dtype).name
+            x = _Tensor(p.buffer(max(math.prod(t.shape) * np.dtype(dtype).itemsize, 4)), 0, t.shape, dtype)
+            p.inputs.append((x.buffer, list(x.shape), dtype))
+            args.append(x)
+        outs = self.call_function("main", args)
+        p.outputs = [(o.buffer, o.offset, list(o.shape), o.dtype) for o in outs]
+        used = {d.kernel for d in p.dispatches}
+        p.wgsl = {k: v for k, v in p.wgsl.items() if k in used}
+        return p
 
     def arena(self, name: str):
-        """The function's arena, kept by the executable: every call's blocks die within the call."""
-        if name not in self.ex._arenas:
+        """The function's arena, one buffer for the whole run: every call's blocks die within the call."""
+        if name not in self.arenas:
             size = self.ex.plans[name].arena_bytes
-            limit = self.device.limits["max-buffer-size"]
-            if size > limit:
-                raise BackendError(f"vulkan: the buffers of {name} need an arena of {size} bytes, more than "
-                                   f"the device's max-buffer-size {limit}; run a smaller graph")
-            self.ex._arenas[name] = self.buffer(size) if size else None
-        return self.ex._arenas[name]
-
-    def upload(self, array: np.ndarray) -> _Tensor:
-        array = np.ascontiguousarray(array)
-        t = _Tensor(None, 0, array.shape, array.dtype.name)
-        t.buffer = self.buffer(t.nbytes)
-        if array.nbytes:
-            self.device.queue.write_buffer(t.buffer, 0, array.tobytes())
-        return t
-
-    def download(self, t: _Tensor) -> np.ndarray:
-        self.flush()
-        data = self.device.queue.read_buffer(t.buffer, t.offset, _round4(t.nbytes))
-        count = math.prod(t.shape)
-        return np.frombuffer(data, dtype=t.dtype, count=count).reshape(t.shape).copy()
-
-    # dispatch
-    def pipeline(self, kernel: str):
-        cache = self.ex._pipelines
-        if kernel not in cache:
-            wgsl = self.ex.wgsl[kernel].replace("var<storage, read>", "var<storage, read_write>")
-            module = self.device.create_shader_module(code=wgsl)
-            entries = [{"binding": int(i), "visibility": self.wgpu.ShaderStage.COMPUTE,
-                        "buffer": {"type": "storage"}} for i, _ in _BINDING.findall(wgsl)]
-            uniform = int(re.search(r"@binding\((\d+)\) var<uniform>", wgsl).group(1))
-            entries.append({"binding": uniform, "visibility": self.wgpu.ShaderStage.COMPUTE,
-                            "buffer": {"type": "uniform"}})
-            layout = self.device.create_bind_group_layout(entries=entries)
-            pipe = self.device.create_compute_pipeline(
-                layout=self.device.create_pipeline_layout(bind_group_layouts=[layout]),
-                compute={"module": module, "entry_point": kernel})
-            cache[kernel] = (pipe, layout, uniform)
-        return cache[kernel]
-
-    def uniform(self, launch: Launch, pod: list, grid_x: int):
-        key = (launch.kernel, tuple(pod), grid_x)
-        cache = self.ex._uniforms
-        if key not in cache:
-            values = np.array(pod + [launch.grid[0] - 1], dtype=np.int32)
-            data = np.zeros(max(16, -(-values.nbytes // 16) * 16), dtype=np.uint8)
-            data[:values.nbytes] = values.view(np.uint8)
-            buf = self.device.create_buffer(size=data.nbytes, usage=self.wgpu.BufferUsage.UNIFORM
-                                            | self.wgpu.BufferUsage.COPY_DST)
-            self.device.queue.write_buffer(buf, 0, data.tobytes())
-            cache[key] = buf
-        return cache[key]
+            self.arenas[name] = self.program.buffer(size) if size else None
+        return self.arenas[name]
 
     def dispatch(self, launch: Launch, tensors: dict):
-        pipe, layout, uniform_binding = self.pipeline(launch.kernel)
         x, y, z = launch.grid
         if z == 1 and x > MAX_WORKGROUPS:
             x, z = MAX_WORKGROUPS, -(-x // MAX_WORKGROUPS)
-        entries = [{"binding": i, "resource": {"buffer": tensors[name].buffer, "offset": tensors[name].offset,
-                                                "size": _round4(tensors[name].nbytes)}}
-                   for i, name in enumerate(launch.args)]
+        bindings = [(tensors[name].buffer, tensors[name].offset, _round4(tensors[name].nbytes))
+                    for name in launch.args]
         pod = [tensors[p] if isinstance(p, str) else p for p in launch.pod]
-        entries.append({"binding": uniform_binding,
-                        "resource": {"buffer": self.uniform(launch, pod, x), "offset": 0, "size": 16 * (
-                            1 + len(launch.pod) // 4)}})
-        group = self.device.create_bind_group(layout=layout, entries=entries)
-        if self.encoder is None:
-            self.encoder = self.device.create_command_encoder()
-        cpass = self.encoder.begin_compute_pass()
-        cpass.set_pipeline(pipe)
-        cpass.set_bind_group(0, group)
-        cpass.dispatch_workgroups(x, y, z)
-        cpass.end()
-        self.pending += 1
-        if self.pending >= _SUBMIT_EVERY:
-            self.flush()
-
-    def flush(self):
-        if self.encoder is not None:
-            self.device.queue.submit([self.encoder.finish()])
-            self.encoder, self.pending = None, 0
+        uniform = np.array(pod + [x - 1], dtype=np.int32).tobytes()
+        self.program.dispatches.append(Dispatch(launch.kernel, bindings, uniform, (x, y, z)))
 
     # interpretation of the legalised Relax functions
     def call_function(self, name: str, args: list, dests=None):
@@ -344,7 +260,7 @@ class _Run:
                 return arena, block.offset
             if dests is not None:
                 return dests[plan.escapes.index(block)]
-            return self.buffer(block.size), 0
+            return self.program.buffer(block.size), 0
 
         env = {p: a for p, a in zip(func.params, args)}
         for block in func.body.blocks:
@@ -359,8 +275,8 @@ class _Run:
         none writes the buffers it reads and the last one writes `dests`."""
         func, plan = self.ex.functions[name], self.ex.plans[name]
         body, nc = loop_body_of(func), int(func.attrs["num_carry"])
-        if dests is None:   # the outputs of main: buffers of their own, made once
-            dests = [(self.buffer(b.size), 0) for b in plan.escapes]
+        if dests is None:   # the outputs of main: buffers of their own
+            dests = [(self.program.buffer(b.size), 0) for b in plan.escapes]
         arena = self.arena(name)
         own = [(arena, b.offset) for b in plan.blocks if not b.escapes]
         lo, hi, state = args[0], args[1], list(args[2:])
@@ -379,9 +295,13 @@ class _Run:
             return _index(expr, env)
         if isinstance(expr, (irx.Constant, irx.GenericConst)):
             key = id(expr)
-            if key not in self.ex._consts:
-                self.ex._consts[key] = (expr, self.upload(expr.value.numpy()))
-            return self.ex._consts[key][1]
+            if key not in self.consts:
+                array = expr.value.numpy()
+                array = array.astype(np.int32) if array.dtype == bool else array
+                buffer = self.program.buffer(array.nbytes)
+                self.program.consts[buffer] = array
+                self.consts[key] = (expr, _Tensor(buffer, 0, array.shape, array.dtype.name))
+            return self.consts[key][1]
         if isinstance(expr, relax.Tuple):
             return [self.eval(f, env) for f in expr.fields]
         if isinstance(expr, relax.TupleGetItem):
@@ -436,10 +356,6 @@ def _index(expr, env) -> int:
     return env[expr]
 
 
-def _round4(n: int) -> int:
-    return max(4, -(-n // 4) * 4)
-
-
 _EXECUTABLES: dict[str, VulkanExecutable] = {}
 
 
@@ -455,9 +371,5 @@ def run_vulkan(graph: Graph, inputs) -> list[np.ndarray]:
     """Run on the first Vulkan adapter (a GPU if there is one, else lavapipe)."""
     from .numpy_backend import prepare_inputs
     arrays = prepare_inputs(graph, inputs)
-    _device()
-    ex = build(graph)
-    run = _Run(ex)
-    outs = run.call_function("main", [run.upload(a.astype(np.int32) if a.dtype == bool else a) for a in arrays])
-    return [run.download(o).astype(bool) if t.dtype == "bool" else run.download(o)
-            for o, t in zip(outs, graph.output_types)]
+    outs = build(graph).runner(arrays)
+    return [o.astype(bool) if t.dtype == "bool" else o for o, t in zip(outs, graph.output_types)]

@@ -194,14 +194,28 @@ def test_arena_is_smaller_than_one_buffer_per_value():
 
 
 @needs_vulkan
-def test_rerun_reuses_the_arena_and_repeats_its_results(rng):
+def test_rerun_reuses_the_buffers_and_repeats_its_results(rng):
     graph = _graph("O2")
     first, other = _inputs(graph, rng), _inputs(graph, rng)
     outs = run(graph, first, target="vulkan")
-    arenas = dict(_executable(graph)._arenas)
-    assert arenas
+    buffers = list(_executable(graph).runner.buffers)
     run(graph, other, target="vulkan")      # overwrites every arena
     again = run(graph, first, target="vulkan")
-    assert _executable(graph)._arenas == arenas
+    assert _executable(graph).runner.buffers == buffers
     for name, a, b in zip(graph.output_names, outs, again):
         assert np.array_equal(a, b), name
+
+
+@needs_vulkan
+def test_a_saved_program_runs_without_its_executable(rng, tmp_path):
+    """What a GPU server without TVM runs: the recorded program, loaded from its file."""
+    from dnir.lowering.vulkan_program import Program, Runner
+    graph = _graph("O0")
+    inputs = _inputs(graph, rng)
+    program = _executable(graph).program
+    assert len(program.dispatches) > len(program.wgsl) > 0      # the scan's steps are unrolled
+    program.save(tmp_path / "layer.npz")
+    loaded = Program.load(tmp_path / "layer.npz")
+    outs = Runner(loaded)([inputs[n] for n in graph.input_names])
+    for name, out, ref in zip(graph.output_names, outs, run(graph, inputs)):
+        assert nmse(out, ref) < 1e-7, (name, nmse(out, ref))
