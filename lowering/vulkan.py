@@ -76,6 +76,13 @@ class VulkanExecutable:
         from .vulkan_plan import plan_functions
 
         target = make_target("webgpu")
+        half = [f"{n} {t.dtype}" for n, t in zip(graph.input_names + graph.output_names,
+                                                  graph.input_types + graph.output_types)
+                if t.dtype == "bf16" or (t.dtype == "f16" and not has_f16())]
+        if half:
+            raise BackendError(f"vulkan: {', '.join(half)}: WGSL has no bfloat16, and f16 needs the device's "
+                               f"shader-f16 (this one {'has' if has_f16() else 'lacks'} it); build the graph "
+                               f"in f32 (or f16), or run it on cuda or llvm")
         mod = translate(graph, gpu=True, dtypes=dtypes(), target_name="vulkan", bool_as_int=True)
         with target:
             mod = tvm.transform.Sequential(gpu.legalize_passes(target))(mod)
