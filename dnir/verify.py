@@ -30,6 +30,7 @@ def verify(graph: Graph, where: str = "graph") -> Graph:
     if not nx.is_directed_acyclic_graph(graph.to_networkx()):
         raise VerifyError(f"{where}: has a cycle")
     declared = {id(n) for n in graph.inputs}
+    counter = 0     # values are numbered as the text format prints them: %0, %1, ... (inputs by name)
     for node in graph.topo_order():
         if node.op not in REGISTRY:
             raise VerifyError(f"{where}: unknown op {node.op!r}")
@@ -38,13 +39,15 @@ def verify(graph: Graph, where: str = "graph") -> Graph:
                 raise VerifyError(f"{where}: input {node.attrs['name']!r} is used but not declared "
                                   f"in the graph's inputs")
             continue
+        value, counter = f"%{counter}", counter + 1
         try:
             again = make_node(node.op, node.inputs, node.attrs)
         except DnirError as e:
-            raise VerifyError(f"{where}: node {node.op} fails to re-check: {e}") from None
+            raise VerifyError(f"{where}: node {value} ({node.op}) fails to re-check: {e}") from None
         if again.type != node.type:
-            raise VerifyError(f"{where}: {node.op} stores type {type_str(node.type)} but its operands "
-                              f"give {type_str(again.type)}")
+            operands = ", ".join(type_str(i.type) for i in node.inputs)
+            raise VerifyError(f"{where}: {value} = {node.op}({operands}) stores type {type_str(node.type)} but "
+                              f"its operands give {type_str(again.type)}")
         if node.op == "scan":
             verify(node.attrs["body"], f"{where}: scan body")
     return graph

@@ -39,12 +39,26 @@ def test_accepts_built_and_parsed_graphs():
 def test_rejects_a_stored_type_that_the_operands_do_not_give():
     x = raw_input("x", 2, 3)
     bad = Node("exp", (x,), {}, f32(3, 2))
-    with pytest.raises(VerifyError, match=r"exp stores type f32\[3,2\] but its operands give f32\[2,3\]"):
+    with pytest.raises(VerifyError, match=r"%0 = exp\(f32\[2,3\]\) stores type f32\[3,2\] but its operands give f32\[2,3\]"):
         dnir.verify(Graph([x], [bad]))
     wrong_dtype = Node("sum", (x,), {"axes": (0,), "keepdims": False}, TensorType((3,), "f64"))
-    with pytest.raises(VerifyError, match=r"sum stores type f64\[3\] but its operands give f32\[3\]"):
+    with pytest.raises(VerifyError, match=r"%0 = sum\(f32\[2,3\]\) stores type f64\[3\] but its operands give f32\[3\]"):
         dnir.verify(Graph([x], [wrong_dtype]))
     assert not is_valid(Graph([x], [wrong_dtype]))
+
+
+@pytest.mark.parametrize("half", ["bf16", "f16"])
+def test_a_half_value_where_float32_is_inferred_names_the_value_and_both_dtypes(half):
+    # a layer's widening cast stored as if it kept the half dtype
+    q = Node("input", (), {"name": "q", "shape": (2, 3), "dtype": half}, TensorType((2, 3), half))
+    widened = Node("cast", (q,), {"dtype": "f32"}, TensorType((2, 3), half))
+    with pytest.raises(VerifyError, match=rf"%0 = cast\({half}\[2,3\]\) stores type {half}\[2,3\] but its "
+                                          rf"operands give f32\[2,3\]"):
+        dnir.verify(Graph([q], [widened]))
+    # an op reading a half and a float32 operand: the builder's message, re-checked by the verifier
+    mixed = Node("add", (q, raw_input("s", 2, 3)), {}, f32(2, 3))
+    with pytest.raises(VerifyError, match=rf"%0 \(add\) fails to re-check: .*different dtypes \['{half}', 'f32'\]"):
+        dnir.verify(Graph([q, mixed.inputs[1]], [mixed]))
 
 
 def test_rejects_an_undeclared_input():
@@ -77,7 +91,7 @@ def test_rejects_a_scan_body_with_the_wrong_signature():
     too_few = bb.build([c])
     for body, message in [(wrong_inputs, r"body input 0 \(c\) has type f32\[3\], expected f32\[2\]"),
                           (wrong_carry, r"carry 0: body returns f32\[4\], expected the carried type f32\[2\]"),
-                          (too_few, r"scan stores type .* but its operands give")]:
+                          (too_few, r"= scan\(.*\) stores type .* but its operands give")]:
         broken = Node("scan", scan.inputs, {**scan.attrs, "body": body}, scan.type)
         items = [Node("item", (broken,), {"index": i}, t) for i, t in enumerate(scan.type)]
         with pytest.raises(VerifyError, match=message):
@@ -92,7 +106,7 @@ def test_rejects_a_broken_node_inside_a_scan_body():
     broken_body = Graph(body.inputs, [Node("exp", (c,), {}, f32(2)), Node("neg", (c,), {}, f32(5))])
     broken = Node("scan", scan.inputs, {**scan.attrs, "body": broken_body},
                   (f32(2), f32(4, 5)))
-    with pytest.raises(VerifyError, match=r"scan body: neg stores type f32\[5\]"):
+    with pytest.raises(VerifyError, match=r"scan body: %1 = neg\(f32\[2\]\) stores type f32\[5\]"):
         dnir.verify(Graph(g.inputs, [Node("item", (broken,), {"index": 0}, f32(2))]))
 
 
