@@ -24,6 +24,15 @@
         a chunk-parallel one; passes/fuse_delta_steps.py splits a chunk_scan into them
         where the target has kernels for both.
 
+    intra_chunk(q, k, v, g, beta) {chunk_size} -> (w, u, q_decayed, aqk, k_to_end, last_decay)
+        The work local to each chunk (dnir/intra_chunk.py): the decay-masked scores, the
+        solve by I + Akk, W, U and the decays, from q, k [R, Tp, HV, K], v [R, Tp, HV, V],
+        g [R, Tp, HV, Kg] and beta [R, Tp, HV, 1] (Tp whole chunks); the results are the
+        operands of the loop over chunks, chunk-major ([NC, R, HV, C, ...]). Every decay
+        is the exp of a sum of gates over its own segment. Its expansion is the chunked
+        model's own construction, so passes/fuse_intra_chunk.py recognises it by building
+        it again.
+
     token_step(state, decay, k_col, k_row, q_row, v, beta, qk) -> (new state, o)
         One decode step:
             u  = (v - k_row S) beta
@@ -44,9 +53,11 @@ from __future__ import annotations
 
 import math
 
+from .builder import Builder
 from .errors import DTypeError
 from .graph import Graph, Node
-from .ops import OpDef, fail, make_node, register
+from .intra_chunk import chunk_operands
+from .ops import REQUIRED, OpDef, fail, make_node, register
 from .types import FLOAT_DTYPES, TensorType
 
 CHUNK_ROLES = ("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay")
@@ -219,6 +230,59 @@ def chunk_output(q_decayed: Node, starts: Node, aqk: Node, v_new: Node) -> Node:
 
 register(OpDef("chunk_output", 4, _infer_chunk_output, flops=_chunk_output_flops, op_class="fused",
                expand=_expand_chunk_output))
+
+
+# ---------------------------------------------------------------------------
+# The work local to each chunk
+
+
+INTRA_ROLES = ("q", "k", "v", "g", "beta")
+
+
+def intra_sizes(ins, attrs):
+    """(R, NC, HV, C, K, V, Kg) of an intra_chunk's operands, or fail naming the operand."""
+    q = ins[0]
+    C = attrs["chunk_size"]
+    if q.rank != 4 or q.shape[1] % C:
+        fail(f"q has shape {list(q.shape)}; expected [R, Tp, HV, K] with Tp whole chunks of {C}")
+    R, Tp, HV, K = q.shape
+    V, Kg = ins[2].shape[-1] if ins[2].rank else 0, ins[3].shape[-1] if ins[3].rank else 0
+    want = dict(q=K, k=K, v=V, g=Kg, beta=1)
+    for role, t in zip(INTRA_ROLES, ins):
+        if t.shape != (R, Tp, HV, want[role]):
+            fail(f"{role} has shape {list(t.shape)}; expected {[R, Tp, HV, want[role]]} (q's [R, Tp, HV, K])")
+    if Kg not in (1, K):
+        fail(f"g has {Kg} channels; expected 1 (one gate per head) or K={K} (one per key channel)")
+    return R, Tp // C, HV, C, K, V, Kg
+
+
+def _infer_intra_chunk(ins, attrs):
+    dtype = _one_float_dtype(ins, INTRA_ROLES)
+    R, NC, HV, C, K, V, Kg = intra_sizes(ins, attrs)
+    last = dict(w=K, u=V, q_decayed=K, aqk=C, k_to_end=K)
+    return tuple(TensorType((NC, R, HV, C, last[r]), dtype) for r in CHUNK_ROLES[:5]) + (
+        TensorType((NC, R, HV, Kg, 1), dtype),)
+
+
+def _intra_chunk_flops(ins, out, attrs):
+    R, NC, HV, C, K, V, Kg = intra_sizes(ins, attrs)
+    scores = 2 * 2 * C * C * K                 # k k^T and q k^T, decay-masked
+    solve = C * C * (K + V)                    # W and U by substitution (a triangle of C x C)
+    decays = 6 * C * K + C * V                 # the scaled operands
+    return NC * R * HV * (scores + solve + decays)
+
+
+def _expand_intra_chunk(node: Node) -> tuple[Node, ...]:
+    return chunk_operands(Builder(node.dtype), *node.inputs, node.attrs["chunk_size"])
+
+
+def intra_chunk(q: Node, k: Node, v: Node, g: Node, beta: Node, chunk_size: int) -> tuple[Node, ...]:
+    """(w, u, q_decayed, aqk, k_to_end, last_decay) of every chunk, chunk-major."""
+    return _items(make_node("intra_chunk", (q, k, v, g, beta), {"chunk_size": chunk_size}))
+
+
+register(OpDef("intra_chunk", 5, _infer_intra_chunk, attrs={"chunk_size": ("int", REQUIRED)}, flops=_intra_chunk_flops,
+               op_class="fused", expand=_expand_intra_chunk))
 
 
 # ---------------------------------------------------------------------------

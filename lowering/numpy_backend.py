@@ -243,6 +243,49 @@ def _chunk_output(node, dt, q_decayed, starts, aqk, v_new):
         return np.matmul(q_decayed, starts) + np.matmul(aqk, v_new)
 
 
+@kernel("intra_chunk")
+def _intra_chunk(node, dt, q, k, v, g, beta):
+    """Chunk by chunk, every head at once; each decay the exp of a running sum of gates over
+    its own segment (a segment sum down i for D_ij, a sum from the end for k_to_end)."""
+    C = node.attrs["chunk_size"]
+    R, Tp, HV, K = q.shape
+    NC = Tp // C
+
+    def chunk_major(x):   # [R, Tp, HV, X] -> [NC, R, HV, C, X]
+        return np.asarray(x, dtype=dt).reshape(R, NC, C, HV, x.shape[-1]).transpose(1, 0, 3, 2, 4)
+
+    q, k, v, g, beta = (chunk_major(x) for x in (q, k, v, g, beta))
+    w, u, q_decayed, aqk, k_to_end = (np.empty(t.shape, dt) for t in node.type[:5])
+    last_decay = np.empty(node.type[5].shape, dt)
+    below = np.tril(np.ones((C, C), bool), -1)
+    with np.errstate(all="ignore"):
+        for n in range(NC):
+            gn = g[n]                                                       # [R, HV, C, Kg]
+            gam = np.cumsum(gn, axis=-2)
+            from_end = np.cumsum(gn[..., ::-1, :], axis=-2)[..., ::-1, :]  # sum_{l >= i} g_l
+            after = np.concatenate([from_end[..., 1:, :], np.zeros_like(gn[..., :1, :])], axis=-2)
+            # D[i, j] = sum_{j < l <= i} g_l: the gates of rows i > j, summed down i
+            seg = np.cumsum(np.where(below[:, :, None], gn[..., :, None, :], 0), axis=-3)
+            decay = np.exp(seg)                                              # [R, HV, C, C, Kg]
+            if decay.shape[-1] == 1:
+                kk = np.matmul(k[n], np.swapaxes(k[n], -1, -2)) * decay[..., 0]
+                qk = np.matmul(q[n], np.swapaxes(k[n], -1, -2)) * decay[..., 0]
+            else:
+                kk = np.einsum("...ic,...jc,...ijc->...ij", k[n], k[n], decay)
+                qk = np.einsum("...ic,...jc,...ijc->...ij", q[n], k[n], decay)
+            akk = np.where(below, kk, 0) * beta[n]
+            aqk[n] = np.tril(qk)
+            rhs = np.concatenate([k[n] * beta[n] * np.exp(gam), v[n] * beta[n]], axis=-1)
+            x = np.empty_like(rhs)
+            for i in range(C):                                              # (I + Akk) x = rhs
+                x[..., i, :] = rhs[..., i, :] - np.matmul(akk[..., i:i + 1, :i], x[..., :i, :])[..., 0, :]
+            w[n], u[n] = x[..., :K], x[..., K:]
+            q_decayed[n] = q[n] * np.exp(gam)
+            k_to_end[n] = k[n] * np.exp(after)
+            last_decay[n] = np.exp(gam[..., -1, :])[..., None]
+    return w, u, q_decayed, aqk, k_to_end, last_decay
+
+
 @kernel("token_step")
 def _token_step(node, dt, state, decay, k_col, k_row, q_row, v, beta, qk):
     *batch, K, V = state.shape

@@ -139,7 +139,7 @@ LAYOUT = ["eliminate_transposes", "relayout_scan_carries", "cumsum_axis", "elimi
 PIPELINES: dict[str, list[str]] = {
     "O0": [],
     "O1": CLEANUP + LAYOUT + CLEANUP,
-    "O2": CLEANUP + LAYOUT + ["hoist_broadcasts", "reassociate_scales", "hoist_loop_invariants",
+    "O2": ["fuse_intra_chunk"] + CLEANUP + LAYOUT + ["hoist_broadcasts", "reassociate_scales", "hoist_loop_invariants",
                               "sum_mul_to_matmul"] + CLEANUP
     + LAYOUT + ["block_tril", "block_solve", "set_vs_acc"] + CLEANUP + ["sum_mul_to_matmul"]
     + LAYOUT + ["propagate_layout"] + CLEANUP,
