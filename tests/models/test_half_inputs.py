@@ -1,0 +1,174 @@
+"""bf16 and fp16 layers: half q, k, v, beta and o; float32 g and states; float32 arithmetic.
+
+The graph widens each half input with one `cast` and narrows o with one, so everything in
+between is float32 on every backend, as a GPU computes with half operands (a product of two
+bf16 or fp16 values is exact in float32 and the sums accumulate in float32). Against the
+float64 oracle run on the same half-rounded inputs, then:
+
+- the final state (float32) is held to the float32 bound, 1e-5;
+- o is the float32 result rounded once into its dtype: per element within u |ref| of the
+  oracle (u = 2**-8 for bf16, 2**-11 for fp16: round to nearest) plus the float32 error,
+  taken as 1e-5 rms(ref).
+"""
+import numpy as np
+import pytest
+
+import dnir
+from dnir import passes
+from dnir.errors import BackendError
+from dnir.lowering import registry
+from dnir.models import DeltaNetConfig, build_delta_net, random_inputs
+from dnir.types import UNIT_ROUNDOFF, numpy_dtype
+from delta_helpers import assert_close, draw, oracle
+
+HALVES = ["bf16", "f16"]
+ACTIVATIONS = ("q", "k", "v", "beta")
+# T = 100: a partial last chunk for every chunk size; two sequences; GQA; an initial state.
+SMALL = dict(batch=2, seq_len=100, heads=2, value_heads=4, head_dim=16, value_dim=16, initial_state=True,
+             final_state=True)
+
+
+def half_inputs(cfg, rng, gates=None):
+    x = draw(cfg, rng)
+    if gates is not None:
+        x["g"][...] = gates
+    return {n: a.astype(numpy_dtype(cfg.dtype_of(n))) for n, a in x.items()}
+
+
+def assert_rounded_from(o, ref, dtype):
+    """o is ref (float64) computed in float32 and rounded once into `dtype`."""
+    assert o.dtype == numpy_dtype(dtype)
+    o = o.astype(np.float64)
+    assert np.isfinite(o).all()
+    rms = np.sqrt(np.mean(ref ** 2))
+    excess = np.abs(o - ref) - (UNIT_ROUNDOFF[dtype] * np.abs(ref) + 1e-5 * rms)
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert excess[worst] <= 0, f"o{list(worst)} = {o[worst]} vs {ref[worst]}: beyond one {dtype} rounding"
+
+
+def run_layer(cfg, x, opt="O0", target="numpy"):
+    graph = passes.optimize(build_delta_net(cfg), opt)
+    return dnir.run(graph, x, target=target)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+@pytest.mark.parametrize("mode,chunk", [("chunked", 64), ("chunked", 16), ("recurrent", 64)])
+def test_layer_is_float32_arithmetic_on_half_inputs(dtype, variant, mode, chunk, rng):
+    cfg = DeltaNetConfig(variant, mode=mode, chunk_size=chunk, dtype=dtype, **SMALL)
+    x = half_inputs(cfg, rng)
+    o_ref, state_ref = oracle(cfg, x)
+    results = {opt: run_layer(cfg, x, opt) for opt in ("O0", "O2")}
+    for opt, (o, state) in results.items():
+        assert state.dtype == np.float32
+        assert_close(state, state_ref, what=f"{opt} final state")
+        assert_rounded_from(o, o_ref, dtype)
+    # O0 and O2 differ only in float32 rounding: at most one step of the half dtype apart
+    o0, o2 = (results[opt][0].astype(np.float64) for opt in ("O0", "O2"))
+    assert np.all(np.abs(o0 - o2) <= 2 * UNIT_ROUNDOFF[dtype] * np.abs(o_ref) + 2e-5 * np.sqrt(np.mean(o_ref ** 2)))
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_strong_gates_stay_finite_and_exact(dtype, variant, rng):
+    """g = -20 on every token: each step keeps e^-20 of the state, every chunk's decays
+    underflow to 0 far from the diagonal; nothing overflows in any dtype."""
+    cfg = DeltaNetConfig(variant, dtype=dtype, **SMALL)
+    x = half_inputs(cfg, rng, gates=-20.0)
+    o_ref, state_ref = oracle(cfg, x)
+    for opt in ("O0", "O2"):
+        o, state = run_layer(cfg, x, opt)
+        assert_close(state, state_ref, what=f"{opt} final state")
+        assert_rounded_from(o, o_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_graph_reads_half_and_computes_in_float32(dtype):
+    """One cast after each half input, one before o; the gate and the states float32."""
+    cfg = DeltaNetConfig("gdn", dtype=dtype, **SMALL)
+    g = build_delta_net(cfg)
+    assert {n: t.dtype for n, t in zip(g.input_names, g.input_types)} == {
+        "q": dtype, "k": dtype, "v": dtype, "g": "f32", "beta": dtype, "initial_state": "f32"}
+    assert [t.dtype for t in g.output_types] == [dtype, "f32"]
+    for graph in (g, passes.optimize(g, "O2")):
+        half_values = [n for n in graph.topo_order()
+                       if n.op != "input" and isinstance(n.type, dnir.TensorType) and n.dtype == dtype]
+        assert [n.op for n in half_values] == ["cast"] and half_values[0] is graph.outputs[0]
+        for x in graph.inputs[:5]:
+            readers = [n for n in graph.topo_order() if x in n.inputs]
+            assert x.dtype == "f32" or [(n.op, n.dtype) for n in readers] == [("cast", "f32")]
+    # the config, its metadata and the printed graph agree
+    again = dnir.parse(dnir.print(g))
+    assert dnir.print(again) == dnir.print(g) and DeltaNetConfig.of_graph(again) == cfg
+
+
+def test_metadata_that_disagrees_with_the_graph_names_the_dtypes():
+    g = build_delta_net(DeltaNetConfig("gdn", dtype="bf16", **SMALL))
+    header, rest = dnir.print(g).split("\n", 1)
+    text = header.replace("dtype=bf16}", "dtype=f16}") + "\n" + rest       # the metadata only
+    with pytest.raises(dnir.InputError, match=r"meta describes input q as f16\[2,100,2,16\], the graph has "
+                                              r"bf16\[2,100,2,16\]"):
+        DeltaNetConfig.of_graph(dnir.parse(text))
+    with pytest.raises(dnir.InputError, match="dtype='f64'; expected one of f32, bf16, f16"):
+        DeltaNetConfig("gdn", dtype="f64")
+    assert DeltaNetConfig("gdn", dtype="bfloat16").dtype == "bf16"
+
+
+def test_random_inputs_are_in_the_graphs_dtypes():
+    cfg = DeltaNetConfig("kda", dtype="bf16", **SMALL)
+    x = random_inputs(cfg, 0)
+    assert {n: a.dtype.name for n, a in x.items()} == {
+        "q": "bfloat16", "k": "bfloat16", "v": "bfloat16", "g": "float32", "beta": "bfloat16",
+        "initial_state": "float32"}
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_decode_step_fused_on_llvm_with_half_inputs(dtype, variant, rng):
+    """Decode with half q, k, v and a float32 state: one token_step kernel on llvm."""
+    cfg = DeltaNetConfig(variant, mode="decode", seq_len=1, batch=3, heads=2, value_heads=4, head_dim=16,
+                         value_dim=32, initial_state=True, final_state=True, dtype=dtype)
+    graph = passes.optimize(build_delta_net(cfg), "O2")
+    assert "token_step" in {n.op for n in registry.prepare(graph, "llvm").topo_order()}
+    x = half_inputs(cfg, rng)
+    o_ref, state_ref = oracle(cfg, x)
+    for target in ("numpy", "llvm"):
+        o, state = dnir.run(graph, x, target=target)
+        assert_close(state, state_ref, what=f"{target} state")
+        assert_rounded_from(o, o_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_llvm_prefill_matches_numpy(dtype, rng):
+    cfg = DeltaNetConfig("kda", dtype=dtype, **SMALL)
+    graph = passes.optimize(build_delta_net(cfg), "O2")
+    x = half_inputs(cfg, rng)
+    (o, state), (o_np, state_np) = dnir.run(graph, x, target="llvm"), dnir.run(graph, x)
+    assert o.dtype == o_np.dtype == numpy_dtype(dtype) and state.dtype == np.float32
+    assert_close(state, state_np, tol=1e-6, what="state")
+    o, o_np = o.astype(np.float64), o_np.astype(np.float64)       # the same float32 up to rounding, then one step
+    assert np.all(np.abs(o - o_np) <= UNIT_ROUNDOFF[dtype] * 2 * np.abs(o_np) + 1e-6)
+
+
+def _vulkan_or_skip():
+    from dnir.lowering.vulkan import dtypes
+    try:
+        return dtypes()
+    except BackendError as e:
+        pytest.skip(str(e))
+
+
+def test_vulkan_runs_f16_with_shader_f16_and_refuses_bf16(rng):
+    have = _vulkan_or_skip()
+    cfg = DeltaNetConfig("gdn", dtype="bf16", **SMALL)
+    with pytest.raises(BackendError, match=r"vulkan: q bf16, k bf16, v bf16, beta bf16, o bf16: WGSL has no "
+                                           r"bfloat16"):
+        run_layer(cfg, half_inputs(cfg, rng), target="vulkan")
+    if "f16" not in have:
+        pytest.skip("this Vulkan adapter has no shader-f16")
+    cfg = DeltaNetConfig("kda", dtype="f16", **SMALL)
+    x = half_inputs(cfg, rng)
+    o_ref, state_ref = oracle(cfg, x)
+    o, state = run_layer(cfg, x, "O2", target="vulkan")
+    assert_close(state, state_ref, what="final state")
+    assert_rounded_from(o, o_ref, "f16")
