@@ -5,7 +5,8 @@ compiled. On the GPU targets the pipeline recomputes broadcast expansions inside
 the reductions that read them, and recognises the delta rule's loop over chunks
 and decode step (passes/fuse_delta_steps.py) where the target's kernels take them
 (chunk_scan.py: a thread block fits the shared memory; both: float32). On llvm the
-pipeline recognises both too (cpu_chunk_scan.py, cpu_token_step.py: float32 and float64).
+pipeline recognises both too (cpu_chunk_scan.py, cpu_token_step.py: float32 and float64), and
+O2 inside llvm's context the work local to each chunk (cpu_intra_chunk.py).
 """
 from __future__ import annotations
 
@@ -75,8 +76,14 @@ def _cpu_chunk_scan_rejects(node, target):
     return rejects(node, target)
 
 
+def _cpu_intra_chunk_rejects(node, target):
+    from .cpu_intra_chunk import rejects
+    return rejects(node, target)
+
+
 def _llvm_target(name: str) -> Target:
-    return Target(name, {"chunk_scan": _cpu_chunk_scan_rejects, "token_step": _cpu_token_step_rejects},
+    return Target(name, {"chunk_scan": _cpu_chunk_scan_rejects, "token_step": _cpu_token_step_rejects,
+                         "intra_chunk": _cpu_intra_chunk_rejects},
                   dtypes=CPU_KERNEL_DTYPES)
 
 

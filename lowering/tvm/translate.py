@@ -38,11 +38,12 @@ from tvm import relax, te
 from tvm.ir import PrimType
 
 from dnir.errors import BackendError
+from dnir.fused import intra_sizes
 from dnir.graph import Graph, Node
 from dnir.ops import table_entry
 from dnir.types import DTYPES
 
-from . import chunk_scan, cpu_chunk_scan, cpu_token_step, kernels, token_step
+from . import chunk_scan, cpu_chunk_scan, cpu_intra_chunk, cpu_token_step, kernels, token_step
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -441,6 +442,14 @@ def _lower_chunk_scan(tr, node, args):
     layout = chunk_scan.layout(C, K, V)
     gv = tr.prim(("chunk_scan", steps, batch, C, K, V, Kg, layout, dtype),
                  lambda: chunk_scan.chunk_scan_kernel(steps, batch, C, K, V, Kg, layout, dtype))
+    return _call_fused(tr, node, gv, args)
+
+
+@lowers("intra_chunk")
+def _lower_intra_chunk(tr, node, args):
+    """The work local to each chunk as one CPU kernel (cpu_intra_chunk.py): its six results."""
+    sizes, dtype = intra_sizes([i.type for i in node.inputs], node.attrs), TVM_DTYPES[node.inputs[0].dtype]
+    gv = tr.prim(("intra_chunk", *sizes, dtype), lambda: cpu_intra_chunk.intra_chunk_kernel(*sizes, dtype))
     return _call_fused(tr, node, gv, args)
 
 
