@@ -10,6 +10,8 @@ float64 oracle run on the same half-rounded inputs, then:
   oracle (u = 2**-8 for bf16, 2**-11 for fp16: round to nearest) plus the float32 error,
   taken as 1e-5 rms(ref).
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -172,3 +174,88 @@ def test_vulkan_runs_f16_with_shader_f16_and_refuses_bf16(rng):
     o, state = run_layer(cfg, x, "O2", target="vulkan")
     assert_close(state, state_ref, what="final state")
     assert_rounded_from(o, o_ref, "f16")
+
+
+# ---------------------------------------------------------------------------
+# The functional API: half in, o in the input's dtype, the state in float32 (as fla)
+
+
+def _api_args(cfg, x, lib):
+    """x as `lib` arrays: torch tensors, or NumPy (ml_dtypes' bfloat16 for bf16)."""
+    if lib == "numpy":
+        return dict(x)
+    torch = pytest.importorskip("torch")
+    wanted = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+    return {n: torch.from_numpy(a.astype(np.float32)).to(wanted[cfg.dtype_of(n)]) for n, a in x.items()}
+
+
+@pytest.mark.parametrize("lib", ["torch", "numpy"])
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("fn,variant,mode", [(dnir.chunk_gated_delta_rule, "gdn", "chunked"),
+                                             (dnir.chunk_kda, "kda", "chunked"),
+                                             (dnir.fused_recurrent_gated_delta_rule, "gdn", "decode")])
+def test_api_returns_o_in_the_input_dtype_and_a_float32_state(lib, dtype, fn, variant, mode, rng):
+    sizes = dict(SMALL, seq_len=1) if mode == "decode" else SMALL
+    cfg = DeltaNetConfig(variant, mode=mode, dtype=dtype, **sizes)
+    x = half_inputs(cfg, rng)
+    args = _api_args(cfg, x, lib)
+    o, state = fn(**args, output_final_state=True)
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        assert o.dtype == {"bf16": torch.bfloat16, "f16": torch.float16}[dtype] and state.dtype == torch.float32
+        o, state = (o.float().numpy().astype(numpy_dtype(dtype)), state.numpy())
+    assert o.dtype == numpy_dtype(dtype) and state.dtype == np.float32
+    o_ref, state_ref = oracle(cfg, x)
+    assert_close(state, state_ref, what="final state")
+    assert_rounded_from(o, o_ref, dtype)
+
+
+def test_api_takes_a_float32_gate_with_bf16_activations(rng):
+    """Qwen3-Next computes its gate in float32 and its q, k, v in bf16: the layer is bf16,
+    the gate read as float32 (not rounded), and a bf16 gate widens exactly."""
+    torch = pytest.importorskip("torch")
+    cfg = DeltaNetConfig("gdn", dtype="bf16", **SMALL)
+    x = half_inputs(cfg, rng)
+    args = _api_args(cfg, x, "torch")
+    o32, _ = dnir.chunk_gated_delta_rule(**args)
+    o16, _ = dnir.chunk_gated_delta_rule(**dict(args, g=args["g"].to(torch.bfloat16)))
+    assert o32.dtype == o16.dtype == torch.bfloat16
+    o_ref, _ = oracle(cfg, x)
+    assert_rounded_from(o32.float().numpy().astype(numpy_dtype("bf16")), o_ref, "bf16")
+    assert not torch.equal(o32, o16)        # the bf16 gate is another input: rounded, then read exactly
+
+
+def test_cli_builds_and_checks_a_bf16_layer(tmp_path, capsys):
+    from dnir.cli import main
+    path = tmp_path / "gdn.bf16.dnir"
+    assert main(["build", "gdn", "--heads", "2", "--value-heads", "4", "--head-dim", "16", "--value-dim", "16",
+                 "--seq-len", "100", "--dtype", "bf16", "--initial-state", "--final-state", "-o", str(path)]) == 0
+    assert "%q: bf16[1,100,2,16]" in path.read_text()
+    capsys.readouterr()
+    assert main(["run", str(path), "--target", "llvm", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "o bfloat16[1, 100, 4, 16]; final_state float32[1, 4, 16, 16]" in out
+    assert "o 3.9e-03 for its dtype's rounding): ok" in out
+
+
+def test_cuda_compiles_half_layers_to_ptx(tmp_path):
+    """bf16 prefill and fp16 decode for sm_90: the kernels read the half inputs; nvcc makes PTX."""
+    import shutil
+    import subprocess
+    from dnir.lowering.registry import build
+    from dnir.lowering.tvm.compile import cuda_source
+    sizes = dict(heads=2, value_heads=4, head_dim=32, value_dim=32, initial_state=True, final_state=True)
+    for cfg in (DeltaNetConfig("gdn", seq_len=100, dtype="bf16", **sizes),
+                DeltaNetConfig("kda", mode="decode", seq_len=1, batch=3, dtype="f16", **sizes)):
+        source = cuda_source(build(passes.optimize(build_delta_net(cfg), "O2"), "cuda", arch="sm_90"))
+        # a kernel takes the half input itself (the widening cast is fused into its reader)
+        assert re.search(r"\b%s\* __restrict__ \w+" % {"bf16": "nv_bfloat16", "f16": "half"}[cfg.dtype], source)
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            pytest.skip("nvcc not installed: the CUDA source was generated but not compiled")
+        cu = tmp_path / f"{cfg.dtype}.cu"
+        cu.write_text(source)
+        proc = subprocess.run([nvcc, "--ptx", "-arch=sm_90", "-o", str(cu.with_suffix(".ptx")), str(cu)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert ".target sm_90" in cu.with_suffix(".ptx").read_text()
