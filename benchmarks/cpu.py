@@ -113,7 +113,7 @@ def _prepare_dnir(case: Case, opt: str, target: str, x: dict):
     module into a VM on its first call (LLVM code generation): that call is made here."""
     from dnir.api import compiled_graph
     start = time.perf_counter()
-    graph = compiled_graph(case.config(), opt)
+    graph = compiled_graph(case.config(), opt, target)
     if target == "numpy":
         from dnir.lowering.numpy_arena import graph_plan
         graph_plan(graph)

@@ -72,10 +72,18 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
 
 
 @lru_cache(maxsize=64)
-def compiled_graph(cfg: DeltaNetConfig, opt: str):
-    """The optimised layer graph for these options (built once per shapes and options)."""
+def compiled_graph(cfg: DeltaNetConfig, opt: str, target: str = "numpy"):
+    """The optimised layer graph for these options and the target that runs it (built once per
+    shapes, options and target). The pipeline runs in the target's pass context, where a pass
+    may put in an op the target has a kernel for (llvm: the work local to each chunk,
+    passes/fuse_intra_chunk.py); not NumPy's, whose context keeps every fused op for its reference
+    kernel, while the arena runs the optimised primitives."""
+    from .lowering.registry import target_context
     from .passes import optimize
-    return optimize(build_delta_net(cfg), opt)
+    if target == "numpy":
+        return optimize(build_delta_net(cfg), opt)
+    with target_context(target):
+        return optimize(build_delta_net(cfg), opt)
 
 
 def _delta_rule(variant: str, form: str, fn: str, args: dict):
@@ -94,7 +102,7 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
         _check_gates(arrays["g"], fn)
     if not cfg.l2norm:
         _warn_unstable(arrays["k"], arrays["beta"], fn)
-    graph = compiled_graph(cfg, args["opt"])
+    graph = compiled_graph(cfg, args["opt"], args["target"])
     if args["target"] == "numpy":
         from .lowering.numpy_arena import graph_plan, run_planned
         check_fits_memory(fn, graph_plan(graph).peak_bytes, sum(a.nbytes for a in arrays.values()))
