@@ -10,6 +10,11 @@ block of the chunk scan must fit the shared memory, the kernels are float32):
       v_new = u - w S;   o = q_decayed S + aqk v_new;   S' = S last_decay + k_to_end^T v_new
 
   and whose other operands are the per-chunk slices, becomes `chunk_scan`;
+- a chunk_scan whose output is read, on a target with kernels for both halves: its sequential
+  part `chunk_states` (each chunk's starting state and v_new) and `chunk_output` (every chunk's
+  output at once, o = q_decayed starts + aqk v_new), so that the loop carries only what must
+  be sequential; the output's item is replaced by chunk_output, the final state's by
+  chunk_states' first result (Match.replace);
 - a decode step as the O2 graph writes it (reshapes between the vectors' shapes)
 
       u = (v - (k a) S) beta;   o = (q a) S + u (q . k);   S' = S a + k^T u
@@ -25,7 +30,7 @@ remark on the context (`dnir opt --report` prints them).
 from __future__ import annotations
 
 from dnir.errors import DnirError
-from dnir.fused import CHUNK_ROLES, chunk_scan, token_step
+from dnir.fused import CHUNK_ROLES, chunk_output, chunk_scan, chunk_states, token_step
 from dnir.graph import Graph, Node
 
 from .context import current
@@ -84,6 +89,25 @@ def fuse_chunk_scan(m) -> Node | None:
             items = _build(chunk_scan, operands, f"scan of {scan.attrs['length']} chunks")
             return items and _offer(items[0].inputs[0], f"the scan over {scan.attrs['length']} chunks")
     return None
+
+
+def split_chunk_scan(m) -> Node | None:
+    scan = m.node.inputs[0]
+    if scan.op != "chunk_scan" or "chunk_states" not in current().target.kernels:
+        return None
+    state, w, u, q_decayed, aqk, k_to_end, last_decay = scan.inputs
+    what = f"the sequential part of {w.shape[0]} chunks"
+    states = _build(chunk_states, (state, w, u, k_to_end, last_decay), what)
+    if not states or not _offer(states[0].inputs[0], what):
+        return None
+    final, starts, v_new = states
+    o = _build(chunk_output, (q_decayed, starts, aqk, v_new), f"the output of {w.shape[0]} chunks")
+    if o is None or not _offer(o, f"the output of {w.shape[0]} chunks"):
+        return None
+    for use in m.users(scan):
+        if use.node.op == "item" and use.node.attrs["index"] == 0:
+            m.replace(use.node, final)
+    return o
 
 
 # A decode step: S' = S a + u_row k_col, anchored at the new state's add.
@@ -149,6 +173,7 @@ def fuse_delta_steps(graph: Graph) -> tuple[Graph, bool]:
     remarks = len(ctx.remarks)
     graph, changed = apply_rules(graph, [Rule(P("scan", num_carry=1, num_xs=len(CHUNK_ROLES)), fuse_chunk_scan,
                                               "chunk_scan"),
+                                         Rule(P("item", P.any(), index=1), split_chunk_scan, "chunk_states"),
                                          Rule(STEP_STATE, fuse_token_step, "token_step")])
     if len(ctx.remarks) == remarks:
         ctx.remark(PASS, "no loop over chunks or decode step in the graph")

@@ -31,7 +31,7 @@ from tvm.script import tirx as T
 
 from dnir.graph import Node
 
-from .fused_signatures import chunk_scan_function
+from .fused_signatures import chunk_scan_function, chunk_states_function
 from .kernels import unravel_index
 
 # A block owns VT state columns of one head; each thread computes TC of them (columns
@@ -40,7 +40,7 @@ TILE = (16, 2)
 
 
 def sizes(node: Node):
-    """(steps, batch, C, K, V, Kg) of a chunk_scan node."""
+    """(steps, batch, C, K, V, Kg) of a chunk_scan or chunk_states node."""
     state, w, u, *_, last_decay = node.inputs
     *batch, K, V = state.shape
     return w.shape[0], tuple(batch), u.shape[-2], K, V, last_decay.shape[-2]
@@ -60,14 +60,15 @@ def layout(C: int, K: int, V: int):
     return (rows, vt, tc) if rows * (vt // tc) >= 32 and vt % tc == 0 else None
 
 
-def shared_bytes(C: int, K: int, V: int, layout) -> int:
-    """Shared memory of one block: its state columns, its v_new columns and one staged operand."""
+def shared_bytes(C: int, K: int, V: int, layout, staged_width: int) -> int:
+    """Shared memory of one block: its state columns, its v_new columns and one staged operand
+    (C x staged_width)."""
     vt = layout[1]
-    return 4 * (K * vt + C * vt + C * max(K, C))
+    return 4 * (K * vt + C * vt + C * staged_width)
 
 
 def rejects(node: Node, target) -> str | None:
-    """None when this kernel runs the chunk scan `node` on `target`, else why not."""
+    """None when this kernel runs the chunk scan (or chunk_states) `node` on `target`, else why not."""
     _, _, C, K, V, _ = sizes(node)
     dtype = node.inputs[0].dtype
     if target.dtypes is not None and dtype not in target.dtypes:
@@ -75,14 +76,17 @@ def rejects(node: Node, target) -> str | None:
     split = layout(C, K, V)
     if split is None:
         return f"C={C}, K={K}, V={V} do not split into thread blocks of 32 threads or more"
-    need = shared_bytes(C, K, V, split)
+    need = shared_bytes(C, K, V, split, K if node.op == "chunk_states" else max(K, C))
     if target.shared_bytes is not None and need > target.shared_bytes:
         return f"a thread block needs {need} B of shared memory, the target has {target.shared_bytes} B"
     return None
 
 
-def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str):
-    """The chunk scan's function (fused_signatures.chunk_scan_function) with this kernel's loop nest."""
+def _kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str,
+            split: bool):
+    """chunk_scan's function (split False) or chunk_states' (split True, fused_signatures) with
+    this kernel's loop nest: the same loop, the same state update and v_new; chunk_scan computes
+    each chunk's output inside it, chunk_states stores each chunk's starting state and v_new."""
     rows, vt, tc = layout
     ct = vt // tc                          # threads across the block's columns
     heads = math.prod(batch)
@@ -97,7 +101,7 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
     # X holds one staged C x K (or C x C) operand. Unpadded: padding its rows against bank
     # conflicts (a flat buffer, rows K + 1 apart) measured slower on the H200 (2.14 against
     # 1.94 ms), the index arithmetic costing more than the conflicts.
-    width = max(K, C)
+    width = K if split else max(K, C)
 
     def staged(count):                     # rounds for the block's threads to stage count elements
         return -(-count // threads)
@@ -132,27 +136,62 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
     # tx // ct + rows * r and columns tx % ct + ct * j of its block's VT state columns; its
     # accumulators acc[r * tc + j] are registers (the r, j loops are unrolled).
     @T.macro
-    def body(S0, W, U, Qd, A, Kte, LD, S1, O):
+    def load_state(S, S0, bx, tx):
+        for r in T.unroll(rk):
+            for j in T.unroll(tc):
+                S[tx // ct + rows * r, tx % ct + ct * j] = S0[head(bx) + (
+                    tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)]
+
+    @T.macro
+    def store_state(dst, S, prefix, bx, tx):
+        """dst[prefix + head + (row, column)] = this thread's state elements."""
+        for r in T.unroll(rk):
+            for j in T.unroll(tc):
+                dst[prefix + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = S[
+                    tx // ct + rows * r, tx % ct + ct * j]
+
+    @T.macro
+    def v_new(N, X, S, W, U, acc, n, bx, tx):
+        """N = u - w S, this block's columns (X: w staged)."""
+        stage(X, W, n, bx, tx, K)
+        clear(acc)
+        add_rows_times(acc, X, S, tx, K, uk)
+        for r in T.unroll(ra):
+            for j in T.unroll(tc):
+                N[tx // ct + rows * r, tx % ct + ct * j] = U[(n,) + head(bx) + (
+                    tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] - acc[r * tc + j]
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def update(S, N, X, Kte, LD, acc, n, bx, tx):
+        """S = S * last_decay + k_to_end^T v_new, in place (X: free to stage into)."""
+        stage(X, Kte, n, bx, tx, K)
+        for r in T.unroll(rk):
+            for j in T.unroll(tc):
+                acc[r * tc + j] = S[tx // ct + rows * r, tx % ct + ct * j] * LD[(n,) + head(bx) + (
+                    (tx // ct + rows * r) * per_key, 0)]
+        for i0 in range(C // uc):
+            for i1 in T.unroll(uc):
+                for r in T.unroll(rk):
+                    for j in T.unroll(tc):
+                        acc[r * tc + j] = acc[r * tc + j] + X[
+                            i0 * uc + i1, tx // ct + rows * r] * N[i0 * uc + i1, tx % ct + ct * j]
+        for r in T.unroll(rk):
+            for j in T.unroll(tc):
+                S[tx // ct + rows * r, tx % ct + ct * j] = acc[r * tc + j]
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def scan_body(S0, W, U, Qd, A, Kte, LD, S1, O):
         for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
                 S = T.alloc_shared((K, vt), dtype)
                 N = T.alloc_shared((C, vt), dtype)
                 X = T.alloc_shared((C, width), dtype)
                 acc = T.alloc_local((max(ra, rk) * tc,), dtype)
-                for r in T.unroll(rk):
-                    for j in T.unroll(tc):
-                        S[tx // ct + rows * r, tx % ct + ct * j] = S0[head(bx) + (
-                            tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)]
+                load_state(S, S0, bx, tx)
                 for n in range(steps):
-                    # v_new = u - w S, this block's columns
-                    stage(X, W, n, bx, tx, K)
-                    clear(acc)
-                    add_rows_times(acc, X, S, tx, K, uk)
-                    for r in T.unroll(ra):
-                        for j in T.unroll(tc):
-                            N[tx // ct + rows * r, tx % ct + ct * j] = U[(n,) + head(bx) + (
-                                tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] - acc[r * tc + j]
-                    T.tvm_storage_sync("shared")
+                    v_new(N, X, S, W, U, acc, n, bx, tx)
                     # o = q_decayed S + aqk v_new
                     stage(X, Qd, n, bx, tx, K)
                     clear(acc)
@@ -165,24 +204,39 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
                             O[(n,) + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = \
                                 acc[r * tc + j]
                     T.tvm_storage_sync("shared")   # every read of the old state and of X is done
-                    # S = S * last_decay + k_to_end^T v_new, in place
-                    stage(X, Kte, n, bx, tx, K)
-                    for r in T.unroll(rk):
+                    update(S, N, X, Kte, LD, acc, n, bx, tx)
+                store_state(S1, S, (), bx, tx)
+
+    @T.macro
+    def states_body(S0, W, U, Kte, LD, S1, St, Vn):
+        for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                S = T.alloc_shared((K, vt), dtype)
+                N = T.alloc_shared((C, vt), dtype)
+                X = T.alloc_shared((C, width), dtype)
+                acc = T.alloc_local((max(ra, rk) * tc,), dtype)
+                load_state(S, S0, bx, tx)
+                for n in range(steps):
+                    store_state(St, S, (n,), bx, tx)     # a thread's own elements: no barrier needed
+                    v_new(N, X, S, W, U, acc, n, bx, tx)
+                    for r in T.unroll(ra):
                         for j in T.unroll(tc):
-                            acc[r * tc + j] = S[tx // ct + rows * r, tx % ct + ct * j] * LD[(n,) + head(bx) + (
-                                (tx // ct + rows * r) * per_key, 0)]
-                    for i0 in range(C // uc):
-                        for i1 in T.unroll(uc):
-                            for r in T.unroll(rk):
-                                for j in T.unroll(tc):
-                                    acc[r * tc + j] = acc[r * tc + j] + X[
-                                        i0 * uc + i1, tx // ct + rows * r] * N[i0 * uc + i1, tx % ct + ct * j]
-                    for r in T.unroll(rk):
-                        for j in T.unroll(tc):
-                            S[tx // ct + rows * r, tx % ct + ct * j] = acc[r * tc + j]
-                    T.tvm_storage_sync("shared")
-                for r in T.unroll(rk):
-                    for j in T.unroll(tc):
-                        S1[head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = S[
-                            tx // ct + rows * r, tx % ct + ct * j]
-    return chunk_scan_function(steps, batch, C, K, V, Kg, dtype, body)
+                            Vn[(n,) + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = N[
+                                tx // ct + rows * r, tx % ct + ct * j]
+                    update(S, N, X, Kte, LD, acc, n, bx, tx)
+                store_state(S1, S, (), bx, tx)
+
+    if split:
+        return chunk_states_function(steps, batch, C, K, V, Kg, dtype, states_body)
+    return chunk_scan_function(steps, batch, C, K, V, Kg, dtype, scan_body)
+
+
+def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str):
+    """The chunk scan's function (fused_signatures.chunk_scan_function) with this kernel's loop nest."""
+    return _kernel(steps, batch, C, K, V, Kg, layout, dtype, split=False)
+
+
+def chunk_states_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str):
+    """chunk_states' function (fused_signatures.chunk_states_function): chunk_scan's loop without
+    the output's products, storing each chunk's starting state and v_new instead."""
+    return _kernel(steps, batch, C, K, V, Kg, layout, dtype, split=True)

@@ -35,6 +35,43 @@ def chunk_scan_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: in
     return kernel
 
 
+def chunk_states_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str, body):
+    """body(S0, W, U, Kte, LD, S1, St, N): the final state S1 [*batch, K, V], each chunk's starting
+    state St [steps, *batch, K, V] and v_new N [steps, *batch, C, V] from S0 and the per-step
+    operands W, Kte [steps, *batch, C, K], U [steps, *batch, C, V], LD [steps, *batch, Kg, 1]."""
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(s0: T.handle, w: T.handle, u: T.handle, kte: T.handle, ld: T.handle, s1: T.handle,
+               st: T.handle, vn: T.handle):
+        T.func_attr(ATTRS)
+        S0 = T.match_buffer(s0, (*batch, K, V), dtype)
+        W = T.match_buffer(w, (steps, *batch, C, K), dtype)
+        U = T.match_buffer(u, (steps, *batch, C, V), dtype)
+        Kte = T.match_buffer(kte, (steps, *batch, C, K), dtype)
+        LD = T.match_buffer(ld, (steps, *batch, Kg, 1), dtype)
+        S1 = T.match_buffer(s1, (*batch, K, V), dtype)
+        St = T.match_buffer(st, (steps, *batch, K, V), dtype)
+        N = T.match_buffer(vn, (steps, *batch, C, V), dtype)
+        with T.sblock("root"):
+            body(S0, W, U, Kte, LD, S1, St, N)
+    return kernel
+
+
+def chunk_output_function(steps: int, batch: tuple, C: int, K: int, V: int, dtype: str, body):
+    """body(Qd, St, A, N, O): O [steps, *batch, C, V] from Qd [steps, *batch, C, K], the starting
+    states St [steps, *batch, K, V], A [steps, *batch, C, C] and v_new N [steps, *batch, C, V]."""
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(qd: T.handle, st: T.handle, aqk: T.handle, vn: T.handle, o: T.handle):
+        T.func_attr(ATTRS)
+        Qd = T.match_buffer(qd, (steps, *batch, C, K), dtype)
+        St = T.match_buffer(st, (steps, *batch, K, V), dtype)
+        A = T.match_buffer(aqk, (steps, *batch, C, C), dtype)
+        N = T.match_buffer(vn, (steps, *batch, C, V), dtype)
+        O = T.match_buffer(o, (steps, *batch, C, V), dtype)
+        with T.sblock("root"):
+            body(Qd, St, A, N, O)
+    return kernel
+
+
 def token_step_function(shapes: dict, dtype: str, body, state_align: int = -1):
     """body(S0, D, Kc, Kr, Qr, Vv, B, QK, S1, O): the new state S1 and the output O from the
     state S0 and the step's vectors, each in its own shape `shapes[role]` (dnir.fused.STEP_ROLES,

@@ -26,7 +26,8 @@ Relax itself and runs a loop function, tagged with its `loop_body`, as a loop.
 
 The fused ops (dnir/fused.py) that a GPU target's pipeline put in the graph
 are lowered through this table too, each to one hand-written kernel: the
-delta rule's loop over chunks (chunk_scan.py) and a decode step (token_step.py).
+delta rule's loop over chunks (chunk_scan.py; on GPUs split into its sequential part,
+chunk_scan.py, and a chunk-parallel output, chunk_output.py) and a decode step (token_step.py).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from dnir.graph import Graph, Node
 from dnir.ops import table_entry
 from dnir.types import DTYPES
 
-from . import chunk_scan, cpu_chunk_scan, cpu_intra_chunk, cpu_token_step, kernels, token_step
+from . import chunk_output, chunk_scan, cpu_chunk_scan, cpu_intra_chunk, cpu_token_step, kernels, token_step
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -443,6 +444,27 @@ def _lower_chunk_scan(tr, node, args):
     gv = tr.prim(("chunk_scan", steps, batch, C, K, V, Kg, layout, dtype),
                  lambda: chunk_scan.chunk_scan_kernel(steps, batch, C, K, V, Kg, layout, dtype))
     return _call_fused(tr, node, gv, args)
+
+
+@lowers("chunk_states")
+def _lower_chunk_states(tr, node, args):
+    """The sequential part of the loop over chunks as one GPU kernel (chunk_scan.py): [final state,
+    starting states, v_new]."""
+    steps, batch, C, K, V, Kg = chunk_scan.sizes(node)
+    dtype, layout = TVM_DTYPES[node.inputs[0].dtype], chunk_scan.layout(C, K, V)
+    gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, layout, dtype),
+                 lambda: chunk_scan.chunk_states_kernel(steps, batch, C, K, V, Kg, layout, dtype))
+    return _call_fused(tr, node, gv, args)
+
+
+@lowers("chunk_output")
+def _lower_chunk_output(tr, node, args):
+    """Every chunk's output at once, one GPU kernel (chunk_output.py)."""
+    steps, batch, C, K, V = chunk_output.sizes(node)
+    dtype, bv = TVM_DTYPES[node.inputs[0].dtype], chunk_output.layout(C, K, V)
+    gv = tr.prim(("chunk_output", steps, batch, C, K, V, bv, dtype),
+                 lambda: chunk_output.chunk_output_kernel(steps, batch, C, K, V, bv, dtype))
+    return tr.emit(relax.op.call_tir(gv, list(args), tr.tensor_type(node.type)))
 
 
 @lowers("intra_chunk")

@@ -121,6 +121,11 @@ def _both(b, results):
 _CHUNKS = dict(s0=_spec((2, 16, 16)), w=_spec((3, 2, 16, 16)), u=_spec((3, 2, 16, 16)), qd=_spec((3, 2, 16, 16)),
                aqk=_spec((3, 2, 16, 16)), kte=_spec((3, 2, 16, 16)), ld=_spec((3, 2, 16, 1), "positive"))
 case("chunk_scan", **_CHUNKS)(lambda b, **x: _both(b, fused.chunk_scan(*x.values())))
+_STATES = {k: _CHUNKS[k] for k in ("s0", "w", "u", "kte", "ld")}
+case("chunk_states", **_STATES)(lambda b, **x: _both(b, fused.chunk_states(*x.values())))
+_OUTPUT = dict(qd=_spec((3, 2, 32, 16)), starts=_spec((3, 2, 16, 32)), aqk=_spec((3, 2, 32, 32)),
+               v_new=_spec((3, 2, 32, 32)))       # C=32, K=16, V=32: the GPU kernel takes it
+case("chunk_output", **_OUTPUT)(lambda b, **x: fused.chunk_output(*x.values()))
 _STEP = dict(s=_spec((2, 3, 16, 32)), a=_spec((2, 3, 1, 1), "positive"), kc=_spec((2, 3, 16, 1)),
              kr=_spec((2, 3, 1, 16)), qr=_spec((2, 3, 16)), v=_spec((2, 3, 32)), beta=_spec((2, 3, 1), "positive"),
              qk=_spec((2, 3)))

@@ -1,4 +1,5 @@
-"""The NumPy reference kernels of the fused ops (chunk_scan, token_step) against their expansions
+"""The NumPy reference kernels of the fused ops (chunk_states and chunk_output: a chunk_scan split
+where the target has kernels for both, as NumPy has; token_step) against their expansions
 into primitive ops and against the float64 recurrent oracle, on fresh random inputs: GQA, a
 partial last chunk, a gate per key channel, packed sequences of different lengths, strong gates."""
 import numpy as np
@@ -28,8 +29,9 @@ def _layer(case):
     graph = passes.optimize(build_delta_net(cfg), "O2")
     with registry.target_context("numpy"):         # NumPy has a kernel for every fused op
         fused_graph = passes.optimize(graph, ["fuse_delta_steps"])
-    op = "token_step" if options.get("mode") == "decode" else "chunk_scan"
-    assert fused_graph.op_histogram()[op] == (cfg.num_sequences if cfg.cu_seqlens else 1)   # a loop per sequence
+    ops = ["token_step"] if options.get("mode") == "decode" else ["chunk_states", "chunk_output"]
+    for op in ops:    # a loop per sequence
+        assert fused_graph.op_histogram()[op] == (cfg.num_sequences if cfg.cu_seqlens else 1)
     return cfg, fused_graph
 
 
@@ -43,7 +45,7 @@ def _inputs(cfg, rng, scale):
 def test_reference_kernels_match_their_expansion(case, scale, rng):
     cfg, fused_graph = _layer(case)
     expanded, changed = passes.PASSES["expand_fused"].fn(fused_graph)
-    assert changed and not {"chunk_scan", "token_step"} & set(expanded.op_histogram())
+    assert changed and not {"chunk_scan", "chunk_states", "chunk_output", "token_step"} & set(expanded.op_histogram())
     x = _inputs(cfg, rng, scale)
     for out, ref in zip(run(fused_graph, x, float64=True), run(expanded, x, float64=True)):
         assert relative_rms_error(out, ref) < 1e-13

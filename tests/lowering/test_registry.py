@@ -68,7 +68,7 @@ def test_fused_ops_are_kept_where_a_kernel_takes_them_and_expanded_elsewhere(cas
         return run_reference(graph, inputs)
     registry.register(registry.Backend("plain", ("plain",), run_plain, Target))     # no kernel of its own
     cfg, fused = _layer(case)
-    op = "token_step" if "decode" in case else "chunk_scan"
+    op = "token_step" if "decode" in case else "chunk_states"   # the loop over chunks, split as on GPUs
     assert registry.prepare(fused, "numpy") is fused                       # a reference kernel for each
     assert registry.prepare(fused, "cuda").op_histogram()[op] == 1        # the CUDA kernel takes it
     x = _inputs(cfg, rng, 1.0)

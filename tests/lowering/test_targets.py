@@ -72,7 +72,7 @@ def _fused_delta_kernels():
 
 
 @pytest.mark.parametrize("graph,kernels", [(build_all, ["solve_tri"]),
-                                           (_fused_delta_kernels, ["chunk_scan_kernel", "token_step_kernel"])],
+                                           (_fused_delta_kernels, ["chunk_states_kernel", "chunk_output_kernel", "token_step_kernel"])],
                          ids=["conformance-table", "fused-delta-kernels"])
 def test_cuda_source_for_sm90_compiles_to_ptx(graph, kernels, tmp_path):
     """The graph compiled for sm_90; nvcc (where present) turns it into PTX."""

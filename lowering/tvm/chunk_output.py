@@ -1,0 +1,117 @@
+"""Every chunk's output (the fused op `chunk_output`, dnir/fused.py) as one GPU kernel.
+
+    o[n] = q_decayed[n] starts[n] + aqk[n] v_new[n]
+
+Inside the loop over chunks (chunk_scan.py) these two products sit on the
+sequential path: each chunk waits for them. Split off (chunk_states computes
+only each chunk's starting state and v_new), they are independent per chunk
+and head, so this kernel runs them all at once: a thread block per (chunk,
+head, BV value columns), the chunk's C output rows. The two products are one
+sum over K + C terms, in slices of KT: per slice the block stages q_decayed's
+C x KT columns and the state's KT x BV rows (then aqk's and v_new's) into
+shared memory with coalesced loads, and each thread accumulates a 4 x 4 tile
+of outputs in registers (rows ty + TR r, columns tx + TC j: a warp reads one
+or two rows of the staged left operand, a broadcast, and consecutive words of
+the right one).
+"""
+from __future__ import annotations
+
+import math
+
+from tvm.script import tirx as T
+
+from dnir.graph import Node
+
+from .fused_signatures import chunk_output_function
+from .kernels import unravel_index
+
+TILE = 4            # outputs per thread along rows and along columns
+KT = 16             # terms of the sum staged at once
+MAX_BV = 64         # value columns per block
+
+
+def sizes(node: Node):
+    """(steps, batch, C, K, V) of a chunk_output node."""
+    qd, starts, *_ = node.inputs
+    steps, *batch, K, V = starts.shape
+    return steps, tuple(batch), qd.shape[-2], K, V
+
+
+def layout(C: int, K: int, V: int):
+    """BV, the value columns of a block, or None when the sizes do not split into blocks of
+    4 x 4 tiles, 32 threads or more and slices of KT."""
+    bv = max((d for d in range(TILE, MAX_BV + 1, TILE) if V % d == 0), default=0)
+    threads = (C // TILE) * (bv // TILE)
+    if bv == 0 or C % TILE or C % KT or K % KT or not 32 <= threads <= 1024:
+        return None
+    return bv
+
+
+def rejects(node: Node, target) -> str | None:
+    """None when this kernel runs the chunk_output `node` on `target`, else why not."""
+    _, _, C, K, V = sizes(node)
+    dtype = node.inputs[0].dtype
+    if target.dtypes is not None and dtype not in target.dtypes:
+        return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
+    bv = layout(C, K, V)
+    if bv is None:
+        return (f"C={C}, K={K}, V={V} do not split into {TILE} x {TILE} tiles of 32 to 1024 threads a block "
+                f"and sums in slices of {KT}")
+    need = 4 * KT * (C + bv)
+    if target.shared_bytes is not None and need > target.shared_bytes:
+        return f"a thread block needs {need} B of shared memory, the target has {target.shared_bytes} B"
+    return None
+
+
+def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: int, dtype: str):
+    """chunk_output's function (fused_signatures.chunk_output_function) with this kernel's loop nest."""
+    heads = math.prod(batch)
+    tiles = V // bv
+    tr, tc = C // TILE, bv // TILE         # threads along rows and along columns
+    threads = tr * tc
+
+    def at(bx, row, col):                  # element (row, col) of block bx's chunk and head
+        return (bx // (heads * tiles),) + unravel_index(bx // tiles % heads, batch) + (row, col)
+
+    def rounds(count):
+        return -(-count // threads)
+
+    @T.macro
+    def stage(X, Y, left, right, k0, bx, tx):
+        """X = left[:, k0 : k0 + KT] (C x KT), Y = right[k0 : k0 + KT, the block's columns]."""
+        for e in T.unroll(rounds(C * KT)):
+            if e * threads + tx < C * KT:
+                X[(e * threads + tx) // KT, (e * threads + tx) % KT] = left[at(
+                    bx, (e * threads + tx) // KT, k0 + (e * threads + tx) % KT)]
+        for e in T.unroll(rounds(KT * bv)):
+            if e * threads + tx < KT * bv:
+                Y[(e * threads + tx) // bv, (e * threads + tx) % bv] = right[at(
+                    bx, k0 + (e * threads + tx) // bv, bx % tiles * bv + (e * threads + tx) % bv)]
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def add_product(acc, X, Y, left, right, length, bx, tx):
+        """acc += left[rows, :length] right[:length, columns], KT terms at a time."""
+        for k0 in range(length // KT):
+            stage(X, Y, left, right, k0 * KT, bx, tx)
+            for kk in T.unroll(KT):
+                for r in T.unroll(TILE):
+                    for j in T.unroll(TILE):
+                        acc[r * TILE + j] = acc[r * TILE + j] + X[tx // tc + tr * r, kk] * Y[kk, tx % tc + tc * j]
+            T.tvm_storage_sync("shared")     # every read of X and Y is done before the next slice
+
+    @T.macro
+    def body(Qd, St, A, N, O):
+        for bx in T.thread_binding(steps * heads * tiles, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                X = T.alloc_shared((C, KT), dtype)
+                Y = T.alloc_shared((KT, bv), dtype)
+                acc = T.alloc_local((TILE * TILE,), dtype)
+                for i in T.unroll(TILE * TILE):
+                    acc[i] = T.float32(0)
+                add_product(acc, X, Y, Qd, St, K, bx, tx)
+                add_product(acc, X, Y, A, N, C, bx, tx)
+                for r in T.unroll(TILE):
+                    for j in T.unroll(TILE):
+                        O[at(bx, tx // tc + tr * r, bx % tiles * bv + tx % tc + tc * j)] = acc[r * TILE + j]
+    return chunk_output_function(steps, batch, C, K, V, dtype, body)
