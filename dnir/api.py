@@ -13,7 +13,13 @@ and options; `target` names the backend that runs it. On "numpy" it runs in
 its memory-planned compute buffer (lowering/numpy_arena: the reference
 executor's arithmetic, bit for bit, without fresh memory per op); the buffer
 is kept between calls, and `dnir.lowering.numpy_arena.release_compute_buffer()`
-frees it.
+frees it. On "cuda", torch CUDA tensors stay on the GPU: they cross into TVM and
+back by DLPack, without a copy (a tensor that is not contiguous, or not 64-byte
+aligned, or in another dtype than the graph reads is converted on the GPU first),
+on torch's current stream. The compiled module comes from the module cache
+(lowering/module_cache.py, `$DNIR_CACHE/tvm`), so a machine with the TVM runtime
+alone runs the layers a machine with TVM's compiler put there; without the
+compiler a layer missing from it is a BackendError that says how to add it.
 
 Inputs are checked before anything runs (the README's "What dnir checks and
 guarantees" lists it all): shapes, dtypes, finite values, and the model's domain.
@@ -21,7 +27,9 @@ A gate g > 0 is a growing state, outside the model (a log-decay is <= 0): an
 `InputError` naming the first such position, unless `allow_positive_gates=True`.
 beta * |k|^2 >= 2 makes the delta rule unstable: one `InputWarning` per call naming
 the worst token. An output that is not finite although every input is (a float32
-overflow) is a `NumericError`, never returned. dnir computes the forward pass only:
+overflow) is a `NumericError`, never returned. On the GPU the checks are reductions
+there, read back once with the outputs' (one synchronisation per call): a bad input
+still raises its error, and no output is returned. dnir computes the forward pass only:
 torch tensors that require grad while autograd is on are refused (under
 `torch.no_grad()` they are read as values).
 """
@@ -92,21 +100,22 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
         if args[name] is None:
             raise InputError(f"{fn}: {name} is None; expected an array (q, k, v, g and beta are required)")
     _refuse_autograd(args, fn)
+    if args["target"] == "cuda" and torch_like is not None and _on_gpu(torch_like):
+        return _delta_rule_on_device(variant, form, fn, args)
     arrays = {name: _to_numpy(args[name], name, fn)
               for name in ("q", "k", "v", "g", "beta", "initial_state") if args[name] is not None}
     cu = None if args["cu_seqlens"] is None else _cu_seqlens(args["cu_seqlens"], fn)
     cfg = _config(variant, form, fn, arrays, cu, args)
-    for name, a in arrays.items():
-        _check_finite(a, name, fn)
-    if not args["allow_positive_gates"]:
-        _check_gates(arrays["g"], fn)
-    if not cfg.l2norm:
-        _warn_unstable(arrays["k"], arrays["beta"], fn)
+    _host_checks(arrays, cfg, fn, args["allow_positive_gates"])
     graph = compiled_graph(cfg, args["opt"], args["target"])
     if args["target"] == "numpy":
         from .lowering.numpy_arena import graph_plan, run_planned
         check_fits_memory(fn, graph_plan(graph).peak_bytes, sum(a.nbytes for a in arrays.values()))
         outputs = run_planned(graph, arrays)[0]
+    elif args["target"] == "cuda":
+        from .lowering.runtime_loader import cuda_vm, run_executable
+        vm, _, dev = cuda_vm(graph)
+        outputs = run_executable(vm, dev, [arrays[n] for n in graph.input_names])
     else:
         from .lowering import run
         outputs = run(graph, arrays, target=args["target"])
@@ -122,6 +131,89 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
         if state is not None:
             state = _to_torch(state, torch_like)
     return o, state
+
+
+def _delta_rule_on_device(variant: str, form: str, fn: str, args: dict):
+    """torch tensors on a GPU: checked, converted and run there, by DLPack both ways."""
+    import torch
+
+    from .lowering.runtime_loader import run_dlpack
+    q = args["q"]
+    tensors = {name: _on_device(args[name], name, fn, q.device)
+               for name in ("q", "k", "v", "g", "beta", "initial_state") if args[name] is not None}
+    cu = None if args["cu_seqlens"] is None else _cu_seqlens(args["cu_seqlens"], fn)
+    cfg = _config(variant, form, fn, tensors, cu, args)
+    graph = compiled_graph(cfg, args["opt"])
+    wanted = dict(zip(graph.input_names, graph.input_types))
+    inputs = [_aligned(tensors[n].to(_TORCH_DTYPES[wanted[n].dtype])) for n in graph.input_names]
+    checks = _device_checks(tensors, cfg, args["allow_positive_gates"])
+    stream = torch.cuda.current_stream(q.device).cuda_stream if q.device.type == "cuda" else None
+    outputs = [torch.from_dlpack(o) for o in run_dlpack(graph, inputs, device=q.device.index or 0, stream=stream)]
+    flags = torch.stack(checks + [torch.isfinite(o.sum(dtype=torch.float32)) for o in outputs]).tolist()
+    if not all(flags):      # the host checks find what failed and say it; they raise or warn
+        arrays = {name: _to_numpy(t, name, fn) for name, t in tensors.items()}
+        _host_checks(arrays, cfg, fn, args["allow_positive_gates"], calls=3)
+        for name, out in zip(graph.output_names, outputs):
+            _check_output(_to_numpy(out, name, fn), name, fn, arrays)
+    o = outputs[0].to(q.dtype)
+    return o, (outputs[1] if cfg.final_state else None)
+
+
+def _on_gpu(tensor) -> bool:
+    return tensor.device.type != "cpu"
+
+
+_TORCH_DTYPES = {}      # dnir dtype -> torch dtype, filled when torch is first imported here
+ALIGNMENT = 64          # bytes: TVM's kernels assume their tensors this aligned
+
+
+def _on_device(x, name, fn, device):
+    """A tensor of the call on q's device, in the dtype the graph reads (half q, k, v and beta
+    stay half; every other float is read as float32)."""
+    import torch
+    if not _TORCH_DTYPES:
+        _TORCH_DTYPES.update(f32=torch.float32, bf16=torch.bfloat16, f16=torch.float16)
+    if type(x).__module__.startswith("torch"):
+        if x.device != device:
+            raise InputError(f"{fn}: {name} is on {x.device}, q on {device}; expected every tensor on one device")
+    else:
+        x = torch.as_tensor(np.asarray(x), device=device)
+    if not x.dtype.is_floating_point:
+        raise InputError(f"{fn}: {name} has dtype {x.dtype}; expected a floating-point tensor")
+    half = x.dtype in (torch.bfloat16, torch.float16) and name in ("q", "k", "v", "beta")
+    return x.detach() if half or x.dtype == torch.float32 else x.detach().float()
+
+
+def _aligned(x):
+    """x contiguous and 64-byte aligned (a copy on its device only when it is not)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % ALIGNMENT == 0 else x.clone()
+
+
+def _device_checks(tensors: dict, cfg: DeltaNetConfig, allow_positive_gates: bool) -> list:
+    """The host checks' verdicts as 0-d bool tensors computed where the tensors are (nothing read
+    back yet): every input's sum finite, no gate above zero, beta * |k|^2 below 2."""
+    import torch
+    checks = [torch.isfinite(t.sum(dtype=torch.float32)) for t in tensors.values()]
+    if not allow_positive_gates:
+        checks.append(tensors["g"].max() <= 0)
+    if not cfg.l2norm:
+        k, beta = tensors["k"].float(), tensors["beta"].float()
+        ksq = (k * k).sum(-1)
+        group = beta.shape[2] // k.shape[2]
+        checks.append((beta.reshape(*ksq.shape, group) * ksq[..., None]).max() < 2)
+    return checks
+
+
+def _host_checks(arrays: dict, cfg: DeltaNetConfig, fn: str, allow_positive_gates: bool, calls: int = 2):
+    """Raise on a non-finite input or a gate above zero, warn on unstable keys; `calls`: frames
+    between the user's call and this one (the warning points at the user's line)."""
+    for name, a in arrays.items():
+        _check_finite(a, name, fn)
+    if not allow_positive_gates:
+        _check_gates(arrays["g"], fn)
+    if not cfg.l2norm:
+        _warn_unstable(arrays["k"], arrays["beta"], fn, stacklevel=calls + 3)
 
 
 def _config(variant, form, fn, arrays, cu, args) -> DeltaNetConfig:
@@ -223,8 +315,9 @@ def _to_torch(a: np.ndarray, like):
     return t.to(device=like.device)
 
 
-def _layer_dtype(q: np.ndarray) -> str:
-    return _HALF.get(q.dtype.name, "f32")
+def _layer_dtype(q) -> str:
+    """The layer's dtype from q's (a NumPy array's, or a torch tensor's: torch.bfloat16)."""
+    return _HALF.get(getattr(q.dtype, "name", str(q.dtype).removeprefix("torch.")), "f32")
 
 
 def _cu_seqlens(cu, fn) -> tuple[int, ...]:
@@ -273,7 +366,7 @@ def _check_gates(g: np.ndarray, fn: str):
                          f"allow_positive_gates=True to run a growing state anyway)")
 
 
-def _warn_unstable(k: np.ndarray, beta: np.ndarray, fn: str):
+def _warn_unstable(k: np.ndarray, beta: np.ndarray, fn: str, stacklevel: int):
     """The delta rule contracts the state along k only while beta * |k|^2 < 2 (the step
     is I - beta k k^T); one warning per call, naming the worst token."""
     k, beta = k.astype(np.float32, copy=False), beta.astype(np.float32, copy=False)   # einsum has no bfloat16
@@ -287,7 +380,7 @@ def _warn_unstable(k: np.ndarray, beta: np.ndarray, fn: str):
         warnings.warn(f"{fn}: beta * |k|^2 = {value:.4g} >= 2 at batch {b}, token {t}, value head {h * group + j} "
                       f"(the worst of {int(np.count_nonzero(stiffness >= 2))}): the delta rule is unstable there; "
                       f"normalise k (use_qk_l2norm_in_kernel=True) or keep beta * |k|^2 < 2",
-                      InputWarning, stacklevel=4)
+                      InputWarning, stacklevel=stacklevel)
 
 
 def _check_output(out: np.ndarray, name: str, fn: str, arrays: dict):

@@ -5,10 +5,10 @@ type and attribute) and the target, so structurally equal graphs built twice
 share one executable.
 
 On llvm, `run_llvm` also keeps the compiled library on disk, in
-`$DNIR_CACHE/tvm` (default `~/.cache/dnir`), named for the graph's hash, the
-target (with the host CPU), TVM's version and the sources of this package (the
-kernels and schedules): a second process loads it instead
-of compiling. Arrays cross into TVM without a copy where TVM's kernels can read
+`$DNIR_CACHE/tvm` (lowering/module_cache.py: keyed by the graph's hash, the
+target with the host CPU, TVM's version and the sources of the kernels,
+schedules and target passes): a second process loads it instead of compiling.
+Arrays cross into TVM without a copy where TVM's kernels can read
 them in place (contiguous, 64-byte aligned, or any alignment for an input that
 only a kernel declared for it reads: a decode step's state) and the outputs come back as NumPy
 views of TVM's tensors; an unaligned input is copied into an aligned buffer kept
@@ -17,9 +17,6 @@ step's 128 MiB state at B = 64 that was 56 ms, the step itself 10 ms).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
 import threading
 import warnings
 import weakref
@@ -32,8 +29,7 @@ from tvm import relax
 
 from dnir.errors import BackendError
 from dnir.graph import Graph
-from dnir.lowering.ggml.build import cache_root
-from dnir.text import print_graph
+from dnir.lowering.module_cache import graph_hash, module_path, write_atomically
 from dnir.types import numpy_dtype
 
 from . import cpu_token_step
@@ -44,18 +40,9 @@ _CACHE: dict[tuple[str, str], object] = {}
 _VMS: dict[str, object] = {}          # library name -> its VM (loading a library runs no compiler)
 _GRAPH_VMS: "weakref.WeakKeyDictionary[Graph, object]" = weakref.WeakKeyDictionary()   # no hashing per call
 _UNALIGNED: "weakref.WeakKeyDictionary[Graph, frozenset]" = weakref.WeakKeyDictionary()
-_HASHES: "weakref.WeakKeyDictionary[Graph, str]" = weakref.WeakKeyDictionary()
 _STAGING: dict[tuple, list[np.ndarray]] = {}    # (shape, dtype) -> aligned input buffers not in use
 _LOCK = threading.Lock()
 ALIGNMENT = 64      # bytes: TVM's compiled kernels assume tensors this aligned
-
-
-def graph_hash(graph: Graph) -> str:
-    """The hash of the graph's printed text, printed once per graph object."""
-    found = _HASHES.get(graph)
-    if found is None:
-        found = _HASHES[graph] = hashlib.sha256(print_graph(graph).encode()).hexdigest()
-    return found
 
 
 def make_target(target: str, arch: str = DEFAULT_CUDA_ARCH) -> tvm.target.Target:
@@ -128,19 +115,9 @@ def _find_module(mod, kind):
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _lowering_hash() -> str:
-    """The hash of this package's sources: a library made by other kernels or schedules is not reused."""
-    digest = hashlib.sha256()
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(source.read_bytes())
-    return digest.hexdigest()
-
-
 def library_path(graph: Graph) -> Path:
     """Where the llvm library of `graph` is kept between processes."""
-    key = f"{graph_hash(graph)} {make_target('llvm')} tvm-{tvm.__version__} {_lowering_hash()}"
-    return cache_root() / "tvm" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
+    return module_path(graph, str(make_target("llvm")))
 
 
 def _llvm_vm(graph: Graph):
@@ -162,10 +139,7 @@ def _llvm_vm(graph: Graph):
     else:
         module = build(graph, "llvm")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.so")
-            module.export_library(str(partial))
-            partial.replace(path)       # atomic: another process never loads a half-written file
+            write_atomically(path, module.export_library)
         except Exception as e:  # noqa: BLE001 - no compiler or no space: run from memory, say so
             warnings.warn(f"dnir: the compiled module is not kept in {path.parent} ({e}); "
                           f"the next process compiles it again", RuntimeWarning, stacklevel=3)

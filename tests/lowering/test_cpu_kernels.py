@@ -126,7 +126,7 @@ def test_a_second_process_loads_the_compiled_library(tmp_path):
     script = (
         "import numpy as np\n"
         "from dnir import passes\n"
-        "from dnir.lowering import registry\n"
+        "from dnir.lowering import module_cache, registry\n"
         "from dnir.lowering.tvm import compile\n"
         "from dnir.models import build_delta_net, preset, random_inputs\n"
         "cfg = preset('kimi-linear', heads=2, value_heads=2, head_dim=32, value_dim=64, batch=2, seq_len=1,\n"
@@ -134,7 +134,7 @@ def test_a_second_process_loads_the_compiled_library(tmp_path):
         "graph = passes.optimize(build_delta_net(cfg), 'O2')\n"
         "o, state = registry.run(graph, random_inputs(cfg, 0), target='llvm')\n"
         "path = compile.library_path(registry.prepare(graph, 'llvm'))\n"
-        "print(len(compile._CACHE), path.parent == compile.cache_root() / 'tvm', path.exists(), float(o.sum()))\n")
+        "print(len(compile._CACHE), path.parent == module_cache.cache_dir(), path.exists(), float(o.sum()))\n")
     env = dict(os.environ, DNIR_CACHE=str(tmp_path))
     runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
             for _ in range(2)]
