@@ -18,6 +18,14 @@ FLOAT_DTYPES = frozenset({"f16", "bf16", "f32", "f64"})
 # The largest relative error of rounding to nearest into each float dtype (half an ulp at 1):
 # the error a result stored in it carries however exactly it was computed.
 UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "f16": 2.0 ** -11, "f32": 2.0 ** -24, "f64": 2.0 ** -53}
+HALF_DTYPES = frozenset({"f16", "bf16"})
+
+
+def accumulation_dtype(dtype: str) -> str:
+    """The dtype a reduction over `dtype` values (sum, cumsum, matmul, solve_tri) adds in: float32
+    for half precision, rounded once into the result, as GPUs compute (a product of two bf16 or
+    fp16 values is exact in float32; 64 sums in half precision would lose most of its bits)."""
+    return "f32" if dtype in HALF_DTYPES else dtype
 INT_DTYPES = frozenset({"i32", "i64"})
 
 

@@ -25,7 +25,7 @@ from dnir.analysis.memory import Block, Loc, MemoryPlan, plan as make_plan
 from dnir.errors import BackendError
 from dnir.graph import Graph
 from dnir.ops import check_table, table_entry
-from dnir.types import numpy_dtype
+from dnir.types import HALF_DTYPES, numpy_dtype
 
 from .numpy_backend import _BINARY, _UNARY, KERNELS, missing_ops, prepare_inputs
 
@@ -179,6 +179,11 @@ def _region(node, out, dst, src):
         out[region] += src
 
 
+# Reductions of half values add in float32 and round once (dnir.types.accumulation_dtype): the
+# reference kernel's float32 temporaries, then one copy into the block.
+HALF_IN_FLOAT32 = frozenset({"sum", "cumsum", "matmul", "solve_tri"})
+
+
 # input, item: bytes already in place; scan: run by _scan; a fused op runs its NumPy
 # reference kernel out of place, its results copied to their planned blocks.
 check_table("the arena executor's OUT_KERNELS (lowering/numpy_arena.py)",
@@ -231,6 +236,8 @@ def _execute(mp: MemoryPlan, arena: _Arena, base: int, regions: dict) -> list[np
         if node.op == "where":
             in_place = next((i for i in (1, 2) if mp.locs[id(node.inputs[i])] == loc), None)
             _where(node, out, *operands, in_place=in_place)
+        elif node.op in HALF_IN_FLOAT32 and node.dtype in HALF_DTYPES:
+            np.copyto(out, KERNELS[node.op](node, out.dtype, *operands))    # the reference's float32 sums
         else:
             OUT_KERNELS[node.op](node, out, *operands)
     return [values[id(n)] for n in mp.graph.outputs]

@@ -124,14 +124,20 @@ def _cont(node, dt, x):
     return np.array(x, order="C", copy=True)  # a contiguous copy, as the name says
 
 
+# Reductions of half-precision values add in float32 and round once (dnir.types.accumulation_dtype).
+
+def _wide(dt: np.dtype) -> np.dtype:
+    return np.dtype(np.float32) if dt.name in ("float16", "bfloat16") else dt
+
+
 @kernel("sum")
 def _sum(node, dt, x):
-    return np.sum(x, axis=tuple(node.attrs["axes"]), keepdims=node.attrs["keepdims"], dtype=dt)
+    return np.sum(x, axis=tuple(node.attrs["axes"]), keepdims=node.attrs["keepdims"], dtype=_wide(dt)).astype(dt)
 
 
 @kernel("cumsum")
 def _cumsum(node, dt, x):
-    return np.cumsum(x, axis=node.attrs["axis"], dtype=dt)
+    return np.cumsum(x, axis=node.attrs["axis"], dtype=_wide(dt)).astype(dt)
 
 
 @kernel("matmul")
@@ -140,7 +146,7 @@ def _matmul(node, dt, a, b):
         a = np.swapaxes(a, -1, -2)
     if node.attrs["transpose_b"]:
         b = np.swapaxes(b, -1, -2)
-    return np.matmul(a, b).astype(dt, copy=False)
+    return np.matmul(a.astype(_wide(dt), copy=False), b.astype(_wide(dt), copy=False)).astype(dt, copy=False)
 
 
 @kernel("tril")
@@ -160,7 +166,8 @@ def _solve_tri(node, dt, a, b):
     a = np.broadcast_to(a, batch + a.shape[-2:])
     b = np.broadcast_to(b, batch + b.shape[-2:])
     n = a.shape[-1]
-    x = np.zeros(batch + b.shape[-2:], dtype=dt)
+    a, b = a.astype(_wide(dt), copy=False), b.astype(_wide(dt), copy=False)
+    x = np.zeros(batch + b.shape[-2:], dtype=_wide(dt))
     rows = range(n) if node.attrs["lower"] else range(n - 1, -1, -1)
     with np.errstate(all="ignore"):
         for i in rows:
@@ -168,7 +175,7 @@ def _solve_tri(node, dt, a, b):
             # matmul rather than einsum: einsum rejects ml_dtypes' bfloat16.
             r = b[..., i, :] - np.matmul(a[..., i:i + 1, done], x[..., done, :])[..., 0, :]
             x[..., i, :] = r if node.attrs["unit_diagonal"] else r / a[..., i, i, None]
-    return x
+    return x.astype(dt, copy=False)
 
 
 def _region(node, src):
