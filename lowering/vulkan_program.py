@@ -143,7 +143,9 @@ class Runner:
 
     def _write(self, index: int, array: np.ndarray):
         if array.nbytes:
-            self.device.queue.write_buffer(self.buffers[index], 0, np.ascontiguousarray(array).tobytes())
+            data = np.ascontiguousarray(array).tobytes()
+            # copies are whole 4-byte words (an odd count of f16 values is not); buffers are rounded up
+            self.device.queue.write_buffer(self.buffers[index], 0, data + bytes(_round4(len(data)) - len(data)))
 
     def _pipeline(self, kernel: str):
         if kernel not in self._pipelines:

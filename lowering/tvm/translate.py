@@ -42,9 +42,9 @@ from dnir.errors import BackendError
 from dnir.fused import intra_sizes
 from dnir.graph import Graph, Node
 from dnir.ops import table_entry
-from dnir.types import DTYPES
+from dnir.types import DTYPES, HALF_DTYPES
 
-from . import chunk_output, chunk_scan, cpu_chunk_scan, cpu_intra_chunk, cpu_token_step, kernels, token_step
+from . import chunk_output, chunk_scan, cpu_chunk_scan, cpu_intra_chunk, cpu_token_step, intra_chunk, kernels, token_step
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -343,7 +343,21 @@ def _lower_cont(tr, node, args):
     return args[0]  # a copy has no meaning in a value semantics IR
 
 
+def _adds_in_float32(lower):
+    """A reduction of bf16/fp16 values adds in float32 and rounds once (dnir.types.accumulation_dtype),
+    as the NumPy reference does: the operands widened, the float32 lowering, the result narrowed."""
+    def lower_half(tr, node, args):
+        if node.dtype not in HALF_DTYPES:
+            return lower(tr, node, args)
+        wide = Node(node.op, tuple(Node(i.op, i.inputs, i.attrs, i.type.with_dtype("f32")) for i in node.inputs),
+                    node.attrs, node.type.with_dtype("f32"))
+        result = lower(tr, wide, [_emit(tr, relax.op.astype(a, "float32")) for a in args])
+        return _emit(tr, relax.op.astype(result, tr.dtype(node.dtype)))
+    return lower_half
+
+
 @lowers("sum")
+@_adds_in_float32
 def _lower_sum(tr, node, args):
     (x,) = args
     src = node.inputs[0]
@@ -354,6 +368,7 @@ def _lower_sum(tr, node, args):
 
 
 @lowers("cumsum")
+@_adds_in_float32
 def _lower_cumsum(tr, node, args):
     axis = node.attrs["axis"] % node.rank
     outer, length, inner = math.prod(node.shape[:axis]), node.shape[axis], math.prod(node.shape[axis + 1:])
@@ -366,6 +381,7 @@ def _lower_cumsum(tr, node, args):
 
 
 @lowers("matmul")
+@_adds_in_float32
 def _lower_matmul(tr, node, args):
     a, b = args
     if node.attrs["transpose_a"]:
@@ -388,6 +404,7 @@ def _lower_tri(tr, node, args):
 
 
 @lowers("solve_tri")
+@_adds_in_float32
 def _lower_solve_tri(tr, node, args):
     a, b = args
     batch_shape, (n, m) = node.shape[:-2], node.shape[-2:]
@@ -469,9 +486,11 @@ def _lower_chunk_output(tr, node, args):
 
 @lowers("intra_chunk")
 def _lower_intra_chunk(tr, node, args):
-    """The work local to each chunk as one CPU kernel (cpu_intra_chunk.py): its six results."""
+    """The work local to each chunk as one kernel (intra_chunk.py; cpu_intra_chunk.py on llvm): its six
+    results."""
     sizes, dtype = intra_sizes([i.type for i in node.inputs], node.attrs), TVM_DTYPES[node.inputs[0].dtype]
-    gv = tr.prim(("intra_chunk", *sizes, dtype), lambda: cpu_intra_chunk.intra_chunk_kernel(*sizes, dtype))
+    make = intra_chunk.intra_chunk_kernel if tr.gpu else cpu_intra_chunk.intra_chunk_kernel
+    gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype), lambda: make(*sizes, dtype))
     return _call_fused(tr, node, gv, args)
 
 

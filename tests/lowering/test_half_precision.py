@@ -13,19 +13,22 @@ from dnir.lowering.numpy_arena import run_planned
 from dnir.types import numpy_dtype
 
 N = {"bf16": 1000, "f16": 4000}        # exact in the dtype, beyond where its own sums stall (256, 2048)
+# The solve: one value where the dtype's own sums stall, then ones (a short solve, as a chunk's)
+STALL, SOLVE = {"bf16": 256.0, "f16": 2048.0}, 65
 
 
 def _reductions(dtype):
     n = N[dtype]
     b = dnir.Builder(dtype)
     x, row, col = b.input("x", (2, n)), b.input("row", (1, n)), b.input("col", (n, 1))
-    a, rhs = b.input("a", (n, n)), b.input("rhs", (n, 1))
+    a, rhs = b.input("a", (SOLVE, SOLVE)), b.input("rhs", (SOLVE, 1))
     graph = b.build([b.sum(x, axis=-1), b.cumsum(x, axis=1), b.matmul(row, col),
                      b.solve_tri(a, rhs, lower=True, unit_diagonal=True)], names=["sum", "cumsum", "dot", "solve"])
-    # unit lower solve with a last row of -1: x_j = 1 above it, and x_{n-1} = 1 + (n - 1) = n
-    a_val = np.zeros((n, n))
+    # a unit lower solve whose last row is -1: x_j = rhs_j above it, the last x their sum
+    a_val = np.zeros((SOLVE, SOLVE))
     a_val[-1, :-1] = -1.0
-    rhs_val = np.ones((n, 1))
+    rhs_val = np.ones((SOLVE, 1))
+    rhs_val[0], rhs_val[-1] = STALL[dtype], 0.0
     inputs = {"x": np.ones((2, n)), "row": np.ones((1, n)), "col": np.ones((n, 1)), "a": a_val, "rhs": rhs_val}
     return graph, {k: v.astype(numpy_dtype(dtype)) for k, v in inputs.items()}
 
@@ -37,8 +40,9 @@ def _check(outs, dtype):
     assert total.tolist() == [n, n] and dot.tolist() == [[n]]
     assert running[0, -1] == n and np.array_equal(running[0], np.arange(1, n + 1, dtype=np.float64)
                                                     .astype(numpy_dtype(dtype)).astype(np.float64))
-    want = np.ones(n)
-    want[-1] = n
+    want = np.ones(SOLVE)
+    want[0], want[-1] = STALL[dtype], STALL[dtype] + SOLVE - 2       # 256 + 63 -> 320, 2048 + 63 -> 2112
+    want = want.astype(numpy_dtype(dtype)).astype(np.float64)
     assert np.array_equal(solve[:, 0], want)
 
 
@@ -47,3 +51,21 @@ def test_reference_and_arena_add_half_values_in_float32(dtype):
     graph, inputs = _reductions(dtype)
     _check(dnir.run(graph, inputs), dtype)
     _check(run_planned(graph, inputs)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_llvm_adds_half_values_in_float32(dtype):
+    graph, inputs = _reductions(dtype)
+    _check(dnir.run(graph, inputs, target="llvm"), dtype)
+
+
+def test_vulkan_adds_f16_values_in_float32_where_the_device_has_shader_f16():
+    from dnir.errors import BackendError
+    from dnir.lowering.vulkan import dtypes
+    try:
+        if "f16" not in dtypes():
+            pytest.skip("this Vulkan adapter has no shader-f16")
+    except BackendError as e:
+        pytest.skip(str(e))
+    graph, inputs = _reductions("f16")
+    _check(dnir.run(graph, inputs, target="vulkan"), "f16")
