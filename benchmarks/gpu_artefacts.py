@@ -1,78 +1,132 @@
-"""Compile the GPU benchmark's dnir graphs here, for CUDA, into the GPU bundle.
+"""The GPU benchmark's cases, and their dnir graphs compiled here into the GPU bundle.
 
-    .venv/bin/python -m benchmarks.gpu_artefacts --out .gpu/bench
+    .venv/bin/python -m benchmarks.gpu_artefacts --out .gpu            # every case (many minutes)
+    .venv/bin/python -m benchmarks.gpu_artefacts --out .gpu --cases gdn_prefill_b1_t8192_f32
 
-Each case becomes <name>.so (dnir O2 compiled with TVM for cuda sm_90, host
-code plus CUDA source, loaded on the GPU by dnir.lowering.runtime_loader) and
-<name>.json (the layer's sizes and the graph's input and output names, in
-order). Inputs are drawn on the GPU by benchmarks/gpu.py, so nothing large
-travels. Shapes: flash-linear-attention's published (B, T, H, K=V) =
-(1, 8192, 32, 128) prefill for both layers, and decode (T=1) of the gated
-delta rule at B=64 and 256 with 32 heads of 128 x 128 states.
+Each case's layer (dnir O2) is compiled with TVM for cuda sm_90 into the
+module cache under <out>/cache (lowering/module_cache.py: the functional API
+on the GPU machine finds it there with the TVM runtime only, and so does
+benchmarks/gpu.py), with nvcc's fatbin of its kernels beside it. With
+--vulkan, the float32 cases' graphs are also compiled for the vulkan target
+and recorded as programs, <out>/vulkan/<case>.npz (lowering/vulkan_program.py:
+run there by wgpu, without TVM). Inputs are drawn on the GPU, so nothing large
+travels. A case whose layer cannot be built here (a dtype the kernels do not
+take yet) is left out and reported "not built" by the benchmark.
+
+Cases (flash-linear-attention's shapes, K = V = 128, an initial state in and
+the final state out): prefill (B, T) = (1, 8192), (4, 4096), (1, 32768) with
+32 heads for both layers, and Qwen3-Next's GQA layer (16 q/k heads, 32 value
+heads) at (1, 8192); decode (T = 1) of the gated delta rule at B = 64 and 256;
+each in float32 and in bf16 (q, k, v, beta and o; the gate and the state
+float32).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
-HEADS, HEAD_DIM = 32, 128
-CASES = {
-    "gdn_prefill_b1_t8192": dict(variant="gdn", kind="prefill", batch=1, seq_len=8192),
-    "kda_prefill_b1_t8192": dict(variant="kda", kind="prefill", batch=1, seq_len=8192),
-    "gdn_decode_b64": dict(variant="gdn", kind="decode", batch=64, seq_len=1),
-    "gdn_decode_b256": dict(variant="gdn", kind="decode", batch=256, seq_len=1),
-}
+HEAD_DIM = 128
 OPT = "O2"
+PREFILL = {     # name -> (B, T, H, HV)
+    "b1_t8192": (1, 8192, 32, 32),
+    "b4_t4096": (4, 4096, 32, 32),
+    "b1_t32768": (1, 32768, 32, 32),
+    "gqa_b1_t8192": (1, 8192, 16, 32),
+}
+DECODE_BATCHES = (64, 256)
+DTYPES = ("f32", "bf16")
+
+
+def _cases() -> dict[str, dict]:
+    cases = {}
+    for dtype in DTYPES:
+        for shape, (B, T, H, HV) in PREFILL.items():
+            for variant in ("gdn", "kda"):
+                if H != HV and variant == "kda":    # the GQA shape is Qwen3-Next's, a gated delta rule layer
+                    continue
+                cases[f"{variant}_prefill_{shape}_{dtype}"] = dict(variant=variant, kind="prefill", batch=B,
+                                                                   seq_len=T, heads=H, value_heads=HV, dtype=dtype)
+        for B in DECODE_BATCHES:
+            cases[f"gdn_decode_b{B}_{dtype}"] = dict(variant="gdn", kind="decode", batch=B, seq_len=1, heads=32,
+                                                     value_heads=32, dtype=dtype)
+    return cases
+
+
+CASES = _cases()
 
 
 def config(case: dict):
     from dnir.models import DeltaNetConfig
-    return DeltaNetConfig(case["variant"], batch=case["batch"], seq_len=case["seq_len"], heads=HEADS,
-                          value_heads=HEADS, head_dim=HEAD_DIM, value_dim=HEAD_DIM,
+    return DeltaNetConfig(case["variant"], batch=case["batch"], seq_len=case["seq_len"], heads=case["heads"],
+                          value_heads=case["value_heads"], head_dim=HEAD_DIM, value_dim=HEAD_DIM,
                           mode="chunked" if case["kind"] == "prefill" else "decode",
-                          initial_state=True, final_state=True)
+                          initial_state=True, final_state=True, dtype=case["dtype"])
 
 
-def compile_all(out: Path, arch: str, names=None):
+def layer_graph(case: dict):
+    """The graph the functional API runs for this case (the same object key in the module cache)."""
     from dnir.api import compiled_graph
+    return compiled_graph(config(case), OPT)
+
+
+def costs(graph) -> dict:
+    """FLOPs of the layer, and FLOPs and bytes of each fused op of its cuda-prepared graph (by op
+    name, summed over its nodes): the benchmark's achieved TFLOP/s and GB/s of those kernels."""
+    from dnir.analysis.cost import node_bytes, node_flops
+    from dnir.lowering.registry import prepare
+    from dnir.ops import REGISTRY, graph_flops
+    kernels = {}
+    for node in prepare(graph, "cuda").topo_order():
+        if REGISTRY[node.op].expand is not None:
+            entry = kernels.setdefault(node.op, {"flops": 0, "bytes": 0, "nodes": 0})
+            entry["flops"] += node_flops(node)
+            entry["bytes"] += node_bytes(node)
+            entry["nodes"] += 1
+    return {"flops": graph_flops(graph), "kernels": kernels}
+
+
+def compile_all(out: Path, arch: str, names=None, vulkan: bool = False):
+    os.environ["DNIR_CACHE"] = str(out / "cache")     # lowering/module_cache.py reads it per call
     from dnir.lowering.registry import build
-    out.mkdir(parents=True, exist_ok=True)
+    from dnir.lowering.runtime_loader import prebuild
+    costs_path = out / "bench_costs.json"
+    table = json.loads(costs_path.read_text()) if costs_path.exists() else {"layers": {}, "kernels": {}}
     for name, case in CASES.items():
         if names and name not in names:
             continue
         start = time.perf_counter()
-        cfg = config(case)
-        graph = compiled_graph(cfg, OPT)
-        build(graph, "cuda", arch=arch).export_library(str(out / f"{name}.so"))
-        meta = {**case, "heads": cfg.heads, "value_heads": cfg.value_heads, "head_dim": cfg.head_dim,
-                "value_dim": cfg.value_dim, "chunk_size": cfg.chunk_size, "scale": cfg.scale, "opt": OPT,
-                "arch": arch, "input_names": list(graph.input_names), "output_names": list(graph.output_names),
-                "input_shapes": {k: list(v) for k, v in cfg.input_shapes().items()}}
-        (out / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
-        size = (out / f"{name}.so").stat().st_size
-        print(f"{out / name}.so: {size / 2**20:.1f} MiB, compiled in {time.perf_counter() - start:.0f} s", flush=True)
-
-
-def chunk_scan_tile():
-    from dnir.lowering.tvm import chunk_scan
-    return chunk_scan.TILE
+        try:
+            graph = layer_graph(case)
+            path = prebuild(graph, arch)
+        except Exception as e:  # noqa: BLE001 - a layer the kernels do not take yet: the benchmark says "not built"
+            print(f"{name}: not built ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            continue
+        print(f"{name}: {path.name} {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - start:.0f} s",
+              flush=True)
+        counted = costs(graph)
+        table["layers"][name] = {"flops": counted["flops"]}
+        table["kernels"][name] = counted["kernels"]
+        costs_path.write_text(json.dumps(table, indent=1) + "\n")
+        if vulkan and case["dtype"] == "f32":
+            start = time.perf_counter()
+            program = build(graph, "vulkan").program
+            (out / "vulkan").mkdir(parents=True, exist_ok=True)
+            program.save(out / "vulkan" / f"{name}.npz")
+            print(f"{name}: vulkan program, {len(program.dispatches)} dispatches, "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(".gpu") / "bench")
+    p.add_argument("--out", type=Path, default=Path(".gpu"))
     p.add_argument("--arch", default="sm_90")
     p.add_argument("--cases", nargs="*", choices=sorted(CASES), help="only these cases (default: all)")
-    p.add_argument("--chunk-scan-tile", metavar="VTxTC",
-                   help="state columns per thread block and per thread of the fused loop over chunks "
-                        "(lowering/tvm/chunk_scan.py; default %sx%s), to compare schedules" % chunk_scan_tile())
+    p.add_argument("--vulkan", action="store_true", help="also record the float32 cases as Vulkan programs")
     args = p.parse_args(argv)
-    if args.chunk_scan_tile:
-        from dnir.lowering.tvm import chunk_scan
-        chunk_scan.TILE = tuple(int(x) for x in args.chunk_scan_tile.split("x"))
-    compile_all(args.out, args.arch, args.cases)
+    compile_all(args.out, args.arch, args.cases, args.vulkan)
     return 0
 
 
