@@ -1,8 +1,9 @@
 """ggml in the backend registry: target "ggml", ggml's CPU backend.
 
-The pipeline recognises the delta rule's decode step (passes/fuse_delta_steps.py);
-lower.py runs such steps, and scans over them, through ggml_gated_delta_net. The
-loop over chunks has no ggml kernel: the registry expands it into its scan.
+The pipeline recognises the delta rule's decode step and its loop over chunks
+(passes/fuse_delta_steps.py). lower.py runs such steps, and scans over them,
+through ggml_gated_delta_net; ggml has no op for the loop over chunks, which
+lower.py unrolls with the state transposed (no copy per chunk).
 """
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ def _build(graph, target):
     return compile_ggml(graph)
 
 
-def _token_step(node, target):
-    """ggml_gated_delta_net takes float32 steps; lower.py expands the ones not made of raw inputs."""
-    dtype = node.inputs[0].dtype
-    return None if dtype == "f32" else f"ggml_gated_delta_net is float32, the step is {dtype}"
+def _float32(what):
+    def check(node, target):
+        dtype = node.inputs[0].dtype
+        return None if dtype == "f32" else f"{what} is float32, the {node.op} is {dtype}"
+    return check
 
 
-BACKEND = register(Backend("ggml", ("ggml",), _run, lambda target: Target(target, kernels={"token_step": _token_step}),
+# token_step: ggml_gated_delta_net (lower.py expands the steps not made of raw inputs);
+# chunk_scan: unrolled by lower.py in the layouts ggml_mul_mat reads without copies.
+KERNELS = {"token_step": _float32("ggml_gated_delta_net"), "chunk_scan": _float32("the ggml chunk loop")}
+
+BACKEND = register(Backend("ggml", ("ggml",), _run, lambda target: Target(target, kernels=KERNELS),
                            pipeline=("fuse_delta_steps",), build=_build))

@@ -675,6 +675,51 @@ class Lowerer:
               for s, buf, t in zip(stacks, bufs, ys_types)]
         return tuple(carries) + tuple(ys)
 
+    # -- the loop over chunks, unrolled in ggml's layouts --------------------------------------------
+    def op_chunk_scan(self, node, state, w, u, q_decayed, aqk, k_to_end, last_decay):
+        """dnir/fused.py's chunk_scan unrolled with the state kept transposed, R = S^T [V, K] per
+        head (ggml_gated_delta_net's layout). ggml_mul_mat(x, y) is y @ x^T, both read with the
+        contracted axis innermost; with R, v_new^T and k_to_end^T every product of a chunk reads
+        its operands as they are, so a chunk costs no copy. The scan's expansion instead copies
+        S^T twice, v_new^T twice and k_to_end^T once per chunk (a third of its time at T=4096).
+
+            (w S)^T = mul_mat(w, R)          v_new^T = u^T - (w S)^T
+            o = mul_mat(R, q_decayed) + mul_mat(v_new^T, aqk)
+            R' = R last_decay^T + mul_mat(k_to_end^T, v_new^T)
+        u^T and k_to_end^T are made once for all chunks, R from the state once and back once."""
+        n, *batch, c, k = w.shape
+        v = u.shape[-1]
+        p, kg = math.prod(batch), last_decay.shape[-2]
+        r = self.permute(self.as_shape(state, (p, k, v)), (0, 2, 1))
+        u_t = self.permute(self.as_shape(u, (n, p, c, v)), (0, 1, 3, 2))
+        k_t = self.permute(self.as_shape(k_to_end, (n, p, c, k)), (0, 1, 3, 2))
+        o_size = p * c * v
+        o_buf = o = self.new((n * o_size,))
+        r_t = self.view(r, (p, v, k))
+        label = self.where
+        for i in range(n):
+            self.where = f"{label} chunk {i}"
+            self.e.node(self.where)
+            w_i, qd_i, aqk_i, u_ti, k_ti = (self.chunk(x, i) for x in (w, q_decayed, aqk, u_t, k_t))
+            decay_i = self.chunk(self.as_shape(last_decay, (n, p, 1, kg)), i)
+            v_new_t = self.call("ggml_sub", u_ti, self.call("ggml_mul_mat", w_i, r_t))
+            o_i = self.call("ggml_add", self.call("ggml_mul_mat", r_t, qd_i), self.call("ggml_mul_mat", v_new_t, aqk_i))
+            o = self.call("ggml_set_1d_inplace", o, self.call("ggml_reshape_4d", o_i, o_size, 1, 1, 1),
+                          i * o_size * ITEM_SIZE[F32])
+            r_t = self.call("ggml_add", self.call("ggml_mul", r_t, decay_i), self.call("ggml_mul_mat", k_ti, v_new_t))
+        self.where = label
+        r = self.made(r_t, (p, v, k), (p, v, k), state.dtype)
+        final = self.as_shape(self.permute(r, (0, 2, 1)), state.shape)
+        return final, Value(o, node.type[1].shape, ggml_ne((n * o_size,)), o_buf, node.type[1].dtype)
+
+    def chunk(self, x: Value, i: int) -> object:
+        """Chunk i of a contiguous [n, ...] value as a ggml view of x's last 3 (merged) dnir axes."""
+        rest = x.shape[1:]
+        shape = (math.prod(rest[:-2]), *rest[-2:])
+        size = math.prod(shape) * ITEM_SIZE[x.gtype]
+        nb = _padded_nb(shape, _contiguous(shape), ITEM_SIZE[x.gtype])
+        return self.call("ggml_view_4d", x.t, *ggml_ne(shape), *nb[1:], x.offset + i * size)
+
     # -- the delta rule through ggml_gated_delta_net ---------------------------------------------
     # ggml's fused op runs the delta rule token by token over a whole sequence, from the raw
     # q, k, v, log-gate g and beta. A token_step (dnir/fused.py, recognised by the target's
@@ -690,12 +735,16 @@ class Lowerer:
             return self.gated_delta_net(raw, state, 1, node.type[1].shape)
         return self.expanded(node, operands)
 
-    def expanded(self, node, operands) -> tuple:
-        """A fused op through its expansion into primitive ops (dnir/fused.py)."""
+    def expanded(self, node, operands):
+        """A fused op through its expansion into primitive ops (dnir/fused.py): its results, or
+        its one value for an op of one result (chunk_output)."""
         params = [make_node("input", (), {"name": f"x{i}", "shape": x.shape, "dtype": x.dtype})
                   for i, x in enumerate(node.inputs)]
-        body = Graph(params, REGISTRY[node.op].expand(node.replace(inputs=params)))
-        return tuple(self.lower(body, list(operands), f"{self.where} expanded: "))
+        results = REGISTRY[node.op].expand(node.replace(inputs=params))
+        single = isinstance(results, Node)
+        body = Graph(params, [results] if single else results)
+        values = self.lower(body, list(operands), f"{self.where} expanded: ")
+        return values[0] if single else tuple(values)
 
     def token_scan(self, node, operands):
         """The results of a scan over tokens through ggml_gated_delta_net, or None if its body is not

@@ -115,6 +115,18 @@ def test_token_loops_run_as_ggmls_fused_op(variant):
     assert calls("chunked", seq_len=40) == 0
 
 
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+@pytest.mark.parametrize("level", ["O0", "O2"])
+def test_the_loop_over_chunks_copies_nothing_per_chunk(variant, level):
+    """The chunk_scan (recognised by the target's pipeline at any level) is unrolled with the state
+    kept transposed: a chunk's products read their operands as they are, without a ggml_cont."""
+    graph = prepare(dnir.passes.optimize(build(variant, mode="chunked", seq_len=64, **SIZES), level), "ggml")
+    assert graph.op_histogram()["chunk_scan"] == 1
+    source = export_c(graph)
+    chunk = source[source.index(" chunk 1\n"):source.index(" chunk 2\n")]
+    assert chunk.count("ggml_mul_mat(") == 4 and "ggml_cont(" not in chunk
+
+
 @pytest.mark.parametrize("mode,shape", [("decode", dict(seq_len=1, batch=3)), ("recurrent", dict(seq_len=9, batch=2))])
 def test_steps_ggml_cannot_run_fused_are_expanded(rng, mode, shape):
     """ggml_gated_delta_net needs K == V: with V != K the recognised step is expanded (and a scan
