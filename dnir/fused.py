@@ -48,6 +48,13 @@ Each op is multi-result, like `scan`: its results are read with `item`. Its
 step body it stands for), for a backend without a kernel for it; NumPy's
 reference kernels (lowering/numpy_backend.py) are the ops' meaning in code.
 passes/fuse_delta_steps.py recognises them in the pipelines of the targets with kernels for them (GPUs, llvm).
+
+dtypes: an op computes in its widest operand's dtype and returns that (`compute_dtype`; the state
+is always of it). Other operands may be narrower, bf16 or fp16 as a layer's inputs hold them: the
+op widens them as it loads them. That is how "the input is bf16, the arithmetic float32" reaches a
+kernel: the layer widens each half input with an explicit `cast`, and where a target's kernel loads
+half operands itself (`Target.narrow_operands`), passes/fold_widening_casts.py folds the cast into
+the op's operand; elsewhere the cast stays a node of its own.
 """
 from __future__ import annotations
 
@@ -64,12 +71,36 @@ CHUNK_ROLES = ("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay")
 STEP_ROLES = ("state", "decay", "k_col", "k_row", "q_row", "v", "beta", "qk")
 
 
-def _one_float_dtype(ins, roles) -> str:
-    dtypes = {t.dtype for t in ins}
-    if len(dtypes) != 1 or ins[0].dtype not in FLOAT_DTYPES:
-        fail(f"operands ({', '.join(roles)}) have dtypes {[t.dtype for t in ins]}; expected one "
-             f"floating-point dtype", DTypeError)
-    return ins[0].dtype
+def compute_dtype(ins, roles=()) -> str:
+    """The dtype a fused op computes in and returns: its widest operand's. An operand may be
+    narrower (a bf16/fp16 q, k, v or beta as the layer's input holds it): the op widens it as it
+    loads it, which is the `cast` it replaced (passes/fold_widening_casts.py), and the op's
+    expansion casts it again. Operands as wide as the widest share its dtype."""
+    widest = max(ins, key=lambda t: t.itemsize)
+    if any(t.dtype not in FLOAT_DTYPES or (t.itemsize == widest.itemsize and t.dtype != widest.dtype) for t in ins):
+        fail(f"operands ({', '.join(roles)}) have dtypes {[t.dtype for t in ins]}; expected floating-point "
+             f"dtypes, the widest one the op's (narrower ones are widened to it)", DTypeError)
+    return widest.dtype
+
+
+def _state_dtype(ins, roles) -> str:
+    """compute_dtype of an op with a state (its first operand), which is never narrow: a half
+    state would be rounded at every step."""
+    dtype = compute_dtype(ins, roles)
+    if ins[0].dtype != dtype:
+        fail(f"the state is {ins[0].dtype} and other operands {dtype}; the state must be the op's widest "
+             f"operand (it is carried and returned in the dtype the op computes in)", DTypeError)
+    return dtype
+
+
+def _widening(expand):
+    """An op's expansion, on its operands in its own dtype: narrower ones cast first, as it loads them."""
+    def expand_widened(node: Node):
+        dtype = compute_dtype([i.type for i in node.inputs])
+        inputs = tuple(x if x.dtype == dtype else make_node("cast", (x,), {"dtype": dtype}) for x in node.inputs)
+        return expand(node if all(a is b for a, b in zip(inputs, node.inputs))
+                      else make_node(node.op, inputs, node.attrs))
+    return expand_widened
 
 
 # ---------------------------------------------------------------------------
@@ -100,9 +131,9 @@ def _chunk_sizes(ins, roles=CHUNK_ROLES):
 
 
 def _infer_chunk_scan(ins, attrs):
-    _one_float_dtype(ins, ("state",) + CHUNK_ROLES)
+    dtype = _state_dtype(ins, ("state",) + CHUNK_ROLES)
     n, batch, C, K, V, Kg = _chunk_sizes(ins)
-    return ins[0], TensorType((n, *batch, C, V), ins[0].dtype)
+    return ins[0], TensorType((n, *batch, C, V), dtype)
 
 
 def _chunk_scan_flops(ins, out, attrs):
@@ -147,7 +178,7 @@ def _items(node: Node) -> tuple[Node, ...]:
 
 
 register(OpDef("chunk_scan", 7, _infer_chunk_scan, flops=_chunk_scan_flops, op_class="fused",
-               expand=_expand_chunk_scan))
+               expand=_widening(_expand_chunk_scan)))
 
 
 STATES_ROLES = ("w", "u", "k_to_end", "last_decay")
@@ -155,9 +186,8 @@ OUTPUT_ROLES = ("q_decayed", "starts", "aqk", "v_new")
 
 
 def _infer_chunk_states(ins, attrs):
-    _one_float_dtype(ins, ("state",) + STATES_ROLES)
+    dtype = _state_dtype(ins, ("state",) + STATES_ROLES)
     n, batch, C, K, V, Kg = _chunk_sizes(ins, STATES_ROLES)
-    dtype = ins[0].dtype
     return ins[0], TensorType((n, *batch, K, V), dtype), TensorType((n, *batch, C, V), dtype)
 
 
@@ -187,7 +217,7 @@ def chunk_states(state: Node, w: Node, u: Node, k_to_end: Node, last_decay: Node
 
 
 register(OpDef("chunk_states", 5, _infer_chunk_states, flops=_chunk_states_flops, op_class="fused",
-               expand=_expand_chunk_states))
+               expand=_widening(_expand_chunk_states)))
 
 
 def output_sizes(ins):
@@ -207,9 +237,9 @@ def output_sizes(ins):
 
 
 def _infer_chunk_output(ins, attrs):
-    _one_float_dtype(ins, OUTPUT_ROLES)
+    dtype = compute_dtype(ins, OUTPUT_ROLES)
     n, batch, C, K, V = output_sizes(ins)
-    return TensorType((n, *batch, C, V), ins[0].dtype)
+    return TensorType((n, *batch, C, V), dtype)
 
 
 def _chunk_output_flops(ins, out, attrs):
@@ -229,7 +259,7 @@ def chunk_output(q_decayed: Node, starts: Node, aqk: Node, v_new: Node) -> Node:
 
 
 register(OpDef("chunk_output", 4, _infer_chunk_output, flops=_chunk_output_flops, op_class="fused",
-               expand=_expand_chunk_output))
+               expand=_widening(_expand_chunk_output)))
 
 
 # ---------------------------------------------------------------------------
@@ -257,7 +287,7 @@ def intra_sizes(ins, attrs):
 
 
 def _infer_intra_chunk(ins, attrs):
-    dtype = _one_float_dtype(ins, INTRA_ROLES)
+    dtype = compute_dtype(ins, INTRA_ROLES)
     R, NC, HV, C, K, V, Kg = intra_sizes(ins, attrs)
     last = dict(w=K, u=V, q_decayed=K, aqk=C, k_to_end=K)
     return tuple(TensorType((NC, R, HV, C, last[r]), dtype) for r in CHUNK_ROLES[:5]) + (
@@ -273,7 +303,7 @@ def _intra_chunk_flops(ins, out, attrs):
 
 
 def _expand_intra_chunk(node: Node) -> tuple[Node, ...]:
-    return chunk_operands(Builder(node.dtype), *node.inputs, node.attrs["chunk_size"])
+    return chunk_operands(Builder(node.inputs[0].dtype), *node.inputs, node.attrs["chunk_size"])
 
 
 def intra_chunk(q: Node, k: Node, v: Node, g: Node, beta: Node, chunk_size: int) -> tuple[Node, ...]:
@@ -282,7 +312,7 @@ def intra_chunk(q: Node, k: Node, v: Node, g: Node, beta: Node, chunk_size: int)
 
 
 register(OpDef("intra_chunk", 5, _infer_intra_chunk, attrs={"chunk_size": ("int", REQUIRED)}, flops=_intra_chunk_flops,
-               op_class="fused", expand=_expand_intra_chunk))
+               op_class="fused", expand=_widening(_expand_intra_chunk)))
 
 
 # ---------------------------------------------------------------------------
@@ -309,9 +339,9 @@ def step_sizes(ins):
 
 
 def _infer_token_step(ins, attrs):
-    _one_float_dtype(ins, STEP_ROLES)
+    dtype = _state_dtype(ins, STEP_ROLES)
     batch, K, V, Kg = step_sizes(ins)
-    return ins[0], TensorType((*batch, V), ins[0].dtype)
+    return ins[0], TensorType((*batch, V), dtype)
 
 
 def _token_step_flops(ins, out, attrs):
@@ -346,4 +376,4 @@ def token_step(state: Node, decay: Node, k_col: Node, k_row: Node, q_row: Node, 
 
 
 register(OpDef("token_step", 8, _infer_token_step, flops=_token_step_flops, op_class="fused",
-               expand=_expand_token_step))
+               expand=_widening(_expand_token_step)))

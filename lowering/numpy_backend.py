@@ -219,7 +219,17 @@ def _scan(node, dt, *operands, float64=False):
 
 # Fused ops (dnir/fused.py): their meaning written out, step by step as the docstrings there say.
 
+def _widened(reference):
+    """A fused op's reference on its operands in the op's own dtype (dnir.fused.compute_dtype): a
+    narrower (half) operand widened first, exactly, as the op loads it."""
+    def run(node, dt, *operands):
+        wide = max((x.dtype for x in operands), key=lambda d: d.itemsize)
+        return reference(node, dt, *(x.astype(wide, copy=False) for x in operands))
+    return run
+
+
 @kernel("chunk_scan")
+@_widened
 def _chunk_scan(node, dt, state, w, u, q_decayed, aqk, k_to_end, last_decay):
     s = state.copy()
     o = np.empty((w.shape[0],) + u.shape[1:], dtype=state.dtype)
@@ -232,6 +242,7 @@ def _chunk_scan(node, dt, state, w, u, q_decayed, aqk, k_to_end, last_decay):
 
 
 @kernel("chunk_states")
+@_widened
 def _chunk_states(node, dt, state, w, u, k_to_end, last_decay):
     s = state.copy()
     starts = np.empty((w.shape[0],) + state.shape, dtype=state.dtype)
@@ -245,12 +256,14 @@ def _chunk_states(node, dt, state, w, u, k_to_end, last_decay):
 
 
 @kernel("chunk_output")
+@_widened
 def _chunk_output(node, dt, q_decayed, starts, aqk, v_new):
     with np.errstate(all="ignore"):
         return np.matmul(q_decayed, starts) + np.matmul(aqk, v_new)
 
 
 @kernel("intra_chunk")
+@_widened
 def _intra_chunk(node, dt, q, k, v, g, beta):
     """Chunk by chunk, every head at once; each decay the exp of a running sum of gates over
     its own segment (a segment sum down i for D_ij, a sum from the end for k_to_end)."""
@@ -294,6 +307,7 @@ def _intra_chunk(node, dt, q, k, v, g, beta):
 
 
 @kernel("token_step")
+@_widened
 def _token_step(node, dt, state, decay, k_col, k_row, q_row, v, beta, qk):
     *batch, K, V = state.shape
     batch = tuple(batch)
