@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def layer_graph(case: dict):
 def costs(graph) -> dict:
     """FLOPs of the layer, and FLOPs and bytes of each fused op of its cuda-prepared graph (by op
     name, summed over its nodes): the benchmark's achieved TFLOP/s and GB/s of those kernels."""
-    from dnir.analysis.cost import node_bytes, node_flops
+    from dnir.analysis.cost import node_flops
     from dnir.lowering.registry import prepare
     from dnir.ops import REGISTRY, graph_flops
     kernels = {}
@@ -83,15 +84,24 @@ def costs(graph) -> dict:
         if REGISTRY[node.op].expand is not None:
             entry = kernels.setdefault(node.op, {"flops": 0, "bytes": 0, "nodes": 0})
             entry["flops"] += node_flops(node)
-            entry["bytes"] += node_bytes(node)
+            results = node.type if isinstance(node.type, tuple) else (node.type,)    # fused ops may give several
+            entry["bytes"] += sum(t.nbytes for t in results) + sum(i.type.nbytes for i in node.inputs)
             entry["nodes"] += 1
     return {"flops": graph_flops(graph), "kernels": kernels}
 
 
 def compile_all(out: Path, arch: str, names=None, vulkan: bool = False):
     os.environ["DNIR_CACHE"] = str(out / "cache")     # lowering/module_cache.py reads it per call
+    from dnir.lowering.module_cache import code_hash
     from dnir.lowering.registry import build
     from dnir.lowering.runtime_loader import prebuild
+    stamp = out / "code_hash"
+    if not stamp.exists() or stamp.read_text() != code_hash():     # every key changed: start afresh
+        shutil.rmtree(out / "cache", ignore_errors=True)
+        shutil.rmtree(out / "vulkan", ignore_errors=True)
+        (out / "bench_costs.json").unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(code_hash())
     costs_path = out / "bench_costs.json"
     table = json.loads(costs_path.read_text()) if costs_path.exists() else {"layers": {}, "kernels": {}}
     for name, case in CASES.items():

@@ -1,13 +1,20 @@
-"""Build what the CUDA conformance run needs on a GPU machine into `.gpu/` (git-ignored).
+"""Build what the conformance run needs on a GPU machine into `.gpu/` (git-ignored).
 
     .venv/bin/python scripts/gpu_bundle.py            # then carry `.gpu` to the GPU machine
+                                                      # (scripts/gpu_bundle.sh calls it)
 
 The GPU machine has Python 3.12, numpy and nvcc but no TVM and no network, so
 the run uses TVM's runtime only:
   - the apache-tvm-ffi wheel for cp312 (the version installed here);
   - tvmrt.tgz: the `tvm` package without libtvm_compiler.so;
   - <name>.so: dnir graphs compiled here for CUDA sm_90 (`export_library`),
-    with <name>.npz: their inputs, the NumPy backend's outputs and the names.
+    with <name>.npz: their inputs, the NumPy backend's outputs and the names;
+    nvcc's fatbins of their kernels go to the module cache (--fatbins, the
+    folder that $DNIR_CACHE names on the GPU machine), so loading them there
+    compiles nothing;
+  - <name>.vulkan.npz: the same graphs compiled for the vulkan target and
+    recorded as programs (lowering/vulkan_program.py), which wgpu runs there
+    on the NVIDIA Vulkan driver without TVM.
 
 Graphs: the whole op conformance table, and the GDA/KDA chunked and
 recurrent layers merged into one graph per optimisation level (O0, O2).
@@ -21,6 +28,7 @@ On the GPU machine (from the repository root):
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tarfile
@@ -79,16 +87,24 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / ".gpu"))
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fatbins", help="the module cache's parent folder ($DNIR_CACHE) for nvcc's fatbins")
     args = parser.parse_args(argv)
+    if args.fatbins:
+        os.environ["DNIR_CACHE"] = args.fatbins
     from dnir.lowering import run
     from dnir.lowering.registry import build
+    from dnir.lowering.runtime_loader import nvcc_compile
+    from dnir.lowering.tvm.compile import cuda_source
 
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     ffi_wheel(out)
     tvm_runtime_tarball(out / "tvmrt.tgz")
     for name, (graph, inputs) in graphs(args.seed).items():
-        build(graph, "cuda", arch=args.arch).export_library(str(out / f"{name}.so"))
+        ex = build(graph, "cuda", arch=args.arch)
+        ex.export_library(str(out / f"{name}.so"))
+        nvcc_compile(cuda_source(ex), args.arch)
+        build(graph, "vulkan").program.save(out / f"{name}.vulkan.npz")
         refs = run(graph, inputs)
         np.savez(out / f"{name}.npz", input_names=np.array(graph.input_names),
                  output_names=np.array(graph.output_names), arch=np.array(args.arch),

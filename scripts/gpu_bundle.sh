@@ -1,33 +1,38 @@
 #!/usr/bin/env bash
-# Builds .gpu/ (git-ignored) for one benchmark call on the GPU machine, which has
-# no TVM and no network (recipe: ../shared/reference/gpu-device.md):
-#   - the apache-tvm-ffi wheel for cp312, the version installed here;
-#   - tvmrt.tgz: the tvm package without libtvm_compiler.so (runtime only);
-#   - the fla-core wheel (flash-linear-attention's Triton kernels, the peer);
-#   - bench/: the benchmark's dnir O2 graphs compiled here for CUDA sm_90
-#     (benchmarks/gpu_artefacts.py; minutes).
-# scripts/gpu_bundle.py adds the CUDA conformance artefacts to the same folder
-# (same wheel and tarball names). A device call carries at most 64 MiB: this
-# fails when the folder is over 60 MiB.
+# Builds .gpu/ (git-ignored) for one call on the GPU machine, which has no TVM and
+# no network (recipe: benchmarks/README.md "GPU"):
+#   - wheels for cp312: apache-tvm-ffi (the version installed here), fla-core
+#     (flash-linear-attention's Triton kernels, the peer), wgpu with cffi and
+#     pycparser (the Vulkan runner);
+#   - tvmrt.tgz: the tvm package without libtvm_compiler.so (runtime only), and the
+#     conformance artefacts, CUDA and Vulkan (scripts/gpu_bundle.py);
+#   - bench.tgz: the benchmark's module cache (every case's layer compiled here for
+#     CUDA sm_90, with nvcc's fatbins, and the conformance artefacts' fatbins), its
+#     float32 cases as Vulkan programs and the FLOP counts (benchmarks/gpu_artefacts.py;
+#     built in build/gpu, kept between runs: a case already there is not compiled again);
+#   - src.tgz: the sources the artefacts were compiled from (the module cache's keys
+#     hash them), so the GPU machine runs exactly those.
+# A device call carries at most 64 MiB: this fails when .gpu is over 60 MiB.
 #
-#   scripts/gpu_bundle.sh [OUT_DIR]        # default .gpu
+#   scripts/gpu_bundle.sh [--cases NAME ...]        # default: every case (about 40 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-out=${1:-.gpu}
-fla_version=0.6.0
-mkdir -p "$out"
+out=.gpu
+work=build/gpu
+mkdir -p "$out" "$work"
 
-ffi_version=$("$py" -c "import tvm_ffi; print(tvm_ffi.__version__)")
-rm -f "$out"/apache_tvm_ffi-*.whl "$out"/fla_core-*.whl
+rm -f "$out"/*.whl
+"$py" -m pip download -q --no-deps --only-binary=:all: -d "$out" "fla-core==0.6.0"
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$out" "apache-tvm-ffi==$ffi_version"
-"$py" -m pip download -q --no-deps --only-binary=:all: -d "$out" "fla-core==$fla_version"
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d "$out" wgpu==0.32.0 cffi==2.1.1 pycparser==3.12
 
-site=$("$py" -c "import os, tvm; print(os.path.dirname(os.path.dirname(tvm.__file__)))")
-tar -C "$site" --exclude=tvm/lib/libtvm_compiler.so --exclude=__pycache__ -czf "$out/tvmrt.tgz" tvm
-
-"$py" -m benchmarks.gpu_artefacts --out "$out/bench"
+"$py" -m benchmarks.gpu_artefacts --out "$work" --vulkan "$@"          # first: it empties a stale cache
+"$py" scripts/gpu_bundle.py --out "$out" --fatbins "$work/cache"       # ffi wheel, tvmrt.tgz, conformance
+tar -C "$work" -czf "$out/bench.tgz" cache vulkan bench_costs.json
+git ls-files -co --exclude-standard dnir lowering passes benchmarks scripts tests pyproject.toml \
+  | tar -czf "$out/src.tgz" -T -
 
 bytes=$(du -sb "$out" | cut -f1)
 echo "$out: $((bytes / 1048576)) MiB"

@@ -1,4 +1,5 @@
-"""dnir compile FILE.dnir --target cuda|llvm -o model.so: export a compiled model."""
+"""dnir compile FILE.dnir --target cuda|llvm -o model.so: export a compiled model;
+dnir compile FILE.dnir --target cuda --cache: put it into the module cache instead."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,16 @@ EXAMPLE = """examples:
   dnir compile gdn.dnir --target cuda --arch sm_90 -o gdn_cuda.so
   dnir compile gdn.dnir --target llvm -o gdn_cpu.so
 
+  dnir build gdn --preset qwen3-next --batch 64 --mode decode --initial-state --final-state -o d.dnir
+  dnir opt d.dnir --pipeline O2 -o d2.dnir && dnir compile d2.dnir --target cuda --cache
+
 A cuda artefact holds the kernels' CUDA source, compiled when it is loaded on
 the GPU machine (dnir.lowering.runtime_loader runs it with the TVM runtime only).
+--cache puts the module, and nvcc's fatbin of its kernels, into the module cache
+($DNIR_CACHE/tvm) under the graph's key: the functional API finds it there for
+the same layer at the same optimisation level (dnir.chunk_gated_delta_rule(...,
+target="cuda") on torch CUDA tensors), on a GPU server that has only the TVM
+runtime and a copy of that folder.
 """
 
 
@@ -19,7 +28,10 @@ def register(sub):
     p.add_argument("file", help="graph in the .dnir text format")
     p.add_argument("--target", required=True, choices=["cuda", "llvm"])
     p.add_argument("--arch", default="sm_90", help="CUDA architecture (default sm_90)")
-    p.add_argument("-o", "--output", required=True, help="path of the exported library (.so)")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("-o", "--output", help="path of the exported library (.so)")
+    out.add_argument("--cache", action="store_true",
+                     help="cuda: into the module cache ($DNIR_CACHE/tvm) where the functional API looks")
     p.set_defaults(func=run)
 
 
@@ -29,11 +41,20 @@ def run(args) -> int:
 
     from .progress import busy
 
-    if not args.output.endswith(".so"):
+    if args.cache and args.target != "cuda":
+        raise UsageError("--cache: the module cache serves cuda modules here (llvm runs fill it themselves)")
+    if args.output is not None and not args.output.endswith(".so"):
         raise UsageError(f"output {args.output!r} must end with .so (a shared library)")
     if not re.fullmatch(r"sm_\d{2,3}[a-z]?", args.arch):
         raise UsageError(f"--arch {args.arch!r}: expected a CUDA architecture sm_XY, e.g. sm_80, sm_90 or sm_90a")
     graph = load_graph(args.file)
+    if args.cache:
+        from dnir.lowering.runtime_loader import prebuild
+        with busy(f"compiling for {args.target}"):
+            path = prebuild(graph, args.arch)
+        print(f"{path}: cuda ({args.arch}), inputs {', '.join(graph.input_names)}; "
+              f"outputs {', '.join(graph.output_names)}")
+        return 0
     with output_path(args.output) as tmp, busy(f"compiling for {args.target}"):
         build(graph, args.target, arch=args.arch).export_library(tmp)
     where = f"{args.target} ({args.arch})" if args.target == "cuda" else args.target

@@ -73,3 +73,17 @@ def test_prebuild_exports_the_module_and_its_fatbin(cache):
     assert runtime_loader.prebuild(graph, "sm_90") == path       # found, not compiled again
     if shutil.which("nvcc"):
         assert [p.suffix for p in (cache / "cuda").iterdir()] == [".fatbin"]
+
+
+def test_dnir_compile_fills_the_cache_where_the_api_looks(cache, tmp_path, capsys):
+    """The command-line route (build, optimise, compile --cache) lands on the functional API's key."""
+    from dnir.cli import main
+    cfg = _config()
+    layer, optimised = tmp_path / "d.dnir", tmp_path / "d2.dnir"
+    assert main(["build", "gdn", "--mode", "decode", "--batch", "2", "--seq-len", "1", "--heads", "2",
+                 "--value-heads", "4", "--head-dim", "16", "--value-dim", "16", "--initial-state", "--final-state",
+                 "-o", str(layer)]) == 0
+    assert main(["opt", str(layer), "--pipeline", "O2", "-o", str(optimised)]) == 0
+    assert main(["compile", str(optimised), "--target", "cuda", "--cache"]) == 0
+    expected = module_cache.module_path(compiled_graph(cfg, "O2"), "cuda sm_90")
+    assert str(expected) in capsys.readouterr().out and expected.exists()
