@@ -43,12 +43,12 @@ def graph_hash(graph: Graph) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def code_hash() -> str:
-    """The hash of the sources that turn a graph into a module: a library made by other
-    kernels, schedules or target passes is not reused."""
+def code_hash(root: Path = _ROOT) -> str:
+    """The hash of the sources that turn a graph into a module (in the checkout at `root`): a
+    library made by other kernels, schedules or target passes is not reused."""
     digest = hashlib.sha256()
-    sources = [*sorted((_ROOT / "lowering" / "tvm").glob("*.py")), *sorted((_ROOT / "passes").glob("*.py")),
-               _ROOT / "dnir" / "fused.py"]
+    sources = [*sorted((root / "lowering" / "tvm").glob("*.py")), *sorted((root / "passes").glob("*.py")),
+               root / "dnir" / "fused.py"]
     for source in sources:
         digest.update(source.name.encode())
         digest.update(source.read_bytes())

@@ -22,6 +22,10 @@ out=.gpu
 work=build/gpu
 mkdir -p "$out" "$work"
 
+# The sources first: what the artefacts are compiled from, checked again at the end.
+git ls-files -co --exclude-standard dnir lowering passes benchmarks scripts tests pyproject.toml \
+  | tar -czf "$work/src.tgz" -T -
+
 rm -f "$out"/*.whl
 "$py" -m pip download -q --no-deps --only-binary=:all: -d "$out" "fla-core==0.6.0"
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -31,8 +35,13 @@ rm -f "$out"/*.whl
 "$py" -m benchmarks.gpu_artefacts --out "$work" --vulkan "$@"          # first: it empties a stale cache
 "$py" scripts/gpu_bundle.py --out "$out" --fatbins "$work/cache"       # ffi wheel, tvmrt.tgz, conformance
 tar -C "$work" -czf "$out/bench.tgz" cache vulkan bench_costs.json
-git ls-files -co --exclude-standard dnir lowering passes benchmarks scripts tests pyproject.toml \
-  | tar -czf "$out/src.tgz" -T -
+rm -rf "$work/src" && mkdir "$work/src" && tar -C "$work/src" -xzf "$work/src.tgz"
+if ! "$py" -c "import sys; from pathlib import Path; from dnir.lowering.module_cache import code_hash
+sys.exit(code_hash(Path('$work/src').resolve()) != Path('$work/code_hash').read_text())"; then
+  echo "error: the sources changed while compiling (the module cache's keys would not match); run again" >&2
+  exit 1
+fi
+cp "$work/src.tgz" "$out/src.tgz"
 
 bytes=$(du -sb "$out" | cut -f1)
 echo "$out: $((bytes / 1048576)) MiB"
