@@ -21,6 +21,8 @@ implementation's. Writes cpu.json, cpu.md and cpu.png (cpu-quick.* with
 EXAMPLE = """examples:
   python -m benchmarks --quick                 # small shapes, a few seconds per implementation
   dnir bench --quick --json --out /tmp/bench   # the same through the dnir command
+  python -m benchmarks --threads 2 --prefill-lens 4096 --decode-batches '' --name ggml \
+      --impls ggml-gated-delta-net,dnir-O0-ggml,dnir-O2-ggml,dnir-O2-numpy,dnir-O2-tvm-llvm   # a subset
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks --threads 1   # the full run
 
 Exit codes: 0 ok, 1 an implementation failed or two disagree beyond the tolerance,
@@ -35,6 +37,28 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int, default=None,
                    help="threads for NumPy's BLAS, torch, TVM and ggml (default: every core this process may use)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--impls", type=_names, default=None,
+                   help="a subset: only these implementations (comma-separated, e.g. dnir-O0-ggml,dnir-O2-ggml)")
+    p.add_argument("--prefill-lens", type=_numbers, default=None, help="a subset: these prefill lengths T only")
+    p.add_argument("--decode-batches", type=_numbers, default=None,
+                   help="a subset: these decode batches B only ('' for none)")
+    p.add_argument("--name", default=None, help="file name of a subset's results (default cpu-subset)")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    from .cpu import IMPLS
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in IMPLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown implementation(s) {', '.join(unknown)}; known: {', '.join(IMPLS)}")
+    return names
+
+
+def _numbers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
 
 
 def run(args) -> int:
@@ -51,8 +75,12 @@ def run(args) -> int:
     from .cpu import run_benchmark
     from .report import write
     torch.set_num_threads(threads)
+    shapes = {key: value for key, value in (("prefill_lens", args.prefill_lens),
+                                            ("decode_batches", args.decode_batches)) if value is not None}
     with threadpool_limits(limits=threads):
-        doc = run_benchmark(args.quick, args.seed, threads)
+        doc = run_benchmark(args.quick, args.seed, threads, args.impls, shapes)
+    if doc["mode"] == "subset":
+        doc["name"] = args.name or "cpu-subset"
     paths = write(doc, args.out)
     if args.json:
         print(json.dumps(doc, indent=1))

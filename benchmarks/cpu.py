@@ -10,6 +10,7 @@ ggml_peer.py), the peer that CPU users run.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -32,8 +33,10 @@ GGML = "ggml-gated-delta-net"
 # compute buffer (lowering/numpy_arena.py). dnir-O2-numpy-reference runs the same O2 graph
 # on the reference executor (lowering/numpy_backend.py), which allocates a fresh array per
 # op: the difference is what the compute buffer saves.
+# dnir-O{0,2}-ggml: dnir's graph lowered to ggml (lowering/ggml/) on the same ggml build as GGML.
 IMPLS = ("dnir-O0-numpy", "dnir-O2-numpy", "dnir-O2-numpy-reference", "dnir-O2-tvm-llvm", GGML,
-         "fla-chunk-ref", "fla-recurrent-ref", "torch-loop")
+         "dnir-O0-ggml", "dnir-O2-ggml", "fla-chunk-ref", "fla-recurrent-ref", "torch-loop")
+BACKEND_TARGETS = {"numpy": "numpy", "tvm-llvm": "llvm", "ggml": "ggml"}
 PEER_FUNCS = {"fla-chunk-ref": peers.fla_chunk, "fla-recurrent-ref": peers.fla_recurrent,
               "torch-loop": peers.torch_loop}
 # rms(a - b) / rms(b) above which two float32 implementations disagree.
@@ -50,6 +53,7 @@ class Case:
     batch: int
     seq_len: int
     sizes: tuple       # ((name, value), ...) overriding the preset's sizes (--quick)
+    only: tuple = ()   # the implementations to run (all when empty)
 
     def config(self):
         """The layer's options exactly as dnir's functional API derives them, so that
@@ -66,14 +70,15 @@ class Case:
     @property
     def impls(self) -> tuple[str, ...]:
         # flash-linear-attention's chunked references need whole chunks (its KDA one asserts it).
-        return tuple(i for i in IMPLS if not (self.kind == "decode" and i == "fla-chunk-ref"))
+        return tuple(i for i in IMPLS if not (self.kind == "decode" and i == "fla-chunk-ref")
+                     and (not self.only or i in self.only))
 
     def label(self) -> str:
         return f"{self.preset} {self.kind} B={self.batch} T={self.seq_len}"
 
 
-def cases(quick: bool) -> list[Case]:
-    settings = QUICK if quick else FULL
+def cases(quick: bool, settings: dict | None = None) -> list[Case]:
+    settings = settings or (QUICK if quick else FULL)
     out = []
     for name in PRESETS:
         sizes = tuple(QUICK_SIZES[name].items()) if quick else ()
@@ -122,6 +127,25 @@ def _prepare_dnir(case: Case, opt: str, target: str, x: dict):
         build(graph, "llvm")
         _dnir_call(case, opt, target, x)()
     return graph, time.perf_counter() - start
+
+
+def _prepare_ggml_graph(record: dict, case: Case, opt: str, x: dict, settings: dict):
+    """dnir's graph lowered to ggml and placed by ggml's allocator, on the benchmark's threads (the
+    object the API's calls then run); None, the record marked skipped, when it would not fit."""
+    from dnir.api import compiled_graph
+    from dnir.lowering.ggml.build import GgmlUnavailable
+    from dnir.lowering.ggml.run import compile_ggml
+    from dnir.lowering.registry import prepare
+    start = time.perf_counter()
+    try:
+        compiled = compile_ggml(prepare(compiled_graph(case.config(), opt, "ggml"), "ggml"))
+    except GgmlUnavailable as e:
+        record.update(status="skipped", reason=f"ggml unavailable: {e}")
+        return None
+    compiled.set_threads(settings.get("threads", 1))
+    record["prepare_s"] = time.perf_counter() - start
+    record["compute_buffer_bytes"] = compiled.compute_buffer_bytes
+    return None if _too_big(record, compiled.compute_buffer_bytes, "ggml's compute buffer") else compiled
 
 
 def _prepare_reference(case: Case, x: dict):
@@ -178,10 +202,15 @@ def run_impl(impl: str, case: Case, x: dict, xt: dict, settings: dict) -> tuple[
             fn, graph, record["prepare_s"] = _prepare_reference(case, x)
             if _too_big(record, numpy_executor_bytes(graph), "the reference executor's live values"):
                 return record, None
+        elif impl.startswith("dnir-") and impl.endswith("-ggml"):
+            opt = impl.split("-")[1]
+            if _prepare_ggml_graph(record, case, opt, x, settings) is None:
+                return record, None
+            fn = _dnir_call(case, opt, "ggml", x)
         elif impl.startswith("dnir-"):
             from dnir.lowering.numpy_arena import graph_plan
             _, opt, backend = impl.split("-", 2)
-            target = "numpy" if backend == "numpy" else "llvm"
+            target = BACKEND_TARGETS[backend]
             graph, record["prepare_s"] = _prepare_dnir(case, opt, target, x)
             if target == "numpy" and _too_big(record, graph_plan(graph).peak_bytes, "the compute buffer"):
                 return record, None
@@ -285,6 +314,12 @@ def targets(results: list[dict]) -> list[dict]:
             ratio = o2["timing"]["median_s"] / o0["timing"]["median_s"]
             out.append({"target": "dnir O2 faster than O0 (NumPy)", "variant": case["variant"], "T": case["T"],
                         "ratio": ratio, "limit": 1.0, "met": ratio < 1.0, "factor_to_go": ratio})
+        g2, g0 = by.get("dnir-O2-ggml"), by.get("dnir-O0-ggml")
+        if g2 and g0 and case["T"] == TARGET_SHAPE_T:
+            ratio = g2["timing"]["median_s"] / g0["timing"]["median_s"]
+            out.append({"target": "dnir-O2-ggml >= 2x faster than dnir-O0-ggml (same ggml build)",
+                        "variant": case["variant"], "T": case["T"], "ratio": ratio, "limit": 0.5,
+                        "met": ratio <= 0.5, "factor_to_go": ratio / 0.5})
     return out
 
 
@@ -305,12 +340,17 @@ def profile_o2(case: Case, seed: int, top: int = 15) -> dict:
                            "calls": r.calls} for r in rows[:top]]}
 
 
-def run_benchmark(quick: bool, seed: int, threads: int) -> dict:
+def run_benchmark(quick: bool, seed: int, threads: int, impls: tuple[str, ...] | None = None,
+                  shapes: dict | None = None) -> dict:
+    """The whole benchmark, or a subset: only `impls`, and `shapes` (prefill_lens, decode_batches)
+    replacing the mode's cases (a subset runs and reports like a full run, its mode "subset")."""
     from tqdm import tqdm
 
     from dnir.lowering.ggml.build import GGML_VERSION, SDIST
-    settings = {**(QUICK if quick else FULL), "threads": threads}
-    todo = cases(quick)
+    settings = {**(QUICK if quick else FULL), **(shapes or {}), "threads": threads}
+    todo = cases(quick, settings)
+    if impls:
+        todo = [dataclasses.replace(c, only=tuple(impls)) for c in todo]
     meta = machine.describe(threads)
     meta["versions"]["ggml"] = f"{GGML_VERSION} (from the {SDIST} source distribution)"
     results = []
@@ -323,7 +363,8 @@ def run_benchmark(quick: bool, seed: int, threads: int) -> dict:
     profiles = [profile_o2(c, seed) for c in prefill if c.seq_len == profile_t]
     meta["load_average_end"] = machine.load_average()
     meta["wall_s"] = round(time.perf_counter() - start, 1)
-    return {"benchmark": "cpu", "mode": "quick" if quick else "full", "machine": meta,
+    mode = "quick" if quick else "subset" if impls or shapes else "full"
+    return {"benchmark": "cpu", "mode": mode, "machine": meta,
             "settings": {**settings, "tolerance": TOLERANCE, "seed": seed,
                          "metric": "rms(a - b) / rms(b)", "dtype": "float32"},
             "cases": results, "targets": [] if quick else targets(results), "profiles": profiles}

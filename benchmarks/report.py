@@ -117,7 +117,10 @@ def _row(layer, case, r) -> list[str]:
 def _prepared(r) -> str:
     """The one-off cost before the first timed call: build, optimise, compile (and load, for TVM);
     for ggml, its graph and tensors with the inputs copied in."""
-    return "" if "prepare_s" not in r else f"; graph prepared in {r['prepare_s']:.1f} s"
+    text = "" if "prepare_s" not in r else f"; graph prepared in {r['prepare_s']:.1f} s"
+    if "compute_buffer_bytes" in r:
+        text += f"; ggml compute buffer {r['compute_buffer_bytes'] / 2**20:.0f} MiB"
+    return text
 
 
 def plot(doc: dict, path: Path):
@@ -165,9 +168,9 @@ def _lines(ax, cases, axis_key, styles, dash, suffix=""):
 
 
 def write(doc: dict, out_dir: Path) -> dict[str, Path]:
-    """cpu.json / cpu.md / cpu.png (cpu-quick.* for --quick) under out_dir."""
+    """cpu.json / cpu.md / cpu.png (cpu-quick.* for --quick, <name>.* for a named subset) under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "cpu" if doc["mode"] == "full" else "cpu-quick"
+    stem = doc.get("name") or ("cpu" if doc["mode"] == "full" else "cpu-quick")
     paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md", "plot": out_dir / f"{stem}.png"}
     paths["json"].write_text(json.dumps(doc, indent=1) + "\n")
     paths["markdown"].write_text(markdown(doc) + "\n")

@@ -128,6 +128,10 @@ class GgmlGraph:
             raise BackendError("ggml: the graph allocator could not place the graph")
         self.compute_buffer_bytes = lib.ggml_gallocr_get_buffer_size(galloc, 0)
 
+    def set_threads(self, threads: int):
+        """Compute on `threads` threads from the next call on (the default: every core)."""
+        self._lib.ggml_backend_cpu_set_n_threads(self._backend, threads)
+
     def __call__(self, inputs) -> list[np.ndarray]:
         lib = self._lib
         for v, array in zip(self._inputs, prepare_inputs(self.signature, inputs)):

@@ -1,6 +1,7 @@
 """The ggml peer: ggml's fused delta-rule op (built from source) agrees with dnir and
 the float64 oracle on the benchmark's inputs, whatever the layouts it needs; when ggml
 cannot be built the benchmark says why instead of dropping the peer."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,20 @@ def test_targets_compare_dnir_with_ggml_at_the_target_shape_and_in_decode():
         (f"dnir-O2-tvm-llvm <= 0.5x {cpu.GGML} (prefill, B=1)", cpu.TARGET_SHAPE_T): (round(1 / 3, 6), True),
         (f"dnir-O2-numpy <= 1.0x {cpu.GGML} (decode, B=64)", 1): (0.5, True),
     }
+
+
+def test_target_o2_on_ggml_twice_as_fast_as_o0_on_ggml():
+    """A row per variant at the target shape: dnir's O2 graph on ggml against its O0 graph on ggml."""
+    def prefill(variant, o0, o2, T=cpu.TARGET_SHAPE_T):
+        return {"kind": "prefill", "variant": variant, "B": 1, "T": T,
+                "results": [_record("dnir-O0-ggml", o0), _record("dnir-O2-ggml", o2)]}
+    rows = cpu.targets([prefill("gdn", 1.0, 0.7), prefill("kda", 8.0, 1.0), prefill("gdn", 1.0, 0.1, T=1024)])
+    got = {t["variant"]: (round(t["ratio"], 6), t["met"]) for t in rows if "dnir-O0-ggml" in t["target"]}
+    assert got == {"gdn": (0.7, False), "kda": (0.125, True)}
+
+
+def test_a_subset_runs_only_the_named_implementations_and_shapes():
+    settings = {**cpu.FULL, "prefill_lens": (4096,), "decode_batches": ()}
+    todo = [dataclasses.replace(c, only=("dnir-O0-ggml", "dnir-O2-ggml")) for c in cpu.cases(False, settings)]
+    assert {(c.preset, c.kind, c.seq_len) for c in todo} == {(p, "prefill", 4096) for p in cpu.PRESETS}
+    assert all(c.impls == ("dnir-O0-ggml", "dnir-O2-ggml") for c in todo)
