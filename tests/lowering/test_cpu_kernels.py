@@ -1,4 +1,5 @@
-"""The fused ops' CPU kernels on the llvm target (lowering/tvm/cpu_token_step.py): which graphs
+"""The fused ops' CPU kernels on the llvm target (lowering/tvm/cpu_token_step.py, cpu_chunk_scan.py,
+cpu_intra_chunk.py): which graphs
 the llvm pipeline fuses, that the compiled module runs them as one kernel, and their results
 against the NumPy backend and the float64 recurrent oracle on fresh random inputs (GQA, a
 gate per key channel, one and several sequences, an initial state, strong gates); and how
@@ -81,13 +82,23 @@ LAYERS = {
 
 @pytest.mark.parametrize("scale", GATE_SCALES)
 @pytest.mark.parametrize("case", sorted(LAYERS))
-def test_chunked_layer_on_llvm_matches_numpy_and_the_oracle(case, scale, rng):
+@pytest.mark.parametrize("in_context", [False, True])
+def test_chunked_layer_on_llvm_matches_numpy_and_the_oracle(in_context, case, scale, rng):
+    """O2 alone, or inside llvm's pass context (as the functional API runs it): the work local to
+    each chunk is then one kernel too (cpu_intra_chunk.py)."""
     name, options = LAYERS[case]
     cfg = preset(name, value_heads=VALUE_HEADS[name], **dict(SMALL, **options))
-    graph = passes.optimize(build_delta_net(cfg), "O2")
+    if in_context:
+        with registry.target_context("llvm"):
+            graph = passes.optimize(build_delta_net(cfg), "O2")
+    else:
+        graph = passes.optimize(build_delta_net(cfg), "O2")
     prepared = registry.prepare(graph, "llvm")
     assert len(_ops(prepared, "chunk_scan")) == (cfg.num_sequences if cfg.cu_seqlens else 1)   # a loop per sequence
     assert not _ops(prepared, "scan")
+    assert len(_ops(prepared, "intra_chunk")) == in_context
+    if in_context:
+        assert not _ops(prepared, "matmul") and not _ops(prepared, "exp")
     x = random_inputs(cfg, rng)
     x["g"] = x["g"] * scale
     got = registry.run(graph, x, target="llvm")
