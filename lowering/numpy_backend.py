@@ -423,7 +423,8 @@ def _run_reference(graph: Graph, inputs, target: str) -> list[np.ndarray]:
     return run(graph, inputs)
 
 
-# Every fused op has its reference kernel here: the NumPy target never expands one.
+# Every fused op has its reference kernel here, which loads half operands too (_widened): the NumPy
+# target never expands one.
+_FUSED = frozenset(op for op in KERNELS if REGISTRY[op].op_class is OpClass.FUSED)
 register_backend(Backend("numpy", ("numpy",), _run_reference,
-                         lambda target: Target(target, kernels={op: any_node for op in KERNELS
-                                                                if REGISTRY[op].op_class is OpClass.FUSED})))
+                         lambda target: Target(target, kernels={op: any_node for op in _FUSED}, narrow_operands=_FUSED)))

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from . import (block_solve, broadcasts, carry_layout, cse, cumsum_axis, dce,  # noqa: F401  (each
-               expand_fused, fold_constants, fuse_delta_steps, fuse_intra_chunk,  # registers its pass)
+               expand_fused, fold_constants, fold_widening_casts, fuse_delta_steps, fuse_intra_chunk,  # registers its pass)
                identities, layout_propagation, loop_invariants, reassociate, recompute, set_vs_acc, sum_mul_to_matmul,
                transposes, tril_blocks)
 from .manager import PASSES, PIPELINES, Pass, PassRecord, register_pass, report_table, resolve, run_pipeline

@@ -32,6 +32,8 @@ class Target:
     kernels: Mapping[str, KernelCheck] = field(default_factory=dict)   # fused op -> its kernel's check
     shared_bytes: int | None = None          # shared memory of one GPU thread block
     dtypes: frozenset[str] | None = None     # dtypes the fused kernels are written for (None: any)
+    # fused ops whose kernels load operands narrower than the op (bf16/fp16) and widen them themselves
+    narrow_operands: frozenset[str] = frozenset()
 
     def __post_init__(self):
         object.__setattr__(self, "kernels", MappingProxyType(dict(self.kernels)))
@@ -40,7 +42,15 @@ class Target:
         """None when this target runs `node` (a fused op) with its own kernel, else why not."""
         if node.op not in self.kernels:
             return f"target {self.name!r} has no {node.op} kernel"
+        narrow = sorted({i.dtype for i in node.inputs} - _wide_dtypes(node))
+        if narrow and node.op not in self.narrow_operands:
+            return f"the {node.op} kernel of {self.name!r} loads no {', '.join(narrow)} operands"
         return self.kernels[node.op](node, self)
+
+
+def _wide_dtypes(node: Node) -> set[str]:
+    """The dtypes of a fused node's results: what it computes in (dnir.fused.compute_dtype)."""
+    return {t.dtype for t in (node.type if isinstance(node.type, tuple) else (node.type,))}
 
 
 def any_node(node: Node, target: Target) -> None:
