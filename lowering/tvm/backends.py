@@ -6,7 +6,8 @@ the reductions that read them, and recognises the delta rule's loop over chunks
 and decode step (passes/fuse_delta_steps.py) where the target's kernels take them
 (chunk_scan.py: a thread block fits the shared memory; all: float32); the loop over
 chunks runs as its sequential part (chunk_states) and a chunk-parallel output
-(chunk_output.py). On llvm the
+(chunk_output.py); O2 inside a GPU target's context recognises the work local to each
+chunk (intra_chunk.py). On llvm the
 pipeline recognises both too (cpu_chunk_scan.py, cpu_token_step.py: float32 and float64), and
 O2 inside llvm's context the work local to each chunk (cpu_intra_chunk.py).
 """
@@ -58,6 +59,11 @@ def _chunk_output_rejects(node, target):
     return rejects(node, target)
 
 
+def _intra_chunk_rejects(node, target):
+    from .intra_chunk import rejects
+    return rejects(node, target)
+
+
 def _token_step_rejects(node, target):
     from .token_step import rejects
     return rejects(node, target)
@@ -65,7 +71,8 @@ def _token_step_rejects(node, target):
 
 def _gpu_target(name: str, shared_bytes: int) -> Target:
     return Target(name, {"chunk_scan": _chunk_scan_rejects, "chunk_states": _chunk_scan_rejects,
-                         "chunk_output": _chunk_output_rejects, "token_step": _token_step_rejects},
+                         "chunk_output": _chunk_output_rejects, "intra_chunk": _intra_chunk_rejects,
+                         "token_step": _token_step_rejects},
                   shared_bytes=shared_bytes, dtypes=KERNEL_DTYPES)
 
 

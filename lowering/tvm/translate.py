@@ -44,7 +44,7 @@ from dnir.graph import Graph, Node
 from dnir.ops import table_entry
 from dnir.types import DTYPES, HALF_DTYPES
 
-from . import chunk_output, chunk_scan, cpu_chunk_scan, cpu_intra_chunk, cpu_token_step, kernels, token_step
+from . import chunk_output, chunk_scan, cpu_chunk_scan, cpu_intra_chunk, cpu_token_step, intra_chunk, kernels, token_step
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -486,9 +486,11 @@ def _lower_chunk_output(tr, node, args):
 
 @lowers("intra_chunk")
 def _lower_intra_chunk(tr, node, args):
-    """The work local to each chunk as one CPU kernel (cpu_intra_chunk.py): its six results."""
+    """The work local to each chunk as one kernel (intra_chunk.py; cpu_intra_chunk.py on llvm): its six
+    results."""
     sizes, dtype = intra_sizes([i.type for i in node.inputs], node.attrs), TVM_DTYPES[node.inputs[0].dtype]
-    gv = tr.prim(("intra_chunk", *sizes, dtype), lambda: cpu_intra_chunk.intra_chunk_kernel(*sizes, dtype))
+    make = intra_chunk.intra_chunk_kernel if tr.gpu else cpu_intra_chunk.intra_chunk_kernel
+    gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype), lambda: make(*sizes, dtype))
     return _call_fused(tr, node, gv, args)
 
 

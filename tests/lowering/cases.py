@@ -126,6 +126,10 @@ case("chunk_states", **_STATES)(lambda b, **x: _both(b, fused.chunk_states(*x.va
 _OUTPUT = dict(qd=_spec((3, 2, 32, 16)), starts=_spec((3, 2, 16, 32)), aqk=_spec((3, 2, 32, 32)),
                v_new=_spec((3, 2, 32, 32)))       # C=32, K=16, V=32: the GPU kernel takes it
 case("chunk_output", **_OUTPUT)(lambda b, **x: fused.chunk_output(*x.values()))
+for _name, _Kg in (("intra_chunk", 16), ("intra_chunk_head_gate", 1)):     # a gate per key channel, per head
+    case(_name, q=_spec((1, 32, 2, 16)), k=_spec((1, 32, 2, 16)), v=_spec((1, 32, 2, 16)),
+         g=_spec((1, 32, 2, _Kg), "gate"), beta=_spec((1, 32, 2, 1), "positive"))(
+        lambda b, **x: _both(b, fused.intra_chunk(*x.values(), chunk_size=16)))
 _STEP = dict(s=_spec((2, 3, 16, 32)), a=_spec((2, 3, 1, 1), "positive"), kc=_spec((2, 3, 16, 1)),
              kr=_spec((2, 3, 1, 16)), qr=_spec((2, 3, 16)), v=_spec((2, 3, 32)), beta=_spec((2, 3, 1), "positive"),
              qk=_spec((2, 3)))
@@ -160,6 +164,8 @@ def random_inputs(graph: Graph, rng) -> dict[str, np.ndarray]:
             out[name] = rng.integers(-50, 50, shape).astype(np.int32)
         elif kind == "positive":
             out[name] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+        elif kind == "gate":          # a log decay, <= 0
+            out[name] = -rng.uniform(0.0, 1.0, shape).astype(np.float32)
         elif kind == "wide":
             out[name] = rng.uniform(-30, 30, shape).astype(np.float32)
         else:

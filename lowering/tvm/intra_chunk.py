@@ -1,0 +1,191 @@
+"""The work local to each chunk (the fused op `intra_chunk`, dnir/fused.py) as one GPU kernel.
+
+Lowered op by op this is some forty small kernels over [.., C, C] tensors (and,
+for a gate per key channel, reductions over [.., C, C, K] decays), plus
+transposes of q, k, v into chunks and of the results into the loop's order.
+Here a thread block of 256 threads takes one chunk of one head, reads q, k, v,
+g and beta where the layer has them ([R, Tp, HV, X], token-major: no transposes)
+and writes the loop's operands chunk-major. Per chunk, with gam the running sum
+of the gates from the chunk start:
+
+ 1. a thread per key channel: gam and the sums from the end, each a running sum
+    of gates, and from them q_decayed, k_to_end, last_decay and W's right-hand
+    side beta k exp(gam); a thread per value column: U's, beta v.
+ 2. the scores kk_ij = sum_c k_i k_j exp(D_ij) and qk_ij = sum_c q_i k_j exp(D_ij),
+    D_ij = sum_{j < l <= i} g_l, by 16 x 16 blocks of token pairs, a thread per pair:
+    - a diagonal block: D_ij per channel summed over its own segment (the block's 16
+      gates, those outside the segment masked to 0);
+    - a block below it, r the first row of the row block: rows decayed to r
+      (q_i, k_i times exp(sum_{r < l <= i} g)), columns from r (k_j exp(sum_{j < l <= r} g),
+      a running sum down from r kept by the channel's thread across column blocks),
+      then plain dot products of the staged rows and columns.
+    Every exponent is a sum of gates of one sign over its own segment: exact to
+    rounding however strong the gates (tests/models/test_strong_gates.py), and no
+    [C, C, K] tensor. kk stays in shared memory; qk is Aqk, written out (0 above
+    the diagonal).
+ 3. a thread per column of W and U (K + V of them): forward substitution
+    x_i = rhs_i - beta_i sum_{j < i} kk_ij x_j with the column's C values in registers
+    (the loops unrolled) and kk read from shared memory (one word for the whole block).
+
+CUDA cores, float32; the scores and the solve are a tenth of the layer's products
+(the loop over chunks and the output hold the rest), so tensor cores come there first.
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from .kernels import ATTRS
+
+S = 16              # tokens per block of the scores: a thread per pair of a block
+THREADS = S * S
+
+
+def rejects(node, target) -> str | None:
+    """None when this kernel runs the intra_chunk `node` on `target`, else why not."""
+    from dnir.fused import intra_sizes
+    dtype = node.inputs[0].dtype
+    if target.dtypes is not None and dtype not in target.dtypes:
+        return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
+    R, NC, HV, C, K, V, Kg = intra_sizes([i.type for i in node.inputs], node.attrs)
+    if C % S or K + V > THREADS or C > 64:
+        return f"C={C}, K={K}, V={V}: the kernel takes chunks of whole {S}-token blocks up to 64 and K + V <= {THREADS}"
+    need = shared_bytes(C, K)
+    if target.shared_bytes is not None and need > target.shared_bytes:
+        return f"a thread block needs {need} B of shared memory, the target has {target.shared_bytes} B"
+    return None
+
+
+def shared_bytes(C: int, K: int) -> int:
+    """kk [C, C] and three 16-row stages of K channels (padded by one against bank conflicts)."""
+    return 4 * (C * C + 3 * S * (K + 1) + S)
+
+
+def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str):
+    """The op's function: q, k [R, Tp, HV, K], v [R, Tp, HV, V], g [R, Tp, HV, Kg], beta
+    [R, Tp, HV, 1] -> W, U, Qd, A, Ke, LD (dnir/fused.py's order), chunk-major."""
+    Tp, tasks = NC * C, NC * R * HV
+    blocks = C // S
+    pk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
+    zero = T.cast(0, dtype)
+    P = K + 1                                  # a staged row's stride
+
+    def task(t):                               # (chunk, row, head) of block t
+        return t // (R * HV), (t // HV) % R, t % HV
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(q: T.handle, k: T.handle, v: T.handle, g: T.handle, beta: T.handle, w: T.handle, u: T.handle,
+               qd: T.handle, aqk: T.handle, kte: T.handle, ld: T.handle):
+        T.func_attr(ATTRS)
+        Q = T.match_buffer(q, (R, Tp, HV, K), dtype)
+        Kx = T.match_buffer(k, (R, Tp, HV, K), dtype)
+        Vx = T.match_buffer(v, (R, Tp, HV, V), dtype)
+        G = T.match_buffer(g, (R, Tp, HV, Kg), dtype)
+        Bt = T.match_buffer(beta, (R, Tp, HV, 1), dtype)
+        W = T.match_buffer(w, (NC, R, HV, C, K), dtype)
+        U = T.match_buffer(u, (NC, R, HV, C, V), dtype)
+        Qd = T.match_buffer(qd, (NC, R, HV, C, K), dtype)
+        A = T.match_buffer(aqk, (NC, R, HV, C, C), dtype)
+        Ke = T.match_buffer(kte, (NC, R, HV, C, K), dtype)
+        LD = T.match_buffer(ld, (NC, R, HV, Kg, 1), dtype)
+        with T.sblock("root"):
+            for bx in T.thread_binding(tasks, thread="blockIdx.x"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    KK = T.alloc_shared((C * C,), dtype)
+                    Xq = T.alloc_shared((S * P,), dtype)     # 16 rows of q (raw, then decayed to r)
+                    Xk = T.alloc_shared((S * P,), dtype)     # 16 rows of k, likewise
+                    Xc = T.alloc_shared((S * P,), dtype)     # a diagonal block's gates, or 16 columns
+                    run = T.alloc_local((1,), dtype)
+                    acc = T.alloc_local((2,), dtype)
+                    x = T.alloc_local((C,), dtype)
+                    n, b, h = task(bx)
+                    t0 = n * C
+                    ii, jj = tx // S, tx % S               # the thread's pair in a 16 x 16 block
+                    # 1. per key channel: the decays and scaled operands; per value column: beta v
+                    if tx < K:
+                        run[0] = zero
+                        for i in T.unroll(C):             # unrolled: the loads issue ahead of the sum
+                            run[0] = run[0] + G[b, t0 + i, h, tx * pk]
+                            Qd[n, b, h, i, tx] = Q[b, t0 + i, h, tx] * T.exp(run[0])
+                            W[n, b, h, i, tx] = Kx[b, t0 + i, h, tx] * Bt[b, t0 + i, h, 0] * T.exp(run[0])
+                        if tx < Kg:
+                            LD[n, b, h, tx, 0] = T.exp(run[0])
+                        run[0] = zero
+                        for i1 in T.unroll(C):
+                            Ke[n, b, h, C - 1 - i1, tx] = Kx[b, t0 + C - 1 - i1, h, tx] * T.exp(run[0])
+                            run[0] = run[0] + G[b, t0 + C - 1 - i1, h, tx * pk]
+                    elif tx < K + V:
+                        for i in T.unroll(C):
+                            U[n, b, h, i, tx - K] = Vx[b, t0 + i, h, tx - K] * Bt[b, t0 + i, h, 0]
+                    # 2. the scores, one row block a (rows r .. r + 15) at a time
+                    for a in range(blocks):
+                        r = a * S
+                        T.tvm_storage_sync("shared")
+                        for e in T.unroll(-(-S * K // THREADS)):
+                            if e * THREADS + tx < S * K:
+                                Xq[(e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Q[
+                                    b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
+                                Xk[(e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Kx[
+                                    b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
+                        for e in T.unroll(-(-S * Kg // THREADS)):
+                            if e * THREADS + tx < S * Kg:
+                                Xc[(e * THREADS + tx) // Kg * P + (e * THREADS + tx) % Kg] = G[
+                                    b, t0 + r + (e * THREADS + tx) // Kg, h, (e * THREADS + tx) % Kg]
+                        T.tvm_storage_sync("shared")
+                        # the diagonal block: per channel, D summed over the pair's own segment
+                        acc[0] = zero
+                        acc[1] = zero
+                        if jj <= ii:
+                            for c in range(K):
+                                run[0] = zero
+                                for l in T.unroll(S):
+                                    run[0] = run[0] + T.Select(jj < l and l <= ii, Xc[l * P + c * pk], zero)
+                                run[0] = T.exp(run[0]) * Xk[jj * P + c]
+                                acc[0] = acc[0] + Xk[ii * P + c] * run[0]
+                                acc[1] = acc[1] + Xq[ii * P + c] * run[0]
+                        KK[(r + ii) * C + r + jj] = acc[0]
+                        A[n, b, h, r + ii, r + jj] = acc[1]
+                        for cb in range(a + 1, blocks):          # above the diagonal
+                            A[n, b, h, r + ii, cb * S + jj] = zero
+                        T.tvm_storage_sync("shared")
+                        # (none for a = 0: no barrier may sit inside a condition)
+                        # rows decayed to r: q_i, k_i exp(sum_{r < l <= i} g), a thread per channel
+                        if tx < K:
+                            run[0] = zero
+                            for i in range(S):
+                                run[0] = run[0] + T.Select(i > 0, Xc[i * P + tx * pk], zero)
+                                # from memory, not the staged rows: a loop that reads and writes a
+                                # shared buffer would need a barrier inside this condition
+                                Xq[i * P + tx] = Q[b, t0 + r + i, h, tx] * T.exp(run[0])
+                                Xk[i * P + tx] = Kx[b, t0 + r + i, h, tx] * T.exp(run[0])
+                        # column blocks from a - 1 down: k_j exp(sum_{j < l <= r} g), the sum kept
+                        # in run[0] by the channel's thread
+                        run[0] = zero
+                        for cb1 in range(a):
+                            cb = a - 1 - cb1
+                            T.tvm_storage_sync("shared")
+                            if tx < K:
+                                for j1 in range(S):
+                                    run[0] = run[0] + G[b, t0 + cb * S + S - j1, h, tx * pk]
+                                    Xc[(S - 1 - j1) * P + tx] = Kx[b, t0 + cb * S + S - 1 - j1, h, tx] * T.exp(
+                                        run[0])
+                            T.tvm_storage_sync("shared")
+                            acc[0] = zero
+                            acc[1] = zero
+                            for c in range(K):
+                                acc[0] = acc[0] + Xk[ii * P + c] * Xc[jj * P + c]
+                                acc[1] = acc[1] + Xq[ii * P + c] * Xc[jj * P + c]
+                            KK[(r + ii) * C + cb * S + jj] = acc[0]
+                            A[n, b, h, r + ii, cb * S + jj] = acc[1]
+                    T.tvm_storage_sync("shared")
+                    # 3. W and U by forward substitution, a thread per column
+                    if tx < K + V:
+                        for i in T.unroll(C):
+                            x[i] = T.Select(tx < K, W[n, b, h, i, T.min(tx, K - 1)], U[n, b, h, i, T.max(tx - K, 0)])
+                            for j in T.unroll(C):          # j < i: constant once unrolled
+                                if j < i:
+                                    x[i] = x[i] - Bt[b, t0 + i, h, 0] * KK[i * C + j] * x[j]
+                            if tx < K:
+                                W[n, b, h, i, tx] = x[i]
+                            else:
+                                U[n, b, h, i, tx - K] = x[i]
+    return kernel

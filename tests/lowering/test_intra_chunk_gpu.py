@@ -1,0 +1,52 @@
+"""The work local to each chunk as one GPU kernel (lowering/tvm/intra_chunk.py): O2 in a GPU
+target's context puts in the fused op intra_chunk (passes/fuse_intra_chunk.py), the prepared layer
+is three kernels and no products in primitive ops, and its results on Vulkan match the NumPy
+backend (CUDA: compiled to PTX by test_targets, run on the GPU by scripts/gpu_conformance.py)."""
+import pytest
+
+from dnir import passes
+from dnir.lowering import registry
+from dnir.lowering.registry import target_context
+from dnir.models import build_delta_net, preset, random_inputs
+
+from backends import assert_vulkan_matches_numpy, needs_vulkan
+
+SMALL = dict(heads=2, head_dim=32, value_dim=32, initial_state=True, final_state=True)
+VALUE_HEADS = {"qwen3-next": 4, "kimi-linear": 2}     # GQA for gdn
+
+
+def _layer(name, target, **options):
+    cfg = preset(name, value_heads=VALUE_HEADS[name], **SMALL, **options)
+    with target_context(target) as ctx:
+        graph = passes.optimize(build_delta_net(cfg), "O2")
+    return cfg, graph, ctx.remarks
+
+
+@pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
+def test_a_chunked_layer_is_three_kernels_on_gpus(name):
+    cfg, graph, remarks = _layer(name, "cuda", seq_len=150)
+    ops = registry.prepare(graph, "cuda").op_histogram()
+    assert ops["intra_chunk"] == ops["chunk_states"] == ops["chunk_output"] == 1
+    assert not {"matmul", "solve_tri", "scan", "chunk_scan", "cumsum", "exp"} & set(ops)
+    assert ("fuse_intra_chunk", "intra_chunk fused (chunks of 64)") in remarks
+
+
+def test_a_head_too_wide_for_the_block_keeps_the_primitive_ops():
+    cfg = preset("qwen3-next", **dict(SMALL, head_dim=256, value_dim=256), seq_len=70)
+    with target_context("cuda") as ctx:
+        graph = passes.optimize(build_delta_net(cfg), "O2")
+    assert "intra_chunk" not in graph.op_histogram()
+    assert ("fuse_intra_chunk", "intra_chunk not fused: C=64, K=256, V=256: the kernel takes chunks of whole "
+                                "16-token blocks up to 64 and K + V <= 256 (chunks of 64)") in ctx.remarks
+
+
+@needs_vulkan
+@pytest.mark.parametrize("name,options", [
+    ("qwen3-next", dict(seq_len=150)),                              # GQA, a partial last chunk
+    ("kimi-linear", dict(seq_len=96, batch=2, chunk_size=32)),      # a decay per key channel
+    ("qwen3-next", dict(seq_len=100, cu_seqlens=(0, 37, 100))),     # packed sequences
+])
+def test_intra_chunk_on_vulkan_matches_numpy(name, options, rng):
+    cfg, graph, _ = _layer(name, "vulkan", **options)
+    assert registry.prepare(graph, "vulkan").op_histogram()["intra_chunk"] == 1
+    assert_vulkan_matches_numpy(graph, random_inputs(cfg, rng))
