@@ -68,9 +68,10 @@ def config(case: dict):
 
 
 def layer_graph(case: dict):
-    """The graph the functional API runs for this case (the same object key in the module cache)."""
+    """The graph the functional API runs for this case (the same object key in the module cache):
+    O2 in the cuda target's context, where the work local to each chunk is its kernel."""
     from dnir.api import compiled_graph
-    return compiled_graph(config(case), OPT)
+    return compiled_graph(config(case), OPT, "cuda")
 
 
 def costs(graph) -> dict:

@@ -143,7 +143,7 @@ def _delta_rule_on_device(variant: str, form: str, fn: str, args: dict):
                for name in ("q", "k", "v", "g", "beta", "initial_state") if args[name] is not None}
     cu = None if args["cu_seqlens"] is None else _cu_seqlens(args["cu_seqlens"], fn)
     cfg = _config(variant, form, fn, tensors, cu, args)
-    graph = compiled_graph(cfg, args["opt"])
+    graph = compiled_graph(cfg, args["opt"], "cuda")    # O2 for the GPU: its kernels (intra_chunk)
     wanted = dict(zip(graph.input_names, graph.input_types))
     inputs = [_aligned(tensors[n].to(_TORCH_DTYPES[wanted[n].dtype])) for n in graph.input_names]
     checks = _device_checks(tensors, cfg, args["allow_positive_gates"])
