@@ -99,7 +99,7 @@ def _cpu_intra_chunk_rejects(node, target):
 def _llvm_target(name: str) -> Target:
     return Target(name, {"chunk_scan": _cpu_chunk_scan_rejects, "token_step": _cpu_token_step_rejects,
                          "intra_chunk": _cpu_intra_chunk_rejects},
-                  dtypes=CPU_KERNEL_DTYPES)
+                  dtypes=CPU_KERNEL_DTYPES, narrow_operands=frozenset({"token_step"}))
 
 
 # llvm: the loop over chunks and a decode step are one kernel each (cpu_chunk_scan.py, cpu_token_step.py).

@@ -18,7 +18,9 @@ goes back once, as on the GPU (token_step.py). The value columns are the
 vector lanes (the state's rows are contiguous along V); the key-side scalars
 are broadcast. At B = 64 (Qwen3-Next heads, one core) whole heads took
 9.6 ms, tiles of 64 columns 10.8 and of 16 columns 11.8: the more
-accumulators in flight, the better the loads overlap.
+accumulators in flight, the better the loads overlap. The step's vectors may
+be bf16 or fp16 as a layer's inputs hold them (llvm's Target.narrow_operands;
+passes/fold_widening_casts.py): each is widened as it is loaded.
 """
 from __future__ import annotations
 
@@ -48,9 +50,10 @@ def rejects(node, target) -> str | None:
     return None
 
 
-def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype: str):
+def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype: str, narrow: dict | None = None):
     """S1 [*batch, K, V] and O [*batch, V] from the state and the vectors, each in its own
-    shape `shapes[name]` (batch axes first, as the GPU kernel takes them)."""
+    shape `shapes[name]` (batch axes first, as the GPU kernel takes them). narrow: role -> dtype
+    of a bf16/fp16 operand, widened to `dtype` as it is loaded."""
     heads = math.prod(batch)
     vt = columns(V)
     tiles = V // vt
@@ -59,6 +62,10 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
 
     def at(name, h, e):                    # element e of head h in operand `name`
         return unravel_index(h, batch) + unravel_index(e, shapes[name][nb:])
+
+    def load(buf, name, h, e):             # that element in `dtype` (a half operand widened here)
+        value = buf[at(name, h, e)]
+        return T.Cast(dtype, value) if narrow and name in narrow else value
 
     def state(h, kk, c):                   # row kk, column c of head h's state
         return unravel_index(h, batch) + (kk, c)
@@ -76,14 +83,14 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
                     out[j] = T.cast(0, dtype)
                 for kk in range(K):
                     for j in T.vectorized(vt):
-                        pred[j] = pred[j] + Kr[at("k_row", h, kk)] * S0[state(h, kk, t * vt + j)]
-                        out[j] = out[j] + Qr[at("q_row", h, kk)] * S0[state(h, kk, t * vt + j)]
+                        pred[j] = pred[j] + load(Kr, "k_row", h, kk) * S0[state(h, kk, t * vt + j)]
+                        out[j] = out[j] + load(Qr, "q_row", h, kk) * S0[state(h, kk, t * vt + j)]
                 for j in T.vectorized(vt):     # pred becomes u = (v - pred) beta
-                    pred[j] = (Vv[at("v", h, t * vt + j)] - pred[j]) * B[at("beta", h, 0)]
-                    O[at("o", h, t * vt + j)] = out[j] + pred[j] * QK[at("qk", h, 0)]
+                    pred[j] = (load(Vv, "v", h, t * vt + j) - pred[j]) * load(B, "beta", h, 0)
+                    O[at("o", h, t * vt + j)] = out[j] + pred[j] * load(QK, "qk", h, 0)
                 for kk in range(K):
                     for j in T.vectorized(vt):
                         S1[state(h, kk, t * vt + j)] = (S0[state(h, kk, t * vt + j)]
-                                                        * D[at("decay", h, kk * per_key)]
-                                                        + Kc[at("k_col", h, kk)] * pred[j])
-    return token_step_function(shapes, dtype, body, state_align=4)
+                                                        * load(D, "decay", h, kk * per_key)
+                                                        + load(Kc, "k_col", h, kk) * pred[j])
+    return token_step_function(shapes, dtype, body, state_align=4, narrow=narrow)

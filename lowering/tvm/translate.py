@@ -39,7 +39,7 @@ from tvm import relax, te
 from tvm.ir import PrimType
 
 from dnir.errors import BackendError
-from dnir.fused import intra_sizes
+from dnir.fused import STEP_ROLES, intra_sizes
 from dnir.graph import Graph, Node
 from dnir.ops import table_entry
 from dnir.types import DTYPES, HALF_DTYPES
@@ -499,9 +499,13 @@ def _lower_token_step(tr, node, args):
     """A decode step's new state and output from one kernel (token_step.py; cpu_token_step.py on llvm)."""
     batch, K, V, Kg = token_step.sizes(node)
     shapes, dtype = token_step.operand_shapes(node), TVM_DTYPES[node.inputs[0].dtype]
-    make = token_step.token_step_kernel if tr.gpu else cpu_token_step.token_step_kernel
-    gv = tr.prim(("token_step", tuple(sorted(shapes.items())), K, V, Kg, dtype),
-                 lambda: make(batch, shapes, K, V, Kg, dtype))
+    if tr.gpu:
+        make = token_step.token_step_kernel
+    else:   # its vectors may be narrower than the state (bf16/fp16), widened in the kernel
+        narrow = {r: TVM_DTYPES[x.dtype] for r, x in zip(STEP_ROLES, node.inputs) if x.dtype != node.inputs[0].dtype}
+        make = lambda *sizes: cpu_token_step.token_step_kernel(*sizes, narrow=narrow)  # noqa: E731
+    gv = tr.prim(("token_step", tuple(sorted(shapes.items())), K, V, Kg, dtype,
+                  tuple(i.dtype for i in node.inputs)), lambda: make(batch, shapes, K, V, Kg, dtype))
     return _call_fused(tr, node, gv, args)
 
 

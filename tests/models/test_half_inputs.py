@@ -127,11 +127,13 @@ def test_random_inputs_are_in_the_graphs_dtypes():
 @pytest.mark.parametrize("dtype", HALVES)
 @pytest.mark.parametrize("variant", ["gdn", "kda"])
 def test_decode_step_fused_on_llvm_with_half_inputs(dtype, variant, rng):
-    """Decode with half q, k, v and a float32 state: one token_step kernel on llvm."""
+    """Decode with half q, k, v and a float32 state: one token_step kernel on llvm, which loads
+    v, beta and k's column in the half dtype (q and k's row are float32 products)."""
     cfg = DeltaNetConfig(variant, mode="decode", seq_len=1, batch=3, heads=2, value_heads=4, head_dim=16,
                          value_dim=32, initial_state=True, final_state=True, dtype=dtype)
     graph = passes.optimize(build_delta_net(cfg), "O2")
-    assert "token_step" in {n.op for n in registry.prepare(graph, "llvm").topo_order()}
+    (step,) = [n for n in registry.prepare(graph, "llvm").topo_order() if n.op == "token_step"]
+    assert [r for r, x in zip(dnir.fused.STEP_ROLES, step.inputs) if x.dtype == dtype] == ["k_col", "v", "beta"]
     x = half_inputs(cfg, rng)
     o_ref, state_ref = oracle(cfg, x)
     for target in ("numpy", "llvm"):

@@ -88,16 +88,19 @@ def test_a_decode_layer_reads_its_bf16_vectors_in_the_step():
         np.testing.assert_array_equal(a.astype(np.float32), b.astype(np.float32))  # the same float32 arithmetic
 
 
-def test_the_numpy_target_folds_and_llvm_keeps_casts_for_its_float32_kernel():
+def test_the_targets_that_load_half_operands_fold_and_the_others_keep_casts():
     cfg = DeltaNetConfig("kda", mode="decode", seq_len=1, batch=2, heads=2, value_heads=2, head_dim=16,
                          value_dim=32, initial_state=True, final_state=True, dtype="f16")
     graph = passes.optimize(build_delta_net(cfg), "O2")
     with PassContext(HALF_STEP):
         fused = passes.optimize(graph, ["fuse_delta_steps"])
     numpy_step = [n for n in registry.prepare(fused, "numpy").topo_order() if n.op == "token_step"]
-    assert numpy_step and "f16" in {i.dtype for i in numpy_step[0].inputs}
+    assert numpy_step and "f16" in {i.dtype for i in numpy_step[0].inputs}       # the reference kernel
     llvm_step = [n for n in registry.prepare(graph, "llvm").topo_order() if n.op == "token_step"]
-    assert llvm_step and {i.dtype for i in llvm_step[0].inputs} == {"f32"}
+    assert llvm_step and "f16" in {i.dtype for i in llvm_step[0].inputs}         # cpu_token_step.py
+    with PassContext(FLOAT32_STEP):
+        kept = passes.optimize(fused, ["fold_widening_casts"])
+    assert {i.dtype for n in kept.topo_order() if n.op == "token_step" for i in n.inputs} == {"f32"}
 
 
 def test_narrow_source_moves_only_what_commutes_with_the_cast():
