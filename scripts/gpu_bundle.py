@@ -16,8 +16,10 @@ the run uses TVM's runtime only:
     recorded as programs (lowering/vulkan_program.py), which wgpu runs there
     on the NVIDIA Vulkan driver without TVM.
 
-Graphs: the whole op conformance table, and the GDA/KDA chunked and
-recurrent layers merged into one graph per optimisation level (O0, O2).
+Graphs: the whole op conformance table, the GDA/KDA chunked and
+recurrent layers merged into one graph per optimisation level (O0, O2), and
+bf16 and fp16 layers (chunked, recurrent, decode) at O2, whose float32
+inputs are rounded to the half dtype on the device (bf16: CUDA only).
 On the GPU machine (from the repository root):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl
@@ -45,6 +47,7 @@ def graphs(seed: int):
     import cases
     import dnir.passes
     from backends import merge_graphs
+    from dnir.lowering.registry import target_context
     from dnir.models import DeltaNetConfig, build
     from test_backend_models import LAYERS, SIZES
 
@@ -58,7 +61,41 @@ def graphs(seed: int):
         inputs = {f"{key}__{n}": v for key, g in layers.items()
                   for n, v in random_inputs(DeltaNetConfig.from_meta(g.meta), rng).items()}
         out[f"models_{level}"] = (merged, inputs)
+    # bf16 and fp16 layers at O2, sized for the fused GPU kernels (V a multiple of 32), with a decode
+    # layer; their float32 interface rounds the inputs to the half dtype on the device.
+    half_layers = dict(LAYERS, gdn_decode=dict(variant="gdn", mode="decode"), kda_decode=dict(variant="kda", mode="decode"))
+    for dtype in ("bf16", "f16"):
+        layers = {key: build(o["variant"], mode=o["mode"], dtype=dtype,
+                             **dict(SIZES, head_dim=32, value_dim=32, **HALF_DECODE if o["mode"] == "decode" else {}))
+                  for key, o in half_layers.items()}
+        with target_context("cuda"):     # O2 puts in the GPU's intra-chunk kernel where it applies
+            merged = merge_graphs({key: float32_interface(dnir.passes.optimize(g, "O2")) for key, g in layers.items()})
+        inputs = {f"{key}__{n}": v.astype(np.float32) for key, g in layers.items()
+                  for n, v in random_inputs(DeltaNetConfig.from_meta(g.meta), rng).items()}
+        out[f"models_{dtype}_O2"] = (merged, inputs)
     return out
+
+
+HALF_DECODE = dict(seq_len=1, batch=3)
+
+
+def float32_interface(graph):
+    """`graph` with float32 inputs and outputs around its half ones: a cast rounds each input to its
+    half dtype on the device and one widens a half output, so the bundle's arrays are NumPy dtypes
+    that a machine without ml_dtypes reads (bfloat16 is not one)."""
+    from dnir.graph import Graph, Node
+    from dnir.ops import make_node
+    new, inputs = {}, []
+    for node in graph.inputs:
+        x = make_node("input", (), dict(node.attrs, dtype="f32"))
+        inputs.append(x)
+        new[id(node)] = x if node.dtype == "f32" else make_node("cast", (x,), {"dtype": node.dtype})
+    for node in graph.topo_order():
+        if id(node) not in new:
+            new[id(node)] = Node(node.op, [new[id(i)] for i in node.inputs], node.attrs, node.type)
+    outputs = [new[id(n)] if n.dtype == "f32" else make_node("cast", (new[id(n)],), {"dtype": "f32"})
+               for n in graph.outputs]
+    return Graph(inputs, outputs, graph.output_names)
 
 
 def tvm_runtime_tarball(dest: Path):
@@ -104,7 +141,10 @@ def main(argv=None) -> int:
         ex = build(graph, "cuda", arch=args.arch)
         ex.export_library(str(out / f"{name}.so"))
         nvcc_compile(cuda_source(ex), args.arch)
-        build(graph, "vulkan").program.save(out / f"{name}.vulkan.npz")
+        if name.startswith("models_bf16"):
+            print(f"{name}: no Vulkan program (WGSL has no bfloat16)")
+        else:
+            build(graph, "vulkan").program.save(out / f"{name}.vulkan.npz")
         refs = run(graph, inputs)
         np.savez(out / f"{name}.npz", input_names=np.array(graph.input_names),
                  output_names=np.array(graph.output_names), arch=np.array(args.arch),
