@@ -18,11 +18,12 @@ import numpy as np
 from dnir.errors import BackendError
 from dnir.graph import Graph
 from dnir.lowering.numpy_backend import prepare_inputs
+from dnir.types import numpy_dtype
 
 from . import api
 from .lower import STORAGE, Lowerer, input_values
 
-_NUMPY = {api.F32: np.float32, api.I32: np.int32, api.F16: np.float16}
+_NUMPY = {api.F32: np.float32, api.I32: np.int32, api.F16: np.float16, api.BF16: numpy_dtype("bf16")}
 
 
 class _Counter:

@@ -261,3 +261,18 @@ def test_cuda_compiles_half_layers_to_ptx(tmp_path):
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert ".target sm_90" in cu.with_suffix(".ptx").read_text()
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_ggml_runs_half_layers(dtype, rng):
+    from dnir.lowering.ggml.build import GgmlUnavailable, ggml_build
+    try:
+        ggml_build()
+    except GgmlUnavailable as e:
+        pytest.skip(f"ggml cannot be built here: {e}")
+    cfg = DeltaNetConfig("gdn", dtype=dtype, **SMALL)
+    x = half_inputs(cfg, rng)
+    o_ref, state_ref = oracle(cfg, x)
+    o, state = run_layer(cfg, x, "O2", target="ggml")
+    assert_close(state, state_ref, what="final state")
+    assert_rounded_from(o, o_ref, dtype)
