@@ -73,7 +73,7 @@ def _gpu_target(name: str, shared_bytes: int) -> Target:
     return Target(name, {"chunk_scan": _chunk_scan_rejects, "chunk_states": _chunk_scan_rejects,
                          "chunk_output": _chunk_output_rejects, "intra_chunk": _intra_chunk_rejects,
                          "token_step": _token_step_rejects},
-                  shared_bytes=shared_bytes, dtypes=KERNEL_DTYPES)
+                  shared_bytes=shared_bytes, dtypes=KERNEL_DTYPES, narrow_operands=frozenset({"token_step"}))
 
 
 def _vulkan_target(name: str) -> Target:

@@ -13,6 +13,9 @@ and this kernel computes S' and o at once, reading the state once and writing
 it once: a thread owns one state column, keeps it in registers, reduces it
 against both row vectors, then writes the updated column. Every operand keeps
 its own shape (the graph's reshapes cost nothing); the kernel reads it flat.
+The vectors may be bf16 or fp16 as a layer's inputs hold them (the GPU targets'
+Target.narrow_operands; passes/fold_widening_casts.py): each is widened as it
+is loaded.
 """
 from __future__ import annotations
 
@@ -50,9 +53,10 @@ def operand_shapes(node: Node) -> dict:
     return found
 
 
-def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype: str):
+def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype: str, narrow: dict | None = None):
     """S1 [*batch, K, V] and O [*batch, V] from the state and the vectors, each in its own
-    shape `shapes[name]` (batch axes first: nothing is reshaped around the call)."""
+    shape `shapes[name]` (batch axes first: nothing is reshaped around the call). narrow: role ->
+    dtype of a bf16/fp16 operand, widened to `dtype` as it is loaded."""
     heads = math.prod(batch)
     threads = min(V, 128)
     tiles = V // threads
@@ -61,6 +65,10 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
 
     def at(name, bx, e):                   # element e of the block's head in operand `name`
         return unravel_index(bx // tiles, batch) + unravel_index(e, shapes[name][nb:])
+
+    def load(buf, name, bx, e):            # that element in `dtype` (a half operand widened here)
+        value = buf[at(name, bx, e)]
+        return T.Cast(dtype, value) if narrow and name in narrow else value
 
     @T.macro
     def body(S0, D, Kc, Kr, Qr, Vv, B, QK, S1, O):
@@ -72,12 +80,12 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
                 acc[1] = T.float32(0)
                 for kk in T.unroll(K):
                     col[kk] = S0[at("state", bx, kk * V + bx % tiles * threads + tx)]
-                    acc[0] = acc[0] + Kr[at("k_row", bx, kk)] * col[kk]
-                    acc[1] = acc[1] + Qr[at("q_row", bx, kk)] * col[kk]
+                    acc[0] = acc[0] + load(Kr, "k_row", bx, kk) * col[kk]
+                    acc[1] = acc[1] + load(Qr, "q_row", bx, kk) * col[kk]
                 # acc[0] becomes u = (v - pred) beta
-                acc[0] = (Vv[at("v", bx, bx % tiles * threads + tx)] - acc[0]) * B[at("beta", bx, 0)]
-                O[at("o", bx, bx % tiles * threads + tx)] = acc[1] + acc[0] * QK[at("qk", bx, 0)]
+                acc[0] = (load(Vv, "v", bx, bx % tiles * threads + tx) - acc[0]) * load(B, "beta", bx, 0)
+                O[at("o", bx, bx % tiles * threads + tx)] = acc[1] + acc[0] * load(QK, "qk", bx, 0)
                 for kk in T.unroll(K):
                     S1[at("state", bx, kk * V + bx % tiles * threads + tx)] = (
-                        col[kk] * D[at("decay", bx, kk * per_key)] + Kc[at("k_col", bx, kk)] * acc[0])
-    return token_step_function(shapes, dtype, body)
+                        col[kk] * load(D, "decay", bx, kk * per_key) + load(Kc, "k_col", bx, kk) * acc[0])
+    return token_step_function(shapes, dtype, body, narrow=narrow)

@@ -499,11 +499,10 @@ def _lower_token_step(tr, node, args):
     """A decode step's new state and output from one kernel (token_step.py; cpu_token_step.py on llvm)."""
     batch, K, V, Kg = token_step.sizes(node)
     shapes, dtype = token_step.operand_shapes(node), TVM_DTYPES[node.inputs[0].dtype]
-    if tr.gpu:
-        make = token_step.token_step_kernel
-    else:   # its vectors may be narrower than the state (bf16/fp16), widened in the kernel
-        narrow = {r: TVM_DTYPES[x.dtype] for r, x in zip(STEP_ROLES, node.inputs) if x.dtype != node.inputs[0].dtype}
-        make = lambda *sizes: cpu_token_step.token_step_kernel(*sizes, narrow=narrow)  # noqa: E731
+    # its vectors may be narrower than the state (bf16/fp16): the kernel widens them
+    narrow = {r: TVM_DTYPES[x.dtype] for r, x in zip(STEP_ROLES, node.inputs) if x.dtype != node.inputs[0].dtype}
+    kernel = token_step.token_step_kernel if tr.gpu else cpu_token_step.token_step_kernel
+    make = lambda *sizes: kernel(*sizes, narrow=narrow)  # noqa: E731
     gv = tr.prim(("token_step", tuple(sorted(shapes.items())), K, V, Kg, dtype,
                   tuple(i.dtype for i in node.inputs)), lambda: make(batch, shapes, K, V, Kg, dtype))
     return _call_fused(tr, node, gv, args)

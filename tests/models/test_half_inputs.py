@@ -162,6 +162,22 @@ def _vulkan_or_skip():
         pytest.skip(str(e))
 
 
+def test_vulkan_decode_step_loads_f16_vectors(rng):
+    have = _vulkan_or_skip()
+    if "f16" not in have:
+        pytest.skip("this Vulkan adapter has no shader-f16")
+    cfg = DeltaNetConfig("kda", mode="decode", seq_len=1, batch=3, heads=2, value_heads=4, head_dim=16,
+                         value_dim=32, initial_state=True, final_state=True, dtype="f16")
+    graph = passes.optimize(build_delta_net(cfg), "O2")
+    (step,) = [n for n in registry.prepare(graph, "vulkan").topo_order() if n.op == "token_step"]
+    assert [r for r, x in zip(dnir.fused.STEP_ROLES, step.inputs) if x.dtype == "f16"] == ["k_col", "v", "beta"]
+    x = half_inputs(cfg, rng)
+    o_ref, state_ref = oracle(cfg, x)
+    o, state = dnir.run(graph, x, target="vulkan")
+    assert_close(state, state_ref, what="final state")
+    assert_rounded_from(o, o_ref, "f16")
+
+
 def test_vulkan_runs_f16_with_shader_f16_and_refuses_bf16(rng):
     have = _vulkan_or_skip()
     cfg = DeltaNetConfig("gdn", dtype="bf16", **SMALL)
@@ -241,21 +257,24 @@ def test_cli_builds_and_checks_a_bf16_layer(tmp_path, capsys):
 
 
 def test_cuda_compiles_half_layers_to_ptx(tmp_path):
-    """bf16 prefill and fp16 decode for sm_90: the kernels read the half inputs; nvcc makes PTX."""
+    """bf16 prefill and decode for sm_90: kernels read the half inputs (the decode step its v, beta
+    and k column); nvcc makes PTX."""
     import shutil
     import subprocess
     from dnir.lowering.registry import build
     from dnir.lowering.tvm.compile import cuda_source
     sizes = dict(heads=2, value_heads=4, head_dim=32, value_dim=32, initial_state=True, final_state=True)
     for cfg in (DeltaNetConfig("gdn", seq_len=100, dtype="bf16", **sizes),
-                DeltaNetConfig("kda", mode="decode", seq_len=1, batch=3, dtype="f16", **sizes)):
+                DeltaNetConfig("kda", mode="decode", seq_len=1, batch=3, dtype="bf16", **sizes)):
         source = cuda_source(build(passes.optimize(build_delta_net(cfg), "O2"), "cuda", arch="sm_90"))
         # a kernel takes the half input itself (the widening cast is fused into its reader)
-        assert re.search(r"\b%s\* __restrict__ \w+" % {"bf16": "nv_bfloat16", "f16": "half"}[cfg.dtype], source)
+        assert re.search(r"\bnv_bfloat16\* __restrict__ \w+", source)
+        if cfg.mode == "decode":
+            assert re.search(r"token_step_kernel\([^)]*nv_bfloat16\* __restrict__ Vv_ptr", source)
         nvcc = shutil.which("nvcc")
         if nvcc is None:
             pytest.skip("nvcc not installed: the CUDA source was generated but not compiled")
-        cu = tmp_path / f"{cfg.dtype}.cu"
+        cu = tmp_path / f"{cfg.mode}.cu"
         cu.write_text(source)
         proc = subprocess.run([nvcc, "--ptx", "-arch=sm_90", "-o", str(cu.with_suffix(".ptx")), str(cu)],
                               capture_output=True, text=True)
