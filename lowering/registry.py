@@ -41,6 +41,7 @@ from dnir.errors import BackendError
 from dnir.graph import Graph
 from dnir.passes import PASSES
 from dnir.passes.context import PassContext, Target
+from dnir.passes.manager import record_made_by
 from dnir.verify import verify
 
 
@@ -103,7 +104,8 @@ def prepare(graph: Graph, target: str) -> Graph:
         with target_context(target):
             new = graph
             for name in pipeline(target):
-                new = PASSES[name].fn(new)[0]
+                before, new = new, PASSES[name].fn(new)[0]
+                record_made_by(before, new, name)
             verify(new)
         done[target] = None if new is graph else new     # None: the graph itself (no reference back to the key)
     return graph if done[target] is None else done[target]

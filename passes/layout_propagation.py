@@ -27,7 +27,7 @@ from .construct import moves_only_unit_axes, permute, reshape, slice_
 from .cse import cse
 from .layout_cost import keep_if_cheaper
 from .manager import register_pass
-from .rewrite import P, Rule, apply_rules, is_elementwise
+from .rewrite import P, Rule, apply_rules, derived, is_elementwise
 
 MAX_ROUNDS = 16   # rule sweeps and merges of equal permutes, alternating
 
@@ -202,7 +202,7 @@ def push_up(m):
         y = make_node("sum", y.inputs, {**y.attrs, "keepdims": True})
     groups = split_groups(y.shape, inner.shape)
     out = None if groups is None else push(y, Layout.with_unit_axes(y.shape, groups, m.node.attrs["axes"]))
-    return None if out is None else reshape(out, m.node.shape)
+    return None if out is None else reshape(derived(out, y), m.node.shape)
 
 
 def split_merged(m):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,6 +19,7 @@ from dnir.graph import Graph
 from dnir.text import print_graph
 from dnir.verify import verify
 
+from .rewrite import REBUILT_FROM
 from .validate import ValidationError, compare
 
 
@@ -56,6 +58,41 @@ class PassRecord:
         return {"pass": self.name, "seconds": self.seconds, "changed": self.changed, "nodes": self.nodes,
                 "ops": dict(self.ops), "flops": self.flops, "peak_bytes": self.peak_bytes,
                 "delta": dict(self.delta)}
+
+
+# Which pass first made each node (None: it came with the graph, or is a copy of one that did): a
+# side table (nodes stay as they are), filled by run_pipeline and by a target's preparation
+# (lowering/registry.py).
+_MADE_BY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _all_nodes(graph: Graph):
+    for node in graph.topo_order():
+        yield node
+        if node.op == "scan":
+            yield from _all_nodes(node.attrs["body"])
+
+
+def record_made_by(before: Graph, after: Graph, pass_name: str):
+    """Note `pass_name` as the maker of every node of `after` (scan bodies included) that is new:
+    neither in `before` nor a rebuilt copy (rewrite.REBUILT_FROM: the same op on new operands, as
+    a rewrite rebuilds the readers of what it changed) of a node made earlier; a copy keeps its
+    original's maker."""
+    if after is before:
+        return
+    old = {id(n) for n in _all_nodes(before)}
+    for node in _all_nodes(after):
+        if node in _MADE_BY or id(node) in old:
+            continue
+        original = REBUILT_FROM.get(node)
+        while original is not None and original not in _MADE_BY and id(original) not in old:
+            original = REBUILT_FROM.get(original)
+        _MADE_BY[node] = pass_name if original is None else _MADE_BY.get(original)
+
+
+def made_by(node) -> str | None:
+    """The pass that first made `node`, or None for a node that came with the graph."""
+    return _MADE_BY.get(node)
 
 
 def planned_peak_bytes(graph: Graph) -> int:
@@ -114,6 +151,7 @@ def run_pipeline(graph: Graph, pipeline="O2", *, options: dict | None = None, va
             if problems:
                 raise ValidationError(f"{where} changed the results: {'; '.join(problems)}")
         records.append(snapshot(name, new, seconds, changed, records[-1].ops))
+        record_made_by(graph, new, name)
         graph = new
         if dump_dir:
             _dump(dump_dir, i, name, graph)

@@ -33,6 +33,7 @@ Captures never leak from one try into another.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
@@ -278,8 +279,20 @@ def map_nodes(graph: Graph, fn: Callable[[Node, Node], Node]) -> tuple[Graph, bo
     return graph.with_outputs([new[id(n)] for n in graph.outputs]), True
 
 
+# new node -> the node it was rebuilt from (the same op on new operands): the pass manager's record
+# of which pass made a node (manager.made_by) follows it, so that a rebuilt reader is no new node.
+REBUILT_FROM: "weakref.WeakKeyDictionary[Node, Node]" = weakref.WeakKeyDictionary()
+
+
 def rebuild(node: Node, inputs, **attrs) -> Node:
-    return make_node(node.op, inputs, {**node.attrs, **attrs})
+    return derived(make_node(node.op, inputs, {**node.attrs, **attrs}), node)
+
+
+def derived(new: Node, old: Node) -> Node:
+    """`new` is `old`'s op made again (on new operands, or moved to another layout): note it."""
+    if new is not old:
+        REBUILT_FROM.setdefault(new, old)
+    return new
 
 
 def map_bodies(graph: Graph, fn: Callable[[Graph], tuple[Graph, bool]]) -> tuple[Graph, bool]:

@@ -3,7 +3,7 @@
 `export_c(graph, name)` runs the same lowering as the ggml backend (lower.py)
 with an emitter that writes each ggml call as one C statement, under a
 comment naming the dnir node it lowers (its number and op, as `dnir print`
-shows the graph). The function builds the graph in a caller's
+shows the graph, and the pass that made it: passes/manager.made_by). The function builds the graph in a caller's
 `ggml_context` from the caller's input tensors, as llama.cpp's graph
 builders do:
 
@@ -13,8 +13,8 @@ builders do:
 Inputs are contiguous tensors of the graph's shapes in ggml's order (a NumPy
 [B, T, H, K] input is ggml [K, H, T, B]; an input of more than 4 axes is
 flat; bool inputs are f32 0/1). The shapes are the graph's own: a scan is
-unrolled, so the function is written for one T and B (export another graph
-for other shapes); it asserts them. The caller allocates the graph (e.g.
+unrolled, so the function is written for one T and B; it asserts them.
+export_symbolic.py writes a layer for any T and B instead. The caller allocates the graph (e.g.
 ggml_gallocr) and computes it; the outputs are marked as outputs.
 """
 from __future__ import annotations
@@ -65,6 +65,15 @@ class _Source:
     def node(self, label):
         self.label = label
         self.lines.append(f"    // {label}")
+
+    def loop_begin(self, count):     # a graph of one T and B: its loops stay unrolled
+        pass
+
+    def iteration(self, i):
+        pass
+
+    def loop_end(self):
+        pass
 
 
 _C_WORDS = set("""auto bool break case char const continue default do double else enum extern false float for goto
@@ -151,14 +160,16 @@ def compile_c(source_path, library_path) -> Path:
     return Path(library_path)
 
 
-def load_builder(library_path, name: str, graph: Graph):
-    """The compiled function `name` as a builder for run.GgmlGraph: (ctx, input tensors) -> output tensors."""
+def load_builder(library_path, name: str, graph: Graph, sizes: tuple[int, ...] = ()):
+    """The compiled function `name` as a builder for run.GgmlGraph: (ctx, input tensors) -> output tensors.
+    `sizes`: the values of a symbolic export's size parameters (n_tokens, n_seqs) for `graph`."""
     fn = getattr(ctypes.CDLL(str(library_path)), name)
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * (1 + len(graph.inputs)) + [ctypes.POINTER(ctypes.c_void_p)] * len(graph.outputs)
+    fn.argtypes = ([ctypes.c_void_p] * (1 + len(graph.inputs)) + [ctypes.c_int64] * len(sizes)
+                   + [ctypes.POINTER(ctypes.c_void_p)] * len(graph.outputs))
 
     def build(ctx, inputs):
         outs = [ctypes.c_void_p() for _ in graph.outputs]
-        fn(ctx, *inputs, *[ctypes.byref(o) for o in outs])
+        fn(ctx, *inputs, *sizes, *[ctypes.byref(o) for o in outs])
         return [o.value for o in outs]
     return build

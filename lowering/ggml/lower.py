@@ -41,6 +41,7 @@ import numpy as np
 from dnir.errors import BackendError
 from dnir.graph import Graph, Node
 from dnir.ops import REGISTRY, broadcast_shapes, make_node
+from dnir.passes.manager import made_by
 
 from .api import F32, F16, I32, BF16, TRI_LOWER, TRI_LOWER_DIAG, TRI_UPPER, TRI_UPPER_DIAG
 
@@ -59,6 +60,11 @@ class Emitter(Protocol):
     def input(self, node: Node, gtype: int, ne: tuple): ...  # a graph input
     def constant(self, node: Node, value: np.ndarray, gtype: int, ne: tuple): ...  # a tensor of given data
     def node(self, label: str): ...                          # the dnir node lowered next (comments)
+    # An unrolled loop (over chunks, or a scan's steps): loop_begin(n), then iteration(i) before each
+    # of the n iterations' calls, then loop_end(). The symbolic C export writes it as a C loop.
+    def loop_begin(self, count: int): ...
+    def iteration(self, i: int): ...
+    def loop_end(self): ...
 
 
 @dataclass(frozen=True)
@@ -212,7 +218,8 @@ class Lowerer:
         for node in graph.topo_order():
             if id(node) in values:
                 continue
-            label = f"{path}%{counter} = {node.op}"
+            maker = made_by(node)
+            label = f"{path}%{counter} = {node.op}" + (f"  [made by {maker}]" if maker else "")
             counter += 1
             self.where = label
             self.e.node(label)
@@ -662,7 +669,9 @@ class Lowerer:
         ys_types = body.output_types[nc:]
         bufs = [self.new((length * math.prod(t.shape),)) for t in ys_types]
         stacks = list(bufs)
+        self.e.loop_begin(length)
         for step in range(length):
+            self.e.iteration(step)
             sliced = [self.step_slice(x, step) for x in xs]
             outs = self.lower(body, carries + sliced + consts, f"{label} step {step}: ")
             carries = outs[:nc]
@@ -670,6 +679,7 @@ class Lowerer:
                 size = math.prod(y.shape)
                 stacks[j] = self.call("ggml_set_1d_inplace", stacks[j], self.flat(y),
                                       step * size * ITEM_SIZE[y.gtype])
+        self.e.loop_end()
         self.where = label
         ys = [Value(s, (length,) + t.shape, ggml_ne((length * math.prod(t.shape),)), buf, t.dtype)
               for s, buf, t in zip(stacks, bufs, ys_types)]
@@ -697,7 +707,9 @@ class Lowerer:
         o_buf = o = self.new((n * o_size,))
         r_t = self.view(r, (p, v, k))
         label = self.where
+        self.e.loop_begin(n)
         for i in range(n):
+            self.e.iteration(i)
             self.where = f"{label} chunk {i}"
             self.e.node(self.where)
             w_i, qd_i, aqk_i, u_ti, k_ti = (self.chunk(x, i) for x in (w, q_decayed, aqk, u_t, k_t))
@@ -707,6 +719,7 @@ class Lowerer:
             o = self.call("ggml_set_1d_inplace", o, self.call("ggml_reshape_4d", o_i, o_size, 1, 1, 1),
                           i * o_size * ITEM_SIZE[F32])
             r_t = self.call("ggml_add", self.call("ggml_mul", r_t, decay_i), self.call("ggml_mul_mat", k_ti, v_new_t))
+        self.e.loop_end()
         self.where = label
         r = self.made(r_t, (p, v, k), (p, v, k), state.dtype)
         final = self.as_shape(self.permute(r, (0, 2, 1)), state.shape)

@@ -27,7 +27,8 @@ _NUMPY = {api.F32: np.float32, api.I32: np.int32, api.F16: np.float16, api.BF16:
 
 
 class _Counter:
-    """An emitter that only counts the tensors a lowering makes (to size ggml's context)."""
+    """An emitter that only counts the tensors a lowering makes (to size ggml's context); it
+    ignores comments and loop structure, as _Calls, which builds the graph, does."""
 
     def __init__(self):
         self.tensors = 0
@@ -45,8 +46,17 @@ class _Counter:
     def node(self, label):
         pass
 
+    def loop_begin(self, count):
+        pass
 
-class _Calls:
+    def iteration(self, i):
+        pass
+
+    def loop_end(self):
+        pass
+
+
+class _Calls(_Counter):
     """An emitter that builds the graph through ggml's API. Inputs and constants go in
     `data_ctx` (allocated in a backend buffer after the lowering), the rest in `ctx`."""
 
@@ -75,9 +85,6 @@ class _Calls:
         if id(node) not in self.constants:    # a scan body's constant is made once for every step
             self.constants[id(node)] = (self._data_tensor(f"const{len(self.constants)}", gtype, ne), value)
         return self.constants[id(node)][0]
-
-    def node(self, label):
-        pass
 
 
 class GgmlGraph:

@@ -89,7 +89,7 @@ def test_cli_export_writes_the_function_and_reports_both_buffers(tmp_path, capsy
     text = (tmp_path / "delta_net.c").read_text()
     assert "void delta_net(struct ggml_context * ctx," in text and "struct ggml_tensor ** out_o" in text
     out = capsys.readouterr().out
-    assert "compute buffer: ggml " in out and "dnir's plan" in out
+    assert "compute buffer at the file's shapes: ggml " in out and "dnir's plan" in out
 
 
 def test_cli_run_on_ggml_reports_its_compute_buffer(tmp_path, capsys):
@@ -114,3 +114,68 @@ def test_inputs_named_like_c_words_or_the_functions_tensors_are_renamed(tmp_path
     x = {n: rng.standard_normal((3, 4)).astype(np.float32) for n in names}
     (out,) = run_exported(graph, x, tmp_path, "f")
     np.testing.assert_allclose(out, x["int"] * x["t0"] + x["ctx"] - x["out_x"], rtol=1e-6)
+
+
+def _export_layer(tmp_path, variant, mode, level, **shape):
+    """A layer written to a file as `dnir build` and `dnir opt` make it, exported by the CLI."""
+    from dnir.cli import main
+    sizes = dict(heads=2, value_heads=4, head_dim=16, value_dim=16, chunk_size=16, initial_state=True,
+                 final_state=True)
+    source = tmp_path / "layer.dnir"
+    source.write_text(dnir.print(dnir.passes.optimize(build(variant, mode=mode, **sizes, **shape), level)))
+    assert main(["export", str(source), "--format", "ggml-c", "-o", str(tmp_path / "delta_net.c")]) == 0
+    library = compile_c(tmp_path / "delta_net.c", tmp_path / "delta_net.so")
+    return (tmp_path / "delta_net.c").read_text(), library, sizes
+
+
+def _run_at(library, variant, mode, level, sizes, rng, seq_len, batch, size_args):
+    from dnir.models import delta_rule_reference, relative_rms_error
+    graph = prepare(dnir.passes.optimize(build(variant, mode=mode, seq_len=seq_len, batch=batch, **sizes), level),
+                    "ggml")
+    cfg = DeltaNetConfig.from_meta(graph.meta)
+    x = random_inputs(cfg, rng)
+    o, state = GgmlGraph(graph, builder=load_builder(library, "delta_net", graph, size_args))(x)
+    o_ref, state_ref = delta_rule_reference(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=cfg.scale,
+                                            initial_state=x["initial_state"])
+    assert o.shape == o_ref.shape and state.shape == state_ref.shape
+    assert relative_rms_error(o, o_ref) < 1e-5 and relative_rms_error(state, state_ref) < 1e-5
+
+
+@pytest.mark.parametrize("variant,level", [("gdn", "O2"), ("kda", "O0")])
+def test_a_chunked_layer_exports_for_any_length_and_batch(tmp_path, rng, variant, level):
+    """One exported function, compiled once, computes the layer at lengths and batches other than the
+    file's (n_tokens, n_seqs are parameters, the loop over chunks a C loop), against the oracle."""
+    text, library, sizes = _export_layer(tmp_path, variant, "chunked", level, seq_len=48, batch=2)
+    assert "int64_t n_tokens,\n        int64_t n_seqs," in text
+    assert "for (int64_t i = 0; i < n_chunks; i++) {" in text and "chunk i" in text
+    for seq_len, batch in ((48, 2), (64, 3), (160, 4)):
+        _run_at(library, variant, "chunked", level, sizes, rng, seq_len, batch, (seq_len, batch))
+
+
+def test_a_single_sequence_layer_exports_for_any_length(tmp_path, rng):
+    """A file of one sequence: the passes choose layouts a batch of one allows, so n_tokens is the
+    one size parameter (the recurrent loop is one ggml_gated_delta_net for any length)."""
+    text, library, sizes = _export_layer(tmp_path, "kda", "recurrent", "O2", seq_len=9, batch=1)
+    assert "int64_t n_tokens,\n" in text and "n_seqs" not in text
+    assert text.count("ggml_gated_delta_net(") == 1
+    for seq_len in (9, 4, 17):
+        _run_at(library, "kda", "recurrent", "O2", sizes, rng, seq_len, 1, (seq_len,))
+
+
+def test_comments_name_the_pass_that_made_each_node(tmp_path):
+    """Nodes of the built layer are named alone; a node a pass made says which (the pass manager's
+    side table, the target's own passes included)."""
+    o2, _, _ = _export_layer(tmp_path, "gdn", "chunked", "O2", seq_len=48, batch=2)
+    assert "= chunk_scan  [made by fuse_delta_steps]" in o2
+    assert "[made by propagate_layout]" in o2 or "[made by eliminate_transposes]" in o2
+    o0, _, _ = _export_layer(tmp_path, "gdn", "chunked", "O0", seq_len=48, batch=2)
+    assert {m for m in __import__("re").findall(r"made by (\w+)", o0)} == {"fuse_delta_steps"}
+
+
+def test_fixed_shapes_on_request_and_for_graphs_that_are_no_layer(tmp_path, capsys):
+    from dnir.cli import main
+    source = tmp_path / "gdn.dnir"
+    source.write_text(dnir.print(build("gdn", mode="chunked", seq_len=48, heads=2, head_dim=16, value_dim=16,
+                                       chunk_size=16)))
+    assert main(["export", str(source), "--format", "ggml-c", "-o", str(tmp_path / "a.c"), "--fixed-shapes"]) == 0
+    assert "n_tokens" not in (tmp_path / "a.c").read_text() and "for its own shapes" in capsys.readouterr().out
