@@ -29,7 +29,7 @@ from dnir.errors import BackendError
 from dnir.graph import Graph
 
 from .api import SIGNATURES
-from .export_c import _arg, c_name
+from .export_c import _arg, _Source
 from .lower import Lowerer, input_values
 
 # The symbols a size may depend on, and their names in C.
@@ -54,10 +54,12 @@ class _Loop:
     iterations: list = field(default_factory=list)   # each a list of entries
 
 
-class _Trace:
-    """An emitter that records the lowering's calls, comments and loops (no C, no ggml)."""
+class _Trace(_Source):
+    """An emitter that records the lowering's calls, comments and loops (its inputs and constants
+    as export_c's)."""
 
     def __init__(self):
+        super().__init__()
         self.entries: list = []
         self.current = self.entries
         self.loops: list = []
@@ -67,14 +69,8 @@ class _Trace:
         self.current.append(_Call(handle, fn, args))
         return handle
 
-    def input(self, node, gtype, ne):
-        return c_name(node.attrs["name"])
-
-    def constant(self, node, value, gtype, ne):
-        raise BackendError(f"ggml-c export: a const of {value.size} differing values has no ggml graph op; "
-                           f"make it a graph input")
-
     def node(self, label):
+        self.label = label
         self.current.append(label)
 
     def loop_begin(self, count):
