@@ -212,14 +212,14 @@ def run_case(name: str, case: dict, loader, bundle: Path, costs: dict, copy_gbps
     import torch
     import tvm
 
-    from .gpu_artefacts import config, layer_graph
+    from .gpu_artefacts import OPT, config
     cfg = config(case)
-    graph = layer_graph(case)
     start = time.perf_counter()
-    _, main, _ = loader.cuda_vm(graph, ARCH)      # raises BackendError when the cache lacks it
+    layer = loader.cuda_layer(cfg, OPT, arch=ARCH)      # raises BackendError when the cache lacks it
+    main = layer.main
     load_s = time.perf_counter() - start
     x = make_inputs(cfg, seed, "cuda")
-    args = [tvm.runtime.from_dlpack(x[n]) for n in graph.input_names]
+    args = [tvm.runtime.from_dlpack(x[n]) for n in layer.input_names]
 
     def dnir_fn():
         return main(*args)
@@ -252,11 +252,11 @@ def run_case(name: str, case: dict, loader, bundle: Path, costs: dict, copy_gbps
     except Exception as e:  # noqa: BLE001 - the profile explains a miss; its absence must not lose the timings
         c["dnir_kernels_error"] = f"{type(e).__name__}: {e}"
     if case["kind"] == "prefill" and case["batch"] == 1 and case["seq_len"] == 8192 and case["heads"] == 32:
-        c["strong_gates"] = strong_gates(case, x, graph.input_names, main, cfg.scale)
+        c["strong_gates"] = strong_gates(case, x, layer.input_names, main, cfg.scale)
     program = bundle / "vulkan" / f"{name}.npz"
     if program.exists():
         try:
-            c["vulkan"] = vulkan_case(program, x, graph.input_names, ref)
+            c["vulkan"] = vulkan_case(program, x, layer.input_names, ref)
         except Exception as e:  # noqa: BLE001 - Vulkan's row says why it did not run
             c["vulkan"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     err = c["err"]

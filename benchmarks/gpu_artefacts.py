@@ -4,9 +4,10 @@
     .venv/bin/python -m benchmarks.gpu_artefacts --out .gpu --cases gdn_prefill_b1_t8192_f32
 
 Each case's layer (dnir O2) is compiled with TVM for cuda sm_90 into the
-module cache under <out>/cache (lowering/module_cache.py: the functional API
-on the GPU machine finds it there with the TVM runtime only, and so does
-benchmarks/gpu.py), with nvcc's fatbin of its kernels beside it. With
+module cache under <out>/cache, by the layer's options (lowering/module_cache.py:
+the functional API on the GPU machine finds it there with the TVM runtime only,
+without building the graph, and so does benchmarks/gpu.py), with nvcc's fatbin
+of its kernels beside it. With
 --vulkan, the float32 cases' graphs are also compiled for the vulkan target
 and recorded as programs, <out>/vulkan/<case>.npz (lowering/vulkan_program.py:
 run there by wgpu, without TVM). Inputs are drawn on the GPU, so nothing large
@@ -95,7 +96,7 @@ def compile_all(out: Path, arch: str, names=None, vulkan: bool = False):
     os.environ["DNIR_CACHE"] = str(out / "cache")     # lowering/module_cache.py reads it per call
     from dnir.lowering.module_cache import code_hash
     from dnir.lowering.registry import build
-    from dnir.lowering.runtime_loader import prebuild
+    from dnir.lowering.runtime_loader import prebuild_layer
     stamp = out / "code_hash"
     if not stamp.exists() or stamp.read_text() != code_hash():     # every key changed: start afresh
         shutil.rmtree(out / "cache", ignore_errors=True)
@@ -111,7 +112,7 @@ def compile_all(out: Path, arch: str, names=None, vulkan: bool = False):
         start = time.perf_counter()
         try:
             graph = layer_graph(case)
-            path = prebuild(graph, arch)
+            path = prebuild_layer(config(case), OPT, graph, arch)
         except Exception as e:  # noqa: BLE001 - a layer the kernels do not take yet: the benchmark says "not built"
             print(f"{name}: not built ({type(e).__name__}: {str(e)[:200]})", flush=True)
             continue

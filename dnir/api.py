@@ -107,19 +107,22 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
     cu = None if args["cu_seqlens"] is None else _cu_seqlens(args["cu_seqlens"], fn)
     cfg = _config(variant, form, fn, arrays, cu, args)
     _host_checks(arrays, cfg, fn, args["allow_positive_gates"])
-    graph = compiled_graph(cfg, args["opt"], args["target"])
-    if args["target"] == "numpy":
-        from .lowering.numpy_arena import graph_plan, run_planned
-        check_fits_memory(fn, graph_plan(graph).peak_bytes, sum(a.nbytes for a in arrays.values()))
-        outputs = run_planned(graph, arrays)[0]
-    elif args["target"] == "cuda":
-        from .lowering.runtime_loader import cuda_vm, run_executable
-        vm, _, dev = cuda_vm(graph)
-        outputs = run_executable(vm, dev, [arrays[n] for n in graph.input_names])
+    if args["target"] == "cuda":        # by the layer's options from the module cache: no graph needed
+        from .lowering.runtime_loader import cuda_layer, run_executable
+        layer = cuda_layer(cfg, args["opt"], lambda: compiled_graph(cfg, args["opt"], "cuda"))
+        outputs = run_executable(layer.vm, layer.device, [arrays[n] for n in layer.input_names])
+        output_names = layer.output_names
     else:
-        from .lowering import run
-        outputs = run(graph, arrays, target=args["target"])
-    for name, out in zip(graph.output_names, outputs):
+        graph = compiled_graph(cfg, args["opt"], args["target"])
+        output_names = graph.output_names
+        if args["target"] == "numpy":
+            from .lowering.numpy_arena import graph_plan, run_planned
+            check_fits_memory(fn, graph_plan(graph).peak_bytes, sum(a.nbytes for a in arrays.values()))
+            outputs = run_planned(graph, arrays)[0]
+        else:
+            from .lowering import run
+            outputs = run(graph, arrays, target=args["target"])
+    for name, out in zip(output_names, outputs):
         _check_output(out, name, fn, arrays)
     o = outputs[0]
     state = outputs[1] if cfg.final_state else None
@@ -134,26 +137,27 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
 
 
 def _delta_rule_on_device(variant: str, form: str, fn: str, args: dict):
-    """torch tensors on a GPU: checked, converted and run there, by DLPack both ways."""
+    """torch tensors on a GPU: checked, converted and run there, by DLPack both ways. The layer's
+    module comes from the module cache by its options; its graph is built only to compile it."""
     import torch
 
-    from .lowering.runtime_loader import run_dlpack
+    from .lowering.runtime_loader import cuda_layer, run_layer
     q = args["q"]
     tensors = {name: _on_device(args[name], name, fn, q.device)
                for name in ("q", "k", "v", "g", "beta", "initial_state") if args[name] is not None}
     cu = None if args["cu_seqlens"] is None else _cu_seqlens(args["cu_seqlens"], fn)
     cfg = _config(variant, form, fn, tensors, cu, args)
-    graph = compiled_graph(cfg, args["opt"], "cuda")    # O2 for the GPU: its kernels (intra_chunk)
-    wanted = dict(zip(graph.input_names, graph.input_types))
-    inputs = [_aligned(tensors[n].to(_TORCH_DTYPES[wanted[n].dtype])) for n in graph.input_names]
+    opt = args["opt"]
+    layer = cuda_layer(cfg, opt, lambda: compiled_graph(cfg, opt, "cuda"), device=q.device.index or 0)
+    inputs = [_aligned(tensors[n].to(_TORCH_DTYPES[d])) for n, d in zip(layer.input_names, layer.input_dtypes)]
     checks = _device_checks(tensors, cfg, args["allow_positive_gates"])
     stream = torch.cuda.current_stream(q.device).cuda_stream if q.device.type == "cuda" else None
-    outputs = [torch.from_dlpack(o) for o in run_dlpack(graph, inputs, device=q.device.index or 0, stream=stream)]
+    outputs = [torch.from_dlpack(o) for o in run_layer(layer, inputs, stream)]
     flags = torch.stack(checks + [torch.isfinite(o.sum(dtype=torch.float32)) for o in outputs]).tolist()
     if not all(flags):      # the host checks find what failed and say it; they raise or warn
         arrays = {name: _to_numpy(t, name, fn) for name, t in tensors.items()}
         _host_checks(arrays, cfg, fn, args["allow_positive_gates"], calls=3)
-        for name, out in zip(graph.output_names, outputs):
+        for name, out in zip(layer.output_names, outputs):
             _check_output(_to_numpy(out, name, fn), name, fn, arrays)
     o = outputs[0].to(q.dtype)
     return o, (outputs[1] if cfg.final_state else None)

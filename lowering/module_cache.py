@@ -1,16 +1,20 @@
 """Where compiled TVM modules are kept on disk: one folder for every target.
 
 `$DNIR_CACHE/tvm` (default `~/.cache/dnir/tvm`) holds `<key>.so`, one
-exported library per graph and target, and `cuda/<hash>.fatbin`, the
-kernels of CUDA libraries compiled by nvcc (by hash of the source and the
+exported library per graph and target; `layers/<key>.so` with `<key>.json`
+(its inputs' names and dtypes, its outputs' names), one per delta-net layer
+as the functional API runs it on a GPU; and `cuda/<hash>.fatbin`, the kernels
+of CUDA libraries compiled by nvcc (by hash of the source and the
 architecture). A module's key is the hash of
 
-  - the graph's printed text (its every op, type and attribute: the layer's
-    sizes, dtype and options, and the passes of its optimisation level);
+  - the graph's printed text (its every op, type and attribute), or for a
+    layer its `DeltaNetConfig` (sizes, dtype, options) and optimisation level:
+    a GPU server finds a layer without building its graph, which the target's
+    pass context can only do where TVM's compiler is (the kernels' checks);
   - the target (llvm: with the host CPU; cuda: with the architecture);
-  - TVM's version and the sources that decide what a graph compiles to:
-    the target pipelines' passes (passes/), the fused ops' expansions
-    (dnir/fused.py) and the kernels and schedules (lowering/tvm/).
+  - TVM's version and the sources that decide what a graph compiles to
+    (`code_hash`: the IR and models, dnir/, the passes and the kernels and
+    schedules, lowering/tvm/).
 
 Nothing here imports TVM's compiler, so a machine with the TVM runtime only
 finds what another filled: a deployment copies the folder (the GPU bundle,
@@ -48,9 +52,9 @@ def code_hash(root: Path = _ROOT) -> str:
     library made by other kernels, schedules or target passes is not reused."""
     digest = hashlib.sha256()
     sources = [*sorted((root / "lowering" / "tvm").glob("*.py")), *sorted((root / "passes").glob("*.py")),
-               root / "dnir" / "fused.py"]
+               *sorted((root / "dnir").rglob("*.py"))]
     for source in sources:
-        digest.update(source.name.encode())
+        digest.update(str(source.relative_to(root)).encode())
         digest.update(source.read_bytes())
     return digest.hexdigest()
 
@@ -70,6 +74,13 @@ def module_path(graph: Graph, target: str) -> Path:
     code depends on: "cuda sm_90", or llvm's target string with the CPU) is kept."""
     key = f"{graph_hash(graph)} {target} tvm-{tvm_version()} {code_hash()}"
     return cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
+
+
+def layer_path(cfg, opt: str, target: str) -> Path:
+    """Where the module of the delta-net layer `cfg` at optimisation level `opt` compiled for
+    `target` ("cuda sm_90") is kept (`.so`, and `.json` beside it: its interface)."""
+    key = f"{cfg!r} opt={opt} {target} tvm-{tvm_version()} {code_hash()}"
+    return cache_dir() / "layers" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
 
 
 def fatbin_path(source: str, arch: str) -> Path:

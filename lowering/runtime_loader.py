@@ -10,11 +10,13 @@ takes nvcc's fatbin from the module cache (lowering/module_cache.py:
 loads the CUDA runtime itself, and drives the Relax VM through
 `tvm.runtime.vm.VirtualMachine` (`tvm.relax` is not part of the runtime).
 
-`cuda_vm` finds a graph's module in the same cache, where the functional API
-looks (dnir/api.py with CUDA tensors): compiled there first when TVM's
+`cuda_layer` finds a delta-net layer's module in the same cache by the
+layer's options, where the functional API looks (dnir/api.py with CUDA
+tensors), without building its graph: compiled there first when TVM's
 compiler is installed, else a BackendError that says how to fill the cache
-(`dnir compile --cache`, scripts/gpu_bundle.sh). `run_dlpack` runs it on
-tensors that cross by DLPack both ways, without a copy.
+(`dnir compile --cache`, scripts/gpu_bundle.sh). `run_layer` runs it on
+tensors that cross by DLPack both ways, without a copy. `cuda_vm` does the
+same for any graph, by the graph's hash.
 
 Nothing here imports `tvm.relax`; it runs with `TVM_USE_RUNTIME_LIB=1` and a
 TVM package stripped of `libtvm_compiler.so`.
@@ -23,18 +25,20 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dnir.errors import BackendError
 
-from .module_cache import fatbin_path, module_path, write_atomically
+from .module_cache import cache_dir, fatbin_path, layer_path, module_path, write_atomically
 
 DEFAULT_ARCH = os.environ.get("DNIR_CUDA_ARCH", "sm_90")
 _STATE = {"loaded": False, "arch": None, "nvcc_runs": 0}   # nvcc_runs: compiles the cache did not spare
@@ -138,59 +142,99 @@ def cuda_target(arch: str) -> str:
     return f"cuda {arch}"
 
 
-def prebuild(graph, arch: str = DEFAULT_ARCH, build=None) -> Path:
-    """Compile `graph` for CUDA into the module cache, with nvcc's fatbin of its kernels when
-    nvcc is here (then loading it runs no compiler); its path. `build` makes the executable
-    (default: the cuda backend's, which runs the target's pipeline on the graph first)."""
-    from .registry import build as backend_build
+def _export(path: Path, ex, arch: str):
+    """The executable into the cache at `path`, with nvcc's fatbin of its kernels when nvcc is here
+    (then loading it runs no compiler)."""
     from .tvm.compile import cuda_source
-    path = module_path(graph, cuda_target(arch))
-    if path.exists():
-        return path
-    ex = build() if build is not None else backend_build(graph, "cuda", arch=arch)
     write_atomically(path, ex.export_library)
     try:
         nvcc_compile(cuda_source(ex), arch)
     except BackendError as e:
         if "nvcc not found" not in str(e):
             raise
-    return path
+
+
+def _missing(path: Path, what: str, arch: str) -> BackendError:
+    return BackendError(f"no compiled CUDA module for {what} ({arch}) in {path.parent}, and TVM's compiler is "
+                        f"not installed here to make one: fill the cache where it is (`dnir compile LAYER.dnir "
+                        f"--target cuda --arch {arch} --cache` for a layer from `dnir build`, or "
+                        f"scripts/gpu_bundle.sh for the benchmark's layers) and copy that folder here, or point "
+                        f"DNIR_CACHE at its parent (now {cache_dir().parent})")
+
+
+def _load(path: Path, device: int, arch: str):
+    with _LOCK:
+        found = _VMS.get((path, device))
+    if found is None:
+        vm, dev = load_executable(path, device, arch)
+        with _LOCK:
+            found = _VMS.setdefault((path, device), (vm, vm["main"], dev))
+    return found
 
 
 def cuda_vm(graph, arch: str = DEFAULT_ARCH, device: int = 0, build=None):
     """(VM, its main function, TVM device) running `graph` on CUDA device `device`, its module from the
-    cache (compiled into it first where TVM's compiler is installed); one VM per module and device."""
+    cache, keyed by the graph (compiled into it first where TVM's compiler is installed, by `build`,
+    default the cuda backend's); one VM per module and device."""
+    from .registry import build as backend_build
     path = module_path(graph, cuda_target(arch))
-    with _LOCK:
-        found = _VMS.get((path, device))
-    if found is not None:
-        return found
     if not path.exists():
         if not compiler_available():
-            raise BackendError(f"no compiled CUDA module for this graph ({arch}) in {path.parent}, and TVM's "
-                               f"compiler is not installed here to make one: fill the cache where it is "
-                               f"(`dnir compile FILE.dnir --target cuda --arch {arch} --cache`, or "
-                               f"scripts/gpu_bundle.sh for the benchmark's layers) and copy that folder here, "
-                               f"or point DNIR_CACHE at its parent (now {path.parent.parent})")
-        prebuild(graph, arch, build)
-    vm, dev = load_executable(path, device, arch)
-    with _LOCK:
-        found = _VMS.setdefault((path, device), (vm, vm["main"], dev))
-    return found
+            raise _missing(path, "this graph", arch)
+        _export(path, build() if build is not None else backend_build(graph, "cuda", arch=arch), arch)
+    return _load(path, device, arch)
 
 
-def run_dlpack(graph, tensors, arch: str = DEFAULT_ARCH, device: int = 0, stream: int | None = None) -> list:
-    """Run `graph` on CUDA on tensors that support DLPack (contiguous, 64-byte aligned, on GPU
-    `device`), in the graph's input order, on `stream` (a raw CUDA stream; None: TVM's current one).
-    The outputs are TVM tensors: `torch.from_dlpack` takes them without a copy."""
+@dataclass(frozen=True)
+class Layer:
+    """A delta-net layer's module loaded on a GPU, and its interface."""
+    vm: object
+    main: object
+    device: object
+    input_names: tuple
+    input_dtypes: tuple     # dnir dtype names ("f32", "bf16")
+    output_names: tuple
+
+
+def prebuild_layer(cfg, opt: str, graph, arch: str = DEFAULT_ARCH) -> Path:
+    """Compile the layer `cfg` at level `opt`, whose graph (built in the cuda target's context) is
+    `graph`, into the module cache under the layer's key, with its interface beside it."""
+    from .registry import build as backend_build
+    path = layer_path(cfg, opt, cuda_target(arch))
+    if not path.exists():
+        interface = {"input_names": list(graph.input_names), "input_dtypes": [t.dtype for t in graph.input_types],
+                     "output_names": list(graph.output_names)}
+        write_atomically(path.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(interface) + "\n"))
+        _export(path, backend_build(graph, "cuda", arch=arch), arch)
+    return path
+
+
+def cuda_layer(cfg, opt: str, graph=None, arch: str = DEFAULT_ARCH, device: int = 0) -> Layer:
+    """The layer `cfg` at level `opt` on CUDA device `device`, from the module cache by the layer's key:
+    no graph is built for it. Missing there, it is compiled into the cache first where TVM's compiler
+    is installed (`graph()` gives its graph), else a BackendError says how to fill the cache."""
+    path = layer_path(cfg, opt, cuda_target(arch))
+    if not path.exists():
+        if graph is None or not compiler_available():
+            raise _missing(path, f"the layer {cfg}", arch)
+        prebuild_layer(cfg, opt, graph(), arch)
+    vm, main, dev = _load(path, device, arch)
+    interface = json.loads(path.with_suffix(".json").read_text())
+    return Layer(vm, main, dev, tuple(interface["input_names"]), tuple(interface["input_dtypes"]),
+                 tuple(interface["output_names"]))
+
+
+def run_layer(layer: Layer, tensors, stream: int | None = None) -> list:
+    """Run a layer on tensors that support DLPack (contiguous, 64-byte aligned, on the layer's GPU),
+    in its input order, on `stream` (a raw CUDA stream; None: TVM's current one). The outputs are
+    TVM tensors: `torch.from_dlpack` takes them without a copy."""
     import tvm
     import tvm_ffi
-    _, main, dev = cuda_vm(graph, arch, device)
     args = [tvm.runtime.from_dlpack(t) for t in tensors]
     if stream is None:
-        return list(main(*args))
-    with tvm_ffi.use_raw_stream(dev, stream):
-        return list(main(*args))
+        return list(layer.main(*args))
+    with tvm_ffi.use_raw_stream(layer.device, stream):
+        return list(layer.main(*args))
 
 
 def run_cuda(graph, inputs, arch: str = DEFAULT_ARCH) -> list[np.ndarray]:

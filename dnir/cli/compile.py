@@ -1,5 +1,5 @@
 """dnir compile FILE.dnir --target cuda|llvm -o model.so: export a compiled model;
-dnir compile FILE.dnir --target cuda --cache: put it into the module cache instead."""
+dnir compile LAYER.dnir --target cuda --cache: compile a layer into the module cache instead."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +10,16 @@ EXAMPLE = """examples:
   dnir compile gdn.dnir --target llvm -o gdn_cpu.so
 
   dnir build gdn --preset qwen3-next --batch 64 --mode decode --initial-state --final-state -o d.dnir
-  dnir opt d.dnir --pipeline O2 -o d2.dnir && dnir compile d2.dnir --target cuda --cache
+  dnir compile d.dnir --target cuda --cache --opt O2
 
 A cuda artefact holds the kernels' CUDA source, compiled when it is loaded on
 the GPU machine (dnir.lowering.runtime_loader runs it with the TVM runtime only).
---cache puts the module, and nvcc's fatbin of its kernels, into the module cache
-($DNIR_CACHE/tvm) under the graph's key: the functional API finds it there for
-the same layer at the same optimisation level (dnir.chunk_gated_delta_rule(...,
-target="cuda") on torch CUDA tensors), on a GPU server that has only the TVM
-runtime and a copy of that folder.
+--cache takes a layer from `dnir build` (its options are in the file), optimises
+it at --opt for the cuda target and puts the module, and nvcc's fatbin of its
+kernels, into the module cache ($DNIR_CACHE/tvm) under the layer's key: the
+functional API finds it there for the same layer and level
+(dnir.chunk_gated_delta_rule(..., target="cuda") on torch CUDA tensors), on a
+GPU server that has only the TVM runtime and a copy of that folder.
 """
 
 
@@ -31,7 +32,10 @@ def register(sub):
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("-o", "--output", help="path of the exported library (.so)")
     out.add_argument("--cache", action="store_true",
-                     help="cuda: into the module cache ($DNIR_CACHE/tvm) where the functional API looks")
+                     help="a layer from `dnir build`, compiled into the module cache ($DNIR_CACHE/tvm) "
+                          "where the functional API looks (cuda)")
+    p.add_argument("--opt", default="O2", help="with --cache: the optimisation level the API will ask for "
+                                               "(default O2)")
     p.set_defaults(func=run)
 
 
@@ -49,11 +53,20 @@ def run(args) -> int:
         raise UsageError(f"--arch {args.arch!r}: expected a CUDA architecture sm_XY, e.g. sm_80, sm_90 or sm_90a")
     graph = load_graph(args.file)
     if args.cache:
-        from dnir.lowering.runtime_loader import prebuild
+        from dnir.api import compiled_graph
+        from dnir.errors import DnirError
+        from dnir.lowering.runtime_loader import prebuild_layer
+        from dnir.models import DeltaNetConfig
+        try:
+            cfg = DeltaNetConfig.from_meta(graph.meta)
+        except (DnirError, KeyError, TypeError):
+            raise UsageError(f"--cache: {args.file} is not a layer from `dnir build` (its options are not in "
+                             f"the file); export it with -o instead") from None
         with busy(f"compiling for {args.target}"):
-            path = prebuild(graph, args.arch)
-        print(f"{path}: cuda ({args.arch}), inputs {', '.join(graph.input_names)}; "
-              f"outputs {', '.join(graph.output_names)}")
+            layer = compiled_graph(cfg, args.opt, "cuda")
+            path = prebuild_layer(cfg, args.opt, layer, args.arch)
+        print(f"{path}: cuda ({args.arch}), {args.opt}, inputs {', '.join(layer.input_names)}; "
+              f"outputs {', '.join(layer.output_names)}")
         return 0
     with output_path(args.output) as tmp, busy(f"compiling for {args.target}"):
         build(graph, args.target, arch=args.arch).export_library(tmp)

@@ -54,6 +54,16 @@ def test_fatbins_are_kept_by_source_and_arch(cache):
     assert a != module_cache.fatbin_path("__global__ void g() {}", "sm_90")
 
 
+def test_layer_key_follows_the_layers_options_not_a_graph(cache):
+    base = module_cache.layer_path(_config(), "O2", "cuda sm_90")
+    assert base.parent == cache / "layers" and base == module_cache.layer_path(_config(), "O2", "cuda sm_90")
+    others = [module_cache.layer_path(_config(batch=3), "O2", "cuda sm_90"),
+              module_cache.layer_path(_config(dtype="bf16"), "O2", "cuda sm_90"),
+              module_cache.layer_path(_config(), "O0", "cuda sm_90"),
+              module_cache.layer_path(_config(), "O2", "cuda sm_80")]
+    assert len({base, *others}) == 1 + len(others)
+
+
 def test_runtime_only_machine_names_the_missing_module(cache, monkeypatch):
     monkeypatch.setattr(runtime_loader, "compiler_available", lambda: False)
     graph = compiled_graph(_config(), "O2")
@@ -61,29 +71,36 @@ def test_runtime_only_machine_names_the_missing_module(cache, monkeypatch):
                                            r"TVM's compiler is not installed here") as e:
         runtime_loader.cuda_vm(graph, "sm_90")
     assert isinstance(e.value, DnirError) and "dnir compile" in str(e.value) and "DNIR_CACHE" in str(e.value)
-    assert not cache.exists()       # nothing was compiled or loaded
+    built = []
+    with pytest.raises(BackendError, match=r"no compiled CUDA module for the layer DeltaNetConfig\(variant='gdn'"):
+        runtime_loader.cuda_layer(_config(), "O2", lambda: built.append(1))
+    assert not built and not cache.exists()       # no graph built, nothing compiled or loaded
 
 
-def test_prebuild_exports_the_module_and_its_fatbin(cache):
+def test_prebuild_exports_the_module_its_interface_and_fatbin(cache):
     """What a machine with TVM's compiler (and nvcc) puts into the cache for a GPU server."""
+    import json
     import shutil
-    graph = compiled_graph(_config(), "O2")
-    path = runtime_loader.prebuild(graph, "sm_90")
-    assert path == module_cache.module_path(graph, "cuda sm_90") and path.stat().st_size > 0
-    assert runtime_loader.prebuild(graph, "sm_90") == path       # found, not compiled again
+    cfg = _config(dtype="bf16")
+    graph = compiled_graph(cfg, "O2", "cuda")
+    path = runtime_loader.prebuild_layer(cfg, "O2", graph, "sm_90")
+    assert path == module_cache.layer_path(cfg, "O2", "cuda sm_90") and path.stat().st_size > 0
+    interface = json.loads(path.with_suffix(".json").read_text())
+    assert interface == {"input_names": list(graph.input_names), "output_names": list(graph.output_names),
+                         "input_dtypes": [t.dtype for t in graph.input_types]}
+    assert "bf16" in interface["input_dtypes"] and "f32" in interface["input_dtypes"]
+    assert runtime_loader.prebuild_layer(cfg, "O2", None, "sm_90") == path       # found, not compiled again
     if shutil.which("nvcc"):
         assert [p.suffix for p in (cache / "cuda").iterdir()] == [".fatbin"]
 
 
 def test_dnir_compile_fills_the_cache_where_the_api_looks(cache, tmp_path, capsys):
-    """The command-line route (build, optimise, compile --cache) lands on the functional API's key."""
+    """The command-line route (build, compile --cache) lands on the functional API's key."""
     from dnir.cli import main
-    cfg = _config()
-    layer, optimised = tmp_path / "d.dnir", tmp_path / "d2.dnir"
+    layer = tmp_path / "d.dnir"
     assert main(["build", "gdn", "--mode", "decode", "--batch", "2", "--seq-len", "1", "--heads", "2",
                  "--value-heads", "4", "--head-dim", "16", "--value-dim", "16", "--initial-state", "--final-state",
                  "-o", str(layer)]) == 0
-    assert main(["opt", str(layer), "--pipeline", "O2", "-o", str(optimised)]) == 0
-    assert main(["compile", str(optimised), "--target", "cuda", "--cache"]) == 0
-    expected = module_cache.module_path(compiled_graph(cfg, "O2"), "cuda sm_90")
+    assert main(["compile", str(layer), "--target", "cuda", "--cache", "--opt", "O2"]) == 0
+    expected = module_cache.layer_path(_config(), "O2", "cuda sm_90")
     assert str(expected) in capsys.readouterr().out and expected.exists()

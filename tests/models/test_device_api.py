@@ -1,5 +1,5 @@
 """The functional API's GPU path (target="cuda" with torch tensors on a GPU), run here on CPU
-torch tensors: the module call (runtime_loader.run_dlpack) is replaced by the NumPy backend
+torch tensors: the module call (runtime_loader.run_layer) is replaced by the NumPy backend
 reading the same memory through DLPack, so what the API hands over and returns is checked
 without a GPU: no copy of a tensor the graph can read as it is, dtype conversions where the
 graph reads another, torch tensors back, and every check of the host path with its message."""
@@ -17,19 +17,26 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture
 def device(monkeypatch):
-    """CPU tensors take the GPU path; the call records what the module would have been given."""
+    """CPU tensors take the GPU path; the layer is its graph, run by the NumPy backend on what the
+    module would have been given, which the call records."""
     calls = []
 
-    def run_dlpack(graph, tensors, arch="sm_90", device=0, stream=None):
+    def cuda_layer(cfg, opt, graph, arch="sm_90", device=0):
+        g = graph()
+        return runtime_loader.Layer(g, None, None, g.input_names, tuple(t.dtype for t in g.input_types),
+                                    g.output_names)
+
+    def run_layer(layer, tensors, stream=None):
         calls.append(list(tensors))
         arrays = {n: np.from_dlpack(t) if t.dtype != torch.bfloat16 else api._to_numpy(t, n, "test")
-                  for n, t in zip(graph.input_names, tensors)}
-        outputs = numpy_backend.run(graph, arrays)
+                  for n, t in zip(layer.input_names, tensors)}
+        outputs = numpy_backend.run(layer.vm, arrays)
         return [torch.from_numpy(np.ascontiguousarray(o)) if o.dtype.name != "bfloat16"
                 else torch.from_numpy(o.view(np.int16)).view(torch.bfloat16) for o in outputs]
 
     monkeypatch.setattr(api, "_on_gpu", lambda tensor: True)
-    monkeypatch.setattr(runtime_loader, "run_dlpack", run_dlpack)
+    monkeypatch.setattr(runtime_loader, "cuda_layer", cuda_layer)
+    monkeypatch.setattr(runtime_loader, "run_layer", run_layer)
     return calls
 
 
@@ -48,10 +55,7 @@ def test_tensors_cross_without_a_copy_and_match_the_oracle(device, rng, fn, vari
     o, state = getattr(dnir, fn)(**x, output_final_state=True, chunk_size=32, target="cuda")
     assert isinstance(o, torch.Tensor) and o.dtype == torch.float32 and state.dtype == torch.float32
     given = device[-1]
-    graph = api.compiled_graph(api._config(variant, "chunked", fn, x, None, dict(
-        chunk_size=32, opt="O2", target="cuda", scale=None, use_qk_l2norm_in_kernel=False,
-        output_final_state=True)), "O2")
-    for name, t in zip(graph.input_names, given):
+    for name, t in zip(("q", "k", "v", "g", "beta", "initial_state"), given):
         assert t.data_ptr() == x[name].data_ptr(), f"{name} was copied"
     ref_o, ref_s = delta_rule_reference(**{n: t.numpy() for n, t in x.items()})
     assert relative_rms_error(o.numpy(), ref_o) < 1e-5 and relative_rms_error(state.numpy(), ref_s) < 1e-5
@@ -100,13 +104,13 @@ def test_bad_inputs_raise_the_host_paths_errors(device, rng):
 
 
 def test_an_overflowing_output_is_a_numeric_error(device, monkeypatch, rng):
-    run = runtime_loader.run_dlpack
+    run = runtime_loader.run_layer
 
     def overflow(*args, **kwargs):
         o, s = run(*args, **kwargs)
         o[0, 0, 0, 0] = float("inf")
         return [o, s]
 
-    monkeypatch.setattr(runtime_loader, "run_dlpack", overflow)
+    monkeypatch.setattr(runtime_loader, "run_layer", overflow)
     with pytest.raises(NumericError, match="output o is not finite"):
         dnir.chunk_gated_delta_rule(**_draw(rng), output_final_state=True, target="cuda")
