@@ -61,8 +61,9 @@ def compare(artefact: str, target: str, outs, data) -> list[dict]:
     return rows
 
 
-def check_vulkan(program: Path) -> list[dict]:
-    """The artefact's recorded Vulkan program on this machine's Vulkan adapter, against NumPy."""
+def check_vulkan(program: Path, timings: list) -> list[dict]:
+    """The artefact's recorded Vulkan program on this machine's Vulkan adapter, against NumPy; its
+    dispatch count and times go to `timings`."""
     from dnir.lowering.vulkan_program import Program, Runner
     artefact = program.name.removesuffix(".vulkan.npz")
     data = np.load(program.with_name(f"{artefact}.npz"))
@@ -72,6 +73,7 @@ def check_vulkan(program: Path) -> list[dict]:
     load_s = time.perf_counter() - t0
     rows = compare(artefact, "vulkan", outs, data)
     ms = runner.time(3)
+    timings.append({"artefact": artefact, "dispatches": len(runner.steps), "first_run_s": load_s, "ms": ms})
     print(f"{program.name}: {len(runner.steps)} dispatches, first run (pipelines included) {load_s:.1f} s, "
           f"then {ms:.2f} ms per run; {sum(r['ok'] for r in rows)}/{len(rows)} outputs ok")
     return rows
@@ -87,13 +89,13 @@ def main(argv=None) -> int:
     rows = []
     for so in sorted(Path(args.bundle).glob("*.so")):
         rows += check(loader, so)
-    vulkan = {"adapter": None}
+    vulkan = {"adapter": None, "timings": []}
     try:
         from dnir.lowering.vulkan_program import adapter_info
         info = adapter_info()
         vulkan["adapter"] = f"{info.get('device')} ({info.get('backend_type')}, {info.get('description', '')})"
         for program in sorted(Path(args.bundle).glob("*.vulkan.npz")):
-            rows += check_vulkan(program)
+            rows += check_vulkan(program, vulkan["timings"])
     except Exception as e:  # noqa: BLE001 - no wgpu or no adapter: said, and a failure only with --vulkan
         vulkan["error"] = f"{type(e).__name__}: {e}"[:500]
         print(f"vulkan: {vulkan['error']}")
@@ -117,7 +119,14 @@ def main(argv=None) -> int:
         lines = [f"# CUDA and Vulkan conformance on {summary['device']}", "",
                  f"Vulkan adapter: {vulkan['adapter'] or 'none (' + vulkan.get('error', '') + ')'}", "",
                  f"{len(rows) - len(failed)}/{len(rows)} outputs match the NumPy backend (nmse < {TOLERANCE:g}).",
-                 "", "| target | artefact | output | error | ok |", "|---|---|---|---|---|"]
+                 ""]
+        if vulkan["timings"]:
+            lines += ["| Vulkan program | dispatches | first run (pipelines made), s | ms per run |",
+                      "|---|---|---|---|"]
+            lines += [f"| {t['artefact']} | {t['dispatches']} | {t['first_run_s']:.1f} | {t['ms']:.2f} |"
+                      for t in vulkan["timings"]]
+            lines.append("")
+        lines += ["| target | artefact | output | error | ok |", "|---|---|---|---|---|"]
         lines += [f"| {r['target']} | {r['artefact']} | {r['output']} | {r['error']:.2e} | {'yes' if r['ok'] else 'NO'} |"
                   for r in rows]
         (out / "gpu_conformance.md").write_text("\n".join(lines) + "\n")
