@@ -18,7 +18,7 @@ LAST_WORDS = {
     "04_tvm_codegen.py": "llvm vs NumPy float64",
     "05_torch_drop_in.py": "largest difference from the PyTorch loop",
     "06_toy_backend.py": "the toy python backend vs the float64 oracle",
-    "07_ggml_export.py": "the compiled ggml graph vs the float64 oracle",
+    "07_ggml_export.py": "T=320 B=3: compute buffer",
 }
 
 
