@@ -37,6 +37,7 @@ from .kernels import ATTRS
 
 BLOCK = 16          # tokens per block of the scores
 ROWS = 4            # register tile rows of a block's product (columns: its tokens, vector lanes)
+COLUMNS = 32        # a substitution tile's values per row (at most): 2 AVX-512 vectors of float32
 
 
 def rejects(node, target) -> str | None:
@@ -76,7 +77,43 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
     blocks = C // s
     per_key = 1 if Kg == K else 0              # the gate of channel c: c or 0
     lanes = math.gcd(K, 16)                    # a dot product's partial sums
+
+    @T.macro
+    def reduce_lanes(part):                    # part[0] = the sum of part[:lanes], as a tree
+        if lanes >= 16:
+            for c in T.vectorized(8):
+                part[c] = part[c] + part[c + 8]
+        if lanes >= 8:
+            for c in T.vectorized(4):
+                part[c] = part[c] + part[c + 4]
+        if lanes >= 4:
+            for c in T.vectorized(2):
+                part[c] = part[c] + part[c + 2]
+        if lanes >= 2:
+            part[0] = part[0] + part[1]
     zero = T.cast(0, dtype)
+
+    @T.macro
+    def substitute(X, width, cols, a, n, b, h):
+        """X[n, b, h] = (I + a)^-1 X[n, b, h] (a strictly lower): tiles of ROWS rows x cols
+        values, the rows above a tile (final already) subtracted with one vector load per row,
+        then the tile's own rows in order."""
+        for i0, c0 in T.grid(C // ROWS, width // cols):
+            acc = T.alloc_buffer((ROWS, cols), dtype)
+            for r in T.unroll(ROWS):
+                for c in T.vectorized(cols):
+                    acc[r, c] = X[n, b, h, i0 * ROWS + r, c0 * cols + c]
+            for j in range(i0 * ROWS):
+                for r in T.unroll(ROWS):
+                    for c in T.vectorized(cols):
+                        acc[r, c] = acc[r, c] - a[i0 * ROWS + r, j] * X[n, b, h, j, c0 * cols + c]
+            for r in T.unroll(ROWS):
+                for r2 in T.unroll(ROWS):
+                    if r2 < r:
+                        for c in T.vectorized(cols):
+                            acc[r, c] = acc[r, c] - a[i0 * ROWS + r, i0 * ROWS + r2] * acc[r2, c]
+                for c in T.vectorized(cols):
+                    X[n, b, h, i0 * ROWS + r, c0 * cols + c] = acc[r, c]
 
     def task(t):                               # (chunk, row, head) of task t
         return t // (R * HV), (t // HV) % R, t % HV
@@ -112,9 +149,10 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                     for c in T.vectorized(Kg):
                         gam[i, c] = gam[i - 1, c] + G[b, t0 + i, h, c]
                         after[C - 1 - i, c] = after[C - i, c] + G[b, t0 + C - i, h, c]
-                for i, c in T.grid(C, Kg):
-                    gam[i, c] = _exp(gam[i, c], dtype)
-                    after[i, c] = _exp(after[i, c], dtype)
+                for i in range(C):
+                    for c in T.vectorized(Kg):
+                        gam[i, c] = _exp(gam[i, c], dtype)
+                        after[i, c] = _exp(after[i, c], dtype)
                 for c in T.vectorized(Kg):
                     LD[n, b, h, c, 0] = gam[C - 1, c]
                 for i in range(C):
@@ -124,90 +162,111 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                         W[n, b, h, i, c] = Kx[b, t0 + i, h, c] * Bt[b, t0 + i, h, 0] * gam[i, c * per_key]
                     for c in T.vectorized(V):
                         U[n, b, h, i, c] = Vx[b, t0 + i, h, c] * Bt[b, t0 + i, h, 0]
-                # 2a. diagonal blocks, pair by pair: D_ij summed down i from D_jj = 0
-                for a, jj in T.grid(blocks, s):
-                    j = a * s + jj
-                    d = T.alloc_buffer((Kg,), dtype)
-                    e = T.alloc_buffer((Kg,), dtype)
-                    part_q = T.alloc_buffer((lanes,), dtype)
-                    part_k = T.alloc_buffer((lanes,), dtype)
-                    for c in T.vectorized(Kg):
-                        d[c] = zero
-                    for ii in range(jj, s):
-                        i = a * s + ii
+                if per_key == 1:
+                    # 2a. diagonal blocks, pair by pair: D_ij summed down i from D_jj = 0
+                    for a, jj in T.grid(blocks, s):
+                        j = a * s + jj
+                        d = T.alloc_buffer((Kg,), dtype)
+                        e = T.alloc_buffer((Kg,), dtype)
+                        part_q = T.alloc_buffer((lanes,), dtype)
+                        part_k = T.alloc_buffer((lanes,), dtype)
                         for c in T.vectorized(Kg):
-                            d[c] = d[c] + T.Select(ii > jj, G[b, t0 + i, h, c], zero)
-                            e[c] = _exp(d[c], dtype)
-                        for c in T.vectorized(lanes):
-                            part_q[c] = zero
-                            part_k[c] = zero
-                        for c0 in range(K // lanes):
-                            for c in T.vectorized(lanes):     # (no let here: TVM's vectorizer keeps one lane)
-                                part_q[c] = part_q[c] + Q[b, t0 + i, h, c0 * lanes + c] * (
-                                    Kx[b, t0 + j, h, c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
-                                part_k[c] = part_k[c] + Kx[b, t0 + i, h, c0 * lanes + c] * (
-                                    Kx[b, t0 + j, h, c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
-                        qk[i, j] = zero
-                        kk[i, j] = zero
-                        for c in range(lanes):
-                            qk[i, j] = qk[i, j] + part_q[c]
-                            kk[i, j] = kk[i, j] + part_k[c]
-                # 2b. blocks below the diagonal: rows decayed to the block's first row r, columns from it
-                for a in range(1, blocks):
-                    r = a * s
-                    rows_q = T.alloc_buffer((s, K), dtype)
-                    rows_k = T.alloc_buffer((s, K), dtype)
-                    cols = T.alloc_buffer((K, C), dtype)        # column j: k_j exp(sum_{j < l <= r} g)
-                    run = T.alloc_buffer((Kg,), dtype)
-                    for c in T.vectorized(Kg):
-                        run[c] = zero
-                    for ii in range(s):
+                            d[c] = zero
+                        for ii in range(jj, s):
+                            i = a * s + ii
+                            for c in T.vectorized(Kg):
+                                d[c] = d[c] + T.Select(ii > jj, G[b, t0 + i, h, c], zero)
+                                e[c] = _exp(d[c], dtype)
+                            for c in T.vectorized(lanes):
+                                part_q[c] = zero
+                                part_k[c] = zero
+                            for c0 in range(K // lanes):
+                                for c in T.vectorized(lanes):     # (no let here: TVM's vectorizer keeps one lane)
+                                    part_q[c] = part_q[c] + Q[b, t0 + i, h, c0 * lanes + c] * (
+                                        Kx[b, t0 + j, h, c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
+                                    part_k[c] = part_k[c] + Kx[b, t0 + i, h, c0 * lanes + c] * (
+                                        Kx[b, t0 + j, h, c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
+                            # the lanes summed as a tree: log2(lanes) dependent vector adds, not lanes scalar ones
+                            reduce_lanes(part_q)
+                            reduce_lanes(part_k)
+                            qk[i, j] = part_q[0]
+                            kk[i, j] = part_k[0]
+                    # 2b. blocks below the diagonal: rows decayed to the block's first row r, columns from it
+                    for a in range(1, blocks):
+                        r = a * s
+                        rows_q = T.alloc_buffer((s, K), dtype)
+                        rows_k = T.alloc_buffer((s, K), dtype)
+                        cols = T.alloc_buffer((K, C), dtype)        # column j: k_j exp(sum_{j < l <= r} g)
+                        run = T.alloc_buffer((Kg,), dtype)
                         for c in T.vectorized(Kg):
-                            run[c] = run[c] + T.Select(ii > 0, G[b, t0 + r + ii, h, c], zero)
-                        for c in T.vectorized(K):
-                            rows_q[ii, c] = Q[b, t0 + r + ii, h, c] * _exp(run[c * per_key], dtype)
-                            rows_k[ii, c] = Kx[b, t0 + r + ii, h, c] * _exp(run[c * per_key], dtype)
-                    for c in T.vectorized(Kg):
-                        run[c] = zero
-                    for jj in range(r):
-                        j = r - 1 - jj
+                            run[c] = zero
+                        for ii in range(s):
+                            for c in T.vectorized(Kg):
+                                run[c] = run[c] + T.Select(ii > 0, G[b, t0 + r + ii, h, c], zero)
+                            for c in T.vectorized(K):
+                                rows_q[ii, c] = Q[b, t0 + r + ii, h, c] * _exp(run[c * per_key], dtype)
+                                rows_k[ii, c] = Kx[b, t0 + r + ii, h, c] * _exp(run[c * per_key], dtype)
                         for c in T.vectorized(Kg):
-                            run[c] = run[c] + G[b, t0 + j + 1, h, c]
-                        for c in T.vectorized(K):
-                            cols[c, j] = Kx[b, t0 + j, h, c] * _exp(run[c * per_key], dtype)
-                    for i0, j0 in T.grid(s // ROWS, a):
-                        acc_q = T.alloc_buffer((ROWS, s), dtype)
-                        acc_k = T.alloc_buffer((ROWS, s), dtype)
-                        for ri in T.unroll(ROWS):
-                            for jl in T.vectorized(s):
-                                acc_q[ri, jl] = zero
-                                acc_k[ri, jl] = zero
-                        for c in range(K):
+                            run[c] = zero
+                        for jj in range(r):
+                            j = r - 1 - jj
+                            for c in T.vectorized(Kg):
+                                run[c] = run[c] + G[b, t0 + j + 1, h, c]
+                            for c in T.vectorized(K):
+                                cols[c, j] = Kx[b, t0 + j, h, c] * _exp(run[c * per_key], dtype)
+                        for i0, j0 in T.grid(s // ROWS, a):
+                            acc_q = T.alloc_buffer((ROWS, s), dtype)
+                            acc_k = T.alloc_buffer((ROWS, s), dtype)
                             for ri in T.unroll(ROWS):
                                 for jl in T.vectorized(s):
-                                    acc_q[ri, jl] = acc_q[ri, jl] + rows_q[i0 * ROWS + ri, c] * cols[c, j0 * s + jl]
-                                    acc_k[ri, jl] = acc_k[ri, jl] + rows_k[i0 * ROWS + ri, c] * cols[c, j0 * s + jl]
-                        for ri in T.unroll(ROWS):
-                            for jl in T.vectorized(s):
-                                qk[r + i0 * ROWS + ri, j0 * s + jl] = acc_q[ri, jl]
-                                kk[r + i0 * ROWS + ri, j0 * s + jl] = acc_k[ri, jl]
-                # 3. W and U: (I + beta kk) x = rhs, row by row, in the outputs
-                for i in range(1, C):
-                    xw = T.alloc_buffer((K,), dtype)
-                    xu = T.alloc_buffer((V,), dtype)
-                    for c in T.vectorized(K):
-                        xw[c] = W[n, b, h, i, c]
-                    for c in T.vectorized(V):
-                        xu[c] = U[n, b, h, i, c]
-                    for j in range(i):
-                        for c in T.vectorized(K):
-                            xw[c] = xw[c] - Bt[b, t0 + i, h, 0] * kk[i, j] * W[n, b, h, j, c]
-                        for c in T.vectorized(V):
-                            xu[c] = xu[c] - Bt[b, t0 + i, h, 0] * kk[i, j] * U[n, b, h, j, c]
-                    for c in T.vectorized(K):
-                        W[n, b, h, i, c] = xw[c]
-                    for c in T.vectorized(V):
-                        U[n, b, h, i, c] = xu[c]
+                                    acc_q[ri, jl] = zero
+                                    acc_k[ri, jl] = zero
+                            for c in range(K):
+                                for ri in T.unroll(ROWS):
+                                    for jl in T.vectorized(s):
+                                        acc_q[ri, jl] = acc_q[ri, jl] + rows_q[i0 * ROWS + ri, c] * cols[c, j0 * s + jl]
+                                        acc_k[ri, jl] = acc_k[ri, jl] + rows_k[i0 * ROWS + ri, c] * cols[c, j0 * s + jl]
+                            for ri in T.unroll(ROWS):
+                                for jl in T.vectorized(s):
+                                    qk[r + i0 * ROWS + ri, j0 * s + jl] = acc_q[ri, jl]
+                                    kk[r + i0 * ROWS + ri, j0 * s + jl] = acc_k[ri, jl]
+                else:
+                    # one gate per head: the plain products k_i . k_j and q_i . k_j (columns from k
+                    # transposed, vector lanes), then each pair scaled by exp(D_ij), D a running sum
+                    # down i of every column j < i at once
+                    kt = T.alloc_buffer((K, C), dtype)
+                    seg = T.alloc_buffer((C,), dtype)
+                    for j, c in T.grid(C, K):
+                        kt[c, j] = Kx[b, t0 + j, h, c]
+                    for i0, j0 in T.grid(C // ROWS, C // s):
+                        if j0 * s < (i0 + 1) * ROWS:
+                            acc_q = T.alloc_buffer((ROWS, s), dtype)
+                            acc_k = T.alloc_buffer((ROWS, s), dtype)
+                            for ri in T.unroll(ROWS):
+                                for jl in T.vectorized(s):
+                                    acc_q[ri, jl] = zero
+                                    acc_k[ri, jl] = zero
+                            for c in range(K):
+                                for ri in T.unroll(ROWS):
+                                    for jl in T.vectorized(s):
+                                        acc_q[ri, jl] = acc_q[ri, jl] + Q[b, t0 + i0 * ROWS + ri, h, c] * kt[c, j0 * s + jl]
+                                        acc_k[ri, jl] = acc_k[ri, jl] + Kx[b, t0 + i0 * ROWS + ri, h, c] * kt[c, j0 * s + jl]
+                            for ri in T.unroll(ROWS):
+                                for jl in T.vectorized(s):
+                                    qk[i0 * ROWS + ri, j0 * s + jl] = acc_q[ri, jl]
+                                    kk[i0 * ROWS + ri, j0 * s + jl] = acc_k[ri, jl]
+                    for j in T.vectorized(C):
+                        seg[j] = zero
+                    for i in range(C):
+                        for j in T.vectorized(C):
+                            seg[j] = seg[j] + T.Select(j < i, G[b, t0 + i, h, 0], zero)
+                            qk[i, j] = qk[i, j] * _exp(seg[j], dtype)
+                            kk[i, j] = kk[i, j] * _exp(seg[j], dtype)
+                # 3. W and U: (I + beta kk) x = rhs, in the outputs, by tiles of ROWS rows
+                for i, j in T.grid(C, C):
+                    kk[i, j] = Bt[b, t0 + i, h, 0] * kk[i, j]
+                substitute(W, K, math.gcd(K, COLUMNS), kk, n, b, h)
+                substitute(U, V, math.gcd(V, COLUMNS), kk, n, b, h)
                 # 4. Aqk: on and below the diagonal
                 for i in range(C):
                     for j in T.vectorized(C):
