@@ -16,9 +16,11 @@
             S         = S * last_decay[n] + k_to_end[n]^T v_new[n]
         Operands as chunk_scan's; starts [n, *batch, K, V], v_new [n, *batch, C, V].
 
-    chunk_output(q_decayed, starts, aqk, v_new) -> o
+    chunk_output(q_decayed, starts, aqk, v_new) {token_major} -> o
         chunk_scan's output from chunk_states' results, every chunk at once:
             o[n] = q_decayed[n] starts[n] + aqk[n] v_new[n]
+        token_major (batch axes (R, HV) only): o [R, n, C, HV, V], the layer's token-major
+        layout (a reshape away from [R, n C, HV, V]), instead of [n, R, HV, C, V].
         A GPU runs the two as a sequential kernel (one thread block per head and value
         columns: the fewer products inside the loop, the shorter the critical path) and
         a chunk-parallel one; passes/fuse_delta_steps.py splits a chunk_scan into them
@@ -239,7 +241,12 @@ def output_sizes(ins):
 def _infer_chunk_output(ins, attrs):
     dtype = compute_dtype(ins, OUTPUT_ROLES)
     n, batch, C, K, V = output_sizes(ins)
-    return TensorType((n, *batch, C, V), dtype)
+    if not attrs["token_major"]:
+        return TensorType((n, *batch, C, V), dtype)
+    if len(batch) != 2:
+        fail(f"token_major needs two batch axes (R, HV); starts has {list(ins[1].shape)}")
+    R, HV = batch
+    return TensorType((R, n, C, HV, V), dtype)
 
 
 def _chunk_output_flops(ins, out, attrs):
@@ -250,16 +257,20 @@ def _chunk_output_flops(ins, out, attrs):
 def _expand_chunk_output(node: Node) -> Node:
     qd, starts, aqk, v_new = node.inputs
     plain = {"transpose_a": False, "transpose_b": False}
-    return make_node("add", (make_node("matmul", (qd, starts), plain), make_node("matmul", (aqk, v_new), plain)), {})
+    o = make_node("add", (make_node("matmul", (qd, starts), plain), make_node("matmul", (aqk, v_new), plain)), {})
+    return make_node("permute", (o,), {"axes": TOKEN_MAJOR}) if node.attrs["token_major"] else o
 
 
-def chunk_output(q_decayed: Node, starts: Node, aqk: Node, v_new: Node) -> Node:
+TOKEN_MAJOR = (1, 0, 3, 2, 4)      # [n, R, HV, C, V] -> [R, n, C, HV, V]
+
+
+def chunk_output(q_decayed: Node, starts: Node, aqk: Node, v_new: Node, token_major: bool = False) -> Node:
     """Every chunk's output from its starting state and its v_new (chunk_states)."""
-    return make_node("chunk_output", (q_decayed, starts, aqk, v_new), {})
+    return make_node("chunk_output", (q_decayed, starts, aqk, v_new), {"token_major": token_major})
 
 
-register(OpDef("chunk_output", 4, _infer_chunk_output, flops=_chunk_output_flops, op_class="fused",
-               expand=_widening(_expand_chunk_output)))
+register(OpDef("chunk_output", 4, _infer_chunk_output, {"token_major": ("bool", False)}, flops=_chunk_output_flops,
+               op_class="fused", expand=_widening(_expand_chunk_output)))
 
 
 # ---------------------------------------------------------------------------

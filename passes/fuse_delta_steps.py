@@ -15,6 +15,8 @@ block of the chunk scan must fit the shared memory, the kernels are float32):
   output at once, o = q_decayed starts + aqk v_new), so that the loop carries only what must
   be sequential; the output's item is replaced by chunk_output, the final state's by
   chunk_states' first result (Match.replace);
+- the layer's transpose of a chunk_output back to token-major ([n, R, HV, C, V] -> [R, n, C,
+  HV, V]): chunk_output writing that layout itself (token_major), where the kernel takes it;
 - a decode step as the O2 graph writes it (reshapes between the vectors' shapes)
 
       u = (v - (k a) S) beta;   o = (q a) S + u (q . k);   S' = S a + k^T u
@@ -30,7 +32,7 @@ remark on the context (`dnir opt --report` prints them).
 from __future__ import annotations
 
 from dnir.errors import DnirError
-from dnir.fused import CHUNK_ROLES, chunk_output, chunk_scan, chunk_states, token_step
+from dnir.fused import CHUNK_ROLES, TOKEN_MAJOR, chunk_output, chunk_scan, chunk_states, token_step
 from dnir.graph import Graph, Node
 
 from .context import current
@@ -110,6 +112,14 @@ def split_chunk_scan(m) -> Node | None:
     return o
 
 
+def token_major_output(m) -> Node | None:
+    o = m.node.inputs[0]
+    if o.op != "chunk_output" or o.attrs["token_major"] or m.uses(o) != 1 or m.is_output(o):
+        return None
+    new = _build(lambda *x: chunk_output(*x, token_major=True), o.inputs, "the output, token-major")
+    return new if new is not None and _offer(new, "the output, token-major") else None
+
+
 # A decode step: S' = S a + u_row k_col, anchored at the new state's add.
 STEP_STATE = P("add", P("mul", P.any("state"), P.any("decay")), P("mul", P.any("u_row"), P.any("k_col")),
                rank=lambda r: r >= 3)
@@ -174,6 +184,8 @@ def fuse_delta_steps(graph: Graph) -> tuple[Graph, bool]:
     graph, changed = apply_rules(graph, [Rule(P("scan", num_carry=1, num_xs=len(CHUNK_ROLES)), fuse_chunk_scan,
                                               "chunk_scan"),
                                          Rule(P("item", P.any(), index=1), split_chunk_scan, "chunk_states"),
+                                         Rule(P("permute", P.any(), axes=TOKEN_MAJOR), token_major_output,
+                                              "chunk_output"),
                                          Rule(STEP_STATE, fuse_token_step, "token_step")])
     if len(ctx.remarks) == remarks:
         ctx.remark(PASS, "no loop over chunks or decode step in the graph")

@@ -12,7 +12,9 @@ C x KT columns and the state's KT x BV rows (then aqk's and v_new's) into
 shared memory with coalesced loads, and each thread accumulates a 4 x 4 tile
 of outputs in registers (rows ty + TR r, columns tx + TC j: a warp reads one
 or two rows of the staged left operand, a broadcast, and consecutive words of
-the right one).
+the right one). With token_major the block writes its rows where the layer's
+output has them ([R, n, C, HV, V]: row i of chunk n of head h at token n C + i),
+so no transpose follows (each row's BV columns are still one contiguous run).
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ def rejects(node: Node, target) -> str | None:
     if target.dtypes is not None and dtype not in target.dtypes:
         return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
     bv = layout(C, K, V)
+    if node.attrs["token_major"] and len(node.inputs[1].shape) != 5:
+        return "token_major needs the batch axes (R, HV)"
     if bv is None:
         return (f"C={C}, K={K}, V={V} do not split into {TILE} x {TILE} tiles of 32 to 1024 threads a block "
                 f"and sums in slices of {KT}")
@@ -63,7 +67,8 @@ def rejects(node: Node, target) -> str | None:
     return None
 
 
-def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: int, dtype: str):
+def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: int, dtype: str,
+                        token_major: bool = False):
     """chunk_output's function (fused_signatures.chunk_output_function) with this kernel's loop nest."""
     heads = math.prod(batch)
     tiles = V // bv
@@ -72,6 +77,10 @@ def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: in
 
     def at(bx, row, col):                  # element (row, col) of block bx's chunk and head
         return (bx // (heads * tiles),) + unravel_index(bx // tiles % heads, batch) + (row, col)
+
+    def out_at(bx, row, col):              # the output's element: chunk-major, or token-major
+        chunk, (r, h) = bx // (heads * tiles), unravel_index(bx // tiles % heads, batch) + (0,) * (2 - len(batch))
+        return (r, chunk, row, h, col) if token_major else at(bx, row, col)
 
     def rounds(count):
         return -(-count // threads)
@@ -113,5 +122,5 @@ def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: in
                 add_product(acc, X, Y, A, N, C, bx, tx)
                 for r in T.unroll(TILE):
                     for j in T.unroll(TILE):
-                        O[at(bx, tx // tc + tr * r, bx % tiles * bv + tx % tc + tc * j)] = acc[r * TILE + j]
-    return chunk_output_function(steps, batch, C, K, V, dtype, body)
+                        O[out_at(bx, tx // tc + tr * r, bx % tiles * bv + tx % tc + tc * j)] = acc[r * TILE + j]
+    return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major)

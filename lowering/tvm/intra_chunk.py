@@ -32,10 +32,6 @@ CUDA cores, float32; the scores and the solve are a tenth of the layer's product
 """
 from __future__ import annotations
 
-from tvm.script import tirx as T
-
-from .kernels import ATTRS
-
 S = 16              # tokens per block of the scores: a thread per pair of a block
 THREADS = S * S
 
@@ -63,6 +59,11 @@ def shared_bytes(C: int, K: int) -> int:
 def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str):
     """The op's function: q, k [R, Tp, HV, K], v [R, Tp, HV, V], g [R, Tp, HV, Kg], beta
     [R, Tp, HV, 1] -> W, U, Qd, A, Ke, LD (dnir/fused.py's order), chunk-major."""
+    # TVM's script front end here, not at import: `rejects` runs in O2 inside the cuda target's
+    # context (passes/fuse_intra_chunk.py), also where only TVM's runtime is installed
+    from tvm.script import tirx as T
+
+    from .kernels import ATTRS
     Tp, tasks = NC * C, NC * R * HV
     blocks = C // S
     pk = 1 if Kg == K else 0                   # the gate of channel c: c or 0

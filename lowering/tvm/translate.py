@@ -479,8 +479,9 @@ def _lower_chunk_output(tr, node, args):
     """Every chunk's output at once, one GPU kernel (chunk_output.py)."""
     steps, batch, C, K, V = chunk_output.sizes(node)
     dtype, bv = TVM_DTYPES[node.inputs[0].dtype], chunk_output.layout(C, K, V)
-    gv = tr.prim(("chunk_output", steps, batch, C, K, V, bv, dtype),
-                 lambda: chunk_output.chunk_output_kernel(steps, batch, C, K, V, bv, dtype))
+    token_major = node.attrs["token_major"]
+    gv = tr.prim(("chunk_output", steps, batch, C, K, V, bv, dtype, token_major),
+                 lambda: chunk_output.chunk_output_kernel(steps, batch, C, K, V, bv, dtype, token_major))
     return tr.emit(relax.op.call_tir(gv, list(args), tr.tensor_type(node.type)))
 
 

@@ -542,7 +542,9 @@ def test_chunk_states_and_output(rng):
     s0, w, u, kte, ld, qd, aqk = (b.input(f"x{i}", a.shape) for i, a in enumerate(ops))
     final, starts, v_new = dnir.fused.chunk_states(s0, w, u, kte, ld)
     o = dnir.fused.chunk_output(qd, starts, aqk, v_new)
-    got = run(b.build([final, starts, v_new, o]), ops)
+    token_major = dnir.fused.chunk_output(*(b.reshape(x, (x.shape[0], 1) + x.shape[1:]) for x in (qd, starts, aqk, v_new)),
+                                          token_major=True)
+    got = run(b.build([final, starts, v_new, o, token_major]), ops)
     S0, W, U, Kte, LD, Qd, A = (a.astype(np.float64) for a in ops)
     S, want = S0.copy(), [np.zeros((n, H, K, V)), np.zeros((n, H, C, V)), np.zeros((n, H, C, V))]
     for t in range(n):
@@ -551,6 +553,7 @@ def test_chunk_states_and_output(rng):
             want[1][t, h] = v_new = U[t, h] - W[t, h] @ S[h]
             want[2][t, h] = Qd[t, h] @ S[h] + A[t, h] @ v_new
             S[h] = S[h] * LD[t, h] + Kte[t, h].T @ v_new
+    want.append(want[2][:, None].transpose(1, 0, 3, 2, 4))     # [R=1, n, C, HV, V]
     for g, w_ in zip(got, [S] + want):
         close(g, w_, rtol=1e-4, atol=1e-5)
 

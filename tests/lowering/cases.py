@@ -126,6 +126,8 @@ case("chunk_states", **_STATES)(lambda b, **x: _both(b, fused.chunk_states(*x.va
 _OUTPUT = dict(qd=_spec((3, 2, 32, 16)), starts=_spec((3, 2, 16, 32)), aqk=_spec((3, 2, 32, 32)),
                v_new=_spec((3, 2, 32, 32)))       # C=32, K=16, V=32: the GPU kernel takes it
 case("chunk_output", **_OUTPUT)(lambda b, **x: fused.chunk_output(*x.values()))
+_TOKENS = {k: _spec((3, 1) + shape[1:], kind) for k, (shape, kind) in _OUTPUT.items()}     # batch (R, HV)
+case("chunk_output_token_major", **_TOKENS)(lambda b, **x: fused.chunk_output(*x.values(), token_major=True))
 for _name, _Kg in (("intra_chunk", 16), ("intra_chunk_head_gate", 1)):     # a gate per key channel, per head
     case(_name, q=_spec((1, 32, 2, 16)), k=_spec((1, 32, 2, 16)), v=_spec((1, 32, 2, 16)),
          g=_spec((1, 32, 2, _Kg), "gate"), beta=_spec((1, 32, 2, 1), "positive"))(

