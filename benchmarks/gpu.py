@@ -253,7 +253,9 @@ def run_case(name: str, case: dict, loader, bundle: Path, costs: dict, copy_gbps
         c["dnir_kernels_error"] = f"{type(e).__name__}: {e}"
     if case["kind"] == "prefill" and case["batch"] == 1 and case["seq_len"] == 8192 and case["heads"] == 32:
         c["strong_gates"] = strong_gates(case, x, layer.input_names, main, cfg.scale)
-    program = bundle / "vulkan" / f"{name}.npz"
+    program, skipped = bundle / "vulkan" / f"{name}.npz", bundle / "vulkan" / f"{name}.skipped"
+    if skipped.exists():
+        c["vulkan"] = {"error": "not compiled: " + skipped.read_text().strip()}
     if program.exists():
         try:
             c["vulkan"] = vulkan_case(program, x, layer.input_names, ref)
@@ -417,14 +419,13 @@ def main(argv=None) -> int:
             continue
         try:
             doc["cases"].append(run_case(name, case, loader, args.bundle, costs, copy["gbps"], args.seed))
-        except loader.BackendError as e:
-            if "no compiled CUDA module" not in str(e):
-                raise
-            doc["not_built"].append({"name": name, "reason": "no module in the bundle's cache"})
-            print(f"{name}: not built", flush=True)
         except Exception as e:  # noqa: BLE001 - one device call: a failing case must not lose the others
-            doc["failed"].append({"name": name, "error": f"{type(e).__name__}: {e}"[-2000:]})
-            print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+            if isinstance(e, loader.BackendError) and "no compiled CUDA module" in str(e):
+                doc["not_built"].append({"name": name, "reason": "no module in the bundle's cache"})
+                print(f"{name}: not built", flush=True)
+            else:
+                doc["failed"].append({"name": name, "error": f"{type(e).__name__}: {e}"[-2000:]})
+                print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
         doc["targets"] = targets(doc["cases"])
         doc["nvcc_runs"] = loader._STATE["nvcc_runs"]
         write(doc, args.out)

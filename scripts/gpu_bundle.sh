@@ -34,7 +34,7 @@ rm -f "$out"/*.whl
 
 "$py" -m benchmarks.gpu_artefacts --out "$work" --vulkan "$@"          # first: it empties a stale cache
 "$py" scripts/gpu_bundle.py --out "$out" --fatbins "$work/cache"       # ffi wheel, tvmrt.tgz, conformance
-tar -C "$work" -czf "$out/bench.tgz" cache vulkan bench_costs.json
+mkdir -p "$work/vulkan" && tar -C "$work" -czf "$out/bench.tgz" cache vulkan bench_costs.json
 rm -rf "$work/src" && mkdir "$work/src" && tar -C "$work/src" -xzf "$work/src.tgz"
 if ! "$py" -c "import sys; from pathlib import Path; from dnir.lowering.module_cache import code_hash
 sys.exit(code_hash(Path('$work/src').resolve()) != Path('$work/code_hash').read_text())"; then
