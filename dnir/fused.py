@@ -90,8 +90,8 @@ def _state_dtype(ins, roles) -> str:
     state would be rounded at every step."""
     dtype = compute_dtype(ins, roles)
     if ins[0].dtype != dtype:
-        fail(f"the state is {ins[0].dtype} and other operands {dtype}; the state must be the op's widest "
-             f"operand (it is carried and returned in the dtype the op computes in)", DTypeError)
+        fail(f"operands ({', '.join(roles)}) have dtypes {[t.dtype for t in ins]}; the state must be the "
+             f"widest operand ({dtype}): it is carried and returned in the dtype the op computes in", DTypeError)
     return dtype
 
 

@@ -45,13 +45,41 @@ def test_bad_operand_is_named_with_the_call_site(make, shapes, role, bad, messag
     assert "test_fused_ops.py" in str(e.value)           # where the op was built
 
 
-def test_dtypes_must_agree_and_be_floating():
-    with pytest.raises(DTypeError, match="expected one floating-point dtype"):
-        _build(fused.token_step, STEP, "i32")
+def _typed(make, shapes, dtypes):
     b = Builder()
-    ins = [b.input(name, shape, "f64" if name == "beta" else "f32") for name, shape in STEP.items()]
-    with pytest.raises(DTypeError, match=r"dtypes \['f32', 'f32', 'f32', 'f32', 'f32', 'f32', 'f64', 'f32'\]"):
-        fused.token_step(*ins)
+    return make(*[b.input(name, shape, dtypes.get(name, "f32")) for name, shape in shapes.items()])
+
+
+def test_dtypes_are_floating_with_the_state_the_widest():
+    with pytest.raises(DTypeError, match="expected floating-point dtypes"):
+        _build(fused.token_step, STEP, "i32")
+    with pytest.raises(DTypeError, match=r"dtypes \['f32', 'f32', 'f32', 'f32', 'f32', 'f32', 'f64', 'f32'\]; "
+                                         r"the state must be the widest operand \(f64\)"):
+        _typed(fused.token_step, STEP, {"beta": "f64"})
+    with pytest.raises(DTypeError, match="the state must be the widest"):
+        _typed(fused.chunk_scan, CHUNK, {"state": "bf16"})
+    with pytest.raises(DTypeError, match=r"\['bf16', 'f16', 'bf16', 'f16'\]; expected floating-point dtypes, the widest"):
+        _typed(fused.chunk_output, dict(q_decayed=(5, 4, 8), starts=(5, 8, 6), aqk=(5, 4, 4), v_new=(5, 4, 6)),
+               {"q_decayed": "bf16", "starts": "f16", "aqk": "bf16", "v_new": "f16"})
+
+
+@pytest.mark.parametrize("make,shapes,narrow", [(fused.chunk_scan, CHUNK, ("w", "u", "aqk")),
+                                                (fused.token_step, STEP, ("k_col", "v", "beta"))])
+def test_narrower_operands_are_widened_as_loaded(make, shapes, narrow):
+    """bf16 operands with a float32 state: the op computes in float32 and its expansion casts them."""
+    first, second = _typed(make, shapes, {n: "bf16" for n in narrow})
+    node = first.inputs[0]
+    assert first.dtype == second.dtype == "f32"
+    results = REGISTRY[node.op].expand(node)
+    assert tuple(r.type for r in results) == node.type
+    expansion = dnir.Graph(node.inputs, list(results))
+    casts = [n for n in expansion.topo_order() if n.op == "cast"]
+    assert sorted(n.inputs[0].attrs["name"] for n in casts) == sorted(narrow) and {n.dtype for n in casts} == {"f32"}
+    x = {n.attrs["name"]: np.random.default_rng(1).uniform(0.1, 1, n.shape).astype(dnir.types.numpy_dtype(n.dtype))
+         for n in node.inputs}
+    graph = dnir.Graph(node.inputs, [first, second])
+    for a, b in zip(dnir.run(graph, x), dnir.run(expansion, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)      # reference kernel vs its expansion
 
 
 def test_text_round_trip_of_a_graph_with_both_ops():
