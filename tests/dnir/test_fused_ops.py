@@ -58,7 +58,8 @@ def test_dtypes_are_floating_with_the_state_the_widest():
         _typed(fused.token_step, STEP, {"beta": "f64"})
     with pytest.raises(DTypeError, match="the state must be the widest"):
         _typed(fused.chunk_scan, CHUNK, {"state": "bf16"})
-    with pytest.raises(DTypeError, match=r"\['bf16', 'f16', 'bf16', 'f16'\]; expected floating-point dtypes, the widest"):
+    mixed = r"\['bf16', 'f16', 'bf16', 'f16'\]; expected floating-point dtypes, the widest"
+    with pytest.raises(DTypeError, match=mixed):
         _typed(fused.chunk_output, dict(q_decayed=(5, 4, 8), starts=(5, 8, 6), aqk=(5, 4, 4), v_new=(5, 4, 6)),
                {"q_decayed": "bf16", "starts": "f16", "aqk": "bf16", "v_new": "f16"})
 
