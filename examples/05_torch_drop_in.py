@@ -9,7 +9,8 @@ runs it. Packed sequences of different lengths go in as one row with
 `cu_seqlens`, as in flash-linear-attention.
 
 Here the result is checked against a plain PyTorch loop over tokens, the
-delta rule as the papers write it.
+delta rule as the papers write it; then the same layer with bf16 q, k, v and
+beta, which returns o in bf16 and the state in float32.
 
     python examples/05_torch_drop_in.py
 """
@@ -62,3 +63,16 @@ for n, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].to
                 (final_state[n].double() - s_ref).abs().max().item())
 print(f"largest difference from the PyTorch loop: {worst:.1e}")
 assert worst < 1e-4
+
+# bf16 activations, as inference engines run these layers: q, k, v and beta in bf16, the gate and
+# the state float32. dnir reads the bf16 values, computes in float32 and returns o in bf16 (one
+# rounding of the float32 result) and the state in float32, as flash-linear-attention does.
+half = {name: x.to(torch.bfloat16) for name, x in dict(q=q, k=k, v=v, beta=beta).items()}
+o16, state16 = dnir.chunk_gated_delta_rule(**half, g=g, initial_state=h0, output_final_state=True,
+                                           cu_seqlens=cu_seqlens)
+print(f"bf16 inputs: o {o16.dtype}, final_state {state16.dtype}")
+o_ref, s_ref = delta_rule_loop(half["q"][0, :100], half["k"][0, :100], half["v"][0, :100], g[0, :100],
+                               half["beta"][0, :100], K ** -0.5, h0[0])
+assert o16.dtype == torch.bfloat16 and state16.dtype == torch.float32
+assert (o16[0, :100].double() - o_ref).abs().max().item() <= 2 ** -8 * o_ref.abs().max().item() + 1e-5
+assert (state16[0].double() - s_ref).abs().max().item() < 1e-4
