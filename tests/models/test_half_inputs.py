@@ -228,6 +228,19 @@ def test_api_returns_o_in_the_input_dtype_and_a_float32_state(lib, dtype, fn, va
     assert_rounded_from(o, o_ref, dtype)
 
 
+@pytest.mark.parametrize("fn,variant", [(dnir.chunk_kda, "kda"), (dnir.fused_recurrent_gated_delta_rule, "gdn")])
+def test_api_on_llvm_takes_and_returns_bf16(fn, variant, rng):
+    torch = pytest.importorskip("torch")
+    cfg = DeltaNetConfig(variant, dtype="bf16", **(dict(SMALL, seq_len=1, mode="decode") if "recurrent" in fn.__name__
+                                                   else SMALL))
+    x = half_inputs(cfg, rng)
+    o, state = fn(**_api_args(cfg, x, "torch"), output_final_state=True, target="llvm")
+    assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
+    o_ref, state_ref = oracle(cfg, x)
+    assert_close(state.numpy(), state_ref, what="final state")
+    assert_rounded_from(o.float().numpy().astype(numpy_dtype("bf16")), o_ref, "bf16")
+
+
 def test_api_takes_a_float32_gate_with_bf16_activations(rng):
     """Qwen3-Next computes its gate in float32 and its q, k, v in bf16: the layer is bf16,
     the gate read as float32 (not rounded), and a bf16 gate widens exactly."""
