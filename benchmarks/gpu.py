@@ -208,6 +208,22 @@ def vulkan_case(program_path: Path, x: dict, names, ref, runs: int = 5) -> dict:
             "err_o": rms_error(o, ref[0].cpu()), "err_state": rms_error(s, ref[1].cpu())}
 
 
+def vulkan_runs(folder: Path, name: str, x: dict, names, ref) -> dict | None:
+    """The case's Vulkan program for the NVIDIA driver's limits, else the portable one; None when
+    the bundle has neither, else the result or why none ran."""
+    tried = []
+    for suffix in (".npz", ".portable.npz"):
+        program, skipped = folder / f"{name}{suffix}", folder / f"{name}{suffix}.skipped"
+        if skipped.exists():
+            tried.append(f"{suffix}: not compiled: {skipped.read_text().strip()}")
+        elif program.exists():
+            try:
+                return {**vulkan_case(program, x, names, ref), "program": program.name, "not_run": tried}
+            except Exception as e:  # noqa: BLE001 - the next program, or the row says why none ran
+                tried.append(f"{suffix}: {type(e).__name__}: {e}"[:300])
+    return {"error": "; ".join(tried)[:600]} if tried else None
+
+
 def run_case(name: str, case: dict, loader, bundle: Path, costs: dict, copy_gbps: float, seed: int) -> dict:
     import torch
     import tvm
@@ -253,19 +269,12 @@ def run_case(name: str, case: dict, loader, bundle: Path, costs: dict, copy_gbps
         c["dnir_kernels_error"] = f"{type(e).__name__}: {e}"
     if case["kind"] == "prefill" and case["batch"] == 1 and case["seq_len"] == 8192 and case["heads"] == 32:
         c["strong_gates"] = strong_gates(case, x, layer.input_names, main, cfg.scale)
-    program, skipped = bundle / "vulkan" / f"{name}.npz", bundle / "vulkan" / f"{name}.skipped"
-    if skipped.exists():
-        c["vulkan"] = {"error": "not compiled: " + skipped.read_text().strip()}
-    if program.exists():
-        try:
-            c["vulkan"] = vulkan_case(program, x, layer.input_names, ref)
-        except Exception as e:  # noqa: BLE001 - Vulkan's row says why it did not run
-            c["vulkan"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    c["vulkan"] = vulkan_runs(bundle / "vulkan", name, x, layer.input_names, ref)
     err = c["err"]
     print(f"{name}: dnir {c['dnir']['median_ms']:.3f} ms (API {c['api']['median_ms']:.3f}), {peer_name} "
           f"{c['fla']['median_ms']:.3f} ms ({c['ratio']:.2f}x); rms err o dnir {err['dnir']['o']:.1e} fla "
           f"{err['fla']['o']:.1e}, state dnir {err['dnir']['state']:.1e} fla {err['fla']['state']:.1e}"
-          + (f"; vulkan {c['vulkan'].get('ms', float('nan')):.2f} ms" if "vulkan" in c else ""), flush=True)
+          + (f"; vulkan {c['vulkan'].get('ms', float('nan')):.2f} ms" if c["vulkan"] else ""), flush=True)
     return c
 
 
@@ -341,7 +350,7 @@ def markdown(doc: dict) -> str:
     for c in doc["cases"]:
         e = c["err"]
         vk = c.get("vulkan")
-        vulkan = "-" if vk is None else (f"{vk['ms']:.2f}" if "ms" in vk else f"failed: {vk['error'][:60]}")
+        vulkan = "-" if vk is None else (f"{vk['ms']:.2f}" if "ms" in vk else f"failed: {vk['error'][:80]}")
         tflops = f"{c['tflops']:.1f}" if "tflops" in c else "-"
         lines.append(
             f"| {c['name']} | {c['dtype']} | {c['batch']} | {c['seq_len']} | {c['heads']} / {c['value_heads']} | "
@@ -368,6 +377,16 @@ def markdown(doc: dict) -> str:
             d, f = c["strong_gates"]["dnir"], c["strong_gates"]["fla"]
             lines.append(f"| {c['name']} | {'yes' if d['finite'] else 'NO'} | {d['err_o']:.1e} / {d['err_state']:.1e} "
                          f"| {'yes' if f['finite'] else 'NO'} | {f['err_o']:.1e} / {f['err_state']:.1e} |")
+    ran = [c for c in doc["cases"] if c.get("vulkan") and "ms" in c["vulkan"]]
+    if ran:
+        lines += ["", "## Vulkan: dnir's recorded programs through wgpu, next to CUDA", "",
+                  f"Adapter: {ran[0]['vulkan']['adapter']}", "",
+                  "| case | program | dispatches | Vulkan ms | CUDA ms | Vulkan / CUDA | err o | err state |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in ran:
+            v = c["vulkan"]
+            lines.append(f"| {c['name']} | {v['program']} | {v['dispatches']} | {v['ms']:.2f} | {_ms(c['dnir'])} | "
+                         f"{v['ms'] / c['dnir']['median_ms']:.1f}x | {v['err_o']:.1e} | {v['err_state']:.1e} |")
     lines += ["", "## Targets", "", "| target | case | measured | limit | met | factor to go |", "|---|---|---|---|---|---|"]
     for t in doc["targets"]:
         to_go = "-" if t["met"] else f"{t['factor_to_go']:.2f}x"

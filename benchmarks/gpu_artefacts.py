@@ -9,10 +9,12 @@ the functional API on the GPU machine finds it there with the TVM runtime only,
 without building the graph, and so does benchmarks/gpu.py), with nvcc's fatbin
 of its kernels beside it. With
 --vulkan, the float32 cases' graphs are also compiled for the vulkan target
-and recorded as programs, <out>/vulkan/<case>.npz (lowering/vulkan_program.py:
-run there by wgpu, without TVM), or <case>.skipped saying why not (WGSL
-indexes with 32-bit integers: KDA's per-channel [.., C, C, K] products at
-these sizes pass 2^31 elements). Inputs are drawn on the GPU, so nothing large
+and recorded as programs (lowering/vulkan_program.py: run there by wgpu,
+without TVM): <out>/vulkan/<case>.npz for the NVIDIA driver's workgroup
+memory (the fused delta-rule kernels) and <case>.portable.npz for this
+adapter's, or a .skipped file saying why not (WGSL indexes with 32-bit
+integers: KDA's unfused per-channel [.., C, C, K] products pass 2^31
+elements at these sizes). Inputs are drawn on the GPU, so nothing large
 travels. A case whose layer cannot be built here (a dtype the kernels do not
 take yet) is left out and reported "not built" by the benchmark.
 
@@ -97,7 +99,6 @@ def costs(graph) -> dict:
 def compile_all(out: Path, arch: str, names=None, vulkan: bool = False):
     os.environ["DNIR_CACHE"] = str(out / "cache")     # lowering/module_cache.py reads it per call
     from dnir.lowering.module_cache import code_hash
-    from dnir.lowering.registry import build
     from dnir.lowering.runtime_loader import prebuild_layer
     stamp = out / "code_hash"
     if not stamp.exists() or stamp.read_text() != code_hash():     # every key changed: start afresh
@@ -124,20 +125,42 @@ def compile_all(out: Path, arch: str, names=None, vulkan: bool = False):
         table["layers"][name] = {"flops": counted["flops"]}
         table["kernels"][name] = counted["kernels"]
         costs_path.write_text(json.dumps(table, indent=1) + "\n")
-        done = [out / "vulkan" / f"{name}.{ext}" for ext in ("npz", "skipped")]
-        if vulkan and case["dtype"] == "f32" and not any(p.exists() for p in done):
-            start = time.perf_counter()
-            (out / "vulkan").mkdir(parents=True, exist_ok=True)
-            try:
-                program = build(graph, "vulkan").program
-            except Exception as e:  # noqa: BLE001 - e.g. an index past int32, WGSL's widest: the benchmark says so
-                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
-                done[1].write_text(reason + "\n")
-                print(f"{name}: no vulkan program ({reason})", flush=True)
-                continue
-            program.save(done[0])
-            print(f"{name}: vulkan program, {len(program.dispatches)} dispatches, "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
+        if vulkan and case["dtype"] == "f32":
+            record_vulkan(name, case, out / "vulkan")
+
+
+# The workgroup memory of the GPU machine's NVIDIA Vulkan driver: with it the fused delta-rule
+# kernels take the layer (lavapipe's 32 KiB does not: KDA's unfused per-channel products pass
+# 2^31 elements there, past WGSL's 32-bit indices). The portable program is recorded for the
+# limits of the adapter here, the benchmark's fallback.
+NVIDIA_SHARED_BYTES = 49152
+
+
+def record_vulkan(name: str, case: dict, folder: Path):
+    """<name>.npz (for the NVIDIA driver's limits) and <name>.portable.npz (this adapter's), or a
+    .skipped file saying why a program could not be made."""
+    from dnir.api import compiled_graph
+    from dnir.lowering.registry import build
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix, shared in ((".npz", str(NVIDIA_SHARED_BYTES)), (".portable.npz", None)):
+        path, skipped = folder / f"{name}{suffix}", folder / f"{name}{suffix}.skipped"
+        if path.exists() or skipped.exists():
+            continue
+        start = time.perf_counter()
+        if shared:
+            os.environ["DNIR_VULKAN_SHARED_BYTES"] = shared
+        try:   # a graph object of its own: the target's preparation is kept per graph object
+            program = build(compiled_graph.__wrapped__(config(case), OPT, "cuda"), "vulkan").program
+        except Exception as e:  # noqa: BLE001 - e.g. an index past int32, WGSL's widest: the benchmark says so
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+            skipped.write_text(reason + "\n")
+            print(f"{name}: no vulkan program{suffix} ({reason})", flush=True)
+            continue
+        finally:
+            os.environ.pop("DNIR_VULKAN_SHARED_BYTES", None)
+        program.save(path)
+        print(f"{name}: vulkan program{suffix}, {len(program.dispatches)} dispatches, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
 def main(argv=None) -> int:

@@ -60,8 +60,12 @@ _DEVICE = None
 
 
 def shared_bytes() -> int:
-    """Workgroup (shared) memory one thread block of the Vulkan device may use."""
-    return _device()[2].limits["max-compute-workgroup-storage-size"]
+    """Workgroup (shared) memory one thread block may use: the Vulkan device's, or
+    $DNIR_VULKAN_SHARED_BYTES where programs are recorded for another device (the GPU
+    machine's NVIDIA driver allows 49152 bytes; lavapipe 32768, too few for the fused
+    delta-rule kernels at K = V = 128)."""
+    override = os.environ.get("DNIR_VULKAN_SHARED_BYTES")
+    return int(override) if override else _device()[2].limits["max-compute-workgroup-storage-size"]
 
 
 def adapter_info() -> dict:

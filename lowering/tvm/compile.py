@@ -30,6 +30,7 @@ from tvm import relax
 from dnir.errors import BackendError
 from dnir.graph import Graph
 from dnir.lowering.module_cache import graph_hash, module_path, write_atomically
+from dnir.lowering.vulkan_program import shared_bytes as vulkan_shared_bytes
 from dnir.types import numpy_dtype
 
 from . import cpu_token_step
@@ -52,7 +53,9 @@ def make_target(target: str, arch: str = DEFAULT_CUDA_ARCH) -> tvm.target.Target
         # Always give arch: plain "cuda" means sm_50, which current nvcc rejects.
         return tvm.target.Target({"kind": "cuda", "arch": arch}, host=_llvm_target())
     if target == "webgpu":
-        return tvm.target.Target("webgpu", host=_llvm_target())
+        # the Vulkan device's workgroup memory: TVM checks kernels against it (its default is 32 KiB)
+        return tvm.target.Target({"kind": "webgpu", "max_shared_memory_per_block": vulkan_shared_bytes()},
+                                 host=_llvm_target())
     raise BackendError(f"unknown TVM target {target!r}; expected llvm, cuda or webgpu")
 
 

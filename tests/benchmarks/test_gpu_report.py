@@ -35,7 +35,8 @@ def test_targets_and_table_from_the_measured_numbers():
     strong = {"dnir": {"finite": True, "err_o": 1e-4, "err_state": 1e-4},
               "fla": {"finite": True, "err_o": 1e-3, "err_state": 1e-3}}
     f32 = _case("gdn_prefill_b1_t8192_f32", 3.0, 1.5, err_dnir=5e-4, err_fla=1e-4, strong_gates=strong,
-                vulkan={"ms": 40.0, "err_o": 1e-6, "err_state": 1e-6})
+                vulkan={"ms": 40.0, "err_o": 1e-6, "err_state": 1e-6, "program": "gdn_prefill_b1_t8192_f32.npz",
+                        "adapter": "NVIDIA H100 (Vulkan)", "dispatches": 900, "runs": 5, "not_run": []})
     bf16 = _case("kda_prefill_b1_t32768_bf16", 3.0, 2.0)
     found = {(t["target"], t["case"]): t for t in gpu.targets([f32, bf16, decode])}
     assert found["dnir O2 prefill <= 1.5x fla (f32)", f32["name"]]["factor_to_go"] == pytest.approx(2.0 / 1.5)
@@ -51,6 +52,7 @@ def test_targets_and_table_from_the_measured_numbers():
            "not_built": [{"name": "gdn_prefill_b4_t4096_bf16", "reason": "no module in the bundle's cache"}]}
     md = gpu.markdown(doc)
     assert "| gdn_prefill_b1_t8192_f32 | f32 | 1 | 8192 | 32 / 32 |" in md and "2.00x" in md
+    assert "| gdn_prefill_b1_t8192_f32 | gdn_prefill_b1_t8192_f32.npz | 900 | 40.00 | 3.000 | 13.3x |" in md
     assert "40.00" in md and "| gdn_prefill_b4_t4096_bf16 | not built" in md
     assert "## Decode state traffic" in md and "## Strong gates" in md and "| `chunk_scan_kernel` | 0.700 | 1 | 10.0" in md
 
