@@ -12,8 +12,11 @@ chunk-major. Per chunk, with gam the running sum of the gates:
     q_decayed, k_to_end, last_decay, and W's and U's right-hand sides
     (beta k exp(gam), beta v).
  2. the scores kk = k_i . k_j and qk = q_i . k_j, each channel decayed by
-    exp(D_ij), D_ij = sum_{j < l <= i} g_l, by blocks of BLOCK tokens:
-    - a diagonal block pair by pair, D a running sum down i (channels in vector lanes);
+    exp(D_ij), D_ij = sum_{j < l <= i} g_l. One gate per head: two products, then
+    each pair scaled, D a running sum down i. A gate per channel: by blocks of BLOCK
+    tokens,
+    - a diagonal block pair by pair, exp(D_ij) the running product down i of the
+      tokens' decays exp(g_l) (factors in (0, 1]; channels in vector lanes);
     - a block a below the diagonal as a product of rescaled operands, r its first
       row: k_i exp(sum_{r < l <= i} g) (rows) and k_j exp(sum_{j < l <= r} g)
       (columns, stored transposed so that columns are vector lanes). Both sums are
@@ -91,7 +94,8 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                 part[c] = part[c] + part[c + 2]
         if lanes >= 2:
             part[0] = part[0] + part[1]
-    zero = T.cast(0, dtype)
+    zero, one = T.cast(0, dtype), T.cast(1, dtype)
+    tiny = T.cast(1.1754944e-38, dtype)        # float32's smallest normal: no subnormal products (slow)
 
     @T.macro
     def substitute(X, width, cols, a, n, b, h):
@@ -163,20 +167,25 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                     for c in T.vectorized(V):
                         U[n, b, h, i, c] = Vx[b, t0 + i, h, c] * Bt[b, t0 + i, h, 0]
                 if per_key == 1:
-                    # 2a. diagonal blocks, pair by pair: D_ij summed down i from D_jj = 0
+                    # 2a. diagonal blocks, pair by pair: exp(D_ij) as the running product down i of
+                    # the tokens' decays exp(g_l), l in (j, i]: factors in (0, 1], as accurate as the
+                    # exp of the segment sum (no cancellation, no overflow), without an exp per pair
+                    step = T.alloc_buffer((C, Kg), dtype)
+                    for i in range(C):
+                        for c in T.vectorized(Kg):
+                            step[i, c] = _exp(G[b, t0 + i, h, c], dtype)
                     for a, jj in T.grid(blocks, s):
                         j = a * s + jj
-                        d = T.alloc_buffer((Kg,), dtype)
                         e = T.alloc_buffer((Kg,), dtype)
                         part_q = T.alloc_buffer((lanes,), dtype)
                         part_k = T.alloc_buffer((lanes,), dtype)
                         for c in T.vectorized(Kg):
-                            d[c] = zero
+                            e[c] = one
                         for ii in range(jj, s):
                             i = a * s + ii
-                            for c in T.vectorized(Kg):
-                                d[c] = d[c] + T.Select(ii > jj, G[b, t0 + i, h, c], zero)
-                                e[c] = _exp(d[c], dtype)
+                            for c in T.vectorized(Kg):   # (below float32's normals: 0, as _exp)
+                                e[c] = e[c] * T.Select(ii > jj, step[i, c], one)
+                                e[c] = T.Select(e[c] < tiny, zero, e[c])
                             for c in T.vectorized(lanes):
                                 part_q[c] = zero
                                 part_k[c] = zero
