@@ -19,8 +19,8 @@
     chunk_output(q_decayed, starts, aqk, v_new) {token_major} -> o
         chunk_scan's output from chunk_states' results, every chunk at once:
             o[n] = q_decayed[n] starts[n] + aqk[n] v_new[n]
-        token_major (batch axes (R, HV) only): o [R, n, C, HV, V], the layer's token-major
-        layout (a reshape away from [R, n C, HV, V]), instead of [n, R, HV, C, V].
+        token_major (batch axes (R, HV) only): o [R, n C, HV, V], the layer's token-major
+        layout (token n C + i is row i of chunk n), instead of [n, R, HV, C, V].
         A GPU runs the two as a sequential kernel (one thread block per head and value
         columns: the fewer products inside the loop, the shorter the critical path) and
         a chunk-parallel one; passes/fuse_delta_steps.py splits a chunk_scan into them
@@ -246,7 +246,7 @@ def _infer_chunk_output(ins, attrs):
     if len(batch) != 2:
         fail(f"token_major needs two batch axes (R, HV); starts has {list(ins[1].shape)}")
     R, HV = batch
-    return TensorType((R, n, C, HV, V), dtype)
+    return TensorType((R, n * C, HV, V), dtype)
 
 
 def _chunk_output_flops(ins, out, attrs):
@@ -258,10 +258,12 @@ def _expand_chunk_output(node: Node) -> Node:
     qd, starts, aqk, v_new = node.inputs
     plain = {"transpose_a": False, "transpose_b": False}
     o = make_node("add", (make_node("matmul", (qd, starts), plain), make_node("matmul", (aqk, v_new), plain)), {})
-    return make_node("permute", (o,), {"axes": TOKEN_MAJOR}) if node.attrs["token_major"] else o
+    if not node.attrs["token_major"]:
+        return o
+    return make_node("reshape", (make_node("permute", (o,), {"axes": TOKEN_MAJOR}),), {"shape": node.shape})
 
 
-TOKEN_MAJOR = (1, 0, 3, 2, 4)      # [n, R, HV, C, V] -> [R, n, C, HV, V]
+TOKEN_MAJOR = (1, 0, 3, 2, 4)      # [n, R, HV, C, V] -> [R, n, C, HV, V], then a reshape to [R, n C, HV, V]
 
 
 def chunk_output(q_decayed: Node, starts: Node, aqk: Node, v_new: Node, token_major: bool = False) -> Node:

@@ -260,7 +260,7 @@ def _chunk_states(node, dt, state, w, u, k_to_end, last_decay):
 def _chunk_output(node, dt, q_decayed, starts, aqk, v_new):
     with np.errstate(all="ignore"):
         o = np.matmul(q_decayed, starts) + np.matmul(aqk, v_new)
-    return np.ascontiguousarray(o.transpose(1, 0, 3, 2, 4)) if node.attrs["token_major"] else o
+    return np.ascontiguousarray(o.transpose(1, 0, 3, 2, 4)).reshape(node.shape) if node.attrs["token_major"] else o
 
 
 @kernel("intra_chunk")

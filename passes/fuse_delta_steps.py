@@ -16,7 +16,8 @@ block of the chunk scan must fit the shared memory, the kernels are float32):
   be sequential; the output's item is replaced by chunk_output, the final state's by
   chunk_states' first result (Match.replace);
 - the layer's transpose of a chunk_output back to token-major ([n, R, HV, C, V] -> [R, n, C,
-  HV, V]): chunk_output writing that layout itself (token_major), where the kernel takes it;
+  HV, V] -> [R, n C, HV, V]): chunk_output writing that layout itself (token_major), where the
+  kernel takes it (a reshape of an op's result may be a copy on TVM's targets: none is left);
 - a decode step as the O2 graph writes it (reshapes between the vectors' shapes)
 
       u = (v - (k a) S) beta;   o = (q a) S + u (q . k);   S' = S a + k^T u
@@ -113,8 +114,11 @@ def split_chunk_scan(m) -> Node | None:
 
 
 def token_major_output(m) -> Node | None:
-    o = m.node.inputs[0]
-    if o.op != "chunk_output" or o.attrs["token_major"] or m.uses(o) != 1 or m.is_output(o):
+    permuted = m.node.inputs[0]
+    o = permuted.inputs[0]
+    R, n, C, HV, V = permuted.shape
+    if (o.op != "chunk_output" or o.attrs["token_major"] or m.node.shape != (R, n * C, HV, V)
+            or m.uses(o) != 1 or m.uses(permuted) != 1):
         return None
     new = _build(lambda *x: chunk_output(*x, token_major=True), o.inputs, "the output, token-major")
     return new if new is not None and _offer(new, "the output, token-major") else None
@@ -184,8 +188,8 @@ def fuse_delta_steps(graph: Graph) -> tuple[Graph, bool]:
     graph, changed = apply_rules(graph, [Rule(P("scan", num_carry=1, num_xs=len(CHUNK_ROLES)), fuse_chunk_scan,
                                               "chunk_scan"),
                                          Rule(P("item", P.any(), index=1), split_chunk_scan, "chunk_states"),
-                                         Rule(P("permute", P.any(), axes=TOKEN_MAJOR), token_major_output,
-                                              "chunk_output"),
+                                         Rule(P("reshape", P("permute", P.any(), axes=TOKEN_MAJOR)),
+                                              token_major_output, "chunk_output"),
                                          Rule(STEP_STATE, fuse_token_step, "token_step")])
     if len(ctx.remarks) == remarks:
         ctx.remark(PASS, "no loop over chunks or decode step in the graph")

@@ -13,7 +13,7 @@ shared memory with coalesced loads, and each thread accumulates a 4 x 4 tile
 of outputs in registers (rows ty + TR r, columns tx + TC j: a warp reads one
 or two rows of the staged left operand, a broadcast, and consecutive words of
 the right one). With token_major the block writes its rows where the layer's
-output has them ([R, n, C, HV, V]: row i of chunk n of head h at token n C + i),
+output has them ([R, n C, HV, V]: row i of chunk n of head h at token n C + i),
 so no transpose follows (each row's BV columns are still one contiguous run).
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: in
 
     def out_at(bx, row, col):              # the output's element: chunk-major, or token-major
         chunk, (r, h) = bx // (heads * tiles), unravel_index(bx // tiles % heads, batch) + (0,) * (2 - len(batch))
-        return (r, chunk, row, h, col) if token_major else at(bx, row, col)
+        return (r, chunk * C + row, h, col) if token_major else at(bx, row, col)
 
     def rounds(count):
         return -(-count // threads)

@@ -58,10 +58,10 @@ def chunk_states_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: 
 
 def chunk_output_function(steps: int, batch: tuple, C: int, K: int, V: int, dtype: str, body,
                           token_major: bool = False):
-    """body(Qd, St, A, N, O): O [steps, *batch, C, V] (token_major: [R, steps, C, HV, V] for the batch
+    """body(Qd, St, A, N, O): O [steps, *batch, C, V] (token_major: [R, steps C, HV, V] for the batch
     axes (R, HV)) from Qd [steps, *batch, C, K], the starting states St [steps, *batch, K, V],
     A [steps, *batch, C, C] and v_new N [steps, *batch, C, V]."""
-    out_shape = (batch[0], steps, C, batch[1], V) if token_major else (steps, *batch, C, V)
+    out_shape = (batch[0], steps * C, batch[1], V) if token_major else (steps, *batch, C, V)
     @T.prim_func(private=True, s_tir=True)
     def kernel(qd: T.handle, st: T.handle, aqk: T.handle, vn: T.handle, o: T.handle):
         T.func_attr(ATTRS)

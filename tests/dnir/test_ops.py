@@ -553,7 +553,7 @@ def test_chunk_states_and_output(rng):
             want[1][t, h] = v_new = U[t, h] - W[t, h] @ S[h]
             want[2][t, h] = Qd[t, h] @ S[h] + A[t, h] @ v_new
             S[h] = S[h] * LD[t, h] + Kte[t, h].T @ v_new
-    want.append(want[2][:, None].transpose(1, 0, 3, 2, 4))     # [R=1, n, C, HV, V]
+    want.append(want[2][:, None].transpose(1, 0, 3, 2, 4).reshape(1, n * C, H, V))     # [R=1, n C, HV, V]
     for g, w_ in zip(got, [S] + want):
         close(g, w_, rtol=1e-4, atol=1e-5)
 

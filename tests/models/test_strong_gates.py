@@ -118,12 +118,13 @@ def test_vulkan_matches_the_oracle(rng, variant):
 @pytest.mark.skipif(not _vulkan_available(), reason="no Vulkan adapter on this machine")
 @pytest.mark.parametrize("variant", ["gdn", "kda"])
 def test_vulkan_kernels_match_the_oracle(rng, variant):
-    """O2 in the GPU target's context: the work local to each chunk, the loop and the output as
-    the GPU kernels compute them (lowering/tvm/intra_chunk.py, chunk_scan.py, chunk_output.py)."""
+    """O2 in the GPU target's context: the work local to each chunk and the loop as the GPU
+    kernels compute them (lowering/tvm/intra_chunk.py, chunk_scan.py)."""
     cfg = DeltaNetConfig(variant=variant, chunk_size=32, **dict(SMALL, seq_len=70))
     with registry.target_context("vulkan"):
         graph = passes.optimize(build_delta_net(cfg), "O2")
-    assert {"intra_chunk", "chunk_states", "chunk_output"} <= set(registry.prepare(graph, "vulkan").op_histogram())
+    # (V = 8 is too narrow for chunk_output's thread blocks: the loop stays one chunk_scan here)
+    assert {"intra_chunk", "chunk_scan"} <= set(registry.prepare(graph, "vulkan").op_histogram())
     for gates in GATES:
         x = _inputs(cfg, rng, gates)
         _assert_exact(dnir.lowering.run(graph, x, target="vulkan"), cfg, x)
