@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from . import (block_solve, broadcasts, carry_layout, cse, cumsum_axis, dce,  # noqa: F401  (each
+from . import (block_solve, broadcasts, carry_for_fused_steps, carry_layout, cse, cumsum_axis, dce,  # noqa: F401  (each
                expand_fused, fold_constants, fold_widening_casts, fuse_delta_steps, fuse_intra_chunk,  # registers its pass)
                identities, layout_propagation, loop_invariants, reassociate, recompute, set_vs_acc, sum_mul_to_matmul,
                transposes, tril_blocks)

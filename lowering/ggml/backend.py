@@ -33,4 +33,4 @@ def _float32(what):
 KERNELS = {"token_step": _float32("ggml_gated_delta_net"), "chunk_scan": _float32("the ggml chunk loop")}
 
 BACKEND = register(Backend("ggml", ("ggml",), _run, lambda target: Target(target, kernels=KERNELS),
-                           pipeline=("fuse_delta_steps",), build=_build))
+                           pipeline=("carry_for_fused_steps", "fuse_delta_steps"), build=_build))

@@ -116,6 +116,20 @@ def test_token_loops_run_as_ggmls_fused_op(variant):
 
 
 @pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_a_state_without_initial_value_runs_as_ggmls_fused_op_too(variant, rng):
+    """O2 carries a state that starts at zero transposed; the ggml pipeline (carry_for_fused_steps)
+    carries it untransposed again so that the decode step is recognised: one ggml_gated_delta_net."""
+    sizes = dict(SIZES, initial_state=False)
+    cfg = DeltaNetConfig(variant, mode="recurrent", seq_len=21, batch=2, **sizes)
+    graph = prepare(dnir.passes.optimize(build(variant, mode="recurrent", seq_len=21, batch=2, **sizes), "O2"), "ggml")
+    assert export_c(graph).count("ggml_gated_delta_net(") == 1
+    x = random_inputs(cfg, rng)
+    o, state = compile_ggml(graph)(x)
+    o_ref, state_ref = delta_rule_reference(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=cfg.scale)
+    assert relative_rms_error(o, o_ref) < 1e-5 and relative_rms_error(state, state_ref) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
 @pytest.mark.parametrize("level", ["O0", "O2"])
 def test_the_loop_over_chunks_copies_nothing_per_chunk(variant, level):
     """The chunk_scan (recognised by the target's pipeline at any level) is unrolled with the state
