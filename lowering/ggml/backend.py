@@ -1,7 +1,8 @@
 """ggml in the backend registry: target "ggml", ggml's CPU backend.
 
 The pipeline recognises the delta rule's decode step and its loop over chunks
-(passes/fuse_delta_steps.py). lower.py runs such steps, and scans over them,
+(passes/fuse_delta_steps.py; passes/carry_for_fused_steps.py first carries a
+state that O2 transposed untransposed again, so that its step is found). lower.py runs such steps, and scans over them,
 through ggml_gated_delta_net; ggml has no op for the loop over chunks, which
 lower.py unrolls with the state transposed (no copy per chunk).
 """
