@@ -76,8 +76,8 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
                 col = T.alloc_local((K,), dtype)
                 acc = T.alloc_local((2,), dtype)
-                acc[0] = T.float32(0)
-                acc[1] = T.float32(0)
+                acc[0] = T.cast(0, dtype)
+                acc[1] = T.cast(0, dtype)
                 for kk in T.unroll(K):
                     col[kk] = S0[at("state", bx, kk * V + bx % tiles * threads + tx)]
                     acc[0] = acc[0] + load(Kr, "k_row", bx, kk) * col[kk]
