@@ -103,6 +103,13 @@ def test_bad_inputs_raise_the_host_paths_errors(device, rng):
     assert w[0].filename == __file__                                  # points at the call
 
 
+def test_a_bad_initial_state_is_named_though_the_final_states_check_finds_it(device, rng):
+    x = _draw(rng)
+    x["initial_state"][1, 2, 3, 4] = float("inf")
+    with pytest.raises(InputError, match=r"initial_state contains inf \(first at index \[1, 2, 3, 4\]"):
+        dnir.chunk_gated_delta_rule(**x, output_final_state=True, target="cuda")
+
+
 def test_an_overflowing_output_is_a_numeric_error(device, monkeypatch, rng):
     run = runtime_loader.run_layer
 
