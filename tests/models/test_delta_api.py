@@ -55,7 +55,7 @@ def test_recurrent_with_one_token_runs_the_decode_graph(rng, fn):
     decode = dnir.models.DeltaNetConfig(variant, batch=3, seq_len=1, heads=2, value_heads=4, head_dim=8,
                                         value_dim=4, mode="decode", initial_state=True, final_state=True)
     hits = compiled_graph.cache_info().hits
-    assert "scan" not in compiled_graph(decode, "O0").op_histogram()
+    assert "scan" not in compiled_graph(decode, "O0", "numpy").op_histogram()
     assert compiled_graph.cache_info().hits == hits + 1          # the call above built exactly this graph
     o_ref, state_ref = delta_rule_reference(**x, initial_state=s0)
     assert_close(o, o_ref)
@@ -179,6 +179,23 @@ def test_non_finite_inputs_are_reported(rng, arg, value, word):
     args[arg] = bad
     with pytest.raises(dnir.InputError, match=rf"{arg} contains {word} \(first at index"):
         dnir.chunk_kda(**args)
+
+
+@pytest.mark.parametrize("target", ["numpy", "llvm"])
+@pytest.mark.parametrize("fn", ["chunk_kda", "fused_recurrent_kda"])
+def test_a_non_finite_initial_state_is_reported_when_the_final_state_is_returned(rng, fn, target):
+    """The initial state's check is left to the final state's (one pass over the state, not two):
+    a NaN or inf in it is still an InputError naming it, never a result."""
+    args = _bad(rng, "kda", output_final_state=True, target=target)
+    if fn == "fused_recurrent_kda":     # decode: one token per sequence
+        args = dict({n: a[:, :3] for n, a in args.items() if n in ("q", "k", "v", "g", "beta")},
+                    initial_state=args["initial_state"], cu_seqlens=np.array([0, 1, 2, 3]),
+                    output_final_state=True, target=target)
+    for value, word in ((np.nan, "NaN"), (np.inf, "inf")):
+        state = args["initial_state"].copy()
+        state.flat[7] = value
+        with pytest.raises(dnir.InputError, match=rf"initial_state contains {word} \(first at index"):
+            getattr(dnir, fn)(**dict(args, initial_state=state))
 
 
 def test_large_finite_inputs_whose_sum_overflows_are_accepted(rng):
