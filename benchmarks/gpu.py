@@ -255,9 +255,9 @@ def run_case(name: str, case: dict, loader, bundle: Path, costs: dict, copy_gbps
                  "fla": {"o": rms_error(fla_o, ref[0]), "state": rms_error(fla_s, ref[1])}}}
     c["ratio"] = c["dnir"]["median_ms"] / c["fla"]["median_ms"]
     c["api_overhead_ms"] = c["api"]["median_ms"] - c["dnir"]["median_ms"]
-    layer = costs.get("layers", {}).get(name)
-    if layer:
-        c["tflops"] = layer["flops"] / (c["dnir"]["median_ms"] * 1e-3) / 1e12
+    counted = costs.get("layers", {}).get(name)
+    if counted:
+        c["tflops"] = counted["flops"] / (c["dnir"]["median_ms"] * 1e-3) / 1e12
     if case["kind"] == "decode":
         c["state_bytes"] = 2 * x["initial_state"].numel() * x["initial_state"].element_size()
         for impl in ("dnir", "fla"):
