@@ -32,6 +32,8 @@ CUDA cores, float32; the scores and the solve are a tenth of the layer's product
 """
 from __future__ import annotations
 
+import math
+
 S = 16              # tokens per block of the scores: a thread per pair of a block
 THREADS = S * S
 
@@ -69,6 +71,7 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
     pk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
     zero = T.cast(0, dtype)
     P = K + 1                                  # a staged row's stride
+    NL = math.gcd(K, 4)                        # channels summed side by side (independent chains)
 
     def task(t):                               # (chunk, row, head) of block t
         return t // (R * HV), (t // HV) % R, t % HV
@@ -96,6 +99,7 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                     Xk = T.alloc_shared((S * P,), dtype)     # 16 rows of k, likewise
                     Xc = T.alloc_shared((S * P,), dtype)     # a diagonal block's gates, or 16 columns
                     run = T.alloc_local((1,), dtype)
+                    d = T.alloc_local((NL,), dtype)
                     acc = T.alloc_local((2,), dtype)
                     x = T.alloc_local((C,), dtype)
                     n, b, h = task(bx)
@@ -136,13 +140,16 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                         acc[0] = zero
                         acc[1] = zero
                         if jj <= ii:
-                            for c in range(K):
-                                run[0] = zero
+                            for c0 in range(K // NL):          # NL channels' sums side by side
+                                for u in T.unroll(NL):
+                                    d[u] = zero
                                 for l in T.unroll(S):
-                                    run[0] = run[0] + T.Select(jj < l and l <= ii, Xc[l * P + c * pk], zero)
-                                run[0] = T.exp(run[0]) * Xk[jj * P + c]
-                                acc[0] = acc[0] + Xk[ii * P + c] * run[0]
-                                acc[1] = acc[1] + Xq[ii * P + c] * run[0]
+                                    for u in T.unroll(NL):
+                                        d[u] = d[u] + T.Select(jj < l and l <= ii, Xc[l * P + (c0 * NL + u) * pk], zero)
+                                for u in T.unroll(NL):
+                                    d[u] = T.exp(d[u]) * Xk[jj * P + c0 * NL + u]
+                                    acc[0] = acc[0] + Xk[ii * P + c0 * NL + u] * d[u]
+                                    acc[1] = acc[1] + Xq[ii * P + c0 * NL + u] * d[u]
                         KK[(r + ii) * C + r + jj] = acc[0]
                         A[n, b, h, r + ii, r + jj] = acc[1]
                         for cb in range(a + 1, blocks):          # above the diagonal
@@ -152,7 +159,7 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                         # rows decayed to r: q_i, k_i exp(sum_{r < l <= i} g), a thread per channel
                         if tx < K:
                             run[0] = zero
-                            for i in range(S):
+                            for i in T.unroll(S):             # unrolled: the loads issue ahead of the sum
                                 run[0] = run[0] + T.Select(i > 0, Xc[i * P + tx * pk], zero)
                                 # from memory, not the staged rows: a loop that reads and writes a
                                 # shared buffer would need a barrier inside this condition
@@ -165,16 +172,17 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                             cb = a - 1 - cb1
                             T.tvm_storage_sync("shared")
                             if tx < K:
-                                for j1 in range(S):
+                                for j1 in T.unroll(S):
                                     run[0] = run[0] + G[b, t0 + cb * S + S - j1, h, tx * pk]
                                     Xc[(S - 1 - j1) * P + tx] = Kx[b, t0 + cb * S + S - 1 - j1, h, tx] * T.exp(
                                         run[0])
                             T.tvm_storage_sync("shared")
                             acc[0] = zero
                             acc[1] = zero
-                            for c in range(K):
-                                acc[0] = acc[0] + Xk[ii * P + c] * Xc[jj * P + c]
-                                acc[1] = acc[1] + Xq[ii * P + c] * Xc[jj * P + c]
+                            for c0 in range(K // NL):
+                                for u in T.unroll(NL):
+                                    acc[0] = acc[0] + Xk[ii * P + c0 * NL + u] * Xc[jj * P + c0 * NL + u]
+                                    acc[1] = acc[1] + Xq[ii * P + c0 * NL + u] * Xc[jj * P + c0 * NL + u]
                             KK[(r + ii) * C + cb * S + jj] = acc[0]
                             A[n, b, h, r + ii, cb * S + jj] = acc[1]
                     T.tvm_storage_sync("shared")
