@@ -87,7 +87,8 @@ class VulkanExecutable:
         with target:
             mod = tvm.transform.Sequential(gpu.legalize_passes(target))(mod)
         self.functions = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
-        prims = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+        prims = {gv.name_hint: _unique_param_names(f)
+                 for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
         self.launches, self.wgsl = _lower_kernels(prims, target)
         # Kernel arguments are named by the PrimFunc's buffers.
         self.params = {name: [p.name for p in f.params] for name, f in prims.items()}
@@ -111,6 +112,22 @@ class VulkanExecutable:
     def intermediate_bytes(self) -> dict[str, int]:
         """Function name -> bytes of every buffer it allocates: what one buffer per value holds."""
         return {name: plan.intermediate_bytes for name, plan in self.plans.items()}
+
+
+def _unique_param_names(func):
+    """The PrimFunc with one name per parameter. Kernels bind their arguments by name, and TVM
+    shares one PrimFunc between structurally equal calls: `multiply` made for mul(y, y) also
+    serves mul(x, y), both of its parameters named y. TVMScript's printer gives a repeated name
+    a suffix (y, y_1), so printing and parsing the function names every parameter once."""
+    names = [p.name for p in func.params]
+    if len(set(names)) == len(names):
+        return func
+    from tvm.script import from_source
+
+    renamed = from_source(func.script())
+    if len({p.name for p in renamed.params}) != len(names):
+        raise BackendError(f"vulkan: parameters {names} of a kernel function could not be named apart")
+    return renamed
 
 
 def _lower_kernels(prims: dict, target):

@@ -9,6 +9,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
+import dnir
 import dnir.passes
 from dnir.lowering import run
 from dnir.lowering.vulkan_plan import plan_functions
@@ -219,3 +220,15 @@ def test_a_saved_program_runs_without_its_executable(rng, tmp_path):
     outs = Runner(loaded)([inputs[n] for n in graph.input_names])
     for name, out, ref in zip(graph.output_names, outs, run(graph, inputs)):
         assert nmse(out, ref) < 1e-7, (name, nmse(out, ref))
+
+
+@needs_vulkan
+def test_a_kernel_shared_by_calls_with_a_repeated_operand_binds_each_argument(rng):
+    # TVM makes one `multiply` for mul(y, y) and mul(x, y), both parameters named y; bound by
+    # name, x was lost and the second output came back as y * y.
+    b = dnir.Builder()
+    x, y = b.input("x", (4, 8)), b.input("y", (4, 8))
+    graph = b.build([b.sqrt(b.mul(y, y)), b.mul(x, y)], names=["a", "b"])
+    inputs = [rng.standard_normal((4, 8)).astype(np.float32) for _ in range(2)]
+    for name, out, ref in zip(graph.output_names, run(graph, inputs, target="vulkan"), run(graph, inputs)):
+        np.testing.assert_allclose(out, ref, rtol=1e-6, err_msg=name)
