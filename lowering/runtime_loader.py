@@ -43,6 +43,7 @@ from .module_cache import cache_dir, fatbin_path, layer_path, module_path, write
 DEFAULT_ARCH = os.environ.get("DNIR_CUDA_ARCH", "sm_90")
 _STATE = {"loaded": False, "arch": None, "nvcc_runs": 0}   # nvcc_runs: compiles the cache did not spare
 _VMS: dict[tuple, object] = {}      # (library path, device) -> (VM, its main, device)
+_LAYERS: dict[tuple, object] = {}   # (layer config, opt, arch, device) -> Layer
 _LOCK = threading.Lock()
 
 
@@ -213,6 +214,10 @@ def cuda_layer(cfg, opt: str, graph=None, arch: str = DEFAULT_ARCH, device: int 
     """The layer `cfg` at level `opt` on CUDA device `device`, from the module cache by the layer's key:
     no graph is built for it. Missing there, it is compiled into the cache first where TVM's compiler
     is installed (`graph()` gives its graph), else a BackendError says how to fill the cache."""
+    key = (cfg, opt, arch, device)
+    found = _LAYERS.get(key)     # a call per decode step: no hashing, file or lock once loaded
+    if found is not None:
+        return found
     path = layer_path(cfg, opt, cuda_target(arch))
     if not path.exists():
         if graph is None or not compiler_available():
@@ -220,8 +225,10 @@ def cuda_layer(cfg, opt: str, graph=None, arch: str = DEFAULT_ARCH, device: int 
         prebuild_layer(cfg, opt, graph(), arch)
     vm, main, dev = _load(path, device, arch)
     interface = json.loads(path.with_suffix(".json").read_text())
-    return Layer(vm, main, dev, tuple(interface["input_names"]), tuple(interface["input_dtypes"]),
-                 tuple(interface["output_names"]))
+    layer = Layer(vm, main, dev, tuple(interface["input_names"]), tuple(interface["input_dtypes"]),
+                  tuple(interface["output_names"]))
+    with _LOCK:
+        return _LAYERS.setdefault(key, layer)
 
 
 def run_layer(layer: Layer, tensors, stream: int | None = None) -> list:
