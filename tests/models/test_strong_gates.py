@@ -7,6 +7,8 @@ over its own segment, and the passes keep it so: every form, level, chunk and ba
 here is held to the same bound as the recurrent form (which gives about 1e-6 on these
 inputs) against the float64 oracle.
 """
+from contextlib import nullcontext
+
 import pytest
 
 import dnir
@@ -130,11 +132,16 @@ def test_vulkan_kernels_match_the_oracle(rng, variant):
         _assert_exact(dnir.lowering.run(graph, x, target="vulkan"), cfg, x)
 
 
+@pytest.mark.parametrize("in_context", [False, True])
 @pytest.mark.parametrize("variant", ["gdn", "kda"])
-def test_llvm_matches_the_oracle(rng, variant):
+def test_llvm_matches_the_oracle(rng, variant, in_context):
+    """O2 alone, and in llvm's context (the work local to each chunk one CPU kernel: a diagonal
+    block's decays there are running products of the tokens' decays, factors in (0, 1])."""
     pytest.importorskip("tvm", reason="TVM (the llvm target) is not installed")
     cfg = DeltaNetConfig(variant=variant, chunk_size=64, **SMALL)
-    graph = passes.optimize(build_delta_net(cfg), "O2")
+    with registry.target_context("llvm") if in_context else nullcontext():
+        graph = passes.optimize(build_delta_net(cfg), "O2")
+    assert ("intra_chunk" in registry.prepare(graph, "llvm").op_histogram()) == in_context
     for gates in GATES:
         x = _inputs(cfg, rng, gates)
         _assert_exact(dnir.lowering.run(graph, x, target="llvm"), cfg, x)
