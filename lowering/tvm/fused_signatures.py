@@ -75,6 +75,32 @@ def chunk_output_function(steps: int, batch: tuple, C: int, K: int, V: int, dtyp
     return kernel
 
 
+def intra_chunk_function(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, body):
+    """body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD): the loop's operands W, U, Qd, A, Ke, LD (dnir/fused.py's
+    order, chunk-major: [NC, R, HV, C, X], LD [NC, R, HV, Kg, 1]) from q, k [R, Tp, HV, K], v [R, Tp, HV, V],
+    g [R, Tp, HV, Kg] and beta [R, Tp, HV, 1], Tp = NC C tokens."""
+    Tp = NC * C
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(q: T.handle, k: T.handle, v: T.handle, g: T.handle, beta: T.handle, w: T.handle, u: T.handle,
+               qd: T.handle, aqk: T.handle, kte: T.handle, ld: T.handle):
+        T.func_attr(ATTRS)
+        Q = T.match_buffer(q, (R, Tp, HV, K), dtype)
+        Kx = T.match_buffer(k, (R, Tp, HV, K), dtype)
+        Vx = T.match_buffer(v, (R, Tp, HV, V), dtype)
+        G = T.match_buffer(g, (R, Tp, HV, Kg), dtype)
+        Bt = T.match_buffer(beta, (R, Tp, HV, 1), dtype)
+        W = T.match_buffer(w, (NC, R, HV, C, K), dtype)
+        U = T.match_buffer(u, (NC, R, HV, C, V), dtype)
+        Qd = T.match_buffer(qd, (NC, R, HV, C, K), dtype)
+        A = T.match_buffer(aqk, (NC, R, HV, C, C), dtype)
+        Ke = T.match_buffer(kte, (NC, R, HV, C, K), dtype)
+        LD = T.match_buffer(ld, (NC, R, HV, Kg, 1), dtype)
+        with T.sblock("root"):
+            body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD)
+    return kernel
+
+
 def token_step_function(shapes: dict, dtype: str, body, state_align: int = -1, narrow: dict | None = None):
     """body(S0, D, Kc, Kr, Qr, Vv, B, QK, S1, O): the new state S1 and the output O from the
     state S0 and the step's vectors, each in its own shape `shapes[role]` (dnir.fused.STEP_ROLES,

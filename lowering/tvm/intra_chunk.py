@@ -59,14 +59,13 @@ def shared_bytes(C: int, K: int) -> int:
 
 
 def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str):
-    """The op's function: q, k [R, Tp, HV, K], v [R, Tp, HV, V], g [R, Tp, HV, Kg], beta
-    [R, Tp, HV, 1] -> W, U, Qd, A, Ke, LD (dnir/fused.py's order), chunk-major."""
+    """The op's function (fused_signatures.intra_chunk_function) with this kernel's loop nest."""
     # TVM's script front end here, not at import: `rejects` runs in O2 inside the cuda target's
     # context (passes/fuse_intra_chunk.py), also where only TVM's runtime is installed
     from tvm.script import tirx as T
 
-    from .kernels import ATTRS
-    Tp, tasks = NC * C, NC * R * HV
+    from .fused_signatures import intra_chunk_function
+    tasks = NC * R * HV
     blocks = C // S
     pk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
     zero = T.cast(0, dtype)
@@ -76,125 +75,111 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
     def task(t):                               # (chunk, row, head) of block t
         return t // (R * HV), (t // HV) % R, t % HV
 
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(q: T.handle, k: T.handle, v: T.handle, g: T.handle, beta: T.handle, w: T.handle, u: T.handle,
-               qd: T.handle, aqk: T.handle, kte: T.handle, ld: T.handle):
-        T.func_attr(ATTRS)
-        Q = T.match_buffer(q, (R, Tp, HV, K), dtype)
-        Kx = T.match_buffer(k, (R, Tp, HV, K), dtype)
-        Vx = T.match_buffer(v, (R, Tp, HV, V), dtype)
-        G = T.match_buffer(g, (R, Tp, HV, Kg), dtype)
-        Bt = T.match_buffer(beta, (R, Tp, HV, 1), dtype)
-        W = T.match_buffer(w, (NC, R, HV, C, K), dtype)
-        U = T.match_buffer(u, (NC, R, HV, C, V), dtype)
-        Qd = T.match_buffer(qd, (NC, R, HV, C, K), dtype)
-        A = T.match_buffer(aqk, (NC, R, HV, C, C), dtype)
-        Ke = T.match_buffer(kte, (NC, R, HV, C, K), dtype)
-        LD = T.match_buffer(ld, (NC, R, HV, Kg, 1), dtype)
-        with T.sblock("root"):
-            for bx in T.thread_binding(tasks, thread="blockIdx.x"):
-                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    KK = T.alloc_shared((C * C,), dtype)
-                    Xq = T.alloc_shared((S * P,), dtype)     # 16 rows of q (raw, then decayed to r)
-                    Xk = T.alloc_shared((S * P,), dtype)     # 16 rows of k, likewise
-                    Xc = T.alloc_shared((S * P,), dtype)     # a diagonal block's gates, or 16 columns
-                    run = T.alloc_local((1,), dtype)
-                    d = T.alloc_local((NL,), dtype)
-                    acc = T.alloc_local((2,), dtype)
-                    x = T.alloc_local((C,), dtype)
-                    n, b, h = task(bx)
-                    t0 = n * C
-                    ii, jj = tx // S, tx % S               # the thread's pair in a 16 x 16 block
-                    # 1. per key channel: the decays and scaled operands; per value column: beta v
+    @T.macro
+    def body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
+        for bx in T.thread_binding(tasks, thread="blockIdx.x"):
+            for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                KK = T.alloc_shared((C * C,), dtype)
+                Xq = T.alloc_shared((S * P,), dtype)     # 16 rows of q (raw, then decayed to r)
+                Xk = T.alloc_shared((S * P,), dtype)     # 16 rows of k, likewise
+                Xc = T.alloc_shared((S * P,), dtype)     # a diagonal block's gates, or 16 columns
+                run = T.alloc_local((1,), dtype)
+                d = T.alloc_local((NL,), dtype)
+                acc = T.alloc_local((2,), dtype)
+                x = T.alloc_local((C,), dtype)
+                n, b, h = task(bx)
+                t0 = n * C
+                ii, jj = tx // S, tx % S               # the thread's pair in a 16 x 16 block
+                # 1. per key channel: the decays and scaled operands; per value column: beta v
+                if tx < K:
+                    run[0] = zero
+                    for i in T.unroll(C):             # unrolled: the loads issue ahead of the sum
+                        run[0] = run[0] + G[b, t0 + i, h, tx * pk]
+                        Qd[n, b, h, i, tx] = Q[b, t0 + i, h, tx] * T.exp(run[0])
+                        W[n, b, h, i, tx] = Kx[b, t0 + i, h, tx] * Bt[b, t0 + i, h, 0] * T.exp(run[0])
+                    if tx < Kg:
+                        LD[n, b, h, tx, 0] = T.exp(run[0])
+                    run[0] = zero
+                    for i1 in T.unroll(C):
+                        Ke[n, b, h, C - 1 - i1, tx] = Kx[b, t0 + C - 1 - i1, h, tx] * T.exp(run[0])
+                        run[0] = run[0] + G[b, t0 + C - 1 - i1, h, tx * pk]
+                elif tx < K + V:
+                    for i in T.unroll(C):
+                        U[n, b, h, i, tx - K] = Vx[b, t0 + i, h, tx - K] * Bt[b, t0 + i, h, 0]
+                # 2. the scores, one row block a (rows r .. r + 15) at a time
+                for a in range(blocks):
+                    r = a * S
+                    T.tvm_storage_sync("shared")
+                    for e in T.unroll(-(-S * K // THREADS)):
+                        if e * THREADS + tx < S * K:
+                            Xq[(e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Q[
+                                b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
+                            Xk[(e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Kx[
+                                b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
+                    for e in T.unroll(-(-S * Kg // THREADS)):
+                        if e * THREADS + tx < S * Kg:
+                            Xc[(e * THREADS + tx) // Kg * P + (e * THREADS + tx) % Kg] = G[
+                                b, t0 + r + (e * THREADS + tx) // Kg, h, (e * THREADS + tx) % Kg]
+                    T.tvm_storage_sync("shared")
+                    # the diagonal block: per channel, D summed over the pair's own segment
+                    acc[0] = zero
+                    acc[1] = zero
+                    if jj <= ii:
+                        for c0 in range(K // NL):          # NL channels' sums side by side
+                            for u in T.unroll(NL):
+                                d[u] = zero
+                            for l in T.unroll(S):
+                                for u in T.unroll(NL):
+                                    d[u] = d[u] + T.Select(jj < l and l <= ii, Xc[l * P + (c0 * NL + u) * pk], zero)
+                            for u in T.unroll(NL):
+                                d[u] = T.exp(d[u]) * Xk[jj * P + c0 * NL + u]
+                                acc[0] = acc[0] + Xk[ii * P + c0 * NL + u] * d[u]
+                                acc[1] = acc[1] + Xq[ii * P + c0 * NL + u] * d[u]
+                    KK[(r + ii) * C + r + jj] = acc[0]
+                    A[n, b, h, r + ii, r + jj] = acc[1]
+                    for cb in range(a + 1, blocks):          # above the diagonal
+                        A[n, b, h, r + ii, cb * S + jj] = zero
+                    T.tvm_storage_sync("shared")
+                    # (none for a = 0: no barrier may sit inside a condition)
+                    # rows decayed to r: q_i, k_i exp(sum_{r < l <= i} g), a thread per channel
                     if tx < K:
                         run[0] = zero
-                        for i in T.unroll(C):             # unrolled: the loads issue ahead of the sum
-                            run[0] = run[0] + G[b, t0 + i, h, tx * pk]
-                            Qd[n, b, h, i, tx] = Q[b, t0 + i, h, tx] * T.exp(run[0])
-                            W[n, b, h, i, tx] = Kx[b, t0 + i, h, tx] * Bt[b, t0 + i, h, 0] * T.exp(run[0])
-                        if tx < Kg:
-                            LD[n, b, h, tx, 0] = T.exp(run[0])
-                        run[0] = zero
-                        for i1 in T.unroll(C):
-                            Ke[n, b, h, C - 1 - i1, tx] = Kx[b, t0 + C - 1 - i1, h, tx] * T.exp(run[0])
-                            run[0] = run[0] + G[b, t0 + C - 1 - i1, h, tx * pk]
-                    elif tx < K + V:
-                        for i in T.unroll(C):
-                            U[n, b, h, i, tx - K] = Vx[b, t0 + i, h, tx - K] * Bt[b, t0 + i, h, 0]
-                    # 2. the scores, one row block a (rows r .. r + 15) at a time
-                    for a in range(blocks):
-                        r = a * S
+                        for i in T.unroll(S):             # unrolled: the loads issue ahead of the sum
+                            run[0] = run[0] + T.Select(i > 0, Xc[i * P + tx * pk], zero)
+                            # from memory, not the staged rows: a loop that reads and writes a
+                            # shared buffer would need a barrier inside this condition
+                            Xq[i * P + tx] = Q[b, t0 + r + i, h, tx] * T.exp(run[0])
+                            Xk[i * P + tx] = Kx[b, t0 + r + i, h, tx] * T.exp(run[0])
+                    # column blocks from a - 1 down: k_j exp(sum_{j < l <= r} g), the sum kept
+                    # in run[0] by the channel's thread
+                    run[0] = zero
+                    for cb1 in range(a):
+                        cb = a - 1 - cb1
                         T.tvm_storage_sync("shared")
-                        for e in T.unroll(-(-S * K // THREADS)):
-                            if e * THREADS + tx < S * K:
-                                Xq[(e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Q[
-                                    b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
-                                Xk[(e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Kx[
-                                    b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
-                        for e in T.unroll(-(-S * Kg // THREADS)):
-                            if e * THREADS + tx < S * Kg:
-                                Xc[(e * THREADS + tx) // Kg * P + (e * THREADS + tx) % Kg] = G[
-                                    b, t0 + r + (e * THREADS + tx) // Kg, h, (e * THREADS + tx) % Kg]
+                        if tx < K:
+                            for j1 in T.unroll(S):
+                                run[0] = run[0] + G[b, t0 + cb * S + S - j1, h, tx * pk]
+                                Xc[(S - 1 - j1) * P + tx] = Kx[b, t0 + cb * S + S - 1 - j1, h, tx] * T.exp(
+                                    run[0])
                         T.tvm_storage_sync("shared")
-                        # the diagonal block: per channel, D summed over the pair's own segment
                         acc[0] = zero
                         acc[1] = zero
-                        if jj <= ii:
-                            for c0 in range(K // NL):          # NL channels' sums side by side
-                                for u in T.unroll(NL):
-                                    d[u] = zero
-                                for l in T.unroll(S):
-                                    for u in T.unroll(NL):
-                                        d[u] = d[u] + T.Select(jj < l and l <= ii, Xc[l * P + (c0 * NL + u) * pk], zero)
-                                for u in T.unroll(NL):
-                                    d[u] = T.exp(d[u]) * Xk[jj * P + c0 * NL + u]
-                                    acc[0] = acc[0] + Xk[ii * P + c0 * NL + u] * d[u]
-                                    acc[1] = acc[1] + Xq[ii * P + c0 * NL + u] * d[u]
-                        KK[(r + ii) * C + r + jj] = acc[0]
-                        A[n, b, h, r + ii, r + jj] = acc[1]
-                        for cb in range(a + 1, blocks):          # above the diagonal
-                            A[n, b, h, r + ii, cb * S + jj] = zero
-                        T.tvm_storage_sync("shared")
-                        # (none for a = 0: no barrier may sit inside a condition)
-                        # rows decayed to r: q_i, k_i exp(sum_{r < l <= i} g), a thread per channel
+                        for c0 in range(K // NL):
+                            for u in T.unroll(NL):
+                                acc[0] = acc[0] + Xk[ii * P + c0 * NL + u] * Xc[jj * P + c0 * NL + u]
+                                acc[1] = acc[1] + Xq[ii * P + c0 * NL + u] * Xc[jj * P + c0 * NL + u]
+                        KK[(r + ii) * C + cb * S + jj] = acc[0]
+                        A[n, b, h, r + ii, cb * S + jj] = acc[1]
+                T.tvm_storage_sync("shared")
+                # 3. W and U by forward substitution, a thread per column
+                if tx < K + V:
+                    for i in T.unroll(C):
+                        x[i] = T.Select(tx < K, W[n, b, h, i, T.min(tx, K - 1)], U[n, b, h, i, T.max(tx - K, 0)])
+                        for j in T.unroll(C):          # j < i: constant once unrolled
+                            if j < i:
+                                x[i] = x[i] - Bt[b, t0 + i, h, 0] * KK[i * C + j] * x[j]
                         if tx < K:
-                            run[0] = zero
-                            for i in T.unroll(S):             # unrolled: the loads issue ahead of the sum
-                                run[0] = run[0] + T.Select(i > 0, Xc[i * P + tx * pk], zero)
-                                # from memory, not the staged rows: a loop that reads and writes a
-                                # shared buffer would need a barrier inside this condition
-                                Xq[i * P + tx] = Q[b, t0 + r + i, h, tx] * T.exp(run[0])
-                                Xk[i * P + tx] = Kx[b, t0 + r + i, h, tx] * T.exp(run[0])
-                        # column blocks from a - 1 down: k_j exp(sum_{j < l <= r} g), the sum kept
-                        # in run[0] by the channel's thread
-                        run[0] = zero
-                        for cb1 in range(a):
-                            cb = a - 1 - cb1
-                            T.tvm_storage_sync("shared")
-                            if tx < K:
-                                for j1 in T.unroll(S):
-                                    run[0] = run[0] + G[b, t0 + cb * S + S - j1, h, tx * pk]
-                                    Xc[(S - 1 - j1) * P + tx] = Kx[b, t0 + cb * S + S - 1 - j1, h, tx] * T.exp(
-                                        run[0])
-                            T.tvm_storage_sync("shared")
-                            acc[0] = zero
-                            acc[1] = zero
-                            for c0 in range(K // NL):
-                                for u in T.unroll(NL):
-                                    acc[0] = acc[0] + Xk[ii * P + c0 * NL + u] * Xc[jj * P + c0 * NL + u]
-                                    acc[1] = acc[1] + Xq[ii * P + c0 * NL + u] * Xc[jj * P + c0 * NL + u]
-                            KK[(r + ii) * C + cb * S + jj] = acc[0]
-                            A[n, b, h, r + ii, cb * S + jj] = acc[1]
-                    T.tvm_storage_sync("shared")
-                    # 3. W and U by forward substitution, a thread per column
-                    if tx < K + V:
-                        for i in T.unroll(C):
-                            x[i] = T.Select(tx < K, W[n, b, h, i, T.min(tx, K - 1)], U[n, b, h, i, T.max(tx - K, 0)])
-                            for j in T.unroll(C):          # j < i: constant once unrolled
-                                if j < i:
-                                    x[i] = x[i] - Bt[b, t0 + i, h, 0] * KK[i * C + j] * x[j]
-                            if tx < K:
-                                W[n, b, h, i, tx] = x[i]
-                            else:
-                                U[n, b, h, i, tx - K] = x[i]
-    return kernel
+                            W[n, b, h, i, tx] = x[i]
+                        else:
+                            U[n, b, h, i, tx - K] = x[i]
+    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body)
