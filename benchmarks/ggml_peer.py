@@ -37,25 +37,36 @@ from dnir.errors import BackendError, InputError
 HARNESS_SOURCE = Path(__file__).with_name("ggml_harness.c")
 
 
+def compile_against_ggml(source: Path, internal: bool = False) -> Path:
+    """`source` compiled against lowering/ggml/build.py's build into a shared library in that build's
+    cache folder (again only when the source changed); `internal`: with ggml's internal headers too.
+
+    Raises lowering.ggml.build.GgmlUnavailable (a BackendError) naming what is missing.
+    """
+    from dnir.lowering.ggml.build import GgmlUnavailable, c_compiler, ggml_build
+    build = ggml_build()
+    text = source.read_bytes()
+    library = build.root / f"{source.stem}-{hashlib.sha256(text).hexdigest()[:12]}.so"
+    if not library.exists():
+        cc = c_compiler(f"compiling {source.name}")
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        includes = [f"-I{build.include_dir}"] + ([f"-I{build.include_dir.parent / 'src'}"] if internal else [])
+        cmd = [cc, "-O2", "-shared", "-fPIC", "-o", str(partial), str(source), *includes,
+               f"-L{build.lib_dir}", "-lggml", "-lggml-cpu", "-lggml-base", f"-Wl,-rpath,{build.lib_dir}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise GgmlUnavailable(f"compiling {source.name} failed:\n{' '.join(cmd)}\n{done.stderr}")
+        partial.replace(library)   # atomic: a second process never loads a half-written file
+    return library
+
+
 @lru_cache(maxsize=None)
 def harness() -> ctypes.CDLL:
     """The compiled harness, loaded (compiled first when its source changed).
 
     Raises lowering.ggml.build.GgmlUnavailable (a BackendError) naming what is missing.
     """
-    from dnir.lowering.ggml.build import GgmlUnavailable, c_compiler, ggml_build
-    build = ggml_build()
-    source = HARNESS_SOURCE.read_bytes()
-    library = build.root / f"harness-{hashlib.sha256(source).hexdigest()[:12]}.so"
-    if not library.exists():
-        cc = c_compiler(f"compiling {HARNESS_SOURCE.name}")
-        partial = library.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [cc, "-O2", "-shared", "-fPIC", "-o", str(partial), str(HARNESS_SOURCE), f"-I{build.include_dir}",
-               f"-L{build.lib_dir}", "-lggml", "-lggml-cpu", "-lggml-base", f"-Wl,-rpath,{build.lib_dir}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise GgmlUnavailable(f"compiling {HARNESS_SOURCE.name} failed:\n{' '.join(cmd)}\n{done.stderr}")
-        partial.replace(library)   # atomic: a second process never loads a half-written file
+    library = compile_against_ggml(HARNESS_SOURCE)
     lib = ctypes.CDLL(str(library))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.gdn_new.argtypes = [i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]

@@ -721,6 +721,7 @@ class Lowerer:
             r_t = self.call("ggml_add", self.call("ggml_mul", r_t, decay_i), self.call("ggml_mul_mat", k_ti, v_new_t))
         self.e.loop_end()
         self.where = label
+        self.e.node(f"{label}: the final state back from S^T")
         r = self.made(r_t, (p, v, k), (p, v, k), state.dtype)
         final = self.as_shape(self.permute(r, (0, 2, 1)), state.shape)
         return final, Value(o, node.type[1].shape, ggml_ne((n * o_size,)), o_buf, node.type[1].dtype)

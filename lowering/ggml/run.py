@@ -64,12 +64,19 @@ class _Calls(_Counter):
         self.lib, self.ctx, self.data_ctx, self.limit = lib, ctx, data_ctx, limit
         self.tensors = 0
         self.constants: dict[int, tuple[int, np.ndarray]] = {}   # id(node) -> (tensor, data)
+        self.labels: dict[int, str] = {}      # tensor -> the dnir node it lowers (a profile's rows)
+        self.label = ""
+
+    def node(self, label):
+        self.label = label
 
     def call(self, fn, *args):
         self.tensors += 1
         if self.tensors > self.limit:   # ggml would abort the process on a full context
             raise BackendError(f"ggml: the lowering made more than the {self.limit} tensors counted")
-        return getattr(self.lib, fn)(self.ctx, *args)
+        tensor = getattr(self.lib, fn)(self.ctx, *args)
+        self.labels[tensor] = self.label
+        return tensor
 
     def _data_tensor(self, name, gtype, ne):
         t = self.lib.ggml_new_tensor_4d(self.data_ctx, gtype, *ne)
@@ -120,6 +127,7 @@ class GgmlGraph:
             self._outputs = [v.t for v in outputs]
         else:
             self._outputs = list(builder(held["ctx"], [v.t for v in self._inputs]))
+        self.labels = emitter.labels
         self._cgraph = lib.ggml_new_graph_custom(held["ctx"], size, False)
         for t in self._outputs:
             lib.ggml_set_output(t)
@@ -135,6 +143,15 @@ class GgmlGraph:
         if not lib.ggml_gallocr_alloc_graph(galloc, self._cgraph):
             raise BackendError("ggml: the graph allocator could not place the graph")
         self.compute_buffer_bytes = lib.ggml_gallocr_get_buffer_size(galloc, 0)
+
+    @property
+    def cgraph(self):
+        """ggml's graph (struct ggml_cgraph *), for tools that walk its nodes (benchmarks/ggml_profile.py)."""
+        return self._cgraph
+
+    @property
+    def backend(self):
+        return self._backend
 
     def set_threads(self, threads: int):
         """Compute on `threads` threads from the next call on (the default: every core)."""

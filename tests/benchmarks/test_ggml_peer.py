@@ -180,3 +180,15 @@ def test_a_subset_runs_only_the_named_implementations_and_shapes():
     todo = [dataclasses.replace(c, only=("dnir-O0-ggml", "dnir-O2-ggml")) for c in cpu.cases(False, settings)]
     assert {(c.preset, c.kind, c.seq_len) for c in todo} == {(p, "prefill", 4096) for p in cpu.PRESETS}
     assert all(c.impls == ("dnir-O0-ggml", "dnir-O2-ggml") for c in todo)
+
+
+def test_the_ggml_profile_times_every_node_by_dnir_node_and_op():
+    from dnir.benchmarks.ggml_profile import markdown, profile
+    try:
+        p = profile("qwen3-next", "O2", 128, threads=1, repeats=1)
+    except GgmlUnavailable as e:
+        pytest.skip(f"ggml cannot be built here: {e}")
+    assert 0 < p["loop_s"] < p["total_s"]
+    assert ("loop", "MUL_MAT") in dict(p["by_op"]) and all(label != "?" for label, _ in p["by_node"])
+    assert any("chunk_scan" in label and "(all chunks)" in label for label, _ in p["by_node"])
+    assert "| dnir node | time |" in markdown(p)
