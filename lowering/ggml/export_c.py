@@ -102,19 +102,24 @@ def _arg(fn, index, kind, value) -> str:
     return str(int(value))
 
 
+def lower_for_export(emitter, graph: Graph):
+    """(input values, (output view, the tensor owning its memory) per output): the graph lowered
+    through `emitter`, each output viewed in its own shape (flat beyond 4 axes)."""
+    lowerer = Lowerer(emitter)
+    inputs = input_values(emitter, graph)
+    outputs = lowerer.lower(graph, inputs)
+    emitter.node("outputs in the graph's shapes")
+    return inputs, [(lowerer.view(v, v.shape if len(v.shape) <= 4 else (math.prod(v.shape),)), v.base)
+                    for v in outputs]
+
+
 def export_c(graph: Graph, name: str = "build_graph", source: str | None = None) -> str:
     """C source of a function `name` that builds `graph` with ggml (see the module docstring)."""
     if not name.isidentifier():
         raise BackendError(f"ggml-c export: function name {name!r} is not a C identifier")
     emitter = _Source()
-    lowerer = Lowerer(emitter)
-    inputs = input_values(emitter, graph)
-    outputs = lowerer.lower(graph, inputs)
-    emitter.node("outputs in the graph's shapes")
-    results = []
-    for v, out_name in zip(outputs, graph.output_names):
-        shape = v.shape if len(v.shape) <= 4 else (math.prod(v.shape),)
-        results.append((out_name, lowerer.view(v, shape), v.base))
+    inputs, outputs = lower_for_export(emitter, graph)
+    results = [(out_name, view, base) for out_name, (view, base) in zip(graph.output_names, outputs)]
 
     params = ["struct ggml_context * ctx"]
     checks = []

@@ -29,8 +29,7 @@ from dnir.errors import BackendError
 from dnir.graph import Graph
 
 from .api import SIGNATURES
-from .export_c import _arg, _Source
-from .lower import Lowerer, input_values
+from .export_c import _arg, _Source, lower_for_export
 
 # The symbols a size may depend on, and their names in C.
 C_NAMES = {"u": "n_chunks", "t": "n_tokens", "B": "n_seqs", "i": "i"}
@@ -232,15 +231,8 @@ def _refs(blocks) -> set:
 
 def _trace(graph: Graph):
     emitter = _Trace()
-    lowerer = Lowerer(emitter)
-    inputs = input_values(emitter, graph)
-    outputs = lowerer.lower(graph, inputs)
-    emitter.node("outputs in the graph's shapes")
-    results = []
-    for v in outputs:
-        view = lowerer.view(v, v.shape if len(v.shape) <= 4 else (math.prod(v.shape),))
-        results.append((view, v.base))
-    return emitter.entries, inputs, results
+    inputs, outputs = lower_for_export(emitter, graph)
+    return emitter.entries, inputs, outputs
 
 
 def export_symbolic(samples: list[tuple[dict, Graph]], name: str, source: str, unit: int = 1) -> str:
