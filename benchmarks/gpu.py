@@ -372,7 +372,8 @@ def markdown(doc: dict) -> str:
     strong = [c for c in doc["cases"] if "strong_gates" in c]
     if strong:
         lines += ["", f"## Strong gates (g = {STRONG_GATE:g} per token)", "",
-                  "| case | dnir finite | dnir err o / state | fla finite | fla err o / state |", "|---|---|---|---|---|"]
+                  "| case | dnir finite | dnir err o / state | fla finite | fla err o / state |",
+                  "|---|---|---|---|---|"]
         for c in strong:
             d, f = c["strong_gates"]["dnir"], c["strong_gates"]["fla"]
             lines.append(f"| {c['name']} | {'yes' if d['finite'] else 'NO'} | {d['err_o']:.1e} / {d['err_state']:.1e} "
@@ -387,7 +388,8 @@ def markdown(doc: dict) -> str:
             v = c["vulkan"]
             lines.append(f"| {c['name']} | {v['program']} | {v['dispatches']} | {v['ms']:.2f} | {_ms(c['dnir'])} | "
                          f"{v['ms'] / c['dnir']['median_ms']:.1f}x | {v['err_o']:.1e} | {v['err_state']:.1e} |")
-    lines += ["", "## Targets", "", "| target | case | measured | limit | met | factor to go |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Targets", "", "| target | case | measured | limit | met | factor to go |",
+              "|---|---|---|---|---|---|"]
     for t in doc["targets"]:
         to_go = "-" if t["met"] else f"{t['factor_to_go']:.2f}x"
         lines.append(f"| {t['target']} | {t['case']} | {t['measured']:.2f} | {t['limit']:g} | "

@@ -127,8 +127,8 @@ def main(argv=None) -> int:
                       for t in vulkan["timings"]]
             lines.append("")
         lines += ["| target | artefact | output | error | ok |", "|---|---|---|---|---|"]
-        lines += [f"| {r['target']} | {r['artefact']} | {r['output']} | {r['error']:.2e} | {'yes' if r['ok'] else 'NO'} |"
-                  for r in rows]
+        lines += [f"| {r['target']} | {r['artefact']} | {r['output']} | {r['error']:.2e} | "
+                  f"{'yes' if r['ok'] else 'NO'} |" for r in rows]
         (out / "gpu_conformance.md").write_text("\n".join(lines) + "\n")
     return 1 if failed else 0
 

@@ -54,14 +54,16 @@ def test_targets_and_table_from_the_measured_numbers():
     assert "| gdn_prefill_b1_t8192_f32 | f32 | 1 | 8192 | 32 / 32 |" in md and "2.00x" in md
     assert "| gdn_prefill_b1_t8192_f32 | gdn_prefill_b1_t8192_f32.npz | 900 | 40.00 | 3.000 | 13.3x |" in md
     assert "40.00" in md and "| gdn_prefill_b4_t4096_bf16 | not built" in md
-    assert "## Decode state traffic" in md and "## Strong gates" in md and "| `chunk_scan_kernel` | 0.700 | 1 | 10.0" in md
+    assert "## Decode state traffic" in md and "## Strong gates" in md
+    assert "| `chunk_scan_kernel` | 0.700 | 1 | 10.0" in md
 
 
 def test_case_list_covers_the_acceptance():
-    shapes = {(c["batch"], c["seq_len"], c["heads"], c["value_heads"]) for c in CASES.values() if c["kind"] == "prefill"}
+    prefill = [c for c in CASES.values() if c["kind"] == "prefill"]
+    shapes = {(c["batch"], c["seq_len"], c["heads"], c["value_heads"]) for c in prefill}
     assert shapes == {(1, 8192, 32, 32), (4, 4096, 32, 32), (1, 32768, 32, 32), (1, 8192, 16, 32)}
     for dtype in ("f32", "bf16"):
-        assert {c["variant"] for c in CASES.values() if c["dtype"] == dtype and c["kind"] == "prefill"} == {"gdn", "kda"}
+        assert {c["variant"] for c in prefill if c["dtype"] == dtype} == {"gdn", "kda"}
         assert {c["batch"] for c in CASES.values() if c["dtype"] == dtype and c["kind"] == "decode"} == {64, 256}
 
 
