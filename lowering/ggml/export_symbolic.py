@@ -155,7 +155,7 @@ class _Writer:
         for a, kind in enumerate(kinds):
             values = [c.args[a] for c in calls]
             if kind == "T":
-                refs = {n.get(v, v) if isinstance(v, _Handle) else v for n, v in zip(names, values)}
+                refs = {n.get(v, v) for n, v in zip(names, values)}     # a handle, or an input's name
                 if len(refs) != 1 or not all(isinstance(r, str) for r in refs):
                     raise BackendError(f"ggml-c export: argument {a} of {fn} is a different tensor at different sizes")
                 args.append(refs.pop())

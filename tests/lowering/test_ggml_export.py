@@ -116,10 +116,10 @@ def test_inputs_named_like_c_words_or_the_functions_tensors_are_renamed(tmp_path
     np.testing.assert_allclose(out, x["int"] * x["t0"] + x["ctx"] - x["out_x"], rtol=1e-6)
 
 
-def _export_layer(tmp_path, variant, mode, level, **shape):
+def _export_layer(tmp_path, variant, mode, level, value_dim=16, **shape):
     """A layer written to a file as `dnir build` and `dnir opt` make it, exported by the CLI."""
     from dnir.cli import main
-    sizes = dict(heads=2, value_heads=4, head_dim=16, value_dim=16, chunk_size=16, initial_state=True,
+    sizes = dict(heads=2, value_heads=4, head_dim=16, value_dim=value_dim, chunk_size=16, initial_state=True,
                  final_state=True)
     source = tmp_path / "layer.dnir"
     source.write_text(dnir.print(dnir.passes.optimize(build(variant, mode=mode, **sizes, **shape), level)))
@@ -150,6 +150,15 @@ def test_a_chunked_layer_exports_for_any_length_and_batch(tmp_path, rng, variant
     assert "for (int64_t i = 0; i < n_chunks; i++) {" in text and "chunk i" in text
     for seq_len, batch in ((48, 2), (64, 3), (160, 4)):
         _run_at(library, variant, "chunked", level, sizes, rng, seq_len, batch, (seq_len, batch))
+
+
+def test_an_unrolled_token_loop_exports_as_a_c_loop(tmp_path, rng):
+    """V != K: ggml's fused op does not apply and the loop over tokens is unrolled; exported, it is a C
+    loop over n_tokens carrying the state from the initial_state input."""
+    text, library, sizes = _export_layer(tmp_path, "gdn", "recurrent", "O2", value_dim=8, seq_len=7, batch=2)
+    assert "for (int64_t i = 0; i < n_tokens; i++) {" in text and "= initial_state;" in text
+    for seq_len, batch in ((7, 2), (4, 3), (12, 2)):
+        _run_at(library, "gdn", "recurrent", "O2", sizes, rng, seq_len, batch, (seq_len, batch))
 
 
 def test_a_single_sequence_layer_exports_for_any_length(tmp_path, rng):
