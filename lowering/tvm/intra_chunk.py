@@ -27,8 +27,11 @@ of the gates from the chunk start:
     x_i = rhs_i - beta_i sum_{j < i} kk_ij x_j with the column's C values in registers
     (the loops unrolled) and kk read from shared memory (one word for the whole block).
 
-CUDA cores, float32; the scores and the solve are a tenth of the layer's products
-(the loop over chunks and the output hold the rest), so tensor cores come there first.
+CUDA cores, float32. On the H100 this is the layer's largest kernel (3.3 ms of 7.0 for
+GDA at (4, 4096, 32, 128), 6.8 of 10.7 for KDA: benchmarks/results/gpu.md) though it
+holds a third of the FLOPs: 176 registers a thread (the solve's column) leave one
+block per SM to hide the serial phases' latency, and KDA's diagonal blocks sum 16
+masked gates per channel and pair.
 """
 from __future__ import annotations
 
