@@ -38,6 +38,7 @@ import numpy as np
 
 from dnir.errors import BackendError
 
+from .registry import build as backend_build
 from .module_cache import cache_dir, fatbin_path, layer_path, module_path, write_atomically
 
 DEFAULT_ARCH = os.environ.get("DNIR_CUDA_ARCH", "sm_90")
@@ -177,7 +178,6 @@ def cuda_vm(graph, arch: str = DEFAULT_ARCH, device: int = 0, build=None):
     """(VM, its main function, TVM device) running `graph` on CUDA device `device`, its module from the
     cache, keyed by the graph (compiled into it first where TVM's compiler is installed, by `build`,
     default the cuda backend's); one VM per module and device."""
-    from .registry import build as backend_build
     path = module_path(graph, cuda_target(arch))
     if not path.exists():
         if not compiler_available():
@@ -200,7 +200,6 @@ class Layer:
 def prebuild_layer(cfg, opt: str, graph, arch: str = DEFAULT_ARCH) -> Path:
     """Compile the layer `cfg` at level `opt`, whose graph (built in the cuda target's context) is
     `graph`, into the module cache under the layer's key, with its interface beside it."""
-    from .registry import build as backend_build
     path = layer_path(cfg, opt, cuda_target(arch))
     if not path.exists():
         interface = {"input_names": list(graph.input_names), "input_dtypes": [t.dtype for t in graph.input_types],

@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"dnir": ROOT / "dnir", "dnir.passes": ROOT / "passes", "dnir.lowering": ROOT / "lowering"}
-IR = ("dnir.types", "dnir.graph", "dnir.ops", "dnir.fused", "dnir.builder", "dnir.text", "dnir.verify",
+IR = ("dnir.types", "dnir.graph", "dnir.ops", "dnir.fused", "dnir.intra_chunk", "dnir.builder", "dnir.text", "dnir.verify",
       "dnir.errors", "dnir.limits", "dnir.files")
 LAYERS = ("IR", "analysis", "passes", "lowering", "models/api/cli")
 

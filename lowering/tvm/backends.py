@@ -16,6 +16,7 @@ from __future__ import annotations
 from dnir.passes.context import Target
 
 from ..registry import Backend, register
+from . import intra_chunk
 
 GPU_PIPELINE = ("recompute_into_reductions", "fuse_delta_steps")
 KERNEL_DTYPES = frozenset({"f32"})
@@ -60,8 +61,7 @@ def _chunk_output_rejects(node, target):
 
 
 def _intra_chunk_rejects(node, target):
-    from .intra_chunk import rejects
-    return rejects(node, target)
+    return intra_chunk.rejects(node, target)
 
 
 def _token_step_rejects(node, target):

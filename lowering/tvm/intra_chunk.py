@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import math
 
+from dnir.fused import intra_sizes
+
 S = 16              # tokens per block of the scores: a thread per pair of a block
 THREADS = S * S
 
 
 def rejects(node, target) -> str | None:
     """None when this kernel runs the intra_chunk `node` on `target`, else why not."""
-    from dnir.fused import intra_sizes
     dtype = node.inputs[0].dtype
     if target.dtypes is not None and dtype not in target.dtypes:
         return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
