@@ -268,6 +268,7 @@ def _chunk_output(node, dt, q_decayed, starts, aqk, v_new):
 def _intra_chunk(node, dt, q, k, v, g, beta):
     """Chunk by chunk, every head at once; each decay the exp of a running sum of gates over
     its own segment (a segment sum down i for D_ij, a sum from the end for k_to_end)."""
+    dt = q.dtype    # a node of several results gets no dt: its operands' (widened) dtype
     C = node.attrs["chunk_size"]
     R, Tp, HV, K = q.shape
     NC = Tp // C

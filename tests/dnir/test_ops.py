@@ -558,6 +558,35 @@ def test_chunk_states_and_output(rng):
         close(g, w_, rtol=1e-4, atol=1e-5)
 
 
+@covers("intra_chunk", "item")
+@pytest.mark.parametrize("Kg", [1, 3])          # a gate per head (GDA) or per key channel (KDA)
+def test_intra_chunk(rng, Kg):
+    R, NC, C, HV, K, V = 1, 2, 4, 2, 3, 4
+    q, k = f32(rng, R, NC * C, HV, K), f32(rng, R, NC * C, HV, K)
+    v, beta = f32(rng, R, NC * C, HV, V), rng.uniform(0.1, 1, (R, NC * C, HV, 1)).astype(np.float32)
+    g = -rng.uniform(0.01, 2, (R, NC * C, HV, Kg)).astype(np.float32)
+    b = Builder()
+    res = dnir.fused.intra_chunk(*(b.input(n, a.shape) for n, a in zip("qkvgb", (q, k, v, g, beta))), chunk_size=C)
+    got = run(b.build(list(res)), [q, k, v, g, beta])
+    want = [np.zeros(x.shape) for x in got]
+    for n, r, h in np.ndindex(NC, R, HV):
+        rows = slice(n * C, (n + 1) * C)
+        Q, Kc, Vc, G, B = (x[r, rows, h].astype(np.float64) for x in (q, k, v, g, beta))
+        gam = np.cumsum(G, axis=0) * np.ones((1, K))                 # [C, K] from the chunk start
+        A_kk, A_qk = np.zeros((C, C)), np.zeros((C, C))
+        for i, j in np.ndindex(C, C):
+            decay = np.exp(gam[i] - gam[j])
+            A_kk[i, j] = B[i, 0] * np.sum(Kc[i] * Kc[j] * decay) if j < i else 0.0
+            A_qk[i, j] = np.sum(Q[i] * Kc[j] * decay) if j <= i else 0.0
+        solve = np.linalg.inv(np.eye(C) + A_kk)
+        outs = (solve @ (B * Kc * np.exp(gam)), solve @ (B * Vc), Q * np.exp(gam), A_qk,
+                Kc * np.exp(gam[-1] - gam), np.exp(gam[-1, :Kg])[:, None])
+        for w_, o in zip(want, outs):
+            w_[n, r, h] = o
+    for got_x, want_x in zip(got, want):
+        close(got_x, want_x, rtol=1e-4, atol=1e-5)
+
+
 @covers("token_step", "item")
 def test_token_step(rng):
     H, K, V = 3, 4, 5
