@@ -262,12 +262,13 @@ class _Recorder:
 
     def dispatch(self, launch: Launch, tensors: dict):
         x, y, z = launch.grid
+        last = x - 1    # the kernel's packGridDimX: its last block of the whole grid, folded or not
         if z == 1 and x > MAX_WORKGROUPS:
             x, z = MAX_WORKGROUPS, -(-x // MAX_WORKGROUPS)
         bindings = [(tensors[name].buffer, tensors[name].offset, _round4(tensors[name].nbytes))
                     for name in launch.args]
         pod = [tensors[p] if isinstance(p, str) else p for p in launch.pod]
-        uniform = np.array(pod + [x - 1], dtype=np.int32).tobytes()
+        uniform = np.array(pod + [last], dtype=np.int32).tobytes()
         self.program.dispatches.append(Dispatch(launch.kernel, bindings, uniform, (x, y, z)))
 
     # interpretation of the legalised Relax functions

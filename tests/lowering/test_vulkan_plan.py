@@ -232,3 +232,15 @@ def test_a_kernel_shared_by_calls_with_a_repeated_operand_binds_each_argument(rn
     inputs = [rng.standard_normal((4, 8)).astype(np.float32) for _ in range(2)]
     for name, out, ref in zip(graph.output_names, run(graph, inputs, target="vulkan"), run(graph, inputs)):
         np.testing.assert_allclose(out, ref, rtol=1e-6, err_msg=name)
+
+
+@needs_vulkan
+def test_a_grid_folded_past_the_workgroup_limit_runs_every_block(rng):
+    # 4097 x 4096 elements are more blocks of 256 threads than one dimension takes (65535): the
+    # grid folds into z, and every block must still run (the uniform held the folded count, so
+    # the last 4352 elements were never written).
+    b = dnir.Builder()
+    x = b.input("x", (4097, 4096))
+    graph = b.build([b.mul(x, 2.0)], names=["y"])
+    data = rng.standard_normal((4097, 4096)).astype(np.float32)
+    np.testing.assert_array_equal(run(graph, [data], target="vulkan")[0], data * 2)
