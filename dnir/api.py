@@ -129,7 +129,6 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
     if torch_like is None:
         o = o.astype(np.asarray(args["q"]).dtype, copy=False)
     else:
-        import torch
         o = _to_torch(o, torch_like).to(dtype=torch_like.dtype)
         if state is not None:
             state = _to_torch(state, torch_like)

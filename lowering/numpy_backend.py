@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from dnir.errors import BackendError, InputError
-from dnir.graph import Graph, Node
+from dnir.graph import Graph
 from dnir.ops import REGISTRY, OpClass, check_table, table_entry
 from dnir.passes.context import Target, any_node
 from dnir.types import FLOAT_DTYPES, canonical_dtype, numpy_dtype

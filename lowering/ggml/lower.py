@@ -407,7 +407,6 @@ class Lowerer:
 
     def matmul(self, a: Value, b: Value, ta=False, tb=False) -> Value:
         m, k = (a.shape[-1], a.shape[-2]) if ta else a.shape[-2:]
-        n = b.shape[-2] if tb else b.shape[-1]
         batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
         rows_a = self.permute(a, _swap_last(a.shape)) if ta else a       # [..., m, k]
         rows_b = b if tb else self.permute(b, _swap_last(b.shape))       # [..., n, k]

@@ -8,7 +8,6 @@ in once, computes, and copies the outputs out once.
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import weakref
