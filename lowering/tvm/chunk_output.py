@@ -68,11 +68,14 @@ def rejects(node: Node, target) -> str | None:
 
 
 def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: int, dtype: str,
-                        token_major: bool = False):
-    """chunk_output's function (fused_signatures.chunk_output_function) with this kernel's loop nest."""
+                        token_major: bool = False, tile: tuple = (TILE, TILE), kt: int = KT):
+    """chunk_output's function (fused_signatures.chunk_output_function) with this kernel's loop nest.
+    tile: outputs per thread along rows and columns; kt: terms staged at once (benchmarks/gpu_sweep.py
+    times other choices than the defaults)."""
     heads = math.prod(batch)
     tiles = V // bv
-    tr, tc = C // TILE, bv // TILE         # threads along rows and along columns
+    TR, TC = tile
+    tr, tc = C // TR, bv // TC             # threads along rows and along columns
     threads = tr * tc
 
     def at(bx, row, col):                  # element (row, col) of block bx's chunk and head
@@ -87,40 +90,40 @@ def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: in
 
     @T.macro
     def stage(X, Y, left, right, k0, bx, tx):
-        """X = left[:, k0 : k0 + KT] (C x KT), Y = right[k0 : k0 + KT, the block's columns]."""
-        for e in T.unroll(rounds(C * KT)):
-            if e * threads + tx < C * KT:
-                X[(e * threads + tx) // KT, (e * threads + tx) % KT] = left[at(
-                    bx, (e * threads + tx) // KT, k0 + (e * threads + tx) % KT)]
-        for e in T.unroll(rounds(KT * bv)):
-            if e * threads + tx < KT * bv:
+        """X = left[:, k0 : k0 + kt] (C x kt), Y = right[k0 : k0 + kt, the block's columns]."""
+        for e in T.unroll(rounds(C * kt)):
+            if e * threads + tx < C * kt:
+                X[(e * threads + tx) // kt, (e * threads + tx) % kt] = left[at(
+                    bx, (e * threads + tx) // kt, k0 + (e * threads + tx) % kt)]
+        for e in T.unroll(rounds(kt * bv)):
+            if e * threads + tx < kt * bv:
                 Y[(e * threads + tx) // bv, (e * threads + tx) % bv] = right[at(
                     bx, k0 + (e * threads + tx) // bv, bx % tiles * bv + (e * threads + tx) % bv)]
         T.tvm_storage_sync("shared")
 
     @T.macro
     def add_product(acc, X, Y, left, right, length, bx, tx):
-        """acc += left[rows, :length] right[:length, columns], KT terms at a time."""
-        for k0 in range(length // KT):
-            stage(X, Y, left, right, k0 * KT, bx, tx)
-            for kk in T.unroll(KT):
-                for r in T.unroll(TILE):
-                    for j in T.unroll(TILE):
-                        acc[r * TILE + j] = acc[r * TILE + j] + X[tx // tc + tr * r, kk] * Y[kk, tx % tc + tc * j]
+        """acc += left[rows, :length] right[:length, columns], kt terms at a time."""
+        for k0 in range(length // kt):
+            stage(X, Y, left, right, k0 * kt, bx, tx)
+            for kk in T.unroll(kt):
+                for r in T.unroll(TR):
+                    for j in T.unroll(TC):
+                        acc[r * TC + j] = acc[r * TC + j] + X[tx // tc + tr * r, kk] * Y[kk, tx % tc + tc * j]
             T.tvm_storage_sync("shared")     # every read of X and Y is done before the next slice
 
     @T.macro
     def body(Qd, St, A, N, O):
         for bx in T.thread_binding(steps * heads * tiles, thread="blockIdx.x"):
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                X = T.alloc_shared((C, KT), dtype)
-                Y = T.alloc_shared((KT, bv), dtype)
-                acc = T.alloc_local((TILE * TILE,), dtype)
-                for i in T.unroll(TILE * TILE):
+                X = T.alloc_shared((C, kt), dtype)
+                Y = T.alloc_shared((kt, bv), dtype)
+                acc = T.alloc_local((TR * TC,), dtype)
+                for i in T.unroll(TR * TC):
                     acc[i] = T.float32(0)
                 add_product(acc, X, Y, Qd, St, K, bx, tx)
                 add_product(acc, X, Y, A, N, C, bx, tx)
-                for r in T.unroll(TILE):
-                    for j in T.unroll(TILE):
-                        O[out_at(bx, tx // tc + tr * r, bx % tiles * bv + tx % tc + tc * j)] = acc[r * TILE + j]
+                for r in T.unroll(TR):
+                    for j in T.unroll(TC):
+                        O[out_at(bx, tx // tc + tr * r, bx % tiles * bv + tx % tc + tc * j)] = acc[r * TC + j]
     return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major)

@@ -1,0 +1,176 @@
+"""Time the prefill's three GPU kernels under other launch choices than their defaults.
+
+The kernels (lowering/tvm/intra_chunk.py, chunk_scan.py's chunk_states, chunk_output.py)
+have knobs whose best value is a property of the chip, not of the math: a block's
+value columns and threads, the outputs per thread, the terms staged at once, and how
+many blocks an SM must hold (`__launch_bounds__`'s second argument, which caps the
+registers a thread may use). This measures them on the device instead of guessing:
+
+    python -m benchmarks.gpu_sweep build --out DIR     # here: every variant's library and fatbin
+    python -m benchmarks.gpu_sweep run --dir DIR --out OUT   # on the GPU: times, checked outputs
+
+Each variant runs on the same inputs (the layer's (1, 8192, 32, 128), GDA and KDA) as
+its kernel's default, whose outputs it must match (max relative difference < 1e-4);
+times are CUDA-event medians with L2 flushed before every call (benchmarks/gpu.py).
+Writes sweep.json and sweep.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+R, T, HV, C, K, V = 1, 8192, 32, 64, 128, 128
+NC = T // C
+BATCH = (R, HV)
+STATES = [(16, 16, 2), (16, 8, 1), (16, 8, 2), (16, 16, 1), (16, 16, 4), (8, 16, 2), (8, 8, 1), (32, 16, 2),
+          (32, 8, 1), (32, 16, 4)]                       # (thread rows, value columns, columns per thread)
+OUTPUTS = [((4, 4), 16, 64), ((4, 4), 32, 64), ((4, 4), 16, 128), ((8, 4), 16, 64), ((4, 8), 16, 64),
+           ((8, 8), 16, 128), ((2, 4), 16, 64), ((4, 4), 8, 64)]   # (tile, kt, bv)
+MIN_BLOCKS = [1, 2, 3]                                    # intra_chunk's blocks per SM
+
+
+def variants():
+    """(name, kernel, kg, min_blocks, make) for every variant; the first of each kernel is its default."""
+    from dnir.lowering.tvm import chunk_output, chunk_scan, intra_chunk
+    out = []
+    for kg, layer in ((1, "gdn"), (K, "kda")):
+        for m in MIN_BLOCKS:
+            out.append((f"intra_{layer}_b{m}", "intra", kg, m,
+                        lambda kg=kg: intra_chunk.intra_chunk_kernel(R, NC, HV, C, K, V, kg, "float32")))
+        for lay in STATES:
+            out.append((f"states_{layer}_{'x'.join(map(str, lay))}", "states", kg, 1,
+                        lambda kg=kg, lay=lay: chunk_scan.chunk_states_kernel(NC, BATCH, C, K, V, kg, lay, "float32")))
+    for tile, kt, bv in OUTPUTS:
+        out.append((f"output_{tile[0]}x{tile[1]}_kt{kt}_bv{bv}", "output", 1, 1,
+                    lambda tile=tile, kt=kt, bv=bv: chunk_output.chunk_output_kernel(
+                        NC, BATCH, C, K, V, bv, "float32", token_major=True, tile=tile, kt=kt)))
+    return out
+
+
+def with_min_blocks(source: str, blocks: int) -> str:
+    """The CUDA source with every kernel's __launch_bounds__(threads) asking for `blocks` blocks per SM."""
+    if blocks == 1:
+        return source
+    return re.sub(r"__launch_bounds__\((\d+)\)", rf"__launch_bounds__(\1, {blocks})", source)
+
+
+def fatbin_key(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:24]
+
+
+def build(out: Path) -> int:
+    import subprocess
+
+    import tvm
+
+    from dnir.lowering.tvm.compile import cuda_source, make_target
+    out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for name, kernel, kg, blocks, make in variants():
+        try:
+            func = make().with_attr("global_symbol", name)
+            ex = tvm.compile(tvm.IRModule({name: func}), target=make_target("cuda"))
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
+            print(f"{name}: not built ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            continue
+        ex.export_library(str(out / f"{name}.so"))
+        source = with_min_blocks(cuda_source(ex), blocks)
+        (out / f"{name}.cu").write_text(source)
+        fatbin = out / f"{fatbin_key(source)}.fatbin"
+        proc = subprocess.run(["nvcc", "-O3", "--fatbin", "-arch=sm_90", "-Xptxas", "-v", "-o", str(fatbin),
+                               str(out / f"{name}.cu")], capture_output=True, text=True)
+        regs = re.findall(r"Used (\d+) registers", proc.stderr)
+        spill = re.findall(r"(\d+) bytes spill stores", proc.stderr)
+        done[name] = {"kernel": kernel, "kg": kg, "min_blocks": blocks, "ok": proc.returncode == 0,
+                      "registers": int(regs[-1]) if regs else None, "spill_bytes": int(spill[-1]) if spill else None}
+        print(name, done[name], flush=True)
+    (out / "variants.json").write_text(json.dumps(done, indent=1))
+    return 0
+
+
+def run(folder: Path, out: Path) -> int:
+    import torch
+    import tvm
+    import tvm_ffi
+
+    from dnir.lowering.runtime_loader import load_cuda_support
+
+    from .gpu import cuda_time
+    load_cuda_support("sm_90")
+
+    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+    def _compile(code, *_):   # the variant's own fatbin: its source may carry other launch bounds
+        return bytearray((folder / f"{fatbin_key(current['source'])}.fatbin").read_bytes())
+
+    current = {}
+    meta = json.loads((folder / "variants.json").read_text())
+    torch.manual_seed(0)
+    dev = "cuda"
+
+    def unit(x):
+        return x / x.norm(dim=-1, keepdim=True)
+
+    inputs = {}
+    for kg in (1, K):
+        inputs[kg] = {"q": unit(torch.randn(R, T, HV, K, device=dev)), "k": unit(torch.randn(R, T, HV, K, device=dev)),
+                      "v": torch.randn(R, T, HV, V, device=dev),
+                      "g": -torch.nn.functional.softplus(torch.randn(R, T, HV, kg, device=dev) - 2),
+                      "beta": torch.sigmoid(torch.randn(R, T, HV, 1, device=dev)),
+                      "s0": 0.1 * torch.randn(R, HV, K, V, device=dev)}
+    results, reference = [], {}
+    for name, m in meta.items():
+        if not m["ok"]:
+            continue
+        current["source"] = (folder / f"{name}.cu").read_text()
+        func = tvm.runtime.load_module(str(folder / f"{name}.so"))[name]
+        x = inputs[m["kg"]]
+        key = (m["kernel"], m["kg"])
+        if m["kernel"] == "intra":
+            outs = [torch.empty(NC, R, HV, C, n, device=dev) for n in (K, V, K, C, K)] + \
+                [torch.empty(NC, R, HV, m["kg"], 1, device=dev)]
+            args = [x[n] for n in ("q", "k", "v", "g", "beta")] + outs
+        elif m["kernel"] == "states":
+            w, u, _, _, kte, ld = x["intra"]
+            outs = [torch.empty(R, HV, K, V, device=dev), torch.empty(NC, R, HV, K, V, device=dev),
+                    torch.empty(NC, R, HV, C, V, device=dev)]
+            args = [x["s0"], w, u, kte, ld] + outs
+        else:
+            _, _, qd, aqk, _, _ = x["intra"]
+            _, starts, v_new = x["states"]
+            outs = [torch.empty(R, T, HV, V, device=dev)]
+            args = [qd, starts, aqk, v_new] + outs
+        targs = [tvm.runtime.from_dlpack(a) for a in args]
+        func(*targs)
+        torch.cuda.synchronize()
+        if key not in reference:                 # the kernel's default: the reference of its variants
+            reference[key] = [o.clone() for o in outs]
+            x[m["kernel"]] = reference[key]
+        diff = max(float((o - r).abs().max() / r.abs().max().clamp_min(1e-30)) for o, r in zip(outs, reference[key]))
+        t = cuda_time(lambda: func(*targs))
+        results.append({"name": name, **m, **t, "max_rel_diff": diff, "matches": diff < 1e-4})
+        print(f"{name}: {t['median_ms']:.3f} ms, diff {diff:.1e}, regs {m['registers']}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1))
+    lines = [f"# Kernel variants on {torch.cuda.get_device_name()}, (1, 8192, 32, 128) float32", "",
+             "| variant | ms (median) | min | registers | spill B | matches default |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['registers']} | {r['spill_bytes']} | "
+              f"{'yes' if r['matches'] else 'NO (%.1e)' % r['max_rel_diff']} |" for r in results]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=["build", "run"])
+    p.add_argument("--dir", type=Path, help="run: the folder `build` wrote")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    return build(a.out) if a.mode == "build" else run(a.dir, a.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
