@@ -95,6 +95,10 @@ def compiled_graph(cfg: DeltaNetConfig, opt: str, target: str = "numpy"):
 
 
 def _delta_rule(variant: str, form: str, fn: str, args: dict):
+    key = _signature(fn, args)
+    prepared = _PREPARED.get(key) if key is not None else None
+    if prepared is not None:        # the same call as before, but for the arrays' values
+        return prepared(args)
     torch_like = _torch_reference(args)
     for name in ("q", "k", "v", "g", "beta"):
         if args[name] is None:
@@ -106,6 +110,13 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
               for name in ("q", "k", "v", "g", "beta", "initial_state") if args[name] is not None}
     cu = None if args["cu_seqlens"] is None else _cu_seqlens(args["cu_seqlens"], fn)
     cfg = _config(variant, form, fn, arrays, cu, args)
+    if key is not None:
+        prepared = _Prepared(fn, cfg, args)
+        result = prepared(args)
+        if len(_PREPARED) >= _PREPARED_MAX:
+            _PREPARED.pop(next(iter(_PREPARED)), None)
+        _PREPARED[key] = prepared           # kept once a call went through
+        return result
     _host_checks(arrays, cfg, fn, args["allow_positive_gates"])
     if args["target"] == "cuda":        # by the layer's options from the module cache: no graph needed
         from .lowering.runtime_loader import cuda_layer, run_executable
@@ -133,6 +144,102 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
         if state is not None:
             state = _to_torch(state, torch_like)
     return o, state
+
+
+# A call on float32 NumPy arrays, on a CPU target, whose shapes and options were seen before is
+# run by the _Prepared kept for them: its configuration, graph and compiled module are looked up
+# once by a key of the shapes and the options, instead of derived again from the arguments (a
+# decode step's kernel takes 50 us at B = 1; the derivation took longer). Every value check
+# still runs on every call, and a failing one goes through the same functions, with the same
+# errors, as the first call's.
+_ARRAYS = ("q", "k", "v", "g", "beta", "initial_state")
+_OPTIONS = ("scale", "output_final_state", "use_qk_l2norm_in_kernel", "chunk_size", "target", "opt",
+            "allow_positive_gates")
+_F32 = np.dtype(np.float32)
+_PREPARED: dict[tuple, "_Prepared"] = {}
+_PREPARED_MAX = 64
+
+
+def _signature(fn: str, args: dict) -> tuple | None:
+    """The key of a call's _Prepared: the function, every array's shape and every option with its
+    type (scale=True is refused where scale=1 is not); None for a call the key cannot describe
+    (an array that is not a native float32 ndarray, cu_seqlens, the cuda target)."""
+    if args["cu_seqlens"] is not None or args["target"] == "cuda":
+        return None
+    key = [fn]
+    for name in _ARRAYS:
+        a = args[name]
+        if a is None:
+            key.append(None)
+        elif type(a) is np.ndarray and a.dtype is _F32:
+            key.append(a.shape)
+        else:
+            return None
+    for name in _OPTIONS:
+        key += (type(args[name]), args[name])
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+class _Prepared:
+    """A call's configuration, graph and runner, for arrays of the shapes and options it was
+    made for (_signature): a call checks the values (as _host_checks and _check_output, through
+    them when one fails) and runs the graph. On llvm the module returns the decode step's new
+    state with its column sums (lowering/tvm/cpu_token_step.py), whose finite sum stands for the
+    state's own: the 128 MiB state of a B = 64 step is not read again."""
+
+    def __init__(self, fn: str, cfg: DeltaNetConfig, args: dict):
+        self.fn, self.cfg, self.target, self.opt = fn, cfg, args["target"], args["opt"]
+        self.allow_positive_gates = args["allow_positive_gates"]
+        self.names = [n for n in _ARRAYS if args[n] is not None]
+        # the initial state is checked through the final state when that is returned (_host_checks)
+        self.finite = [n for n in self.names if not (n == "initial_state" and cfg.final_state)]
+        self.graph = None       # built on the first call, once its inputs passed the checks
+
+    def _build(self):
+        self.graph = compiled_graph(self.cfg, self.opt, self.target)
+        self.run = {"llvm": self._run_llvm, "numpy": self._run_numpy}.get(self.target, self._run_backend)
+        if self.target == "llvm":
+            from .lowering.registry import prepare
+            from .lowering.tvm.compile import llvm_call
+            prepared = prepare(self.graph, "llvm")
+            self.llvm = llvm_call(prepared)
+            self.inputs = prepared.input_names
+
+    def __call__(self, args: dict):
+        fn, arrays = self.fn, {n: args[n] for n in self.names}
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name in self.finite:
+                if not np.isfinite(np.add.reduce(arrays[name], axis=None)):
+                    _check_finite(arrays[name], name, fn)
+            if not self.allow_positive_gates and np.max(arrays["g"]) > 0:
+                _check_gates(arrays["g"], fn)
+        if not self.cfg.l2norm:
+            _warn_unstable(arrays["k"], arrays["beta"], fn, stacklevel=5)
+        if self.graph is None:
+            self._build()
+        outputs, sums = self.run(arrays)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i, (name, out) in enumerate(zip(self.graph.output_names, outputs)):
+                if not np.isfinite(np.add.reduce(sums.get(i, out), axis=None)):
+                    _check_output(out, name, fn, arrays)
+        return outputs[0], (outputs[1] if self.cfg.final_state else None)
+
+    def _run_llvm(self, arrays):
+        return self.llvm([arrays[n] for n in self.inputs])
+
+    def _run_numpy(self, arrays):
+        from .lowering.numpy_arena import graph_plan, run_planned
+        check_fits_memory(self.fn, graph_plan(self.graph).peak_bytes, sum(a.nbytes for a in arrays.values()))
+        return run_planned(self.graph, arrays)[0], {}
+
+    def _run_backend(self, arrays):
+        from .lowering import run
+        return run(self.graph, arrays, target=self.target), {}
 
 
 def _delta_rule_on_device(variant: str, form: str, fn: str, args: dict):

@@ -101,12 +101,35 @@ def intra_chunk_function(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: i
     return kernel
 
 
-def token_step_function(shapes: dict, dtype: str, body, state_align: int = -1, narrow: dict | None = None):
+def token_step_function(shapes: dict, dtype: str, body, state_align: int = -1, narrow: dict | None = None,
+                        checksum: bool = False):
     """body(S0, D, Kc, Kr, Qr, Vv, B, QK, S1, O): the new state S1 and the output O from the
     state S0 and the step's vectors, each in its own shape `shapes[role]` (dnir.fused.STEP_ROLES,
     and "o" for the output). state_align: the alignment S0 is declared with (-1: the default).
-    narrow: role -> the dtype of an operand narrower than `dtype` (bf16/fp16), which the body widens."""
+    narrow: role -> the dtype of an operand narrower than `dtype` (bf16/fp16), which the body widens.
+    checksum: a third output CHK in O's shape, body(..., S1, O, CHK) (the CPU kernel's column sums
+    of S1: a finite sum says every entry is finite, without reading the state again)."""
     of = {role: (narrow or {}).get(role, dtype) for role in shapes}
+    if checksum:
+        @T.prim_func(private=True, s_tir=True)
+        def checked(s0: T.handle, decay: T.handle, kc: T.handle, kr: T.handle, qr: T.handle, v: T.handle,
+                    beta: T.handle, qk: T.handle, s1: T.handle, o: T.handle, chk: T.handle):
+            T.func_attr(ATTRS)
+            S0 = T.match_buffer(s0, shapes["state"], dtype, align=state_align)
+            D = T.match_buffer(decay, shapes["decay"], of["decay"])
+            Kc = T.match_buffer(kc, shapes["k_col"], of["k_col"])
+            Kr = T.match_buffer(kr, shapes["k_row"], of["k_row"])
+            Qr = T.match_buffer(qr, shapes["q_row"], of["q_row"])
+            Vv = T.match_buffer(v, shapes["v"], of["v"])
+            B = T.match_buffer(beta, shapes["beta"], of["beta"])
+            QK = T.match_buffer(qk, shapes["qk"], of["qk"])
+            S1 = T.match_buffer(s1, shapes["state"], dtype)
+            O = T.match_buffer(o, shapes["o"], dtype)
+            CHK = T.match_buffer(chk, shapes["o"], dtype)
+            with T.sblock("root"):
+                body(S0, D, Kc, Kr, Qr, Vv, B, QK, S1, O, CHK)
+        return checked
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(s0: T.handle, decay: T.handle, kc: T.handle, kr: T.handle, qr: T.handle, v: T.handle,
                beta: T.handle, qk: T.handle, s1: T.handle, o: T.handle):

@@ -69,6 +69,8 @@ class Translator:
         self.bb = relax.BlockBuilder()
         self.steps: dict[tuple[int, int], tuple] = {}    # (id(body), length) -> (loop, step) functions
         self.prims: dict[tuple, relax.GlobalVar] = {}
+        self.checksums: dict[int, relax.Expr] = {}      # id(token_step node) -> its state's column sums (CPU)
+        self.main_graph: Graph | None = None
 
     def dtype(self, dtype: str) -> str:
         return "int32" if dtype == "bool" and self.bool_as_int else TVM_DTYPES[dtype]
@@ -80,6 +82,7 @@ class Translator:
     def module(self, graph: Graph) -> tvm.IRModule:
         self._declare_scans(graph)
         params = [relax.Var(n.attrs["name"], self.tensor_type(n.type)) for n in graph.inputs]
+        self.main_graph = graph
         with self.bb.function("main", params):
             outputs = self._emit_function_body(graph, params)
             self.bb.emit_func_output(relax.Tuple(outputs))
@@ -92,6 +95,9 @@ class Translator:
                 if id(node) not in values:
                     values[id(node)] = LOWER[node.op](self, node, [values[id(i)] for i in node.inputs])
             outputs = [self.bb.emit_output(values[id(n)]) for n in graph.outputs]
+            if graph is self.main_graph:     # the CPU decode step's checksums follow
+                outputs += [self.bb.emit_output(self.checksums[id(graph.outputs[i].inputs[0])])
+                            for i in cpu_token_step.checked_outputs(graph) if not self.gpu]
         return outputs
 
     def emit(self, expr):
@@ -506,7 +512,13 @@ def _lower_token_step(tr, node, args):
     make = lambda *sizes: kernel(*sizes, narrow=narrow)  # noqa: E731
     gv = tr.prim(("token_step", tuple(sorted(shapes.items())), K, V, Kg, dtype,
                   tuple(i.dtype for i in node.inputs)), lambda: make(batch, shapes, K, V, Kg, dtype))
-    return _call_fused(tr, node, gv, args)
+    if tr.gpu:
+        return _call_fused(tr, node, gv, args)
+    # the CPU kernel's third output: the new state's column sums (cpu_token_step.checked_outputs)
+    types = [tr.tensor_type(t) for t in node.type]
+    out = tr.emit(relax.op.call_tir(gv, list(args), types + [types[1]]))
+    tr.checksums[id(node)] = tr.emit(relax.TupleGetItem(out, 2))
+    return [tr.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
 
 
 def _call_fused(tr, node, gv, args) -> list:

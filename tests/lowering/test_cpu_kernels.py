@@ -62,6 +62,22 @@ def test_decode_on_llvm_matches_numpy_and_the_oracle(name, batch, scale, rng):
         assert relative_rms_error(out, oracle[out_name]) < 1e-5, out_name
 
 
+@pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
+def test_the_decode_module_returns_the_new_states_column_sums(name, rng):
+    """After the graph's outputs the module returns the new state's column sums (the functional
+    API's finiteness check of the state, cpu_token_step.py); run_llvm returns the graph's outputs."""
+    from dnir.lowering.tvm.compile import llvm_call
+    from dnir.lowering.numpy_backend import prepare_inputs
+    cfg, graph = _decode(name, 3)
+    prepared = registry.prepare(graph, "llvm")
+    x = random_inputs(cfg, rng)
+    (o, state), sums = llvm_call(prepared)(prepare_inputs(prepared, x))
+    assert list(sums) == [graph.output_names.index("final_state")]
+    assert sums[1].shape == o.shape[:1] + o.shape[2:] and sums[1].dtype == np.float32
+    assert relative_rms_error(sums[1], state.astype(np.float64).sum(axis=-2)) < 1e-6
+    assert len(registry.run(graph, x, target="llvm")) == 2
+
+
 def test_a_decode_step_in_another_dtype_stays_op_by_op():
     _, graph = _decode("kimi-linear", 1)
     (step,) = _ops(registry.prepare(graph, "llvm"), "token_step")

@@ -68,7 +68,7 @@ def test_graphs_are_cached_by_shapes_and_options(rng):
     info = compiled_graph.cache_info()
     y, _ = _inputs(rng, "gdn", T=33)
     o, state = dnir.chunk_gated_delta_rule(**y, opt="O0")           # new values, same shapes and options
-    assert compiled_graph.cache_info().hits == info.hits + 1 and compiled_graph.cache_info().misses == info.misses
+    assert compiled_graph.cache_info().misses == info.misses           # no graph built: the prepared call's
     assert state is None
     assert_close(o, delta_rule_reference(**y)[0])
     dnir.chunk_gated_delta_rule(**y, opt="O0", chunk_size=32)       # another option: another graph

@@ -1,0 +1,103 @@
+"""A decode step called again and again through the functional API (the prepared call kept per
+shapes and options, dnir/api.py): every call's values are checked and its results are its own."""
+import numpy as np
+import pytest
+
+import dnir
+from dnir.errors import InputWarning, NumericError
+from dnir.models import delta_rule_reference
+from delta_helpers import assert_close, unit_rows
+
+STEPS = {"gdn": dnir.fused_recurrent_gated_delta_rule, "kda": dnir.fused_recurrent_kda}
+
+
+def _step(rng, variant, B=3, H=2, HV=4, K=16, V=32, strong=False):
+    """One token per sequence, GQA (HV = 2 H), an initial state; strong gates: g down to -20."""
+    x = dict(q=unit_rows(rng.standard_normal((B, 1, H, K))), k=unit_rows(rng.standard_normal((B, 1, H, K))),
+             v=rng.standard_normal((B, 1, HV, V)),
+             g=-rng.uniform(0.0, 20.0 if strong else 0.5, (B, 1, HV) if variant == "gdn" else (B, 1, HV, K)),
+             beta=rng.uniform(0.1, 0.9, (B, 1, HV)), initial_state=rng.standard_normal((B, HV, K, V)))
+    return {n: a.astype(np.float32) for n, a in x.items()}
+
+
+@pytest.mark.parametrize("target", ["llvm", "numpy"])
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_steps_match_the_oracle_and_keep_their_own_results(rng, variant, target):
+    """Five calls of one shape with fresh values (the second on runs the prepared call): each
+    agrees with the float64 oracle, and a later call writes nothing a former one returned."""
+    kept = []
+    for i in range(5):
+        x = _step(rng, variant, strong=i % 2 == 1)
+        o, state = STEPS[variant](**x, output_final_state=True, target=target)
+        o_ref, state_ref = delta_rule_reference(**x)
+        assert_close(o, o_ref)
+        assert_close(state, state_ref, what="final_state")
+        assert not any(np.may_share_memory(r, a) for r in (o, state) for a in x.values())
+        kept.append((o, state, o.copy(), state.copy()))
+    for o, state, o_then, state_then in kept:
+        assert np.array_equal(o, o_then) and np.array_equal(state, state_then)
+
+
+@pytest.mark.parametrize("target", ["llvm", "numpy"])
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_a_bad_value_in_a_later_call_is_still_reported(rng, variant, target):
+    """The prepared call checks values as the first call does: a non-finite initial state (read
+    only through the final state's column sums on llvm), a non-finite input, a positive gate."""
+    f = STEPS[variant]
+    f(**_step(rng, variant), output_final_state=True, target=target)
+    for value, word in ((np.nan, "NaN"), (np.inf, "inf")):
+        x = _step(rng, variant)
+        x["initial_state"].flat[77] = value
+        with pytest.raises(dnir.InputError, match=rf"initial_state contains {word} \(first at index \[0, 0, 2, 13\]"):
+            f(**x, output_final_state=True, target=target)
+    x = _step(rng, variant)
+    x["v"][2, 0, 3, 5] = np.nan
+    with pytest.raises(dnir.InputError, match=r"v contains NaN \(first at index \[2, 0, 3, 5\]"):
+        f(**x, output_final_state=True, target=target)
+    x = _step(rng, variant)
+    x["g"][1, 0, 2] = 0.5
+    with pytest.raises(dnir.InputError, match=r"g has \d+ value\(s\) above zero"):
+        f(**x, output_final_state=True, target=target)
+    o, _ = f(**x, output_final_state=True, target=target, allow_positive_gates=True)
+    assert_close(o, delta_rule_reference(**x)[0])
+
+
+@pytest.mark.parametrize("target", ["llvm", "numpy"])
+def test_a_state_that_overflows_is_a_numeric_error_in_every_call(rng, target):
+    """A final state past float32's range from finite inputs is a NumericError, not a result, in
+    the first call and in the prepared ones. Here o stays finite (q = 0), so only the state's own
+    check (on llvm: its column sums) sees it: k = (1, 1, 0, ...) / sqrt(2) against rows 0 and 1
+    of the state, 3e38 and -3e38, predicts 0, so u = beta v = 2.7e38 is added to 3e38."""
+    for _ in range(2):
+        x = _step(rng, "gdn")
+        x["g"][:], x["q"][:], x["k"][:], x["initial_state"][:] = 0.0, 0.0, 0.0, 0.0
+        x["k"][..., :2] = 2 ** -0.5
+        x["initial_state"][:, :, 0], x["initial_state"][:, :, 1] = 3e38, -3e38
+        x["v"][:], x["beta"][:] = 3e38, 0.9
+        with pytest.raises(NumericError, match=r"output final_state is not finite .* although every input is finite"):
+            dnir.fused_recurrent_gated_delta_rule(**x, output_final_state=True, target=target)
+
+
+def test_unstable_keys_warn_at_the_callers_line_in_every_call(rng):
+    for _ in range(2):
+        x = _step(rng, "gdn")
+        x["k"][1, 0, 0] *= 3.0                                   # |k|^2 = 9
+        with pytest.warns(InputWarning) as record:
+            dnir.fused_recurrent_gated_delta_rule(**x, output_final_state=True, target="llvm")
+        assert len(record) == 1 and record[0].filename == __file__
+
+
+def test_the_key_of_a_prepared_call_tells_options_and_dtypes_apart(rng):
+    """scale=True is refused after scale=1 ran (True == 1 in a dict key); float64 arrays of the
+    same shapes, a state of another shape and a torch tensor take the general path."""
+    x = _step(rng, "gdn")
+    o, _ = dnir.fused_recurrent_gated_delta_rule(**x, scale=1, target="llvm")
+    assert_close(o, delta_rule_reference(**x, scale=1.0)[0])
+    with pytest.raises(dnir.InputError, match=r"scale=True; expected a positive number"):
+        dnir.fused_recurrent_gated_delta_rule(**x, scale=True, target="llvm")
+    o64, _ = dnir.fused_recurrent_gated_delta_rule(**{n: a.astype(np.float64) for n, a in x.items()}, scale=1,
+                                                   target="llvm")
+    assert o64.dtype == np.float64 and np.array_equal(o64.astype(np.float32), o)
+    with pytest.raises(dnir.InputError, match=r"initial_state has shape \[3, 4, 16, 16\]"):
+        dnir.fused_recurrent_gated_delta_rule(**dict(x, initial_state=x["initial_state"][..., :16]), scale=1,
+                                              target="llvm")
