@@ -46,15 +46,14 @@ def rejects(node, target) -> str | None:
 def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str):
     """The chunk scan's function (fused_signatures.chunk_scan_function) with this kernel's loop nest."""
     heads = math.prod(batch)
-    rc, rk = _divisor(C, ROWS), _divisor(K, ROWS)      # tile rows: of v_new and o, of the state
-    vt = _divisor(V, COLUMNS)
-    per_key = 1 if Kg == K else 0                      # the decay row of state row k: k or 0
 
     def at(n, h, *rest):                               # element of chunk n, head h
         return (n,) + unravel_index(h, batch) + rest
 
     def state(h, *rest):
         return unravel_index(h, batch) + rest
+
+    step = step_macro(C, K, V, Kg, dtype, at, at, state)
 
     @T.macro
     def body(S0, W, U, Qd, A, Kte, LD, S, O):
@@ -63,49 +62,60 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
             for kk, j in T.grid(K, V):
                 S[state(h, kk, j)] = S0[state(h, kk, j)]
             for n in range(steps):
-                # v_new = u - w S, and o = q_decayed S + aqk v_new, by tiles of rc rows
-                for c0, j0 in T.grid(C // rc, V // vt):
-                    acc = T.alloc_buffer((rc, vt), dtype)
-                    for r in T.unroll(rc):
-                        for j in T.vectorized(vt):
-                            acc[r, j] = U[at(n, h, c0 * rc + r, j0 * vt + j)]
-                    for kk in range(K):
-                        for r in T.unroll(rc):
-                            for j in T.vectorized(vt):
-                                acc[r, j] = acc[r, j] - W[at(n, h, c0 * rc + r, kk)] * S[
-                                    state(h, kk, j0 * vt + j)]
-                    for r in T.unroll(rc):
-                        for j in T.vectorized(vt):
-                            vnew[c0 * rc + r, j0 * vt + j] = acc[r, j]
-                for c0, j0 in T.grid(C // rc, V // vt):
-                    acc = T.alloc_buffer((rc, vt), dtype)
-                    for r in T.unroll(rc):
-                        for j in T.vectorized(vt):
-                            acc[r, j] = T.cast(0, dtype)
-                    for kk in range(K):
-                        for r in T.unroll(rc):
-                            for j in T.vectorized(vt):
-                                acc[r, j] = acc[r, j] + Qd[at(n, h, c0 * rc + r, kk)] * S[
-                                    state(h, kk, j0 * vt + j)]
-                    for cc in range(C):
-                        for r in T.unroll(rc):
-                            for j in T.vectorized(vt):
-                                acc[r, j] = acc[r, j] + A[at(n, h, c0 * rc + r, cc)] * vnew[cc, j0 * vt + j]
-                    for r in T.unroll(rc):
-                        for j in T.vectorized(vt):
-                            O[at(n, h, c0 * rc + r, j0 * vt + j)] = acc[r, j]
-                # S = S * last_decay + k_to_end^T v_new, by tiles of rk state rows
-                for k0, j0 in T.grid(K // rk, V // vt):
-                    acc = T.alloc_buffer((rk, vt), dtype)
-                    for r in T.unroll(rk):
-                        for j in T.vectorized(vt):
-                            acc[r, j] = S[state(h, k0 * rk + r, j0 * vt + j)] * LD[
-                                at(n, h, (k0 * rk + r) * per_key, 0)]
-                    for cc in range(C):
-                        for r in T.unroll(rk):
-                            for j in T.vectorized(vt):
-                                acc[r, j] = acc[r, j] + Kte[at(n, h, cc, k0 * rk + r)] * vnew[cc, j0 * vt + j]
-                    for r in T.unroll(rk):
-                        for j in T.vectorized(vt):
-                            S[state(h, k0 * rk + r, j0 * vt + j)] = acc[r, j]
+                step(S, W, U, Qd, A, Kte, LD, O, vnew, n, h)
     return chunk_scan_function(steps, batch, C, K, V, Kg, dtype, body)
+
+
+def step_macro(C: int, K: int, V: int, Kg: int, dtype: str, at, out, state):
+    """step(S, W, U, Qd, A, Kte, LD, O, vnew, n, h): chunk n of head h, S updated in place, o
+    written; the chunk's operands at at(n, h, row, column), o at out(n, h, row, column), the
+    state at state(h, row, column); vnew a (C, V) buffer of the head's own."""
+    rc, rk = _divisor(C, ROWS), _divisor(K, ROWS)      # tile rows: of v_new and o, of the state
+    vt = _divisor(V, COLUMNS)
+    per_key = 1 if Kg == K else 0                      # the decay row of state row k: k or 0
+
+    @T.macro
+    def step(S, W, U, Qd, A, Kte, LD, O, vnew, n, h):
+        # v_new = u - w S, and o = q_decayed S + aqk v_new, by tiles of rc rows
+        for c0, j0 in T.grid(C // rc, V // vt):
+            acc = T.alloc_buffer((rc, vt), dtype)
+            for r in T.unroll(rc):
+                for j in T.vectorized(vt):
+                    acc[r, j] = U[at(n, h, c0 * rc + r, j0 * vt + j)]
+            for kk in range(K):
+                for r in T.unroll(rc):
+                    for j in T.vectorized(vt):
+                        acc[r, j] = acc[r, j] - W[at(n, h, c0 * rc + r, kk)] * S[state(h, kk, j0 * vt + j)]
+            for r in T.unroll(rc):
+                for j in T.vectorized(vt):
+                    vnew[c0 * rc + r, j0 * vt + j] = acc[r, j]
+        for c0, j0 in T.grid(C // rc, V // vt):
+            acc = T.alloc_buffer((rc, vt), dtype)
+            for r in T.unroll(rc):
+                for j in T.vectorized(vt):
+                    acc[r, j] = T.cast(0, dtype)
+            for kk in range(K):
+                for r in T.unroll(rc):
+                    for j in T.vectorized(vt):
+                        acc[r, j] = acc[r, j] + Qd[at(n, h, c0 * rc + r, kk)] * S[state(h, kk, j0 * vt + j)]
+            for cc in range(C):
+                for r in T.unroll(rc):
+                    for j in T.vectorized(vt):
+                        acc[r, j] = acc[r, j] + A[at(n, h, c0 * rc + r, cc)] * vnew[cc, j0 * vt + j]
+            for r in T.unroll(rc):
+                for j in T.vectorized(vt):
+                    O[out(n, h, c0 * rc + r, j0 * vt + j)] = acc[r, j]
+        # S = S * last_decay + k_to_end^T v_new, by tiles of rk state rows
+        for k0, j0 in T.grid(K // rk, V // vt):
+            acc = T.alloc_buffer((rk, vt), dtype)
+            for r in T.unroll(rk):
+                for j in T.vectorized(vt):
+                    acc[r, j] = S[state(h, k0 * rk + r, j0 * vt + j)] * LD[at(n, h, (k0 * rk + r) * per_key, 0)]
+            for cc in range(C):
+                for r in T.unroll(rk):
+                    for j in T.vectorized(vt):
+                        acc[r, j] = acc[r, j] + Kte[at(n, h, cc, k0 * rk + r)] * vnew[cc, j0 * vt + j]
+            for r in T.unroll(rk):
+                for j in T.vectorized(vt):
+                    S[state(h, k0 * rk + r, j0 * vt + j)] = acc[r, j]
+    return step

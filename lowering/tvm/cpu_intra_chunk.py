@@ -76,6 +76,23 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
     """The op's function: q, k [R, Tp, HV, K], v [R, Tp, HV, V], g [R, Tp, HV, Kg], beta
     [R, Tp, HV, 1] -> W, U, Qd, A, Ke, LD (dnir/fused.py's order), chunk-major."""
     tasks = NC * R * HV
+    chunk = chunk_macro(C, K, V, Kg, dtype, lambda n, b, h, i, c: (n, b, h, i, c))
+
+    def task(t):                               # (chunk, row, head) of task t
+        return t // (R * HV), (t // HV) % R, t % HV
+
+    @T.macro
+    def body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
+        for t in T.parallel(tasks):
+            n, b, h = task(t)
+            chunk(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD, n, b, h)
+    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body)
+
+
+def chunk_macro(C: int, K: int, V: int, Kg: int, dtype: str, out):
+    """chunk(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD, n, b, h): the work of chunk n of row b, head h,
+    its results written at out(n, b, h, i, c) (row i, column c; LD's: out(n, b, h, c, 0)): the
+    op's chunk-major outputs, or a fused kernel's buffers of one chunk."""
     s = min(BLOCK, C)
     blocks = C // s
     per_key = 1 if Kg == K else 0              # the gate of channel c: c or 0
@@ -106,164 +123,159 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
             acc = T.alloc_buffer((ROWS, cols), dtype)
             for r in T.unroll(ROWS):
                 for c in T.vectorized(cols):
-                    acc[r, c] = X[n, b, h, i0 * ROWS + r, c0 * cols + c]
+                    acc[r, c] = X[out(n, b, h, i0 * ROWS + r, c0 * cols + c)]
             for j in range(i0 * ROWS):
                 for r in T.unroll(ROWS):
                     for c in T.vectorized(cols):
-                        acc[r, c] = acc[r, c] - a[i0 * ROWS + r, j] * X[n, b, h, j, c0 * cols + c]
+                        acc[r, c] = acc[r, c] - a[i0 * ROWS + r, j] * X[out(n, b, h, j, c0 * cols + c)]
             for r in T.unroll(ROWS):
                 for r2 in T.unroll(ROWS):
                     if r2 < r:
                         for c in T.vectorized(cols):
                             acc[r, c] = acc[r, c] - a[i0 * ROWS + r, i0 * ROWS + r2] * acc[r2, c]
                 for c in T.vectorized(cols):
-                    X[n, b, h, i0 * ROWS + r, c0 * cols + c] = acc[r, c]
-
-    def task(t):                               # (chunk, row, head) of task t
-        return t // (R * HV), (t // HV) % R, t % HV
+                    X[out(n, b, h, i0 * ROWS + r, c0 * cols + c)] = acc[r, c]
 
     @T.macro
-    def body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
-        for t in T.parallel(tasks):
-            n, b, h = task(t)
-            t0 = n * C
-            gam = T.alloc_buffer((C, Kg), dtype)       # running sums, then their exps
-            after = T.alloc_buffer((C, Kg), dtype)
-            kk = T.alloc_buffer((C, C), dtype)
-            qk = T.alloc_buffer((C, C), dtype)
-            # 1. the gates' running sums and the scaled operands
+    def chunk(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD, n, b, h):
+        t0 = n * C
+        gam = T.alloc_buffer((C, Kg), dtype)       # running sums, then their exps
+        after = T.alloc_buffer((C, Kg), dtype)
+        kk = T.alloc_buffer((C, C), dtype)
+        qk = T.alloc_buffer((C, C), dtype)
+        # 1. the gates' running sums and the scaled operands
+        for c in T.vectorized(Kg):
+            gam[0, c] = G[b, t0, h, c]
+            after[C - 1, c] = zero
+        for i in range(1, C):
             for c in T.vectorized(Kg):
-                gam[0, c] = G[b, t0, h, c]
-                after[C - 1, c] = zero
-            for i in range(1, C):
-                for c in T.vectorized(Kg):
-                    gam[i, c] = gam[i - 1, c] + G[b, t0 + i, h, c]
-                    after[C - 1 - i, c] = after[C - i, c] + G[b, t0 + C - i, h, c]
+                gam[i, c] = gam[i - 1, c] + G[b, t0 + i, h, c]
+                after[C - 1 - i, c] = after[C - i, c] + G[b, t0 + C - i, h, c]
+        for i in range(C):
+            for c in T.vectorized(Kg):
+                gam[i, c] = _exp(gam[i, c], dtype)
+                after[i, c] = _exp(after[i, c], dtype)
+        for c in T.vectorized(Kg):
+            LD[out(n, b, h, c, 0)] = gam[C - 1, c]
+        for i in range(C):
+            for c in T.vectorized(K):
+                Qd[out(n, b, h, i, c)] = Q[b, t0 + i, h, c] * gam[i, c * per_key]
+                Ke[out(n, b, h, i, c)] = Kx[b, t0 + i, h, c] * after[i, c * per_key]
+                W[out(n, b, h, i, c)] = Kx[b, t0 + i, h, c] * Bt[b, t0 + i, h, 0] * gam[i, c * per_key]
+            for c in T.vectorized(V):
+                U[out(n, b, h, i, c)] = Vx[b, t0 + i, h, c] * Bt[b, t0 + i, h, 0]
+        if per_key == 1:
+            # 2a. diagonal blocks, pair by pair: exp(D_ij) as the running product down i of
+            # the tokens' decays exp(g_l), l in (j, i]: factors in (0, 1], as accurate as the
+            # exp of the segment sum (no cancellation, no overflow), without an exp per pair
+            step = T.alloc_buffer((C, Kg), dtype)
             for i in range(C):
                 for c in T.vectorized(Kg):
-                    gam[i, c] = _exp(gam[i, c], dtype)
-                    after[i, c] = _exp(after[i, c], dtype)
-            for c in T.vectorized(Kg):
-                LD[n, b, h, c, 0] = gam[C - 1, c]
-            for i in range(C):
-                for c in T.vectorized(K):
-                    Qd[n, b, h, i, c] = Q[b, t0 + i, h, c] * gam[i, c * per_key]
-                    Ke[n, b, h, i, c] = Kx[b, t0 + i, h, c] * after[i, c * per_key]
-                    W[n, b, h, i, c] = Kx[b, t0 + i, h, c] * Bt[b, t0 + i, h, 0] * gam[i, c * per_key]
-                for c in T.vectorized(V):
-                    U[n, b, h, i, c] = Vx[b, t0 + i, h, c] * Bt[b, t0 + i, h, 0]
-            if per_key == 1:
-                # 2a. diagonal blocks, pair by pair: exp(D_ij) as the running product down i of
-                # the tokens' decays exp(g_l), l in (j, i]: factors in (0, 1], as accurate as the
-                # exp of the segment sum (no cancellation, no overflow), without an exp per pair
-                step = T.alloc_buffer((C, Kg), dtype)
-                for i in range(C):
+                    step[i, c] = _exp(G[b, t0 + i, h, c], dtype)
+            for a, jj in T.grid(blocks, s):
+                j = a * s + jj
+                e = T.alloc_buffer((Kg,), dtype)
+                part_q = T.alloc_buffer((lanes,), dtype)
+                part_k = T.alloc_buffer((lanes,), dtype)
+                for c in T.vectorized(Kg):
+                    e[c] = one
+                for ii in range(jj, s):
+                    i = a * s + ii
+                    for c in T.vectorized(Kg):   # (below float32's normals: 0, as _exp)
+                        e[c] = e[c] * T.Select(ii > jj, step[i, c], one)
+                        e[c] = T.Select(e[c] < tiny, zero, e[c])
+                    for c in T.vectorized(lanes):
+                        part_q[c] = zero
+                        part_k[c] = zero
+                    for c0 in range(K // lanes):
+                        for c in T.vectorized(lanes):     # (no let here: TVM's vectorizer keeps one lane)
+                            part_q[c] = part_q[c] + Q[b, t0 + i, h, c0 * lanes + c] * (
+                                Kx[b, t0 + j, h, c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
+                            part_k[c] = part_k[c] + Kx[b, t0 + i, h, c0 * lanes + c] * (
+                                Kx[b, t0 + j, h, c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
+                    # the lanes summed as a tree: log2(lanes) dependent vector adds, not lanes scalar ones
+                    reduce_lanes(part_q)
+                    reduce_lanes(part_k)
+                    qk[i, j] = part_q[0]
+                    kk[i, j] = part_k[0]
+            # 2b. blocks below the diagonal: rows decayed to the block's first row r, columns from it
+            for a in range(1, blocks):
+                r = a * s
+                rows_q = T.alloc_buffer((s, K), dtype)
+                rows_k = T.alloc_buffer((s, K), dtype)
+                cols = T.alloc_buffer((K, C), dtype)        # column j: k_j exp(sum_{j < l <= r} g)
+                run = T.alloc_buffer((Kg,), dtype)
+                for c in T.vectorized(Kg):
+                    run[c] = zero
+                for ii in range(s):
                     for c in T.vectorized(Kg):
-                        step[i, c] = _exp(G[b, t0 + i, h, c], dtype)
-                for a, jj in T.grid(blocks, s):
-                    j = a * s + jj
-                    e = T.alloc_buffer((Kg,), dtype)
-                    part_q = T.alloc_buffer((lanes,), dtype)
-                    part_k = T.alloc_buffer((lanes,), dtype)
+                        run[c] = run[c] + T.Select(ii > 0, G[b, t0 + r + ii, h, c], zero)
+                    for c in T.vectorized(K):
+                        rows_q[ii, c] = Q[b, t0 + r + ii, h, c] * _exp(run[c * per_key], dtype)
+                        rows_k[ii, c] = Kx[b, t0 + r + ii, h, c] * _exp(run[c * per_key], dtype)
+                for c in T.vectorized(Kg):
+                    run[c] = zero
+                for jj in range(r):
+                    j = r - 1 - jj
                     for c in T.vectorized(Kg):
-                        e[c] = one
-                    for ii in range(jj, s):
-                        i = a * s + ii
-                        for c in T.vectorized(Kg):   # (below float32's normals: 0, as _exp)
-                            e[c] = e[c] * T.Select(ii > jj, step[i, c], one)
-                            e[c] = T.Select(e[c] < tiny, zero, e[c])
-                        for c in T.vectorized(lanes):
-                            part_q[c] = zero
-                            part_k[c] = zero
-                        for c0 in range(K // lanes):
-                            for c in T.vectorized(lanes):     # (no let here: TVM's vectorizer keeps one lane)
-                                part_q[c] = part_q[c] + Q[b, t0 + i, h, c0 * lanes + c] * (
-                                    Kx[b, t0 + j, h, c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
-                                part_k[c] = part_k[c] + Kx[b, t0 + i, h, c0 * lanes + c] * (
-                                    Kx[b, t0 + j, h, c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
-                        # the lanes summed as a tree: log2(lanes) dependent vector adds, not lanes scalar ones
-                        reduce_lanes(part_q)
-                        reduce_lanes(part_k)
-                        qk[i, j] = part_q[0]
-                        kk[i, j] = part_k[0]
-                # 2b. blocks below the diagonal: rows decayed to the block's first row r, columns from it
-                for a in range(1, blocks):
-                    r = a * s
-                    rows_q = T.alloc_buffer((s, K), dtype)
-                    rows_k = T.alloc_buffer((s, K), dtype)
-                    cols = T.alloc_buffer((K, C), dtype)        # column j: k_j exp(sum_{j < l <= r} g)
-                    run = T.alloc_buffer((Kg,), dtype)
-                    for c in T.vectorized(Kg):
-                        run[c] = zero
-                    for ii in range(s):
-                        for c in T.vectorized(Kg):
-                            run[c] = run[c] + T.Select(ii > 0, G[b, t0 + r + ii, h, c], zero)
-                        for c in T.vectorized(K):
-                            rows_q[ii, c] = Q[b, t0 + r + ii, h, c] * _exp(run[c * per_key], dtype)
-                            rows_k[ii, c] = Kx[b, t0 + r + ii, h, c] * _exp(run[c * per_key], dtype)
-                    for c in T.vectorized(Kg):
-                        run[c] = zero
-                    for jj in range(r):
-                        j = r - 1 - jj
-                        for c in T.vectorized(Kg):
-                            run[c] = run[c] + G[b, t0 + j + 1, h, c]
-                        for c in T.vectorized(K):
-                            cols[c, j] = Kx[b, t0 + j, h, c] * _exp(run[c * per_key], dtype)
-                    for i0, j0 in T.grid(s // ROWS, a):
-                        acc_q = T.alloc_buffer((ROWS, s), dtype)
-                        acc_k = T.alloc_buffer((ROWS, s), dtype)
+                        run[c] = run[c] + G[b, t0 + j + 1, h, c]
+                    for c in T.vectorized(K):
+                        cols[c, j] = Kx[b, t0 + j, h, c] * _exp(run[c * per_key], dtype)
+                for i0, j0 in T.grid(s // ROWS, a):
+                    acc_q = T.alloc_buffer((ROWS, s), dtype)
+                    acc_k = T.alloc_buffer((ROWS, s), dtype)
+                    for ri in T.unroll(ROWS):
+                        for jl in T.vectorized(s):
+                            acc_q[ri, jl] = zero
+                            acc_k[ri, jl] = zero
+                    for c in range(K):
                         for ri in T.unroll(ROWS):
                             for jl in T.vectorized(s):
-                                acc_q[ri, jl] = zero
-                                acc_k[ri, jl] = zero
-                        for c in range(K):
-                            for ri in T.unroll(ROWS):
-                                for jl in T.vectorized(s):
-                                    acc_q[ri, jl] = acc_q[ri, jl] + rows_q[i0 * ROWS + ri, c] * cols[c, j0 * s + jl]
-                                    acc_k[ri, jl] = acc_k[ri, jl] + rows_k[i0 * ROWS + ri, c] * cols[c, j0 * s + jl]
+                                acc_q[ri, jl] = acc_q[ri, jl] + rows_q[i0 * ROWS + ri, c] * cols[c, j0 * s + jl]
+                                acc_k[ri, jl] = acc_k[ri, jl] + rows_k[i0 * ROWS + ri, c] * cols[c, j0 * s + jl]
+                    for ri in T.unroll(ROWS):
+                        for jl in T.vectorized(s):
+                            qk[r + i0 * ROWS + ri, j0 * s + jl] = acc_q[ri, jl]
+                            kk[r + i0 * ROWS + ri, j0 * s + jl] = acc_k[ri, jl]
+        else:
+            # one gate per head: the plain products k_i . k_j and q_i . k_j (columns from k
+            # transposed, vector lanes), then each pair scaled by exp(D_ij), D a running sum
+            # down i of every column j < i at once
+            kt = T.alloc_buffer((K, C), dtype)
+            seg = T.alloc_buffer((C,), dtype)
+            for j, c in T.grid(C, K):
+                kt[c, j] = Kx[b, t0 + j, h, c]
+            for i0, j0 in T.grid(C // ROWS, C // s):
+                if j0 * s < (i0 + 1) * ROWS:
+                    acc_q = T.alloc_buffer((ROWS, s), dtype)
+                    acc_k = T.alloc_buffer((ROWS, s), dtype)
+                    for ri in T.unroll(ROWS):
+                        for jl in T.vectorized(s):
+                            acc_q[ri, jl] = zero
+                            acc_k[ri, jl] = zero
+                    for c in range(K):
                         for ri in T.unroll(ROWS):
                             for jl in T.vectorized(s):
-                                qk[r + i0 * ROWS + ri, j0 * s + jl] = acc_q[ri, jl]
-                                kk[r + i0 * ROWS + ri, j0 * s + jl] = acc_k[ri, jl]
-            else:
-                # one gate per head: the plain products k_i . k_j and q_i . k_j (columns from k
-                # transposed, vector lanes), then each pair scaled by exp(D_ij), D a running sum
-                # down i of every column j < i at once
-                kt = T.alloc_buffer((K, C), dtype)
-                seg = T.alloc_buffer((C,), dtype)
-                for j, c in T.grid(C, K):
-                    kt[c, j] = Kx[b, t0 + j, h, c]
-                for i0, j0 in T.grid(C // ROWS, C // s):
-                    if j0 * s < (i0 + 1) * ROWS:
-                        acc_q = T.alloc_buffer((ROWS, s), dtype)
-                        acc_k = T.alloc_buffer((ROWS, s), dtype)
-                        for ri in T.unroll(ROWS):
-                            for jl in T.vectorized(s):
-                                acc_q[ri, jl] = zero
-                                acc_k[ri, jl] = zero
-                        for c in range(K):
-                            for ri in T.unroll(ROWS):
-                                for jl in T.vectorized(s):
-                                    acc_q[ri, jl] = acc_q[ri, jl] + Q[b, t0 + i0 * ROWS + ri, h, c] * kt[c, j0 * s + jl]
-                                    acc_k[ri, jl] = acc_k[ri, jl] + Kx[b, t0 + i0 * ROWS + ri, h, c] * kt[c, j0 * s + jl]
-                        for ri in T.unroll(ROWS):
-                            for jl in T.vectorized(s):
-                                qk[i0 * ROWS + ri, j0 * s + jl] = acc_q[ri, jl]
-                                kk[i0 * ROWS + ri, j0 * s + jl] = acc_k[ri, jl]
-                for j in T.vectorized(C):
-                    seg[j] = zero
-                for i in range(C):
-                    for j in T.vectorized(C):
-                        seg[j] = seg[j] + T.Select(j < i, G[b, t0 + i, h, 0], zero)
-                        qk[i, j] = qk[i, j] * _exp(seg[j], dtype)
-                        kk[i, j] = kk[i, j] * _exp(seg[j], dtype)
-            # 3. W and U: (I + beta kk) x = rhs, in the outputs, by tiles of ROWS rows
-            for i, j in T.grid(C, C):
-                kk[i, j] = Bt[b, t0 + i, h, 0] * kk[i, j]
-            substitute(W, K, math.gcd(K, COLUMNS), kk, n, b, h)
-            substitute(U, V, math.gcd(V, COLUMNS), kk, n, b, h)
-            # 4. Aqk: on and below the diagonal
+                                acc_q[ri, jl] = acc_q[ri, jl] + Q[b, t0 + i0 * ROWS + ri, h, c] * kt[c, j0 * s + jl]
+                                acc_k[ri, jl] = acc_k[ri, jl] + Kx[b, t0 + i0 * ROWS + ri, h, c] * kt[c, j0 * s + jl]
+                    for ri in T.unroll(ROWS):
+                        for jl in T.vectorized(s):
+                            qk[i0 * ROWS + ri, j0 * s + jl] = acc_q[ri, jl]
+                            kk[i0 * ROWS + ri, j0 * s + jl] = acc_k[ri, jl]
+            for j in T.vectorized(C):
+                seg[j] = zero
             for i in range(C):
                 for j in T.vectorized(C):
-                    A[n, b, h, i, j] = T.Select(j <= i, qk[i, j], zero)
-    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body)
+                    seg[j] = seg[j] + T.Select(j < i, G[b, t0 + i, h, 0], zero)
+                    qk[i, j] = qk[i, j] * _exp(seg[j], dtype)
+                    kk[i, j] = kk[i, j] * _exp(seg[j], dtype)
+        # 3. W and U: (I + beta kk) x = rhs, in the outputs, by tiles of ROWS rows
+        for i, j in T.grid(C, C):
+            kk[i, j] = Bt[b, t0 + i, h, 0] * kk[i, j]
+        substitute(W, K, math.gcd(K, COLUMNS), kk, n, b, h)
+        substitute(U, V, math.gcd(V, COLUMNS), kk, n, b, h)
+        # 4. Aqk: on and below the diagonal
+        for i in range(C):
+            for j in T.vectorized(C):
+                A[out(n, b, h, i, j)] = T.Select(j <= i, qk[i, j], zero)
+    return chunk

@@ -44,7 +44,8 @@ from dnir.graph import Graph, Node
 from dnir.ops import table_entry
 from dnir.types import DTYPES, HALF_DTYPES
 
-from . import chunk_output, chunk_scan, cpu_chunk_scan, cpu_intra_chunk, cpu_token_step, intra_chunk, kernels, token_step
+from . import (chunk_output, chunk_scan, cpu_chunk_layer, cpu_chunk_scan, cpu_intra_chunk, cpu_token_step,
+               intra_chunk, kernels, token_step)
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -69,6 +70,7 @@ class Translator:
         self.bb = relax.BlockBuilder()
         self.steps: dict[tuple[int, int], tuple] = {}    # (id(body), length) -> (loop, step) functions
         self.prims: dict[tuple, relax.GlobalVar] = {}
+        self.intra_operands: dict[int, list] = {}      # id(intra_chunk node) -> its operands (CPU)
         self.checksums: dict[int, relax.Expr] = {}      # id(token_step node) -> its state's column sums (CPU)
         self.main_graph: Graph | None = None
 
@@ -86,7 +88,9 @@ class Translator:
         with self.bb.function("main", params):
             outputs = self._emit_function_body(graph, params)
             self.bb.emit_func_output(relax.Tuple(outputs))
-        return self.bb.finalize()
+        mod = self.bb.finalize()
+        # an intra_chunk run inside the CPU chunk layer kernel leaves its own call unused
+        return mod if self.gpu else relax.transform.DeadCodeElimination(["main"])(mod)
 
     def _emit_function_body(self, graph: Graph, params) -> list:
         with self.bb.dataflow():
@@ -459,6 +463,11 @@ def _lower_chunk_scan(tr, node, args):
     stacked o]."""
     steps, batch, C, K, V, Kg = chunk_scan.sizes(node)
     dtype = TVM_DTYPES[node.inputs[0].dtype]
+    if not tr.gpu and cpu_chunk_layer.pairs(node):   # with its intra_chunk: one kernel (cpu_chunk_layer.py)
+        source = node.inputs[1].inputs[0]
+        sizes = intra_sizes([i.type for i in source.inputs], source.attrs)
+        gv = tr.prim(("chunk_layer", *sizes, dtype), lambda: cpu_chunk_layer.chunk_layer_kernel(*sizes, dtype))
+        return _call_fused(tr, node, gv, [args[0], *tr.intra_operands[id(source)]])
     if not tr.gpu:
         gv = tr.prim(("chunk_scan", steps, batch, C, K, V, Kg, dtype),
                      lambda: cpu_chunk_scan.chunk_scan_kernel(steps, batch, C, K, V, Kg, dtype))
@@ -497,6 +506,7 @@ def _lower_intra_chunk(tr, node, args):
     results."""
     sizes, dtype = intra_sizes([i.type for i in node.inputs], node.attrs), TVM_DTYPES[node.inputs[0].dtype]
     make = intra_chunk.intra_chunk_kernel if tr.gpu else cpu_intra_chunk.intra_chunk_kernel
+    tr.intra_operands[id(node)] = args
     gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype), lambda: make(*sizes, dtype))
     return _call_fused(tr, node, gv, args)
 

@@ -1,5 +1,5 @@
 """The fused ops' CPU kernels on the llvm target (lowering/tvm/cpu_token_step.py, cpu_chunk_scan.py,
-cpu_intra_chunk.py): which graphs
+cpu_intra_chunk.py, cpu_chunk_layer.py): which graphs
 the llvm pipeline fuses, that the compiled module runs them as one kernel, and their results
 against the NumPy backend and the float64 recurrent oracle on fresh random inputs (GQA, a
 gate per key channel, one and several sequences, an initial state, strong gates); and how
@@ -126,6 +126,19 @@ def test_chunked_layer_on_llvm_matches_numpy_and_the_oracle(in_context, case, sc
         assert out.shape == ref.shape and out.dtype == np.float32
         assert relative_rms_error(out, ref) < 1e-5, out_name
         assert relative_rms_error(out, oracle[out_name]) < 1e-5, out_name
+
+
+@pytest.mark.parametrize("case", ["gqa-partial-chunk", "gate-per-channel", "two-sequences-chunk-32"])
+def test_chunk_local_work_runs_inside_the_loop_over_chunks(case):
+    """Inside llvm's context, the intra_chunk and the chunk_scan reading its results compile to one
+    kernel (cpu_chunk_layer.py): neither runs on its own (its results, above, match both references)."""
+    name, options = LAYERS[case]
+    cfg = preset(name, value_heads=VALUE_HEADS[name], **dict(SMALL, **options))
+    with registry.target_context("llvm"):
+        graph = passes.optimize(build_delta_net(cfg), "O2")
+    asm = build(registry.prepare(graph, "llvm"), "llvm").mod.imports[0].inspect_source("asm")
+    assert "__tvm_ffi_chunk_layer" in asm
+    assert "__tvm_ffi_intra_chunk" not in asm and "__tvm_ffi_chunk_scan" not in asm
 
 
 def test_outputs_own_their_memory(rng):
