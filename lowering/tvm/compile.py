@@ -40,7 +40,6 @@ DEFAULT_CUDA_ARCH = "sm_90"
 _CACHE: dict[tuple[str, str], object] = {}
 _VMS: dict[str, object] = {}          # library name -> its VM (loading a library runs no compiler)
 _GRAPH_VMS: "weakref.WeakKeyDictionary[Graph, object]" = weakref.WeakKeyDictionary()   # no hashing per call
-_STAGING: dict[tuple, list[np.ndarray]] = {}    # (shape, dtype) -> aligned input buffers not in use
 _LOCK = threading.Lock()
 ALIGNMENT = 64      # bytes: TVM's compiled kernels assume tensors this aligned
 
@@ -79,10 +78,50 @@ def relax_pipeline(target: tvm.target.Target):
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
         with target:
-            passes = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [schedule_cpu(target)]
-                      + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            passes = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [_serial_small_kernels()]
+                      + [schedule_cpu(target)] + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return tvm.transform.Sequential(passes)(mod)
     return _pipeline
+
+
+# A kernel of at most this many loop iterations runs on one thread, as TVM writes it (LLVM
+# vectorizes its loops): a parallel launch costs more than its work. A decode step at B = 1 has
+# six such kernels (its vectors: exp of the gate, the rows times the decay, q . k, 4096 elements
+# each) in front of token_step, with 19 parallel regions among them.
+SERIAL_ITERATIONS = 1 << 15
+
+
+def _serial_small_kernels():
+    from tvm import s_tir
+
+    @tvm.transform.module_pass(opt_level=0, name="dnir.SerialSmallKernels")
+    def _pass(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+                continue
+            if _iterations(s_tir.Schedule(func)) <= SERIAL_ITERATIONS:
+                mod[gv] = func.with_attr("tirx.is_scheduled", True)
+        return mod
+    return _pass
+
+
+def _iterations(sch) -> int:
+    """The loop iterations of a function's blocks together (more than SERIAL_ITERATIONS where a
+    loop's extent is not a constant, or the function has no root block)."""
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001 - no block structure: left to the schedule
+        return SERIAL_ITERATIONS + 1
+    total = 0
+    for block in blocks:
+        n = 1
+        for loop in sch.get_loops(block):
+            extent = sch.get(loop).extent
+            if not isinstance(extent, tvm.tirx.IntImm):
+                return SERIAL_ITERATIONS + 1
+            n *= int(extent)
+        total += n
+    return total
 
 
 def build(graph: Graph, target: str = "llvm", arch: str = DEFAULT_CUDA_ARCH):
@@ -151,23 +190,12 @@ def _llvm_vm(graph: Graph):
     return vm
 
 
-def _take_staging(a: np.ndarray) -> np.ndarray:
-    key = (a.shape, a.dtype.str)
-    with _LOCK:
-        spare = _STAGING.get(key)
-        buffer = spare.pop() if spare else None
-    if buffer is None:
-        raw = np.empty(a.nbytes + ALIGNMENT, np.uint8)
-        start = -raw.ctypes.data % ALIGNMENT
-        buffer = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    np.copyto(buffer, a)
-    return buffer
-
-
-def _give_back_staging(buffers):
-    with _LOCK:
-        for b in buffers:
-            _STAGING.setdefault((b.shape, b.dtype.str), []).append(b)
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def unaligned_inputs(graph: Graph) -> frozenset[int]:
@@ -182,10 +210,6 @@ def unaligned_inputs(graph: Graph) -> frozenset[int]:
             readers[id(out)].add(("output", 0))
     tolerant = {("token_step", k) for k in cpu_token_step.UNALIGNED_OPERANDS}
     return frozenset(i for i, x in enumerate(graph.inputs) if readers[id(x)] and readers[id(x)] <= tolerant)
-
-
-def _staged(a: np.ndarray, unaligned_ok: bool) -> bool:
-    return bool(a.size) and a.ctypes.data % (a.itemsize if unaligned_ok else ALIGNMENT) != 0
 
 
 def _tensor_of(a: np.ndarray):
@@ -230,21 +254,29 @@ class LlvmCall:
         self.out_bf16 = kinds
         # outputs that may be an input or a view of one (reshapes of it) are looked at every call
         self.may_alias = [i for i, out in enumerate(graph.outputs) if not _fresh(out)]
+        self.spare: list[dict[int, np.ndarray]] = []     # input position -> aligned buffer, per set
 
     def __call__(self, arrays) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+        # aligned copies of the inputs that need them, one set per call in flight (a list's pop
+        # and append are atomic: two threads never share a set)
+        spare = self.spare.pop() if self.spare else {}
         tensors, staged = [], []
-        for a, align, bf16 in zip(arrays, self.align, self.bf16):
-            if not a.flags.c_contiguous:
-                a = np.ascontiguousarray(a)
-            if not a.size:
-                tensors.append(tvm.runtime.empty(a.shape, a.dtype.name))
-                continue
-            t = _tensor_of(a) if bf16 else tvm_ffi.from_dlpack(a, require_alignment=0)
-            if t.data_ptr() % align:
-                staged.append(_take_staging(a))
-                t = _tensor_of(staged[-1])
-            tensors.append(t)
         try:
+            for i, (a, align, bf16) in enumerate(zip(arrays, self.align, self.bf16)):
+                if not a.flags.c_contiguous:
+                    a = np.ascontiguousarray(a)
+                if not a.size:
+                    tensors.append(tvm.runtime.empty(a.shape, a.dtype.name))
+                    continue
+                t = _tensor_of(a) if bf16 else tvm_ffi.from_dlpack(a, require_alignment=0)
+                if t.data_ptr() % align:
+                    buffer = spare.get(i)
+                    if buffer is None or buffer.shape != a.shape or buffer.dtype != a.dtype:
+                        buffer = spare[i] = _aligned_empty(a.shape, a.dtype)
+                    np.copyto(buffer, a)
+                    staged.append(buffer)
+                    t = _tensor_of(buffer) if bf16 else tvm_ffi.from_dlpack(buffer, require_alignment=0)
+                tensors.append(t)
             results = [_array_of(o) if bf16 else np.from_dlpack(o)
                        for o, bf16 in zip(self.main(*tensors), self.out_bf16)]
             # an output that is an input or its view (a reshape) is copied: it must share no memory
@@ -253,7 +285,7 @@ class LlvmCall:
                 if any(np.may_share_memory(results[i], b) for b in list(arrays) + staged):
                     results[i] = results[i].copy()
         finally:
-            _give_back_staging(staged)
+            self.spare.append(spare)
         return results[:self.count], dict(zip(self.checked, results[self.count:]))
 
 

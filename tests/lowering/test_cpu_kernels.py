@@ -5,6 +5,7 @@ against the NumPy backend and the float64 recurrent oracle on fresh random input
 gate per key channel, one and several sequences, an initial state, strong gates); and how
 llvm runs cross the boundary: outputs of their own, compiled libraries kept on disk."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,14 @@ def test_the_decode_module_returns_the_new_states_column_sums(name, rng):
     assert sums[1].shape == o.shape[:1] + o.shape[2:] and sums[1].dtype == np.float32
     assert relative_rms_error(sums[1], state.astype(np.float64).sum(axis=-2)) < 1e-6
     assert len(registry.run(graph, x, target="llvm")) == 2
+
+
+def test_small_kernels_run_on_one_thread():
+    """A decode step of one sequence: its vector kernels (a few thousand elements) run on the
+    calling thread; token_step alone is a parallel region (compile.SERIAL_ITERATIONS)."""
+    _, graph = _decode("qwen3-next", 1)
+    ir = build(registry.prepare(graph, "llvm"), "llvm").mod.imports[0].inspect_source("ll")
+    assert len(re.findall(r"^define .*@__tvm_parallel_lambda", ir, re.M)) == 1
 
 
 def test_a_decode_step_in_another_dtype_stays_op_by_op():
