@@ -39,14 +39,53 @@ def pairs(scan_node) -> bool:
     return tuple(state[:-2]) == (R, HV)
 
 
-def chunk_layer_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str):
-    """(S0, q, k, v, g, beta) -> (final state S1 [R, HV, K, V], o [NC, R, HV, C, V]): S0 and o as the
-    chunk scan's, q, k, v, g, beta as the intra_chunk's (fused_signatures.py)."""
-    Tp, heads = NC * C, R * HV
+def operands(intra):
+    """(q, k, v, g, beta, group, scale): the nodes the kernel reads for the intra_chunk `intra`'s
+    operands. q and k repeated over the value heads of a head (reshape, broadcast_to, reshape: GQA)
+    are read where they were before that copy (group: value heads per head), and q times a
+    constant scalar before its scaling (scale: the constant, else None): neither is materialised."""
+    q, k, v, g, beta = intra.inputs
+    q, group = _unrepeated(q)
+    k, k_group = _unrepeated(k)
+    if k_group != group:
+        (q, k), group = intra.inputs[:2], 1
+    q, scale = _unscaled(q)
+    return q, k, v, g, beta, group, scale
+
+
+def _unrepeated(x):
+    if x.op != "reshape" or x.inputs[0].op != "broadcast_to" or x.inputs[0].inputs[0].op != "reshape":
+        return x, 1
+    wide, narrow = x.inputs[0], x.inputs[0].inputs[0]
+    src = narrow.inputs[0]
+    if src.rank != 4 or narrow.rank != 5:
+        return x, 1
+    R, T, H, K = src.shape
+    group = wide.shape[3]
+    if narrow.shape != (R, T, H, 1, K) or wide.shape != (R, T, H, group, K) or x.shape != (R, T, H * group, K):
+        return x, 1
+    return src, group
+
+
+def _unscaled(x):
+    if x.op != "mul":
+        return x, None
+    for a, b in (x.inputs, x.inputs[::-1]):
+        if b.op == "const" and b.shape == () and b.dtype == a.dtype and a.shape == x.shape:
+            return a, float(b.attrs["value"][0])
+    return x, None
+
+
+def chunk_layer_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
+                       scale: float | None = None):
+    """(S0, q, k, v, g, beta) -> (final state S1 [R, HV, K, V], o [R, Tp, HV, V], token-major: the
+    layer's own layout): S0 as the chunk scan's, v, g, beta as the intra_chunk's
+    (fused_signatures.py), q and k [R, Tp, HV / group, K] as `operands` finds them."""
+    Tp, heads, HQ = NC * C, R * HV, HV // group
     local = lambda n, b, h, i, c: (i, c)                 # noqa: E731 - one chunk's buffers
-    chunk = cpu_intra_chunk.chunk_macro(C, K, V, Kg, dtype, local)
+    chunk = cpu_intra_chunk.chunk_macro(C, K, V, Kg, dtype, local, group, scale)
     step = cpu_chunk_scan.step_macro(C, K, V, Kg, dtype, lambda n, h, i, c: (i, c),
-                                     lambda n, h, i, c: (n, h // HV, h % HV, i, c),
+                                     lambda n, h, i, c: (h // HV, n * C + i, h % HV, c),
                                      lambda h, i, c: (h // HV, h % HV, i, c))
 
     @T.prim_func(private=True, s_tir=True)
@@ -54,13 +93,13 @@ def chunk_layer_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                s1: T.handle, o: T.handle):
         T.func_attr(ATTRS)
         S0 = T.match_buffer(s0, (R, HV, K, V), dtype)
-        Q = T.match_buffer(q, (R, Tp, HV, K), dtype)
-        Kx = T.match_buffer(k, (R, Tp, HV, K), dtype)
+        Q = T.match_buffer(q, (R, Tp, HQ, K), dtype)
+        Kx = T.match_buffer(k, (R, Tp, HQ, K), dtype)
         Vx = T.match_buffer(v, (R, Tp, HV, V), dtype)
         G = T.match_buffer(g, (R, Tp, HV, Kg), dtype)
         Bt = T.match_buffer(beta, (R, Tp, HV, 1), dtype)
         S = T.match_buffer(s1, (R, HV, K, V), dtype)
-        O = T.match_buffer(o, (NC, R, HV, C, V), dtype)
+        O = T.match_buffer(o, (R, Tp, HV, V), dtype)
         with T.sblock("root"):
             for t in T.parallel(heads):
                 W = T.alloc_buffer((C, K), dtype)

@@ -89,10 +89,16 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
     return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body)
 
 
-def chunk_macro(C: int, K: int, V: int, Kg: int, dtype: str, out):
+def chunk_macro(C: int, K: int, V: int, Kg: int, dtype: str, out, group: int = 1, scale: float | None = None):
     """chunk(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD, n, b, h): the work of chunk n of row b, head h,
     its results written at out(n, b, h, i, c) (row i, column c; LD's: out(n, b, h, c, 0)): the
-    op's chunk-major outputs, or a fused kernel's buffers of one chunk."""
+    op's chunk-major outputs, or a fused kernel's buffers of one chunk. group: value heads per head
+    of Q and Kx (head h reads their head h // group: GQA without repeated copies); scale: q's
+    factor, applied to Qd and A here (None: Q is q scaled already)."""
+    qh = (lambda h: h) if group == 1 else (lambda h: h // group)  # noqa: E731
+
+    def scaled(x):
+        return x if scale is None else x * T.cast(scale, dtype)
     s = min(BLOCK, C)
     blocks = C // s
     per_key = 1 if Kg == K else 0              # the gate of channel c: c or 0
@@ -159,9 +165,9 @@ def chunk_macro(C: int, K: int, V: int, Kg: int, dtype: str, out):
             LD[out(n, b, h, c, 0)] = gam[C - 1, c]
         for i in range(C):
             for c in T.vectorized(K):
-                Qd[out(n, b, h, i, c)] = Q[b, t0 + i, h, c] * gam[i, c * per_key]
-                Ke[out(n, b, h, i, c)] = Kx[b, t0 + i, h, c] * after[i, c * per_key]
-                W[out(n, b, h, i, c)] = Kx[b, t0 + i, h, c] * Bt[b, t0 + i, h, 0] * gam[i, c * per_key]
+                Qd[out(n, b, h, i, c)] = scaled(Q[b, t0 + i, qh(h), c] * gam[i, c * per_key])
+                Ke[out(n, b, h, i, c)] = Kx[b, t0 + i, qh(h), c] * after[i, c * per_key]
+                W[out(n, b, h, i, c)] = Kx[b, t0 + i, qh(h), c] * Bt[b, t0 + i, h, 0] * gam[i, c * per_key]
             for c in T.vectorized(V):
                 U[out(n, b, h, i, c)] = Vx[b, t0 + i, h, c] * Bt[b, t0 + i, h, 0]
         if per_key == 1:
@@ -189,10 +195,10 @@ def chunk_macro(C: int, K: int, V: int, Kg: int, dtype: str, out):
                         part_k[c] = zero
                     for c0 in range(K // lanes):
                         for c in T.vectorized(lanes):     # (no let here: TVM's vectorizer keeps one lane)
-                            part_q[c] = part_q[c] + Q[b, t0 + i, h, c0 * lanes + c] * (
-                                Kx[b, t0 + j, h, c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
-                            part_k[c] = part_k[c] + Kx[b, t0 + i, h, c0 * lanes + c] * (
-                                Kx[b, t0 + j, h, c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
+                            part_q[c] = part_q[c] + Q[b, t0 + i, qh(h), c0 * lanes + c] * (
+                                Kx[b, t0 + j, qh(h), c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
+                            part_k[c] = part_k[c] + Kx[b, t0 + i, qh(h), c0 * lanes + c] * (
+                                Kx[b, t0 + j, qh(h), c0 * lanes + c] * e[(c0 * lanes + c) * per_key])
                     # the lanes summed as a tree: log2(lanes) dependent vector adds, not lanes scalar ones
                     reduce_lanes(part_q)
                     reduce_lanes(part_k)
@@ -211,8 +217,8 @@ def chunk_macro(C: int, K: int, V: int, Kg: int, dtype: str, out):
                     for c in T.vectorized(Kg):
                         run[c] = run[c] + T.Select(ii > 0, G[b, t0 + r + ii, h, c], zero)
                     for c in T.vectorized(K):
-                        rows_q[ii, c] = Q[b, t0 + r + ii, h, c] * _exp(run[c * per_key], dtype)
-                        rows_k[ii, c] = Kx[b, t0 + r + ii, h, c] * _exp(run[c * per_key], dtype)
+                        rows_q[ii, c] = Q[b, t0 + r + ii, qh(h), c] * _exp(run[c * per_key], dtype)
+                        rows_k[ii, c] = Kx[b, t0 + r + ii, qh(h), c] * _exp(run[c * per_key], dtype)
                 for c in T.vectorized(Kg):
                     run[c] = zero
                 for jj in range(r):
@@ -220,7 +226,7 @@ def chunk_macro(C: int, K: int, V: int, Kg: int, dtype: str, out):
                     for c in T.vectorized(Kg):
                         run[c] = run[c] + G[b, t0 + j + 1, h, c]
                     for c in T.vectorized(K):
-                        cols[c, j] = Kx[b, t0 + j, h, c] * _exp(run[c * per_key], dtype)
+                        cols[c, j] = Kx[b, t0 + j, qh(h), c] * _exp(run[c * per_key], dtype)
                 for i0, j0 in T.grid(s // ROWS, a):
                     acc_q = T.alloc_buffer((ROWS, s), dtype)
                     acc_k = T.alloc_buffer((ROWS, s), dtype)
@@ -244,7 +250,7 @@ def chunk_macro(C: int, K: int, V: int, Kg: int, dtype: str, out):
             kt = T.alloc_buffer((K, C), dtype)
             seg = T.alloc_buffer((C,), dtype)
             for j, c in T.grid(C, K):
-                kt[c, j] = Kx[b, t0 + j, h, c]
+                kt[c, j] = Kx[b, t0 + j, qh(h), c]
             for i0, j0 in T.grid(C // ROWS, C // s):
                 if j0 * s < (i0 + 1) * ROWS:
                     acc_q = T.alloc_buffer((ROWS, s), dtype)
@@ -256,8 +262,8 @@ def chunk_macro(C: int, K: int, V: int, Kg: int, dtype: str, out):
                     for c in range(K):
                         for ri in T.unroll(ROWS):
                             for jl in T.vectorized(s):
-                                acc_q[ri, jl] = acc_q[ri, jl] + Q[b, t0 + i0 * ROWS + ri, h, c] * kt[c, j0 * s + jl]
-                                acc_k[ri, jl] = acc_k[ri, jl] + Kx[b, t0 + i0 * ROWS + ri, h, c] * kt[c, j0 * s + jl]
+                                acc_q[ri, jl] = acc_q[ri, jl] + Q[b, t0 + i0 * ROWS + ri, qh(h), c] * kt[c, j0 * s + jl]
+                                acc_k[ri, jl] = acc_k[ri, jl] + Kx[b, t0 + i0 * ROWS + ri, qh(h), c] * kt[c, j0 * s + jl]
                     for ri in T.unroll(ROWS):
                         for jl in T.vectorized(s):
                             qk[i0 * ROWS + ri, j0 * s + jl] = acc_q[ri, jl]
@@ -277,5 +283,5 @@ def chunk_macro(C: int, K: int, V: int, Kg: int, dtype: str, out):
         # 4. Aqk: on and below the diagonal
         for i in range(C):
             for j in T.vectorized(C):
-                A[out(n, b, h, i, j)] = T.Select(j <= i, qk[i, j], zero)
+                A[out(n, b, h, i, j)] = T.Select(j <= i, scaled(qk[i, j]), zero)
     return chunk

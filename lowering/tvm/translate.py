@@ -70,7 +70,8 @@ class Translator:
         self.bb = relax.BlockBuilder()
         self.steps: dict[tuple[int, int], tuple] = {}    # (id(body), length) -> (loop, step) functions
         self.prims: dict[tuple, relax.GlobalVar] = {}
-        self.intra_operands: dict[int, list] = {}      # id(intra_chunk node) -> its operands (CPU)
+        self.main_values: dict[int, relax.Expr] = {}   # id(node) -> its value, in main
+        self.token_major: dict[int, relax.Expr] = {}   # id(chunk_scan node) -> its o, token-major (CPU)
         self.checksums: dict[int, relax.Expr] = {}      # id(token_step node) -> its state's column sums (CPU)
         self.main_graph: Graph | None = None
 
@@ -89,12 +90,15 @@ class Translator:
             outputs = self._emit_function_body(graph, params)
             self.bb.emit_func_output(relax.Tuple(outputs))
         mod = self.bb.finalize()
-        # an intra_chunk run inside the CPU chunk layer kernel leaves its own call unused
+        # the CPU chunk layer kernel leaves its intra_chunk's call unused, and the copies of its
+        # operands (GQA) and of its o (chunk-major) where nothing else reads them
         return mod if self.gpu else relax.transform.DeadCodeElimination(["main"])(mod)
 
     def _emit_function_body(self, graph: Graph, params) -> list:
         with self.bb.dataflow():
             values = {id(n): p for n, p in zip(graph.inputs, params)}
+            if graph is self.main_graph:
+                self.main_values = values
             for node in graph.topo_order():
                 if id(node) not in values:
                     values[id(node)] = LOWER[node.op](self, node, [values[id(i)] for i in node.inputs])
@@ -311,7 +315,21 @@ def _lower_where(tr, node, args):
 
 @lowers("reshape")
 def _lower_reshape(tr, node, args):
-    return _emit(tr, relax.op.reshape(args[0], node.shape))
+    o = _token_major_o(tr, node)
+    return o if o is not None else _emit(tr, relax.op.reshape(args[0], node.shape))
+
+
+def _token_major_o(tr, node):
+    """The CPU chunk layer kernel's o where `node` reshapes the chunk scan's o, chunk-major, to the
+    layer's token-major layout (permute [1, 0, 3, 2, 4], reshape): the kernel wrote that already."""
+    x = node.inputs[0]
+    if x.op != "permute" or list(x.attrs["axes"]) != [1, 0, 3, 2, 4] or x.inputs[0].op != "item":
+        return None
+    scan = x.inputs[0].inputs[0]
+    if x.inputs[0].attrs["index"] != 1 or id(scan) not in tr.token_major:
+        return None
+    NC, R, HV, C, V = x.inputs[0].shape
+    return tr.token_major[id(scan)] if node.shape == (R, NC * C, HV, V) else None
 
 
 @lowers("permute")
@@ -464,10 +482,7 @@ def _lower_chunk_scan(tr, node, args):
     steps, batch, C, K, V, Kg = chunk_scan.sizes(node)
     dtype = TVM_DTYPES[node.inputs[0].dtype]
     if not tr.gpu and cpu_chunk_layer.pairs(node):   # with its intra_chunk: one kernel (cpu_chunk_layer.py)
-        source = node.inputs[1].inputs[0]
-        sizes = intra_sizes([i.type for i in source.inputs], source.attrs)
-        gv = tr.prim(("chunk_layer", *sizes, dtype), lambda: cpu_chunk_layer.chunk_layer_kernel(*sizes, dtype))
-        return _call_fused(tr, node, gv, [args[0], *tr.intra_operands[id(source)]])
+        return _lower_chunk_layer(tr, node, args)
     if not tr.gpu:
         gv = tr.prim(("chunk_scan", steps, batch, C, K, V, Kg, dtype),
                      lambda: cpu_chunk_scan.chunk_scan_kernel(steps, batch, C, K, V, Kg, dtype))
@@ -476,6 +491,23 @@ def _lower_chunk_scan(tr, node, args):
     gv = tr.prim(("chunk_scan", steps, batch, C, K, V, Kg, layout, dtype),
                  lambda: chunk_scan.chunk_scan_kernel(steps, batch, C, K, V, Kg, layout, dtype))
     return _call_fused(tr, node, gv, args)
+
+
+def _lower_chunk_layer(tr, node, args):
+    """The chunk scan and the intra_chunk whose results it reads as one CPU kernel: [final state, o
+    chunk-major]; o token-major, as the kernel writes it, goes to tr.token_major (_token_major_o)."""
+    source = node.inputs[1].inputs[0]
+    R, NC, HV, C, K, V, Kg = intra_sizes([i.type for i in source.inputs], source.attrs)
+    dtype = TVM_DTYPES[node.inputs[0].dtype]
+    *reads, group, scale = cpu_chunk_layer.operands(source)
+    gv = tr.prim(("chunk_layer", R, NC, HV, C, K, V, Kg, dtype, group, scale),
+                 lambda: cpu_chunk_layer.chunk_layer_kernel(R, NC, HV, C, K, V, Kg, dtype, group, scale))
+    types = [tr.tensor_type(node.type[0]), relax.TensorType((R, NC * C, HV, V), dtype)]
+    out = tr.emit(relax.op.call_tir(gv, [args[0]] + [tr.main_values[id(x)] for x in reads], types))
+    state, o = tr.emit(relax.TupleGetItem(out, 0)), tr.emit(relax.TupleGetItem(out, 1))
+    tr.token_major[id(node)] = o
+    chunks = tr.emit(relax.op.reshape(o, (R, NC, C, HV, V)))
+    return [state, tr.emit(relax.op.permute_dims(chunks, [1, 0, 3, 2, 4]))]
 
 
 @lowers("chunk_states")
@@ -506,7 +538,6 @@ def _lower_intra_chunk(tr, node, args):
     results."""
     sizes, dtype = intra_sizes([i.type for i in node.inputs], node.attrs), TVM_DTYPES[node.inputs[0].dtype]
     make = intra_chunk.intra_chunk_kernel if tr.gpu else cpu_intra_chunk.intra_chunk_kernel
-    tr.intra_operands[id(node)] = args
     gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype), lambda: make(*sizes, dtype))
     return _call_fused(tr, node, gv, args)
 

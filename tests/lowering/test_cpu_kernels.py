@@ -99,6 +99,7 @@ def test_a_decode_step_in_another_dtype_stays_op_by_op():
 SMALL = dict(heads=2, head_dim=32, value_dim=32, initial_state=True, final_state=True)
 LAYERS = {
     "gqa-partial-chunk": ("qwen3-next", dict(seq_len=150)),
+    "gqa-whole-chunks": ("qwen3-next", dict(seq_len=128)),
     "gate-per-channel": ("kimi-linear", dict(seq_len=150)),
     "varlen": ("qwen3-next", dict(seq_len=100, cu_seqlens=(0, 37, 100))),
     "two-sequences-chunk-32": ("kimi-linear", dict(seq_len=96, batch=2, chunk_size=32, value_dim=48)),
@@ -137,15 +138,24 @@ def test_chunked_layer_on_llvm_matches_numpy_and_the_oracle(in_context, case, sc
         assert relative_rms_error(out, oracle[out_name]) < 1e-5, out_name
 
 
-@pytest.mark.parametrize("case", ["gqa-partial-chunk", "gate-per-channel", "two-sequences-chunk-32"])
+@pytest.mark.parametrize("case", ["gqa-partial-chunk", "gqa-whole-chunks", "gate-per-channel",
+                                  "two-sequences-chunk-32"])
 def test_chunk_local_work_runs_inside_the_loop_over_chunks(case):
     """Inside llvm's context, the intra_chunk and the chunk_scan reading its results compile to one
-    kernel (cpu_chunk_layer.py): neither runs on its own (its results, above, match both references)."""
+    kernel (cpu_chunk_layer.py): neither runs on its own (its results, above, match both references),
+    and q's scaling, q and k repeated over value heads (GQA) and o's reordering to token-major are
+    done by the kernel as it reads and writes, not as copies of their own (where the chunks are whole:
+    a partial last chunk pads the operands and slices o)."""
     name, options = LAYERS[case]
     cfg = preset(name, value_heads=VALUE_HEADS[name], **dict(SMALL, **options))
     with registry.target_context("llvm"):
         graph = passes.optimize(build_delta_net(cfg), "O2")
-    asm = build(registry.prepare(graph, "llvm"), "llvm").mod.imports[0].inspect_source("asm")
+    prepared = registry.prepare(graph, "llvm")
+    main = translate(prepared, gpu=False)["main"].script()
+    assert main.count("R.call_tir(") == 1, main
+    if cfg.seq_len % cfg.chunk_size == 0:
+        assert not any(op in main for op in ("R.permute_dims", "R.broadcast_to", "R.multiply", "R.nn.pad")), main
+    asm = build(prepared, "llvm").mod.imports[0].inspect_source("asm")
     assert "__tvm_ffi_chunk_layer" in asm
     assert "__tvm_ffi_intra_chunk" not in asm and "__tvm_ffi_chunk_scan" not in asm
 
