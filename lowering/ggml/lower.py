@@ -44,6 +44,7 @@ from dnir.ops import REGISTRY, broadcast_shapes, make_node
 from dnir.passes.manager import made_by
 
 from .api import F32, F16, I32, BF16, TRI_LOWER, TRI_LOWER_DIAG, TRI_UPPER, TRI_UPPER_DIAG
+from .intra_chunk import Transposed, lower_intra_chunk
 
 # Elementwise ops that are ggml's function of the same name (ggml_<op>), of one and of two operands.
 _UNARY = ("neg", "exp", "log", "sigmoid", "softplus", "sqrt")
@@ -223,9 +224,7 @@ class Lowerer:
             counter += 1
             self.where = label
             self.e.node(label)
-            operands = [values[id(i)] for i in node.inputs]
-            if node.op not in _READS_STRIDED:
-                operands = [self.dense(v) for v in operands]
+            operands = [self.operand(node.op, values[id(i)]) for i in node.inputs]
             for i, v in zip(node.inputs, operands):
                 if isinstance(v, Value) and node.op not in _ANY_DTYPE and v.dtype not in ("f32", "bool"):
                     self.fail(f"operand of dtype {v.dtype}: the lowering handles f32 (and casts) only")
@@ -235,6 +234,13 @@ class Lowerer:
             values[id(node)] = method(node, *operands) if method else self.expanded(node, operands)
         self.readers, self.kept, self.values = outer
         return [self.dense(values[id(n)]) for n in graph.outputs]
+
+    def operand(self, op: str, v):
+        """v as an operand of an `op` node: as it is where the op reads it so (a strided view, a
+        Transposed value), else copied contiguous."""
+        if isinstance(v, Transposed):
+            return v if op in _READS_TRANSPOSED else self.dense(v)
+        return v if op in _READS_STRIDED else self.dense(v)
 
     def dies_at(self, node: Node) -> bool:
         """Whether `node`'s bytes can be overwritten by its one reader: nothing else reads
@@ -282,7 +288,10 @@ class Lowerer:
         return self.call("ggml_reshape_4d", v.t, *ne)
 
     def dense(self, v):
-        """v as a contiguous tensor (a strided view copied with ggml_cont)."""
+        """v as a contiguous tensor (a strided view copied with ggml_cont, a Transposed one
+        transposed back)."""
+        if isinstance(v, Transposed):
+            return self.dense(self.permute(v.value, _swap_last(v.value.shape)))
         if not isinstance(v, Value) or v.strides is None:
             return v
         groups = merge_strided(v.shape, v.strides)
@@ -700,8 +709,8 @@ class Lowerer:
         v = u.shape[-1]
         p, kg = math.prod(batch), last_decay.shape[-2]
         r = self.permute(self.as_shape(state, (p, k, v)), (0, 2, 1))
-        u_t = self.permute(self.as_shape(u, (n, p, c, v)), (0, 1, 3, 2))
-        k_t = self.permute(self.as_shape(k_to_end, (n, p, c, k)), (0, 1, 3, 2))
+        u_t = self.chunks_transposed(u, (n, p, c, v))
+        k_t = self.chunks_transposed(k_to_end, (n, p, c, k))
         o_size = p * c * v
         o_buf = o = self.new((n * o_size,))
         r_t = self.view(r, (p, v, k))
@@ -724,6 +733,22 @@ class Lowerer:
         r = self.made(r_t, (p, v, k), (p, v, k), state.dtype)
         final = self.as_shape(self.permute(r, (0, 2, 1)), state.shape)
         return final, Value(o, node.type[1].shape, ggml_ne((n * o_size,)), o_buf, node.type[1].dtype)
+
+    def chunks_transposed(self, x, shape) -> Value:
+        """x of `shape` [n, p, c, d] as a contiguous [n, p, d, c]: free where x is Transposed
+        (ggml's intra_chunk made it so), else a copy."""
+        n, p, c, d = shape
+        if isinstance(x, Transposed):
+            return self.as_shape(self.dense(x.value), (n, p, d, c))
+        return self.permute(self.as_shape(x, shape), (0, 1, 3, 2))
+
+    def op_intra_chunk(self, node, *operands):
+        """Through ggml's batched ops where the target's check takes the node (one gate per
+        head, float32), else through its expansion."""
+        from .backend import _intra_chunk
+        if _intra_chunk(node, None) is not None:
+            return self.expanded(node, operands)
+        return lower_intra_chunk(self, node, *operands)
 
     def chunk(self, x: Value, i: int) -> object:
         """Chunk i of a contiguous [n, ...] value as a ggml view of x's last 3 (merged) dnir axes."""
@@ -833,6 +858,9 @@ def delta_rule_roles(step: Node) -> dict | None:
 # Ops that read strided operands (views): ggml's binary ops and mul_mat read rows with any
 # strides, and the layout ops only make new views. Every other op gets contiguous operands.
 _READS_STRIDED = {"add", "sub", "mul", "div", "matmul", "reshape", "permute", "slice", "cont", "item"}
+
+# Ops that take a Transposed operand as it is (item passes it on, chunk_scan reads the transpose).
+_READS_TRANSPOSED = {"item", "chunk_scan"}
 
 # Values whose bytes are not the node's own to overwrite.
 _SHARED = {"input", "const", "item", "scan"}

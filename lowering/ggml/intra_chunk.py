@@ -1,0 +1,121 @@
+"""dnir/fused.py's intra_chunk on ggml: every chunk of every head at once, in a few batched ops.
+
+The op's expansion (dnir/intra_chunk.py) is written for NumPy: chunk-major copies of q, k,
+v, g and beta first, decays and scores per chunk, and O2 then cuts the C x C scores into
+blocks of 16 rows, which helps NumPy's matmul and costs ggml a copy per block. Here the
+chunks are ggml views of the tokens (a chunk is a batch entry of ggml_mul_mat, which
+broadcasts over ggml's dims 2 and 3), and each result is made in the layout the loop over
+chunks (lower.py's op_chunk_scan) reads it in: u and k_to_end transposed (`Transposed`),
+so the loop copies neither. With ggml's dimensions innermost first, one chunk of one head:
+
+    g_t, beta_t    [C]        the gates and betas, tokens innermost (one transpose of [HV, T])
+    gam            [C]        cumsum(g_t): the decay from the chunk start, q_decayed = q exp(gam)
+    after          [C]        sum_{l > i} g_l, a product with the ones above the diagonal;
+                              k_to_end^T = k^T exp(after), never exp(gam_C - gam_i)
+    D^T            [C_i, C_j] cumsum down i of g_i (i > j): sum_{j < l <= i} g_l, each decay a
+                              sum over its own segment (dnir/intra_chunk.py says why)
+    Akk            [C_j, C_i] beta_i (k_i . k_j) exp(D_ij), j < i; Aqk the same from q, j <= i
+    inv            [C_l, C_i] (I + Akk)^-1 by ggml_solve_tri against I
+    w = inv diag(beta exp(gam)) k, u^T = v^T (inv diag(beta))^T: two batched products
+
+Only a gate per head (GDA): with one per key channel (KDA) D is K times larger and the
+target's check (backend.py) leaves the op to O2's blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .api import F32, TRI_LOWER, TRI_LOWER_DIAG, TRI_UPPER
+
+
+@dataclass(frozen=True)
+class Transposed:
+    """A value held as `value`, its transpose over the last two axes (a contiguous or strided
+    lower.Value). Readers that take the transpose (op_chunk_scan) use `value` as it is; any
+    other reader gets the value copied back (Lowerer.dense)."""
+    value: object
+
+    @property
+    def shape(self) -> tuple:
+        """The shape of the value it stands for."""
+        *batch, a, b = self.value.shape
+        return (*batch, b, a)
+
+
+def lower_intra_chunk(low, node, q, k, v, g, beta) -> tuple:
+    """(w, u, q_decayed, aqk, k_to_end, last_decay) of `node` from its contiguous operands,
+    u and k_to_end as `Transposed`."""
+    C = node.attrs["chunk_size"]
+    R, Tp, HV, K = q.shape
+    V = v.shape[-1]
+    NC = Tp // C
+    B = R * NC        # ggml's batch: sequence-major (r, chunk); chunk-major results permute it
+    call = low.call
+
+    def chunks(x, width):
+        """[R, Tp, HV, width] viewed as [width, C, HV, B] (ggml order): the tokens of a chunk
+        are rows HV * width apart; the sequence's chunks follow each other."""
+        item = 4
+        return call("ggml_view_4d", x.t, width, C, HV, B, width * HV * item, width * item,
+                    C * HV * width * item, x.offset)
+
+    def swap01(t):       # ggml dims 0 and 1 exchanged, copied contiguous
+        return call("ggml_cont", call("ggml_permute", t, 1, 0, 2, 3))
+
+    def per_token(x):    # [R, Tp, HV, 1] -> [C, HV, B], tokens innermost
+        return swap01(call("ggml_reshape_4d", low.view(x, (R * Tp, HV)), HV, C, B, 1))
+
+    def rows(t):         # [C, HV, B] as [1, C, HV, B]: one factor per row of a chunk
+        return call("ggml_reshape_4d", t, 1, C, HV, B)
+
+    def columns(t):      # [C, HV, B] as [C, 1, HV, B]: one factor per column of a transposed chunk
+        return call("ggml_reshape_4d", t, C, 1, HV, B)
+
+    g_t, beta_t = per_token(g), per_token(beta)
+    gam = call("ggml_cumsum", g_t)
+    gam_exp = call("ggml_exp", gam)
+    q_c, k_c = chunks(q, K), chunks(k, K)
+    q_decayed = call("ggml_mul", q_c, rows(gam_exp))
+    k_t = swap01(k_c)                                                   # [C, K, HV, B]
+    v_t = swap01(chunks(v, V))                                          # [C, V, HV, B]
+
+    ones = low.view(low.fill((C, C), 1.0), (C, C))
+    after = call("ggml_mul_mat", call("ggml_tri", ones, TRI_UPPER),     # row i: 1 where l > i
+                 call("ggml_reshape_4d", g_t, C, HV * B, 1, 1))
+    k_to_end_t = call("ggml_mul", k_t, columns(call("ggml_exp", after)))
+
+    # D^T: g_i in every column j, kept where i > j, summed down i (ggml's innermost axis).
+    g_i = call("ggml_repeat_4d", columns(g_t), C, C, HV, B)
+    d_t = call("ggml_cumsum", call("ggml_tri", g_i, TRI_UPPER))
+    decay = swap01(call("ggml_exp", d_t))                              # [C_j, C_i]: exp(D_ij)
+
+    # k k^T and q k^T in one product: each chunk's k rows, then its q rows, against its k.
+    kq = call("ggml_concat", k_c, q_c, 1)                               # [K, 2C, HV, B]
+    scores = call("ggml_mul", call("ggml_reshape_4d", call("ggml_mul_mat", k_c, kq), C, C, 2, HV * B),
+                  call("ggml_reshape_4d", decay, C, C, 1, HV * B))
+
+    def half(i):         # the kk (0) or qk (1) half of each chunk's decayed scores, [C_j, C_i, HV, B]
+        return call("ggml_view_4d", scores, C, C, HV, B, C * 4, 2 * C * C * 4, 2 * C * C * HV * 4, i * C * C * 4)
+
+    eye = low.op_eye_n(C).t
+    akk = call("ggml_tri", call("ggml_mul", half(0), rows(beta_t)), TRI_LOWER)
+    aqk = call("ggml_mul", half(1), call("ggml_tri", ones, TRI_LOWER_DIAG))
+    # (I + Akk)^-1 diag(beta): beta scales the inverse's columns (a C x C matrix), not v and k.
+    inverse_b = call("ggml_solve_tri", call("ggml_add", akk, eye),
+                     call("ggml_mul", call("ggml_repeat_4d", eye, C, C, HV, B), columns(beta_t)), True, True, False)
+    u_t = call("ggml_mul_mat", inverse_b, v_t)                          # [C_i, V]: (inv (v beta))^T
+    w = call("ggml_mul_mat", k_t, call("ggml_mul", inverse_b, columns(gam_exp)))   # [K, C_i]
+    gam_last = call("ggml_view_4d", gam, 1, HV, B, 1, C * 4, C * HV * 4, C * HV * B * 4, (C - 1) * 4)
+    last_decay = call("ggml_exp", call("ggml_cont", gam_last))
+
+    def result(t, x, y, transposed=False):
+        """t, laid out [R, NC, HV, x, y], as the op's [NC, R, HV, ., .] result."""
+        value = low.made(t, (B, HV, x, y), (R, NC, HV, x, y), "f32")
+        if R > 1:
+            value = low.permute(value, (1, 0, 2, 3, 4))
+        else:
+            value = low.as_shape(value, (NC, R, HV, x, y))
+        return Transposed(value) if transposed else value
+
+    return (result(w, C, K), result(u_t, V, C, True), result(q_decayed, C, K), result(aqk, C, C),
+            result(k_to_end_t, K, C, True), result(last_decay, 1, 1))
