@@ -2,7 +2,7 @@
 
 The kernels (lowering/tvm/intra_chunk.py, chunk_scan.py's chunk_states, chunk_output.py)
 have knobs whose best value is a property of the chip, not of the math: a block's
-value columns and threads, the outputs per thread, the terms staged at once, and how
+value columns and threads, the outputs per thread, the terms staged at once, tensor cores (TF32 or 3xTF32) or not, and how
 many blocks an SM must hold (`__launch_bounds__`'s second argument, which caps the
 registers a thread may use). This measures them on the device instead of guessing:
 
@@ -30,12 +30,15 @@ STATES = [(16, 16, 2), (16, 8, 1), (16, 8, 2), (16, 16, 1), (16, 16, 4), (8, 16,
           (32, 8, 1), (32, 16, 4)]                       # (thread rows, value columns, columns per thread)
 OUTPUTS = [((4, 4), 16, 64), ((4, 4), 32, 64), ((4, 4), 16, 128), ((8, 4), 16, 64), ((4, 8), 16, 64),
            ((8, 8), 16, 128), ((2, 4), 16, 64), ((4, 4), 8, 64)]   # (tile, kt, bv)
+OUTPUTS_MMA = [(16, 64, True), (32, 64, True), (16, 128, True), (32, 128, True), (16, 64, False),
+               (32, 128, False)]                          # tensor cores: (kt, bv, 3xTF32)
+STATES_MMA = [(16, True), (8, True), (16, False)]       # tensor cores: (vt, 3xTF32)
 MIN_BLOCKS = [1, 2, 3]                                    # intra_chunk's blocks per SM
 
 
 def variants():
     """(name, kernel, kg, min_blocks, make) for every variant; the first of each kernel is its default."""
-    from dnir.lowering.tvm import chunk_output, chunk_scan, intra_chunk
+    from dnir.lowering.tvm import chunk_output, chunk_scan, chunk_states_mma, intra_chunk
     out = []
     for kg, layer in ((1, "gdn"), (K, "kda")):
         for m in MIN_BLOCKS:
@@ -44,10 +47,18 @@ def variants():
         for lay in STATES:
             out.append((f"states_{layer}_{'x'.join(map(str, lay))}", "states", kg, 1,
                         lambda kg=kg, lay=lay: chunk_scan.chunk_states_kernel(NC, BATCH, C, K, V, kg, lay, "float32")))
+        for vt, split in STATES_MMA:
+            out.append((f"states_{layer}_mma{'3' if split else '1'}_vt{vt}", "states", kg, 1,
+                        lambda kg=kg, vt=vt, split=split: chunk_states_mma.chunk_states_mma_kernel(
+                            NC, BATCH, C, K, V, kg, "float32", vt=vt, split=split)))
     for tile, kt, bv in OUTPUTS:
         out.append((f"output_{tile[0]}x{tile[1]}_kt{kt}_bv{bv}", "output", 1, 1,
                     lambda tile=tile, kt=kt, bv=bv: chunk_output.chunk_output_kernel(
                         NC, BATCH, C, K, V, bv, "float32", token_major=True, tile=tile, kt=kt)))
+    for kt, bv, split in OUTPUTS_MMA:
+        out.append((f"output_mma{'3' if split else '1'}_kt{kt}_bv{bv}", "output", 1, 1,
+                    lambda kt=kt, bv=bv, split=split: chunk_output.chunk_output_mma_kernel(
+                        NC, BATCH, C, K, V, "float32", token_major=True, bv=bv, kt=kt, split=split)))
     return out
 
 

@@ -24,6 +24,7 @@ from tvm.script import tirx as T
 
 from dnir.graph import Node
 
+from . import mma
 from .fused_signatures import chunk_output_function
 from .kernels import unravel_index
 
@@ -126,4 +127,89 @@ def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: in
                 for r in T.unroll(TR):
                     for j in T.unroll(TC):
                         O[out_at(bx, tx // tc + tr * r, bx % tiles * bv + tx % tc + tc * j)] = acc[r * TC + j]
+    return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major)
+
+
+
+# The tensor-core kernel's choices (benchmarks/gpu_sweep.py times others): value columns of a
+# block, terms staged at once, 3xTF32 (float32's accuracy) rather than TF32.
+MMA_BV, MMA_KT, MMA_SPLIT = 64, 16, True
+
+
+def mma_layout(C: int, K: int, V: int, bv: int = MMA_BV, kt: int = MMA_KT) -> bool:
+    """Whether the tensor-core kernel takes these sizes: whole 16-row warps, 8-column tiles and
+    kt-term slices of the two sums."""
+    return C % mma.M == 0 and V % bv == 0 and bv % mma.N == 0 and K % kt == 0 and C % kt == 0 \
+        and kt % mma.K8 == 0 and 32 <= 32 * (C // mma.M) <= 1024
+
+
+def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dtype: str,
+                            token_major: bool = False, bv: int = MMA_BV, kt: int = MMA_KT, split: bool = MMA_SPLIT):
+    """chunk_output on tensor cores (mma.py: TF32, or 3xTF32 with split).
+
+    A block takes one chunk, head and bv value columns as the CUDA-core kernel does; warp w owns
+    output rows 16 w .. 16 w + 15 and all bv columns (bv / 8 accumulator tiles). Per slice of kt
+    terms the block stages the left operand's C x kt and the right's kt x bv into shared memory,
+    rows padded (kt + 4, bv + 8 words) so that a warp's fragment loads hit 32 different banks;
+    then each warp loads its fragments from there. Not chosen by the translator yet:
+    benchmarks/gpu_sweep.py checks it on a GPU against chunk_output_kernel and times it first."""
+    heads = math.prod(batch)
+    tiles = V // bv
+    threads = 32 * (C // mma.M)
+    nt = bv // mma.N                       # accumulator tiles of a warp
+    px, py = kt + 4, bv + 8                # padded row strides of the staged operands
+
+    def at(bx, row, col):
+        return (bx // (heads * tiles),) + unravel_index(bx // tiles % heads, batch) + (row, col)
+
+    def out_at(bx, row, col):
+        chunk, (r, h) = bx // (heads * tiles), unravel_index(bx // tiles % heads, batch) + (0,) * (2 - len(batch))
+        return (r, chunk * C + row, h, col) if token_major else at(bx, row, col)
+
+    def rounds(count):
+        return -(-count // threads)
+
+    @T.macro
+    def add_product(acc, X, Y, fa, fb, left, right, length, bx, tx):
+        """acc += left[rows, :length] right[:length, columns], kt terms at a time."""
+        for k0 in range(length // kt):
+            for e in T.unroll(rounds(C * kt)):
+                if e * threads + tx < C * kt:
+                    X[(e * threads + tx) // kt * px + (e * threads + tx) % kt] = left[at(
+                        bx, (e * threads + tx) // kt, k0 * kt + (e * threads + tx) % kt)]
+            for e in T.unroll(rounds(kt * bv)):
+                if e * threads + tx < kt * bv:
+                    Y[(e * threads + tx) // bv * py + (e * threads + tx) % bv] = right[at(
+                        bx, k0 * kt + (e * threads + tx) // bv, bx % tiles * bv + (e * threads + tx) % bv)]
+            T.tvm_storage_sync("shared")
+            for k8 in T.unroll(kt // mma.K8):
+                for i in T.unroll(4):
+                    fa[i] = X[(tx // 32 * mma.M + mma.a_at(tx % 32, i)[0]) * px + k8 * mma.K8 + mma.a_at(tx % 32, i)[1]]
+                    fa[4 + i] = mma.low_part(fa[i])
+                for j in T.unroll(nt):
+                    for i in T.unroll(2):
+                        fb[i] = Y[(k8 * mma.K8 + mma.b_at(tx % 32, i)[0]) * py + j * mma.N + mma.b_at(tx % 32, i)[1]]
+                        fb[2 + i] = mma.low_part(fb[i])
+                    mma.mma(acc, 4 * j, fa, fb, split)
+            T.tvm_storage_sync("shared")
+
+    @T.macro
+    def body(Qd, St, A, N, O):
+        T.reads()                              # the tensor-core calls read registers TVM cannot see
+        T.writes()
+        for bx in T.thread_binding(steps * heads * tiles, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                X = T.alloc_shared((C * px,), dtype)
+                Y = T.alloc_shared((kt * py,), dtype)
+                acc = T.alloc_local((4 * nt,), dtype)
+                fa = T.alloc_local((8,), dtype)
+                fb = T.alloc_local((4,), dtype)
+                for i in T.unroll(4 * nt):
+                    acc[i] = T.float32(0)
+                add_product(acc, X, Y, fa, fb, Qd, St, K, bx, tx)
+                add_product(acc, X, Y, fa, fb, A, N, C, bx, tx)
+                for j in T.unroll(nt):
+                    for i in T.unroll(4):
+                        O[out_at(bx, tx // 32 * mma.M + mma.d_at(tx % 32, i)[0],
+                                 bx % tiles * bv + j * mma.N + mma.d_at(tx % 32, i)[1])] = acc[4 * j + i]
     return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major)

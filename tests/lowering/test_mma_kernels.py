@@ -1,0 +1,40 @@
+"""The tensor-core variants of chunk_states and chunk_output (lowering/tvm/mma.py) compile to sm_90 PTX
+with their mma instructions; benchmarks/gpu_sweep.py runs them on a GPU against the CUDA-core kernels."""
+import re
+import shutil
+import subprocess
+
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+
+def _source(func):
+    from dnir.lowering.tvm.compile import cuda_source, make_target
+    return cuda_source(tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=make_target("cuda")))
+
+
+@pytest.mark.parametrize("kernel,split,products", [("states", True, 3), ("states", False, 1),
+                                                  ("output", True, 3), ("output", False, 1)])
+def test_mma_kernels_compile_to_ptx(kernel, split, products, tmp_path):
+    from dnir.lowering.tvm.chunk_output import chunk_output_mma_kernel
+    from dnir.lowering.tvm.chunk_states_mma import chunk_states_mma_kernel
+    steps, batch, C, K, V = 3, (2, 4), 64, 128, 128
+    if kernel == "states":
+        func = chunk_states_mma_kernel(steps, batch, C, K, V, K, "float32", split=split)
+        # per half of K (the loop over halves is not unrolled): v_new's and the update's k-steps, 2 tiles
+        expected = products * (K // 2 // 8) * 2 * 2
+    else:
+        func = chunk_output_mma_kernel(steps, batch, C, K, V, "float32", token_major=True, split=split)
+        expected = products * (16 // 8) * (64 // 8) * 2
+    source = _source(func)
+    assert source.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == expected
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed: the CUDA source was generated but not compiled")
+    (tmp_path / "k.cu").write_text(source)
+    proc = subprocess.run([nvcc, "--ptx", "-arch=sm_90", "-o", str(tmp_path / "k.ptx"), str(tmp_path / "k.cu")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32", ptx)) >= expected
