@@ -27,6 +27,7 @@ import ctypes
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,8 +62,24 @@ def _find_cudart() -> str | None:
     return ctypes.util.find_library("cudart")
 
 
+# Blocks per SM a kernel asks nvcc for (__launch_bounds__'s second argument, which caps its
+# registers). intra_chunk: 169-176 registers a thread left one 256-thread block per SM; at 3
+# (80 registers, 300 B spilled) it ran 1.69 -> 1.16 ms (GDA) and 2.91 -> 2.16 ms (KDA) at
+# (1, 8192, 32, 128) on an H200 (benchmarks/results/gpu_sweep.md).
+MIN_BLOCKS_PER_SM = {"intra_chunk_kernel": 3}
+
+
+def with_launch_bounds(source: str) -> str:
+    """TVM's CUDA source with MIN_BLOCKS_PER_SM in the named kernels' __launch_bounds__."""
+    for name, blocks in MIN_BLOCKS_PER_SM.items():
+        source = re.sub(rf"__launch_bounds__\((\d+)\) {name}\(", rf"__launch_bounds__(\1, {blocks}) {name}(", source)
+    return source
+
+
 def nvcc_compile(source: str, arch: str = DEFAULT_ARCH) -> bytearray:
-    """A fatbin of `source` for `arch`, from the module cache when the same source was compiled before."""
+    """A fatbin of `source` for `arch` (with_launch_bounds applied), from the module cache when the
+    same source was compiled before."""
+    source = with_launch_bounds(source)
     cached = fatbin_path(source, arch)
     if cached.exists():
         return bytearray(cached.read_bytes())

@@ -19,9 +19,9 @@ Shared memory: S [K, vt + 8], v_new [C, vt + 8], one staged half [C, K/2 + 8]; 3
 C = 64, K = 128, vt = 16. Takes C = 64 and K = 128 (four warps of 16 rows either way) and
 vt a multiple of 8.
 
-Not chosen by the translator yet: benchmarks/gpu_sweep.py runs it on a GPU against the
-CUDA-core kernel's outputs and times it first (tests/lowering/test_mma_kernels.py: it compiles
-to sm_90 PTX with its mma instructions).
+The cuda target's translator takes it for float32 (Vulkan keeps chunk_scan.py's kernel). On an
+H200 at (1, 8192, 32, 128) it matched the CUDA-core kernel within 8.5e-7 (relative) and ran
+1.24 -> 0.89 ms (TF32 alone: 0.78 ms but 1.2e-3; benchmarks/results/gpu_sweep.md).
 """
 from __future__ import annotations
 

@@ -44,8 +44,8 @@ from dnir.graph import Graph, Node
 from dnir.ops import table_entry
 from dnir.types import DTYPES, HALF_DTYPES
 
-from . import (chunk_output, chunk_scan, cpu_chunk_layer, cpu_chunk_scan, cpu_intra_chunk, cpu_token_step,
-               intra_chunk, kernels, token_step)
+from . import (chunk_output, chunk_scan, chunk_states_mma, cpu_chunk_layer, cpu_chunk_scan, cpu_intra_chunk,
+               cpu_token_step, intra_chunk, kernels, token_step)
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -62,10 +62,12 @@ def _const(value, dtype: str) -> relax.Constant:
 
 class Translator:
     """Builds one IRModule; `gpu` selects the thread-bound variants of the TIR kernels;
-    `bool_as_int` stores bool tensors as int32 (WGSL has no byte-sized storage)."""
+    `bool_as_int` stores bool tensors as int32 (WGSL has no byte-sized storage); `tensor_cores`
+    (CUDA) the fused kernels' variants whose products run as mma (mma.py)."""
 
-    def __init__(self, gpu: bool, bool_as_int: bool = False):
+    def __init__(self, gpu: bool, bool_as_int: bool = False, tensor_cores: bool = False):
         self.gpu = gpu
+        self.tensor_cores = tensor_cores
         self.bool_as_int = bool_as_int
         self.bb = relax.BlockBuilder()
         self.steps: dict[tuple[int, int], tuple] = {}    # (id(body), length) -> (loop, step) functions
@@ -516,6 +518,10 @@ def _lower_chunk_states(tr, node, args):
     starting states, v_new]."""
     steps, batch, C, K, V, Kg = chunk_scan.sizes(node)
     dtype, layout = TVM_DTYPES[node.inputs[0].dtype], chunk_scan.layout(C, K, V)
+    if tr.tensor_cores and dtype == "float32" and chunk_states_mma.takes(C, K, V):
+        gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, "mma", dtype),
+                     lambda: chunk_states_mma.chunk_states_mma_kernel(steps, batch, C, K, V, Kg, dtype))
+        return _call_fused(tr, node, gv, args)
     gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, layout, dtype),
                  lambda: chunk_scan.chunk_states_kernel(steps, batch, C, K, V, Kg, layout, dtype))
     return _call_fused(tr, node, gv, args)
@@ -527,6 +533,10 @@ def _lower_chunk_output(tr, node, args):
     steps, batch, C, K, V = chunk_output.sizes(node)
     dtype, bv = TVM_DTYPES[node.inputs[0].dtype], chunk_output.layout(C, K, V)
     token_major = node.attrs["token_major"]
+    if tr.tensor_cores and dtype == "float32" and chunk_output.mma_layout(C, K, V):
+        gv = tr.prim(("chunk_output", steps, batch, C, K, V, "mma", dtype, token_major),
+                     lambda: chunk_output.chunk_output_mma_kernel(steps, batch, C, K, V, dtype, token_major))
+        return tr.emit(relax.op.call_tir(gv, list(args), tr.tensor_type(node.type)))
     gv = tr.prim(("chunk_output", steps, batch, C, K, V, bv, dtype, token_major),
                  lambda: chunk_output.chunk_output_kernel(steps, batch, C, K, V, bv, dtype, token_major))
     return tr.emit(relax.op.call_tir(gv, list(args), tr.tensor_type(node.type)))
@@ -598,4 +608,4 @@ def translate(graph: Graph, gpu: bool = False, dtypes=None, target_name: str = "
     missing = unsupported(graph, dtypes)
     if missing:
         raise BackendError(f"target {target_name!r} cannot lower: {', '.join(missing)}")
-    return Translator(gpu, bool_as_int).module(graph)
+    return Translator(gpu, bool_as_int, tensor_cores=target_name == "cuda").module(graph)

@@ -1,5 +1,6 @@
 """The tensor-core variants of chunk_states and chunk_output (lowering/tvm/mma.py) compile to sm_90 PTX
-with their mma instructions; benchmarks/gpu_sweep.py runs them on a GPU against the CUDA-core kernels."""
+with their mma instructions, and the cuda target's layer uses them; benchmarks/gpu_sweep.py runs them
+on a GPU against the CUDA-core kernels."""
 import re
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ def _source(func):
 @pytest.mark.parametrize("kernel,split,products", [("states", True, 3), ("states", False, 1),
                                                   ("output", True, 3), ("output", False, 1)])
 def test_mma_kernels_compile_to_ptx(kernel, split, products, tmp_path):
-    from dnir.lowering.tvm.chunk_output import chunk_output_mma_kernel
+    from dnir.lowering.tvm.chunk_output import MMA_BV, MMA_KT, chunk_output_mma_kernel
     from dnir.lowering.tvm.chunk_states_mma import chunk_states_mma_kernel
     steps, batch, C, K, V = 3, (2, 4), 64, 128, 128
     if kernel == "states":
@@ -26,7 +27,7 @@ def test_mma_kernels_compile_to_ptx(kernel, split, products, tmp_path):
         expected = products * (K // 2 // 8) * 2 * 2
     else:
         func = chunk_output_mma_kernel(steps, batch, C, K, V, "float32", token_major=True, split=split)
-        expected = products * (16 // 8) * (64 // 8) * 2
+        expected = products * (MMA_KT // 8) * (MMA_BV // 8) * 2
     source = _source(func)
     assert source.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == expected
     nvcc = shutil.which("nvcc")
@@ -38,3 +39,24 @@ def test_mma_kernels_compile_to_ptx(kernel, split, products, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ptx = (tmp_path / "k.ptx").read_text()
     assert len(re.findall(r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32", ptx)) >= expected
+
+
+def test_cuda_layer_uses_the_tensor_core_kernels():
+    from dnir.lowering.registry import build, target_context
+    from dnir.lowering.tvm.compile import cuda_source
+    from dnir.models import build as build_layer
+    from dnir.passes import optimize
+    with target_context("cuda"):
+        graph = optimize(build_layer("gdn", seq_len=130, batch=2, heads=2, value_heads=4, head_dim=128,
+                                     value_dim=128, initial_state=True, final_state=True), "O2")
+    source = cuda_source(build(graph, "cuda", arch="sm_90"))
+    assert "mma.sync.aligned.m16n8k8" in source and "chunk_states_kernel" in source
+
+
+def test_intra_chunk_asks_for_three_blocks_per_sm():
+    from dnir.lowering.runtime_loader import with_launch_bounds
+    src = 'extern "C" __global__ void __launch_bounds__(256) intra_chunk_kernel(float* a) {}\n' \
+          'extern "C" __global__ void __launch_bounds__(128) chunk_output_kernel(float* a) {}'
+    out = with_launch_bounds(src)
+    assert "__launch_bounds__(256, 3) intra_chunk_kernel(" in out
+    assert "__launch_bounds__(128) chunk_output_kernel(" in out
