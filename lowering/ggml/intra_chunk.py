@@ -28,6 +28,17 @@ from dataclasses import dataclass
 from .api import F32, TRI_LOWER, TRI_LOWER_DIAG, TRI_UPPER
 
 
+def rejects(node) -> str | None:
+    """None when these ops take the intra_chunk `node`, else why not: float32 and one gate per head
+    (a gate per key channel makes the decay tensor K times larger, 2 GiB at T=4096, where O2's
+    blocks of 16 rows cost less)."""
+    if node.inputs[0].dtype != "f32":
+        return f"ggml's intra_chunk is float32, the {node.op} is {node.inputs[0].dtype}"
+    if node.inputs[3].shape[-1] != 1:
+        return f"ggml's intra_chunk takes one gate per head; g has {node.inputs[3].shape[-1]} per head"
+    return None
+
+
 @dataclass(frozen=True)
 class Transposed:
     """A value held as `value`, its transpose over the last two axes (a contiguous or strided

@@ -45,6 +45,7 @@ from dnir.passes.manager import made_by
 
 from .api import F32, F16, I32, BF16, TRI_LOWER, TRI_LOWER_DIAG, TRI_UPPER, TRI_UPPER_DIAG
 from .intra_chunk import Transposed, lower_intra_chunk
+from .intra_chunk import rejects as intra_chunk_rejects
 
 # Elementwise ops that are ggml's function of the same name (ggml_<op>), of one and of two operands.
 _UNARY = ("neg", "exp", "log", "sigmoid", "softplus", "sqrt")
@@ -745,8 +746,7 @@ class Lowerer:
     def op_intra_chunk(self, node, *operands):
         """Through ggml's batched ops where the target's check takes the node (one gate per
         head, float32), else through its expansion."""
-        from .backend import _intra_chunk
-        if _intra_chunk(node, None) is not None:
+        if intra_chunk_rejects(node) is not None:
             return self.expanded(node, operands)
         return lower_intra_chunk(self, node, *operands)
 
