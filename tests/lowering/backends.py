@@ -20,6 +20,20 @@ def vulkan_available() -> bool:
 needs_vulkan = pytest.mark.skipif(not vulkan_available(), reason="no Vulkan adapter on this machine")
 
 
+def sm90_ptx(source: str, tmp_path) -> str:
+    """nvcc's PTX of CUDA source for sm_90 (the test skips where nvcc is not installed)."""
+    import shutil
+    import subprocess
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed: the CUDA source was generated but not compiled")
+    (tmp_path / "k.cu").write_text(source)
+    proc = subprocess.run([nvcc, "--ptx", "-arch=sm_90", "-o", str(tmp_path / "k.ptx"), str(tmp_path / "k.cu")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return (tmp_path / "k.ptx").read_text()
+
+
 def merge_graphs(graphs: dict[str, Graph]) -> Graph:
     """Several graphs side by side in one (inputs and outputs prefixed `<key>__`), so that a
     backend compiles them once."""

@@ -2,10 +2,9 @@
 with their mma instructions, and the cuda target's layer uses them; benchmarks/gpu_sweep.py runs them
 on a GPU against the CUDA-core kernels."""
 import re
-import shutil
-import subprocess
 
 import pytest
+from backends import sm90_ptx
 
 tvm = pytest.importorskip("tvm")
 
@@ -30,14 +29,7 @@ def test_mma_kernels_compile_to_ptx(kernel, split, products, tmp_path):
         expected = products * (MMA_KT // 8) * (MMA_BV // 8) * 2
     source = _source(func)
     assert source.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == expected
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not installed: the CUDA source was generated but not compiled")
-    (tmp_path / "k.cu").write_text(source)
-    proc = subprocess.run([nvcc, "--ptx", "-arch=sm_90", "-o", str(tmp_path / "k.ptx"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ptx = (tmp_path / "k.ptx").read_text()
+    ptx = sm90_ptx(source, tmp_path)
     assert len(re.findall(r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32", ptx)) >= expected
 
 

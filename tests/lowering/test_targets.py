@@ -1,7 +1,5 @@
 """Target registration, errors a user can act on, the CUDA path up to PTX, and the CLI."""
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from dnir.errors import BackendError
 from dnir.lowering import run
 from dnir.ops import REGISTRY, OpDef
 
-from backends import vulkan_available
+from backends import sm90_ptx, vulkan_available
 from cases import build_all
 
 
@@ -85,14 +83,7 @@ def test_cuda_source_for_sm90_compiles_to_ptx(graph, kernels, tmp_path):
     from dnir.lowering.tvm.compile import cuda_source
     source = cuda_source(build(graph(), "cuda", arch="sm_90"))     # the cuda pipeline fuses the delta steps
     assert "__global__" in source and all(k in source for k in kernels)
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not installed: the CUDA source was generated but not compiled")
-    (tmp_path / "k.cu").write_text(source)
-    proc = subprocess.run([nvcc, "--ptx", "-arch=sm_90", "-o", str(tmp_path / "k.ptx"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ptx = (tmp_path / "k.ptx").read_text()
+    ptx = sm90_ptx(source, tmp_path)
     found = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", source))
     assert ".target sm_90" in ptx and found and set(re.findall(r"\.entry (\w+)\(", ptx)) == found
 
