@@ -62,13 +62,6 @@ def variants():
     return out
 
 
-def with_min_blocks(source: str, blocks: int) -> str:
-    """The CUDA source with every kernel's __launch_bounds__(threads) asking for `blocks` blocks per SM."""
-    if blocks == 1:
-        return source
-    return re.sub(r"__launch_bounds__\((\d+)\)", rf"__launch_bounds__(\1, {blocks})", source)
-
-
 def fatbin_key(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 
@@ -78,6 +71,7 @@ def build(out: Path) -> int:
 
     import tvm
 
+    from dnir.lowering.runtime_loader import with_launch_bounds
     from dnir.lowering.tvm.compile import cuda_source, make_target
     out.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -89,7 +83,9 @@ def build(out: Path) -> int:
             print(f"{name}: not built ({type(e).__name__}: {str(e)[:200]})", flush=True)
             continue
         ex.export_library(str(out / f"{name}.so"))
-        source = with_min_blocks(cuda_source(ex), blocks)
+        source = cuda_source(ex)
+        if blocks > 1:                         # the variant's kernel is `<name>_kernel` in TVM's source
+            source = with_launch_bounds(source, {f"{name}_kernel": blocks})
         (out / f"{name}.cu").write_text(source)
         fatbin = out / f"{fatbin_key(source)}.fatbin"
         proc = subprocess.run(["nvcc", "-O3", "--fatbin", "-arch=sm_90", "-Xptxas", "-v", "-o", str(fatbin),

@@ -69,9 +69,10 @@ def _find_cudart() -> str | None:
 MIN_BLOCKS_PER_SM = {"intra_chunk_kernel": 3}
 
 
-def with_launch_bounds(source: str) -> str:
-    """TVM's CUDA source with MIN_BLOCKS_PER_SM in the named kernels' __launch_bounds__."""
-    for name, blocks in MIN_BLOCKS_PER_SM.items():
+def with_launch_bounds(source: str, min_blocks: dict[str, int] = MIN_BLOCKS_PER_SM) -> str:
+    """TVM's CUDA source with `min_blocks` (kernel name -> blocks per SM) in the named kernels'
+    __launch_bounds__."""
+    for name, blocks in min_blocks.items():
         source = re.sub(rf"__launch_bounds__\((\d+)\) {name}\(", rf"__launch_bounds__(\1, {blocks}) {name}(", source)
     return source
 
