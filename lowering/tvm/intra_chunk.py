@@ -62,6 +62,93 @@ def shared_bytes(C: int, K: int) -> int:
     return 4 * (C * C + 3 * S * (K + 1) + S)
 
 
+def phases(C: int, K: int, V: int, Kg: int, dtype: str):
+    """Macros of the kernel's steps that intra_chunk_mma.py shares: `operands` (step 1), `diagonal`
+    (a row block's staged raw rows and its diagonal block of scores, step 2) and `solve` (step 3).
+    `diagonal` stages into three 16-row stages of K channels: q at Xq[oq:], k at Xk[ok:], gates at Xc[oc:]
+    (three buffers, or one at three offsets where nothing in a condition reads one stage and writes another)."""
+    from tvm.script import tirx as T
+
+    pk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
+    zero = T.cast(0, dtype)
+    P = K + 1                                  # a staged row's stride
+    NL = math.gcd(K, 4)                        # channels summed side by side (independent chains)
+    blocks = C // S
+
+    @T.macro
+    def operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx):
+        """A thread per key channel: the decays and scaled operands; per value column: beta v."""
+        t0 = n * C
+        if tx < K:
+            run[0] = zero
+            for i in T.unroll(C):             # unrolled: the loads issue ahead of the sum
+                run[0] = run[0] + G[b, t0 + i, h, tx * pk]
+                Qd[n, b, h, i, tx] = Q[b, t0 + i, h, tx] * T.exp(run[0])
+                W[n, b, h, i, tx] = Kx[b, t0 + i, h, tx] * Bt[b, t0 + i, h, 0] * T.exp(run[0])
+            if tx < Kg:
+                LD[n, b, h, tx, 0] = T.exp(run[0])
+            run[0] = zero
+            for i1 in T.unroll(C):
+                Ke[n, b, h, C - 1 - i1, tx] = Kx[b, t0 + C - 1 - i1, h, tx] * T.exp(run[0])
+                run[0] = run[0] + G[b, t0 + C - 1 - i1, h, tx * pk]
+        elif tx < K + V:
+            for i in T.unroll(C):
+                U[n, b, h, i, tx - K] = Vx[b, t0 + i, h, tx - K] * Bt[b, t0 + i, h, 0]
+
+    @T.macro
+    def diagonal(Q, Kx, G, KK, A, Xq, oq, Xk, ok, Xc, oc, d, acc, a, n, b, h, tx):
+        """Stage row block a's raw q, k rows and gates; its diagonal block of kk and qk, a thread per
+        pair, D_ij per channel summed over the pair's own segment; qk's zeros above it."""
+        r = a * S
+        t0 = n * C
+        ii, jj = tx // S, tx % S               # the thread's pair in a 16 x 16 block
+        T.tvm_storage_sync("shared")
+        for e in T.unroll(-(-S * K // THREADS)):
+            if e * THREADS + tx < S * K:
+                Xq[oq + (e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Q[
+                    b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
+                Xk[ok + (e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Kx[
+                    b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
+        for e in T.unroll(-(-S * Kg // THREADS)):
+            if e * THREADS + tx < S * Kg:
+                Xc[oc + (e * THREADS + tx) // Kg * P + (e * THREADS + tx) % Kg] = G[
+                    b, t0 + r + (e * THREADS + tx) // Kg, h, (e * THREADS + tx) % Kg]
+        T.tvm_storage_sync("shared")
+        acc[0] = zero
+        acc[1] = zero
+        if jj <= ii:
+            for c0 in range(K // NL):          # NL channels' sums side by side
+                for u in T.unroll(NL):
+                    d[u] = zero
+                for l in T.unroll(S):
+                    for u in T.unroll(NL):
+                        d[u] = d[u] + T.Select(jj < l and l <= ii, Xc[oc + l * P + (c0 * NL + u) * pk], zero)
+                for u in T.unroll(NL):
+                    d[u] = T.exp(d[u]) * Xk[ok + jj * P + c0 * NL + u]
+                    acc[0] = acc[0] + Xk[ok + ii * P + c0 * NL + u] * d[u]
+                    acc[1] = acc[1] + Xq[oq + ii * P + c0 * NL + u] * d[u]
+        KK[(r + ii) * C + r + jj] = acc[0]
+        A[n, b, h, r + ii, r + jj] = acc[1]
+        for cb in range(a + 1, blocks):          # above the diagonal
+            A[n, b, h, r + ii, cb * S + jj] = zero
+
+    @T.macro
+    def solve(Bt, W, U, KK, x, n, b, h, tx):
+        """W and U by forward substitution, a thread per column, kk read from shared memory."""
+        if tx < K + V:
+            for i in T.unroll(C):
+                x[i] = T.Select(tx < K, W[n, b, h, i, T.min(tx, K - 1)], U[n, b, h, i, T.max(tx - K, 0)])
+                for j in T.unroll(C):          # j < i: constant once unrolled
+                    if j < i:
+                        x[i] = x[i] - Bt[b, n * C + i, h, 0] * KK[i * C + j] * x[j]
+                if tx < K:
+                    W[n, b, h, i, tx] = x[i]
+                else:
+                    U[n, b, h, i, tx - K] = x[i]
+
+    return operands, diagonal, solve
+
+
 def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str):
     """The op's function (fused_signatures.intra_chunk_function) with this kernel's loop nest."""
     # TVM's script front end here, not at import: `rejects` runs in O2 inside the cuda target's
@@ -74,7 +161,8 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
     pk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
     zero = T.cast(0, dtype)
     P = K + 1                                  # a staged row's stride
-    NL = math.gcd(K, 4)                        # channels summed side by side (independent chains)
+    NL = math.gcd(K, 4)
+    operands, diagonal, solve = phases(C, K, V, Kg, dtype)
 
     def task(t):                               # (chunk, row, head) of block t
         return t // (R * HV), (t // HV) % R, t % HV
@@ -94,55 +182,11 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                 n, b, h = task(bx)
                 t0 = n * C
                 ii, jj = tx // S, tx % S               # the thread's pair in a 16 x 16 block
-                # 1. per key channel: the decays and scaled operands; per value column: beta v
-                if tx < K:
-                    run[0] = zero
-                    for i in T.unroll(C):             # unrolled: the loads issue ahead of the sum
-                        run[0] = run[0] + G[b, t0 + i, h, tx * pk]
-                        Qd[n, b, h, i, tx] = Q[b, t0 + i, h, tx] * T.exp(run[0])
-                        W[n, b, h, i, tx] = Kx[b, t0 + i, h, tx] * Bt[b, t0 + i, h, 0] * T.exp(run[0])
-                    if tx < Kg:
-                        LD[n, b, h, tx, 0] = T.exp(run[0])
-                    run[0] = zero
-                    for i1 in T.unroll(C):
-                        Ke[n, b, h, C - 1 - i1, tx] = Kx[b, t0 + C - 1 - i1, h, tx] * T.exp(run[0])
-                        run[0] = run[0] + G[b, t0 + C - 1 - i1, h, tx * pk]
-                elif tx < K + V:
-                    for i in T.unroll(C):
-                        U[n, b, h, i, tx - K] = Vx[b, t0 + i, h, tx - K] * Bt[b, t0 + i, h, 0]
+                operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
                 # 2. the scores, one row block a (rows r .. r + 15) at a time
                 for a in range(blocks):
                     r = a * S
-                    T.tvm_storage_sync("shared")
-                    for e in T.unroll(-(-S * K // THREADS)):
-                        if e * THREADS + tx < S * K:
-                            Xq[(e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Q[
-                                b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
-                            Xk[(e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Kx[
-                                b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
-                    for e in T.unroll(-(-S * Kg // THREADS)):
-                        if e * THREADS + tx < S * Kg:
-                            Xc[(e * THREADS + tx) // Kg * P + (e * THREADS + tx) % Kg] = G[
-                                b, t0 + r + (e * THREADS + tx) // Kg, h, (e * THREADS + tx) % Kg]
-                    T.tvm_storage_sync("shared")
-                    # the diagonal block: per channel, D summed over the pair's own segment
-                    acc[0] = zero
-                    acc[1] = zero
-                    if jj <= ii:
-                        for c0 in range(K // NL):          # NL channels' sums side by side
-                            for u in T.unroll(NL):
-                                d[u] = zero
-                            for l in T.unroll(S):
-                                for u in T.unroll(NL):
-                                    d[u] = d[u] + T.Select(jj < l and l <= ii, Xc[l * P + (c0 * NL + u) * pk], zero)
-                            for u in T.unroll(NL):
-                                d[u] = T.exp(d[u]) * Xk[jj * P + c0 * NL + u]
-                                acc[0] = acc[0] + Xk[ii * P + c0 * NL + u] * d[u]
-                                acc[1] = acc[1] + Xq[ii * P + c0 * NL + u] * d[u]
-                    KK[(r + ii) * C + r + jj] = acc[0]
-                    A[n, b, h, r + ii, r + jj] = acc[1]
-                    for cb in range(a + 1, blocks):          # above the diagonal
-                        A[n, b, h, r + ii, cb * S + jj] = zero
+                    diagonal(Q, Kx, G, KK, A, Xq, 0, Xk, 0, Xc, 0, d, acc, a, n, b, h, tx)
                     T.tvm_storage_sync("shared")
                     # (none for a = 0: no barrier may sit inside a condition)
                     # rows decayed to r: q_i, k_i exp(sum_{r < l <= i} g), a thread per channel
@@ -176,14 +220,5 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                         A[n, b, h, r + ii, cb * S + jj] = acc[1]
                 T.tvm_storage_sync("shared")
                 # 3. W and U by forward substitution, a thread per column
-                if tx < K + V:
-                    for i in T.unroll(C):
-                        x[i] = T.Select(tx < K, W[n, b, h, i, T.min(tx, K - 1)], U[n, b, h, i, T.max(tx - K, 0)])
-                        for j in T.unroll(C):          # j < i: constant once unrolled
-                            if j < i:
-                                x[i] = x[i] - Bt[b, t0 + i, h, 0] * KK[i * C + j] * x[j]
-                        if tx < K:
-                            W[n, b, h, i, tx] = x[i]
-                        else:
-                            U[n, b, h, i, tx - K] = x[i]
+                solve(Bt, W, U, KK, x, n, b, h, tx)
     return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body)
