@@ -150,8 +150,8 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
 # run by the _Prepared kept for them: its configuration, graph and compiled module are looked up
 # once by a key of the shapes and the options, instead of derived again from the arguments (a
 # decode step's kernel takes 50 us at B = 1; the derivation took longer). Every value check
-# still runs on every call, and a failing one goes through the same functions, with the same
-# errors, as the first call's.
+# still runs on every call (a prefill's partly through its outputs: _Prepared._scan_call), and a
+# failing one goes through the same functions, with the same errors, as the first call's.
 _ARRAYS = ("q", "k", "v", "g", "beta", "initial_state")
 _OPTIONS = ("scale", "output_final_state", "use_qk_l2norm_in_kernel", "chunk_size", "target", "opt",
             "allow_positive_gates")
@@ -212,6 +212,8 @@ class _Prepared:
 
     def __call__(self, args: dict):
         fn, arrays = self.fn, {n: args[n] for n in self.names}
+        if self.cfg.mode != "decode":
+            return self._scan_call(arrays)
         with np.errstate(over="ignore", invalid="ignore"):
             # one finite total of the arrays' sums says each is finite; else they are looked at
             # one by one, in _host_checks' order (an overflowing total of finite values passes)
@@ -231,6 +233,39 @@ class _Prepared:
                 if not np.isfinite(np.add.reduce(sums.get(i, out), axis=None)):
                     _check_output(out, name, fn, arrays)
         return outputs[0], (outputs[1] if self.cfg.final_state else None)
+
+    def _scan_call(self, arrays: dict):
+        """A call over many tokens (a prefill), its inputs checked through its outputs: a NaN or
+        inf in q, k, v, beta or the initial state reaches o or the final state through products
+        and sums, where it stays non-finite (an inf times 0 is NaN), so one pass over the outputs
+        stands for five over the inputs (9-20 ms a call at (1, 4096, 32, 128) on 2 cores). g is
+        checked first, as exp(-inf) = 0 would hide a gate of -inf. When one fails, the first
+        call's checks run in their order and say which input and where (_host_checks, then
+        _check_output: an overflow of finite inputs is a NumericError); the first call of all
+        checks its inputs before the graph is built. The unstable-keys warning comes once the
+        outputs passed, as it came after the inputs' checks."""
+        fn, cfg, g = self.fn, self.cfg, arrays["g"]
+        checked = self.graph is None
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not checked and not (np.isfinite(np.add.reduce(g, axis=None))
+                                    and (self.allow_positive_gates or g.max() <= 0)):
+                checked = True
+        if checked:     # raises on a bad input (an overflowing sum of good gates passes)
+            _host_checks(arrays, cfg, fn, self.allow_positive_gates, calls=4)
+            if self.graph is None:
+                self._build()
+        outputs, sums = self.run(arrays)
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = all(np.isfinite(np.add.reduce(sums.get(i, out), axis=None)) for i, out in enumerate(outputs))
+        if not finite:
+            if not checked:
+                _host_checks(arrays, cfg, fn, self.allow_positive_gates, calls=4)
+                checked = True
+            for name, out in zip(self.graph.output_names, outputs):
+                _check_output(out, name, fn, arrays)
+        if not checked and not cfg.l2norm:
+            _warn_unstable(arrays["k"], arrays["beta"], fn, stacklevel=6)
+        return outputs[0], (outputs[1] if cfg.final_state else None)
 
     def _run_llvm(self, arrays):
         return self.llvm([arrays[n] for n in self.inputs])
