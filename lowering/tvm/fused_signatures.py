@@ -75,21 +75,25 @@ def chunk_output_function(steps: int, batch: tuple, C: int, K: int, V: int, dtyp
     return kernel
 
 
-def intra_chunk_function(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, body):
+def intra_chunk_function(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, body,
+                         group: int = 1, narrow: dict | None = None):
     """body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD): the loop's operands W, U, Qd, A, Ke, LD (dnir/fused.py's
-    order, chunk-major: [NC, R, HV, C, X], LD [NC, R, HV, Kg, 1]) from q, k [R, Tp, HV, K], v [R, Tp, HV, V],
-    g [R, Tp, HV, Kg] and beta [R, Tp, HV, 1], Tp = NC C tokens."""
-    Tp = NC * C
+    order, chunk-major: [NC, R, HV, C, X], LD [NC, R, HV, Kg, 1]) from q, k [R, Tp, HV / group, K],
+    v [R, Tp, HV, V], g [R, Tp, HV, Kg] and beta [R, Tp, HV, 1], Tp = NC C tokens. group: value heads per
+    head of q and k (GQA read without its repeated copy); narrow: role (dnir.fused.INTRA_ROLES) -> the
+    dtype of an operand narrower than `dtype` (bf16/fp16), which the body widens as it loads it."""
+    Tp, HQ = NC * C, HV // group
+    of = {role: (narrow or {}).get(role, dtype) for role in ("q", "k", "v", "g", "beta")}
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(q: T.handle, k: T.handle, v: T.handle, g: T.handle, beta: T.handle, w: T.handle, u: T.handle,
                qd: T.handle, aqk: T.handle, kte: T.handle, ld: T.handle):
         T.func_attr(ATTRS)
-        Q = T.match_buffer(q, (R, Tp, HV, K), dtype)
-        Kx = T.match_buffer(k, (R, Tp, HV, K), dtype)
-        Vx = T.match_buffer(v, (R, Tp, HV, V), dtype)
-        G = T.match_buffer(g, (R, Tp, HV, Kg), dtype)
-        Bt = T.match_buffer(beta, (R, Tp, HV, 1), dtype)
+        Q = T.match_buffer(q, (R, Tp, HQ, K), of["q"])
+        Kx = T.match_buffer(k, (R, Tp, HQ, K), of["k"])
+        Vx = T.match_buffer(v, (R, Tp, HV, V), of["v"])
+        G = T.match_buffer(g, (R, Tp, HV, Kg), of["g"])
+        Bt = T.match_buffer(beta, (R, Tp, HV, 1), of["beta"])
         W = T.match_buffer(w, (NC, R, HV, C, K), dtype)
         U = T.match_buffer(u, (NC, R, HV, C, V), dtype)
         Qd = T.match_buffer(qd, (NC, R, HV, C, K), dtype)

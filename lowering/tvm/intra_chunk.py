@@ -62,12 +62,34 @@ def shared_bytes(C: int, K: int) -> int:
     return 4 * (C * C + 3 * S * (K + 1) + S)
 
 
-def phases(C: int, K: int, V: int, Kg: int, dtype: str):
+def loads(dtype: str, group: int = 1, scale: float | None = None):
+    """(q_at, k_at, load): an operand's value at [b, t, h, c] in `dtype`. The translator may pass the
+    layer's raw operands (translate._intra_reads): q and k before their GQA repeat (group: value
+    heads per head; value head h reads head h // group), q before its constant scale (applied here)
+    and, on cuda, a bf16/fp16 operand before its widening cast (widened here)."""
+    from tvm.script import tirx as T
+
+    def load(buf, b, t, h, c):
+        return buf[b, t, h, c] if buf.dtype == dtype else T.cast(buf[b, t, h, c], dtype)
+
+    def q_at(Q, b, t, h, c):
+        x = load(Q, b, t, h // group, c)
+        return x if scale is None else x * T.cast(scale, dtype)
+
+    def k_at(Kx, b, t, h, c):
+        return load(Kx, b, t, h // group, c)
+    return q_at, k_at, load
+
+
+def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: float | None = None):
     """Macros of the kernel's steps that intra_chunk_mma.py shares: `operands` (step 1), `diagonal`
     (a row block's staged raw rows and its diagonal block of scores, step 2) and `solve` (step 3).
     `diagonal` stages into three 16-row stages of K channels: q at Xq[oq:], k at Xk[ok:], gates at Xc[oc:]
-    (three buffers, or one at three offsets where nothing in a condition reads one stage and writes another)."""
+    (three buffers, or one at three offsets where nothing in a condition reads one stage and writes another).
+    group, scale: as `loads` reads q and k."""
     from tvm.script import tirx as T
+
+    q_at, k_at, load = loads(dtype, group, scale)
 
     pk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
     zero = T.cast(0, dtype)
@@ -82,18 +104,18 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str):
         if tx < K:
             run[0] = zero
             for i in T.unroll(C):             # unrolled: the loads issue ahead of the sum
-                run[0] = run[0] + G[b, t0 + i, h, tx * pk]
-                Qd[n, b, h, i, tx] = Q[b, t0 + i, h, tx] * T.exp(run[0])
-                W[n, b, h, i, tx] = Kx[b, t0 + i, h, tx] * Bt[b, t0 + i, h, 0] * T.exp(run[0])
+                run[0] = run[0] + load(G, b, t0 + i, h, tx * pk)
+                Qd[n, b, h, i, tx] = q_at(Q, b, t0 + i, h, tx) * T.exp(run[0])
+                W[n, b, h, i, tx] = k_at(Kx, b, t0 + i, h, tx) * load(Bt, b, t0 + i, h, 0) * T.exp(run[0])
             if tx < Kg:
                 LD[n, b, h, tx, 0] = T.exp(run[0])
             run[0] = zero
             for i1 in T.unroll(C):
-                Ke[n, b, h, C - 1 - i1, tx] = Kx[b, t0 + C - 1 - i1, h, tx] * T.exp(run[0])
-                run[0] = run[0] + G[b, t0 + C - 1 - i1, h, tx * pk]
+                Ke[n, b, h, C - 1 - i1, tx] = k_at(Kx, b, t0 + C - 1 - i1, h, tx) * T.exp(run[0])
+                run[0] = run[0] + load(G, b, t0 + C - 1 - i1, h, tx * pk)
         elif tx < K + V:
             for i in T.unroll(C):
-                U[n, b, h, i, tx - K] = Vx[b, t0 + i, h, tx - K] * Bt[b, t0 + i, h, 0]
+                U[n, b, h, i, tx - K] = load(Vx, b, t0 + i, h, tx - K) * load(Bt, b, t0 + i, h, 0)
 
     @T.macro
     def diagonal(Q, Kx, G, KK, A, Xq, oq, Xk, ok, Xc, oc, d, acc, a, n, b, h, tx):
@@ -105,14 +127,14 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str):
         T.tvm_storage_sync("shared")
         for e in T.unroll(-(-S * K // THREADS)):
             if e * THREADS + tx < S * K:
-                Xq[oq + (e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Q[
-                    b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
-                Xk[ok + (e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = Kx[
-                    b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K]
+                Xq[oq + (e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = q_at(
+                    Q, b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K)
+                Xk[ok + (e * THREADS + tx) // K * P + (e * THREADS + tx) % K] = k_at(
+                    Kx, b, t0 + r + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K)
         for e in T.unroll(-(-S * Kg // THREADS)):
             if e * THREADS + tx < S * Kg:
-                Xc[oc + (e * THREADS + tx) // Kg * P + (e * THREADS + tx) % Kg] = G[
-                    b, t0 + r + (e * THREADS + tx) // Kg, h, (e * THREADS + tx) % Kg]
+                Xc[oc + (e * THREADS + tx) // Kg * P + (e * THREADS + tx) % Kg] = load(
+                    G, b, t0 + r + (e * THREADS + tx) // Kg, h, (e * THREADS + tx) % Kg)
         T.tvm_storage_sync("shared")
         acc[0] = zero
         acc[1] = zero
@@ -140,7 +162,7 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str):
                 x[i] = T.Select(tx < K, W[n, b, h, i, T.min(tx, K - 1)], U[n, b, h, i, T.max(tx - K, 0)])
                 for j in T.unroll(C):          # j < i: constant once unrolled
                     if j < i:
-                        x[i] = x[i] - Bt[b, n * C + i, h, 0] * KK[i * C + j] * x[j]
+                        x[i] = x[i] - load(Bt, b, n * C + i, h, 0) * KK[i * C + j] * x[j]
                 if tx < K:
                     W[n, b, h, i, tx] = x[i]
                 else:
@@ -149,8 +171,11 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str):
     return operands, diagonal, solve
 
 
-def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str):
-    """The op's function (fused_signatures.intra_chunk_function) with this kernel's loop nest."""
+def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
+                       scale: float | None = None, narrow: dict | None = None):
+    """The op's function (fused_signatures.intra_chunk_function) with this kernel's loop nest. group,
+    scale: how q and k are read (`loads`); narrow: role -> the dtype of an operand read narrower than
+    `dtype` (bf16/fp16 on cuda), widened as it is loaded."""
     # TVM's script front end here, not at import: `rejects` runs in O2 inside the cuda target's
     # context (passes/fuse_intra_chunk.py), also where only TVM's runtime is installed
     from tvm.script import tirx as T
@@ -162,7 +187,8 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
     zero = T.cast(0, dtype)
     P = K + 1                                  # a staged row's stride
     NL = math.gcd(K, 4)
-    operands, diagonal, solve = phases(C, K, V, Kg, dtype)
+    operands, diagonal, solve = phases(C, K, V, Kg, dtype, group, scale)
+    q_at, k_at, load = loads(dtype, group, scale)
 
     def task(t):                               # (chunk, row, head) of block t
         return t // (R * HV), (t // HV) % R, t % HV
@@ -196,8 +222,8 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                             run[0] = run[0] + T.Select(i > 0, Xc[i * P + tx * pk], zero)
                             # from memory, not the staged rows: a loop that reads and writes a
                             # shared buffer would need a barrier inside this condition
-                            Xq[i * P + tx] = Q[b, t0 + r + i, h, tx] * T.exp(run[0])
-                            Xk[i * P + tx] = Kx[b, t0 + r + i, h, tx] * T.exp(run[0])
+                            Xq[i * P + tx] = q_at(Q, b, t0 + r + i, h, tx) * T.exp(run[0])
+                            Xk[i * P + tx] = k_at(Kx, b, t0 + r + i, h, tx) * T.exp(run[0])
                     # column blocks from a - 1 down: k_j exp(sum_{j < l <= r} g), the sum kept
                     # in run[0] by the channel's thread
                     run[0] = zero
@@ -206,8 +232,8 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                         T.tvm_storage_sync("shared")
                         if tx < K:
                             for j1 in T.unroll(S):
-                                run[0] = run[0] + G[b, t0 + cb * S + S - j1, h, tx * pk]
-                                Xc[(S - 1 - j1) * P + tx] = Kx[b, t0 + cb * S + S - 1 - j1, h, tx] * T.exp(
+                                run[0] = run[0] + load(G, b, t0 + cb * S + S - j1, h, tx * pk)
+                                Xc[(S - 1 - j1) * P + tx] = k_at(Kx, b, t0 + cb * S + S - 1 - j1, h, tx) * T.exp(
                                     run[0])
                         T.tvm_storage_sync("shared")
                         acc[0] = zero
@@ -221,4 +247,4 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                 T.tvm_storage_sync("shared")
                 # 3. W and U by forward substitution, a thread per column
                 solve(Bt, W, U, KK, x, n, b, h, tx)
-    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body)
+    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body, group, narrow)

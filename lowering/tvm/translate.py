@@ -39,7 +39,7 @@ from tvm import relax, te
 from tvm.ir import PrimType
 
 from dnir.errors import BackendError
-from dnir.fused import STEP_ROLES, intra_sizes
+from dnir.fused import INTRA_ROLES, STEP_ROLES, intra_sizes
 from dnir.graph import Graph, Node
 from dnir.ops import table_entry
 from dnir.types import DTYPES, HALF_DTYPES
@@ -93,8 +93,9 @@ class Translator:
             self.bb.emit_func_output(relax.Tuple(outputs))
         mod = self.bb.finalize()
         # the CPU chunk layer kernel leaves its intra_chunk's call unused, and the copies of its
-        # operands (GQA) and of its o (chunk-major) where nothing else reads them
-        return mod if self.gpu else relax.transform.DeadCodeElimination(["main"])(mod)
+        # operands (GQA, q's scaling, a half input's cast on cuda) and of its o (chunk-major)
+        # where nothing else reads them
+        return relax.transform.DeadCodeElimination(["main"])(mod)
 
     def _emit_function_body(self, graph: Graph, params) -> list:
         with self.bb.dataflow():
@@ -547,9 +548,36 @@ def _lower_intra_chunk(tr, node, args):
     """The work local to each chunk as one kernel (intra_chunk.py; cpu_intra_chunk.py on llvm): its six
     results."""
     sizes, dtype = intra_sizes([i.type for i in node.inputs], node.attrs), TVM_DTYPES[node.inputs[0].dtype]
-    make = intra_chunk.intra_chunk_kernel if tr.gpu else cpu_intra_chunk.intra_chunk_kernel
-    gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype), lambda: make(*sizes, dtype))
-    return _call_fused(tr, node, gv, args)
+    if not tr.gpu:
+        gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype), lambda: cpu_intra_chunk.intra_chunk_kernel(*sizes, dtype))
+        return _call_fused(tr, node, gv, args)
+    reads, narrow, group, scale = _intra_reads(tr, node, args)
+    gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype, group, scale, tuple(sorted(narrow.items()))),
+                 lambda: intra_chunk.intra_chunk_kernel(*sizes, dtype, group, scale, narrow))
+    return _call_fused(tr, node, gv, reads)
+
+
+def _intra_reads(tr, node, args):
+    """(values, narrow, group, scale): what the GPU intra_chunk kernel reads for `node`'s operands. q
+    and k before their GQA repeat, q before its constant scaling (cpu_chunk_layer.operands), and on
+    cuda a half input before its widening cast (narrow: role -> its dtype; a reshape of it as a
+    view): none of those copies is made (the module's dead-code pass drops them where nothing else
+    reads them)."""
+    *nodes, group, scale = cpu_chunk_layer.operands(node)
+    if not all(id(x) in tr.main_values for x in nodes):      # inside a scan's body: as the op has them
+        return list(args), {}, 1, None
+    reads, narrow = [], {}
+    for role, x in zip(INTRA_ROLES, nodes):
+        source = x.inputs[0] if x.op == "reshape" else x
+        if tr.tensor_cores and source.op == "cast" and source.inputs[0].type.is_float \
+                and source.inputs[0].type.itemsize < source.type.itemsize:
+            half = source.inputs[0]
+            narrow[role] = tr.dtype(half.dtype)
+            value = tr.main_values[id(half)]
+            reads.append(value if source is x else tr.emit(relax.op.reshape(value, x.shape)))
+        else:
+            reads.append(tr.main_values[id(x)])
+    return reads, narrow, group, scale
 
 
 @lowers("token_step")
