@@ -1,0 +1,228 @@
+"""intra_chunk (dnir/fused.py) with its scores on tensor cores (mma.py, 3xTF32 by default).
+
+The same thread block as intra_chunk.py's kernel (256 threads, one chunk of one head,
+the same six results) and the same steps 1 and 3 (intra_chunk.phases); step 2, the
+scores kk and qk, runs as mma tiles of 16 rows x 8 columns, eight warps taking an equal
+share of them. The sum over the K channels runs a quarter (KQ channels) at a time: the
+block stages that quarter's operands into shared memory (rows padded to KQ + 4 words,
+so that a warp's fragment loads hit 32 banks) and every warp adds its tiles' products.
+
+- One gate per head (Kg = 1): the decay of a pair is one scalar, so the scores are
+  kk = (k k^T) o E and qk = (q k^T) o E with E_ij = exp(D_ij), D_ij = sum_{j < l <= i} g,
+  0 above the diagonal. The products take the raw q and k (the ten 16 x 16 blocks on and
+  below the diagonal, 40 tiles: 5 a warp); E is a [C, C] table computed once, a thread per
+  row and 16-column block summing its gates down from the row (each D_ij a sum over its
+  own segment), in the space kk takes afterwards.
+- A gate per key channel (Kg = K): below the diagonal as intra_chunk.py does it, rows of
+  row block a decayed to r = 16 a and columns before r decayed from r, both by sums over
+  their own segments, now staged for all three row blocks at once (a warp per role: the
+  rows of one block, or the columns of one) and multiplied on tensor cores (24 tiles, 3 a
+  warp). The diagonal blocks, whose decay differs per channel and pair, stay on CUDA cores
+  (intra_chunk.phases' `diagonal`).
+
+Every exponent stays a sum of gates of one sign over its own segment: finite and exact to
+rounding however strong the gates. Shared memory: kk [C, C] and the staging buffer (KDA:
+192 rows of KQ + 4 words; GDA: 128): 44 KiB at K = 128.
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from . import mma
+from .intra_chunk import S, THREADS, phases
+
+WARPS = THREADS // 32
+KQ = 32                     # channels staged at once
+P = KQ + 4                  # a staged row's stride: fragment loads at 4 g + t, no bank conflict
+SPLIT = True                # 3xTF32 (benchmarks/gpu_sweep.py times TF32 alone)
+
+
+def takes(C: int, K: int, V: int) -> bool:
+    """Whether the kernel takes these sizes: 64-token chunks (the tile shares are made for four row
+    blocks), whole quarters of K channels, a thread per column of the solve, the diagonal's stages
+    within the staging buffer."""
+    return C == 4 * S and K % KQ == 0 and K <= 128 and K + V <= THREADS
+
+
+def _lower_pairs(blocks: int, strict: bool):
+    """(a, b) of the 16 x 16 blocks below (strict) or on and below the diagonal, row by row."""
+    return [(a, b) for a in range(blocks) for b in range(a + (0 if strict else 1))]
+
+
+def _pick(index, values):
+    """values[index] for a run-time index: a chain of selects over the table."""
+    out = values[-1]
+    for i in range(len(values) - 2, -1, -1):
+        out = T.Select(index == i, values[i], out)
+    return out
+
+
+def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str,
+                           split: bool = SPLIT):
+    """The op's function (fused_signatures.intra_chunk_function) with its scores on tensor cores."""
+    from .fused_signatures import intra_chunk_function
+    tasks = NC * R * HV
+    blocks = C // S
+    per_key = Kg == K
+    pairs = _lower_pairs(blocks, strict=per_key)
+    tiles = 4 * len(pairs)                     # (pair, 8-column half, kk or qk)
+    assert tiles % WARPS == 0
+    TW = tiles // WARPS                        # tiles a warp
+    zero = T.cast(0, dtype)
+    operands, diagonal, solve = phases(C, K, V, Kg, dtype)
+    upper = [(a, b) for a in range(blocks) for b in range(a + 1, blocks)]
+    # KDA's staging buffer: q rows of blocks 1..3 decayed to their r, then k rows, then the columns
+    # before each r decayed from it (r of them for block a, at col0[a])
+    col0 = [2 * (blocks - 1) * S + S * a * (a - 1) // 2 for a in range(blocks)]
+    rows = (col0[-1] + (blocks - 1) * S) if per_key else 2 * C
+    words = max(rows * P, 3 * S * (K + 1)) if per_key else rows * P
+
+    def task(t):
+        return t // (R * HV), (t // HV) % R, t % HV
+
+    def tile(s):
+        """(a, b, half, product) of tile s: product 0 kk, 1 qk."""
+        p = s // 4
+        return _pick(p, [a for a, _ in pairs]), _pick(p, [b for _, b in pairs]), s // 2 % 2, s % 2
+
+    def a_row(s):                              # the first staged row of tile s's left operand
+        a, _, _, pr = tile(s)
+        if per_key:
+            return (1 - pr) * (blocks - 1) * S + (a - 1) * S     # k rows after the q rows
+        return pr * C + a * S                                     # q rows after the k rows
+
+    def b_row(s):                              # the first staged row of tile s's right operand
+        a, b, half, _ = tile(s)
+        if per_key:
+            return _pick(a, col0) + b * S + half * mma.N
+        return b * S + half * mma.N
+
+    def out_at(s, lane, i):                    # (row, column) of accumulator element i in the chunk
+        a, b, half, _ = tile(s)
+        return a * S + mma.d_at(lane, i)[0], b * S + half * mma.N + mma.d_at(lane, i)[1]
+
+    @T.macro
+    def products(X, acc, fa, fb, w, lane):
+        """acc += every tile's product over the staged quarter of channels."""
+        for u in T.unroll(TW):
+            for k8 in T.unroll(KQ // mma.K8):
+                for i in T.unroll(4):
+                    fa[i] = X[(a_row(w * TW + u) + mma.a_at(lane, i)[0]) * P + k8 * mma.K8 + mma.a_at(lane, i)[1]]
+                    fa[4 + i] = mma.low_part(fa[i])
+                for i in T.unroll(2):          # B = the staged columns transposed
+                    fb[i] = X[(b_row(w * TW + u) + mma.b_at(lane, i)[1]) * P + k8 * mma.K8 + mma.b_at(lane, i)[0]]
+                    fb[2 + i] = mma.low_part(fb[i])
+                mma.mma(acc, 4 * u, fa, fb, split)
+
+    @T.macro
+    def store(KK, A, acc, n, b, h, w, lane):
+        """kk's tiles into KK, qk's into A (warp-uniform choice)."""
+        for u in T.unroll(TW):
+            for i in T.unroll(4):
+                if tile(w * TW + u)[3] == 0:
+                    KK[out_at(w * TW + u, lane, i)[0] * C + out_at(w * TW + u, lane, i)[1]] = acc[4 * u + i]
+                else:
+                    A[n, b, h, out_at(w * TW + u, lane, i)[0], out_at(w * TW + u, lane, i)[1]] = acc[4 * u + i]
+
+    @T.macro
+    def body_per_head(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
+        T.reads()                              # the tensor-core calls read registers TVM cannot see
+        T.writes()
+        for bx in T.thread_binding(tasks, thread="blockIdx.x"):
+            for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                KK = T.alloc_shared((C * C,), dtype)
+                X = T.alloc_shared((words,), dtype)
+                Gs = T.alloc_shared((C,), dtype)
+                run = T.alloc_local((1,), dtype)
+                acc = T.alloc_local((4 * TW,), dtype)
+                fa = T.alloc_local((8,), dtype)
+                fb = T.alloc_local((4,), dtype)
+                x = T.alloc_local((C,), dtype)
+                n, b, h = task(bx)
+                operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
+                if tx < C:
+                    Gs[tx] = G[b, n * C + tx, h, 0]
+                T.tvm_storage_sync("shared")
+                # E into KK: thread (row i = tx // blocks, column block tx % blocks), D summed down from i
+                run[0] = zero
+                for l in range(C):
+                    run[0] = run[0] + T.Select(tx % blocks * S + S <= l and l <= tx // blocks, Gs[l], zero)
+                for j1 in T.unroll(S):
+                    KK[tx // blocks * C + tx % blocks * S + S - 1 - j1] = T.Select(
+                        tx % blocks * S + S - 1 - j1 <= tx // blocks, T.exp(run[0]), zero)
+                    run[0] = run[0] + T.Select(tx % blocks * S + S - 1 - j1 <= tx // blocks,
+                                               Gs[tx % blocks * S + S - 1 - j1], zero)
+                for i in T.unroll(4 * TW):
+                    acc[i] = zero
+                for kq in range(K // KQ):
+                    T.tvm_storage_sync("shared")
+                    for e in T.unroll(C * KQ // THREADS):   # k rows, then q rows
+                        X[(e * THREADS + tx) // KQ * P + (e * THREADS + tx) % KQ] = Kx[
+                            b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ]
+                        X[(C + (e * THREADS + tx) // KQ) * P + (e * THREADS + tx) % KQ] = Q[
+                            b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ]
+                    T.tvm_storage_sync("shared")
+                    products(X, acc, fa, fb, tx // 32, tx % 32)
+                for u in T.unroll(TW):
+                    for i in T.unroll(4):
+                        acc[4 * u + i] = acc[4 * u + i] * KK[out_at(tx // 32 * TW + u, tx % 32, i)[0] * C
+                                                             + out_at(tx // 32 * TW + u, tx % 32, i)[1]]
+                T.tvm_storage_sync("shared")          # every E read before kk takes its place
+                store(KK, A, acc, n, b, h, tx // 32, tx % 32)
+                for e in T.unroll(len(upper)):
+                    A[n, b, h, _pick(e, [a for a, _ in upper]) * S + tx // S, _pick(e, [c for _, c in upper]) * S + tx % S] = zero
+                T.tvm_storage_sync("shared")
+                solve(Bt, W, U, KK, x, n, b, h, tx)
+
+    @T.macro
+    def stage_decayed(Q, Kx, G, X, run, kq, n, b, h, tx):
+        """Channel kq KQ + tx % KQ of the quarter, role tx // KQ (a warp): rows of block a = role + 1
+        decayed to r = 16 a (q at (a - 1) 16, k after all q rows), or (role - 3) the columns before
+        r = 16 (role - 2) decayed from r, at col0."""
+        if tx // KQ < blocks - 1:
+            run[0] = zero
+            for i in T.unroll(S):
+                run[0] = run[0] + T.Select(i > 0, G[b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ], zero)
+                X[(tx // KQ * S + i) * P + tx % KQ] = Q[
+                    b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ] * T.exp(run[0])
+                X[((blocks - 1 + tx // KQ) * S + i) * P + tx % KQ] = Kx[
+                    b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ] * T.exp(run[0])
+        elif tx // KQ < 2 * (blocks - 1):
+            run[0] = zero
+            for j1 in T.unroll((blocks - 1) * S):   # j = r - 1 - j1 while j1 < r; loads clamped to the chunk
+                run[0] = run[0] + T.Select(j1 < (tx // KQ - blocks + 2) * S, G[
+                    b, n * C + T.max((tx // KQ - blocks + 2) * S - j1, 0), h, kq * KQ + tx % KQ], zero)
+                if j1 < (tx // KQ - blocks + 2) * S:
+                    X[(_pick(tx // KQ - blocks + 2, col0) + (tx // KQ - blocks + 2) * S - 1 - j1) * P + tx % KQ] = Kx[
+                        b, n * C + T.max((tx // KQ - blocks + 2) * S - 1 - j1, 0), h, kq * KQ + tx % KQ] * T.exp(run[0])
+
+    @T.macro
+    def body_per_key(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
+        T.reads()
+        T.writes()
+        for bx in T.thread_binding(tasks, thread="blockIdx.x"):
+            for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                KK = T.alloc_shared((C * C,), dtype)
+                X = T.alloc_shared((words,), dtype)
+                run = T.alloc_local((1,), dtype)
+                d = T.alloc_local((4,), dtype)
+                acc = T.alloc_local((4 * TW,), dtype)
+                fa = T.alloc_local((8,), dtype)
+                fb = T.alloc_local((4,), dtype)
+                x = T.alloc_local((C,), dtype)
+                n, b, h = task(bx)
+                operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
+                for a in range(blocks):            # the diagonal blocks on CUDA cores
+                    diagonal(Q, Kx, G, KK, A, X, 0, X, S * (K + 1), X, 2 * S * (K + 1), d, acc, a, n, b, h, tx)
+                for i in T.unroll(4 * TW):
+                    acc[i] = zero
+                for kq in range(K // KQ):
+                    T.tvm_storage_sync("shared")
+                    stage_decayed(Q, Kx, G, X, run, kq, n, b, h, tx)
+                    T.tvm_storage_sync("shared")
+                    products(X, acc, fa, fb, tx // 32, tx % 32)
+                store(KK, A, acc, n, b, h, tx // 32, tx % 32)
+                T.tvm_storage_sync("shared")
+                solve(Bt, W, U, KK, x, n, b, h, tx)
+
+    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body_per_key if per_key else body_per_head)
