@@ -48,6 +48,7 @@ def test_a_head_too_wide_for_the_block_keeps_the_primitive_ops():
 @needs_vulkan
 @pytest.mark.parametrize("name,options", [
     ("qwen3-next", dict(seq_len=150)),                              # GQA, a partial last chunk
+    ("qwen3-next", dict(seq_len=128, batch=2)),                     # GQA and q's scale read raw by the kernel
     ("kimi-linear", dict(seq_len=96, batch=2, chunk_size=32)),      # a decay per key channel
     ("qwen3-next", dict(seq_len=100, cu_seqlens=(0, 37, 100))),     # packed sequences
 ])
@@ -69,3 +70,22 @@ def test_o2_for_cuda_runs_without_tvms_compiler():
             "seq_len=70), 'O2', 'cuda')\nassert 'intra_chunk' in g.op_histogram()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_the_cuda_layer_reads_raw_q_k_v_beta(dtype):
+    """intra_chunk reads q and k before their GQA repeat and q before its scaling (and on cuda a
+    bf16 input before its cast): the cuda module launches no kernel for those copies, only the
+    three fused ones (and o's cast for bf16); Vulkan runs the same kernel code (matched to NumPy
+    above, GQA included). Whole chunks: a partial last chunk's padding is still a copy."""
+    from dnir.lowering.tvm.translate import translate
+    cfg = preset("qwen3-next", value_heads=4, **SMALL, seq_len=128, dtype=dtype)
+    with target_context("cuda"):
+        graph = passes.optimize(build_delta_net(cfg), "O2")
+    main = translate(registry.prepare(graph, "cuda"), gpu=True, target_name="cuda")["main"].script()
+    calls = [line for line in main.splitlines() if "R.call_tir(" in line]
+    assert [c.split("R.call_tir(")[1].split(",")[0] for c in calls] == ["intra_chunk", "chunk_states", "chunk_output"]
+    assert "R.multiply" not in main and "R.broadcast_to" not in main
+    assert main.count("R.astype") == (1 if dtype == "bf16" else 0)      # o's, to the input dtype
+    intra = calls[0].split("(", 2)[2]
+    assert intra.startswith("q, k, v, ")                                # the layer's own q, k, v
