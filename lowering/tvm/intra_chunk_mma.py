@@ -29,7 +29,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from . import mma
-from .intra_chunk import S, THREADS, phases
+from .intra_chunk import S, THREADS, loads, phases
 
 WARPS = THREADS // 32
 KQ = 32                     # channels staged at once
@@ -57,9 +57,10 @@ def _pick(index, values):
     return out
 
 
-def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str,
-                           split: bool = SPLIT):
-    """The op's function (fused_signatures.intra_chunk_function) with its scores on tensor cores."""
+def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
+                           scale: float | None = None, narrow: dict | None = None, split: bool = SPLIT):
+    """The op's function (fused_signatures.intra_chunk_function) with its scores on tensor cores; group,
+    scale and narrow: how the operands are read, as intra_chunk.intra_chunk_kernel's."""
     from .fused_signatures import intra_chunk_function
     tasks = NC * R * HV
     blocks = C // S
@@ -69,7 +70,8 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     assert tiles % WARPS == 0
     TW = tiles // WARPS                        # tiles a warp
     zero = T.cast(0, dtype)
-    operands, diagonal, solve = phases(C, K, V, Kg, dtype)
+    operands, diagonal, solve = phases(C, K, V, Kg, dtype, group, scale)
+    q_at, k_at, load = loads(dtype, group, scale)
     upper = [(a, b) for a in range(blocks) for b in range(a + 1, blocks)]
     # KDA's staging buffer: q rows of blocks 1..3 decayed to their r, then k rows, then the columns
     # before each r decayed from it (r of them for block a, at col0[a])
@@ -141,7 +143,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 n, b, h = task(bx)
                 operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
                 if tx < C:
-                    Gs[tx] = G[b, n * C + tx, h, 0]
+                    Gs[tx] = load(G, b, n * C + tx, h, 0)
                 T.tvm_storage_sync("shared")
                 # E into KK: thread (row i = tx // blocks, column block tx % blocks), D summed down from i
                 run[0] = zero
@@ -157,10 +159,10 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 for kq in range(K // KQ):
                     T.tvm_storage_sync("shared")
                     for e in T.unroll(C * KQ // THREADS):   # k rows, then q rows
-                        X[(e * THREADS + tx) // KQ * P + (e * THREADS + tx) % KQ] = Kx[
-                            b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ]
-                        X[(C + (e * THREADS + tx) // KQ) * P + (e * THREADS + tx) % KQ] = Q[
-                            b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ]
+                        X[(e * THREADS + tx) // KQ * P + (e * THREADS + tx) % KQ] = k_at(
+                            Kx, b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ)
+                        X[(C + (e * THREADS + tx) // KQ) * P + (e * THREADS + tx) % KQ] = q_at(
+                            Q, b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ)
                     T.tvm_storage_sync("shared")
                     products(X, acc, fa, fb, tx // 32, tx % 32)
                 for u in T.unroll(TW):
@@ -182,19 +184,19 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         if tx // KQ < blocks - 1:
             run[0] = zero
             for i in T.unroll(S):
-                run[0] = run[0] + T.Select(i > 0, G[b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ], zero)
-                X[(tx // KQ * S + i) * P + tx % KQ] = Q[
-                    b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ] * T.exp(run[0])
-                X[((blocks - 1 + tx // KQ) * S + i) * P + tx % KQ] = Kx[
-                    b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ] * T.exp(run[0])
+                run[0] = run[0] + T.Select(i > 0, load(G, b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ), zero)
+                X[(tx // KQ * S + i) * P + tx % KQ] = q_at(
+                    Q, b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ) * T.exp(run[0])
+                X[((blocks - 1 + tx // KQ) * S + i) * P + tx % KQ] = k_at(
+                    Kx, b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ) * T.exp(run[0])
         elif tx // KQ < 2 * (blocks - 1):
             run[0] = zero
             for j1 in T.unroll((blocks - 1) * S):   # j = r - 1 - j1 while j1 < r; loads clamped to the chunk
-                run[0] = run[0] + T.Select(j1 < (tx // KQ - blocks + 2) * S, G[
-                    b, n * C + T.max((tx // KQ - blocks + 2) * S - j1, 0), h, kq * KQ + tx % KQ], zero)
+                run[0] = run[0] + T.Select(j1 < (tx // KQ - blocks + 2) * S, load(
+                    G, b, n * C + T.max((tx // KQ - blocks + 2) * S - j1, 0), h, kq * KQ + tx % KQ), zero)
                 if j1 < (tx // KQ - blocks + 2) * S:
-                    X[(_pick(tx // KQ - blocks + 2, col0) + (tx // KQ - blocks + 2) * S - 1 - j1) * P + tx % KQ] = Kx[
-                        b, n * C + T.max((tx // KQ - blocks + 2) * S - 1 - j1, 0), h, kq * KQ + tx % KQ] * T.exp(run[0])
+                    X[(_pick(tx // KQ - blocks + 2, col0) + (tx // KQ - blocks + 2) * S - 1 - j1) * P + tx % KQ] = k_at(
+                        Kx, b, n * C + T.max((tx // KQ - blocks + 2) * S - 1 - j1, 0), h, kq * KQ + tx % KQ) * T.exp(run[0])
 
     @T.macro
     def body_per_key(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
@@ -225,4 +227,4 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 T.tvm_storage_sync("shared")
                 solve(Bt, W, U, KK, x, n, b, h, tx)
 
-    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body_per_key if per_key else body_per_head)
+    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body_per_key if per_key else body_per_head, group, narrow)
