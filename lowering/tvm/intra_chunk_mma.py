@@ -17,12 +17,16 @@ so that a warp's fragment loads hit 32 banks) and every warp adds its tiles' pro
   row block a decayed to r = 16 a and columns before r decayed from r, both by sums over
   their own segments, now staged for all three row blocks at once (a warp per role: the
   rows of one block, or the columns of one) and multiplied on tensor cores (24 tiles, 3 a
-  warp). The diagonal blocks, whose decay differs per channel and pair, stay on CUDA cores
-  (intra_chunk.phases' `diagonal`).
+  warp). The diagonal blocks, whose decay differs per channel and pair, on CUDA cores by
+  halving (`diagonal_by_halves`): every pair of a block lies in one pair of sub-blocks of 8, 4,
+  2 or 1 tokens whose boundary splits its decay, so rows and columns staged decayed to that
+  boundary (at most 8 gates summed each) leave plain products, a thread per pair, no exp and
+  no per-pair gate sums in the channel loop (intra_chunk.py's thread per pair sums 16 masked
+  gates per channel).
 
 Every exponent stays a sum of gates of one sign over its own segment: finite and exact to
 rounding however strong the gates. Shared memory: kk [C, C] and the staging buffer (KDA:
-192 rows of KQ + 4 words; GDA: 128): 44 KiB at K = 128.
+192 rows of KQ + 4 words, the halving's gates beside; GDA: 128): 44 KiB at K = 128.
 """
 from __future__ import annotations
 
@@ -35,6 +39,9 @@ WARPS = THREADS // 32
 KQ = 32                     # channels staged at once
 P = KQ + 4                  # a staged row's stride: fragment loads at 4 g + t, no bank conflict
 SPLIT = True                # 3xTF32 (benchmarks/gpu_sweep.py times TF32 alone)
+HALVING = True              # KDA's diagonal blocks by halving (benchmarks/gpu_sweep.py times the other way)
+EC = 8                      # channels a round of the halving stages
+PE = EC + 1
 
 
 def takes(C: int, K: int, V: int) -> bool:
@@ -58,9 +65,11 @@ def _pick(index, values):
 
 
 def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
-                           scale: float | None = None, narrow: dict | None = None, split: bool = SPLIT):
+                           scale: float | None = None, narrow: dict | None = None, split: bool = SPLIT,
+                           halving: bool = HALVING):
     """The op's function (fused_signatures.intra_chunk_function) with its scores on tensor cores; group,
-    scale and narrow: how the operands are read, as intra_chunk.intra_chunk_kernel's."""
+    scale and narrow: how the operands are read, as intra_chunk.intra_chunk_kernel's. halving: KDA's
+    diagonal blocks by halving (`diagonal_by_halves`) rather than by intra_chunk.phases' `diagonal`."""
     from .fused_signatures import intra_chunk_function
     tasks = NC * R * HV
     blocks = C // S
@@ -77,7 +86,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     # before each r decayed from it (r of them for block a, at col0[a])
     col0 = [2 * (blocks - 1) * S + S * a * (a - 1) // 2 for a in range(blocks)]
     rows = (col0[-1] + (blocks - 1) * S) if per_key else 2 * C
-    words = max(rows * P, 3 * S * (K + 1)) if per_key else rows * P
+    words = max(rows * P, 3 * S * (K + 1), 10 * C * PE) if per_key else rows * P
 
     def task(t):
         return t // (R * HV), (t // HV) % R, t % HV
@@ -198,6 +207,100 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                     X[(_pick(tx // KQ - blocks + 2, col0) + (tx // KQ - blocks + 2) * S - 1 - j1) * P + tx % KQ] = k_at(
                         Kx, b, n * C + T.max((tx // KQ - blocks + 2) * S - 1 - j1, 0), h, kq * KQ + tx % KQ) * T.exp(run[0])
 
+    # The diagonal blocks by halving: a pair i > j of one 16-token block lies in exactly one pair of
+    # sub-blocks (2v + 1, 2v) of size s = 8, 4, 2 or 1, whose boundary (2v + 1) s splits its decay:
+    # D_ij = sum_{j < l <= (2v+1)s} g + sum_{(2v+1)s < l <= i} g. Per level, every token's k and q are
+    # staged decayed to its sub-block's boundary (from it in an odd sub-block, to it in an even one:
+    # at most s gates, each a sum over its own segment), and a thread per pair adds plain products;
+    # EC channels a round. X rows: level L's k at 2 C L + t, q at 2 C L + C + t; raw k at 8 C + t,
+    # raw q at 9 C + t. Y: the round's gates (one spare row: an odd sub-block's last sum reads past).
+    def sub_pair(sz, q):                       # (i, j) of pair q of level sz: sz x sz pairs per sub-block pair
+        return (2 * (q // (sz * sz)) + 1) * sz + q % (sz * sz) // sz, 2 * (q // (sz * sz)) * sz + q % sz
+
+    @T.macro
+    def level_rows(sz, L, Q, Kx, X, Y, run, cg, n, b, h, tx):
+        for e in T.unroll(C * EC // THREADS):
+            run[0] = zero
+            for m in T.unroll(sz):             # l = base + m + 1: (t, base + sz] if even, (base, t] if odd
+                run[0] = run[0] + T.Select(
+                    ((e * THREADS + tx) // EC // sz % 2 == 1) == ((e * THREADS + tx) // EC // sz * sz + m + 1
+                                                                   <= (e * THREADS + tx) // EC),
+                    Y[((e * THREADS + tx) // EC // sz * sz + m + 1) * PE + (e * THREADS + tx) % EC], zero)
+            X[(2 * C * L + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = k_at(
+                Kx, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC) * T.exp(run[0])
+            X[(2 * C * L + C + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = q_at(
+                Q, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC) * T.exp(run[0])
+
+    @T.macro
+    def pair_dot(sz, L, q, X, dg, o):
+        for c in T.unroll(EC):
+            dg[o] = dg[o] + X[(2 * C * L + sub_pair(sz, q)[0]) * PE + c] * X[(2 * C * L + sub_pair(sz, q)[1]) * PE + c]
+            dg[o + 1] = dg[o + 1] + X[(2 * C * L + C + sub_pair(sz, q)[0]) * PE + c] * X[
+                (2 * C * L + sub_pair(sz, q)[1]) * PE + c]
+
+    @T.macro
+    def pair_store(sz, q, KK, A, dg, o, n, b, h):
+        KK[sub_pair(sz, q)[0] * C + sub_pair(sz, q)[1]] = dg[o]
+        A[n, b, h, sub_pair(sz, q)[0], sub_pair(sz, q)[1]] = dg[o + 1]
+        A[n, b, h, sub_pair(sz, q)[1], sub_pair(sz, q)[0]] = zero
+
+    @T.macro
+    def diagonal_by_halves(Q, Kx, G, KK, A, X, Y, run, dg, n, b, h, tx):
+        """kk and qk of the four diagonal blocks (and qk's zeros above them); the thread's pairs: q = tx of
+        level 8 (256 pairs), then tx < 128: level 4, < 192: level 2, < 224: level 1, else qk_tt of
+        t = tx - 224 and t + 32."""
+        for i in T.unroll(4):
+            dg[i] = zero
+        for cg in range(K // EC):
+            T.tvm_storage_sync("shared")
+            for e in T.unroll(C * EC // THREADS):
+                Y[(e * THREADS + tx) // EC * PE + (e * THREADS + tx) % EC] = load(
+                    G, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
+                X[(8 * C + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = k_at(
+                    Kx, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
+                X[(9 * C + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = q_at(
+                    Q, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
+            T.tvm_storage_sync("shared")
+            level_rows(8, 0, Q, Kx, X, Y, run, cg, n, b, h, tx)
+            level_rows(4, 1, Q, Kx, X, Y, run, cg, n, b, h, tx)
+            level_rows(2, 2, Q, Kx, X, Y, run, cg, n, b, h, tx)
+            level_rows(1, 3, Q, Kx, X, Y, run, cg, n, b, h, tx)
+            T.tvm_storage_sync("shared")
+            pair_dot(8, 0, tx, X, dg, 0)
+            if tx < 128:
+                pair_dot(4, 1, tx, X, dg, 2)
+            elif tx < 192:
+                pair_dot(2, 2, tx - 128, X, dg, 2)
+            elif tx < 224:
+                pair_dot(1, 3, tx - 192, X, dg, 2)
+            else:
+                for c in T.unroll(EC):
+                    dg[2] = dg[2] + X[(9 * C + tx - 224) * PE + c] * X[(8 * C + tx - 224) * PE + c]
+                    dg[3] = dg[3] + X[(9 * C + tx - 192) * PE + c] * X[(8 * C + tx - 192) * PE + c]
+        pair_store(8, tx, KK, A, dg, 0, n, b, h)
+        if tx < 128:
+            pair_store(4, tx, KK, A, dg, 2, n, b, h)
+        elif tx < 192:
+            pair_store(2, tx - 128, KK, A, dg, 2, n, b, h)
+        elif tx < 224:
+            pair_store(1, tx - 192, KK, A, dg, 2, n, b, h)
+        else:
+            A[n, b, h, tx - 224, tx - 224] = dg[2]
+            A[n, b, h, tx - 192, tx - 192] = dg[3]
+        for e in T.unroll(len(upper)):
+            A[n, b, h, _pick(e, [a for a, _ in upper]) * S + tx // S, _pick(e, [c for _, c in upper]) * S + tx % S] = zero
+
+    @T.macro
+    def diagonals_by_threads(Q, Kx, G, KK, A, X, Y, run, d, acc, n, b, h, tx):
+        for a in range(blocks):                # a thread per pair (intra_chunk.phases)
+            diagonal(Q, Kx, G, KK, A, X, 0, X, S * (K + 1), X, 2 * S * (K + 1), d, acc, a, n, b, h, tx)
+
+    @T.macro
+    def diagonals_by_halves(Q, Kx, G, KK, A, X, Y, run, d, acc, n, b, h, tx):
+        diagonal_by_halves(Q, Kx, G, KK, A, X, Y, run, d, n, b, h, tx)
+
+    diagonals = diagonals_by_halves if halving else diagonals_by_threads
+
     @T.macro
     def body_per_key(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
         T.reads()
@@ -206,6 +309,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                 KK = T.alloc_shared((C * C,), dtype)
                 X = T.alloc_shared((words,), dtype)
+                Y = T.alloc_shared(((C + 1) * PE,), dtype)
                 run = T.alloc_local((1,), dtype)
                 d = T.alloc_local((4,), dtype)
                 acc = T.alloc_local((4 * TW,), dtype)
@@ -214,8 +318,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 x = T.alloc_local((C,), dtype)
                 n, b, h = task(bx)
                 operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
-                for a in range(blocks):            # the diagonal blocks on CUDA cores
-                    diagonal(Q, Kx, G, KK, A, X, 0, X, S * (K + 1), X, 2 * S * (K + 1), d, acc, a, n, b, h, tx)
+                diagonals(Q, Kx, G, KK, A, X, Y, run, d, acc, n, b, h, tx)
                 for i in T.unroll(4 * TW):
                     acc[i] = zero
                 for kq in range(K // KQ):
