@@ -45,6 +45,14 @@
         in any shape with that many elements (a kernel reads them flat, so the
         graph's own reshapes need no copy); o is [*batch, V].
 
+    decode_step(state, q, k, v, g, beta) {scale} -> (new state, o)
+        token_step on the layer's own inputs, its prologue folded in (passes/fold_step_prologue.py):
+            a = exp(g),  q_s = q scale,  value head j reads q/k head j // group (GQA)
+            token_step(state, a, k, k a, q_s a, v, beta, q_s . k)
+        state [*batch, K, V] with batch = (..., HV); q and k hold H K values per sequence
+        (H dividing HV, group = HV / H), v V per head, g one or K per head, beta one, each in
+        any shape with that many elements (the layer's [B, T, H, K] as they come).
+
 Each op is multi-result, like `scan`: its results are read with `item`. Its
 `expand` rewrites it into primitive ops (the chunk scan into the `scan` whose
 step body it stands for), for a backend without a kernel for it; NumPy's
@@ -66,7 +74,7 @@ from .builder import Builder
 from .errors import DTypeError
 from .graph import Graph, Node
 from .intra_chunk import chunk_operands
-from .ops import REQUIRED, OpDef, fail, make_node, register
+from .ops import REQUIRED, OpDef, fail, graph_flops, make_node, register
 from .types import FLOAT_DTYPES, TensorType
 
 CHUNK_ROLES = ("w", "u", "q_decayed", "aqk", "k_to_end", "last_decay")
@@ -390,3 +398,81 @@ def token_step(state: Node, decay: Node, k_col: Node, k_row: Node, q_row: Node, 
 
 register(OpDef("token_step", 8, _infer_token_step, flops=_token_step_flops, op_class="fused",
                expand=_widening(_expand_token_step)))
+
+
+# ---------------------------------------------------------------------------
+# One decode step from the layer's own inputs
+
+
+DECODE_ROLES = ("state", "q", "k", "v", "g", "beta")
+
+
+def decode_sizes(ins):
+    """(batch, K, V, Kg, group) of a decode step's operands, or fail naming the operand: the state
+    [*batch, K, V] (batch = (..., HV)), q and k with H K values per sequence (the batch axes but the
+    last: HV value heads, H dividing HV), v V values per head, g Kg and beta one, in any shapes with
+    that many elements (a kernel reads them flat)."""
+    state = ins[0]
+    if state.rank < 3:
+        fail(f"state must be [*batch, HV, K, V] with at least one batch axis, got {list(state.shape)}")
+    *batch, K, V = state.shape
+    batch = tuple(batch)
+    heads, HV = math.prod(batch), batch[-1]
+    qk_heads = ins[1].size // max(heads // max(HV, 1) * K, 1)
+    Kg = ins[4].size // max(heads, 1)
+    want = dict(q=qk_heads * K * (heads // HV), k=ins[1].size, v=heads * V, g=heads * Kg, beta=heads)
+    for role, t in zip(DECODE_ROLES[1:], ins[1:]):
+        if t.size != want[role] or t.size == 0:
+            fail(f"{role} has shape {list(t.shape)}; expected {want[role]} element(s) with the state "
+                 f"{list(state.shape)} (q and k: H K per sequence, H dividing HV={HV}; v: V per head; "
+                 f"g: 1 or K per head; beta: one per head)")
+    if qk_heads == 0 or HV % qk_heads:
+        fail(f"q has {qk_heads} heads per sequence; expected a divisor of the state's HV={HV} value heads")
+    if Kg not in (1, K):
+        fail(f"g has {Kg} values per head; expected 1 or K={K}")
+    return batch, K, V, Kg, HV // qk_heads
+
+
+def _infer_decode_step(ins, attrs):
+    dtype = _state_dtype(ins, DECODE_ROLES)
+    batch, K, V, Kg, group = decode_sizes(ins)
+    return ins[0], TensorType((*batch, V), dtype)
+
+
+def _decode_step_flops(ins, out, attrs):
+    """Its expansion's: token_step's and the prologue's (the scale, the exp, the decayed rows, q . k)."""
+    operands = [make_node("input", (), {"name": r, "shape": t.shape, "dtype": t.dtype})
+                for r, t in zip(DECODE_ROLES, ins)]
+    return graph_flops(Graph(operands, list(_expand_decode_step(make_node("decode_step", operands, attrs)))))
+
+
+def _expand_decode_step(node: Node) -> tuple[Node, ...]:
+    """The layer's own prologue (scale, exp of the gate, the GQA repeat, q . k) and a token_step,
+    which expands in its turn."""
+    state, q, k, v, g, beta = node.inputs
+    batch, K, V, Kg, group = decode_sizes([i.type for i in node.inputs])
+    HV = batch[-1]
+    heads = (*batch[:-1], HV // group)
+
+    def repeated(x):            # [*heads, K] -> [*batch, K]: value head j reads q/k head j // group
+        x = make_node("reshape", (x,), {"shape": (*heads, 1, K)})
+        x = make_node("broadcast_to", (x,), {"shape": (*heads, group, K)})
+        return make_node("reshape", (x,), {"shape": (*batch, K)})
+    scale = make_node("const", (), {"value": [node.attrs["scale"]], "shape": (), "dtype": q.dtype})
+    qs = repeated(make_node("mul", (q, scale), {}))
+    kr = repeated(k)
+    decay = make_node("exp", (make_node("reshape", (g,), {"shape": (*batch, Kg)}),), {})
+    qk = make_node("sum", (make_node("mul", (qs, kr), {}),), {"axes": (-1,), "keepdims": True})
+    v, beta = (make_node("reshape", (x,), {"shape": (*batch, n)}) for x, n in ((v, V), (beta, 1)))
+    step = make_node("token_step", (state, decay, kr, make_node("mul", (kr, decay), {}),
+                                    make_node("mul", (qs, decay), {}), v, beta, qk), {})
+    return _expand_token_step(step)
+
+
+def decode_step(state: Node, q: Node, k: Node, v: Node, g: Node, beta: Node, scale: float) -> tuple[Node, Node]:
+    """(new state, o) of one decode step on the layer's inputs before their scaling, gate exp and GQA repeat."""
+    return _items(make_node("decode_step", (state, q, k, v, g, beta), {"scale": float(scale)}))
+
+
+register(OpDef("decode_step", 6, _infer_decode_step, {"scale": ("float", REQUIRED)}, flops=_decode_step_flops,
+               op_class="fused", expand=_widening(_expand_decode_step)))

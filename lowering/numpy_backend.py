@@ -324,6 +324,23 @@ def _token_step(node, dt, state, decay, k_col, k_row, q_row, v, beta, qk):
     return new_state, o
 
 
+@kernel("decode_step")
+@_widened
+def _decode_step(node, dt, state, q, k, v, g, beta):
+    """token_step's reference on the operands the layer's prologue makes from the raw ones."""
+    *batch, K, V = state.shape
+    N = math.prod(batch[:-1])
+    H = q.size // (N * K)
+
+    def repeated(x):                          # value head j reads q/k head j // group
+        return np.broadcast_to(x.reshape(N, H, 1, K), (N, H, batch[-1] // H, K)).reshape(*batch, K)
+    kr, qs = repeated(k), repeated(q * q.dtype.type(node.attrs["scale"]))
+    with np.errstate(all="ignore"):
+        decay = np.exp(g.reshape(*batch, -1))
+        return _token_step(node, dt, state, decay, kr, kr * decay, qs * decay, v, beta,
+                           np.sum(qs * kr, axis=-1, keepdims=True))
+
+
 def _result_dtype(dtype: str, float64: bool) -> np.dtype:
     if float64 and dtype in ("f16", "bf16", "f32"):
         return np.dtype(np.float64)

@@ -18,9 +18,9 @@ from dnir.passes.context import Target
 from ..registry import Backend, register
 from . import intra_chunk
 
-GPU_PIPELINE = ("recompute_into_reductions", "fuse_delta_steps")
+GPU_PIPELINE = ("recompute_into_reductions", "fuse_delta_steps", "fold_step_prologue")
 KERNEL_DTYPES = frozenset({"f32"})
-CPU_PIPELINE = ("fuse_delta_steps",)
+CPU_PIPELINE = ("fuse_delta_steps", "fold_step_prologue")
 CPU_KERNEL_DTYPES = frozenset({"f32", "f64"})
 CUDA_SHARED_BYTES = 48 * 1024       # static shared memory of a CUDA thread block
 
@@ -69,11 +69,14 @@ def _token_step_rejects(node, target):
     return rejects(node, target)
 
 
-def _gpu_target(name: str, shared_bytes: int) -> Target:
+def _gpu_target(name: str, shared_bytes: int, decode_step: bool = False) -> Target:
+    """decode_step (the step with its prologue, token_step.py) on CUDA only: Vulkan keeps token_step."""
+    more = {"decode_step": _token_step_rejects} if decode_step else {}
     return Target(name, {"chunk_scan": _chunk_scan_rejects, "chunk_states": _chunk_scan_rejects,
                          "chunk_output": _chunk_output_rejects, "intra_chunk": _intra_chunk_rejects,
-                         "token_step": _token_step_rejects},
-                  shared_bytes=shared_bytes, dtypes=KERNEL_DTYPES, narrow_operands=frozenset({"token_step"}))
+                         "token_step": _token_step_rejects, **more},
+                  shared_bytes=shared_bytes, dtypes=KERNEL_DTYPES,
+                  narrow_operands=frozenset({"token_step", "decode_step"}))
 
 
 def _vulkan_target(name: str) -> Target:
@@ -98,12 +101,12 @@ def _cpu_intra_chunk_rejects(node, target):
 
 def _llvm_target(name: str) -> Target:
     return Target(name, {"chunk_scan": _cpu_chunk_scan_rejects, "token_step": _cpu_token_step_rejects,
-                         "intra_chunk": _cpu_intra_chunk_rejects},
-                  dtypes=CPU_KERNEL_DTYPES, narrow_operands=frozenset({"token_step"}))
+                         "decode_step": _cpu_token_step_rejects, "intra_chunk": _cpu_intra_chunk_rejects},
+                  dtypes=CPU_KERNEL_DTYPES, narrow_operands=frozenset({"token_step", "decode_step"}))
 
 
 # llvm: the loop over chunks and a decode step are one kernel each (cpu_chunk_scan.py, cpu_token_step.py).
 register(Backend("tvm-llvm", ("llvm",), _run_llvm, _llvm_target, CPU_PIPELINE, _build))
-register(Backend("tvm-cuda", ("cuda",), _run_cuda, lambda name: _gpu_target(name, CUDA_SHARED_BYTES),
+register(Backend("tvm-cuda", ("cuda",), _run_cuda, lambda name: _gpu_target(name, CUDA_SHARED_BYTES, decode_step=True),
                  GPU_PIPELINE, _build))
 register(Backend("vulkan", ("vulkan",), _run_vulkan, _vulkan_target, GPU_PIPELINE, _build_vulkan))

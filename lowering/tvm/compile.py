@@ -209,7 +209,7 @@ def unaligned_inputs(graph: Graph) -> frozenset[int]:
     for out in graph.outputs:
         if id(out) in readers:
             readers[id(out)].add(("output", 0))
-    tolerant = {("token_step", k) for k in cpu_token_step.UNALIGNED_OPERANDS}
+    tolerant = {(op, k) for k in cpu_token_step.UNALIGNED_OPERANDS for op in ("token_step", "decode_step")}
     return frozenset(i for i, x in enumerate(graph.inputs) if readers[id(x)] and readers[id(x)] <= tolerant)
 
 
@@ -293,7 +293,7 @@ class LlvmCall:
 
 
 # dnir's fused ops (dnir/fused.py): one kernel each, whose results TVM allocates
-_KERNEL_OPS = ("token_step", "chunk_scan", "chunk_states", "chunk_output", "intra_chunk")
+_KERNEL_OPS = ("token_step", "decode_step", "chunk_scan", "chunk_states", "chunk_output", "intra_chunk")
 
 
 def _fresh(node) -> bool:

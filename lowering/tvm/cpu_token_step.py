@@ -35,7 +35,7 @@ import math
 
 from tvm.script import tirx as T
 
-from .fused_signatures import token_step_function
+from .fused_signatures import decode_step_function, token_step_function
 from .kernels import unravel_index
 
 COLUMNS = 128   # value columns per tile: 8 AVX-512 vectors of float32 per accumulator, 16 in all
@@ -48,7 +48,8 @@ def checked_outputs(graph) -> tuple[int, ...]:
     """The positions of the graph's outputs that are a decode step's new state: on llvm the module's
     main returns each one's column sums after the graph's outputs, in this order."""
     return tuple(i for i, out in enumerate(graph.outputs)
-                 if out.op == "item" and out.attrs["index"] == 0 and out.inputs[0].op == "token_step")
+                 if out.op == "item" and out.attrs["index"] == 0
+                 and out.inputs[0].op in ("token_step", "decode_step"))
 
 
 def columns(V: int) -> int:
@@ -113,3 +114,69 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
                 for j in T.vectorized(vt):
                     CHK[at("o", h, t * vt + j)] = total[j]
     return token_step_function(shapes, dtype, body, state_align=4, narrow=narrow, checksum=True)
+
+
+def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, group: int, scale: float, dtype: str,
+                       narrow: dict | None = None):
+    """token_step_kernel's outputs from the layer's raw vectors (the op decode_step, dnir/fused.py):
+    each head first makes its k_col, k_row, q_row, decays and q . k from q, k, g (the scale, the gate's
+    exp, the GQA repeat: value head j reads q/k head j // group) into buffers of its own, then runs
+    token_step_kernel's two passes over the state."""
+    heads, HV = math.prod(batch), batch[-1]
+    vt = columns(V)
+    tiles = V // vt
+    per_key = 1 if Kg == K else 0
+
+    def load(buf, name, e):                # flat element e of operand `name`, in `dtype`
+        value = buf[unravel_index(e, shapes[name])]
+        return T.Cast(dtype, value) if narrow and name in narrow else value
+
+    def qk_at(h, kk):                      # flat index of q/k element kk of value head h's q/k head
+        return (h // HV * (HV // group) + h % HV // group) * K + kk
+
+    def state(h, kk, c):
+        return unravel_index(h, batch) + (kk, c)
+
+    def out(h, c):
+        return unravel_index(h, batch) + (c,)
+
+    @T.macro
+    def body(S0, Q, Kx, Vv, G, B, S1, O, CHK):
+        for h in T.parallel(heads):
+            kc = T.alloc_buffer((K,), dtype)
+            kr = T.alloc_buffer((K,), dtype)
+            qr = T.alloc_buffer((K,), dtype)
+            dec = T.alloc_buffer((Kg,), dtype)
+            qk = T.alloc_buffer((1,), dtype)
+            for c in range(Kg):
+                dec[c] = T.exp(load(G, "g", h * Kg + c))
+            qk[0] = T.cast(0, dtype)
+            for kk in range(K):
+                kc[kk] = load(Kx, "k", qk_at(h, kk))
+                kr[kk] = kc[kk] * dec[kk * per_key]
+                qr[kk] = load(Q, "q", qk_at(h, kk)) * T.cast(scale, dtype)
+                qk[0] = qk[0] + qr[kk] * kc[kk]
+                qr[kk] = qr[kk] * dec[kk * per_key]
+            for t in range(tiles):
+                pred = T.alloc_buffer((vt,), dtype)
+                o1 = T.alloc_buffer((vt,), dtype)
+                total = T.alloc_buffer((vt,), dtype)
+                for j in T.vectorized(vt):
+                    pred[j] = T.cast(0, dtype)
+                    o1[j] = T.cast(0, dtype)
+                for kk in range(K):
+                    for j in T.vectorized(vt):
+                        pred[j] = pred[j] + kr[kk] * S0[state(h, kk, t * vt + j)]
+                        o1[j] = o1[j] + qr[kk] * S0[state(h, kk, t * vt + j)]
+                for j in T.vectorized(vt):     # pred becomes u = (v - pred) beta
+                    pred[j] = (load(Vv, "v", h * V + t * vt + j) - pred[j]) * load(B, "beta", h)
+                    O[out(h, t * vt + j)] = o1[j] + pred[j] * qk[0]
+                    total[j] = T.cast(0, dtype)
+                for kk in range(K):
+                    for j in T.vectorized(vt):
+                        S1[state(h, kk, t * vt + j)] = (S0[state(h, kk, t * vt + j)] * dec[kk * per_key]
+                                                        + kc[kk] * pred[j])
+                        total[j] = total[j] + S1[state(h, kk, t * vt + j)]
+                for j in T.vectorized(vt):
+                    CHK[out(h, t * vt + j)] = total[j]
+    return decode_step_function(shapes, dtype, body, state_align=4, narrow=narrow, checksum=True)

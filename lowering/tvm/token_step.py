@@ -23,10 +23,11 @@ import math
 
 from tvm.script import tirx as T
 
-from dnir.fused import STEP_ROLES, step_sizes
+from dnir.fused import DECODE_ROLES, STEP_ROLES, step_sizes
+from dnir.fused import decode_sizes as fused_decode_sizes
 from dnir.graph import Node
 
-from .fused_signatures import token_step_function
+from .fused_signatures import decode_step_function, token_step_function
 from .kernels import unravel_index
 
 
@@ -36,8 +37,8 @@ def sizes(node: Node):
 
 
 def rejects(node: Node, target) -> str | None:
-    """None when this kernel runs the decode step `node` on `target`, else why not."""
-    _, _, V, _ = sizes(node)
+    """None when this kernel runs the decode step `node` (token_step or decode_step) on `target`, else why not."""
+    V = node.inputs[0].shape[-1]
     dtype = node.inputs[0].dtype
     if target.dtypes is not None and dtype not in target.dtypes:
         return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
@@ -89,3 +90,75 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
                     S1[at("state", bx, kk * V + bx % tiles * threads + tx)] = (
                         col[kk] * load(D, "decay", bx, kk * per_key) + load(Kc, "k_col", bx, kk) * acc[0])
     return token_step_function(shapes, dtype, body, narrow=narrow)
+
+
+def decode_sizes(node: Node):
+    """(batch, K, V, Kg, group) of a decode_step node."""
+    return fused_decode_sizes([i.type for i in node.inputs])
+
+
+def decode_shapes(node: Node) -> dict:
+    """decode_step's operands' shapes by role, and the output's ("o")."""
+    found = {role: x.shape for role, x in zip(DECODE_ROLES, node.inputs)}
+    found["o"] = node.type[1].shape
+    return found
+
+
+def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, group: int, scale: float, dtype: str,
+                       narrow: dict | None = None):
+    """token_step_kernel's outputs from the layer's raw vectors (the op decode_step, dnir/fused.py): a
+    block first makes its head's k_col, k_row, q_row and decays from q, k, g (the scale, the gate's
+    exp, the GQA repeat: value head j reads q/k head j // group) in shared memory, one element per
+    thread, and each thread adds up q . k from there; then token_step_kernel's pass over the state."""
+    heads, HV = math.prod(batch), batch[-1]
+    threads = min(V, 128)
+    tiles = V // threads
+    per_key = 1 if Kg == K else 0
+    rounds = -(-K // threads)
+
+    def load(buf, name, e):                # flat element e of operand `name`, in `dtype`
+        value = buf[unravel_index(e, shapes[name])]
+        return T.Cast(dtype, value) if narrow and name in narrow else value
+
+    def qk_at(h, kk):                      # flat index of q/k element kk of value head h's q/k head
+        return (h // HV * (HV // group) + h % HV // group) * K + kk
+
+    def state(h, e):
+        return unravel_index(h, batch) + unravel_index(e, (K, V))
+
+    @T.macro
+    def body(S0, Q, Kx, Vv, G, B, S1, O):
+        for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                kc = T.alloc_shared((K,), dtype)
+                kr = T.alloc_shared((K,), dtype)
+                qr = T.alloc_shared((K,), dtype)
+                qs = T.alloc_shared((K,), dtype)
+                dc = T.alloc_shared((K,), dtype)
+                col = T.alloc_local((K,), dtype)
+                acc = T.alloc_local((3,), dtype)
+                for r in T.unroll(rounds):
+                    if r * threads + tx < K:
+                        kc[r * threads + tx] = load(Kx, "k", qk_at(bx // tiles, r * threads + tx))
+                        qs[r * threads + tx] = load(Q, "q", qk_at(bx // tiles, r * threads + tx)) * T.cast(scale, dtype)
+                        # dc: the decays (one per key row; all alike for one gate per head)
+                        dc[r * threads + tx] = T.exp(load(G, "g", bx // tiles * Kg + (r * threads + tx) * per_key))
+                        kr[r * threads + tx] = kc[r * threads + tx] * dc[r * threads + tx]
+                        qr[r * threads + tx] = qs[r * threads + tx] * dc[r * threads + tx]
+                T.tvm_storage_sync("shared")
+                acc[0] = T.cast(0, dtype)
+                acc[1] = T.cast(0, dtype)
+                acc[2] = T.cast(0, dtype)
+                for kk in T.unroll(K):
+                    col[kk] = S0[state(bx // tiles, kk * V + bx % tiles * threads + tx)]
+                    acc[0] = acc[0] + kr[kk] * col[kk]
+                    acc[1] = acc[1] + qr[kk] * col[kk]
+                    acc[2] = acc[2] + qs[kk] * kc[kk]          # q . k
+                # acc[0] becomes u = (v - pred) beta
+                acc[0] = (load(Vv, "v", bx // tiles * V + bx % tiles * threads + tx) - acc[0]) * load(
+                    B, "beta", bx // tiles)
+                O[unravel_index(bx // tiles, batch) + (bx % tiles * threads + tx,)] = acc[1] + acc[0] * acc[2]
+                for kk in T.unroll(K):
+                    S1[state(bx // tiles, kk * V + bx % tiles * threads + tx)] = (
+                        col[kk] * dc[kk] + kc[kk] * acc[0])
+    return decode_step_function(shapes, dtype, body, narrow=narrow)

@@ -591,6 +591,10 @@ def _lower_token_step(tr, node, args):
     make = lambda *sizes: kernel(*sizes, narrow=narrow)  # noqa: E731
     gv = tr.prim(("token_step", tuple(sorted(shapes.items())), K, V, Kg, dtype,
                   tuple(i.dtype for i in node.inputs)), lambda: make(batch, shapes, K, V, Kg, dtype))
+    return _fused_step(tr, node, gv, args)
+
+
+def _fused_step(tr, node, gv, args) -> list:
     if tr.gpu:
         return _call_fused(tr, node, gv, args)
     # the CPU kernel's third output: the new state's column sums (cpu_token_step.checked_outputs)
@@ -598,6 +602,20 @@ def _lower_token_step(tr, node, args):
     out = tr.emit(relax.op.call_tir(gv, list(args), types + [types[1]]))
     tr.checksums[id(node)] = tr.emit(relax.TupleGetItem(out, 2))
     return [tr.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
+
+
+@lowers("decode_step")
+def _lower_decode_step(tr, node, args):
+    """A decode step with its prologue (scale, gate exp, GQA repeat) from one kernel, as token_step."""
+    batch, K, V, Kg, group = token_step.decode_sizes(node)
+    shapes, dtype = token_step.decode_shapes(node), TVM_DTYPES[node.inputs[0].dtype]
+    narrow = {r: TVM_DTYPES[x.dtype] for r, x in zip(token_step.DECODE_ROLES, node.inputs)
+              if x.dtype != node.inputs[0].dtype}
+    kernel = token_step.decode_step_kernel if tr.gpu else cpu_token_step.decode_step_kernel
+    sizes = (batch, shapes, K, V, Kg, group, node.attrs["scale"], dtype)
+    gv = tr.prim(("decode_step", tr.gpu, tuple(sorted(shapes.items())), *sizes[2:],
+                  tuple(i.dtype for i in node.inputs)), lambda: kernel(*sizes, narrow=narrow))
+    return _fused_step(tr, node, gv, args)
 
 
 def _call_fused(tr, node, gv, args) -> list:

@@ -12,6 +12,12 @@ CHUNK = dict(state=(2, 3, 8, 6), w=(5, 2, 3, 4, 8), u=(5, 2, 3, 4, 6), q_decayed
              aqk=(5, 2, 3, 4, 4), k_to_end=(5, 2, 3, 4, 8), last_decay=(5, 2, 3, 8, 1))
 STEP = dict(state=(2, 3, 8, 6), decay=(2, 3, 1, 1), k_col=(2, 3, 8, 1), k_row=(2, 3, 1, 8), q_row=(2, 3, 8),
             v=(2, 3, 6), beta=(2, 3, 1), qk=(2, 3))
+# the layer's raw vectors: 2 sequences of 3 value heads reading one q/k head (GQA), a gate per key channel
+DECODE = dict(state=(2, 3, 8, 6), q=(2, 1, 1, 8), k=(2, 1, 1, 8), v=(2, 1, 3, 6), g=(2, 1, 3, 8), beta=(2, 1, 3))
+
+
+def _decode_step(*operands):
+    return fused.decode_step(*operands, scale=0.5)
 
 
 def _build(make, shapes, dtype="f32"):
@@ -19,7 +25,7 @@ def _build(make, shapes, dtype="f32"):
     return make(*[b.input(name, shape) for name, shape in shapes.items()])
 
 
-@pytest.mark.parametrize("make,shapes", [(fused.chunk_scan, CHUNK), (fused.token_step, STEP)])
+@pytest.mark.parametrize("make,shapes", [(fused.chunk_scan, CHUNK), (fused.token_step, STEP), (_decode_step, DECODE)])
 def test_types_flops_and_expansion(make, shapes):
     first, second = _build(make, shapes)
     node = first.inputs[0]
@@ -38,6 +44,9 @@ def test_types_flops_and_expansion(make, shapes):
     (fused.token_step, STEP, "v", (2, 3, 7), r"v has shape \[2, 3, 7\]; expected the state's batch axes \[2, 3\] "
                                             r"first, then 6 element"),
     (fused.token_step, STEP, "qk", (3, 2), r"qk has shape \[3, 2\]"),
+    (_decode_step, DECODE, "q", (2, 1, 2, 5), r"q has shape \[2, 1, 2, 5\]; expected 16 element\(s\)"),
+    (_decode_step, DECODE, "k", (2, 1, 2, 8), r"k has shape \[2, 1, 2, 8\]; expected 16 element\(s\)"),
+    (_decode_step, DECODE, "g", (2, 1, 3, 2), r"g has 2 values per head; expected 1 or K=8"),
 ])
 def test_bad_operand_is_named_with_the_call_site(make, shapes, role, bad, message):
     with pytest.raises(ShapeError, match=message) as e:
@@ -65,7 +74,8 @@ def test_dtypes_are_floating_with_the_state_the_widest():
 
 
 @pytest.mark.parametrize("make,shapes,narrow", [(fused.chunk_scan, CHUNK, ("w", "u", "aqk")),
-                                                (fused.token_step, STEP, ("k_col", "v", "beta"))])
+                                                (fused.token_step, STEP, ("k_col", "v", "beta")),
+                                                (_decode_step, DECODE, ("q", "k", "v", "beta"))])
 def test_narrower_operands_are_widened_as_loaded(make, shapes, narrow):
     """bf16 operands with a float32 state: the op computes in float32 and its expansion casts them."""
     first, second = _typed(make, shapes, {n: "bf16" for n in narrow})

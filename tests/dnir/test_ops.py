@@ -605,6 +605,28 @@ def test_token_step(rng):
     close(got_o, want_o, rtol=1e-5, atol=1e-6)
 
 
+@covers("decode_step")
+def test_decode_step(rng):
+    """token_step on raw q, k (2 sequences, 2 q/k heads read by 6 value heads), a gate per key channel."""
+    N, H, HV, K, V = 2, 2, 6, 4, 5
+    S, q, k, v = f32(rng, N, HV, K, V), f32(rng, N, H, K), f32(rng, N, H, K), f32(rng, N, HV, V)
+    g, beta = -rng.uniform(0, 3, (N, HV, K)).astype(np.float32), rng.uniform(0, 1, (N, HV)).astype(np.float32)
+    b = Builder()
+    new_state, o = dnir.fused.decode_step(*[b.input(f"x{i}", a.shape) for i, a in enumerate((S, q, k, v, g, beta))],
+                                          scale=0.7)
+    got_state, got_o = run(b.build([new_state, o]), [S, q, k, v, g, beta])
+    want_state, want_o = np.zeros((N, HV, K, V)), np.zeros((N, HV, V))
+    for n in range(N):
+        for j in range(HV):
+            s, a = S[n, j].astype(np.float64), np.exp(g[n, j].astype(np.float64))
+            qj, kj = 0.7 * q[n, j // 3].astype(np.float64), k[n, j // 3].astype(np.float64)
+            u = (v[n, j] - (kj * a) @ s) * beta[n, j]
+            want_o[n, j] = (qj * a) @ s + u * (qj @ kj)
+            want_state[n, j] = s * a[:, None] + np.outer(kj, u)
+    close(got_state, want_state, rtol=1e-5, atol=1e-6)
+    close(got_o, want_o, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------
 # precision
 

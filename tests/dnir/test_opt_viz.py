@@ -64,10 +64,11 @@ def test_opt_target_reports_and_draws_the_fused_step(tmp_path, capsys):
     report = capsys.readouterr().out
     row = next(line for line in report.splitlines() if line.startswith("fuse_delta_steps "))
     assert "+1 token_step" in row and "-1 matmul" not in row and "-2 matmul" in row
-    assert report.splitlines()[-1] == "fuse_delta_steps: token_step fused (decode step)"
+    assert report.splitlines()[-2:] == ["fuse_delta_steps: token_step fused (decode step)",
+                                        "fold_step_prologue: token_step folded with its prologue into decode_step"]
     graph = dnir.parse_file(out)
-    assert graph.op_histogram()["token_step"] == 1
-    (node,) = re.findall(r'label="token_step\n[^"]*"[^\]]*\]', viz.to_dot(graph).source)   # its attributes
+    assert graph.op_histogram()["decode_step"] == 1 and "exp" not in graph.op_histogram()
+    (node,) = re.findall(r'label="decode_step\n[^"]*"[^\]]*\]', viz.to_dot(graph).source)   # its attributes
     assert "shape=box3d" in node and viz.CLASS_COLOURS["fused"] in node
 
 

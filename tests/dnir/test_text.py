@@ -39,6 +39,8 @@ def every_op_graph():
     step = fused.token_step(x, x[:, 0:1, 0:1], x[:, :, 0:1], x[:, 0:1, 0:3], b.reshape(x[:, 1:2, 0:3], (2, 3)),
                             b.reshape(x[:, 2:3, :], (2, 4)), b.reshape(x[:, 0:1, 1:2], (2, 1)),
                             b.reshape(x[:, 0:1, 2:3], (2,)))
+    # the same step on raw vectors: 2 value heads reading one q/k head
+    raw = fused.decode_step(x, x[0, 0:1, 0:3], x[1, 0:1, 0:3], x[:, 2:3, :], x[:, 0:1, 0:1], x[:, 1:2, 0:1], 0.5)
     # the same loop split in two, and the work local to each chunk (one chunk of 2 tokens, 3 heads)
     s0, w, u, qd, aqk, kte, ld = (b.reshape(x[0:1], (3, 4)), x[:, 0:2, 0:3], x[:, 0:2, :], x[:, 1:3, 1:4],
                                   x[:, 0:2, 2:4], x[:, 1:3, 0:3], x[:, 0:1, 0:1])
@@ -46,9 +48,9 @@ def every_op_graph():
     out = fused.chunk_output(qd, starts, aqk, v_new)
     tokens = b.reshape(x, (1, 2, 3, 4))
     intra = fused.intra_chunk(tokens, tokens, tokens, b.neg(b.exp(tokens[:, :, :, 0:1])), b.sigmoid(tokens[:, :, :, 1:2]), 2)
-    return b.build([c_fin, ys, *chunks, *step, final, out, *intra],
-                   names=["c", "ys", "chunk_state", "chunk_o", "step_state", "step_o", "states_final", "output_o",
-                          *(f"intra_{i}" for i in range(len(intra)))])
+    return b.build([c_fin, ys, *chunks, *step, *raw, final, out, *intra],
+                   names=["c", "ys", "chunk_state", "chunk_o", "step_state", "step_o", "raw_state", "raw_o",
+                          "states_final", "output_o", *(f"intra_{i}" for i in range(len(intra)))])
 
 
 def test_every_op_round_trips():

@@ -38,11 +38,12 @@ def _ops(graph, op):
 def test_decode_step_is_one_kernel_on_llvm(name):
     _, graph = _decode(name, 3)
     prepared = registry.prepare(graph, "llvm")
-    assert len(_ops(prepared, "token_step")) == 1 and not _ops(prepared, "matmul")
+    # the step with its prologue (the scale, the gate's exp, the GQA repeat): the inputs as given
+    assert len(_ops(prepared, "decode_step")) == 1 and not _ops(prepared, "matmul") and not _ops(prepared, "exp")
     main = translate(prepared, gpu=False)["main"].script()
-    assert main.count("R.call_tir(token_step, (initial_state,") == 1 and "R.matmul" not in main
+    assert main.count("R.call_tir(") == 1 and "R.call_tir(decode_step, (initial_state, q, k, v, g, beta)" in main
     # the compiled library holds the kernel, a parallel loop over heads
-    assert "__tvm_ffi_token_step" in build(prepared, "llvm").mod.imports[0].inspect_source("asm")
+    assert "__tvm_ffi_decode_step" in build(prepared, "llvm").mod.imports[0].inspect_source("asm")
 
 
 @pytest.mark.parametrize("scale", GATE_SCALES)
@@ -61,6 +62,30 @@ def test_decode_on_llvm_matches_numpy_and_the_oracle(name, batch, scale, rng):
         assert out.shape == ref.shape and out.dtype == np.float32
         assert relative_rms_error(out, ref) < 1e-6, out_name
         assert relative_rms_error(out, oracle[out_name]) < 1e-5, out_name
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
+def test_half_decode_on_llvm_matches_numpy_and_the_oracle(name, batch, dtype, rng):
+    """Half q, k, v and beta read by the step itself (widened as loaded), strong gates, GQA."""
+    cfg = preset(name, heads=2, value_heads=VALUE_HEADS[name], head_dim=32, value_dim=64, batch=batch,
+                 seq_len=1, mode="decode", initial_state=True, final_state=True, dtype=dtype)
+    graph = passes.optimize(build_delta_net(cfg), "O2")
+    (step,) = _ops(registry.prepare(graph, "llvm"), "decode_step")
+    assert [x.dtype for x in step.inputs] == ["f32", dtype, dtype, dtype, "f32", dtype]
+    x = random_inputs(cfg, rng)
+    x["g"] = x["g"] * 8.0
+    got, want = registry.run(graph, x, target="llvm"), registry.run(graph, x, target="numpy")
+    wide = {n: np.asarray(a, np.float64) for n, a in x.items()}
+    o, state = delta_rule_reference(wide["q"], wide["k"], wide["v"], wide["g"], wide["beta"], scale=cfg.scale,
+                                    initial_state=wide["initial_state"])
+    oracle = dict(o=o, final_state=state)
+    for out_name, out, ref in zip(graph.output_names, got, want):
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        tol = 1e-6 if out_name == "final_state" else 1e-2       # o is rounded to the half dtype
+        assert relative_rms_error(np.asarray(out, np.float64), np.asarray(ref, np.float64)) < tol, out_name
+        assert relative_rms_error(np.asarray(out, np.float64), oracle[out_name]) < max(tol, 1e-5), out_name
 
 
 @pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
@@ -89,7 +114,7 @@ def test_small_kernels_run_on_one_thread():
 
 def test_a_decode_step_in_another_dtype_stays_op_by_op():
     _, graph = _decode("kimi-linear", 1)
-    (step,) = _ops(registry.prepare(graph, "llvm"), "token_step")
+    (step,) = _ops(registry.prepare(graph, "llvm"), "decode_step")
     target = registry.backend_for("llvm").context("llvm")
     assert target.rejects(step) is None
     narrow = type(target)(target.name, target.kernels, dtypes=frozenset({"f64"}))

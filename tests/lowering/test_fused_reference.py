@@ -19,6 +19,10 @@ LAYERS = {
     "two-sequences-chunk-32": ("kimi-linear", dict(seq_len=96, batch=2, chunk_size=32)),
     "decode-gqa": ("qwen3-next", dict(batch=3, seq_len=1, mode="decode")),
     "decode-gate-per-channel": ("kimi-linear", dict(batch=3, seq_len=1, mode="decode")),
+    # the step with its prologue folded in (decode_step): GQA, one sequence, a gate per key channel
+    "decode-gqa-folded": ("qwen3-next", dict(batch=3, seq_len=1, mode="decode")),
+    "decode-one-sequence-folded": ("qwen3-next", dict(batch=1, seq_len=1, mode="decode")),
+    "decode-gate-per-channel-folded": ("kimi-linear", dict(batch=2, seq_len=1, mode="decode")),
 }
 GATE_SCALES = (1.0, 8.0)        # as drawn, and strong gates (decays near 0)
 
@@ -27,9 +31,11 @@ def _layer(case):
     name, options = LAYERS[case]
     cfg = preset(name, value_heads=VALUE_HEADS[name], **SMALL, **options)
     graph = passes.optimize(build_delta_net(cfg), "O2")
+    folded = case.endswith("-folded")
     with registry.target_context("numpy"):         # NumPy has a kernel for every fused op
-        fused_graph = passes.optimize(graph, ["fuse_delta_steps"])
-    ops = ["token_step"] if options.get("mode") == "decode" else ["chunk_states", "chunk_output"]
+        fused_graph = passes.optimize(graph, ["fuse_delta_steps"] + ["fold_step_prologue"] * folded)
+    ops = (["decode_step"] if folded else ["token_step"]) if options.get("mode") == "decode" else [
+        "chunk_states", "chunk_output"]
     for op in ops:    # a loop per sequence
         assert fused_graph.op_histogram()[op] == (cfg.num_sequences if cfg.cu_seqlens else 1)
     return cfg, fused_graph
@@ -45,7 +51,8 @@ def _inputs(cfg, rng, scale):
 def test_reference_kernels_match_their_expansion(case, scale, rng):
     cfg, fused_graph = _layer(case)
     expanded, changed = passes.PASSES["expand_fused"].fn(fused_graph)
-    assert changed and not {"chunk_scan", "chunk_states", "chunk_output", "token_step"} & set(expanded.op_histogram())
+    assert changed and not {"chunk_scan", "chunk_states", "chunk_output", "token_step", "decode_step"} & set(
+        expanded.op_histogram())
     x = _inputs(cfg, rng, scale)
     for out, ref in zip(run(fused_graph, x, float64=True), run(expanded, x, float64=True)):
         assert relative_rms_error(out, ref) < 1e-13

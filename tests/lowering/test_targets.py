@@ -72,7 +72,7 @@ def _fused_delta_kernels():
                          "recurrent": optimize(build("gdn", mode="recurrent", seq_len=5, **sizes), "O2")})
 
 
-FUSED_KERNELS = ["intra_chunk_kernel", "chunk_states_kernel", "chunk_output_kernel", "token_step_kernel"]
+FUSED_KERNELS = ["intra_chunk_kernel", "chunk_states_kernel", "chunk_output_kernel", "decode_step_kernel"]
 
 
 @pytest.mark.parametrize("graph,kernels", [(build_all, ["solve_tri"]), (_fused_delta_kernels, FUSED_KERNELS)],

@@ -1,6 +1,7 @@
-"""One decode step as one GPU kernel: which graphs the GPU pipelines fuse into token_step, and
-its results on Vulkan against the NumPy backend (CUDA: compiled here to PTX by test_targets;
-on the H200, benchmarks/gpu.py checks its outputs against flash-linear-attention's)."""
+"""One decode step as one GPU kernel: which graphs the GPU pipelines fuse into token_step (on
+CUDA with its prologue folded in: decode_step), and its results on Vulkan against the NumPy
+backend (CUDA: compiled here to PTX by test_targets; on the H200, benchmarks/gpu.py checks its
+outputs against flash-linear-attention's)."""
 import re
 
 import pytest
@@ -23,14 +24,14 @@ def _graph(name, level="O2", **options):
     return cfg, passes.optimize(build_delta_net(cfg), level)
 
 
-def _steps(graph):
-    return [n for n in graph.topo_order() if n.op == "token_step"]
+def _steps(graph, op="token_step"):
+    return [n for n in graph.topo_order() if n.op == op]
 
 
 @pytest.mark.parametrize("name,Kg", [("qwen3-next", 1), ("kimi-linear", 32)])
 def test_decode_step_is_fused(name, Kg):
     _, graph = _graph(name)
-    fused = registry.prepare(graph, "cuda")
+    fused = registry.prepare(graph, "vulkan")
     (step,) = _steps(fused)
     state, decay = step.inputs[:2]
     assert state is graph.inputs[-1] and state.shape == (3, VALUE_HEADS[name], 32, 64)
@@ -39,6 +40,17 @@ def test_decode_step_is_fused(name, Kg):
     new_state, o = fused.outputs[1], fused.outputs[0].inputs[0]
     assert (new_state.op, o.op) == ("item", "item") and new_state.inputs[0] is o.inputs[0] is step
     assert "matmul" not in fused.op_histogram()
+
+
+@pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
+def test_cuda_folds_the_prologue_into_the_step(name):
+    """On CUDA the step reads the layer's inputs themselves: no scaling, exp, repeat or q . k before it."""
+    _, graph = _graph(name)
+    fused = registry.prepare(graph, "cuda")
+    (step,) = _steps(fused, "decode_step")
+    assert list(step.inputs) == [graph.inputs[-1], *graph.inputs[:5]]
+    assert step.attrs["scale"] == pytest.approx(32 ** -0.5)
+    assert set(fused.op_histogram()) == {"input", "decode_step", "item", "reshape"}
 
 
 def test_other_graphs_are_not_fused():
@@ -59,8 +71,8 @@ def test_other_graphs_are_not_fused():
 def test_gpu_module_reads_the_state_in_one_kernel():
     _, graph = _graph("kimi-linear")
     main = translate(registry.prepare(graph, "cuda"), gpu=True)["main"].script()
-    assert main.count("R.call_tir(token_step") == 1
-    assert "R.matmul" not in main and "R.call_tir(token_step, (initial_state," in main   # the state as given
+    assert main.count("R.call_tir(") == 1     # the step itself, nothing before it (o's reshape is a view)
+    assert "R.call_tir(decode_step, (initial_state, q, k, v, g, beta)" in main   # the inputs as given
     assert "R.matmul" in translate(graph, gpu=False)["main"].script()        # unfused: op by op
 
 

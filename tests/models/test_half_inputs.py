@@ -127,13 +127,13 @@ def test_random_inputs_are_in_the_graphs_dtypes():
 @pytest.mark.parametrize("dtype", HALVES)
 @pytest.mark.parametrize("variant", ["gdn", "kda"])
 def test_decode_step_fused_on_llvm_with_half_inputs(dtype, variant, rng):
-    """Decode with half q, k, v and a float32 state: one token_step kernel on llvm, which loads
-    v, beta and k's column in the half dtype (q and k's row are float32 products)."""
+    """Decode with half q, k, v and a float32 state: one kernel on llvm (decode_step, the step with
+    its prologue), which loads q, k, v and beta in the half dtype."""
     cfg = DeltaNetConfig(variant, mode="decode", seq_len=1, batch=3, heads=2, value_heads=4, head_dim=16,
                          value_dim=32, initial_state=True, final_state=True, dtype=dtype)
     graph = passes.optimize(build_delta_net(cfg), "O2")
-    (step,) = [n for n in registry.prepare(graph, "llvm").topo_order() if n.op == "token_step"]
-    assert [r for r, x in zip(dnir.fused.STEP_ROLES, step.inputs) if x.dtype == dtype] == ["k_col", "v", "beta"]
+    (step,) = [n for n in registry.prepare(graph, "llvm").topo_order() if n.op == "decode_step"]
+    assert [r for r, x in zip(dnir.fused.DECODE_ROLES, step.inputs) if x.dtype == dtype] == ["q", "k", "v", "beta"]
     x = half_inputs(cfg, rng)
     o_ref, state_ref = oracle(cfg, x)
     for target in ("numpy", "llvm"):
@@ -272,8 +272,8 @@ def test_cli_builds_and_checks_a_bf16_layer(tmp_path, capsys):
 
 
 def test_cuda_compiles_half_layers_to_ptx(tmp_path):
-    """bf16 prefill and decode for sm_90: kernels read the half inputs (the decode step its v, beta
-    and k column); nvcc makes PTX."""
+    """bf16 prefill and decode for sm_90: kernels read the half inputs (the decode step its q, k, v
+    and beta); nvcc makes PTX."""
     import shutil
     import subprocess
     from dnir.lowering.registry import build
@@ -285,7 +285,7 @@ def test_cuda_compiles_half_layers_to_ptx(tmp_path):
         # a kernel takes the half input itself (the widening cast is fused into its reader)
         assert re.search(r"\bnv_bfloat16\* __restrict__ \w+", source)
         if cfg.mode == "decode":
-            assert re.search(r"token_step_kernel\([^)]*nv_bfloat16\* __restrict__ Vv_ptr", source)
+            assert re.search(r"decode_step_kernel\([^)]*nv_bfloat16\* __restrict__ Q_ptr", source)
         nvcc = shutil.which("nvcc")
         if nvcc is None:
             pytest.skip("nvcc not installed: the CUDA source was generated but not compiled")

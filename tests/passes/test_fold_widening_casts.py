@@ -96,8 +96,9 @@ def test_the_targets_that_load_half_operands_fold_and_the_others_keep_casts():
         fused = passes.optimize(graph, ["fuse_delta_steps"])
     numpy_step = [n for n in registry.prepare(fused, "numpy").topo_order() if n.op == "token_step"]
     assert numpy_step and "f16" in {i.dtype for i in numpy_step[0].inputs}       # the reference kernel
-    llvm_step = [n for n in registry.prepare(graph, "llvm").topo_order() if n.op == "token_step"]
-    assert llvm_step and "f16" in {i.dtype for i in llvm_step[0].inputs}         # cpu_token_step.py
+    # cpu_token_step.py (with the step's prologue: decode_step reads q, k, v and beta as given)
+    llvm_step = [n for n in registry.prepare(graph, "llvm").topo_order() if n.op == "decode_step"]
+    assert llvm_step and [i.dtype for i in llvm_step[0].inputs] == ["f32", "f16", "f16", "f16", "f32", "f16"]
     with PassContext(FLOAT32_STEP):
         kept = passes.optimize(fused, ["fold_widening_casts"])
     assert {i.dtype for n in kept.topo_order() if n.op == "token_step" for i in n.inputs} == {"f32"}
