@@ -136,6 +136,11 @@ _STEP = dict(s=_spec((2, 3, 16, 32)), a=_spec((2, 3, 1, 1), "positive"), kc=_spe
              kr=_spec((2, 3, 1, 16)), qr=_spec((2, 3, 16)), v=_spec((2, 3, 32)), beta=_spec((2, 3, 1), "positive"),
              qk=_spec((2, 3)))
 case("token_step", **_STEP)(lambda b, **x: _both(b, fused.token_step(*x.values())))
+# the step on the layer's raw q, k [N, 1, H, K] (4 value heads read 2 q/k heads), a gate per head and per key channel
+for _name, _Kg in (("decode_step", ()), ("decode_step_key_gate", (16,))):
+    case(_name, s=_spec((2, 4, 16, 32)), q=_spec((2, 1, 2, 16)), k=_spec((2, 1, 2, 16)), v=_spec((2, 1, 4, 32)),
+         g=_spec((2, 1, 4) + _Kg, "gate"), beta=_spec((2, 1, 4), "positive"))(
+        lambda b, **x: _both(b, fused.decode_step(*x.values(), scale=0.25)))
 
 
 def build_all(names=None) -> Graph:
