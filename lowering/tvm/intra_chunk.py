@@ -81,15 +81,19 @@ def loads(dtype: str, group: int = 1, scale: float | None = None):
     return q_at, k_at, load
 
 
-def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: float | None = None):
+def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: float | None = None,
+           scaled_kk: bool = False):
     """Macros of the kernel's steps that intra_chunk_mma.py shares: `operands` (step 1), `diagonal`
     (a row block's staged raw rows and its diagonal block of scores, step 2) and `solve` (step 3).
     `diagonal` stages into three 16-row stages of K channels: q at Xq[oq:], k at Xk[ok:], gates at Xc[oc:]
     (three buffers, or one at three offsets where nothing in a condition reads one stage and writes another).
-    group, scale: as `loads` reads q and k."""
+    group, scale: as `loads` reads q and k. scaled_kk: `solve` finds beta_i kk_ij in KK, not kk_ij."""
     from tvm.script import tirx as T
 
     q_at, k_at, load = loads(dtype, group, scale)
+
+    def step(Bt, KK, b, n, h, i, j):          # beta_i kk_ij
+        return KK[i * C + j] if scaled_kk else load(Bt, b, n * C + i, h, 0) * KK[i * C + j]
 
     pk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
     zero = T.cast(0, dtype)
@@ -162,7 +166,7 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
                 x[i] = T.Select(tx < K, W[n, b, h, i, T.min(tx, K - 1)], U[n, b, h, i, T.max(tx - K, 0)])
                 for j in T.unroll(C):          # j < i: constant once unrolled
                     if j < i:
-                        x[i] = x[i] - load(Bt, b, n * C + i, h, 0) * KK[i * C + j] * x[j]
+                        x[i] = x[i] - step(Bt, KK, b, n, h, i, j) * x[j]
                 if tx < K:
                     W[n, b, h, i, tx] = x[i]
                 else:

@@ -79,7 +79,10 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     assert tiles % WARPS == 0
     TW = tiles // WARPS                        # tiles a warp
     zero = T.cast(0, dtype)
-    operands, diagonal, solve = phases(C, K, V, Kg, dtype, group, scale)
+    # kk is stored times beta_i (one product less in the solve's inner loop) unless intra_chunk.phases'
+    # `diagonal` writes part of it
+    scaled = not (per_key and not halving)
+    operands, diagonal, solve = phases(C, K, V, Kg, dtype, group, scale, scaled_kk=scaled)
     q_at, k_at, load = loads(dtype, group, scale)
     upper = [(a, b) for a in range(blocks) for b in range(a + 1, blocks)]
     # KDA's staging buffer: q rows of blocks 1..3 decayed to their r, then k rows, then the columns
@@ -125,13 +128,17 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                     fb[2 + i] = mma.low_part(fb[i])
                 mma.mma(acc, 4 * u, fa, fb, split)
 
+    def kk_value(x, Bt, b, n, h, i):          # what KK holds for kk_ij = x
+        return x * load(Bt, b, n * C + i, h, 0) if scaled else x
+
     @T.macro
-    def store(KK, A, acc, n, b, h, w, lane):
+    def store(KK, A, Bt, acc, n, b, h, w, lane):
         """kk's tiles into KK, qk's into A (warp-uniform choice)."""
         for u in T.unroll(TW):
             for i in T.unroll(4):
                 if tile(w * TW + u)[3] == 0:
-                    KK[out_at(w * TW + u, lane, i)[0] * C + out_at(w * TW + u, lane, i)[1]] = acc[4 * u + i]
+                    KK[out_at(w * TW + u, lane, i)[0] * C + out_at(w * TW + u, lane, i)[1]] = kk_value(
+                        acc[4 * u + i], Bt, b, n, h, out_at(w * TW + u, lane, i)[0])
                 else:
                     A[n, b, h, out_at(w * TW + u, lane, i)[0], out_at(w * TW + u, lane, i)[1]] = acc[4 * u + i]
 
@@ -179,7 +186,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                         acc[4 * u + i] = acc[4 * u + i] * KK[out_at(tx // 32 * TW + u, tx % 32, i)[0] * C
                                                              + out_at(tx // 32 * TW + u, tx % 32, i)[1]]
                 T.tvm_storage_sync("shared")          # every E read before kk takes its place
-                store(KK, A, acc, n, b, h, tx // 32, tx % 32)
+                store(KK, A, Bt, acc, n, b, h, tx // 32, tx % 32)
                 for e in T.unroll(len(upper)):
                     A[n, b, h, _pick(e, [a for a, _ in upper]) * S + tx // S, _pick(e, [c for _, c in upper]) * S + tx % S] = zero
                 T.tvm_storage_sync("shared")
@@ -239,13 +246,13 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 (2 * C * L + sub_pair(sz, q)[1]) * PE + c]
 
     @T.macro
-    def pair_store(sz, q, KK, A, dg, o, n, b, h):
-        KK[sub_pair(sz, q)[0] * C + sub_pair(sz, q)[1]] = dg[o]
+    def pair_store(sz, q, KK, A, Bt, dg, o, n, b, h):
+        KK[sub_pair(sz, q)[0] * C + sub_pair(sz, q)[1]] = kk_value(dg[o], Bt, b, n, h, sub_pair(sz, q)[0])
         A[n, b, h, sub_pair(sz, q)[0], sub_pair(sz, q)[1]] = dg[o + 1]
         A[n, b, h, sub_pair(sz, q)[1], sub_pair(sz, q)[0]] = zero
 
     @T.macro
-    def diagonal_by_halves(Q, Kx, G, KK, A, X, Y, run, dg, n, b, h, tx):
+    def diagonal_by_halves(Q, Kx, G, Bt, KK, A, X, Y, run, dg, n, b, h, tx):
         """kk and qk of the four diagonal blocks (and qk's zeros above them); the thread's pairs: q = tx of
         level 8 (256 pairs), then tx < 128: level 4, < 192: level 2, < 224: level 1, else qk_tt of
         t = tx - 224 and t + 32."""
@@ -277,13 +284,13 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 for c in T.unroll(EC):
                     dg[2] = dg[2] + X[(9 * C + tx - 224) * PE + c] * X[(8 * C + tx - 224) * PE + c]
                     dg[3] = dg[3] + X[(9 * C + tx - 192) * PE + c] * X[(8 * C + tx - 192) * PE + c]
-        pair_store(8, tx, KK, A, dg, 0, n, b, h)
+        pair_store(8, tx, KK, A, Bt, dg, 0, n, b, h)
         if tx < 128:
-            pair_store(4, tx, KK, A, dg, 2, n, b, h)
+            pair_store(4, tx, KK, A, Bt, dg, 2, n, b, h)
         elif tx < 192:
-            pair_store(2, tx - 128, KK, A, dg, 2, n, b, h)
+            pair_store(2, tx - 128, KK, A, Bt, dg, 2, n, b, h)
         elif tx < 224:
-            pair_store(1, tx - 192, KK, A, dg, 2, n, b, h)
+            pair_store(1, tx - 192, KK, A, Bt, dg, 2, n, b, h)
         else:
             A[n, b, h, tx - 224, tx - 224] = dg[2]
             A[n, b, h, tx - 192, tx - 192] = dg[3]
@@ -291,13 +298,13 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
             A[n, b, h, _pick(e, [a for a, _ in upper]) * S + tx // S, _pick(e, [c for _, c in upper]) * S + tx % S] = zero
 
     @T.macro
-    def diagonals_by_threads(Q, Kx, G, KK, A, X, Y, run, d, acc, n, b, h, tx):
+    def diagonals_by_threads(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, n, b, h, tx):
         for a in range(blocks):                # a thread per pair (intra_chunk.phases)
             diagonal(Q, Kx, G, KK, A, X, 0, X, S * (K + 1), X, 2 * S * (K + 1), d, acc, a, n, b, h, tx)
 
     @T.macro
-    def diagonals_by_halves(Q, Kx, G, KK, A, X, Y, run, d, acc, n, b, h, tx):
-        diagonal_by_halves(Q, Kx, G, KK, A, X, Y, run, d, n, b, h, tx)
+    def diagonals_by_halves(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, n, b, h, tx):
+        diagonal_by_halves(Q, Kx, G, Bt, KK, A, X, Y, run, d, n, b, h, tx)
 
     diagonals = diagonals_by_halves if halving else diagonals_by_threads
 
@@ -318,7 +325,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 x = T.alloc_local((C,), dtype)
                 n, b, h = task(bx)
                 operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
-                diagonals(Q, Kx, G, KK, A, X, Y, run, d, acc, n, b, h, tx)
+                diagonals(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, n, b, h, tx)
                 for i in T.unroll(4 * TW):
                     acc[i] = zero
                 for kq in range(K // KQ):
@@ -326,7 +333,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                     stage_decayed(Q, Kx, G, X, run, kq, n, b, h, tx)
                     T.tvm_storage_sync("shared")
                     products(X, acc, fa, fb, tx // 32, tx % 32)
-                store(KK, A, acc, n, b, h, tx // 32, tx % 32)
+                store(KK, A, Bt, acc, n, b, h, tx // 32, tx % 32)
                 T.tvm_storage_sync("shared")
                 solve(Bt, W, U, KK, x, n, b, h, tx)
 
