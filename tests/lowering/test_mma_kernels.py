@@ -1,4 +1,4 @@
-"""The tensor-core variants of chunk_states and chunk_output (lowering/tvm/mma.py) compile to sm_90 PTX
+"""The tensor-core variants of chunk_states, chunk_output and intra_chunk (lowering/tvm/mma.py) compile to sm_90 PTX
 with their mma instructions, and the cuda target's layer uses them; benchmarks/gpu_sweep.py runs them
 on a GPU against the CUDA-core kernels."""
 import re
@@ -28,6 +28,20 @@ def test_mma_kernels_compile_to_ptx(kernel, split, products, tmp_path):
         func = chunk_output_mma_kernel(steps, batch, C, K, V, "float32", token_major=True, split=split)
         expected = products * (MMA_KT // 8) * (MMA_BV // 8) * 2
     source = _source(func)
+    assert source.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == expected
+    ptx = sm90_ptx(source, tmp_path)
+    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32", ptx)) >= expected
+
+
+@pytest.mark.parametrize("kg,split", [(1, True), (128, True), (1, False)])
+def test_intra_chunk_mma_compiles_to_ptx(kg, split, tmp_path):
+    from dnir.lowering.tvm import intra_chunk_mma as m
+    R, NC, HV, C, K, V = 2, 3, 4, 64, 128, 128
+    source = _source(m.intra_chunk_mma_kernel(R, NC, HV, C, K, V, kg, "float32", group=2, scale=0.5, split=split))
+    # per quarter of K (that loop is not unrolled): each warp's tiles (GDA: 40 of the 10 blocks on and
+    # below the diagonal, KDA: 24 of the 6 below it) over KQ / 8 k-steps
+    tiles = (40 if kg == 1 else 24) // m.WARPS
+    expected = (3 if split else 1) * tiles * (m.KQ // 8)
     assert source.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == expected
     ptx = sm90_ptx(source, tmp_path)
     assert len(re.findall(r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32", ptx)) >= expected
