@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dnir.lowering.head_reads import head_reads
+
 from .api import F32, TRI_LOWER, TRI_LOWER_DIAG, TRI_UPPER
 
 
@@ -62,13 +64,15 @@ def lower_intra_chunk(low, node, q, k, v, g, beta) -> tuple:
     NC = Tp // C
     B = R * NC        # ggml's batch: sequence-major (r, chunk); chunk-major results permute it
     call = low.call
+    q, q_heads, k_heads, group, scale = _head_operands(low, node, q, k)
+    HQ = HV // group
 
-    def chunks(x, width):
-        """[R, Tp, HV, width] viewed as [width, C, HV, B] (ggml order): the tokens of a chunk
-        are rows HV * width apart; the sequence's chunks follow each other."""
+    def chunks(x, width, heads=HV):
+        """[R, Tp, heads, width] viewed as [width, C, heads, B] (ggml order): the tokens of a
+        chunk are rows heads * width apart; the sequence's chunks follow each other."""
         item = 4
-        return call("ggml_view_4d", x.t, width, C, HV, B, width * HV * item, width * item,
-                    C * HV * width * item, x.offset)
+        return call("ggml_view_4d", x.t, width, C, heads, B, width * heads * item, width * item,
+                    C * heads * width * item, x.offset)
 
     def swap01(t):       # ggml dims 0 and 1 exchanged, copied contiguous
         return call("ggml_cont", call("ggml_permute", t, 1, 0, 2, 3))
@@ -86,7 +90,7 @@ def lower_intra_chunk(low, node, q, k, v, g, beta) -> tuple:
     gam = call("ggml_cumsum", g_t)
     gam_exp = call("ggml_exp", gam)
     q_c, k_c = chunks(q, K), chunks(k, K)
-    q_decayed = call("ggml_mul", q_c, rows(gam_exp))
+    q_decayed = call("ggml_mul", q_c, rows(gam_exp if scale == 1.0 else call("ggml_scale", gam_exp, scale)))
     k_t = swap01(k_c)                                                   # [C, K, HV, B]
     v_t = swap01(chunks(v, V))                                          # [C, V, HV, B]
 
@@ -100,20 +104,25 @@ def lower_intra_chunk(low, node, q, k, v, g, beta) -> tuple:
     d_t = call("ggml_cumsum", call("ggml_tri", g_i, TRI_UPPER))
     decay = swap01(call("ggml_exp", d_t))                              # [C_j, C_i]: exp(D_ij)
 
-    # k k^T and q k^T in one product: each chunk's k rows, then its q rows, against its k.
-    kq = call("ggml_concat", k_c, q_c, 1)                               # [K, 2C, HV, B]
-    scores = call("ggml_mul", call("ggml_reshape_4d", call("ggml_mul_mat", k_c, kq), C, C, 2, HV * B),
-                  call("ggml_reshape_4d", decay, C, C, 1, HV * B))
+    # k k^T and q k^T in one product (ggml's sgemm takes a contiguous right operand: each chunk's
+    # k rows, then its q rows, against its k), once per q/k head: GQA's `group` value heads of a
+    # q/k head only decay them differently. exp(D) viewed [C, C, group, HQ B] against a half of
+    # the products [C, C, 1, HQ B]: value head j reads q/k head j // group.
+    k_hc = chunks(k_heads, K, HQ)
+    kq = call("ggml_concat", k_hc, chunks(q_heads, K, HQ), 1)              # [K, 2C, HQ, B]
+    products = call("ggml_mul_mat", k_hc, kq)
+    decay_g = call("ggml_reshape_4d", decay, C, C, group, HQ * B)
 
-    def half(i):         # the kk (0) or qk (1) half of each chunk's decayed scores, [C_j, C_i, HV, B]
-        return call("ggml_view_4d", scores, C, C, HV, B, C * 4, 2 * C * C * 4, 2 * C * C * HV * 4, i * C * C * 4)
+    def decayed(i):      # the kk (0) or qk (1) products decayed, [C_j, C_i, HV, B]
+        half = call("ggml_view_4d", products, C, C, 1, HQ * B, C * 4, C * C * 4, 2 * C * C * 4, i * C * C * 4)
+        return call("ggml_reshape_4d", call("ggml_mul", decay_g, half), C, C, HV, B)
 
     eye = low.op_eye_n(C).t
-    akk = call("ggml_tri", call("ggml_mul", half(0), rows(beta_t)), TRI_LOWER)
-    aqk = call("ggml_mul", half(1), call("ggml_tri", ones, TRI_LOWER_DIAG))
+    akk = call("ggml_tri", call("ggml_mul", decayed(0), rows(beta_t)), TRI_LOWER)
+    causal = call("ggml_tri", low.view(low.fill((C, C), scale), (C, C)), TRI_LOWER_DIAG)    # q's scale
+    aqk = call("ggml_mul", decayed(1), causal)
     # (I + Akk)^-1 diag(beta): beta scales the inverse's columns (a C x C matrix), not v and k.
-    inverse_b = call("ggml_solve_tri", call("ggml_add", akk, eye),
-                     call("ggml_mul", call("ggml_repeat_4d", eye, C, C, HV, B), columns(beta_t)), True, True, False)
+    inverse_b = _inverse_by_halves(low, call("ggml_add", akk, eye), beta_t, C, HV, B)
     u_t = call("ggml_mul_mat", inverse_b, v_t)                          # [C_i, V]: (inv (v beta))^T
     w = call("ggml_mul_mat", k_t, call("ggml_mul", inverse_b, columns(gam_exp)))   # [K, C_i]
     gam_last = call("ggml_view_4d", gam, 1, HV, B, 1, C * 4, C * HV * 4, C * HV * B * 4, (C - 1) * 4)
@@ -130,3 +139,51 @@ def lower_intra_chunk(low, node, q, k, v, g, beta) -> tuple:
 
     return (result(w, C, K), result(u_t, V, C, True), result(q_decayed, C, K), result(aqk, C, C),
             result(k_to_end_t, K, C, True), result(last_decay, 1, 1))
+
+
+def _head_operands(low, node, q, k):
+    """(q, q_heads, k_heads, group, scale): q for the value heads unscaled, q and k of the q/k
+    heads (lowering/head_reads.py: before the layer's GQA repeat and q's constant scale, where it
+    made them so), `group` value heads per q/k head, and q's scale (1.0 when q is read as it is).
+    The scale is folded into q's decay factors and the causal mask, so the layer's multiply of
+    q (30 ms at (1, 4096, 16 heads, 128), 1 thread) is not computed."""
+    q_node, k_node, group, scale = head_reads(*node.inputs[:2])
+    known = low.values
+    if id(q_node) not in known or id(k_node) not in known:     # (a body's parameters: read as given)
+        return q, q, k, 1, 1.0
+    q_heads, k_heads = low.dense(known[id(q_node)]), low.dense(known[id(k_node)])
+    if scale is None:
+        return q, q_heads, k_heads, group, 1.0
+    if group == 1:
+        return q_heads, q_heads, k_heads, group, scale
+    R, Tp, HQ, K = q_heads.shape        # the repeat of the unscaled q: value head j = h group + e
+    t = low.call("ggml_repeat_4d", low.view(q_heads, (R * Tp, HQ, 1, K)), K, group, HQ, R * Tp)
+    return low.made(t, (R * Tp, HQ, group, K), q.shape, q.dtype), q_heads, k_heads, group, scale
+
+
+def _inverse_by_halves(low, a, beta_t, C, HV, B):
+    """X = A^-1 diag(beta) of every chunk's unit lower triangular A [C, C] (ggml: columns
+    innermost), by its two diagonal blocks of h = C / 2 rows:
+
+        X11 = A11^-1 diag(beta_1)     [X21 | X22] = A22^-1 [-A21 X11 | diag(beta_2)]     X12 = 0
+
+    ggml_solve_tri is a scalar substitution per right-hand column, n^2 / 2 multiply-adds for
+    each: two solves of h rows (h and 2h columns) cost 3/8 of one of C rows (C columns), 164 ms
+    at 1 thread at (1, 4096, 32, 128), and A21 X11 is one batched product."""
+    call, h, item = low.call, C // 2, 4
+
+    def block(r, c):       # rows r h.., columns c h.. of each A
+        return call("ggml_cont", call("ggml_view_4d", a, h, h, HV, B, C * item, C * C * item, C * C * HV * item,
+                                      (r * h * C + c * h) * item))
+
+    def diag_beta(c):      # diag(beta) of the columns c h.. of each chunk
+        column = call("ggml_view_4d", beta_t, h, 1, HV, B, C * item, C * item, C * HV * item, c * h * item)
+        return call("ggml_mul", call("ggml_repeat_4d", low.op_eye_n(h).t, h, h, HV, B), column)
+
+    x11 = call("ggml_solve_tri", block(0, 0), diag_beta(0), True, True, False)
+    x11_t = call("ggml_cont", call("ggml_permute", x11, 1, 0, 2, 3))
+    a21_x11 = call("ggml_mul_mat", x11_t, block(1, 0))
+    bottom = call("ggml_solve_tri", block(1, 1), call("ggml_concat", call("ggml_neg", a21_x11), diag_beta(1), 0),
+                  True, True, False)
+    top = call("ggml_pad_ext", x11, 0, h, 0, 0, 0, 0, 0, 0)
+    return call("ggml_concat", top, bottom, 1)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from dnir.lowering.head_reads import head_reads
+
 from . import cpu_chunk_scan, cpu_intra_chunk
 from .kernels import ATTRS
 
@@ -45,35 +47,8 @@ def operands(intra):
     are read where they were before that copy (group: value heads per head), and q times a
     constant scalar before its scaling (scale: the constant, else None): neither is materialised."""
     q, k, v, g, beta = intra.inputs
-    q, group = _unrepeated(q)
-    k, k_group = _unrepeated(k)
-    if k_group != group:
-        (q, k), group = intra.inputs[:2], 1
-    q, scale = _unscaled(q)
+    q, k, group, scale = head_reads(q, k)
     return q, k, v, g, beta, group, scale
-
-
-def _unrepeated(x):
-    if x.op != "reshape" or x.inputs[0].op != "broadcast_to" or x.inputs[0].inputs[0].op != "reshape":
-        return x, 1
-    wide, narrow = x.inputs[0], x.inputs[0].inputs[0]
-    src = narrow.inputs[0]
-    if src.rank != 4 or narrow.rank != 5:
-        return x, 1
-    R, T, H, K = src.shape
-    group = wide.shape[3]
-    if narrow.shape != (R, T, H, 1, K) or wide.shape != (R, T, H, group, K) or x.shape != (R, T, H * group, K):
-        return x, 1
-    return src, group
-
-
-def _unscaled(x):
-    if x.op != "mul":
-        return x, None
-    for a, b in (x.inputs, x.inputs[::-1]):
-        if b.op == "const" and b.shape == () and b.dtype == a.dtype and a.shape == x.shape:
-            return a, float(b.attrs["value"][0])
-    return x, None
 
 
 def chunk_layer_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,

@@ -23,10 +23,13 @@ def _rel(a, b):
     return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
 
 
-@pytest.mark.parametrize("seq_len,batch,initial", [(130, 3, True), (64, 1, False), (200, 2, True)])
-def test_gda_layer_with_ggml_intra_chunk_matches_numpy(seq_len, batch, initial):
-    # qwen3-next: GQA (16 q/k heads, 32 value heads), a gate per head
-    cfg = preset("qwen3-next", seq_len=seq_len, batch=batch, mode="chunked", initial_state=initial, final_state=True)
+@pytest.mark.parametrize("seq_len,batch,initial,heads", [(130, 3, True, 16), (64, 1, False, 16), (200, 2, True, 16),
+                                                         (192, 2, True, 16), (128, 2, True, 32)])
+def test_gda_layer_with_ggml_intra_chunk_matches_numpy(seq_len, batch, initial, heads):
+    # qwen3-next: GQA (16 q/k heads, 32 value heads), a gate per head; whole chunks read q and k
+    # before their repeat and q before its scale (intra_chunk._head_operands), as do 32 q/k heads
+    cfg = preset("qwen3-next", seq_len=seq_len, batch=batch, heads=heads, mode="chunked", initial_state=initial,
+                 final_state=True)
     graph = compiled_graph(cfg, "O2", "ggml")
     assert any(n.op == "intra_chunk" for n in prepare(graph, "ggml").topo_order())
     x = random_inputs(cfg, int(np.random.default_rng().integers(1 << 30)))
