@@ -209,7 +209,7 @@ def unaligned_inputs(graph: Graph) -> frozenset[int]:
     for out in graph.outputs:
         if id(out) in readers:
             readers[id(out)].add(("output", 0))
-    tolerant = {(op, k) for k in cpu_token_step.UNALIGNED_OPERANDS for op in ("token_step", "decode_step")}
+    tolerant = {(op, k) for op, ks in cpu_token_step.UNALIGNED_OPERANDS.items() for k in ks}
     return frozenset(i for i, x in enumerate(graph.inputs) if readers[id(x)] and readers[id(x)] <= tolerant)
 
 

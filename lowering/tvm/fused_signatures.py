@@ -8,6 +8,7 @@ in the order of the op's operands, then its outputs.
 """
 from __future__ import annotations
 
+import tvm
 from tvm.script import tirx as T
 
 from .kernels import ATTRS
@@ -153,22 +154,24 @@ def token_step_function(shapes: dict, dtype: str, body, state_align: int = -1, n
     return kernel
 
 
-def decode_step_function(shapes: dict, dtype: str, body, state_align: int = -1, narrow: dict | None = None,
+def decode_step_function(shapes: dict, dtype: str, body, loose: bool = False, narrow: dict | None = None,
                          checksum: bool = False):
     """body(S0, Q, Kx, Vv, G, B, S1, O[, CHK]): token_step_function's outputs from the state and the
-    layer's raw vectors (dnir.fused.DECODE_ROLES), each in its own shape `shapes[role]`."""
+    layer's raw vectors (dnir.fused.DECODE_ROLES), each in its own shape `shapes[role]`. loose: every
+    operand declared aligned to its element only (the caller's arrays taken where they are)."""
     of = {role: (narrow or {}).get(role, dtype) for role in shapes}
+    align = {role: tvm.DataType(of[role]).bits // 8 if loose else -1 for role in shapes}
     if checksum:
         @T.prim_func(private=True, s_tir=True)
         def checked(s0: T.handle, q: T.handle, k: T.handle, v: T.handle, g: T.handle, beta: T.handle,
                     s1: T.handle, o: T.handle, chk: T.handle):
             T.func_attr(ATTRS)
-            S0 = T.match_buffer(s0, shapes["state"], dtype, align=state_align)
-            Q = T.match_buffer(q, shapes["q"], of["q"])
-            Kx = T.match_buffer(k, shapes["k"], of["k"])
-            Vv = T.match_buffer(v, shapes["v"], of["v"])
-            G = T.match_buffer(g, shapes["g"], of["g"])
-            B = T.match_buffer(beta, shapes["beta"], of["beta"])
+            S0 = T.match_buffer(s0, shapes["state"], dtype, align=align["state"])
+            Q = T.match_buffer(q, shapes["q"], of["q"], align=align["q"])
+            Kx = T.match_buffer(k, shapes["k"], of["k"], align=align["k"])
+            Vv = T.match_buffer(v, shapes["v"], of["v"], align=align["v"])
+            G = T.match_buffer(g, shapes["g"], of["g"], align=align["g"])
+            B = T.match_buffer(beta, shapes["beta"], of["beta"], align=align["beta"])
             S1 = T.match_buffer(s1, shapes["state"], dtype)
             O = T.match_buffer(o, shapes["o"], dtype)
             CHK = T.match_buffer(chk, shapes["o"], dtype)
@@ -180,12 +183,12 @@ def decode_step_function(shapes: dict, dtype: str, body, state_align: int = -1, 
     def kernel(s0: T.handle, q: T.handle, k: T.handle, v: T.handle, g: T.handle, beta: T.handle,
                s1: T.handle, o: T.handle):
         T.func_attr(ATTRS)
-        S0 = T.match_buffer(s0, shapes["state"], dtype, align=state_align)
-        Q = T.match_buffer(q, shapes["q"], of["q"])
-        Kx = T.match_buffer(k, shapes["k"], of["k"])
-        Vv = T.match_buffer(v, shapes["v"], of["v"])
-        G = T.match_buffer(g, shapes["g"], of["g"])
-        B = T.match_buffer(beta, shapes["beta"], of["beta"])
+        S0 = T.match_buffer(s0, shapes["state"], dtype, align=align["state"])
+        Q = T.match_buffer(q, shapes["q"], of["q"], align=align["q"])
+        Kx = T.match_buffer(k, shapes["k"], of["k"], align=align["k"])
+        Vv = T.match_buffer(v, shapes["v"], of["v"], align=align["v"])
+        G = T.match_buffer(g, shapes["g"], of["g"], align=align["g"])
+        B = T.match_buffer(beta, shapes["beta"], of["beta"], align=align["beta"])
         S1 = T.match_buffer(s1, shapes["state"], dtype)
         O = T.match_buffer(o, shapes["o"], dtype)
         with T.sblock("root"):

@@ -1,5 +1,8 @@
 """A decode step called again and again through the functional API (the prepared call kept per
 shapes and options, dnir/api.py): every call's values are checked and its results are its own."""
+import re
+import warnings
+
 import numpy as np
 import pytest
 
@@ -60,6 +63,33 @@ def test_a_bad_value_in_a_later_call_is_still_reported(rng, variant, target):
         f(**x, output_final_state=True, target=target)
     o, _ = f(**x, output_final_state=True, target=target, allow_positive_gates=True)
     assert_close(o, delta_rule_reference(**x)[0])
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("final_state", [True, False], ids=["final", "o-only"])
+@pytest.mark.parametrize("target", ["llvm", "numpy"])
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_every_bad_input_of_a_later_step_is_named_with_its_index(rng, variant, target, final_state, B):
+    """A later step's inputs are checked through its outputs (and g on its own): NaN, inf and -inf
+    anywhere in any input (strong gates, GQA) is still the error naming the input and the index."""
+    f = STEPS[variant]
+    f(**_step(rng, variant, B=B), output_final_state=final_state, target=target)
+    for name in ("q", "k", "v", "g", "beta", "initial_state"):
+        for value, word in ((np.nan, "NaN"), (np.inf, "inf"), (-np.inf, "inf")):
+            x = _step(rng, variant, B=B, strong=True)
+            index = tuple(int(rng.integers(n)) for n in x[name].shape)
+            x[name][index] = value
+            with pytest.raises(dnir.InputError,
+                               match=rf"{name} contains {word} \(first at index {re.escape(str(list(index)))}"):
+                f(**x, output_final_state=final_state, target=target)
+    x = _step(rng, variant, B=B, strong=True)      # a good step after the bad ones: right, and no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o, state = f(**x, output_final_state=final_state, target=target)
+    o_ref, state_ref = delta_rule_reference(**x)
+    assert_close(o, o_ref)
+    if final_state:
+        assert_close(state, state_ref, what="final_state")
 
 
 @pytest.mark.parametrize("target", ["llvm", "numpy"])
