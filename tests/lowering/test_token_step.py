@@ -92,3 +92,22 @@ def test_fused_step_inside_a_token_loop_on_vulkan_matches_numpy(name, rng):
     body = next(n for n in registry.prepare(graph, "vulkan").topo_order() if n.op == "scan").attrs["body"]
     assert _steps(body)
     assert_vulkan_matches_numpy(graph, random_inputs(cfg, rng))
+
+
+@needs_vulkan
+@pytest.mark.parametrize("name,batch,value_dim,dtype", [("qwen3-next", 3, 64, "f32"), ("kimi-linear", 1, 32, "f32"),
+                                                        ("qwen3-next", 2, 256, "f16")])
+def test_cuda_decode_step_kernel_runs_on_vulkan_against_numpy(name, batch, value_dim, dtype, rng, monkeypatch):
+    """CUDA's decode_step kernel (token_step.decode_step_kernel: the rows made in shared memory) is
+    GPU TIR that Vulkan compiles too: run there, by a Vulkan target given that kernel, on GQA, a
+    gate per key channel, one sequence, V = 256 (two blocks per head) and fp16 inputs."""
+    from dataclasses import replace
+
+    from dnir.lowering import vulkan
+    from dnir.lowering.tvm import backends
+    with_step = replace(registry.BACKENDS["vulkan"],
+                        context=lambda target: backends._gpu_target(target, vulkan.shared_bytes(), decode_step=True))
+    monkeypatch.setitem(registry.BACKENDS, "vulkan", with_step)
+    cfg, graph = _graph(name, batch=batch, value_dim=value_dim, dtype=dtype)
+    assert _steps(registry.prepare(graph, "vulkan"), "decode_step")
+    assert_vulkan_matches_numpy(graph, random_inputs(cfg, rng))
