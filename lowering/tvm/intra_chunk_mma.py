@@ -143,54 +143,44 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                     A[n, b, h, out_at(w * TW + u, lane, i)[0], out_at(w * TW + u, lane, i)[1]] = acc[4 * u + i]
 
     @T.macro
-    def body_per_head(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
-        T.reads()                              # the tensor-core calls read registers TVM cannot see
-        T.writes()
-        for bx in T.thread_binding(tasks, thread="blockIdx.x"):
-            for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                KK = T.alloc_shared((C * C,), dtype)
-                X = T.alloc_shared((words,), dtype)
-                Gs = T.alloc_shared((C,), dtype)
-                run = T.alloc_local((1,), dtype)
-                acc = T.alloc_local((4 * TW,), dtype)
-                fa = T.alloc_local((8,), dtype)
-                fb = T.alloc_local((4,), dtype)
-                x = T.alloc_local((C,), dtype)
-                n, b, h = task(bx)
-                operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
-                if tx < C:
-                    Gs[tx] = load(G, b, n * C + tx, h, 0)
-                T.tvm_storage_sync("shared")
-                # E into KK: thread (row i = tx // blocks, column block tx % blocks), D summed down from i
-                run[0] = zero
-                for l in range(C):
-                    run[0] = run[0] + T.Select(tx % blocks * S + S <= l and l <= tx // blocks, Gs[l], zero)
-                for j1 in T.unroll(S):
-                    KK[tx // blocks * C + tx % blocks * S + S - 1 - j1] = T.Select(
-                        tx % blocks * S + S - 1 - j1 <= tx // blocks, T.exp(run[0]), zero)
-                    run[0] = run[0] + T.Select(tx % blocks * S + S - 1 - j1 <= tx // blocks,
-                                               Gs[tx % blocks * S + S - 1 - j1], zero)
-                for i in T.unroll(4 * TW):
-                    acc[i] = zero
-                for kq in range(K // KQ):
-                    T.tvm_storage_sync("shared")
-                    for e in T.unroll(C * KQ // THREADS):   # k rows, then q rows
-                        X[(e * THREADS + tx) // KQ * P + (e * THREADS + tx) % KQ] = k_at(
-                            Kx, b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ)
-                        X[(C + (e * THREADS + tx) // KQ) * P + (e * THREADS + tx) % KQ] = q_at(
-                            Q, b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ)
-                    T.tvm_storage_sync("shared")
-                    products(X, acc, fa, fb, tx // 32, tx % 32)
-                for u in T.unroll(TW):
-                    for i in T.unroll(4):
-                        acc[4 * u + i] = acc[4 * u + i] * KK[out_at(tx // 32 * TW + u, tx % 32, i)[0] * C
-                                                             + out_at(tx // 32 * TW + u, tx % 32, i)[1]]
-                T.tvm_storage_sync("shared")          # every E read before kk takes its place
-                store(KK, A, Bt, acc, n, b, h, tx // 32, tx % 32)
-                for e in T.unroll(len(upper)):
-                    A[n, b, h, _pick(e, [a for a, _ in upper]) * S + tx // S, _pick(e, [c for _, c in upper]) * S + tx % S] = zero
-                T.tvm_storage_sync("shared")
-                solve(Bt, W, U, KK, x, n, b, h, tx)
+    def upper_zeros(A, n, b, h, tx):
+        """qk's 16 x 16 blocks above the diagonal."""
+        for e in T.unroll(len(upper)):
+            A[n, b, h, _pick(e, [a for a, _ in upper]) * S + tx // S, _pick(e, [c for _, c in upper]) * S + tx % S] = zero
+
+    @T.macro
+    def scores_per_head(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, fa, fb, n, b, h, tx):
+        """One gate per head: the ten blocks' raw products on tensor cores, times E (Y: the gates)."""
+        if tx < C:
+            Y[tx] = load(G, b, n * C + tx, h, 0)
+        T.tvm_storage_sync("shared")
+        # E into KK: thread (row i = tx // blocks, column block tx % blocks), D summed down from i
+        run[0] = zero
+        for l in range(C):
+            run[0] = run[0] + T.Select(tx % blocks * S + S <= l and l <= tx // blocks, Y[l], zero)
+        for j1 in T.unroll(S):
+            KK[tx // blocks * C + tx % blocks * S + S - 1 - j1] = T.Select(
+                tx % blocks * S + S - 1 - j1 <= tx // blocks, T.exp(run[0]), zero)
+            run[0] = run[0] + T.Select(tx % blocks * S + S - 1 - j1 <= tx // blocks,
+                                       Y[tx % blocks * S + S - 1 - j1], zero)
+        for i in T.unroll(4 * TW):
+            acc[i] = zero
+        for kq in range(K // KQ):
+            T.tvm_storage_sync("shared")
+            for e in T.unroll(C * KQ // THREADS):   # k rows, then q rows
+                X[(e * THREADS + tx) // KQ * P + (e * THREADS + tx) % KQ] = k_at(
+                    Kx, b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ)
+                X[(C + (e * THREADS + tx) // KQ) * P + (e * THREADS + tx) % KQ] = q_at(
+                    Q, b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ)
+            T.tvm_storage_sync("shared")
+            products(X, acc, fa, fb, tx // 32, tx % 32)
+        for u in T.unroll(TW):
+            for i in T.unroll(4):
+                acc[4 * u + i] = acc[4 * u + i] * KK[out_at(tx // 32 * TW + u, tx % 32, i)[0] * C
+                                                     + out_at(tx // 32 * TW + u, tx % 32, i)[1]]
+        T.tvm_storage_sync("shared")          # every E read before kk takes its place
+        store(KK, A, Bt, acc, n, b, h, tx // 32, tx % 32)
+        upper_zeros(A, n, b, h, tx)
 
     @T.macro
     def stage_decayed(Q, Kx, G, X, run, kq, n, b, h, tx):
@@ -294,8 +284,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         else:
             A[n, b, h, tx - 224, tx - 224] = dg[2]
             A[n, b, h, tx - 192, tx - 192] = dg[3]
-        for e in T.unroll(len(upper)):
-            A[n, b, h, _pick(e, [a for a, _ in upper]) * S + tx // S, _pick(e, [c for _, c in upper]) * S + tx % S] = zero
+        upper_zeros(A, n, b, h, tx)
 
     @T.macro
     def diagonals_by_threads(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, n, b, h, tx):
@@ -309,8 +298,23 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     diagonals = diagonals_by_halves if halving else diagonals_by_threads
 
     @T.macro
-    def body_per_key(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
-        T.reads()
+    def scores_per_key(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, fa, fb, n, b, h, tx):
+        """A gate per key channel: the diagonal blocks, then the six below them on tensor cores."""
+        diagonals(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, n, b, h, tx)
+        for i in T.unroll(4 * TW):
+            acc[i] = zero
+        for kq in range(K // KQ):
+            T.tvm_storage_sync("shared")
+            stage_decayed(Q, Kx, G, X, run, kq, n, b, h, tx)
+            T.tvm_storage_sync("shared")
+            products(X, acc, fa, fb, tx // 32, tx % 32)
+        store(KK, A, Bt, acc, n, b, h, tx // 32, tx % 32)
+
+    scores = scores_per_key if per_key else scores_per_head
+
+    @T.macro
+    def body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
+        T.reads()                              # the tensor-core calls read registers TVM cannot see
         T.writes()
         for bx in T.thread_binding(tasks, thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
@@ -325,16 +329,8 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 x = T.alloc_local((C,), dtype)
                 n, b, h = task(bx)
                 operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
-                diagonals(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, n, b, h, tx)
-                for i in T.unroll(4 * TW):
-                    acc[i] = zero
-                for kq in range(K // KQ):
-                    T.tvm_storage_sync("shared")
-                    stage_decayed(Q, Kx, G, X, run, kq, n, b, h, tx)
-                    T.tvm_storage_sync("shared")
-                    products(X, acc, fa, fb, tx // 32, tx % 32)
-                store(KK, A, Bt, acc, n, b, h, tx // 32, tx % 32)
+                scores(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, fa, fb, n, b, h, tx)
                 T.tvm_storage_sync("shared")
                 solve(Bt, W, U, KK, x, n, b, h, tx)
 
-    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body_per_key if per_key else body_per_head, group, narrow)
+    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body, group, narrow)
