@@ -15,7 +15,8 @@ so the loop copies neither. With ggml's dimensions innermost first, one chunk of
     D^T            [C_i, C_j] cumsum down i of g_i (i > j): sum_{j < l <= i} g_l, each decay a
                               sum over its own segment (dnir/intra_chunk.py says why)
     Akk            [C_j, C_i] beta_i (k_i . k_j) exp(D_ij), j < i; Aqk the same from q, j <= i
-    inv            [C_l, C_i] (I + Akk)^-1 by ggml_solve_tri against I
+                              (the products once per q/k head; q's scale in the causal mask)
+    inv            [C_l, C_i] (I + Akk)^-1 by two ggml_solve_tri of C/2 rows (_inverse_by_halves)
     w = inv diag(beta exp(gam)) k, u^T = v^T (inv diag(beta))^T: two batched products
 
 Only a gate per head (GDA): with one per key channel (KDA) D is K times larger and the
