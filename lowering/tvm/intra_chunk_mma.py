@@ -89,7 +89,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     # before each r decayed from it (r of them for block a, at col0[a])
     col0 = [2 * (blocks - 1) * S + S * a * (a - 1) // 2 for a in range(blocks)]
     rows = (col0[-1] + (blocks - 1) * S) if per_key else 2 * C
-    words = max(rows * P, 3 * S * (K + 1), 10 * C * PE) if per_key else rows * P
+    words = max(rows * P, 3 * S * (K + 1), 8 * C * PE) if per_key else rows * P
 
     def task(t):
         return t // (R * HV), (t // HV) % R, t % HV
@@ -209,8 +209,8 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     # D_ij = sum_{j < l <= (2v+1)s} g + sum_{(2v+1)s < l <= i} g. Per level, every token's k and q are
     # staged decayed to its sub-block's boundary (from it in an odd sub-block, to it in an even one:
     # at most s gates, each a sum over its own segment), and a thread per pair adds plain products;
-    # EC channels a round. X rows: level L's k at 2 C L + t, q at 2 C L + C + t; raw k at 8 C + t,
-    # raw q at 9 C + t. Y: the round's gates (one spare row: an odd sub-block's last sum reads past).
+    # EC channels a round. X rows: level L's k at 2 C L + t, q at 2 C L + C + t. Y rows: the round's
+    # gates (one spare row: an odd sub-block's last sum reads past), raw k at C + 1 + t, raw q at 2 C + 1 + t.
     def sub_pair(sz, q):                       # (i, j) of pair q of level sz: sz x sz pairs per sub-block pair
         return (2 * (q // (sz * sz)) + 1) * sz + q % (sz * sz) // sz, 2 * (q // (sz * sz)) * sz + q % sz
 
@@ -223,10 +223,10 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                     ((e * THREADS + tx) // EC // sz % 2 == 1) == ((e * THREADS + tx) // EC // sz * sz + m + 1
                                                                    <= (e * THREADS + tx) // EC),
                     Y[((e * THREADS + tx) // EC // sz * sz + m + 1) * PE + (e * THREADS + tx) % EC], zero)
-            X[(2 * C * L + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = k_at(
-                Kx, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC) * T.exp(run[0])
-            X[(2 * C * L + C + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = q_at(
-                Q, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC) * T.exp(run[0])
+            X[(2 * C * L + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = Y[
+                (C + 1 + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] * T.exp(run[0])
+            X[(2 * C * L + C + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = Y[
+                (2 * C + 1 + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] * T.exp(run[0])
 
     @T.macro
     def pair_dot(sz, L, q, X, dg, o):
@@ -253,9 +253,9 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
             for e in T.unroll(C * EC // THREADS):
                 Y[(e * THREADS + tx) // EC * PE + (e * THREADS + tx) % EC] = load(
                     G, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
-                X[(8 * C + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = k_at(
+                Y[(C + 1 + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = k_at(
                     Kx, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
-                X[(9 * C + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = q_at(
+                Y[(2 * C + 1 + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = q_at(
                     Q, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
             T.tvm_storage_sync("shared")
             level_rows(8, 0, Q, Kx, X, Y, run, cg, n, b, h, tx)
@@ -272,8 +272,9 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 pair_dot(1, 3, tx - 192, X, dg, 2)
             else:
                 for c in T.unroll(EC):
-                    dg[2] = dg[2] + X[(9 * C + tx - 224) * PE + c] * X[(8 * C + tx - 224) * PE + c]
-                    dg[3] = dg[3] + X[(9 * C + tx - 192) * PE + c] * X[(8 * C + tx - 192) * PE + c]
+                    dg[2] = dg[2] + Y[(2 * C + 1 + tx - 224) * PE + c] * Y[(C + 1 + tx - 224) * PE + c]
+                    dg[3] = dg[3] + Y[(2 * C + 1 + tx - 192) * PE + c] * Y[(C + 1 + tx - 192) * PE + c]
+        T.tvm_storage_sync("shared")          # Y may share its memory with KK
         pair_store(8, tx, KK, A, Bt, dg, 0, n, b, h)
         if tx < 128:
             pair_store(4, tx, KK, A, Bt, dg, 2, n, b, h)
@@ -320,7 +321,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                 KK = T.alloc_shared((C * C,), dtype)
                 X = T.alloc_shared((words,), dtype)
-                Y = T.alloc_shared(((C + 1) * PE,), dtype)
+                Y = T.alloc_shared(((3 * C + 1) * PE,), dtype)
                 run = T.alloc_local((1,), dtype)
                 d = T.alloc_local((4,), dtype)
                 acc = T.alloc_local((4 * TW,), dtype)
