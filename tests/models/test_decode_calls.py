@@ -1,7 +1,6 @@
 """A decode step called again and again through the functional API (the prepared call kept per
 shapes and options, dnir/api.py): every call's values are checked and its results are its own."""
-import re
-import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import pytest
 import dnir
 from dnir.errors import InputWarning, NumericError
 from dnir.models import delta_rule_reference
-from delta_helpers import assert_close, unit_rows
+from delta_helpers import assert_bad_inputs_named_then_a_good_call_right, assert_close, unit_rows
 
 STEPS = {"gdn": dnir.fused_recurrent_gated_delta_rule, "kda": dnir.fused_recurrent_kda}
 
@@ -72,24 +71,9 @@ def test_a_bad_value_in_a_later_call_is_still_reported(rng, variant, target):
 def test_every_bad_input_of_a_later_step_is_named_with_its_index(rng, variant, target, final_state, B):
     """A later step's inputs are checked through its outputs (and g on its own): NaN, inf and -inf
     anywhere in any input (strong gates, GQA) is still the error naming the input and the index."""
-    f = STEPS[variant]
-    f(**_step(rng, variant, B=B), output_final_state=final_state, target=target)
-    for name in ("q", "k", "v", "g", "beta", "initial_state"):
-        for value, word in ((np.nan, "NaN"), (np.inf, "inf"), (-np.inf, "inf")):
-            x = _step(rng, variant, B=B, strong=True)
-            index = tuple(int(rng.integers(n)) for n in x[name].shape)
-            x[name][index] = value
-            with pytest.raises(dnir.InputError,
-                               match=rf"{name} contains {word} \(first at index {re.escape(str(list(index)))}"):
-                f(**x, output_final_state=final_state, target=target)
-    x = _step(rng, variant, B=B, strong=True)      # a good step after the bad ones: right, and no warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        o, state = f(**x, output_final_state=final_state, target=target)
-    o_ref, state_ref = delta_rule_reference(**x)
-    assert_close(o, o_ref)
-    if final_state:
-        assert_close(state, state_ref, what="final_state")
+    f = partial(STEPS[variant], target=target)
+    f(**_step(rng, variant, B=B), output_final_state=final_state)
+    assert_bad_inputs_named_then_a_good_call_right(f, lambda: _step(rng, variant, B=B, strong=True), rng, final_state)
 
 
 @pytest.mark.parametrize("target", ["llvm", "numpy"])
