@@ -12,8 +12,9 @@ so the loop copies neither. With ggml's dimensions innermost first, one chunk of
     gam            [C]        cumsum(g_t): the decay from the chunk start, q_decayed = q exp(gam)
     after          [C]        sum_{l > i} g_l, a product with the ones above the diagonal;
                               k_to_end^T = k^T exp(after), never exp(gam_C - gam_i)
-    D^T            [C_i, C_j] cumsum down i of g_i (i > j): sum_{j < l <= i} g_l, each decay a
-                              sum over its own segment (dnir/intra_chunk.py says why)
+    D              [C_j, C_i] sum_{j < l <= i} g_l: the ones where l > j times g_l kept where l <= i,
+                              one product, each decay a sum over its own segment (dnir/intra_chunk.py
+                              says why)
     Akk            [C_j, C_i] beta_i (k_i . k_j) exp(D_ij), j < i; Aqk the same from q, j <= i
                               (the products once per q/k head; q's scale in the causal mask)
     inv            [C_l, C_i] (I + Akk)^-1 by two ggml_solve_tri of C/2 rows (_inverse_by_halves)
@@ -96,14 +97,16 @@ def lower_intra_chunk(low, node, q, k, v, g, beta) -> tuple:
     v_t = swap01(chunks(v, V))                                          # [C, V, HV, B]
 
     ones = low.view(low.fill((C, C), 1.0), (C, C))
-    after = call("ggml_mul_mat", call("ggml_tri", ones, TRI_UPPER),     # row i: 1 where l > i
+    later = call("ggml_tri", ones, TRI_UPPER)                           # row i: 1 where l > i
+    after = call("ggml_mul_mat", later,
                  call("ggml_reshape_4d", g_t, C, HV * B, 1, 1))
     k_to_end_t = call("ggml_mul", k_t, columns(call("ggml_exp", after)))
 
-    # D^T: g_i in every column j, kept where i > j, summed down i (ggml's innermost axis).
-    g_i = call("ggml_repeat_4d", columns(g_t), C, C, HV, B)
-    d_t = call("ggml_cumsum", call("ggml_tri", g_i, TRI_UPPER))
-    decay = swap01(call("ggml_exp", d_t))                              # [C_j, C_i]: exp(D_ij)
+    # D [C_j, C_i]: D_ij = sum_l [j < l] [l <= i] g_l, a product of the ones where l > j with the
+    # gates g_l kept where l <= i, made in the layout the scores are (no transposed copy of a
+    # cumsum down i); each sum still runs over its own segment.
+    g_l = call("ggml_tri", call("ggml_repeat_4d", columns(g_t), C, C, HV, B), TRI_LOWER_DIAG)
+    decay = call("ggml_exp", call("ggml_mul_mat", later, g_l))        # [C_j, C_i]: exp(D_ij)
 
     # k k^T and q k^T in one product (ggml's sgemm takes a contiguous right operand: each chunk's
     # k rows, then its q rows, against its k), once per q/k head: GQA's `group` value heads of a
