@@ -149,14 +149,21 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
             A[n, b, h, _pick(e, [a for a, _ in upper]) * S + tx // S, _pick(e, [c for _, c in upper]) * S + tx % S] = zero
 
     @T.macro
-    def scores_per_head(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, fa, fb, n, b, h, tx):
+    def fetch_rows(Q, Kx, pf, kq, n, b, h, tx):
+        """pf = the thread's k and q of quarter kq (tokens (e THREADS + tx) // KQ, channel % KQ)."""
+        for e in T.unroll(C * KQ // THREADS):
+            pf[2 * e] = k_at(Kx, b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ)
+            pf[2 * e + 1] = q_at(Q, b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ)
+
+    @T.macro
+    def scores_per_head(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, fa, fb, n, b, h, tx):
         """One gate per head: the ten blocks' raw products on tensor cores, times E (Y: the gates)."""
         if tx < C:
             Y[tx] = load(G, b, n * C + tx, h, 0)
         T.tvm_storage_sync("shared")
         # E into KK: thread (row i = tx // blocks, column block tx % blocks), D summed down from i
         run[0] = zero
-        for l in range(C):
+        for l in T.unroll(C):                  # unrolled: the loads issue ahead of the sum
             run[0] = run[0] + T.Select(tx % blocks * S + S <= l and l <= tx // blocks, Y[l], zero)
         for j1 in T.unroll(S):
             KK[tx // blocks * C + tx % blocks * S + S - 1 - j1] = T.Select(
@@ -165,14 +172,14 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                                        Y[tx % blocks * S + S - 1 - j1], zero)
         for i in T.unroll(4 * TW):
             acc[i] = zero
+        fetch_rows(Q, Kx, pf, 0, n, b, h, tx)
         for kq in range(K // KQ):
             T.tvm_storage_sync("shared")
             for e in T.unroll(C * KQ // THREADS):   # k rows, then q rows
-                X[(e * THREADS + tx) // KQ * P + (e * THREADS + tx) % KQ] = k_at(
-                    Kx, b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ)
-                X[(C + (e * THREADS + tx) // KQ) * P + (e * THREADS + tx) % KQ] = q_at(
-                    Q, b, n * C + (e * THREADS + tx) // KQ, h, kq * KQ + (e * THREADS + tx) % KQ)
+                for r in T.unroll(2):
+                    X[(r * C + (e * THREADS + tx) // KQ) * P + (e * THREADS + tx) % KQ] = pf[2 * e + r]
             T.tvm_storage_sync("shared")
+            fetch_rows(Q, Kx, pf, T.min(kq + 1, K // KQ - 1), n, b, h, tx)   # the next quarter's, meanwhile
             products(X, acc, fa, fb, tx // 32, tx % 32)
         for u in T.unroll(TW):
             for i in T.unroll(4):
@@ -242,22 +249,28 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         A[n, b, h, sub_pair(sz, q)[1], sub_pair(sz, q)[0]] = zero
 
     @T.macro
-    def diagonal_by_halves(Q, Kx, G, Bt, KK, A, X, Y, run, dg, n, b, h, tx):
+    def fetch(Q, Kx, G, pf, cg, n, b, h, tx):
+        """pf = the thread's gates, k and q of round cg (tokens (e THREADS + tx) // EC, channel % EC)."""
+        for e in T.unroll(C * EC // THREADS):
+            pf[3 * e] = load(G, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
+            pf[3 * e + 1] = k_at(Kx, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
+            pf[3 * e + 2] = q_at(Q, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
+
+    @T.macro
+    def diagonal_by_halves(Q, Kx, G, Bt, KK, A, X, Y, run, dg, pf, n, b, h, tx):
         """kk and qk of the four diagonal blocks (and qk's zeros above them); the thread's pairs: q = tx of
         level 8 (256 pairs), then tx < 128: level 4, < 192: level 2, < 224: level 1, else qk_tt of
         t = tx - 224 and t + 32."""
         for i in T.unroll(4):
             dg[i] = zero
+        fetch(Q, Kx, G, pf, 0, n, b, h, tx)
         for cg in range(K // EC):
             T.tvm_storage_sync("shared")
             for e in T.unroll(C * EC // THREADS):
-                Y[(e * THREADS + tx) // EC * PE + (e * THREADS + tx) % EC] = load(
-                    G, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
-                Y[(C + 1 + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = k_at(
-                    Kx, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
-                Y[(2 * C + 1 + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = q_at(
-                    Q, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
+                for r in T.unroll(3):          # the gates, raw k, raw q at rows 0, C + 1, 2 C + 1
+                    Y[(r * (C + 1) - r // 2 + (e * THREADS + tx) // EC) * PE + (e * THREADS + tx) % EC] = pf[3 * e + r]
             T.tvm_storage_sync("shared")
+            fetch(Q, Kx, G, pf, T.min(cg + 1, K // EC - 1), n, b, h, tx)   # the next round's, while this one runs
             level_rows(8, 0, Q, Kx, X, Y, run, cg, n, b, h, tx)
             level_rows(4, 1, Q, Kx, X, Y, run, cg, n, b, h, tx)
             level_rows(2, 2, Q, Kx, X, Y, run, cg, n, b, h, tx)
@@ -288,20 +301,20 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         upper_zeros(A, n, b, h, tx)
 
     @T.macro
-    def diagonals_by_threads(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, n, b, h, tx):
+    def diagonals_by_threads(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, n, b, h, tx):
         for a in range(blocks):                # a thread per pair (intra_chunk.phases)
             diagonal(Q, Kx, G, KK, A, X, 0, X, S * (K + 1), X, 2 * S * (K + 1), d, acc, a, n, b, h, tx)
 
     @T.macro
-    def diagonals_by_halves(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, n, b, h, tx):
-        diagonal_by_halves(Q, Kx, G, Bt, KK, A, X, Y, run, d, n, b, h, tx)
+    def diagonals_by_halves(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, n, b, h, tx):
+        diagonal_by_halves(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, n, b, h, tx)
 
     diagonals = diagonals_by_halves if halving else diagonals_by_threads
 
     @T.macro
-    def scores_per_key(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, fa, fb, n, b, h, tx):
+    def scores_per_key(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, fa, fb, n, b, h, tx):
         """A gate per key channel: the diagonal blocks, then the six below them on tensor cores."""
-        diagonals(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, n, b, h, tx)
+        diagonals(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, n, b, h, tx)
         for i in T.unroll(4 * TW):
             acc[i] = zero
         for kq in range(K // KQ):
@@ -324,13 +337,14 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 Y = T.alloc_shared(((3 * C + 1) * PE,), dtype)
                 run = T.alloc_local((1,), dtype)
                 d = T.alloc_local((4,), dtype)
+                pf = T.alloc_local((max(3 * C * EC, 2 * C * KQ) // THREADS,), dtype)   # the next round's operands
                 acc = T.alloc_local((4 * TW,), dtype)
                 fa = T.alloc_local((8,), dtype)
                 fb = T.alloc_local((4,), dtype)
                 x = T.alloc_local((C,), dtype)
                 n, b, h = task(bx)
                 operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
-                scores(Q, Kx, G, Bt, KK, A, X, Y, run, d, acc, fa, fb, n, b, h, tx)
+                scores(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, fa, fb, n, b, h, tx)
                 T.tvm_storage_sync("shared")
                 solve(Bt, W, U, KK, x, n, b, h, tx)
 
