@@ -110,11 +110,14 @@ def lower_intra_chunk(low, node, q, k, v, g, beta) -> tuple:
 
     # k k^T and q k^T in one product (ggml's sgemm takes a contiguous right operand: each chunk's
     # k rows, then its q rows, against its k), once per q/k head: GQA's `group` value heads of a
-    # q/k head only decay them differently. exp(D) viewed [C, C, group, HQ B] against a half of
-    # the products [C, C, 1, HQ B]: value head j reads q/k head j // group.
+    # q/k head only decay them differently. Both masked there (kk below the diagonal, qk on and
+    # below it, times q's scale), then exp(D) viewed [C, C, group, HQ B] against a half of them
+    # [C, C, 1, HQ B]: value head j reads q/k head j // group. (Where a mask is 0, D is 0.)
     k_hc = chunks(k_heads, K, HQ)
     kq = call("ggml_concat", k_hc, chunks(q_heads, K, HQ), 1)              # [K, 2C, HQ, B]
-    products = call("ggml_mul_mat", k_hc, kq)
+    masks = call("ggml_concat", call("ggml_tri", ones, TRI_LOWER),
+                 call("ggml_tri", low.view(low.fill((C, C), scale), (C, C)), TRI_LOWER_DIAG), 2)
+    products = call("ggml_mul", call("ggml_reshape_4d", call("ggml_mul_mat", k_hc, kq), C, C, 2, HQ * B), masks)
     decay_g = call("ggml_reshape_4d", decay, C, C, group, HQ * B)
 
     def decayed(i):      # the kk (0) or qk (1) products decayed, [C_j, C_i, HV, B]
@@ -122,9 +125,8 @@ def lower_intra_chunk(low, node, q, k, v, g, beta) -> tuple:
         return call("ggml_reshape_4d", call("ggml_mul", decay_g, half), C, C, HV, B)
 
     eye = low.op_eye_n(C).t
-    akk = call("ggml_tri", call("ggml_mul", decayed(0), rows(beta_t)), TRI_LOWER)
-    causal = call("ggml_tri", low.view(low.fill((C, C), scale), (C, C)), TRI_LOWER_DIAG)    # q's scale
-    aqk = call("ggml_mul", decayed(1), causal)
+    akk = call("ggml_mul", decayed(0), rows(beta_t))
+    aqk = decayed(1)
     # (I + Akk)^-1 diag(beta): beta scales the inverse's columns (a C x C matrix), not v and k.
     inverse_b = _inverse_by_halves(low, call("ggml_add", akk, eye), beta_t, C, HV, B)
     u_t = call("ggml_mul_mat", inverse_b, v_t)                          # [C_i, V]: (inv (v beta))^T
