@@ -152,12 +152,14 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
             qk = T.alloc_buffer((1,), dtype)
             for c in range(Kg):
                 dec[c] = T.exp(load(G, "g", h * Kg + c))
-            qk[0] = T.cast(0, dtype)
-            for kk in range(K):
+            for kk in T.vectorized(K):      # qr holds the scaled q until q . k is added up
                 kc[kk] = load(Kx, "k", qk_at(h, kk))
                 kr[kk] = kc[kk] * dec[kk * per_key]
                 qr[kk] = load(Q, "q", qk_at(h, kk)) * T.cast(scale, dtype)
+            qk[0] = T.cast(0, dtype)
+            for kk in range(K):
                 qk[0] = qk[0] + qr[kk] * kc[kk]
+            for kk in T.vectorized(K):
                 qr[kk] = qr[kk] * dec[kk * per_key]
             for t in range(tiles):
                 pred = T.alloc_buffer((vt,), dtype)
