@@ -146,7 +146,8 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     def upper_zeros(A, n, b, h, tx):
         """qk's 16 x 16 blocks above the diagonal."""
         for e in T.unroll(len(upper)):
-            A[n, b, h, _pick(e, [a for a, _ in upper]) * S + tx // S, _pick(e, [c for _, c in upper]) * S + tx % S] = zero
+            A[n, b, h, _pick(e, [a for a, _ in upper]) * S + tx // S,
+              _pick(e, [c for _, c in upper]) * S + tx % S] = zero
 
     @T.macro
     def fetch_rows(Q, Kx, pf, kq, n, b, h, tx):
@@ -197,7 +198,8 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         if tx // KQ < blocks - 1:
             run[0] = zero
             for i in T.unroll(S):
-                run[0] = run[0] + T.Select(i > 0, load(G, b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ), zero)
+                run[0] = run[0] + T.Select(
+                    i > 0, load(G, b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ), zero)
                 X[(tx // KQ * S + i) * P + tx % KQ] = q_at(
                     Q, b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ) * T.exp(run[0])
                 X[((blocks - 1 + tx // KQ) * S + i) * P + tx % KQ] = k_at(
@@ -209,7 +211,8 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                     G, b, n * C + T.max((tx // KQ - blocks + 2) * S - j1, 0), h, kq * KQ + tx % KQ), zero)
                 if j1 < (tx // KQ - blocks + 2) * S:
                     X[(_pick(tx // KQ - blocks + 2, col0) + (tx // KQ - blocks + 2) * S - 1 - j1) * P + tx % KQ] = k_at(
-                        Kx, b, n * C + T.max((tx // KQ - blocks + 2) * S - 1 - j1, 0), h, kq * KQ + tx % KQ) * T.exp(run[0])
+                        Kx, b, n * C + T.max((tx // KQ - blocks + 2) * S - 1 - j1, 0), h,
+                        kq * KQ + tx % KQ) * T.exp(run[0])
 
     # The diagonal blocks by halving: a pair i > j of one 16-token block lies in exactly one pair of
     # sub-blocks (2v + 1, 2v) of size s = 8, 4, 2 or 1, whose boundary (2v + 1) s splits its decay:

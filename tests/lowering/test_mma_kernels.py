@@ -1,5 +1,5 @@
-"""The tensor-core variants of chunk_states, chunk_output and intra_chunk (lowering/tvm/mma.py) compile to sm_90 PTX
-with their mma instructions, and the cuda target's layer uses them; benchmarks/gpu_sweep.py runs them
+"""The tensor-core variants of chunk_states, chunk_output and intra_chunk (lowering/tvm/mma.py) compile to
+sm_90 PTX with their mma instructions, and the cuda target's layer uses them; benchmarks/gpu_sweep.py runs them
 on a GPU against the CUDA-core kernels."""
 import re
 
