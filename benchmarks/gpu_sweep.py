@@ -33,8 +33,9 @@ OUTPUTS = [((4, 4), 16, 64), ((4, 4), 32, 64), ((4, 4), 16, 128), ((8, 4), 16, 6
 OUTPUTS_MMA = [(16, 64, True), (32, 64, True), (16, 128, True), (32, 128, True), (16, 64, False),
                (32, 128, False)]                          # tensor cores: (kt, bv, 3xTF32)
 STATES_MMA = [(16, True), (8, True), (16, False)]       # tensor cores: (vt, 3xTF32)
-INTRA_MMA = [(True, 1, True), (True, 2, True), (True, 3, True), (False, 2, True),
-             (True, 1, False)]                            # tensor-core scores: (3xTF32, blocks per SM, KDA halving)
+# tensor-core scores: (3xTF32, blocks per SM, KDA halving, GDA through the decayed rows)
+INTRA_MMA = [(True, 1, True, False), (True, 2, True, False), (True, 3, True, False), (True, 2, True, True),
+             (True, 3, True, True)]
 MIN_BLOCKS = [1, 2, 3]                                    # intra_chunk's blocks per SM
 
 
@@ -46,11 +47,13 @@ def variants():
         for m in MIN_BLOCKS:
             out.append((f"intra_{layer}_b{m}", "intra", kg, m,
                         lambda kg=kg: intra_chunk.intra_chunk_kernel(R, NC, HV, C, K, V, kg, "float32")))
-        for split, m, halving in INTRA_MMA:
-            if halving or kg == K:
-                out.append((f"intra_{layer}_mma{'3' if split else '1'}{'' if halving else '_threads'}_b{m}", "intra",
-                            kg, m, lambda kg=kg, split=split, halving=halving: intra_chunk_mma.intra_chunk_mma_kernel(
-                                R, NC, HV, C, K, V, kg, "float32", split=split, halving=halving)))
+        for split, m, halving, decayed in INTRA_MMA:
+            if (halving or kg == K) and not (decayed and kg == K):
+                name = f"intra_{layer}_mma{'3' if split else '1'}{'' if halving else '_threads'}" \
+                    f"{'_decayed' if decayed else ''}_b{m}"
+                out.append((name, "intra", kg, m, lambda kg=kg, split=split, halving=halving, decayed=decayed:
+                            intra_chunk_mma.intra_chunk_mma_kernel(R, NC, HV, C, K, V, kg, "float32", split=split,
+                                                                   halving=halving, decayed=decayed)))
         for lay in STATES:
             out.append((f"states_{layer}_{'x'.join(map(str, lay))}", "states", kg, 1,
                         lambda kg=kg, lay=lay: chunk_scan.chunk_states_kernel(NC, BATCH, C, K, V, kg, lay, "float32")))

@@ -66,14 +66,16 @@ def _pick(index, values):
 
 def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
                            scale: float | None = None, narrow: dict | None = None, split: bool = SPLIT,
-                           halving: bool = HALVING):
+                           halving: bool = HALVING, decayed: bool = False):
     """The op's function (fused_signatures.intra_chunk_function) with its scores on tensor cores; group,
     scale and narrow: how the operands are read, as intra_chunk.intra_chunk_kernel's. halving: KDA's
-    diagonal blocks by halving (`diagonal_by_halves`) rather than by intra_chunk.phases' `diagonal`."""
+    diagonal blocks by halving (`diagonal_by_halves`) rather than by intra_chunk.phases' `diagonal`.
+    decayed: one gate per head through the per-channel path (decayed rows and columns, halving)."""
     from .fused_signatures import intra_chunk_function
     tasks = NC * R * HV
     blocks = C // S
-    per_key = Kg == K
+    per_key = Kg == K or decayed
+    gk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
     pairs = _lower_pairs(blocks, strict=per_key)
     tiles = 4 * len(pairs)                     # (pair, 8-column half, kk or qk)
     assert tiles % WARPS == 0
@@ -199,7 +201,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
             run[0] = zero
             for i in T.unroll(S):
                 run[0] = run[0] + T.Select(
-                    i > 0, load(G, b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ), zero)
+                    i > 0, load(G, b, n * C + (tx // KQ + 1) * S + i, h, (kq * KQ + tx % KQ) * gk), zero)
                 X[(tx // KQ * S + i) * P + tx % KQ] = q_at(
                     Q, b, n * C + (tx // KQ + 1) * S + i, h, kq * KQ + tx % KQ) * T.exp(run[0])
                 X[((blocks - 1 + tx // KQ) * S + i) * P + tx % KQ] = k_at(
@@ -208,7 +210,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
             run[0] = zero
             for j1 in T.unroll((blocks - 1) * S):   # j = r - 1 - j1 while j1 < r; loads clamped to the chunk
                 run[0] = run[0] + T.Select(j1 < (tx // KQ - blocks + 2) * S, load(
-                    G, b, n * C + T.max((tx // KQ - blocks + 2) * S - j1, 0), h, kq * KQ + tx % KQ), zero)
+                    G, b, n * C + T.max((tx // KQ - blocks + 2) * S - j1, 0), h, (kq * KQ + tx % KQ) * gk), zero)
                 if j1 < (tx // KQ - blocks + 2) * S:
                     X[(_pick(tx // KQ - blocks + 2, col0) + (tx // KQ - blocks + 2) * S - 1 - j1) * P + tx % KQ] = k_at(
                         Kx, b, n * C + T.max((tx // KQ - blocks + 2) * S - 1 - j1, 0), h,
@@ -255,7 +257,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     def fetch(Q, Kx, G, pf, cg, n, b, h, tx):
         """pf = the thread's gates, k and q of round cg (tokens (e THREADS + tx) // EC, channel % EC)."""
         for e in T.unroll(C * EC // THREADS):
-            pf[3 * e] = load(G, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
+            pf[3 * e] = load(G, b, n * C + (e * THREADS + tx) // EC, h, (cg * EC + (e * THREADS + tx) % EC) * gk)
             pf[3 * e + 1] = k_at(Kx, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
             pf[3 * e + 2] = q_at(Q, b, n * C + (e * THREADS + tx) // EC, h, cg * EC + (e * THREADS + tx) % EC)
 
