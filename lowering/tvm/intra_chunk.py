@@ -124,7 +124,8 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
     @T.macro
     def diagonal(Q, Kx, G, KK, A, Xq, oq, Xk, ok, Xc, oc, d, acc, a, n, b, h, tx):
         """Stage row block a's raw q, k rows and gates; its diagonal block of kk and qk, a thread per
-        pair, D_ij per channel summed over the pair's own segment; qk's zeros above it."""
+        pair, D_ij per channel summed over the pair's own segment (one gate per head: once per pair, the
+        dot products then scaled by exp(D_ij)); qk's zeros above it."""
         r = a * S
         t0 = n * C
         ii, jj = tx // S, tx % S               # the thread's pair in a 16 x 16 block
@@ -143,16 +144,27 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
         acc[0] = zero
         acc[1] = zero
         if jj <= ii:
-            for c0 in range(K // NL):          # NL channels' sums side by side
-                for u in T.unroll(NL):
-                    d[u] = zero
-                for l in T.unroll(S):
+            if pk == 1:
+                for c0 in range(K // NL):          # NL channels' sums side by side
                     for u in T.unroll(NL):
-                        d[u] = d[u] + T.Select(jj < l and l <= ii, Xc[oc + l * P + (c0 * NL + u) * pk], zero)
-                for u in T.unroll(NL):
-                    d[u] = T.exp(d[u]) * Xk[ok + jj * P + c0 * NL + u]
-                    acc[0] = acc[0] + Xk[ok + ii * P + c0 * NL + u] * d[u]
-                    acc[1] = acc[1] + Xq[oq + ii * P + c0 * NL + u] * d[u]
+                        d[u] = zero
+                    for l in T.unroll(S):
+                        for u in T.unroll(NL):
+                            d[u] = d[u] + T.Select(jj < l and l <= ii, Xc[oc + l * P + c0 * NL + u], zero)
+                    for u in T.unroll(NL):
+                        d[u] = T.exp(d[u]) * Xk[ok + jj * P + c0 * NL + u]
+                        acc[0] = acc[0] + Xk[ok + ii * P + c0 * NL + u] * d[u]
+                        acc[1] = acc[1] + Xq[oq + ii * P + c0 * NL + u] * d[u]
+            else:                              # one gate per head: the pair's decay once, then dot products
+                d[0] = zero
+                for l in T.unroll(S):
+                    d[0] = d[0] + T.Select(jj < l and l <= ii, Xc[oc + l * P], zero)
+                for c0 in range(K // NL):
+                    for u in T.unroll(NL):
+                        acc[0] = acc[0] + Xk[ok + ii * P + c0 * NL + u] * Xk[ok + jj * P + c0 * NL + u]
+                        acc[1] = acc[1] + Xq[oq + ii * P + c0 * NL + u] * Xk[ok + jj * P + c0 * NL + u]
+                acc[0] = acc[0] * T.exp(d[0])
+                acc[1] = acc[1] * T.exp(d[0])
         KK[(r + ii) * C + r + jj] = acc[0]
         A[n, b, h, r + ii, r + jj] = acc[1]
         for cb in range(a + 1, blocks):          # above the diagonal
