@@ -65,8 +65,9 @@ def _find_cudart() -> str | None:
 # Blocks per SM a kernel asks nvcc for (__launch_bounds__'s second argument, which caps its
 # registers). intra_chunk: 169-176 registers a thread left one 256-thread block per SM; at 3
 # (80 registers, 300 B spilled) it ran 1.69 -> 1.16 ms (GDA) and 2.91 -> 2.16 ms (KDA) at
-# (1, 8192, 32, 128) on an H200 (benchmarks/results/gpu_sweep.md).
-MIN_BLOCKS_PER_SM = {"intra_chunk_kernel": 3}
+# (1, 8192, 32, 128) on an H200 (benchmarks/results/gpu_sweep.md). intra_chunk_mma (KDA) likewise on an
+# H100: 1.83 (1 block), 1.44 (2), 1.40 ms (3).
+MIN_BLOCKS_PER_SM = {"intra_chunk_kernel": 3, "intra_chunk_mma_kernel": 3}
 
 
 def with_launch_bounds(source: str, min_blocks: dict[str, int] = MIN_BLOCKS_PER_SM) -> str:

@@ -45,7 +45,7 @@ from dnir.ops import table_entry
 from dnir.types import DTYPES, HALF_DTYPES
 
 from . import (chunk_output, chunk_scan, chunk_states_mma, cpu_chunk_layer, cpu_chunk_scan, cpu_intra_chunk,
-               cpu_token_step, intra_chunk, kernels, token_step)
+               cpu_token_step, intra_chunk, intra_chunk_mma, kernels, token_step)
 
 # dnir dtype -> TVM dtype
 TVM_DTYPES = dict(DTYPES)
@@ -545,13 +545,17 @@ def _lower_chunk_output(tr, node, args):
 
 @lowers("intra_chunk")
 def _lower_intra_chunk(tr, node, args):
-    """The work local to each chunk as one kernel (intra_chunk.py; cpu_intra_chunk.py on llvm): its six
-    results."""
+    """The work local to each chunk as one kernel (intra_chunk.py, on cuda in float32 where it is chosen
+    intra_chunk_mma.py; cpu_intra_chunk.py on llvm): its six results."""
     sizes, dtype = intra_sizes([i.type for i in node.inputs], node.attrs), TVM_DTYPES[node.inputs[0].dtype]
     if not tr.gpu:
         gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype), lambda: cpu_intra_chunk.intra_chunk_kernel(*sizes, dtype))
         return _call_fused(tr, node, gv, args)
     reads, narrow, group, scale = _intra_reads(tr, node, args)
+    if tr.tensor_cores and dtype == "float32" and intra_chunk_mma.chosen(*sizes[3:]):   # scores on tensor cores
+        gv = tr.prim(("intra_chunk_mma", *sizes, dtype, group, scale, tuple(sorted(narrow.items()))),
+                     lambda: intra_chunk_mma.intra_chunk_mma_kernel(*sizes, dtype, group, scale, narrow))
+        return _call_fused(tr, node, gv, reads)
     gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype, group, scale, tuple(sorted(narrow.items()))),
                  lambda: intra_chunk.intra_chunk_kernel(*sizes, dtype, group, scale, narrow))
     return _call_fused(tr, node, gv, reads)

@@ -47,16 +47,20 @@ def test_intra_chunk_mma_compiles_to_ptx(kg, split, tmp_path):
     assert len(re.findall(r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32", ptx)) >= expected
 
 
-def test_cuda_layer_uses_the_tensor_core_kernels():
+@pytest.mark.parametrize("layer", ["gdn", "kda"])
+def test_cuda_layer_uses_the_tensor_core_kernels(layer):
     from dnir.lowering.registry import build, target_context
     from dnir.lowering.tvm.compile import cuda_source
     from dnir.models import build as build_layer
     from dnir.passes import optimize
     with target_context("cuda"):
-        graph = optimize(build_layer("gdn", seq_len=130, batch=2, heads=2, value_heads=4, head_dim=128,
+        graph = optimize(build_layer(layer, seq_len=130, batch=2, heads=2, value_heads=4, head_dim=128,
                                      value_dim=128, initial_state=True, final_state=True), "O2")
     source = cuda_source(build(graph, "cuda", arch="sm_90"))
     assert "mma.sync.aligned.m16n8k8" in source and "chunk_states_kernel" in source
+    # intra_chunk on tensor cores for a gate per key channel (intra_chunk_mma.chosen)
+    assert ("intra_chunk_mma_kernel" in source) == (layer == "kda")
+    assert ("intra_chunk_kernel" in source) == (layer == "gdn")
 
 
 def test_intra_chunk_asks_for_three_blocks_per_sm():
@@ -66,3 +70,5 @@ def test_intra_chunk_asks_for_three_blocks_per_sm():
     out = with_launch_bounds(src)
     assert "__launch_bounds__(256, 3) intra_chunk_kernel(" in out
     assert "__launch_bounds__(128) chunk_output_kernel(" in out
+    assert "__launch_bounds__(256, 3) intra_chunk_mma_kernel(" in with_launch_bounds(
+        src.replace("intra_chunk_kernel", "intra_chunk_mma_kernel"))
