@@ -36,6 +36,8 @@ STATES_MMA = [(16, True), (8, True), (16, False)]       # tensor cores: (vt, 3xT
 # tensor-core scores: (3xTF32, blocks per SM, KDA halving, GDA through the decayed rows)
 INTRA_MMA = [(True, 1, True, False), (True, 2, True, False), (True, 3, True, False), (True, 2, True, True),
              (True, 3, True, True)]
+# what each step of intra_chunk_mma costs: its time at 3 blocks per SM without it (outputs then differ)
+INTRA_SKIPS = {"gdn": ["operands", "scores", "solve"], "kda": ["operands", "scores", "diagonals", "solve"]}
 MIN_BLOCKS = [1, 2, 3]                                    # intra_chunk's blocks per SM
 
 
@@ -54,6 +56,10 @@ def variants():
                 out.append((name, "intra", kg, m, lambda kg=kg, split=split, halving=halving, decayed=decayed:
                             intra_chunk_mma.intra_chunk_mma_kernel(R, NC, HV, C, K, V, kg, "float32", split=split,
                                                                    halving=halving, decayed=decayed)))
+        for step in INTRA_SKIPS[layer]:
+            out.append((f"intra_{layer}_mma3{'_decayed' if kg == 1 else ''}_b3_no_{step}", "intra", kg, 3,
+                        lambda kg=kg, step=step: intra_chunk_mma.intra_chunk_mma_kernel(
+                            R, NC, HV, C, K, V, kg, "float32", decayed=kg == 1, skip=(step,))))
         for lay in STATES:
             out.append((f"states_{layer}_{'x'.join(map(str, lay))}", "states", kg, 1,
                         lambda kg=kg, lay=lay: chunk_scan.chunk_states_kernel(NC, BATCH, C, K, V, kg, lay, "float32")))

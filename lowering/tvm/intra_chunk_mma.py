@@ -73,11 +73,13 @@ def _pick(index, values):
 
 def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
                            scale: float | None = None, narrow: dict | None = None, split: bool = SPLIT,
-                           halving: bool = HALVING, decayed: bool = False):
+                           halving: bool = HALVING, decayed: bool = False, skip: tuple = ()):
     """The op's function (fused_signatures.intra_chunk_function) with its scores on tensor cores; group,
     scale and narrow: how the operands are read, as intra_chunk.intra_chunk_kernel's. halving: KDA's
     diagonal blocks by halving (`diagonal_by_halves`) rather than by intra_chunk.phases' `diagonal`.
-    decayed: one gate per head through the per-channel path (decayed rows and columns, halving)."""
+    decayed: one gate per head through the per-channel path (decayed rows and columns, halving).
+    skip: steps left out ("operands", "scores", "diagonals", "solve"), wrong results, for timing what
+    each step costs (benchmarks/gpu_sweep.py)."""
     from .fused_signatures import intra_chunk_function
     tasks = NC * R * HV
     blocks = C // S
@@ -324,6 +326,12 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     diagonals = diagonals_by_halves if halving else diagonals_by_threads
 
     @T.macro
+    def no_diagonals(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, n, b, h, tx):
+        T.evaluate(0)
+
+    diagonals = no_diagonals if "diagonals" in skip else diagonals
+
+    @T.macro
     def scores_per_key(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, fa, fb, n, b, h, tx):
         """A gate per key channel: the diagonal blocks, then the six below them on tensor cores."""
         diagonals(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, n, b, h, tx)
@@ -337,6 +345,22 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         store(KK, A, Bt, acc, n, b, h, tx // 32, tx % 32)
 
     scores = scores_per_key if per_key else scores_per_head
+
+    @T.macro
+    def no_scores(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, fa, fb, n, b, h, tx):
+        T.evaluate(0)
+
+    @T.macro
+    def no_operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx):
+        T.evaluate(0)
+
+    @T.macro
+    def no_solve(Bt, W, U, KK, x, n, b, h, tx):
+        T.evaluate(0)
+
+    scores = no_scores if "scores" in skip else scores
+    operands = no_operands if "operands" in skip else operands
+    solve = no_solve if "solve" in skip else solve
 
     @T.macro
     def body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
