@@ -91,9 +91,14 @@ def lower_intra_chunk(low, node, q, k, v, g, beta) -> tuple:
     g_t, beta_t = per_token(g), per_token(beta)
     gam = call("ggml_cumsum", g_t)
     gam_exp = call("ggml_exp", gam)
-    q_c, k_c = chunks(q, K), chunks(k, K)
+    q_c = chunks(q, K)
     q_decayed = call("ggml_mul", q_c, rows(gam_exp if scale == 1.0 else call("ggml_scale", gam_exp, scale)))
-    k_t = swap01(k_c)                                                   # [C, K, HV, B]
+    # [C, K, HV, B]: k of the q/k heads transposed, then repeated over their value heads (half
+    # the transposing copy, and the layer's repeat of k not made at all)
+    k_t = swap01(chunks(k_heads, K, HQ))
+    if group > 1:
+        k_t = call("ggml_reshape_4d", call("ggml_repeat_4d", call("ggml_reshape_4d", k_t, C * K, 1, HQ, B),
+                                           C * K, group, HQ, B), C, K, HV, B)
     v_t = swap01(chunks(v, V))                                          # [C, V, HV, B]
 
     ones = low.view(low.fill((C, C), 1.0), (C, C))
