@@ -76,8 +76,10 @@ def step_macro(C: int, K: int, V: int, Kg: int, dtype: str, at, out, state):
 
     @T.macro
     def step(S, W, U, Qd, A, Kte, LD, O, vnew, n, h):
-        # v_new = u - w S, and o = q_decayed S + aqk v_new, by tiles of rc rows
-        for c0, j0 in T.grid(C // rc, V // vt):
+        # v_new = u - w S, and o = q_decayed S + aqk v_new, by tiles of rc rows; the row tiles
+        # inside a column slab, whose K x vt values of S (16 KiB) stay in L1 across them: 3% of
+        # the GDA layer at (1, 4096, 32, 128) on one thread, against the rows outside
+        for j0, c0 in T.grid(V // vt, C // rc):
             acc = T.alloc_buffer((rc, vt), dtype)
             for r in T.unroll(rc):
                 for j in T.vectorized(vt):
@@ -89,7 +91,7 @@ def step_macro(C: int, K: int, V: int, Kg: int, dtype: str, at, out, state):
             for r in T.unroll(rc):
                 for j in T.vectorized(vt):
                     vnew[c0 * rc + r, j0 * vt + j] = acc[r, j]
-        for c0, j0 in T.grid(C // rc, V // vt):
+        for j0, c0 in T.grid(V // vt, C // rc):
             acc = T.alloc_buffer((rc, vt), dtype)
             for r in T.unroll(rc):
                 for j in T.vectorized(vt):
