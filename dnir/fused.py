@@ -443,7 +443,7 @@ def _decode_step_flops(ins, out, attrs):
     """Its expansion's: token_step's and the prologue's (the scale, the exp, the decayed rows, q . k)."""
     operands = [make_node("input", (), {"name": r, "shape": t.shape, "dtype": t.dtype})
                 for r, t in zip(DECODE_ROLES, ins)]
-    return graph_flops(Graph(operands, list(_expand_decode_step(make_node("decode_step", operands, attrs)))))
+    return graph_flops(Graph(operands, list(_widening(_expand_decode_step)(make_node("decode_step", operands, attrs)))))
 
 
 def _expand_decode_step(node: Node) -> tuple[Node, ...]:

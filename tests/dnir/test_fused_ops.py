@@ -103,3 +103,12 @@ def test_text_round_trip_of_a_graph_with_both_ops():
     x = {n.attrs["name"]: np.random.default_rng(0).uniform(0.1, 1, n.shape) for n in g.inputs}
     for p, q in zip(dnir.run(g, x), dnir.run(again, x)):
         np.testing.assert_array_equal(p, q)
+
+
+def test_a_decode_step_with_half_vectors_counts_its_widened_expansion():
+    """bf16 q, k, v, beta beside a float32 gate and state: the FLOPs are those of the expansion on the
+    widened operands (the op's own expansion casts them first), not a failed build of mixed dtypes."""
+    first, _ = _typed(_decode_step, DECODE, dict(q="bf16", k="bf16", v="bf16", beta="bf16"))
+    node = first.inputs[0]
+    expansion = dnir.Graph(node.inputs, list(REGISTRY[node.op].expand(node)))
+    assert op_flops(node) == graph_flops(expansion) > 0
