@@ -110,8 +110,11 @@ def lower_intra_chunk(low, node, q, k, v, g, beta) -> tuple:
     # D [C_j, C_i]: D_ij = sum_l [j < l] [l <= i] g_l, a product of the ones where l > j with the
     # gates g_l kept where l <= i, made in the layout the scores are (no transposed copy of a
     # cumsum down i); each sum still runs over its own segment.
+    # (every chunk's columns side by side: one matrix product, not one per chunk and head, each
+    # of which costs ggml's threads two barriers)
     g_l = call("ggml_tri", call("ggml_repeat_4d", columns(g_t), C, C, HV, B), TRI_LOWER_DIAG)
-    decay = call("ggml_exp", call("ggml_mul_mat", later, g_l))        # [C_j, C_i]: exp(D_ij)
+    d = call("ggml_mul_mat", later, call("ggml_reshape_4d", g_l, C, C * HV * B, 1, 1))
+    decay = call("ggml_exp", call("ggml_reshape_4d", d, C, C, HV, B))  # [C_j, C_i]: exp(D_ij)
 
     # k k^T and q k^T in one product (ggml's sgemm takes a contiguous right operand: each chunk's
     # k rows, then its q rows, against its k), once per q/k head: GQA's `group` value heads of a
