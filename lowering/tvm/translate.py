@@ -41,6 +41,7 @@ from tvm.ir import PrimType
 from dnir.errors import BackendError
 from dnir.fused import INTRA_ROLES, STEP_ROLES, intra_sizes
 from dnir.graph import Graph, Node
+from dnir.lowering.head_reads import head_reads
 from dnir.ops import table_entry
 from dnir.types import DTYPES, HALF_DTYPES
 
@@ -563,11 +564,13 @@ def _lower_intra_chunk(tr, node, args):
 
 def _intra_reads(tr, node, args):
     """(values, narrow, group, scale): what the GPU intra_chunk kernel reads for `node`'s operands. q
-    and k before their GQA repeat, q before its constant scaling (cpu_chunk_layer.operands), and on
+    and k before their GQA repeat, q before its constant scaling (lowering/head_reads.py), and on
     cuda a half input before its widening cast (narrow: role -> its dtype; a reshape of it as a
     view): none of those copies is made (the module's dead-code pass drops them where nothing else
     reads them)."""
-    *nodes, group, scale = cpu_chunk_layer.operands(node)
+    q, k, v, g, beta = node.inputs
+    q, k, group, scale = head_reads(q, k)
+    nodes = (q, k, v, g, beta)
     if not all(id(x) in tr.main_values for x in nodes):      # inside a scan's body: as the op has them
         return list(args), {}, 1, None
     reads, narrow = [], {}
