@@ -239,9 +239,9 @@ class LlvmCall:
     """`graph`'s compiled module, ready to run on arrays already checked against the graph's
     inputs (in its input order and dtypes): what a call does beyond running the module is kept
     out of the per-call path (the functional API's decode step, 50 us of kernel at B = 1, took
-    0.3 ms through run_llvm). Returns (outputs, checksums): checksums[i] holds the column sums
-    of output i where the module computes them (a decode step's new state,
-    cpu_token_step.checked_outputs)."""
+    0.3 ms through run_llvm). Returns (outputs, checks): checks[i] holds the kernel's checks of
+    output i where the module computes them (a decode step's new state: token_step's column sums,
+    decode_step's report per head; cpu_token_step.checked_outputs)."""
 
     def __init__(self, graph: Graph):
         self.main = _llvm_vm(graph)["main"]

@@ -28,12 +28,20 @@ returns is finite from these (a sum of finite numbers is finite unless it
 overflows, and an inf or a NaN entry makes it inf or NaN) instead of reading
 the whole state again (at B = 64, 128 MiB: 8 ms of NumPy on one core).
 `checked_outputs` says which of a graph's outputs have one.
+
+decode_step's kernel, which reads the layer's raw q, k, g and beta, goes further:
+its third output is a REPORT per head, all the checks of a call in three numbers
+(a call at B = 1 is ~70 us of kernel, and each NumPy pass over the outputs and
+inputs after it cost 5-18 us, the kernel having just pushed them out of the
+cache). `step_report` says when a graph's report stands for all of its checks.
 """
 from __future__ import annotations
 
 import math
 
 from tvm.script import tirx as T
+
+from dnir.fused import DECODE_ROLES
 
 from .fused_signatures import decode_step_function, token_step_function
 from .kernels import unravel_index
@@ -44,6 +52,33 @@ COLUMNS = 128   # value columns per tile: 8 AVX-512 vectors of float32 per accum
 # decode_step's operands are all the layer's inputs: each declared aligned to its element only, so
 # that a call takes the caller's small q, k, v, g, beta where they are too (no copies per call).
 UNALIGNED_OPERANDS = {"token_step": (0,), "decode_step": range(6)}
+
+
+# decode_step's report per head: |sum of o, the new state and g| (finite when every one of them is;
+# NaN and +-inf stay so through the sum, an inf times 0 is NaN), the largest gate (<= 0 for a
+# decaying state) and beta |k|^2 (the step I - beta k k^T contracts while it is < 2)
+REPORT = ("sum", "gate_max", "stiffness")
+
+
+def step_report(graph) -> int | None:
+    """The position of the output whose check is decode_step's REPORT when that report covers the
+    whole call: every output comes from that one step, which reads the graph's own g, k and beta
+    (so the gate and stiffness columns are the inputs' ones). None otherwise."""
+    checked = checked_outputs(graph)
+    if len(checked) != 1:
+        return None
+    step = graph.outputs[checked[0]].inputs[0]
+    if step.op != "decode_step":
+        return None
+    for out in graph.outputs:
+        while out.op == "reshape":
+            out = out.inputs[0]
+        if out.op != "item" or out.inputs[0] is not step:
+            return None
+    roles = dict(zip(DECODE_ROLES, step.inputs))
+    if any(roles[r].op != "input" or roles[r].attrs["name"] != r for r in ("g", "k", "beta")):
+        return None
+    return checked[0]
 
 
 def checked_outputs(graph) -> tuple[int, ...]:
@@ -143,22 +178,29 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
         return unravel_index(h, batch) + (c,)
 
     @T.macro
-    def body(S0, Q, Kx, Vv, G, B, S1, O, CHK):
+    def body(S0, Q, Kx, Vv, G, B, S1, O, REP):
         for h in T.parallel(heads):
             kc = T.alloc_buffer((K,), dtype)
             kr = T.alloc_buffer((K,), dtype)
             qr = T.alloc_buffer((K,), dtype)
             dec = T.alloc_buffer((Kg,), dtype)
-            qk = T.alloc_buffer((1,), dtype)
+            # per head: q . k, k . k, the sum of everything the step reads and writes, the largest gate
+            acc = T.alloc_buffer((4,), dtype)
+            acc[0] = T.cast(0, dtype)
+            acc[1] = T.cast(0, dtype)
+            acc[2] = T.cast(0, dtype)
+            acc[3] = T.min_value(dtype)
             for c in range(Kg):
+                acc[2] = acc[2] + load(G, "g", h * Kg + c)
+                acc[3] = T.max(acc[3], load(G, "g", h * Kg + c))
                 dec[c] = T.exp(load(G, "g", h * Kg + c))
             for kk in T.vectorized(K):      # qr holds the scaled q until q . k is added up
                 kc[kk] = load(Kx, "k", qk_at(h, kk))
                 kr[kk] = kc[kk] * dec[kk * per_key]
                 qr[kk] = load(Q, "q", qk_at(h, kk)) * T.cast(scale, dtype)
-            qk[0] = T.cast(0, dtype)
             for kk in range(K):
-                qk[0] = qk[0] + qr[kk] * kc[kk]
+                acc[0] = acc[0] + qr[kk] * kc[kk]
+                acc[1] = acc[1] + kc[kk] * kc[kk]
             for kk in T.vectorized(K):
                 qr[kk] = qr[kk] * dec[kk * per_key]
             for t in range(tiles):
@@ -174,13 +216,16 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
                         o1[j] = o1[j] + qr[kk] * S0[state(h, kk, t * vt + j)]
                 for j in T.vectorized(vt):     # pred becomes u = (v - pred) beta
                     pred[j] = (load(Vv, "v", h * V + t * vt + j) - pred[j]) * load(B, "beta", h)
-                    O[out(h, t * vt + j)] = o1[j] + pred[j] * qk[0]
-                    total[j] = T.cast(0, dtype)
+                    O[out(h, t * vt + j)] = o1[j] + pred[j] * acc[0]
+                    total[j] = O[out(h, t * vt + j)]
                 for kk in range(K):
                     for j in T.vectorized(vt):
                         S1[state(h, kk, t * vt + j)] = (S0[state(h, kk, t * vt + j)] * dec[kk * per_key]
                                                         + kc[kk] * pred[j])
                         total[j] = total[j] + S1[state(h, kk, t * vt + j)]
-                for j in T.vectorized(vt):
-                    CHK[out(h, t * vt + j)] = total[j]
-    return decode_step_function(shapes, dtype, body, loose=True, narrow=narrow, checksum=True)
+                for j in range(vt):
+                    acc[2] = acc[2] + total[j]
+            REP[out(h, 0)] = T.fabs(acc[2])
+            REP[out(h, 1)] = acc[3]
+            REP[out(h, 2)] = load(B, "beta", h) * acc[1]
+    return decode_step_function(shapes, dtype, body, loose=True, narrow=narrow, report=len(REPORT))

@@ -43,7 +43,7 @@ from dnir.fused import INTRA_ROLES, STEP_ROLES, intra_sizes
 from dnir.graph import Graph, Node
 from dnir.lowering.head_reads import head_reads
 from dnir.ops import table_entry
-from dnir.types import DTYPES, HALF_DTYPES
+from dnir.types import DTYPES, HALF_DTYPES, TensorType
 
 from . import (chunk_output, chunk_scan, chunk_states_mma, cpu_chunk_layer, cpu_chunk_scan, cpu_intra_chunk,
                cpu_token_step, intra_chunk, intra_chunk_mma, kernels, token_step)
@@ -604,9 +604,13 @@ def _lower_token_step(tr, node, args):
 def _fused_step(tr, node, gv, args) -> list:
     if tr.gpu:
         return _call_fused(tr, node, gv, args)
-    # the CPU kernel's third output: the new state's column sums (cpu_token_step.checked_outputs)
+    # the CPU kernel's third output: token_step's new state's column sums, decode_step's report
+    # per head (cpu_token_step.checked_outputs, REPORT)
     types = [tr.tensor_type(t) for t in node.type]
-    out = tr.emit(relax.op.call_tir(gv, list(args), types + [types[1]]))
+    heads = node.type[1].shape[:-1]
+    check = types[1] if node.op == "token_step" else tr.tensor_type(
+        TensorType(heads + (len(cpu_token_step.REPORT),), node.inputs[0].dtype))
+    out = tr.emit(relax.op.call_tir(gv, list(args), types + [check]))
     tr.checksums[id(node)] = tr.emit(relax.TupleGetItem(out, 2))
     return [tr.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
 

@@ -89,18 +89,26 @@ def test_half_decode_on_llvm_matches_numpy_and_the_oracle(name, batch, dtype, rn
 
 
 @pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
-def test_the_decode_module_returns_the_new_states_column_sums(name, rng):
-    """After the graph's outputs the module returns the new state's column sums (the functional
-    API's finiteness check of the state, cpu_token_step.py); run_llvm returns the graph's outputs."""
+def test_the_decode_module_returns_its_steps_report(name, rng):
+    """After the graph's outputs the module returns decode_step's report per head (the functional
+    API's checks, cpu_token_step.REPORT): |sum of o, the new state and g|, the largest gate, and
+    beta |k|^2 of the head's key; run_llvm returns the graph's outputs."""
     from dnir.lowering.tvm.compile import llvm_call
+    from dnir.lowering.tvm.cpu_token_step import step_report
     from dnir.lowering.numpy_backend import prepare_inputs
     cfg, graph = _decode(name, 3)
     prepared = registry.prepare(graph, "llvm")
     x = random_inputs(cfg, rng)
-    (o, state), sums = llvm_call(prepared)(prepare_inputs(prepared, x))
-    assert list(sums) == [graph.output_names.index("final_state")]
-    assert sums[1].shape == o.shape[:1] + o.shape[2:] and sums[1].dtype == np.float32
-    assert relative_rms_error(sums[1], state.astype(np.float64).sum(axis=-2)) < 1e-6
+    (o, state), checks = llvm_call(prepared)(prepare_inputs(prepared, x))
+    at = graph.output_names.index("final_state")
+    assert list(checks) == [at] and step_report(prepared) == at
+    B, HV, group = cfg.batch, cfg.value_heads, cfg.value_heads // cfg.heads
+    g = x["g"].astype(np.float64).reshape(B, HV, -1)
+    k = np.repeat(x["k"].astype(np.float64).reshape(B, cfg.heads, -1), group, axis=1)
+    want = np.stack([np.abs(o.astype(np.float64).reshape(B, HV, -1).sum(-1) + state.sum((-2, -1)) + g.sum(-1)),
+                     g.max(-1), x["beta"].reshape(B, HV) * (k * k).sum(-1)], axis=-1)
+    assert checks[at].shape == (B, HV, 3) and checks[at].dtype == np.float32
+    assert np.allclose(checks[at], want, rtol=1e-5, atol=1e-4)
     assert len(registry.run(graph, x, target="llvm")) == 2
 
 

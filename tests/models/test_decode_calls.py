@@ -115,3 +115,25 @@ def test_the_key_of_a_prepared_call_tells_options_and_dtypes_apart(rng):
     with pytest.raises(dnir.InputError, match=r"initial_state has shape \[3, 4, 16, 16\]"):
         dnir.fused_recurrent_gated_delta_rule(**dict(x, initial_state=x["initial_state"][..., :16]), scale=1,
                                               target="llvm")
+
+
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_a_later_llvm_step_is_checked_through_its_kernels_report(rng, variant):
+    """On llvm the prepared step takes its checks from decode_step's report (cpu_token_step.REPORT)
+    rather than from passes over the arrays; with l2-normalised keys a large raw |k| is no warning."""
+    import warnings
+    from dnir.api import _PREPARED
+    f = partial(STEPS[variant], output_final_state=True, target="llvm")
+    f(**_step(rng, variant, B=2))
+    x = _step(rng, variant, B=2)
+    o, state = f(**x)
+    assert_close(o, delta_rule_reference(**x)[0])
+    (prepared,) = [p for p in _PREPARED.values() if p.fn == f.func.__name__ and p.target == "llvm"
+                   and p.cfg.batch == 2 and not p.cfg.l2norm]
+    assert prepared.report == 1
+    x["k"] *= 3.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            o, _ = f(**x, use_qk_l2norm_in_kernel=True)
+    assert_close(o, delta_rule_reference(**x, l2norm=True)[0])
