@@ -29,7 +29,11 @@ beta * |k|^2 >= 2 makes the delta rule unstable: one `InputWarning` per call nam
 the worst token. An output that is not finite although every input is (a float32
 overflow) is a `NumericError`, never returned. On the GPU the checks are reductions
 there, read back once with the outputs' (one synchronisation per call): a bad input
-still raises its error, and no output is returned. dnir computes the forward pass only:
+still raises its error, and no output is returned. `precision` picks the tensor-core products on
+"cuda": "highest" (3xTF32, float32's accuracy) or "tf32" (one TF32 product each, about 1e-3
+relative, faster: flash-linear-attention's float32 arithmetic); None is "tf32" for bf16/fp16 inputs
+(exact in TF32) and "highest" for float32. NumPy, llvm, ggml and Vulkan compute in float32 either
+way. dnir computes the forward pass only:
 torch tensors that require grad while autograd is on are refused (under
 `torch.no_grad()` they are read as values).
 """
@@ -50,14 +54,14 @@ from .types import numpy_dtype
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64,
-                           target="numpy", opt="O2", allow_positive_gates=False):
+                           target="numpy", opt="O2", allow_positive_gates=False, precision=None):
     """Gated DeltaNet (one gate per value head), chunked form. Returns (o, final_state or None)."""
     return _delta_rule("gdn", "chunked", "chunk_gated_delta_rule", locals())
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2",
-              allow_positive_gates=False):
+              allow_positive_gates=False, precision=None):
     """Kimi Delta Attention (one gate per key channel), chunked form. Returns (o, final_state or None)."""
     return _delta_rule("kda", "chunked", "chunk_kda", locals())
 
@@ -65,7 +69,7 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
                                      output_final_state=False, use_qk_l2norm_in_kernel=False,
                                      cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2",
-                                     allow_positive_gates=False):
+                                     allow_positive_gates=False, precision=None):
     """Gated DeltaNet, token by token (one step without a loop when every sequence has
     one token: decode). chunk_size is accepted for a uniform signature and unused."""
     return _delta_rule("gdn", "recurrent", "fused_recurrent_gated_delta_rule", locals())
@@ -73,7 +77,7 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
 
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64,
-                        target="numpy", opt="O2", allow_positive_gates=False):
+                        target="numpy", opt="O2", allow_positive_gates=False, precision=None):
     """Kimi Delta Attention, token by token (decode when every sequence has one token).
     chunk_size is accepted for a uniform signature and unused."""
     return _delta_rule("kda", "recurrent", "fused_recurrent_kda", locals())
@@ -154,7 +158,7 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
 # failing one goes through the same functions, with the same errors, as the first call's.
 _ARRAYS = ("q", "k", "v", "g", "beta", "initial_state")
 _OPTIONS = ("scale", "output_final_state", "use_qk_l2norm_in_kernel", "chunk_size", "target", "opt",
-            "allow_positive_gates")
+            "allow_positive_gates", "precision")
 _F32 = np.dtype(np.float32)
 _PREPARED: dict[tuple, "_Prepared"] = {}
 _PREPARED_MAX = 64
@@ -425,7 +429,8 @@ def _config(variant, form, fn, arrays, cu, args) -> DeltaNetConfig:
         return DeltaNetConfig(variant, batch=B, seq_len=T, heads=H, value_heads=HV, head_dim=K, value_dim=V,
                               mode=mode, chunk_size=chunk_size, l2norm=bool(args["use_qk_l2norm_in_kernel"]),
                               scale=scale, initial_state=state is not None,
-                              final_state=bool(args["output_final_state"]), cu_seqlens=cu, dtype=_layer_dtype(q))
+                              final_state=bool(args["output_final_state"]), cu_seqlens=cu, dtype=_layer_dtype(q),
+                              precision=args["precision"])
     except InputError as e:
         raise InputError(f"{fn}: {e}") from None
 

@@ -41,6 +41,9 @@ def register(sub):
     p.add_argument("--cu-seqlens", help="packed sequences, e.g. 0,15,100,300 (batch 1)")
     p.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
                    help="q, k, v, beta and o (g and the states stay f32; the graph computes in f32)")
+    p.add_argument("--precision", choices=["highest", "tf32"],
+                   help="CUDA's tensor-core products: 3xTF32 (float32's accuracy) or one TF32 product "
+                        "(faster); default tf32 for bf16/f16, highest for f32")
     p.add_argument("--factorized-decay", action="store_true",
                    help="write the overflowing exp(gam_i) * exp(-gam_j) decay (for range analysis)")
     p.add_argument("-o", "--output", required=True, help="the .dnir file to write")
@@ -68,7 +71,7 @@ def run(args) -> int:
         "mode": args.mode, "chunk_size": args.chunk_size, "block_size": args.block_size,
         "scale": args.scale, "l2norm": args.l2norm, "initial_state": args.initial_state,
         "final_state": args.final_state, "cu_seqlens": cu, "factorized_decay": args.factorized_decay,
-        "dtype": args.dtype,
+        "dtype": args.dtype, "precision": args.precision,
     }
     for name in ("heads", "value_heads", "head_dim", "value_dim"):
         if getattr(args, name) is not None:

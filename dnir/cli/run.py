@@ -20,6 +20,10 @@ Exit codes: 0 ok, 1 the error against the oracle is above the tolerance
 
 # rms(err) / rms(ref) allowed for a float32 graph against the float64 oracle.
 TOLERANCE = 1e-5
+# ... added on cuda for a graph whose tensor-core products are one TF32 product each (precision
+# "tf32"): TF32 keeps 11 significant bits (unit roundoff 2**-11 = 4.9e-4) and the layer's float32
+# operands (w, u, the decayed keys, the state) are rounded to it; 1.2e-3 measured at T = 8192.
+TF32_TOLERANCE = 4e-3
 
 
 def register(sub):
@@ -69,7 +73,8 @@ def run(args) -> int:
     ok = True
     if args.check:
         errors = _oracle_errors(cfg, graph, inputs, outputs)
-        tolerances = {name: _tolerance(t.dtype) for name, t in zip(graph.output_names, graph.output_types)}
+        tf32 = args.target == "cuda" and cfg.precision == "tf32"
+        tolerances = {name: _tolerance(t.dtype, tf32) for name, t in zip(graph.output_names, graph.output_types)}
         ok = all(e is not None and e <= tolerances[name] for name, e in errors.items())
         result["check"] = {"oracle": "float64 recurrent", "metric": "rms(out - ref) / rms(ref)",
                            "tolerance": TOLERANCE, "tolerances": tolerances, "errors": errors, "ok": ok}
@@ -77,11 +82,13 @@ def run(args) -> int:
     return 0 if ok else 1
 
 
-def _tolerance(dtype: str) -> float:
+def _tolerance(dtype: str, tf32: bool = False) -> float:
     """TOLERANCE, plus for a half output the rounding of every element into it (the computation
-    is float32 throughout; storing o in bf16 alone costs up to 2**-8 of each value)."""
+    is float32 throughout; storing o in bf16 alone costs up to 2**-8 of each value), plus
+    TF32_TOLERANCE where the products run in TF32."""
     from dnir.types import UNIT_ROUNDOFF
-    return TOLERANCE + (UNIT_ROUNDOFF[dtype] if dtype in ("bf16", "f16") else 0.0)
+    half = UNIT_ROUNDOFF[dtype] if dtype in ("bf16", "f16") else 0.0
+    return TOLERANCE + half + (TF32_TOLERANCE if tf32 else 0.0)
 
 
 def _oracle_errors(cfg, graph, inputs, outputs) -> dict[str, float | None]:

@@ -21,6 +21,10 @@ CHUNK_SIZES = (16, 32, 64)
 # a half state would round every step, and both models compute their gates in float32.
 DTYPES = ("f32", "bf16", "f16")
 WIDE_INPUTS = ("g", "initial_state")
+# The tensor-core products on CUDA (lowering/tvm/mma.py): "highest" runs each as three TF32
+# products (3xTF32, float32's accuracy), "tf32" as one (about 1e-3 relative, faster). Half inputs
+# are exact in TF32, so "tf32" is their default; every other target computes in float32 either way.
+PRECISIONS = ("highest", "tf32")
 
 PRESETS = {
     "qwen3-next": dict(variant="gdn", heads=16, value_heads=32, head_dim=128, value_dim=128),
@@ -47,6 +51,7 @@ class DeltaNetConfig:
     cu_seqlens: tuple[int, ...] | None = None   # packed sequences (needs batch 1)
     factorized_decay: bool = False    # the overflowing exp(gam_i) * exp(-gam_j) form, for range analysis
     dtype: str = "f32"                # q, k, v, beta and o: f32, bf16 or f16 (g and the states f32)
+    precision: str | None = None      # CUDA's tensor-core products (PRECISIONS); None: by dtype
 
     def __post_init__(self):
         if self.cu_seqlens is not None:
@@ -59,6 +64,8 @@ class DeltaNetConfig:
         except DnirError:
             pass    # _check names the choices
         _check(self)
+        if self.precision is None:
+            object.__setattr__(self, "precision", default_precision(self.dtype))
         object.__setattr__(self, "scale", float(self.head_dim ** -0.5 if self.scale is None else self.scale))
 
     @property
@@ -140,6 +147,23 @@ class DeltaNetConfig:
         return cfg
 
 
+def default_precision(dtype: str) -> str:
+    """The tensor-core precision of a layer whose activations are `dtype`: "tf32" for half ones
+    (exactly representable in TF32), "highest" for float32."""
+    return "tf32" if dtype in ("bf16", "f16") else "highest"
+
+
+def precision_of(meta) -> str:
+    """The tensor-core precision a graph with metadata `meta` asks for: its `precision`, else by its
+    delta-net dtype (a file written before the option), else "highest"."""
+    precision = meta.get("precision")
+    if precision is None:
+        return default_precision(meta.get("dtype")) if meta.get("model") == "delta_net" else "highest"
+    if precision not in PRECISIONS:
+        raise InputError(f"meta precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return precision
+
+
 def preset(name: str, **overrides) -> DeltaNetConfig:
     """A config with a real layer's sizes, e.g. preset("qwen3-next", seq_len=4096)."""
     if name not in PRESETS:
@@ -157,6 +181,10 @@ def _check(c: DeltaNetConfig):
     if c.dtype not in DTYPES:
         raise InputError(f"dtype={c.dtype!r}; expected one of {', '.join(DTYPES)} (the dtype of q, k, v, beta "
                          f"and o; g and the states are f32)")
+    if c.precision is not None and c.precision not in PRECISIONS:
+        raise InputError(f"precision={c.precision!r}; expected one of {', '.join(PRECISIONS)} (the tensor-core "
+                         f"products on CUDA: 3xTF32, float32's accuracy, or one TF32 product) or None "
+                         f"(tf32 for bf16/f16, highest for f32)")
     if c.mode not in MODES:
         raise InputError(f"mode={c.mode!r}; expected one of {', '.join(MODES)}")
     for name in ("batch", "seq_len", "heads", "value_heads", "head_dim", "value_dim"):

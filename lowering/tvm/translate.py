@@ -42,6 +42,7 @@ from dnir.errors import BackendError
 from dnir.fused import INTRA_ROLES, STEP_ROLES, intra_sizes
 from dnir.graph import Graph, Node
 from dnir.lowering.head_reads import head_reads
+from dnir.models.config import precision_of
 from dnir.ops import table_entry
 from dnir.types import DTYPES, HALF_DTYPES, TensorType
 
@@ -64,7 +65,8 @@ def _const(value, dtype: str) -> relax.Constant:
 class Translator:
     """Builds one IRModule; `gpu` selects the thread-bound variants of the TIR kernels;
     `bool_as_int` stores bool tensors as int32 (WGSL has no byte-sized storage); `tensor_cores`
-    (CUDA) the fused kernels' variants whose products run as mma (mma.py)."""
+    (CUDA) the fused kernels' variants whose products run as mma (mma.py), as three TF32 products
+    each (split, 3xTF32) or one, as the main graph's metadata asks (`precision`, models/config.py)."""
 
     def __init__(self, gpu: bool, bool_as_int: bool = False, tensor_cores: bool = False):
         self.gpu = gpu
@@ -77,6 +79,7 @@ class Translator:
         self.token_major: dict[int, relax.Expr] = {}   # id(chunk_scan node) -> its o, token-major (CPU)
         self.checksums: dict[int, relax.Expr] = {}      # id(token_step node) -> its state's column sums (CPU)
         self.main_graph: Graph | None = None
+        self.split = True       # 3xTF32; module() reads the main graph's precision
 
     def dtype(self, dtype: str) -> str:
         return "int32" if dtype == "bool" and self.bool_as_int else TVM_DTYPES[dtype]
@@ -86,6 +89,7 @@ class Translator:
 
     # -- module assembly ------------------------------------------------------
     def module(self, graph: Graph) -> tvm.IRModule:
+        self.split = precision_of(graph.meta) == "highest"
         self._declare_scans(graph)
         params = [relax.Var(n.attrs["name"], self.tensor_type(n.type)) for n in graph.inputs]
         self.main_graph = graph
@@ -521,8 +525,9 @@ def _lower_chunk_states(tr, node, args):
     steps, batch, C, K, V, Kg = chunk_scan.sizes(node)
     dtype, layout = TVM_DTYPES[node.inputs[0].dtype], chunk_scan.layout(C, K, V)
     if tr.tensor_cores and dtype == "float32" and chunk_states_mma.takes(C, K, V):
-        gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, "mma", dtype),
-                     lambda: chunk_states_mma.chunk_states_mma_kernel(steps, batch, C, K, V, Kg, dtype))
+        gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, "mma", dtype, tr.split),
+                     lambda: chunk_states_mma.chunk_states_mma_kernel(steps, batch, C, K, V, Kg, dtype,
+                                                                      split=tr.split))
         return _call_fused(tr, node, gv, args)
     gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, layout, dtype),
                  lambda: chunk_scan.chunk_states_kernel(steps, batch, C, K, V, Kg, layout, dtype))
@@ -536,8 +541,9 @@ def _lower_chunk_output(tr, node, args):
     dtype, bv = TVM_DTYPES[node.inputs[0].dtype], chunk_output.layout(C, K, V)
     token_major = node.attrs["token_major"]
     if tr.tensor_cores and dtype == "float32" and chunk_output.mma_layout(C, K, V):
-        gv = tr.prim(("chunk_output", steps, batch, C, K, V, "mma", dtype, token_major),
-                     lambda: chunk_output.chunk_output_mma_kernel(steps, batch, C, K, V, dtype, token_major))
+        gv = tr.prim(("chunk_output", steps, batch, C, K, V, "mma", dtype, token_major, tr.split),
+                     lambda: chunk_output.chunk_output_mma_kernel(steps, batch, C, K, V, dtype, token_major,
+                                                                  split=tr.split))
         return tr.emit(relax.op.call_tir(gv, list(args), tr.tensor_type(node.type)))
     gv = tr.prim(("chunk_output", steps, batch, C, K, V, bv, dtype, token_major),
                  lambda: chunk_output.chunk_output_kernel(steps, batch, C, K, V, bv, dtype, token_major))
@@ -554,8 +560,9 @@ def _lower_intra_chunk(tr, node, args):
         return _call_fused(tr, node, gv, args)
     reads, narrow, group, scale = _intra_reads(tr, node, args)
     if tr.tensor_cores and dtype == "float32" and intra_chunk_mma.chosen(*sizes[3:]):   # scores on tensor cores
-        gv = tr.prim(("intra_chunk_mma", *sizes, dtype, group, scale, tuple(sorted(narrow.items()))),
-                     lambda: intra_chunk_mma.intra_chunk_mma_kernel(*sizes, dtype, group, scale, narrow))
+        gv = tr.prim(("intra_chunk_mma", *sizes, dtype, group, scale, tuple(sorted(narrow.items())), tr.split),
+                     lambda: intra_chunk_mma.intra_chunk_mma_kernel(*sizes, dtype, group, scale, narrow,
+                                                                    split=tr.split))
         return _call_fused(tr, node, gv, reads)
     gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype, group, scale, tuple(sorted(narrow.items()))),
                  lambda: intra_chunk.intra_chunk_kernel(*sizes, dtype, group, scale, narrow))

@@ -63,6 +63,37 @@ def test_cuda_layer_uses_the_tensor_core_kernels(layer):
     assert ("intra_chunk_kernel" in source) == (layer == "gdn")
 
 
+MMA = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
+
+
+def _mma_per_kernel(source: str) -> dict[str, int]:
+    """kernel name -> its mma instructions in the CUDA source."""
+    kernels = re.split(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?', source)[1:]
+    return {k.split("(", 1)[0]: k.count(MMA) for k in kernels if MMA in k}
+
+
+def test_precision_picks_one_tf32_product_or_three(tmp_path):
+    """A layer's precision reaches all three tensor-core kernels: "tf32" runs each product as one
+    mma, a third of "highest"'s (3xTF32); bf16 layers take "tf32" by default."""
+    from dnir.lowering.registry import build, target_context
+    from dnir.lowering.tvm.compile import cuda_source
+    from dnir.models import build as build_layer
+    from dnir.passes import optimize
+    counts = {}
+    for dtype, precision in (("f32", "highest"), ("f32", "tf32"), ("bf16", None)):
+        with target_context("cuda"):
+            graph = optimize(build_layer("kda", seq_len=130, heads=1, value_heads=2, head_dim=128, value_dim=64,
+                                         dtype=dtype, precision=precision, final_state=True), "O2")
+        source = cuda_source(build(graph, "cuda", arch="sm_90"))
+        counts[dtype, precision] = _mma_per_kernel(source)
+        ptx = sm90_ptx(source, tmp_path)
+        assert len(re.findall(re.escape(MMA), ptx)) >= sum(counts[dtype, precision].values())
+    highest, tf32 = counts["f32", "highest"], counts["f32", "tf32"]
+    assert sorted(highest) == ["chunk_output_kernel", "chunk_states_kernel", "intra_chunk_mma_kernel"]
+    assert {k: 3 * n for k, n in tf32.items()} == highest
+    assert counts["bf16", None] == tf32
+
+
 def test_intra_chunk_asks_for_three_blocks_per_sm():
     from dnir.lowering.runtime_loader import with_launch_bounds
     src = 'extern "C" __global__ void __launch_bounds__(256) intra_chunk_kernel(float* a) {}\n' \

@@ -29,6 +29,7 @@ def test_key_follows_layer_level_target_and_arch(cache):
     others = [module_cache.module_path(compiled_graph(_config(batch=3), "O2"), "cuda sm_90"),
               module_cache.module_path(compiled_graph(_config(variant="kda"), "O2"), "cuda sm_90"),
               module_cache.module_path(compiled_graph(_config(dtype="bf16"), "O2"), "cuda sm_90"),
+              module_cache.module_path(compiled_graph(_config(precision="tf32"), "O2"), "cuda sm_90"),
               module_cache.module_path(compiled_graph(_config(), "O0"), "cuda sm_90"),
               module_cache.module_path(compiled_graph(_config(), "O2"), "cuda sm_80"),
               module_cache.module_path(compiled_graph(_config(), "O2"), "llvm")]
@@ -59,6 +60,7 @@ def test_layer_key_follows_the_layers_options_not_a_graph(cache):
     assert base.parent == cache / "layers" and base == module_cache.layer_path(_config(), "O2", "cuda sm_90")
     others = [module_cache.layer_path(_config(batch=3), "O2", "cuda sm_90"),
               module_cache.layer_path(_config(dtype="bf16"), "O2", "cuda sm_90"),
+              module_cache.layer_path(_config(precision="tf32"), "O2", "cuda sm_90"),
               module_cache.layer_path(_config(), "O0", "cuda sm_90"),
               module_cache.layer_path(_config(), "O2", "cuda sm_80")]
     assert len({base, *others}) == 1 + len(others)

@@ -75,6 +75,21 @@ def test_graphs_are_cached_by_shapes_and_options(rng):
     assert compiled_graph.cache_info().misses == info.misses + 1
 
 
+@pytest.mark.parametrize("target", ["numpy", "llvm"])
+def test_precision_changes_nothing_on_cpu_targets(rng, target):
+    """precision picks CUDA's tensor-core products; the CPU targets compute in float32 either way."""
+    if target == "llvm":
+        pytest.importorskip("tvm")
+    x, s0 = _inputs(rng, "kda", T=40)
+    outs = [dnir.chunk_kda(**x, initial_state=s0, output_final_state=True, chunk_size=16, target=target,
+                           precision=p) for p in (None, "highest", "tf32")]
+    for o, state in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0][0])
+        np.testing.assert_array_equal(state, outs[0][1])
+    with pytest.raises(dnir.InputError, match="chunk_kda: precision='bf16'; expected one of highest, tf32"):
+        dnir.chunk_kda(**x, target=target, precision="bf16")
+
+
 def test_default_scale_is_inverse_sqrt_head_dim(rng):
     x, _ = _inputs(rng, "kda", K=16)
     o_default, _ = dnir.chunk_kda(**x, opt="O0")

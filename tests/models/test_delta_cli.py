@@ -53,6 +53,13 @@ def test_text_report_and_presets(tmp_path, capsys):
     assert kimi.inputs[3].shape == (1, 16, 32, 128)          # kimi-linear sizes by default for kda
 
 
+def test_build_records_the_precision(tmp_path):
+    tf32 = dnir.parse_file(_build(tmp_path, "gdn", "--seq-len", "16", "--precision", "tf32", *SMALL))
+    default = dnir.parse_file(_build(tmp_path, "gdn", "--seq-len", "16", *SMALL, name="f32.dnir"))
+    half = dnir.parse_file(_build(tmp_path, "gdn", "--seq-len", "16", "--dtype", "bf16", *SMALL, name="bf16.dnir"))
+    assert (tf32.meta["precision"], default.meta["precision"], half.meta["precision"]) == ("tf32", "highest", "tf32")
+
+
 def test_check_fails_with_exit_1_when_the_graph_is_wrong(tmp_path, capsys):
     path = _build(tmp_path, "gdn", "--seq-len", "40", *SMALL)
     text = path.read_text()

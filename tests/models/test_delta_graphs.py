@@ -1,6 +1,7 @@
 """The layer graphs against the float64 recurrent oracle: the acceptance matrix,
 varlen batches, strong gates, decode, and the shape of the graph as written."""
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -232,6 +233,28 @@ def test_graph_names_layouts_and_metadata(mode):
     assert dnir.structurally_equal(graph, again)
     assert DeltaNetConfig.from_meta(again.meta) == cfg
     assert again.meta["variant"] == "kda" and again.meta["mode"] == mode and again.meta["scale"] == 0.3
+
+
+def test_precision_defaults_by_dtype_and_survives_the_text_format():
+    """None resolves to tf32 for half activations (exact in TF32) and highest for float32; the
+    resolved value is in the metadata, so a file read back and its printed hash keep it."""
+    assert DeltaNetConfig("gdn").precision == "highest"
+    assert DeltaNetConfig("gdn", dtype="bf16").precision == DeltaNetConfig("kda", dtype="f16").precision == "tf32"
+    assert DeltaNetConfig("gdn", dtype="bf16", precision="highest").precision == "highest"
+    graph = build_delta_net(DeltaNetConfig("kda", precision="tf32"))
+    again = dnir.parse(dnir.print(graph))
+    assert again.meta["precision"] == "tf32" and DeltaNetConfig.of_graph(again).precision == "tf32"
+    assert dnir.print(build_delta_net(DeltaNetConfig("kda"))) != dnir.print(graph)
+    # a file written before the option resolves it by its dtype again
+    old = dnir.print(build_delta_net(DeltaNetConfig("gdn", dtype="bf16"))).replace(', precision="tf32"', "", 1)
+    assert "precision" not in dnir.parse(old).meta
+    assert DeltaNetConfig.of_graph(dnir.parse(old)).precision == "tf32"
+
+
+@pytest.mark.parametrize("value", ["fast", "TF32", 1, True])
+def test_bad_precision_names_the_choices(value):
+    with pytest.raises(dnir.InputError, match=rf"precision={re.escape(repr(value))}; expected one of highest, tf32"):
+        DeltaNetConfig("gdn", precision=value)
 
 
 def test_only_o_without_final_state():

@@ -107,7 +107,7 @@ def test_graph_reads_half_and_computes_in_float32(dtype):
 def test_metadata_that_disagrees_with_the_graph_names_the_dtypes():
     g = build_delta_net(DeltaNetConfig("gdn", dtype="bf16", **SMALL))
     header, rest = dnir.print(g).split("\n", 1)
-    text = header.replace("dtype=bf16}", "dtype=f16}") + "\n" + rest       # the metadata only
+    text = header.replace("dtype=bf16,", "dtype=f16,") + "\n" + rest       # the metadata only
     with pytest.raises(dnir.InputError, match=r"meta describes input q as f16\[2,100,2,16\], the graph has "
                                               r"bf16\[2,100,2,16\]"):
         DeltaNetConfig.of_graph(dnir.parse(text))
