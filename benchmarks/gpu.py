@@ -24,7 +24,10 @@ one command. For every case of benchmarks/gpu_artefacts.CASES:
 - the (1, 8192) prefill cases run again with strong gates (g = -20 per token)
   for dnir and the peer: finite, and their error against the oracle;
 - float32 cases with a Vulkan program in the bundle run it through wgpu on
-  the NVIDIA Vulkan driver: time per run and error against the oracle.
+  the NVIDIA Vulkan driver: time per run and error against the oracle;
+- the float32 prefill cases run at both tensor-core precisions: the default
+  (3xTF32, float32's accuracy) and `<case>_tf32` (one TF32 product, fla's own
+  arithmetic: its Triton dots use TF32), each against the same oracle.
 
 A case whose layer is not in the module cache is listed as "not built".
 Writes gpu.json and gpu.md to --out after every case.
@@ -160,10 +163,11 @@ def peer_call(case: dict, x: dict):
 
 def api_call(case: dict, x: dict):
     import dnir
+    precision = case.get("precision")
     fn = {("gdn", "prefill"): dnir.chunk_gated_delta_rule, ("kda", "prefill"): dnir.chunk_kda,
           ("gdn", "decode"): dnir.fused_recurrent_gated_delta_rule}[case["variant"], case["kind"]]
     return lambda: fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"],
-                      output_final_state=True, target="cuda")
+                      output_final_state=True, target="cuda", precision=precision)
 
 
 def kernel_profile(fn, costs: dict, top: int = 12) -> list[dict]:
@@ -248,8 +252,9 @@ def run_case(name: str, case: dict, loader, bundle: Path, costs: dict, copy_gbps
     start = time.perf_counter()
     ref = oracle(x, cfg.scale)
     oracle_s = time.perf_counter() - start
-    c = {"name": name, **case, "K": cfg.head_dim, "V": cfg.value_dim, "peer": peer_name, "load_s": load_s,
-         "oracle_s": oracle_s, "dnir": cuda_time(dnir_fn), "api": cuda_time(api_fn), "fla": cuda_time(peer_fn),
+    c = {"name": name, **case, "precision": cfg.precision, "K": cfg.head_dim, "V": cfg.value_dim,
+         "peer": peer_name, "load_s": load_s, "oracle_s": oracle_s, "dnir": cuda_time(dnir_fn),
+         "api": cuda_time(api_fn), "fla": cuda_time(peer_fn),
          "api_same_as_module": bool(torch.equal(api_o, o.to(api_o.dtype)) and torch.equal(api_s, s)),
          "err": {"dnir": {"o": rms_error(o, ref[0]), "state": rms_error(s, ref[1])},
                  "fla": {"o": rms_error(fla_o, ref[0]), "state": rms_error(fla_s, ref[1])}}}
@@ -294,6 +299,7 @@ def strong_gates(case: dict, x: dict, names, main, scale: float) -> dict:
 
 
 def targets(cases: list[dict]) -> list[dict]:
+    from .gpu_artefacts import precision
     out = []
 
     def add(target, case, measured, limit, met, factor):
@@ -302,11 +308,11 @@ def targets(cases: list[dict]) -> list[dict]:
 
     for c in cases:
         if c["kind"] == "prefill":
-            limit = PREFILL_LIMIT[c["dtype"]]
-            add(f"dnir O2 prefill <= {limit:g}x fla ({c['dtype']})", c["name"], c["ratio"], limit,
+            limit, kind = PREFILL_LIMIT[c["dtype"]], f"{c['dtype']}, {precision(c)}"
+            add(f"dnir O2 prefill <= {limit:g}x fla ({kind})", c["name"], c["ratio"], limit,
                 c["ratio"] <= limit, c["ratio"] / limit)
             if c["dtype"] == "f32":
-                add(f"goal: dnir O2 prefill <= {PREFILL_GOAL:g}x fla (f32)", c["name"], c["ratio"], PREFILL_GOAL,
+                add(f"goal: dnir O2 prefill <= {PREFILL_GOAL:g}x fla ({kind})", c["name"], c["ratio"], PREFILL_GOAL,
                     c["ratio"] <= PREFILL_GOAL, c["ratio"] / PREFILL_GOAL)
         elif c["dtype"] == "bf16":
             share = c["dnir"]["share_of_copy"]
@@ -328,6 +334,7 @@ def _ms(t: dict) -> str:
 
 
 def markdown(doc: dict) -> str:
+    from .gpu_artefacts import precision
     m = doc["machine"]
     lines = [
         "# dnir GPU benchmark", "",
@@ -338,22 +345,25 @@ def markdown(doc: dict) -> str:
         f"{doc['seed']}); bf16 cases: q, k, v, beta and o bf16, the gate and the state float32; an initial "
         "state in, the final state out; CUDA-event time per call, median of the runs after warm-up, L2 "
         "flushed before each call",
+        "- precision: CUDA's tensor-core products, `highest` = 3xTF32 (float32's accuracy), `tf32` = one TF32 "
+        "product (fla's float32 arithmetic; the default for bf16); `_tf32` cases are the float32 layers at tf32",
         "- `dnir`: the compiled module called directly (TVM runtime, from the module cache); `API`: "
         "`dnir.chunk_gated_delta_rule(..., target=\"cuda\")` etc. on the same torch tensors (DLPack both ways, "
         "the API's checks, one synchronisation); overhead = API - dnir",
         f"- errors: rms(x - oracle) / rms(oracle) of o and of the final state, oracle = the recurrent form in "
         f"float64 on the GPU; measured copy bandwidth (1 GiB copy, read + write): {doc['copy']['gbps']:.0f} GB/s",
         "",
-        "| case | dtype | B | T | H / HV | peer | dnir ms | API ms (overhead) | fla ms | dnir / fla "
+        "| case | dtype | precision | B | T | H / HV | peer | dnir ms | API ms (overhead) | fla ms | dnir / fla "
         "| err o dnir / fla | err state dnir / fla | TFLOP/s | Vulkan ms (dnir, wgpu) | load s |",
-        "|" + "---|" * 15]
+        "|" + "---|" * 16]
     for c in doc["cases"]:
         e = c["err"]
         vk = c.get("vulkan")
         vulkan = "-" if vk is None else (f"{vk['ms']:.2f}" if "ms" in vk else f"failed: {vk['error'][:80]}")
         tflops = f"{c['tflops']:.1f}" if "tflops" in c else "-"
         lines.append(
-            f"| {c['name']} | {c['dtype']} | {c['batch']} | {c['seq_len']} | {c['heads']} / {c['value_heads']} | "
+            f"| {c['name']} | {c['dtype']} | {precision(c)} | {c['batch']} | {c['seq_len']} | "
+            f"{c['heads']} / {c['value_heads']} | "
             f"{c['peer']} | {_ms(c['dnir'])} | {_ms(c['api'])} ({c['api_overhead_ms']:+.3f}) | {_ms(c['fla'])} | "
             f"{c['ratio']:.2f}x | {e['dnir']['o']:.1e} / {e['fla']['o']:.1e} | "
             f"{e['dnir']['state']:.1e} / {e['fla']['state']:.1e} | {tflops} | {vulkan} | {c['load_s']:.1f} |")

@@ -23,7 +23,10 @@ the final state out): prefill (B, T) = (1, 8192), (4, 4096), (1, 32768) with
 32 heads for both layers, and Qwen3-Next's GQA layer (16 q/k heads, 32 value
 heads) at (1, 8192); decode (T = 1) of the gated delta rule at B = 64 and 256;
 each in float32 and in bf16 (q, k, v, beta and o; the gate and the state
-float32).
+float32). The float32 prefill cases run again as `<case>_tf32` with
+precision="tf32" (one TF32 product per tensor-core mma: flash-linear-attention's
+own float32 arithmetic) beside the default 3xTF32; bf16 layers take tf32 by default.
+No Vulkan program is recorded for those: Vulkan computes in float32 either way.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ PREFILL = {     # name -> (B, T, H, HV)
 }
 DECODE_BATCHES = (64, 256)
 DTYPES = ("f32", "bf16")
+TF32_SUFFIX = "_tf32"       # a float32 prefill case with precision="tf32"
 
 
 def _cases() -> dict[str, dict]:
@@ -53,8 +57,11 @@ def _cases() -> dict[str, dict]:
             for variant in ("gdn", "kda"):
                 if H != HV and variant == "kda":    # the GQA shape is Qwen3-Next's, a gated delta rule layer
                     continue
-                cases[f"{variant}_prefill_{shape}_{dtype}"] = dict(variant=variant, kind="prefill", batch=B,
-                                                                   seq_len=T, heads=H, value_heads=HV, dtype=dtype)
+                name = f"{variant}_prefill_{shape}_{dtype}"
+                cases[name] = dict(variant=variant, kind="prefill", batch=B, seq_len=T, heads=H, value_heads=HV,
+                                   dtype=dtype)
+                if dtype == "f32":
+                    cases[name + TF32_SUFFIX] = dict(cases[name], precision="tf32")
         for B in DECODE_BATCHES:
             cases[f"gdn_decode_b{B}_{dtype}"] = dict(variant="gdn", kind="decode", batch=B, seq_len=1, heads=32,
                                                      value_heads=32, dtype=dtype)
@@ -64,12 +71,18 @@ def _cases() -> dict[str, dict]:
 CASES = _cases()
 
 
+def precision(case: dict) -> str:
+    """The case's tensor-core precision: its own, else its dtype's default (models/config.py)."""
+    from dnir.models.config import default_precision
+    return case.get("precision") or default_precision(case["dtype"])
+
+
 def config(case: dict):
     from dnir.models import DeltaNetConfig
     return DeltaNetConfig(case["variant"], batch=case["batch"], seq_len=case["seq_len"], heads=case["heads"],
                           value_heads=case["value_heads"], head_dim=HEAD_DIM, value_dim=HEAD_DIM,
                           mode="chunked" if case["kind"] == "prefill" else "decode",
-                          initial_state=True, final_state=True, dtype=case["dtype"])
+                          initial_state=True, final_state=True, dtype=case["dtype"], precision=case.get("precision"))
 
 
 def layer_graph(case: dict):
@@ -125,7 +138,7 @@ def compile_all(out: Path, arch: str, names=None, vulkan: bool = False):
         table["layers"][name] = {"flops": counted["flops"]}
         table["kernels"][name] = counted["kernels"]
         costs_path.write_text(json.dumps(table, indent=1) + "\n")
-        if vulkan and case["dtype"] == "f32":
+        if vulkan and case["dtype"] == "f32" and "precision" not in case:
             record_vulkan(name, case, out / "vulkan")
 
 

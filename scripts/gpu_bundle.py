@@ -17,9 +17,13 @@ the run uses TVM's runtime only:
     on the NVIDIA Vulkan driver without TVM.
 
 Graphs: the whole op conformance table, the GDA/KDA chunked and
-recurrent layers merged into one graph per optimisation level (O0, O2), and
+recurrent layers merged into one graph per optimisation level (O0, O2),
 bf16 and fp16 layers (chunked, recurrent, decode) at O2, whose float32
-inputs are rounded to the half dtype on the device (bf16: CUDA only).
+inputs are rounded to the half dtype on the device (bf16: CUDA only), and
+float32 GDA/KDA chunked layers sized for the tensor-core kernels (C = 64,
+K = 128) at precision "tf32" (CUDA only). A merged graph's metadata carries
+its layers' precision (tf32 for the half layers, their default), which the
+.npz records for the conformance run's tolerance.
 On the GPU machine (from the repository root):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl
@@ -72,11 +76,31 @@ def graphs(seed: int):
             merged = merge_graphs({key: float32_interface(dnir.passes.optimize(g, "O2")) for key, g in layers.items()})
         inputs = {f"{key}__{n}": v.astype(np.float32) for key, g in layers.items()
                   for n, v in random_inputs(DeltaNetConfig.from_meta(g.meta), rng).items()}
-        out[f"models_{dtype}_O2"] = (merged, inputs)
+        out[f"models_{dtype}_O2"] = (with_precision(merged, "tf32"), inputs)
+    # float32 layers whose products run as one TF32 mma each (precision "tf32"): sizes the three
+    # tensor-core kernels take (C = 64, K = 128, V a multiple of 64), three chunks, the last partial
+    tf32 = {key: build(o["variant"], precision="tf32", **TF32_SIZES)
+            for key, o in LAYERS.items() if o["mode"] == "chunked"}
+    with target_context("cuda"):
+        merged = merge_graphs({key: dnir.passes.optimize(g, "O2") for key, g in tf32.items()})
+    inputs = {f"{key}__{n}": v for key, g in tf32.items()
+              for n, v in random_inputs(DeltaNetConfig.from_meta(g.meta), rng).items()}
+    out["models_tf32_O2"] = (with_precision(merged, "tf32"), inputs)
     return out
 
 
 HALF_DECODE = dict(seq_len=1, batch=3)
+TF32_SIZES = dict(seq_len=160, batch=2, heads=1, value_heads=2, head_dim=128, value_dim=64, chunk_size=64,
+                  initial_state=True, final_state=True)
+CUDA_ONLY = {"models_bf16_O2": "WGSL has no bfloat16",
+             "models_tf32_O2": "precision changes CUDA's tensor-core products only; Vulkan computes in float32"}
+
+
+def with_precision(graph, precision: str):
+    """`graph` with `precision` in its metadata: the cuda translator reads the main graph's (merged
+    layers have no delta-net metadata of their own)."""
+    from dnir.graph import Graph
+    return Graph(graph.inputs, graph.outputs, graph.output_names, {**graph.meta, "precision": precision})
 
 
 def float32_interface(graph):
@@ -141,13 +165,14 @@ def main(argv=None) -> int:
         ex = build(graph, "cuda", arch=args.arch)
         ex.export_library(str(out / f"{name}.so"))
         nvcc_compile(cuda_source(ex), args.arch)
-        if name.startswith("models_bf16"):
-            print(f"{name}: no Vulkan program (WGSL has no bfloat16)")
+        if name in CUDA_ONLY:
+            print(f"{name}: no Vulkan program ({CUDA_ONLY[name]})")
         else:
             build(graph, "vulkan").program.save(out / f"{name}.vulkan.npz")
         refs = run(graph, inputs)
         np.savez(out / f"{name}.npz", input_names=np.array(graph.input_names),
                  output_names=np.array(graph.output_names), arch=np.array(args.arch),
+                 precision=np.array(graph.meta.get("precision", "highest")),
                  **{f"in:{k}": v for k, v in inputs.items()},
                  **{f"ref:{k}": v for k, v in zip(graph.output_names, refs)})
         print(f"{out / name}.so: {len(graph.outputs)} outputs")

@@ -7,9 +7,11 @@ layers at O0 and O2) through dnir.lowering.runtime_loader on CUDA, and its
 recorded Vulkan program (<name>.vulkan.npz) through wgpu on the machine's
 Vulkan driver, and checks each output against the NumPy backend's (computed
 when the bundle was built): normalised MSE sum((a-b)^2)/sum(a^2) below 1e-7
-for floats, exact otherwise. Prints a table; with --out writes
-gpu_conformance.{json,md} there. Exit 1 on any failure (no Vulkan adapter
-or no wgpu is a failure of the Vulkan rows only when --vulkan is given).
+for floats (on CUDA below TF32_TOLERANCE for an artefact whose .npz says
+its tensor-core products run at precision "tf32"), exact otherwise. Prints a
+table; with --out writes gpu_conformance.{json,md} there. Exit 1 on any
+failure (no Vulkan adapter or no wgpu is a failure of the Vulkan rows only
+when --vulkan is given).
 """
 from __future__ import annotations
 
@@ -24,6 +26,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-7
+# An artefact at precision "tf32" (the half layers' default, and a float32 one): each tensor-core
+# product reads its operands as TF32 (11 significant bits, unit roundoff 2**-11 = 4.9e-4). Half
+# inputs are exact in TF32, but the layer's float32 intermediates (w, u, the decayed keys, the
+# state) are rounded to it: about 1.2e-3 relative rms error (fla's float32, which uses TF32 too:
+# 1.3e-3 to 1.5e-3). Allowed: 4e-3 relative rms, nmse (4e-3)**2.
+TF32_TOLERANCE = 1.6e-5
 
 
 def _import_loader():
@@ -40,24 +48,26 @@ def check(loader, so: Path) -> list[dict]:
     vm, dev = loader.load_executable(so, 0, arch)
     load_s = time.perf_counter() - t0
     outs = loader.run_executable(vm, dev, arrays)
-    rows = compare(so.stem, "cuda", outs, data)
+    tf32 = "precision" in data.files and str(data["precision"]) == "tf32"
+    rows = compare(so.stem, "cuda", outs, data, TF32_TOLERANCE if tf32 else TOLERANCE)
     print(f"{so.name}: loaded (nvcc included) in {load_s:.1f} s, "
           f"{sum(r['ok'] for r in rows)}/{len(rows)} outputs ok")
     return rows
 
 
-def compare(artefact: str, target: str, outs, data) -> list[dict]:
+def compare(artefact: str, target: str, outs, data, tolerance: float = TOLERANCE) -> list[dict]:
     rows = []
     for name, out in zip(data["output_names"], outs):
         ref = data[f"ref:{name}"]
         if ref.dtype.kind == "f":
             r64 = ref.astype(np.float64)
             err = float(np.sum((out.astype(np.float64) - r64) ** 2) / np.sum(r64 ** 2))
-            ok = bool(np.isfinite(out).all() and err < TOLERANCE)
+            ok = bool(np.isfinite(out).all() and err < tolerance)
         else:
             err = float(np.count_nonzero(out.astype(ref.dtype) != ref))
             ok = err == 0
-        rows.append({"target": target, "artefact": artefact, "output": str(name), "error": err, "ok": ok})
+        rows.append({"target": target, "artefact": artefact, "output": str(name), "error": err, "ok": ok,
+                     "tolerance": tolerance if ref.dtype.kind == "f" else 0})
     return rows
 
 
@@ -105,7 +115,8 @@ def main(argv=None) -> int:
         print(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['target']:<7} {r['artefact']:<14} {r['output']:<28} "
               f"{r['error']:.2e}")
     failed = [r for r in rows if not r["ok"]]
-    print(f"{len(rows) - len(failed)}/{len(rows)} outputs match NumPy (nmse < {TOLERANCE:g}); "
+    print(f"{len(rows) - len(failed)}/{len(rows)} outputs match NumPy (nmse < {TOLERANCE:g}, "
+          f"{TF32_TOLERANCE:g} at precision tf32); "
           f"nvcc runs the module cache did not spare: {loader._STATE['nvcc_runs']}")
     if args.out:
         import tvm
@@ -113,12 +124,14 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         gpu = tvm.cuda(0)
         summary = {"device": f"{gpu.device_name} ({gpu.compute_version})", "python": platform.python_version(),
-                   "tvm": tvm.__version__, "vulkan": vulkan, "tolerance": TOLERANCE, "rows": rows,
+                   "tvm": tvm.__version__, "vulkan": vulkan, "tolerance": TOLERANCE,
+                   "tf32_tolerance": TF32_TOLERANCE, "rows": rows,
                    "failed": len(failed)}
         (out / "gpu_conformance.json").write_text(json.dumps(summary, indent=2) + "\n")
         lines = [f"# CUDA and Vulkan conformance on {summary['device']}", "",
                  f"Vulkan adapter: {vulkan['adapter'] or 'none (' + vulkan.get('error', '') + ')'}", "",
-                 f"{len(rows) - len(failed)}/{len(rows)} outputs match the NumPy backend (nmse < {TOLERANCE:g}).",
+                 f"{len(rows) - len(failed)}/{len(rows)} outputs match the NumPy backend (nmse < {TOLERANCE:g}; "
+                 f"< {TF32_TOLERANCE:g} for artefacts whose tensor-core products run at precision tf32).",
                  ""]
         if vulkan["timings"]:
             lines += ["| Vulkan program | dispatches | first run (pipelines made), s | ms per run |",
@@ -126,9 +139,9 @@ def main(argv=None) -> int:
             lines += [f"| {t['artefact']} | {t['dispatches']} | {t['first_run_s']:.1f} | {t['ms']:.2f} |"
                       for t in vulkan["timings"]]
             lines.append("")
-        lines += ["| target | artefact | output | error | ok |", "|---|---|---|---|---|"]
+        lines += ["| target | artefact | output | error | tolerance | ok |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['target']} | {r['artefact']} | {r['output']} | {r['error']:.2e} | "
-                  f"{'yes' if r['ok'] else 'NO'} |" for r in rows]
+                  f"{r.get('tolerance', TOLERANCE):g} | {'yes' if r['ok'] else 'NO'} |" for r in rows]
         (out / "gpu_conformance.md").write_text("\n".join(lines) + "\n")
     return 1 if failed else 0
 

@@ -34,7 +34,8 @@ from .fused_signatures import chunk_states_function
 from .kernels import unravel_index
 
 WARPS = 4
-VT, SPLIT = 16, True      # state columns of a block, 3xTF32 (benchmarks/gpu_sweep.py times others)
+# state columns of a block; 3xTF32 unless the layer's precision is "tf32" (translate.py passes split)
+VT, SPLIT = 16, True
 
 
 def takes(C: int, K: int, V: int, vt: int = VT) -> bool:

@@ -38,7 +38,7 @@ from .intra_chunk import S, THREADS, loads, phases
 WARPS = THREADS // 32
 KQ = 32                     # channels staged at once
 P = KQ + 4                  # a staged row's stride: fragment loads at 4 g + t, no bank conflict
-SPLIT = True                # 3xTF32 (benchmarks/gpu_sweep.py times TF32 alone)
+SPLIT = True                # 3xTF32 unless the layer's precision is "tf32" (translate.py passes split)
 HALVING = True              # KDA's diagonal blocks by halving (benchmarks/gpu_sweep.py times the other way)
 EC = 8                      # channels a round of the halving stages
 PE = EC + 1

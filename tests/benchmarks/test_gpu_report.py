@@ -38,20 +38,25 @@ def test_targets_and_table_from_the_measured_numbers():
                 vulkan={"ms": 40.0, "err_o": 1e-6, "err_state": 1e-6, "program": "gdn_prefill_b1_t8192_f32.npz",
                         "adapter": "NVIDIA H100 (Vulkan)", "dispatches": 900, "runs": 5, "not_run": []})
     bf16 = _case("kda_prefill_b1_t32768_bf16", 3.0, 2.0)
-    found = {(t["target"], t["case"]): t for t in gpu.targets([f32, bf16, decode])}
-    assert found["dnir O2 prefill <= 1.5x fla (f32)", f32["name"]]["factor_to_go"] == pytest.approx(2.0 / 1.5)
-    assert found["goal: dnir O2 prefill <= 1x fla (f32)", f32["name"]]["met"] is False
-    assert found["dnir O2 prefill <= 2x fla (bf16)", bf16["name"]]["met"] is True
+    tf32 = _case("gdn_prefill_b1_t8192_f32_tf32", 1.2, 1.5, err_dnir=1.2e-3, err_fla=1.4e-3)
+    found = {(t["target"], t["case"]): t for t in gpu.targets([f32, bf16, decode, tf32])}
+    assert found["dnir O2 prefill <= 1.5x fla (f32, highest)", f32["name"]]["factor_to_go"] == pytest.approx(2.0 / 1.5)
+    assert found["goal: dnir O2 prefill <= 1x fla (f32, highest)", f32["name"]]["met"] is False
+    assert found["goal: dnir O2 prefill <= 1x fla (f32, tf32)", tf32["name"]]["met"] is True
+    assert found["rms error of o vs float64 <= 2x fla's", tf32["name"]]["measured"] == pytest.approx(1.2 / 1.4)
+    assert found["dnir O2 prefill <= 2x fla (bf16, tf32)", bf16["name"]]["met"] is True
     share = found["decode state traffic >= 75% of copy bandwidth (bf16)", decode["name"]]
     assert share["measured"] == pytest.approx(decode["dnir"]["share_of_copy"]) and share["met"] is False
     assert found["rms error of o vs float64 <= 2x fla's", f32["name"]]["measured"] == pytest.approx(5.0)
     assert found["strong gates (g = -20) finite", f32["name"]]["met"] is True
     doc = {"machine": {"date": "d", "gpu": "H100", "capability": "90", "python": "3.12", "torch": "2.11",
                        "cuda": "13.0", "triton": "3.6", "fla": "0.6.0", "tvm": "0.27"},
-           "seed": 0, "copy": {"gbps": copy_gbps}, "cases": [f32, bf16, decode], "targets": gpu.targets([f32]),
+           "seed": 0, "copy": {"gbps": copy_gbps}, "cases": [f32, bf16, decode, tf32], "targets": gpu.targets([f32]),
            "not_built": [{"name": "gdn_prefill_b4_t4096_bf16", "reason": "no module in the bundle's cache"}]}
     md = gpu.markdown(doc)
-    assert "| gdn_prefill_b1_t8192_f32 | f32 | 1 | 8192 | 32 / 32 |" in md and "2.00x" in md
+    assert "| gdn_prefill_b1_t8192_f32 | f32 | highest | 1 | 8192 | 32 / 32 |" in md and "2.00x" in md
+    assert "| gdn_prefill_b1_t8192_f32_tf32 | f32 | tf32 | 1 | 8192 | 32 / 32 |" in md and "1.2e-03 / 1.4e-03" in md
+    assert "| kda_prefill_b1_t32768_bf16 | bf16 | tf32 |" in md
     assert "| gdn_prefill_b1_t8192_f32 | gdn_prefill_b1_t8192_f32.npz | 900 | 40.00 | 3.000 | 13.3x |" in md
     assert "40.00" in md and "| gdn_prefill_b4_t4096_bf16 | not built" in md
     assert "## Decode state traffic" in md and "## Strong gates" in md
@@ -60,6 +65,10 @@ def test_targets_and_table_from_the_measured_numbers():
 
 def test_case_list_covers_the_acceptance():
     prefill = [c for c in CASES.values() if c["kind"] == "prefill"]
+    # every float32 prefill case also at precision tf32 (fla's arithmetic), under its name + "_tf32"
+    plain_f32 = {n for n, c in CASES.items() if c["kind"] == "prefill" and c["dtype"] == "f32" and "precision" not in c}
+    assert {n for n, c in CASES.items() if c.get("precision")} == {n + "_tf32" for n in plain_f32}
+    assert config(CASES["kda_prefill_b1_t8192_f32_tf32"]).precision == "tf32"
     shapes = {(c["batch"], c["seq_len"], c["heads"], c["value_heads"]) for c in prefill}
     assert shapes == {(1, 8192, 32, 32), (4, 4096, 32, 32), (1, 32768, 32, 32), (1, 8192, 16, 32)}
     for dtype in ("f32", "bf16"):
