@@ -226,11 +226,11 @@ class _Prepared:
         return self._scan_call(arrays, ran)
 
     def _report_passes(self, report: np.ndarray) -> bool:
-        """Whether decode_step's report (cpu_token_step.REPORT: per head, the sum of o, the new
-        state and g, finite only when all of them are; the largest gate; beta |k|^2) passes every
+        """Whether decode_step's report (cpu_token_step.REPORT: a sum of o, the new state and g,
+        finite only when all of them are; the largest gate; the largest beta |k|^2) passes every
         check of _scan_call; when it does not, _scan_call runs them all, raising or warning as it
         does."""
-        total, gate, stiffness = np.maximum.reduce(report.reshape(-1, 3)).tolist()
+        total, gate, stiffness = report.tolist()
         return (total < np.inf and (gate <= 0 or self.allow_positive_gates)
                 and (stiffness < 2 or self.cfg.l2norm))
 

@@ -30,7 +30,7 @@ the whole state again (at B = 64, 128 MiB: 8 ms of NumPy on one core).
 `checked_outputs` says which of a graph's outputs have one.
 
 decode_step's kernel, which reads the layer's raw q, k, g and beta, goes further:
-its third output is a REPORT per head, all the checks of a call in three numbers
+its third output is a REPORT, all the checks of a call in three numbers
 (a call at B = 1 is ~70 us of kernel, and each NumPy pass over the outputs and
 inputs after it cost 5-18 us, the kernel having just pushed them out of the
 cache). `step_report` says when a graph's report stands for all of its checks.
@@ -54,9 +54,10 @@ COLUMNS = 128   # value columns per tile: 8 AVX-512 vectors of float32 per accum
 UNALIGNED_OPERANDS = {"token_step": (0,), "decode_step": range(6)}
 
 
-# decode_step's report per head: |sum of o, the new state and g| (finite when every one of them is;
-# NaN and +-inf stay so through the sum, an inf times 0 is NaN), the largest gate (<= 0 for a
-# decaying state) and beta |k|^2 (the step I - beta k k^T contracts while it is < 2)
+# decode_step's report, over all heads: the sum of each head's |sum of o, the new state and g|
+# (finite when every one of them is: NaN and +-inf stay so through sums, an inf times 0 is NaN),
+# the largest gate (<= 0 for a decaying state) and the largest beta |k|^2 (the step
+# I - beta k k^T contracts while it is < 2)
 REPORT = ("sum", "gate_max", "stiffness")
 
 
@@ -179,6 +180,7 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
 
     @T.macro
     def body(S0, Q, Kx, Vv, G, B, S1, O, REP):
+        per_head = T.alloc_buffer((heads, 3), dtype)
         for h in T.parallel(heads):
             kc = T.alloc_buffer((K,), dtype)
             kr = T.alloc_buffer((K,), dtype)
@@ -225,7 +227,15 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
                         total[j] = total[j] + S1[state(h, kk, t * vt + j)]
                 for j in range(vt):
                     acc[2] = acc[2] + total[j]
-            REP[out(h, 0)] = T.fabs(acc[2])
-            REP[out(h, 1)] = acc[3]
-            REP[out(h, 2)] = load(B, "beta", h) * acc[1]
+            per_head[h, 0] = T.fabs(acc[2])
+            per_head[h, 1] = acc[3]
+            per_head[h, 2] = load(B, "beta", h) * acc[1]
+        # over the heads: the sums add up (T.max may drop a NaN; a sum keeps it), the rest is a max
+        REP[0] = per_head[0, 0]
+        REP[1] = per_head[0, 1]
+        REP[2] = per_head[0, 2]
+        for h in range(1, heads):
+            REP[0] = REP[0] + per_head[h, 0]
+            REP[1] = T.max(REP[1], per_head[h, 1])
+            REP[2] = T.max(REP[2], per_head[h, 2])
     return decode_step_function(shapes, dtype, body, loose=True, narrow=narrow, report=len(REPORT))

@@ -159,12 +159,10 @@ def decode_step_function(shapes: dict, dtype: str, body, loose: bool = False, na
     """body(S0, Q, Kx, Vv, G, B, S1, O[, REP]): token_step_function's outputs from the state and the
     layer's raw vectors (dnir.fused.DECODE_ROLES), each in its own shape `shapes[role]`. loose: every
     operand declared aligned to its element only (the caller's arrays taken where they are). report:
-    a third output REP [*batch, report], a few numbers per head (the CPU kernel's checks)."""
+    a third output REP [report], a few numbers (the CPU kernel's checks)."""
     of = {role: (narrow or {}).get(role, dtype) for role in shapes}
     align = {role: tvm.DataType(of[role]).bits // 8 if loose else -1 for role in shapes}
     if report:
-        rep_shape = tuple(shapes["o"][:-1]) + (report,)
-
         @T.prim_func(private=True, s_tir=True)
         def checked(s0: T.handle, q: T.handle, k: T.handle, v: T.handle, g: T.handle, beta: T.handle,
                     s1: T.handle, o: T.handle, rep: T.handle):
@@ -177,7 +175,7 @@ def decode_step_function(shapes: dict, dtype: str, body, loose: bool = False, na
             B = T.match_buffer(beta, shapes["beta"], of["beta"], align=align["beta"])
             S1 = T.match_buffer(s1, shapes["state"], dtype)
             O = T.match_buffer(o, shapes["o"], dtype)
-            REP = T.match_buffer(rep, rep_shape, dtype)
+            REP = T.match_buffer(rep, (report,), dtype)
             with T.sblock("root"):
                 body(S0, Q, Kx, Vv, G, B, S1, O, REP)
         return checked

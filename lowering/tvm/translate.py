@@ -612,11 +612,10 @@ def _fused_step(tr, node, gv, args) -> list:
     if tr.gpu:
         return _call_fused(tr, node, gv, args)
     # the CPU kernel's third output: token_step's new state's column sums, decode_step's report
-    # per head (cpu_token_step.checked_outputs, REPORT)
+    # (cpu_token_step.checked_outputs, REPORT)
     types = [tr.tensor_type(t) for t in node.type]
-    heads = node.type[1].shape[:-1]
     check = types[1] if node.op == "token_step" else tr.tensor_type(
-        TensorType(heads + (len(cpu_token_step.REPORT),), node.inputs[0].dtype))
+        TensorType((len(cpu_token_step.REPORT),), node.inputs[0].dtype))
     out = tr.emit(relax.op.call_tir(gv, list(args), types + [check]))
     tr.checksums[id(node)] = tr.emit(relax.TupleGetItem(out, 2))
     return [tr.emit(relax.TupleGetItem(out, i)) for i in range(len(node.type))]
