@@ -192,9 +192,10 @@ def _signature(fn: str, args: dict) -> tuple | None:
 class _Prepared:
     """A call's configuration, graph and runner, for arrays of the shapes and options it was
     made for (_signature): a call checks the values (as _host_checks and _check_output, through
-    them when one fails) and runs the graph. On llvm the module returns the decode step's new
-    state with its column sums (lowering/tvm/cpu_token_step.py), whose finite sum stands for the
-    state's own: the 128 MiB state of a B = 64 step is not read again."""
+    them when one fails) and runs the graph. On llvm the module returns a decode step's checks
+    with its outputs (lowering/tvm/cpu_token_step.py): token_step's column sums of the new state,
+    whose finite sum stands for the state's own (the 128 MiB state of a B = 64 step is not read
+    again), or decode_step's report, three numbers that stand for every check of the call."""
 
     def __init__(self, fn: str, cfg: DeltaNetConfig, args: dict):
         self.fn, self.cfg, self.target, self.opt = fn, cfg, args["target"], args["opt"]
