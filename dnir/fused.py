@@ -16,11 +16,14 @@
             S         = S * last_decay[n] + k_to_end[n]^T v_new[n]
         Operands as chunk_scan's; starts [n, *batch, K, V], v_new [n, *batch, C, V].
 
-    chunk_output(q_decayed, starts, aqk, v_new) {token_major} -> o
+    chunk_output(q_decayed, starts, aqk, v_new) {token_major, dtype} -> o
         chunk_scan's output from chunk_states' results, every chunk at once:
             o[n] = q_decayed[n] starts[n] + aqk[n] v_new[n]
         token_major (batch axes (R, HV) only): o [R, n C, HV, V], the layer's token-major
         layout (token n C + i is row i of chunk n), instead of [n, R, HV, C, V].
+        dtype: o stored narrower than the op computes (bf16/fp16, each value rounded once as
+        it is stored, as a `cast` after it would: passes/fold_narrowing_casts.py); "" (the
+        default): in the dtype it computes in.
         A GPU runs the two as a sequential kernel (one thread block per head and value
         columns: the fewer products inside the loop, the shorter the critical path) and
         a chunk-parallel one; passes/fuse_delta_steps.py splits a chunk_scan into them
@@ -247,7 +250,7 @@ def output_sizes(ins):
 
 
 def _infer_chunk_output(ins, attrs):
-    dtype = compute_dtype(ins, OUTPUT_ROLES)
+    dtype = _stored_dtype(compute_dtype(ins, OUTPUT_ROLES), attrs["dtype"])
     n, batch, C, K, V = output_sizes(ins)
     if not attrs["token_major"]:
         return TensorType((n, *batch, C, V), dtype)
@@ -255,6 +258,17 @@ def _infer_chunk_output(ins, attrs):
         fail(f"token_major needs two batch axes (R, HV); starts has {list(ins[1].shape)}")
     R, HV = batch
     return TensorType((R, n * C, HV, V), dtype)
+
+
+def _stored_dtype(dtype: str, stored: str) -> str:
+    """The dtype an op computing in `dtype` returns when asked to store `stored` ("": its own)."""
+    if not stored:
+        return dtype
+    narrower = stored in FLOAT_DTYPES and TensorType((), stored).itemsize <= TensorType((), dtype).itemsize
+    if not narrower:
+        fail(f"attribute dtype={stored!r}; expected a floating-point dtype no wider than {dtype}, "
+             f"the dtype the op computes in (or \"\" for that dtype)", DTypeError)
+    return stored
 
 
 def _chunk_output_flops(ins, out, attrs):
@@ -266,6 +280,8 @@ def _expand_chunk_output(node: Node) -> Node:
     qd, starts, aqk, v_new = node.inputs
     plain = {"transpose_a": False, "transpose_b": False}
     o = make_node("add", (make_node("matmul", (qd, starts), plain), make_node("matmul", (aqk, v_new), plain)), {})
+    if node.attrs["dtype"]:           # stored narrower: the cast it replaced
+        o = make_node("cast", (o,), {"dtype": node.attrs["dtype"]})
     if not node.attrs["token_major"]:
         return o
     return make_node("reshape", (make_node("permute", (o,), {"axes": TOKEN_MAJOR}),), {"shape": node.shape})
@@ -274,13 +290,15 @@ def _expand_chunk_output(node: Node) -> Node:
 TOKEN_MAJOR = (1, 0, 3, 2, 4)      # [n, R, HV, C, V] -> [R, n, C, HV, V], then a reshape to [R, n C, HV, V]
 
 
-def chunk_output(q_decayed: Node, starts: Node, aqk: Node, v_new: Node, token_major: bool = False) -> Node:
-    """Every chunk's output from its starting state and its v_new (chunk_states)."""
-    return make_node("chunk_output", (q_decayed, starts, aqk, v_new), {"token_major": token_major})
+def chunk_output(q_decayed: Node, starts: Node, aqk: Node, v_new: Node, token_major: bool = False,
+                 dtype: str = "") -> Node:
+    """Every chunk's output from its starting state and its v_new (chunk_states); dtype: o stored
+    narrower ("": in the dtype the op computes in)."""
+    return make_node("chunk_output", (q_decayed, starts, aqk, v_new), {"token_major": token_major, "dtype": dtype})
 
 
-register(OpDef("chunk_output", 4, _infer_chunk_output, {"token_major": ("bool", False)}, flops=_chunk_output_flops,
-               op_class="fused", expand=_widening(_expand_chunk_output)))
+register(OpDef("chunk_output", 4, _infer_chunk_output, {"token_major": ("bool", False), "dtype": ("dtype", "")},
+               flops=_chunk_output_flops, op_class="fused", expand=_widening(_expand_chunk_output)))
 
 
 # ---------------------------------------------------------------------------

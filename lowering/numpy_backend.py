@@ -259,7 +259,8 @@ def _chunk_states(node, dt, state, w, u, k_to_end, last_decay):
 @_widened
 def _chunk_output(node, dt, q_decayed, starts, aqk, v_new):
     with np.errstate(all="ignore"):
-        o = np.matmul(q_decayed, starts) + np.matmul(aqk, v_new)
+        # computed in its operands' dtype, rounded once to the dtype it stores (its `dtype` attribute)
+        o = (np.matmul(q_decayed, starts) + np.matmul(aqk, v_new)).astype(dt, copy=False)
     return np.ascontiguousarray(o.transpose(1, 0, 3, 2, 4)).reshape(node.shape) if node.attrs["token_major"] else o
 
 
@@ -442,8 +443,9 @@ def _run_reference(graph: Graph, inputs, target: str) -> list[np.ndarray]:
     return run(graph, inputs)
 
 
-# Every fused op has its reference kernel here, which loads half operands too (_widened): the NumPy
-# target never expands one.
+# Every fused op has its reference kernel here, which loads half operands and stores half results
+# too (_widened, chunk_output's dtype): the NumPy target never expands one.
 _FUSED = frozenset(op for op in KERNELS if REGISTRY[op].op_class is OpClass.FUSED)
 register_backend(Backend("numpy", ("numpy",), _run_reference,
-                         lambda target: Target(target, kernels={op: any_node for op in _FUSED}, narrow_operands=_FUSED)))
+                         lambda target: Target(target, kernels={op: any_node for op in _FUSED}, narrow_operands=_FUSED,
+                                               narrow_results=_FUSED)))

@@ -34,6 +34,9 @@ class Target:
     dtypes: frozenset[str] | None = None     # dtypes the fused kernels are written for (None: any)
     # fused ops whose kernels load operands narrower than the op (bf16/fp16) and widen them themselves
     narrow_operands: frozenset[str] = frozenset()
+    # fused ops whose kernels store their result narrower than they compute (the op's `dtype`
+    # attribute, bf16/fp16), rounding as they store it
+    narrow_results: frozenset[str] = frozenset()
 
     def __post_init__(self):
         object.__setattr__(self, "kernels", MappingProxyType(dict(self.kernels)))
@@ -45,11 +48,16 @@ class Target:
         narrow = sorted({i.dtype for i in node.inputs} - _wide_dtypes(node))
         if narrow and node.op not in self.narrow_operands:
             return f"the {node.op} kernel of {self.name!r} loads no {', '.join(narrow)} operands"
+        if node.attrs.get("dtype") and node.op not in self.narrow_results:
+            return f"the {node.op} kernel of {self.name!r} stores no {node.attrs['dtype']} results"
         return self.kernels[node.op](node, self)
 
 
 def _wide_dtypes(node: Node) -> set[str]:
-    """The dtypes of a fused node's results: what it computes in (dnir.fused.compute_dtype)."""
+    """What a fused node computes in (dnir.fused.compute_dtype): its results' dtypes, or where it
+    stores its result narrower (its `dtype` attribute), its widest operand's."""
+    if node.attrs.get("dtype"):
+        return {max((i.type for i in node.inputs), key=lambda t: t.itemsize).dtype}
     return {t.dtype for t in (node.type if isinstance(node.type, tuple) else (node.type,))}
 
 

@@ -15,6 +15,9 @@ or two rows of the staged left operand, a broadcast, and consecutive words of
 the right one). With token_major the block writes its rows where the layer's
 output has them ([R, n C, HV, V]: row i of chunk n of head h at token n C + i),
 so no transpose follows (each row's BV columns are still one contiguous run).
+With a `dtype` attribute (bf16/fp16: passes/fold_narrowing_casts.py) the block
+rounds each float32 sum once as it stores it, with TVM's cast (round to nearest
+even), which is what the separate cast kernel it replaces did.
 """
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ def rejects(node: Node, target) -> str | None:
     if target.dtypes is not None and dtype not in target.dtypes:
         return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
     bv = layout(C, K, V)
+    if node.attrs["dtype"] not in ("", "bf16", "f16"):
+        return f"the kernel stores o in {dtype}, bf16 or f16, not {node.attrs['dtype']}"
     if node.attrs["token_major"] and len(node.inputs[1].shape) != 5:
         return "token_major needs the batch axes (R, HV)"
     if bv is None:
@@ -69,10 +74,11 @@ def rejects(node: Node, target) -> str | None:
 
 
 def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: int, dtype: str,
-                        token_major: bool = False, tile: tuple = (TILE, TILE), kt: int = KT):
+                        token_major: bool = False, tile: tuple = (TILE, TILE), kt: int = KT, out_dtype: str = ""):
     """chunk_output's function (fused_signatures.chunk_output_function) with this kernel's loop nest.
     tile: outputs per thread along rows and columns; kt: terms staged at once (benchmarks/gpu_sweep.py
-    times other choices than the defaults)."""
+    times other choices than the defaults); out_dtype: o's dtype when narrower than `dtype`."""
+    out_dtype = out_dtype or dtype
     heads = math.prod(batch)
     tiles = V // bv
     TR, TC = tile
@@ -126,8 +132,9 @@ def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: in
                 add_product(acc, X, Y, A, N, C, bx, tx)
                 for r in T.unroll(TR):
                     for j in T.unroll(TC):
-                        O[out_at(bx, tx // tc + tr * r, bx % tiles * bv + tx % tc + tc * j)] = acc[r * TC + j]
-    return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major)
+                        O[out_at(bx, tx // tc + tr * r, bx % tiles * bv + tx % tc + tc * j)] = T.Cast(
+                            out_dtype, acc[r * TC + j])
+    return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major, out_dtype)
 
 
 
@@ -144,7 +151,8 @@ def mma_layout(C: int, K: int, V: int, bv: int = MMA_BV, kt: int = MMA_KT) -> bo
 
 
 def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dtype: str,
-                            token_major: bool = False, bv: int = MMA_BV, kt: int = MMA_KT, split: bool = MMA_SPLIT):
+                            token_major: bool = False, bv: int = MMA_BV, kt: int = MMA_KT, split: bool = MMA_SPLIT,
+                            out_dtype: str = ""):
     """chunk_output on tensor cores (mma.py: TF32, or 3xTF32 with split).
 
     A block takes one chunk, head and bv value columns as the CUDA-core kernel does; warp w owns
@@ -153,7 +161,8 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
     rows padded (kt + 4, bv + 8 words) so that a warp's fragment loads hit 32 different banks;
     then each warp loads its fragments from there. The cuda target's translator takes it for
     float32: on an H200 at (1, 8192, 32, 128) it matched chunk_output_kernel within 1.3e-6 and ran
-    0.46 -> 0.29 ms (benchmarks/results/gpu_sweep.md)."""
+    0.46 -> 0.29 ms (benchmarks/results/gpu_sweep.md). out_dtype: as chunk_output_kernel's."""
+    out_dtype = out_dtype or dtype
     heads = math.prod(batch)
     tiles = V // bv
     threads = 32 * (C // mma.M)
@@ -212,5 +221,6 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
                 for j in T.unroll(nt):
                     for i in T.unroll(4):
                         O[out_at(bx, tx // 32 * mma.M + mma.d_at(tx % 32, i)[0],
-                                 bx % tiles * bv + j * mma.N + mma.d_at(tx % 32, i)[1])] = acc[4 * j + i]
-    return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major)
+                                 bx % tiles * bv + j * mma.N + mma.d_at(tx % 32, i)[1])] = T.Cast(
+                            out_dtype, acc[4 * j + i])
+    return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major, out_dtype)

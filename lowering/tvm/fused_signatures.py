@@ -58,10 +58,11 @@ def chunk_states_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: 
 
 
 def chunk_output_function(steps: int, batch: tuple, C: int, K: int, V: int, dtype: str, body,
-                          token_major: bool = False):
+                          token_major: bool = False, out_dtype: str = ""):
     """body(Qd, St, A, N, O): O [steps, *batch, C, V] (token_major: [R, steps C, HV, V] for the batch
     axes (R, HV)) from Qd [steps, *batch, C, K], the starting states St [steps, *batch, K, V],
-    A [steps, *batch, C, C] and v_new N [steps, *batch, C, V]."""
+    A [steps, *batch, C, C] and v_new N [steps, *batch, C, V]. out_dtype: O's dtype where it is
+    narrower than `dtype` (bf16/fp16, the body rounds as it stores)."""
     out_shape = (batch[0], steps * C, batch[1], V) if token_major else (steps, *batch, C, V)
     @T.prim_func(private=True, s_tir=True)
     def kernel(qd: T.handle, st: T.handle, aqk: T.handle, vn: T.handle, o: T.handle):
@@ -70,7 +71,7 @@ def chunk_output_function(steps: int, batch: tuple, C: int, K: int, V: int, dtyp
         St = T.match_buffer(st, (steps, *batch, K, V), dtype)
         A = T.match_buffer(aqk, (steps, *batch, C, C), dtype)
         N = T.match_buffer(vn, (steps, *batch, C, V), dtype)
-        O = T.match_buffer(o, out_shape, dtype)
+        O = T.match_buffer(o, out_shape, out_dtype or dtype)
         with T.sblock("root"):
             body(Qd, St, A, N, O)
     return kernel

@@ -536,17 +536,19 @@ def _lower_chunk_states(tr, node, args):
 
 @lowers("chunk_output")
 def _lower_chunk_output(tr, node, args):
-    """Every chunk's output at once, one GPU kernel (chunk_output.py)."""
+    """Every chunk's output at once, one GPU kernel (chunk_output.py); o in the node's dtype, which
+    is narrower than the kernel computes in where o's cast was folded into it (its `dtype`)."""
     steps, batch, C, K, V = chunk_output.sizes(node)
     dtype, bv = TVM_DTYPES[node.inputs[0].dtype], chunk_output.layout(C, K, V)
-    token_major = node.attrs["token_major"]
+    token_major, out = node.attrs["token_major"], tr.dtype(node.dtype)
     if tr.tensor_cores and dtype == "float32" and chunk_output.mma_layout(C, K, V):
-        gv = tr.prim(("chunk_output", steps, batch, C, K, V, "mma", dtype, token_major, tr.split),
+        gv = tr.prim(("chunk_output", steps, batch, C, K, V, "mma", dtype, out, token_major, tr.split),
                      lambda: chunk_output.chunk_output_mma_kernel(steps, batch, C, K, V, dtype, token_major,
-                                                                  split=tr.split))
+                                                                  split=tr.split, out_dtype=out))
         return tr.emit(relax.op.call_tir(gv, list(args), tr.tensor_type(node.type)))
-    gv = tr.prim(("chunk_output", steps, batch, C, K, V, bv, dtype, token_major),
-                 lambda: chunk_output.chunk_output_kernel(steps, batch, C, K, V, bv, dtype, token_major))
+    gv = tr.prim(("chunk_output", steps, batch, C, K, V, bv, dtype, out, token_major),
+                 lambda: chunk_output.chunk_output_kernel(steps, batch, C, K, V, bv, dtype, token_major,
+                                                          out_dtype=out))
     return tr.emit(relax.op.call_tir(gv, list(args), tr.tensor_type(node.type)))
 
 

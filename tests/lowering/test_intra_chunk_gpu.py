@@ -76,8 +76,9 @@ def test_o2_for_cuda_runs_without_tvms_compiler():
 def test_the_cuda_layer_reads_raw_q_k_v_beta(dtype):
     """intra_chunk reads q and k before their GQA repeat and q before its scaling (and on cuda a
     bf16 input before its cast): the cuda module launches no kernel for those copies, only the
-    three fused ones (and o's cast for bf16); Vulkan runs the same kernel code (matched to NumPy
-    above, GQA included). Whole chunks: a partial last chunk's padding is still a copy."""
+    three fused ones (chunk_output stores a bf16 o itself: passes/fold_narrowing_casts.py); Vulkan
+    runs the same kernel code (matched to NumPy above, GQA included). Whole chunks: a partial last
+    chunk's padding is still a copy."""
     from dnir.lowering.tvm.translate import translate
     cfg = preset("qwen3-next", value_heads=4, **SMALL, seq_len=128, dtype=dtype)
     with target_context("cuda"):
@@ -86,6 +87,37 @@ def test_the_cuda_layer_reads_raw_q_k_v_beta(dtype):
     calls = [line for line in main.splitlines() if "R.call_tir(" in line]
     assert [c.split("R.call_tir(")[1].split(",")[0] for c in calls] == ["intra_chunk", "chunk_states", "chunk_output"]
     assert "R.multiply" not in main and "R.broadcast_to" not in main
-    assert main.count("R.astype") == (1 if dtype == "bf16" else 0)      # o's, to the input dtype
+    assert "R.astype" not in main                                       # no cast of o, no kernel for it
+    assert f'R.Tensor((1, 128, 4, 32), dtype="{"bfloat16" if dtype == "bf16" else "float32"}")' in calls[2]
     intra = calls[0].split("(", 2)[2]
     assert intra.startswith("q, k, v, ")                                # the layer's own q, k, v
+
+
+@pytest.mark.parametrize("name,dtype,width", [("kimi-linear", "bf16", 128), ("qwen3-next", "f16", 32),
+                                              ("qwen3-next", "bf16", 32)])
+def test_a_half_layers_o_is_stored_by_chunk_output(name, dtype, width, tmp_path):
+    """A bf16/fp16 layer on cuda: chunk_output (on tensor cores at width 128, on CUDA cores at 32)
+    rounds its float32 sums as it stores o in the layer's dtype (passes/fold_narrowing_casts.py),
+    so the module of whole chunks has no cast kernel (its inputs read raw, o stored half); it compiles to
+    sm_90 PTX, the stores converting with round-to-nearest-even (cvt.rn)."""
+    import re
+
+    from backends import sm90_ptx
+    from dnir.lowering.tvm.compile import cuda_source
+    cfg = preset(name, value_heads=VALUE_HEADS[name], **dict(SMALL, head_dim=width, value_dim=width), seq_len=128,
+                 dtype=dtype)
+    with target_context("cuda"):
+        graph = passes.optimize(build_delta_net(cfg), "O2")
+    source = cuda_source(registry.build(graph, "cuda", arch="sm_90"))
+    kernels = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", source))
+    assert {"chunk_states_kernel", "chunk_output_kernel"} <= kernels and not any("cast" in k for k in kernels)
+    half = {"bf16": "nv_bfloat16", "f16": "half"}[dtype]
+    start = re.search(r"void (?:__launch_bounds__\(\d+\) )?chunk_output_kernel\([^)]*\) \{", source).start()
+    output = source[start:source.index("\n}\n", start)]                   # its definition
+    assert f"{half}* __restrict__ O_ptr" in output
+    stores = 4 * (64 // 8) if width == 128 else 4 * 4       # mma: 4 per 8-column tile of 64; else a 4 x 4 tile
+    assert len(re.findall(rf"O_ptr\[[^;]*\] = \(\({half}\)acc_ptr\[\d+\]\);", output)) == stores
+    ptx = sm90_ptx(source, tmp_path)
+    entry = ptx[ptx.index(".entry chunk_output_kernel("):]
+    entry = entry[:entry.index("\n}\n")]
+    assert entry.count(f"cvt.rn.{'bf16' if dtype == 'bf16' else 'f16'}.f32") == stores
