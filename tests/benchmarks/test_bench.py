@@ -151,8 +151,17 @@ def test_a_case_too_big_for_memory_is_skipped_with_the_reason(monkeypatch):
 def test_slow_calls_get_one_run_and_say_so():
     slow, _ = measure(lambda: time.sleep(0.05), budget_s=0.01, max_runs=5)
     assert (slow.runs, slow.warmup) == (1, False) and "no warm-up" in slow.note
+    medium, value = measure(lambda: time.sleep(0.002) or 42, budget_s=0.05, max_runs=4)
+    assert (medium.runs, medium.warmup, value) == (4, True, 42)
+
+
+def test_short_calls_are_timed_many_times():
+    """A call under a millisecond (a decode step) is timed up to MANY_RUNS times within the budget."""
+    from benchmarks.timing import MANY_RUNS
     fast, value = measure(lambda: 42, budget_s=0.05, max_runs=4)
-    assert (fast.runs, fast.warmup, value) == (4, True, 42)
+    assert (fast.runs, fast.warmup, value) == (MANY_RUNS, True, 42)
+    capped, _ = measure(lambda: time.sleep(0.0005), budget_s=0.01, max_runs=4)
+    assert 4 < capped.runs <= 20
 
 
 def test_profile_times_every_node_including_the_scan_body():
