@@ -35,7 +35,7 @@ OUTPUTS_MMA = [(16, 64, True), (32, 64, True), (16, 128, True), (32, 128, True),
 STATES_MMA = [(16, True), (8, True), (16, False)]       # tensor cores: (vt, 3xTF32)
 # tensor-core scores: (3xTF32, blocks per SM, KDA halving, GDA through the decayed rows)
 INTRA_MMA = [(True, 1, True, False), (True, 2, True, False), (True, 3, True, False), (True, 2, True, True),
-             (True, 3, True, True)]
+             (True, 3, True, True), (False, 3, True, False), (False, 2, True, True), (False, 3, True, True)]
 # what each step of intra_chunk_mma costs: its time at 3 blocks per SM without it (outputs then differ)
 INTRA_SKIPS = {"gdn": ["operands", "scores", "solve"], "kda": ["operands", "scores", "diagonals", "solve"]}
 MIN_BLOCKS = [1, 2, 3]                                    # intra_chunk's blocks per SM
