@@ -20,7 +20,7 @@ Graphs: the whole op conformance table, the GDA/KDA chunked and
 recurrent layers merged into one graph per optimisation level (O0, O2),
 bf16 and fp16 layers (chunked, recurrent, decode) at O2, whose float32
 inputs are rounded to the half dtype on the device (bf16: CUDA only), and
-float32 GDA/KDA chunked layers sized for the tensor-core kernels (C = 64,
+float32 and bf16 GDA/KDA chunked layers sized for the tensor-core kernels (C = 64,
 K = 128) at precision "tf32" (CUDA only). A merged graph's metadata carries
 its layers' precision (tf32 for the half layers, their default), which the
 .npz records for the conformance run's tolerance.
@@ -81,9 +81,12 @@ def graphs(seed: int):
     # tensor-core kernels take (C = 64, K = 128, V a multiple of 64), three chunks, the last partial
     tf32 = {key: build(o["variant"], precision="tf32", **TF32_SIZES)
             for key, o in LAYERS.items() if o["mode"] == "chunked"}
+    # and bf16 ones at those sizes: the tensor-core chunk_output storing a bf16 o (fold_narrowing_casts)
+    tf32.update({f"{key}_bf16": build(o["variant"], dtype="bf16", **TF32_SIZES)
+                 for key, o in LAYERS.items() if o["mode"] == "chunked"})
     with target_context("cuda"):
-        merged = merge_graphs({key: dnir.passes.optimize(g, "O2") for key, g in tf32.items()})
-    inputs = {f"{key}__{n}": v for key, g in tf32.items()
+        merged = merge_graphs({key: float32_interface(dnir.passes.optimize(g, "O2")) for key, g in tf32.items()})
+    inputs = {f"{key}__{n}": v.astype(np.float32) for key, g in tf32.items()
               for n, v in random_inputs(DeltaNetConfig.from_meta(g.meta), rng).items()}
     out["models_tf32_O2"] = (with_precision(merged, "tf32"), inputs)
     return out
