@@ -189,7 +189,7 @@ def kernel_profile(fn, costs: dict, top: int = 12) -> list[dict]:
             row["launches"] += 1
     for row in rows.values():
         row["launches"] //= 3
-        op = re.sub(r"\d*_kernel$", "", row["kernel"])
+        op = re.sub(r"(_mma)?\d*_kernel$", "", row["kernel"])    # intra_chunk_mma_kernel: the op intra_chunk
         if op in costs and row["ms"] > 0:
             row.update(op=op, gflop=costs[op]["flops"] / 1e9,
                        tflops=costs[op]["flops"] / (row["ms"] * 1e-3) / 1e12,
