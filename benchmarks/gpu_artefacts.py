@@ -73,7 +73,7 @@ CASES = _cases()
 
 def precision(case: dict) -> str:
     """The case's tensor-core precision: its own, else its dtype's default (models/config.py)."""
-    from dnir.models.config import default_precision
+    from dnir.types import default_precision
     return case.get("precision") or default_precision(case["dtype"])
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DTypeError, ShapeError
+from .errors import DTypeError, InputError, ShapeError
 
 # Short name -> NumPy dtype name. bfloat16 needs ml_dtypes (NumPy has none).
 DTYPES = {
@@ -104,3 +104,27 @@ def type_str(t) -> str:
     if isinstance(t, tuple):
         return "(" + ", ".join(map(str, t)) + ")"
     return str(t)
+
+
+# The tensor-core products on CUDA (lowering/tvm/mma.py): "highest" runs each as three TF32
+# products (3xTF32, float32's accuracy), "tf32" as one (about 1e-3 relative, faster). Half inputs
+# are exact in TF32, so "tf32" is their default; every other target computes in float32 either way.
+# A layer's option (DeltaNetConfig.precision), kept in its graph's metadata for the lowering.
+PRECISIONS = ("highest", "tf32")
+
+
+def default_precision(dtype: str) -> str:
+    """The tensor-core precision of a layer whose activations are `dtype`: "tf32" for half ones
+    (exactly representable in TF32), "highest" for float32."""
+    return "tf32" if dtype in ("bf16", "f16") else "highest"
+
+
+def precision_of(meta) -> str:
+    """The tensor-core precision a graph with metadata `meta` asks for: its `precision`, else by its
+    delta-net dtype (a file written before the option), else "highest"."""
+    precision = meta.get("precision")
+    if precision is None:
+        return default_precision(meta.get("dtype")) if meta.get("model") == "delta_net" else "highest"
+    if precision not in PRECISIONS:
+        raise InputError(f"meta precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return precision

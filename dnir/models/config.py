@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ..errors import DnirError, InputError
 from ..limits import oversize
-from ..types import TensorType, canonical_dtype
+from ..types import PRECISIONS, TensorType, canonical_dtype, default_precision
 
 VARIANTS = ("gdn", "kda")
 MODES = ("chunked", "recurrent", "decode")
@@ -21,11 +21,6 @@ CHUNK_SIZES = (16, 32, 64)
 # a half state would round every step, and both models compute their gates in float32.
 DTYPES = ("f32", "bf16", "f16")
 WIDE_INPUTS = ("g", "initial_state")
-# The tensor-core products on CUDA (lowering/tvm/mma.py): "highest" runs each as three TF32
-# products (3xTF32, float32's accuracy), "tf32" as one (about 1e-3 relative, faster). Half inputs
-# are exact in TF32, so "tf32" is their default; every other target computes in float32 either way.
-PRECISIONS = ("highest", "tf32")
-
 PRESETS = {
     "qwen3-next": dict(variant="gdn", heads=16, value_heads=32, head_dim=128, value_dim=128),
     "kimi-linear": dict(variant="kda", heads=32, value_heads=32, head_dim=128, value_dim=128),
@@ -145,23 +140,6 @@ class DeltaNetConfig:
                     raise InputError(f"{where}: meta describes {kind[:-1]} {n} as {expect[n]}, the graph "
                                      f"has {t}")
         return cfg
-
-
-def default_precision(dtype: str) -> str:
-    """The tensor-core precision of a layer whose activations are `dtype`: "tf32" for half ones
-    (exactly representable in TF32), "highest" for float32."""
-    return "tf32" if dtype in ("bf16", "f16") else "highest"
-
-
-def precision_of(meta) -> str:
-    """The tensor-core precision a graph with metadata `meta` asks for: its `precision`, else by its
-    delta-net dtype (a file written before the option), else "highest"."""
-    precision = meta.get("precision")
-    if precision is None:
-        return default_precision(meta.get("dtype")) if meta.get("model") == "delta_net" else "highest"
-    if precision not in PRECISIONS:
-        raise InputError(f"meta precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
-    return precision
 
 
 def preset(name: str, **overrides) -> DeltaNetConfig:

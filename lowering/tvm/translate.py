@@ -42,9 +42,8 @@ from dnir.errors import BackendError
 from dnir.fused import INTRA_ROLES, STEP_ROLES, intra_sizes
 from dnir.graph import Graph, Node
 from dnir.lowering.head_reads import head_reads
-from dnir.models.config import precision_of
 from dnir.ops import table_entry
-from dnir.types import DTYPES, HALF_DTYPES, TensorType
+from dnir.types import DTYPES, HALF_DTYPES, TensorType, precision_of
 
 from . import (chunk_output, chunk_scan, chunk_states_mma, cpu_chunk_layer, cpu_chunk_scan, cpu_intra_chunk,
                cpu_token_step, intra_chunk, intra_chunk_mma, kernels, token_step)
