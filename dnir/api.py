@@ -33,13 +33,15 @@ still raises its error, and no output is returned. `precision` picks the tensor-
 "cuda": "highest" (3xTF32, float32's accuracy) or "tf32" (one TF32 product each, about 1e-3
 relative, faster: flash-linear-attention's float32 arithmetic); None is "tf32" for bf16/fp16 inputs
 (exact in TF32) and "highest" for float32. NumPy, llvm, ggml and Vulkan compute in float32 either
-way. dnir computes the forward pass only:
+way. The recurrent functions' `inplace_final_state=True` writes the new state into initial_state
+(_in_place). dnir computes the forward pass only:
 torch tensors that require grad while autograd is on are refused (under
 `torch.no_grad()` they are read as values).
 """
 from __future__ import annotations
 
 import numbers
+import sys
 import warnings
 from functools import lru_cache
 
@@ -69,18 +71,62 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
                                      output_final_state=False, use_qk_l2norm_in_kernel=False,
                                      cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2",
-                                     allow_positive_gates=False, precision=None):
+                                     allow_positive_gates=False, precision=None, inplace_final_state=False):
     """Gated DeltaNet, token by token (one step without a loop when every sequence has
-    one token: decode). chunk_size is accepted for a uniform signature and unused."""
-    return _delta_rule("gdn", "recurrent", "fused_recurrent_gated_delta_rule", locals())
+    one token: decode). chunk_size is accepted for a uniform signature and unused.
+    inplace_final_state: the new state is written into initial_state (see _in_place)."""
+    return _in_place("gdn", "fused_recurrent_gated_delta_rule", locals())
 
 
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64,
-                        target="numpy", opt="O2", allow_positive_gates=False, precision=None):
+                        target="numpy", opt="O2", allow_positive_gates=False, precision=None,
+                        inplace_final_state=False):
     """Kimi Delta Attention, token by token (decode when every sequence has one token).
-    chunk_size is accepted for a uniform signature and unused."""
-    return _delta_rule("kda", "recurrent", "fused_recurrent_kda", locals())
+    chunk_size is accepted for a uniform signature and unused.
+    inplace_final_state: the new state is written into initial_state (see _in_place)."""
+    return _in_place("kda", "fused_recurrent_kda", locals())
+
+
+def _in_place(variant: str, fn: str, args: dict):
+    """A recurrent call; with inplace_final_state=True (as an inference engine's state cache is
+    updated, and the keyword of flash-linear-attention's serving variants) the new state is
+    written into initial_state, a writable C-contiguous float32 array or tensor, which comes
+    back as the final state (when output_final_state). On llvm a decode step's kernel writes it
+    there as it computes: the call moves the state once each way, with no fresh state (at B = 1
+    half the kernel's time), and when a check then fails, initial_state holds that step's
+    result. Elsewhere the state is computed, checked, then copied in."""
+    if not args.pop("inplace_final_state"):
+        return _delta_rule(variant, "recurrent", fn, args)
+    state = args["initial_state"]
+    if not _writable_state(state):
+        raise InputError(f"{fn}: inplace_final_state=True writes the new state into initial_state; expected "
+                         f"a writable C-contiguous float32 NumPy array or torch tensor, got "
+                         f"{_describe(state)}")
+    keep = args["output_final_state"]
+    o, new = _delta_rule(variant, "recurrent", fn, dict(args, output_final_state=True, into=state))
+    if new is not state:
+        if isinstance(state, np.ndarray):
+            np.copyto(state, new)
+        else:
+            import torch
+            state.copy_(new if isinstance(new, torch.Tensor) else torch.from_numpy(new))
+    return o, (state if keep else None)
+
+
+def _writable_state(x) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable
+    return type(x).__module__.startswith("torch") and str(x.dtype) == "torch.float32" and x.is_contiguous()
+
+
+def _describe(x) -> str:
+    if x is None:
+        return "None"
+    if isinstance(x, np.ndarray):
+        flags = "" if x.flags.c_contiguous else ", not contiguous"
+        return f"a {x.dtype} array{flags}{'' if x.flags.writeable else ', read-only'}"
+    return f"{type(x).__name__} of dtype {getattr(x, 'dtype', '?')}"
 
 
 @lru_cache(maxsize=64)
@@ -220,7 +266,7 @@ class _Prepared:
         arrays = {n: args[n] for n in self.names}
         ran = None
         if self.report is not None:     # a decode step whose kernel reports its checks
-            ran = self.run(arrays)
+            ran = self.run(arrays, args.get("into"))
             if self._report_passes(ran[1][self.report]):
                 outputs = ran[0]
                 return outputs[0], (outputs[1] if self.cfg.final_state else None)
@@ -253,7 +299,7 @@ class _Prepared:
                                     and (self.allow_positive_gates or g.max() <= 0)):
                 checked = True
         if checked:     # raises on a bad input (an overflowing sum of good gates passes)
-            _host_checks(arrays, cfg, fn, self.allow_positive_gates, calls=4)
+            _host_checks(arrays, cfg, fn, self.allow_positive_gates)
             if self.graph is None:
                 self._build()
         outputs, sums = self.run(arrays) if ran is None else ran
@@ -261,23 +307,23 @@ class _Prepared:
             finite = all(np.isfinite(np.add.reduce(sums.get(i, out), axis=None)) for i, out in enumerate(outputs))
         if not finite:
             if not checked:
-                _host_checks(arrays, cfg, fn, self.allow_positive_gates, calls=4)
+                _host_checks(arrays, cfg, fn, self.allow_positive_gates)
                 checked = True
             for name, out in zip(self.graph.output_names, outputs):
                 _check_output(out, name, fn, arrays)
         if not checked and not cfg.l2norm:
-            _warn_unstable(arrays["k"], arrays["beta"], fn, stacklevel=6)
+            _warn_unstable(arrays["k"], arrays["beta"], fn)
         return outputs[0], (outputs[1] if cfg.final_state else None)
 
-    def _run_llvm(self, arrays):
-        return self.llvm([arrays[n] for n in self.inputs])
+    def _run_llvm(self, arrays, into=None):
+        return self.llvm([arrays[n] for n in self.inputs], state_into=into)
 
-    def _run_numpy(self, arrays):
+    def _run_numpy(self, arrays, into=None):
         from .lowering.numpy_arena import graph_plan, run_planned
         check_fits_memory(self.fn, graph_plan(self.graph).peak_bytes, sum(a.nbytes for a in arrays.values()))
         return run_planned(self.graph, arrays)[0], {}
 
-    def _run_backend(self, arrays):
+    def _run_backend(self, arrays, into=None):
         from .lowering import run
         return run(self.graph, arrays, target=self.target), {}
 
@@ -302,7 +348,7 @@ def _delta_rule_on_device(variant: str, form: str, fn: str, args: dict):
     flags = torch.stack(checks + [torch.isfinite(o.sum(dtype=torch.float32)) for o in outputs]).tolist()
     if not all(flags):      # the host checks find what failed and say it; they raise or warn
         arrays = {name: _to_numpy(t, name, fn) for name, t in tensors.items()}
-        _host_checks(arrays, cfg, fn, args["allow_positive_gates"], calls=3)
+        _host_checks(arrays, cfg, fn, args["allow_positive_gates"])
         for name, out in zip(layer.output_names, outputs):
             _check_output(_to_numpy(out, name, fn), name, fn, arrays)
     o = outputs[0].to(q.dtype)
@@ -358,9 +404,9 @@ def _device_checks(tensors: dict, cfg: DeltaNetConfig, allow_positive_gates: boo
     return checks
 
 
-def _host_checks(arrays: dict, cfg: DeltaNetConfig, fn: str, allow_positive_gates: bool, calls: int = 2):
-    """Raise on a non-finite input or a gate above zero, warn on unstable keys; `calls`: frames
-    between the user's call and this one (the warning points at the user's line). The initial
+def _host_checks(arrays: dict, cfg: DeltaNetConfig, fn: str, allow_positive_gates: bool):
+    """Raise on a non-finite input or a gate above zero, warn on unstable keys (at the user's
+    line, _caller_level). The initial
     state is not read here when the final state is returned: a non-finite entry of it is one of
     the final state (scaled by its decay, inf * d is inf or NaN), which _check_output traces back
     to it; one pass over the state (128 MiB at B = 64 decode) instead of two."""
@@ -370,7 +416,7 @@ def _host_checks(arrays: dict, cfg: DeltaNetConfig, fn: str, allow_positive_gate
     if not allow_positive_gates:
         _check_gates(arrays["g"], fn)
     if not cfg.l2norm:
-        _warn_unstable(arrays["k"], arrays["beta"], fn, stacklevel=calls + 3)
+        _warn_unstable(arrays["k"], arrays["beta"], fn)
 
 
 def _config(variant, form, fn, arrays, cu, args) -> DeltaNetConfig:
@@ -524,7 +570,16 @@ def _check_gates(g: np.ndarray, fn: str):
                          f"allow_positive_gates=True to run a growing state anyway)")
 
 
-def _warn_unstable(k: np.ndarray, beta: np.ndarray, fn: str, stacklevel: int):
+def _caller_level() -> int:
+    """warnings.warn's stacklevel, called from where this is called, of the first frame outside
+    this module: the user's call, however many of the API's functions lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_unstable(k: np.ndarray, beta: np.ndarray, fn: str):
     """The delta rule contracts the state along k only while beta * |k|^2 < 2 (the step
     is I - beta k k^T); one warning per call, naming the worst token."""
     k, beta = k.astype(np.float32, copy=False), beta.astype(np.float32, copy=False)   # einsum has no bfloat16
@@ -540,7 +595,7 @@ def _warn_unstable(k: np.ndarray, beta: np.ndarray, fn: str, stacklevel: int):
         warnings.warn(f"{fn}: beta * |k|^2 = {value:.4g} >= 2 at batch {b}, token {t}, value head {h * group + j} "
                       f"(the worst of {int(np.count_nonzero(stiffness >= 2))}): the delta rule is unstable there; "
                       f"normalise k (use_qk_l2norm_in_kernel=True) or keep beta * |k|^2 < 2",
-                      InputWarning, stacklevel=stacklevel)
+                      InputWarning, stacklevel=_caller_level())
 
 
 def _check_output(out: np.ndarray, name: str, fn: str, arrays: dict):

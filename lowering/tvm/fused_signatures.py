@@ -160,7 +160,8 @@ def decode_step_function(shapes: dict, dtype: str, body, loose: bool = False, na
     """body(S0, Q, Kx, Vv, G, B, S1, O[, REP]): token_step_function's outputs from the state and the
     layer's raw vectors (dnir.fused.DECODE_ROLES), each in its own shape `shapes[role]`. loose: every
     operand declared aligned to its element only (the caller's arrays taken where they are). report:
-    a third output REP [report], a few numbers (the CPU kernel's checks)."""
+    a third output REP [report], a few numbers (the CPU kernel's checks); loose, that kernel's new
+    state too (it may be the caller's initial state, updated in place)."""
     of = {role: (narrow or {}).get(role, dtype) for role in shapes}
     align = {role: tvm.DataType(of[role]).bits // 8 if loose else -1 for role in shapes}
     if report:
@@ -174,7 +175,7 @@ def decode_step_function(shapes: dict, dtype: str, body, loose: bool = False, na
             Vv = T.match_buffer(v, shapes["v"], of["v"], align=align["v"])
             G = T.match_buffer(g, shapes["g"], of["g"], align=align["g"])
             B = T.match_buffer(beta, shapes["beta"], of["beta"], align=align["beta"])
-            S1 = T.match_buffer(s1, shapes["state"], dtype)
+            S1 = T.match_buffer(s1, shapes["state"], dtype, align=align["state"])
             O = T.match_buffer(o, shapes["o"], dtype)
             REP = T.match_buffer(rep, (report,), dtype)
             with T.sblock("root"):

@@ -137,3 +137,47 @@ def test_a_later_llvm_step_is_checked_through_its_kernels_report(rng, variant):
         for _ in range(2):
             o, _ = f(**x, use_qk_l2norm_in_kernel=True)
     assert_close(o, delta_rule_reference(**x, l2norm=True)[0])
+
+
+@pytest.mark.parametrize("target", ["llvm", "numpy"])
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_steps_in_place_carry_the_state_in_the_callers_array(rng, variant, target):
+    """inplace_final_state=True: four steps on one state array (GQA, B = 2, strong gates every
+    other step) agree with the float64 oracle run step by step; the final state returned is that
+    array, o is a new one, and output_final_state=False still updates it."""
+    f = partial(STEPS[variant], target=target, inplace_final_state=True)
+    x = _step(rng, variant, B=2)
+    state = x.pop("initial_state").copy()
+    want = state.astype(np.float64)
+    for i in range(4):
+        x = {n: a for n, a in _step(rng, variant, B=2, strong=i % 2 == 1).items() if n != "initial_state"}
+        o_ref, want = delta_rule_reference(**x, initial_state=want)
+        o, final = f(**x, initial_state=state, output_final_state=i < 3)
+        assert (final is state) if i < 3 else final is None
+        assert not np.may_share_memory(o, state)
+        assert_close(o, o_ref)
+        assert_close(state, want, what="final_state")
+
+
+def test_in_place_takes_a_torch_tensor(rng):
+    torch = pytest.importorskip("torch")
+    x = {n: torch.from_numpy(a) for n, a in _step(rng, "gdn").items()}
+    before = x["initial_state"].clone()
+    o, final = dnir.fused_recurrent_gated_delta_rule(**x, output_final_state=True, target="llvm",
+                                                     inplace_final_state=True)
+    assert final is x["initial_state"]
+    o_ref, s_ref = delta_rule_reference(**{n: t.numpy() for n, t in dict(x, initial_state=before).items()})
+    assert_close(o.numpy(), o_ref)
+    assert_close(final.numpy(), s_ref, what="final_state")
+
+
+@pytest.mark.parametrize("state, word", [(None, "None"), ("f64", "float64"), ("read-only", "read-only"),
+                                         ("strided", "not contiguous")])
+def test_in_place_needs_a_writable_float32_state(rng, state, word):
+    x = _step(rng, "gdn")
+    s = x.pop("initial_state")
+    given = {None: None, "f64": s.astype(np.float64), "read-only": s.copy(), "strided": np.repeat(s, 2, -1)[..., ::2]}[state]
+    if state == "read-only":
+        given.flags.writeable = False
+    with pytest.raises(dnir.InputError, match=rf"inplace_final_state=True writes the new state into initial_state.*{word}"):
+        dnir.fused_recurrent_gated_delta_rule(**x, initial_state=given, target="llvm", inplace_final_state=True)
