@@ -34,7 +34,10 @@ GGML = "ggml-gated-delta-net"
 # on the reference executor (lowering/numpy_backend.py), which allocates a fresh array per
 # op: the difference is what the compute buffer saves.
 # dnir-O{0,2}-ggml: dnir's graph lowered to ggml (lowering/ggml/) on the same ggml build as GGML.
-IMPLS = ("dnir-O0-numpy", "dnir-O2-numpy", "dnir-O2-numpy-reference", "dnir-O2-tvm-llvm", GGML,
+# dnir-O2-tvm-llvm-inplace (decode only): the llvm path with inplace_final_state=True, the new state
+# written into the caller's array as an engine's state cache is (its timed calls step one array on).
+INPLACE = "dnir-O2-tvm-llvm-inplace"
+IMPLS = ("dnir-O0-numpy", "dnir-O2-numpy", "dnir-O2-numpy-reference", "dnir-O2-tvm-llvm", INPLACE, GGML,
          "dnir-O0-ggml", "dnir-O2-ggml", "fla-chunk-ref", "fla-recurrent-ref", "torch-loop")
 BACKEND_TARGETS = {"numpy": "numpy", "tvm-llvm": "llvm", "ggml": "ggml"}
 PEER_FUNCS = {"fla-chunk-ref": peers.fla_chunk, "fla-recurrent-ref": peers.fla_recurrent,
@@ -71,7 +74,7 @@ class Case:
     def impls(self) -> tuple[str, ...]:
         # flash-linear-attention's chunked references need whole chunks (its KDA one asserts it).
         return tuple(i for i in IMPLS if not (self.kind == "decode" and i == "fla-chunk-ref")
-                     and (not self.only or i in self.only))
+                     and not (self.kind == "prefill" and i == INPLACE) and (not self.only or i in self.only))
 
     def label(self) -> str:
         return f"{self.preset} {self.kind} B={self.batch} T={self.seq_len}"
@@ -102,14 +105,14 @@ def numpy_executor_bytes(graph) -> int:
     return peak
 
 
-def _dnir_call(case: Case, opt: str, target: str, x: dict):
+def _dnir_call(case: Case, opt: str, target: str, x: dict, **options):
     import dnir
     variant = case.config().variant
     fn = {("prefill", "gdn"): dnir.chunk_gated_delta_rule, ("prefill", "kda"): dnir.chunk_kda,
           ("decode", "gdn"): dnir.fused_recurrent_gated_delta_rule,
           ("decode", "kda"): dnir.fused_recurrent_kda}[case.kind, variant]
     return lambda: fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"],
-                      output_final_state=True, opt=opt, target=target)
+                      output_final_state=True, opt=opt, target=target, **options)
 
 
 def _prepare_dnir(case: Case, opt: str, target: str, x: dict):
@@ -207,6 +210,12 @@ def run_impl(impl: str, case: Case, x: dict, xt: dict, settings: dict) -> tuple[
             if _prepare_ggml_graph(record, case, opt, x, settings) is None:
                 return record, None
             fn = _dnir_call(case, opt, "ggml", x)
+        elif impl == INPLACE:     # checked on a step from a copy of the state, timed stepping another on
+            graph, record["prepare_s"] = _prepare_dnir(case, "O2", "llvm", x)
+            first = _dnir_call(case, "O2", "llvm", dict(x, initial_state=x["initial_state"].copy()),
+                               inplace_final_state=True)()
+            fn = _dnir_call(case, "O2", "llvm", dict(x, initial_state=x["initial_state"].copy()),
+                            inplace_final_state=True)
         elif impl.startswith("dnir-"):
             from dnir.lowering.numpy_arena import graph_plan
             _, opt, backend = impl.split("-", 2)
@@ -220,7 +229,7 @@ def run_impl(impl: str, case: Case, x: dict, xt: dict, settings: dict) -> tuple[
             peer = PEER_FUNCS[impl]
             fn = lambda: peer(variant, xt["q"], xt["k"], xt["v"], xt["g"], xt["beta"], xt["initial_state"])  # noqa: E731
         timing, out = measure(fn, settings["budget_s"], settings["max_runs"])
-        o, state = ggml_run.outputs() if ggml_run is not None else out
+        o, state = ggml_run.outputs() if ggml_run is not None else first if impl == INPLACE else out
     except Exception as e:  # noqa: BLE001 - one failing implementation must not end the whole run
         record.update(status="failed", reason=f"{type(e).__name__}: {e}")
         return record, None
@@ -294,7 +303,7 @@ def targets(results: list[dict]) -> list[dict]:
         ggml = by.get(GGML)
         if ggml and (case["kind"] == "decode" or case["T"] == TARGET_SHAPE_T):
             limit = 0.5 if case["kind"] == "prefill" else 1.0
-            for impl in ("dnir-O2-numpy", "dnir-O2-tvm-llvm"):
+            for impl in ("dnir-O2-numpy", "dnir-O2-tvm-llvm", INPLACE):
                 if impl in by:
                     ratio = by[impl]["timing"]["median_s"] / ggml["timing"]["median_s"]
                     out.append({"target": f"{impl} <= {limit}x {GGML} ({case['kind']}, B={case['B']})",
