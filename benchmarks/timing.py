@@ -45,14 +45,19 @@ def measure(fn, budget_s: float, max_runs: int) -> tuple[Timing, object]:
     first = time.perf_counter() - start
     if first > budget_s:
         return Timing(first, first, first, 1, False, first, _sys_share(cpu_before)), result
-    runs = max(1, min(MANY_RUNS if first < SHORT_S else max_runs, int(budget_s / max(first, 1e-9))))
     times = []
     cpu_before = os.times()
-    for _ in range(runs):
+    if first < 100 * SHORT_S:      # a first call may start threads (ggml's): a second says how short a call is
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return Timing(statistics.median(times), min(times), max(times), runs, True, first, _sys_share(cpu_before)), result
+    typical = min([first] + times)
+    runs = max(1, min(MANY_RUNS if typical < SHORT_S else max_runs, int(budget_s / max(typical, 1e-9)))) - len(times)
+    for _ in range(max(runs, 0)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), min(times), max(times), len(times), True, first, _sys_share(cpu_before)), result
 
 
 def _sys_share(before) -> float:
