@@ -33,7 +33,7 @@ from dnir.lowering.module_cache import graph_hash, module_path, write_atomically
 from dnir.lowering.vulkan_program import shared_bytes as vulkan_shared_bytes
 from dnir.types import numpy_dtype
 
-from . import cpu_token_step
+from . import cpu_chunk_layer, cpu_token_step
 from .translate import translate
 
 DEFAULT_CUDA_ARCH = "sm_90"
@@ -210,7 +210,8 @@ def unaligned_inputs(graph: Graph) -> frozenset[int]:
         if id(out) in readers:
             readers[id(out)].add(("output", 0))
     tolerant = {(op, k) for op, ks in cpu_token_step.UNALIGNED_OPERANDS.items() for k in ks}
-    return frozenset(i for i, x in enumerate(graph.inputs) if readers[id(x)] and readers[id(x)] <= tolerant)
+    return frozenset(i for i, x in enumerate(graph.inputs) if readers[id(x)] and readers[id(x)] <= tolerant) \
+        | cpu_chunk_layer.loose_inputs(graph)
 
 
 def _tensor_of(a: np.ndarray):

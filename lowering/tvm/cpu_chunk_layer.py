@@ -19,6 +19,7 @@ head's task just before use.
 """
 from __future__ import annotations
 
+import tvm
 from tvm.script import tirx as T
 
 from dnir.lowering.head_reads import head_reads
@@ -51,12 +52,51 @@ def operands(intra):
     return q, k, v, g, beta, group, scale
 
 
+def loose_inputs(graph) -> frozenset[int]:
+    """The graph's inputs (by position) that only this kernel reads: straight, through reshapes (views
+    of them) or through the GQA repeat and q's scaling that it reads past (copies then never made).
+    It declares its operands aligned to their element only, so these are taken where the caller's
+    arrays are (NumPy's lie 16 bytes off a cache line: an aligned copy of a KDA layer's q, k, v
+    and g, 256 MiB at (1, 4096, 32, 128), took 30 ms of a 155 ms call)."""
+    uses = graph.uses()
+    absorbed: set[int] = set()          # the nodes this kernel stands for: never run on their own
+    for scan in graph.topo_order():
+        if scan.op != "chunk_scan" or not pairs(scan):
+            continue
+        intra = scan.inputs[1].inputs[0]
+        items = uses[id(intra)]
+        if any(u is not scan for item in items for u in uses[id(item)]):
+            continue                    # intra_chunk's results are read elsewhere: its kernel runs too
+        q, k, *_ = operands(intra)
+        chain = _between(intra.inputs[0], q) | _between(intra.inputs[1], k)
+        mine = {id(scan), id(intra)} | {id(i) for i in items} | chain
+        if all(id(u) in mine for c in chain for u in uses[c]):
+            absorbed |= mine
+    outputs = {id(o) for o in graph.outputs}
+
+    def only_absorbed(node) -> bool:
+        return id(node) not in outputs and all(
+            id(u) in absorbed or (u.op == "reshape" and only_absorbed(u)) for u in uses[id(node)])
+
+    return frozenset(i for i, x in enumerate(graph.inputs) if uses[id(x)] and only_absorbed(x))
+
+
+def _between(top, raw) -> set[int]:
+    """The ids of the nodes from `top` down to `raw` (excluded), along their one non-constant input."""
+    found, node = set(), top
+    while node is not raw:
+        found.add(id(node))
+        node = next(x for x in node.inputs if x.op != "const")
+    return found
+
+
 def chunk_layer_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
                        scale: float | None = None):
     """(S0, q, k, v, g, beta) -> (final state S1 [R, HV, K, V], o [R, Tp, HV, V], token-major: the
     layer's own layout): S0 as the chunk scan's, v, g, beta as the intra_chunk's
     (fused_signatures.py), q and k [R, Tp, HV / group, K] as `operands` finds them."""
     Tp, heads, HQ = NC * C, R * HV, HV // group
+    item = tvm.DataType(dtype).bits // 8     # operands aligned to their element only (loose_inputs)
     local = lambda n, b, h, i, c: (i, c)                 # noqa: E731 - one chunk's buffers
     chunk = cpu_intra_chunk.chunk_macro(C, K, V, Kg, dtype, local, group, scale)
     step = cpu_chunk_scan.step_macro(C, K, V, Kg, dtype, lambda n, h, i, c: (i, c),
@@ -67,12 +107,12 @@ def chunk_layer_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
     def kernel(s0: T.handle, q: T.handle, k: T.handle, v: T.handle, g: T.handle, beta: T.handle,
                s1: T.handle, o: T.handle):
         T.func_attr(ATTRS)
-        S0 = T.match_buffer(s0, (R, HV, K, V), dtype)
-        Q = T.match_buffer(q, (R, Tp, HQ, K), dtype)
-        Kx = T.match_buffer(k, (R, Tp, HQ, K), dtype)
-        Vx = T.match_buffer(v, (R, Tp, HV, V), dtype)
-        G = T.match_buffer(g, (R, Tp, HV, Kg), dtype)
-        Bt = T.match_buffer(beta, (R, Tp, HV, 1), dtype)
+        S0 = T.match_buffer(s0, (R, HV, K, V), dtype, align=item)
+        Q = T.match_buffer(q, (R, Tp, HQ, K), dtype, align=item)
+        Kx = T.match_buffer(k, (R, Tp, HQ, K), dtype, align=item)
+        Vx = T.match_buffer(v, (R, Tp, HV, V), dtype, align=item)
+        G = T.match_buffer(g, (R, Tp, HV, Kg), dtype, align=item)
+        Bt = T.match_buffer(beta, (R, Tp, HV, 1), dtype, align=item)
         S = T.match_buffer(s1, (R, HV, K, V), dtype)
         O = T.match_buffer(o, (R, Tp, HV, V), dtype)
         with T.sblock("root"):

@@ -247,13 +247,38 @@ def test_decode_reads_unaligned_inputs_in_place(name, rng):
     assert unaligned_inputs(prepared) == set(range(len(prepared.inputs)))
     x = random_inputs(cfg, rng)
     want = registry.run(graph, x, target="numpy")
-    given = {}
-    for n, a in x.items():          # each 4 bytes past a 64-byte boundary
-        raw = np.empty(a.nbytes + 128, np.uint8)
-        start = -raw.ctypes.data % 64 + 4
-        given[n] = raw[start:start + a.nbytes].view(np.float32).reshape(a.shape)
-        given[n][...] = a
-        assert given[n].ctypes.data % 64 == 4
+    given = {n: _off_a_line(a) for n, a in x.items()}
     for out, ref in zip(registry.run(graph, given, target="llvm"), want):
         assert relative_rms_error(out, ref) < 1e-6
     assert all(np.array_equal(given[n], a) for n, a in x.items())        # read, never written
+
+
+def _off_a_line(a: np.ndarray) -> np.ndarray:
+    """A copy of a whose data starts 4 bytes past a 64-byte boundary."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + 4
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 64 == 4
+    return out
+
+
+@pytest.mark.parametrize("T, loose", [(128, True), (100, False)])
+@pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
+def test_the_chunk_layer_reads_unaligned_inputs_in_place(name, T, loose, rng):
+    """The CPU chunk layer declares its operands aligned to their elements only: a layer's inputs
+    that only it reads (through the GQA repeat and q's scaling it reads past) cross into TVM as
+    they are, 4 bytes off a cache line here, and the results are NumPy's. A length that is not a
+    multiple of the chunk pads its inputs first (a kernel of its own): those are copied aligned."""
+    from dnir.api import compiled_graph
+    cfg = preset(name, heads=2, value_heads=VALUE_HEADS[name], head_dim=32, value_dim=64, batch=2, seq_len=T,
+                 initial_state=True, final_state=True)
+    prepared = registry.prepare(compiled_graph(cfg, "O2", "llvm"), "llvm")
+    assert _ops(prepared, "chunk_scan") and (unaligned_inputs(prepared) == set(range(6))) == loose
+    x = random_inputs(cfg, rng)
+    want = registry.run(build_delta_net(cfg), x, target="numpy")
+    given = {n: _off_a_line(a) for n, a in x.items()}
+    for _ in range(2):
+        for out, ref in zip(registry.run(prepared, given, target="llvm"), want):
+            assert relative_rms_error(out, ref) < 1e-5
+    assert all(np.array_equal(given[n], a) for n, a in x.items())
