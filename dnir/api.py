@@ -406,10 +406,10 @@ def _device_checks(tensors: dict, cfg: DeltaNetConfig, allow_positive_gates: boo
 
 def _host_checks(arrays: dict, cfg: DeltaNetConfig, fn: str, allow_positive_gates: bool):
     """Raise on a non-finite input or a gate above zero, warn on unstable keys (at the user's
-    line, _caller_level). The initial
-    state is not read here when the final state is returned: a non-finite entry of it is one of
-    the final state (scaled by its decay, inf * d is inf or NaN), which _check_output traces back
-    to it; one pass over the state (128 MiB at B = 64 decode) instead of two."""
+    line, _caller_level). The initial state is not read here when the final state is returned:
+    a non-finite entry of it is one of the final state (scaled by its decay, inf * d is inf or
+    NaN), which _check_output traces back to it; one pass over the state (128 MiB at B = 64
+    decode) instead of two."""
     for name, a in arrays.items():
         if not (name == "initial_state" and cfg.final_state):
             _check_finite(a, name, fn)

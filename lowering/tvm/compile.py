@@ -242,7 +242,7 @@ class LlvmCall:
     out of the per-call path (the functional API's decode step, 50 us of kernel at B = 1, took
     0.3 ms through run_llvm). Returns (outputs, checks): checks[i] holds the kernel's checks of
     output i where the module computes them (a decode step's new state: token_step's column sums,
-    decode_step's report per head; cpu_token_step.checked_outputs)."""
+    decode_step's three-number report; cpu_token_step.checked_outputs)."""
 
     def __init__(self, graph: Graph):
         vm = _llvm_vm(graph)
