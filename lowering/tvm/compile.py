@@ -315,18 +315,10 @@ class _DirectStep:
 
     @staticmethod
     def of(graph: Graph, vm) -> "_DirectStep | None":
-        work = [n for n in graph.topo_order() if n.op not in ("input", "item", "reshape")]
-        if len(work) != 1 or work[0].op != "decode_step" or any(x.op != "input" for x in work[0].inputs):
+        found = cpu_token_step.lone_step(graph)
+        if found is None or any(x.op != "input" for x in found[0].inputs):
             return None
-        step = work[0]
-        outputs = []
-        for out in graph.outputs:
-            node = out
-            while node.op == "reshape":
-                node = node.inputs[0]
-            if node.op != "item" or node.inputs[0] is not step:
-                return None
-            outputs.append((node.attrs["index"], out.shape))
+        step, outputs = found
         try:
             kernel = vm.module.imports[0].get_function(step.op)
         except Exception:  # noqa: BLE001 - a library without that symbol runs through its main

@@ -61,22 +61,32 @@ UNALIGNED_OPERANDS = {"token_step": (0,), "decode_step": range(6)}
 REPORT = ("sum", "gate_max", "stiffness")
 
 
+def lone_step(graph):
+    """(step, results) when the graph is one decode_step alone (its other nodes are its inputs,
+    reshapes, views, and its results), results giving per graph output (which of the step's
+    results it is, the output's shape); None for any other graph."""
+    work = [n for n in graph.topo_order() if n.op not in ("input", "item", "reshape")]
+    if len(work) != 1 or work[0].op != "decode_step":
+        return None
+    step, results = work[0], []
+    for out in graph.outputs:
+        node = out
+        while node.op == "reshape":
+            node = node.inputs[0]
+        if node.op != "item" or node.inputs[0] is not step:
+            return None
+        results.append((node.attrs["index"], out.shape))
+    return step, results
+
+
 def step_report(graph) -> int | None:
     """The position of the output whose check is decode_step's REPORT when that report covers the
-    whole call: every output comes from that one step, which reads the graph's own g, k and beta
-    (so the gate and stiffness columns are the inputs' ones). None otherwise."""
-    checked = checked_outputs(graph)
-    if len(checked) != 1:
+    whole call: the graph is that step alone (lone_step), reading the graph's own g, k and beta (so
+    the gate and stiffness columns are the inputs' ones), and returns its new state. None otherwise."""
+    found, checked = lone_step(graph), checked_outputs(graph)
+    if found is None or not checked:
         return None
-    step = graph.outputs[checked[0]].inputs[0]
-    if step.op != "decode_step":
-        return None
-    for out in graph.outputs:
-        while out.op == "reshape":
-            out = out.inputs[0]
-        if out.op != "item" or out.inputs[0] is not step:
-            return None
-    roles = dict(zip(DECODE_ROLES, step.inputs))
+    roles = dict(zip(DECODE_ROLES, found[0].inputs))
     if any(roles[r].op != "input" or roles[r].attrs["name"] != r for r in ("g", "k", "beta")):
         return None
     return checked[0]
