@@ -126,6 +126,8 @@ def test_other_targets_keep_o_cast(target):
             graph = passes.optimize(build_delta_net(cfg), "O2")
             prepared = registry.prepare(graph, target)
     except dnir.errors.BackendError as e:                 # no Vulkan adapter here: its target cannot be made
-        pytest.skip(str(e))
+        if target != "vulkan":
+            raise
+        pytest.skip(f"no Vulkan adapter: {e}")
     assert not any(n.attrs.get("dtype") == "f16" for n in prepared.topo_order() if n.op == "chunk_output")
     assert any(n.op == "cast" and n.dtype == "f16" for n in prepared.topo_order())
