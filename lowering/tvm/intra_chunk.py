@@ -103,23 +103,20 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
 
     @T.macro
     def operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx):
-        """A thread per key channel: the decays and scaled operands; per value column: beta v."""
+        """A thread per key channel: the decays and the decayed q and k (W's and U's right-hand sides
+        are `solve`'s own)."""
         t0 = n * C
         if tx < K:
             run[0] = zero
             for i in T.unroll(C):             # unrolled: the loads issue ahead of the sum
                 run[0] = run[0] + load(G, b, t0 + i, h, tx * pk)
                 Qd[n, b, h, i, tx] = q_at(Q, b, t0 + i, h, tx) * T.exp(run[0])
-                W[n, b, h, i, tx] = k_at(Kx, b, t0 + i, h, tx) * load(Bt, b, t0 + i, h, 0) * T.exp(run[0])
             if tx < Kg:
                 LD[n, b, h, tx, 0] = T.exp(run[0])
             run[0] = zero
             for i1 in T.unroll(C):
                 Ke[n, b, h, C - 1 - i1, tx] = k_at(Kx, b, t0 + C - 1 - i1, h, tx) * T.exp(run[0])
                 run[0] = run[0] + load(G, b, t0 + C - 1 - i1, h, tx * pk)
-        elif tx < K + V:
-            for i in T.unroll(C):
-                U[n, b, h, i, tx - K] = load(Vx, b, t0 + i, h, tx - K) * load(Bt, b, t0 + i, h, 0)
 
     @T.macro
     def diagonal(Q, Kx, G, KK, A, Xq, oq, Xk, ok, Xc, oc, d, acc, a, n, b, h, tx):
@@ -171,11 +168,19 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
             A[n, b, h, r + ii, cb * S + jj] = zero
 
     @T.macro
-    def solve(Bt, W, U, KK, x, n, b, h, tx):
-        """W and U by forward substitution, a thread per column, kk read from shared memory."""
+    def solve(Kx, Vx, G, Bt, W, U, KK, x, run, n, b, h, tx):
+        """W and U by forward substitution, a thread per column, kk read from shared memory. Each
+        thread makes its column's right-hand side itself, beta k exp(gam) (the same running sum as
+        `operands`) or beta v: written and read back through device memory, W and U's right-hand
+        sides were a third of the kernel's traffic."""
+        t0 = n * C
         if tx < K + V:
+            run[0] = zero
             for i in T.unroll(C):
-                x[i] = T.Select(tx < K, W[n, b, h, i, T.min(tx, K - 1)], U[n, b, h, i, T.max(tx - K, 0)])
+                run[0] = run[0] + load(G, b, t0 + i, h, T.min(tx, K - 1) * pk)
+                x[i] = load(Bt, b, t0 + i, h, 0) * T.Select(
+                    tx < K, k_at(Kx, b, t0 + i, h, T.min(tx, K - 1)) * T.exp(run[0]),
+                    load(Vx, b, t0 + i, h, T.max(tx - K, 0)))
                 for j in T.unroll(C):          # j < i: constant once unrolled
                     if j < i:
                         x[i] = x[i] - step(Bt, KK, b, n, h, i, j) * x[j]
@@ -262,5 +267,5 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                         A[n, b, h, r + ii, cb * S + jj] = acc[1]
                 T.tvm_storage_sync("shared")
                 # 3. W and U by forward substitution, a thread per column
-                solve(Bt, W, U, KK, x, n, b, h, tx)
+                solve(Kx, Vx, G, Bt, W, U, KK, x, run, n, b, h, tx)
     return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body, group, narrow)

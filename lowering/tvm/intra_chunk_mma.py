@@ -355,7 +355,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         T.evaluate(0)
 
     @T.macro
-    def no_solve(Bt, W, U, KK, x, n, b, h, tx):
+    def no_solve(Kx, Vx, G, Bt, W, U, KK, x, run, n, b, h, tx):
         T.evaluate(0)
 
     scores = no_scores if "scores" in skip else scores
@@ -382,6 +382,6 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
                 scores(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, fa, fb, n, b, h, tx)
                 T.tvm_storage_sync("shared")
-                solve(Bt, W, U, KK, x, n, b, h, tx)
+                solve(Kx, Vx, G, Bt, W, U, KK, x, run, n, b, h, tx)
 
     return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body, group, narrow)
