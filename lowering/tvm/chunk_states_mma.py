@@ -22,12 +22,31 @@ vt a multiple of 8.
 The cuda target's translator takes it for float32 (Vulkan keeps chunk_scan.py's kernel). On an
 H200 at (1, 8192, 32, 128) it matched the CUDA-core kernel within 8.5e-7 (relative) and ran
 1.24 -> 0.89 ms (TF32 alone: 0.78 ms but 1.2e-3; benchmarks/results/gpu_sweep.md).
+
+That loop waits on global memory: each half is loaded, then the block waits at a barrier, then
+multiplies. The staged operands do not depend on S, so two variants fetch them ahead (keyword
+`prefetch`, timed by benchmarks/gpu_sweep.py; the default stays as above):
+
+- "registers": while the block multiplies half q, each thread's loads of half q + 1 (its 32
+  floats, as float4) are in flight; the thread stores them into a second slot before the next
+  barrier. Two slots [C, K/2 + 8]: 54 KiB at vt = 16 (66 at vt = 32).
+- "async": cp.async copies (global -> shared, 16 bytes each) into a ring of `stages` slots, half
+  q + stages - 1 issued while half q is multiplied; cp.async.wait_group, then the barrier, before
+  a half is used. 90 KiB at vt = 16 and 4 slots (2 blocks an SM, 256 blocks on 132 SMs all
+  resident), 102 KiB at vt = 32 (128 blocks: one an SM).
+
+Either has one barrier a half (the default two, and TVM adds 17 more a chunk to the
+default's stores of v_new and S, see _shared_address), u[n]'s tile and last_decay[n] loaded at
+the step's start, v_new written to global memory from registers; the ring lives in dynamic
+shared memory (over 48 KiB in all).
 """
 from __future__ import annotations
 
 import math
 
 from tvm.script import tirx as T
+
+from dnir.errors import AttrError, DTypeError
 
 from . import mma
 from .fused_signatures import chunk_states_function
@@ -36,6 +55,8 @@ from .kernels import unravel_index
 WARPS = 4
 # state columns of a block; 3xTF32 unless the layer's precision is "tf32" (translate.py passes split)
 VT, SPLIT = 16, True
+PREFETCH = (None, "registers", "async")   # how the staged halves arrive (None: the default, synchronously)
+STAGES = 4                                # prefetch="async": halves resident or in flight
 
 
 def takes(C: int, K: int, V: int, vt: int = VT) -> bool:
@@ -43,8 +64,14 @@ def takes(C: int, K: int, V: int, vt: int = VT) -> bool:
 
 
 def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str,
-                            vt: int = VT, split: bool = SPLIT):
-    """chunk_states' function (fused_signatures.chunk_states_function) with this kernel's loop nest."""
+                            vt: int = VT, split: bool = SPLIT, prefetch: str | None = None, stages: int = STAGES):
+    """chunk_states' function (fused_signatures.chunk_states_function) with this kernel's loop nest.
+    prefetch: None (each half staged synchronously), "registers" or "async" (the module's docstring);
+    stages: the halves "async" keeps resident or in flight (2 to 4)."""
+    if prefetch not in PREFETCH:
+        raise AttrError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
+    if prefetch == "async" and not 2 <= stages <= 4:
+        raise AttrError(f"stages: expected 2 to 4 staged halves for prefetch='async', got {stages!r}")
     heads = math.prod(batch)
     tiles = V // vt
     threads = 32 * WARPS
@@ -67,6 +94,35 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
             X[(e * threads + tx) // half * stride + (e * threads + tx) % half] = src[(n,) + head(bx) + (
                 (e * threads + tx) // half, h * half + (e * threads + tx) % half)]
         T.tvm_storage_sync("shared")
+
+    @T.macro
+    def vnew_products(X, xo, S, acc, fa, fb, h, w, lane):
+        """acc += w[n]'s half h (staged at X[xo:], rows of stride pw) times S's rows of that half: warp w's
+        16 rows of v_new."""
+        for k8 in T.unroll(half // mma.K8):
+            for i in T.unroll(4):
+                fa[i] = X[xo + (w * mma.M + mma.a_at(lane, i)[0]) * pw + k8 * mma.K8 + mma.a_at(lane, i)[1]]
+                fa[4 + i] = mma.low_part(fa[i])
+            for j in T.unroll(nt):
+                for i in T.unroll(2):
+                    fb[i] = S[(h * half + k8 * mma.K8 + mma.b_at(lane, i)[0]) * ps + j * mma.N
+                              + mma.b_at(lane, i)[1]]
+                    fb[2 + i] = mma.low_part(fb[i])
+                mma.mma(acc, 4 * j, fa, fb, split)
+
+    @T.macro
+    def update_products(X, xo, N, acc, fa, fb, w, lane):
+        """acc += k_to_end[n]'s half (staged at X[xo:], rows of stride pk) transposed times v_new: warp w's
+        16 rows of that half of the state."""
+        for k8 in T.unroll(C // mma.K8):
+            for i in T.unroll(4):      # A = k_to_end^T: element (row r, term c) at X[c, r]
+                fa[i] = X[xo + (k8 * mma.K8 + mma.a_at(lane, i)[1]) * pk + w * mma.M + mma.a_at(lane, i)[0]]
+                fa[4 + i] = mma.low_part(fa[i])
+            for j in T.unroll(nt):
+                for i in T.unroll(2):
+                    fb[i] = N[(k8 * mma.K8 + mma.b_at(lane, i)[0]) * ps + j * mma.N + mma.b_at(lane, i)[1]]
+                    fb[2 + i] = mma.low_part(fb[i])
+                mma.mma(acc, 4 * j, fa, fb, split)
 
     @T.macro
     def body(S0, W, U, Kte, LD, S1, St, Vn):
@@ -94,16 +150,7 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                         acc[i] = T.float32(0)
                     for h in range(2):
                         stage(X, W, n, h, pw, bx, tx)
-                        for k8 in T.unroll(half // mma.K8):
-                            for i in T.unroll(4):
-                                fa[i] = X[(w * mma.M + mma.a_at(lane, i)[0]) * pw + k8 * mma.K8 + mma.a_at(lane, i)[1]]
-                                fa[4 + i] = mma.low_part(fa[i])
-                            for j in T.unroll(nt):
-                                for i in T.unroll(2):
-                                    fb[i] = S[(h * half + k8 * mma.K8 + mma.b_at(lane, i)[0]) * ps + j * mma.N
-                                              + mma.b_at(lane, i)[1]]
-                                    fb[2 + i] = mma.low_part(fb[i])
-                                mma.mma(acc, 4 * j, fa, fb, split)
+                        vnew_products(X, 0, S, acc, fa, fb, h, w, lane)
                         T.tvm_storage_sync("shared")      # X is staged again next
                     for j in T.unroll(nt):
                         for i in T.unroll(4):
@@ -121,21 +168,191 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                                 acc[4 * j + i] = S[(h * half + w * mma.M + mma.d_at(lane, i)[0]) * ps + j * mma.N
                                                    + mma.d_at(lane, i)[1]] * LD[(n,) + head(bx) + (
                                                        (h * half + w * mma.M + mma.d_at(lane, i)[0]) * per_key, 0)]
-                        for k8 in T.unroll(C // mma.K8):
-                            for i in T.unroll(4):      # A = k_to_end^T: element (row r, term c) at X[c, r]
-                                fa[i] = X[(k8 * mma.K8 + mma.a_at(lane, i)[1]) * pk + w * mma.M + mma.a_at(lane, i)[0]]
-                                fa[4 + i] = mma.low_part(fa[i])
-                            for j in T.unroll(nt):
-                                for i in T.unroll(2):
-                                    fb[i] = N[(k8 * mma.K8 + mma.b_at(lane, i)[0]) * ps + j * mma.N
-                                              + mma.b_at(lane, i)[1]]
-                                    fb[2 + i] = mma.low_part(fb[i])
-                                mma.mma(acc, 4 * j, fa, fb, split)
+                        update_products(X, 0, N, acc, fa, fb, w, lane)
                         for j in T.unroll(nt):      # each lane writes back only what it read: no barrier
                             for i in T.unroll(4):
                                 S[(h * half + w * mma.M + mma.d_at(lane, i)[0]) * ps + j * mma.N
                                   + mma.d_at(lane, i)[1]] = acc[4 * j + i]
                         T.tvm_storage_sync("shared")      # X is staged again next; S is read whole next
+                for e in T.unroll(K * vt // threads):
+                    S1[head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = S[
+                        (e * threads + tx) // vt * ps + (e * threads + tx) % vt]
+    if prefetch is None:
+        return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body)
+
+    return _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, vnew_products,
+                      update_products)
+
+
+def _shared_address(buf, offset, dtype):
+    """buf[offset]'s shared-memory address, for a PTX store or copy into buf. Through tvm_access_ptr with
+    no read/write mask: TVM then keeps buf at its declared size (CompactBufferAllocation would shrink it to
+    the elements it sees used, short of a 16-byte copy's last 12 bytes) and places no barrier for the
+    store (ThreadSync compares accesses element by element: it would add barriers between a ring's
+    different slots, or between a lane's reads and writes of its own elements)."""
+    return T.cuda.cvta_generic_to_shared(T.tvm_access_ptr(T.type_annotation(dtype), buf.data, offset, 1, 0))
+
+
+def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, vnew_products,
+               update_products):
+    """The prefetching variants' loop nest (the module's docstring). The halves of the chunks in order,
+    q = 4 n + 2 p + h (p = 0: w[n], 1: k_to_end[n]; h: the half of K), half q in slot q % slots of a ring
+    in shared memory. The loop's barriers are the four written here, one a half, in `arrive`: the writes
+    TVM would fence with more (the ring's slots, S's write-back) are PTX stores or copies (_shared_address),
+    and v_new's plain stores into N meet no read of N before the next barrier."""
+    if dtype != "float32":
+        raise DTypeError(f"dtype: prefetch={prefetch!r} stores float32 (tensor cores in TF32), got {dtype!r}")
+    heads = math.prod(batch)
+    tiles = V // vt
+    threads = 32 * WARPS
+    nt = vt // mma.N
+    half = K // 2
+    ps = vt + 8
+    pw, pk = half + 4, half + 8
+    per_key = 1 if Kg == K else 0
+    total = 4 * steps
+    slots = 2 if prefetch == "registers" else stages
+    slot = C * pk                       # a slot holds either operand's half (w's rows take pw <= pk words)
+    pieces = C * half // 4 // threads   # a thread's 16-byte pieces of a half: 8 at C = 64, K = 128
+    q4 = half // 4                      # pieces a row
+
+    def piece(e, tx):
+        """(row, first column in the half) of the thread's piece e: 16 threads a row, a warp two rows."""
+        return (e * threads + tx) // q4, (e * threads + tx) % q4 * 4
+
+    def src_at(q, e, tx, bx, v=0):      # the piece's place (plus v columns) in w[n] or k_to_end[n], n = q // 4
+        return (q // 4,) + head(bx) + (piece(e, tx)[0], q % 2 * half + piece(e, tx)[1] + v)
+
+    def dst_at(q, p, e, tx):            # its place in half q's slot
+        return q % slots * slot + piece(e, tx)[0] * (pw if p == 0 else pk) + piece(e, tx)[1]
+
+    @T.macro
+    def fetch(pf, W, Kte, q, bx, tx):
+        """pf = the thread's pieces of half q, a float4 load each, in flight while the block multiplies."""
+        if q // 2 % 2 == 0:
+            for e in T.unroll(pieces):
+                for v in T.vectorized(4):
+                    pf[4 * e + v] = W[src_at(q, e, tx, bx, v)]
+        else:
+            for e in T.unroll(pieces):
+                for v in T.vectorized(4):
+                    pf[4 * e + v] = Kte[src_at(q, e, tx, bx, v)]
+
+    @T.macro
+    def copy(X, W, Kte, q, bx, tx):
+        """cp.async of the thread's pieces of half q into its slot (global -> shared, no registers)."""
+        if q // 2 % 2 == 0:
+            for e in T.unroll(pieces):
+                T.ptx.cp.async_.cg.shared.global_(_shared_address(X, dst_at(q, 0, e, tx), dtype),
+                                                  T.address_of(W[src_at(q, e, tx, bx)]), 16)
+        else:
+            for e in T.unroll(pieces):
+                T.ptx.cp.async_.cg.shared.global_(_shared_address(X, dst_at(q, 1, e, tx), dtype),
+                                                  T.address_of(Kte[src_at(q, e, tx, bx)]), 16)
+
+    # Half q is used between arrive(q) and arrive(q + 1). Each arrive holds the block's one barrier of its
+    # half, after which (RAW) every thread's part of half q is in its slot, and (WAR) every thread has
+    # finished with half q - 1 (its products came before the barrier), so that its slot may be refilled.
+    @T.macro
+    def start_registers(X, pf, W, Kte, bx, tx):
+        fetch(pf, W, Kte, 0, bx, tx)
+
+    @T.macro
+    def arrive_registers(X, pf, W, Kte, q, p, bx, tx):
+        # WAR: slot q % 2 last held half q - 2, whose reads every thread finished before arrive(q - 1)'s barrier
+        for e in T.unroll(pieces):
+            T.ptx.st.shared.v4.f32(_shared_address(X, dst_at(q, p, e, tx), dtype),
+                                   pf[4 * e], pf[4 * e + 1], pf[4 * e + 2], pf[4 * e + 3])
+        T.tvm_storage_sync("shared")   # RAW: half q whole in its slot
+        if q + 1 < total:
+            fetch(pf, W, Kte, q + 1, bx, tx)
+
+    @T.macro
+    def start_async(X, pf, W, Kte, bx, tx):
+        for q in T.unroll(slots - 1):      # halves 0 .. slots - 2 in flight, a commit group each
+            copy(X, W, Kte, q, bx, tx)
+            T.ptx.cp.async_.commit_group()
+
+    @T.macro
+    def arrive_async(X, pf, W, Kte, q, p, bx, tx):
+        # groups committed so far: slots - 1 + q, the last for half q + slots - 2; leaving slots - 2 of
+        # them pending completes this thread's copies of half q
+        T.ptx.cp.async_.wait_group(slots - 2)
+        T.tvm_storage_sync("shared")   # RAW: every thread's copies of half q landed; WAR: half q - 1 done
+        if q + slots - 1 < total:      # into slot (q - 1) % slots, free since the barrier
+            copy(X, W, Kte, q + slots - 1, bx, tx)
+        T.ptx.cp.async_.commit_group()   # empty past the end: keeps one group a half for the count
+
+    start, arrive = (start_registers, arrive_registers) if prefetch == "registers" else (start_async, arrive_async)
+
+    def at(lane, i, j):                 # accumulator element i of tile j: (row in the warp's 16, column)
+        return mma.d_at(lane, i)[0], j * mma.N + mma.d_at(lane, i)[1]
+
+    @T.macro
+    def body(S0, W, U, Kte, LD, S1, St, Vn):
+        T.reads()                              # the tensor-core calls read registers TVM cannot see
+        T.writes()
+        for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                S = T.alloc_shared((K * ps,), dtype)
+                N = T.alloc_shared((C * ps,), dtype)
+                X = T.alloc_buffer((slots * slot,), dtype, scope="shared.dyn")   # over 48 KiB with S and N
+                acc = T.alloc_local((4 * nt,), dtype)
+                fa = T.alloc_local((8,), dtype)
+                fb = T.alloc_local((4,), dtype)
+                pf = T.alloc_local((4 * pieces,), dtype)       # "registers": the next half's pieces
+                pu = T.alloc_local((4 * nt,), dtype)           # the warp's tile of u[n], loaded early
+                pl = T.alloc_local((4,), dtype)                # last_decay[n] of the lane's four state rows
+                w, lane = tx // 32, tx % 32
+                start(X, pf, W, Kte, bx, tx)
+                for e in T.unroll(K * vt // threads):
+                    S[(e * threads + tx) // vt * ps + (e * threads + tx) % vt] = S0[head(bx) + (
+                        (e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)]
+                # (S is first read after arrive(0)'s barrier)
+                for n in range(steps):
+                    for j in T.unroll(nt):
+                        for i in T.unroll(4):
+                            pu[4 * j + i] = U[(n,) + head(bx) + (w * mma.M + at(lane, i, j)[0],
+                                                                 col0(bx) + at(lane, i, j)[1])]
+                    for h2 in T.unroll(2):         # rows h2 half + 16 w + g + 8 r
+                        for r in T.unroll(2):
+                            pl[2 * h2 + r] = LD[(n,) + head(bx) + (
+                                (h2 * half + w * mma.M + mma.d_at(lane, 2 * r)[0]) * per_key, 0)]
+                    # v_new = u - w S; S's last writes (step n - 1's, in half 4 n - 1) came before arrive(4 n)
+                    for i in T.unroll(4 * nt):
+                        acc[i] = T.float32(0)
+                    for h in range(2):
+                        arrive(X, pf, W, Kte, 4 * n + h, 0, bx, tx)
+                        vnew_products(X, (4 * n + h) % slots * slot, S, acc, fa, fb, h, w, lane)
+                    # N: step n - 1 read it in halves 4 n - 2 and 4 n - 1, before arrive(4 n)'s barrier.
+                    # Vn from registers: a read of N here would be a shared read after a write, which TVM
+                    # would fence with a barrier per element
+                    for j in T.unroll(nt):
+                        for i in T.unroll(4):
+                            N[(w * mma.M + at(lane, i, j)[0]) * ps + at(lane, i, j)[1]] = pu[4 * j + i] - acc[4 * j + i]
+                            Vn[(n,) + head(bx) + (w * mma.M + at(lane, i, j)[0], col0(bx) + at(lane, i, j)[1])] = \
+                                pu[4 * j + i] - acc[4 * j + i]
+                    # starts[n] = S: S unchanged since arrive(4 n)'s barrier, and until arrive(4 n + 2)'s
+                    for e in T.unroll(K * vt // threads):
+                        St[(n,) + head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = S[
+                            (e * threads + tx) // vt * ps + (e * threads + tx) % vt]
+                    # S = S last_decay + k_to_end^T v_new, per half of the state's rows. arrive(4 n + 2)'s
+                    # barrier orders v_new's writes before its reads, and every other lane's reads of S in
+                    # this step (the products of v_new, starts) before the writes of S
+                    for h in range(2):
+                        arrive(X, pf, W, Kte, 4 * n + 2 + h, 1, bx, tx)
+                        for j in T.unroll(nt):
+                            for i in T.unroll(4):
+                                acc[4 * j + i] = S[(h * half + w * mma.M + at(lane, i, j)[0]) * ps
+                                                   + at(lane, i, j)[1]] * T.Select(h == 0, pl[i // 2], pl[2 + i // 2])
+                        update_products(X, (4 * n + 2 + h) % slots * slot, N, acc, fa, fb, w, lane)
+                        for j in T.unroll(nt):      # each lane writes back only what it read: no barrier
+                            for r in T.unroll(2):   # elements 2 r, 2 r + 1: two adjacent columns
+                                T.ptx.st.shared.v2.f32(_shared_address(
+                                    S, (h * half + w * mma.M + at(lane, 2 * r, j)[0]) * ps + at(lane, 2 * r, j)[1],
+                                    dtype), acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1])
+                # no copy is pending: arrive(total - 1) waited for the last one, the later groups are empty
+                T.tvm_storage_sync("shared")      # the last step's writes of S, by every warp
                 for e in T.unroll(K * vt // threads):
                     S1[head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = S[
                         (e * threads + tx) // vt * ps + (e * threads + tx) % vt]

@@ -33,6 +33,46 @@ def test_mma_kernels_compile_to_ptx(kernel, split, products, tmp_path):
     assert len(re.findall(r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32", ptx)) >= expected
 
 
+@pytest.mark.parametrize("prefetch,vt,split,kg,stages", [("registers", 16, True, 1, 4), ("async", 16, True, 128, 4),
+                                                        ("registers", 32, False, 128, 4), ("async", 32, False, 1, 4),
+                                                        ("async", 16, True, 1, 2), ("async", 16, False, 128, 3)])
+def test_chunk_states_prefetch_compiles_to_ptx(prefetch, vt, split, kg, stages, tmp_path):
+    """The prefetching variants of chunk_states_mma: the same products, one barrier a staged half and
+    none that TVM added (3 in the source: one in each loop over halves, one after the loop), the async
+    variant's operands by cp.async."""
+    from dnir.lowering.tvm.chunk_states_mma import chunk_states_mma_kernel
+    steps, batch, C, K, V = 3, (2, 4), 64, 128, 128
+    source = _source(chunk_states_mma_kernel(steps, batch, C, K, V, kg, "float32", vt=vt, split=split,
+                                             prefetch=prefetch, stages=stages))
+    assert source.count(MMA) == (3 if split else 1) * (K // 2 // 8) * (vt // 8) * 2
+    assert source.count("__syncthreads()") == 3
+    assert ("cp.async.cg.shared.global" in source) == (prefetch == "async")
+    ptx = sm90_ptx(source, tmp_path)
+    assert len(re.findall(re.escape(MMA), ptx)) >= source.count(MMA)
+    if prefetch == "async":
+        assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16;", ptx)
+        assert f"cp.async.wait_group {stages - 2};" in ptx and "cp.async.commit_group;" in ptx
+    else:
+        assert "cp.async" not in ptx and re.search(r"ld\.global(\.nc)?\.v4\.f32", ptx)
+
+
+def test_chunk_states_default_is_unchanged_by_prefetch_options():
+    """prefetch=None (the default) builds the kernel without a ring or copies, whatever `stages` says;
+    unknown options are errors naming the argument."""
+    from dnir.errors import AttrError, DTypeError
+    from dnir.lowering.tvm.chunk_states_mma import chunk_states_mma_kernel
+    args = (3, (2, 4), 64, 128, 128, 128, "float32")
+    source = _source(chunk_states_mma_kernel(*args))
+    assert source == _source(chunk_states_mma_kernel(*args, prefetch=None, stages=2))
+    assert "cp.async" not in source and "extern __shared__" not in source
+    with pytest.raises(AttrError, match="prefetch"):
+        chunk_states_mma_kernel(*args, prefetch="tma")
+    with pytest.raises(AttrError, match="stages"):
+        chunk_states_mma_kernel(*args, prefetch="async", stages=5)
+    with pytest.raises(DTypeError, match="dtype"):
+        chunk_states_mma_kernel(*args[:-1], "float16", prefetch="registers")
+
+
 @pytest.mark.parametrize("kg,split", [(1, True), (128, True), (1, False)])
 def test_intra_chunk_mma_compiles_to_ptx(kg, split, tmp_path):
     from dnir.lowering.tvm import intra_chunk_mma as m
