@@ -33,6 +33,9 @@ OUTPUTS = [((4, 4), 16, 64), ((4, 4), 32, 64), ((4, 4), 16, 128), ((8, 4), 16, 6
 OUTPUTS_MMA = [(16, 64, True), (32, 64, True), (16, 128, True), (32, 128, True), (16, 64, False),
                (32, 128, False)]                          # tensor cores: (kt, bv, 3xTF32)
 STATES_MMA = [(16, True), (8, True), (16, False)]       # tensor cores: (vt, 3xTF32)
+# tensor cores with the staged operands fetched ahead: (vt, 3xTF32, prefetch, async's staged halves)
+STATES_PREFETCH = [(vt, split, prefetch, 4) for vt in (16, 32) for split in (True, False)
+                   for prefetch in ("registers", "async")] + [(16, True, "async", 2)]
 # tensor-core scores: (3xTF32, blocks per SM, KDA halving, GDA through the decayed rows)
 INTRA_MMA = [(True, 1, True, False), (True, 2, True, False), (True, 3, True, False), (True, 2, True, True),
              (True, 3, True, True), (False, 3, True, False), (False, 2, True, True), (False, 3, True, True)]
@@ -67,6 +70,13 @@ def variants():
             out.append((f"states_{layer}_mma{'3' if split else '1'}_vt{vt}", "states", kg, 1,
                         lambda kg=kg, vt=vt, split=split: chunk_states_mma.chunk_states_mma_kernel(
                             NC, BATCH, C, K, V, kg, "float32", vt=vt, split=split)))
+        for vt, split, prefetch, stages in STATES_PREFETCH:
+            kind = "reg" if prefetch == "registers" else "async" + ("" if stages == chunk_states_mma.STAGES
+                                                                    else str(stages))
+            out.append((f"states_{layer}_mma{'3' if split else '1'}_vt{vt}_{kind}", "states", kg, 1,
+                        lambda kg=kg, vt=vt, split=split, prefetch=prefetch, stages=stages:
+                        chunk_states_mma.chunk_states_mma_kernel(NC, BATCH, C, K, V, kg, "float32", vt=vt,
+                                                                 split=split, prefetch=prefetch, stages=stages)))
     for tile, kt, bv in OUTPUTS:
         out.append((f"output_{tile[0]}x{tile[1]}_kt{kt}_bv{bv}", "output", 1, 1,
                     lambda tile=tile, kt=kt, bv=bv: chunk_output.chunk_output_kernel(
