@@ -92,9 +92,6 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
 
     q_at, k_at, load = loads(dtype, group, scale)
 
-    def step(Bt, KK, b, n, h, i, j):          # beta_i kk_ij
-        return KK[i * C + j] if scaled_kk else load(Bt, b, n * C + i, h, 0) * KK[i * C + j]
-
     pk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
     zero = T.cast(0, dtype)
     P = K + 1                                  # a staged row's stride
@@ -174,6 +171,7 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
         `operands`) or beta v: written and read back through device memory, W and U's right-hand
         sides were a third of the kernel's traffic."""
         t0 = n * C
+        kv = T.alloc_local((4,), dtype)
         if tx < K + V:
             run[0] = zero
             for i in T.unroll(C):
@@ -181,9 +179,16 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
                 x[i] = load(Bt, b, t0 + i, h, 0) * T.Select(
                     tx < K, k_at(Kx, b, t0 + i, h, T.min(tx, K - 1)) * T.exp(run[0]),
                     load(Vx, b, t0 + i, h, T.max(tx - K, 0)))
-                for j in T.unroll(C):          # j < i: constant once unrolled
-                    if j < i:
-                        x[i] = x[i] - step(Bt, KK, b, n, h, i, j) * x[j]
+                # sum_{j < i} kk_ij x_j with kk read four words a load (one 16-byte shared load feeds
+                # four products; one word a product, the loads bound the solve)
+                run[1] = zero
+                for j4 in T.unroll(C // 4):    # j < i: constant once unrolled
+                    if 4 * j4 < i:
+                        kv[T.ramp(0, 1, 4)] = KK[T.ramp(i * C + 4 * j4, 1, 4)]
+                        for u in T.unroll(4):
+                            if 4 * j4 + u < i:
+                                run[1] = run[1] + kv[u] * x[4 * j4 + u]
+                x[i] = x[i] - (run[1] if scaled_kk else load(Bt, b, t0 + i, h, 0) * run[1])
                 if tx < K:
                     W[n, b, h, i, tx] = x[i]
                 else:
@@ -222,7 +227,7 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                 Xq = T.alloc_shared((S * P,), dtype)     # 16 rows of q (raw, then decayed to r)
                 Xk = T.alloc_shared((S * P,), dtype)     # 16 rows of k, likewise
                 Xc = T.alloc_shared((S * P,), dtype)     # a diagonal block's gates, or 16 columns
-                run = T.alloc_local((1,), dtype)
+                run = T.alloc_local((2,), dtype)        # running sums; the solve's dot product
                 d = T.alloc_local((NL,), dtype)
                 acc = T.alloc_local((2,), dtype)
                 x = T.alloc_local((C,), dtype)

@@ -371,7 +371,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 KK = T.alloc_shared((C * C,), dtype)
                 X = T.alloc_shared((words,), dtype)
                 Y = T.alloc_shared(((3 * C + 1) * PE,), dtype)
-                run = T.alloc_local((1,), dtype)
+                run = T.alloc_local((2,), dtype)        # running sums; the solve's dot product
                 d = T.alloc_local((4,), dtype)
                 pf = T.alloc_local((max(3 * C * EC, 2 * C * KQ) // THREADS,), dtype)   # the next round's operands
                 acc = T.alloc_local((4 * TW,), dtype)
