@@ -197,9 +197,10 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                update_products):
     """The prefetching variants' loop nest (the module's docstring). The halves of the chunks in order,
     q = 4 n + 2 p + h (p = 0: w[n], 1: k_to_end[n]; h: the half of K), half q in slot q % slots of a ring
-    in shared memory. The loop's barriers are the four written here, one a half, in `arrive`: the writes
-    TVM would fence with more (the ring's slots, S's write-back) are PTX stores or copies (_shared_address),
-    and v_new's plain stores into N meet no read of N before the next barrier."""
+    in shared memory. The loop's barriers are the four written here, one a half, in `arrive`: every shared
+    write in the loop (the ring's slots, v_new, S's write-back) is a PTX store or copy (_shared_address),
+    which TVM's ThreadSync does not see. It would fence them with more: it takes S, N and the ring for one
+    buffer (they share the dynamic shared memory) and compares accesses element by element."""
     if dtype != "float32":
         raise DTypeError(f"dtype: prefetch={prefetch!r} stores float32 (tensor cores in TF32), got {dtype!r}")
     heads = math.prod(batch)
@@ -294,9 +295,11 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
         T.writes()
         for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                S = T.alloc_shared((K * ps,), dtype)
-                N = T.alloc_shared((C * ps,), dtype)
-                X = T.alloc_buffer((slots * slot,), dtype, scope="shared.dyn")   # over 48 KiB with S and N
+                # all dynamic: over 48 KiB together, and a launch may hold more than that only in dynamic
+                # shared memory (TVM raises the limit to the dynamic size, whatever the static one)
+                S = T.alloc_buffer((K * ps,), dtype, scope="shared.dyn")
+                N = T.alloc_buffer((C * ps,), dtype, scope="shared.dyn")
+                X = T.alloc_buffer((slots * slot,), dtype, scope="shared.dyn")
                 acc = T.alloc_local((4 * nt,), dtype)
                 fa = T.alloc_local((8,), dtype)
                 fb = T.alloc_local((4,), dtype)
@@ -325,13 +328,16 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                         arrive(X, pf, W, Kte, 4 * n + h, 0, bx, tx)
                         vnew_products(X, (4 * n + h) % slots * slot, S, acc, fa, fb, h, w, lane)
                     # N: step n - 1 read it in halves 4 n - 2 and 4 n - 1, before arrive(4 n)'s barrier.
-                    # Vn from registers: a read of N here would be a shared read after a write, which TVM
-                    # would fence with a barrier per element
+                    # Vn from registers, not read back from N
                     for j in T.unroll(nt):
                         for i in T.unroll(4):
-                            N[(w * mma.M + at(lane, i, j)[0]) * ps + at(lane, i, j)[1]] = pu[4 * j + i] - acc[4 * j + i]
+                            acc[4 * j + i] = pu[4 * j + i] - acc[4 * j + i]
                             Vn[(n,) + head(bx) + (w * mma.M + at(lane, i, j)[0], col0(bx) + at(lane, i, j)[1])] = \
-                                pu[4 * j + i] - acc[4 * j + i]
+                                acc[4 * j + i]
+                        for r in T.unroll(2):       # elements 2 r, 2 r + 1: two adjacent columns
+                            T.ptx.st.shared.v2.f32(_shared_address(
+                                N, (w * mma.M + at(lane, 2 * r, j)[0]) * ps + at(lane, 2 * r, j)[1], dtype),
+                                acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1])
                     # starts[n] = S: S unchanged since arrive(4 n)'s barrier, and until arrive(4 n + 2)'s
                     for e in T.unroll(K * vt // threads):
                         St[(n,) + head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = S[
