@@ -436,7 +436,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cases", nargs="*", help="only these cases (default: every case of gpu_artefacts.CASES)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="GPU_JSON",
+                   help="no run: join the gpu.json of runs over parts of the cases (one device call is at most "
+                        "10 minutes) into one gpu.json and gpu.md in --out")
     args = p.parse_args(argv)
+    if args.merge:
+        write(merge([json.loads(f.read_text()) for f in args.merge]), args.out)
+        return 0
     loader = import_loader()
     from .gpu_artefacts import CASES
     costs_path = args.bundle / "bench_costs.json"
@@ -462,6 +468,22 @@ def main(argv=None) -> int:
         write(doc, args.out)
     print(markdown(doc))
     return 0 if not doc["failed"] else 1
+
+
+def merge(docs: list[dict]) -> dict:
+    """One document from runs over parts of the cases, on one card: the cases in gpu_artefacts.CASES'
+    order, the targets again, the first run's machine and copy bandwidth (each run's date kept)."""
+    from .gpu_artefacts import CASES
+    cards = {d["machine"]["gpu"] for d in docs}
+    if len(cards) > 1:
+        raise SystemExit(f"--merge: the runs are on different cards ({', '.join(sorted(cards))}); rerun on one")
+    doc = dict(docs[0], machine=dict(docs[0]["machine"], date=", ".join(d["machine"]["date"] for d in docs)))
+    order = list(CASES)
+    doc["cases"] = sorted((c for d in docs for c in d["cases"]), key=lambda c: order.index(c["name"]))
+    for key in ("not_built", "failed"):
+        doc[key] = [x for d in docs for x in d[key]]
+    doc["targets"] = targets(doc["cases"])
+    return doc
 
 
 def write(doc: dict, out: Path):

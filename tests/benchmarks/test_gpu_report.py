@@ -96,3 +96,25 @@ def test_oracle_is_the_projects_float64_reference(name):
     ref_o, ref_s = delta_rule_reference(**{n: t.double().numpy() for n, t in x.items()}, scale=cfg.scale)
     np.testing.assert_allclose(o.numpy(), ref_o, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(state.numpy(), ref_s, rtol=1e-9, atol=1e-12)
+
+
+def _doc(cases, card="NVIDIA H100 80GB HBM3", date="2026-12-07T02:00:00+00:00"):
+    return {"benchmark": "gpu", "machine": {"gpu": card, "date": date}, "copy": {"gbps": 3000.0},
+            "cases": cases, "not_built": [], "failed": [], "targets": gpu.targets(cases)}
+
+
+def test_runs_over_parts_of_the_cases_merge_in_case_order():
+    first = [_case("kda_prefill_b1_t32768_bf16", 4.0, 2.0), _case("gdn_prefill_b1_t8192_bf16", 1.0, 0.5)]
+    second = [_case("gdn_prefill_b1_t8192_f32", 2.0, 1.5)]
+    doc = gpu.merge([_doc(first), _doc(second, date="2026-12-07T02:10:00+00:00")])
+    order = list(CASES)
+    assert [c["name"] for c in doc["cases"]] == sorted([c["name"] for c in first + second], key=order.index)
+    assert doc["targets"] == gpu.targets(doc["cases"])
+    assert {t["case"] for t in doc["targets"]} >= {"gdn_prefill_b1_t8192_f32", "kda_prefill_b1_t32768_bf16"}
+    assert "02:00" in doc["machine"]["date"] and "02:10" in doc["machine"]["date"]
+
+
+def test_runs_on_two_cards_do_not_merge():
+    with pytest.raises(SystemExit, match="different cards"):
+        gpu.merge([_doc([_case("gdn_prefill_b1_t8192_f32", 2.0, 1.5)]),
+                   _doc([_case("gdn_prefill_b1_t8192_bf16", 1.0, 0.5)], card="NVIDIA H200")])
