@@ -37,8 +37,8 @@ multiplies. The staged operands do not depend on S, so two variants fetch them a
 
 Either has one barrier a half (the default two, and TVM adds 17 more a chunk to the
 default's stores of v_new and S, see _shared_address), u[n]'s tile and last_decay[n] loaded at
-the step's start, v_new written to global memory from registers; the ring lives in dynamic
-shared memory (over 48 KiB in all).
+the step's start, v_new written to global memory from registers; S, v_new and the ring all
+live in dynamic shared memory (over 48 KiB together).
 """
 from __future__ import annotations
 
