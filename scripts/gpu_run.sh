@@ -7,6 +7,7 @@
 # writes after each); a second call runs the conformance and the cases left, named. Then, here:
 #   python -m benchmarks.gpu --merge bench/gpu.json [bench2/gpu.json] --out benchmarks/results
 # The first call on a machine installs the bundle (a warm machine keeps it for the next).
+# STEP_TIMEOUT (seconds, default 540): to run both in one call.
 set -u
 what=$1
 shift
@@ -28,8 +29,8 @@ icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader
 cd /tmp/src
 if [ "$what" = bench ]; then
-  timeout "${BENCH_TIMEOUT:-540}" python3 -m benchmarks.gpu --bundle /tmp/bench --out "$OUT/bench" ${1:+--cases "$@"} \
+  timeout "${STEP_TIMEOUT:-540}" python3 -m benchmarks.gpu --bundle /tmp/bench --out "$OUT/bench" ${1:+--cases "$@"} \
     | tail -n 40
 else
-  timeout 540 python3 scripts/gpu_conformance.py --bundle "$B" --out "$OUT" --vulkan | tail -n 8
+  timeout "${STEP_TIMEOUT:-540}" python3 scripts/gpu_conformance.py --bundle "$B" --out "$OUT" --vulkan | tail -n 8
 fi
