@@ -524,9 +524,9 @@ def _lower_chunk_states(tr, node, args):
     steps, batch, C, K, V, Kg = chunk_scan.sizes(node)
     dtype, layout = TVM_DTYPES[node.inputs[0].dtype], chunk_scan.layout(C, K, V)
     if tr.tensor_cores and dtype == "float32" and chunk_states_mma.takes(C, K, V):
-        gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, "mma", dtype, tr.split),
-                     lambda: chunk_states_mma.chunk_states_mma_kernel(steps, batch, C, K, V, Kg, dtype,
-                                                                      split=tr.split))
+        gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, "mma", dtype, tr.split, chunk_states_mma.CHOSEN),
+                     lambda: chunk_states_mma.chunk_states_mma_kernel(steps, batch, C, K, V, Kg, dtype, split=tr.split,
+                                                                      prefetch=chunk_states_mma.CHOSEN))
         return _call_fused(tr, node, gv, args)
     gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, layout, dtype),
                  lambda: chunk_scan.chunk_states_kernel(steps, batch, C, K, V, Kg, layout, dtype))

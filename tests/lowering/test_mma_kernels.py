@@ -98,6 +98,10 @@ def test_cuda_layer_uses_the_tensor_core_kernels(layer):
                                      value_dim=128, initial_state=True, final_state=True), "O2")
     source = cuda_source(build(graph, "cuda", arch="sm_90"))
     assert "mma.sync.aligned.m16n8k8" in source and "chunk_states_kernel" in source
+    # the loop over chunks fetches its operands ahead by cp.async (chunk_states_mma.CHOSEN)
+    (states,) = [k for k in re.split(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?', source)
+                 if k.startswith("chunk_states_kernel(") and "{" in k]
+    assert "cp_async_cg" in states and "wait_group" in states
     # intra_chunk on tensor cores for a gate per key channel (intra_chunk_mma.chosen)
     assert ("intra_chunk_mma_kernel" in source) == (layer == "kda")
     assert ("intra_chunk_kernel" in source) == (layer == "gdn")
