@@ -9,8 +9,7 @@ and writes the loop's operands chunk-major. Per chunk, with gam the running sum
 of the gates from the chunk start:
 
  1. a thread per key channel: gam and the sums from the end, each a running sum
-    of gates, and from them q_decayed, k_to_end, last_decay and W's right-hand
-    side beta k exp(gam); a thread per value column: U's, beta v.
+    of gates, and from them q_decayed, k_to_end and last_decay.
  2. the scores kk_ij = sum_c k_i k_j exp(D_ij) and qk_ij = sum_c q_i k_j exp(D_ij),
     D_ij = sum_{j < l <= i} g_l, by 16 x 16 blocks of token pairs, a thread per pair:
     - a diagonal block: D_ij per channel summed over its own segment (the block's 16
@@ -25,7 +24,9 @@ of the gates from the chunk start:
     the diagonal).
  3. a thread per column of W and U (K + V of them): forward substitution
     x_i = rhs_i - beta_i sum_{j < i} kk_ij x_j with the column's C values in registers
-    (the loops unrolled) and kk read from shared memory (one word for the whole block).
+    (the loops unrolled), its right-hand side beta k exp(gam) or beta v made by the
+    thread itself, and kk read from shared memory four words a load (one word for
+    the whole block).
 
 CUDA cores, float32. On the H100 this is the layer's largest kernel (3.3 ms of 7.0 for
 GDA at (4, 4096, 32, 128), 6.8 of 10.7 for KDA: benchmarks/results/gpu.md) though it
