@@ -66,6 +66,15 @@ def takes(C: int, K: int, V: int, vt: int = VT) -> bool:
     return C == WARPS * mma.M and K == 2 * WARPS * mma.M and vt % mma.N == 0 and V % vt == 0
 
 
+def _layout(batch: tuple, C: int, K: int, V: int, Kg: int, vt: int):
+    """(heads, tiles, threads, nt, half, ps, pw, pk, per_key): the blocks' sizes and shared strides."""
+    half = K // 2
+    return (math.prod(batch), V // vt, 32 * WARPS, vt // mma.N, half,
+            vt + 8,                       # ps: S's and v_new's row stride, B loads at (8t + g) mod 32, no conflict
+            half + 4, half + 8,           # pw, pk: the staged w (read by rows) and k_to_end (read by columns)
+            1 if Kg == K else 0)          # per_key: last_decay per key row, or one a head
+
+
 def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str,
                             vt: int = VT, split: bool = SPLIT, prefetch: str | None = None, stages: int = STAGES):
     """chunk_states' function (fused_signatures.chunk_states_function) with this kernel's loop nest.
@@ -75,14 +84,7 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
         raise AttrError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
     if prefetch == "async" and not 2 <= stages <= 4:
         raise AttrError(f"stages: expected 2 to 4 staged halves for prefetch='async', got {stages!r}")
-    heads = math.prod(batch)
-    tiles = V // vt
-    threads = 32 * WARPS
-    nt = vt // mma.N
-    half = K // 2
-    ps = vt + 8                       # S's and v_new's row stride: B loads at (8t + g) mod 32, no conflict
-    pw, pk = half + 4, half + 8       # the staged w (read by rows) and k_to_end (read by columns)
-    per_key = 1 if Kg == K else 0
+    heads, tiles, threads, nt, half, ps, pw, pk, per_key = _layout(batch, C, K, V, Kg, vt)
 
     def head(bx):
         return unravel_index(bx // tiles, batch)
@@ -206,14 +208,7 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
     buffer (they share the dynamic shared memory) and compares accesses element by element."""
     if dtype != "float32":
         raise DTypeError(f"dtype: prefetch={prefetch!r} stores float32 (tensor cores in TF32), got {dtype!r}")
-    heads = math.prod(batch)
-    tiles = V // vt
-    threads = 32 * WARPS
-    nt = vt // mma.N
-    half = K // 2
-    ps = vt + 8
-    pw, pk = half + 4, half + 8
-    per_key = 1 if Kg == K else 0
+    heads, tiles, threads, nt, half, ps, pw, pk, per_key = _layout(batch, C, K, V, Kg, vt)
     total = 4 * steps
     slots = 2 if prefetch == "registers" else stages
     slot = C * pk                       # a slot holds either operand's half (w's rows take pw <= pk words)
