@@ -130,10 +130,9 @@ def run(folder: Path, out: Path) -> int:
     import tvm
     import tvm_ffi
 
-    from dnir.lowering.runtime_loader import load_cuda_support
-
+    from .checkout import import_loader
     from .gpu import cuda_time
-    load_cuda_support("sm_90")
+    import_loader().load_cuda_support("sm_90")      # dnir from an install, or from the checkout (the GPU machine)
 
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
     def _compile(code, *_):   # the variant's own fatbin: its source may carry other launch bounds
