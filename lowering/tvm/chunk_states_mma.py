@@ -25,7 +25,7 @@ H200 at (1, 8192, 32, 128) it matched the CUDA-core kernel within 8.5e-7 (relati
 
 That loop waits on global memory: each half is loaded, then the block waits at a barrier, then
 multiplies. The staged operands do not depend on S, so two variants fetch them ahead (keyword
-`prefetch`, timed by benchmarks/gpu_sweep.py; the cuda target runs `CHOSEN`, "async"):
+`prefetch`, timed by benchmarks/gpu_sweep.py; the cuda target runs `CHOSEN`):
 
 - "registers": while the block multiplies half q, each thread's loads of half q + 1 (its 32
   floats, as float4) are in flight; the thread stores them into a second slot before the next
@@ -56,9 +56,11 @@ WARPS = 4
 # state columns of a block; 3xTF32 unless the layer's precision is "tf32" (translate.py passes split)
 VT, SPLIT = 16, True
 PREFETCH = (None, "registers", "async")   # how the staged halves arrive (None: synchronously)
-# what the cuda target runs: on an H100 at (1, 8192, 32, 128), GDA and KDA, 0.88 ms synchronously, 0.80
-# through registers, 0.57-0.60 async, the same outputs bit for bit (benchmarks/results/gpu_sweep_prefetch.md)
-CHOSEN = "async"
+# what the cuda target runs: synchronously, as the whole layer was last measured end to end
+# (benchmarks/results/gpu.md). Alone, on an H100 at (1, 8192, 32, 128), GDA and KDA: 0.88 ms so, 0.80
+# through registers, 0.57-0.60 async, the same outputs bit for bit (benchmarks/results/gpu_sweep_prefetch.md);
+# "async" is to be taken once the layer is measured with it
+CHOSEN = None
 STAGES = 4                                # prefetch="async": halves resident or in flight
 
 

@@ -55,8 +55,8 @@ def chosen(C: int, K: int, V: int, Kg: int) -> bool:
     """Whether the cuda target runs intra_chunk with this kernel: a gate per key channel (on an H100 at
     (1, 8192, 32, 128), 3 blocks per SM: 1.05 ms against 2.04 ms for intra_chunk.py's kernel). One gate
     per head keeps intra_chunk.py's: 0.946 ms there, this kernel's decayed path 0.938 ms at 3xTF32 and
-    0.878 ms at TF32 with 2 blocks per SM (benchmarks/results/gpu_sweep_prefetch.md), too close to
-    take a second path for."""
+    0.878-0.901 ms at TF32 (benchmarks/results/gpu_sweep_prefetch.md): to be taken at TF32 once
+    the layer is measured with it."""
     return Kg == K and takes(C, K, V)
 
 
