@@ -51,13 +51,13 @@ def takes(C: int, K: int, V: int) -> bool:
     return C == 4 * S and K % KQ == 0 and K <= 128 and K + V <= THREADS
 
 
-def chosen(C: int, K: int, V: int, Kg: int) -> bool:
-    """Whether the cuda target runs intra_chunk with this kernel: a gate per key channel (on an H100 at
-    (1, 8192, 32, 128), 3 blocks per SM: 1.05 ms against 2.04 ms for intra_chunk.py's kernel). One gate
-    per head keeps intra_chunk.py's: 0.946 ms there, this kernel's decayed path 0.938 ms at 3xTF32 and
-    0.878-0.901 ms at TF32 (benchmarks/results/gpu_sweep_prefetch.md): to be taken at TF32 once
-    the layer is measured with it."""
-    return Kg == K and takes(C, K, V)
+def chosen(C: int, K: int, V: int, Kg: int, split: bool = SPLIT) -> bool:
+    """Whether the cuda target runs intra_chunk with this kernel (one gate per head through its decayed
+    path). On an H100 at (1, 8192, 32, 128), 3 blocks per SM (benchmarks/results/gpu_sweep_prefetch.md):
+    a gate per key channel 1.05 ms against 2.04 ms for intra_chunk.py's kernel; one gate per head 0.901
+    ms at TF32 against 0.946 ms there, but 0.938 ms at 3xTF32 (split): intra_chunk.py's kernel, exact
+    in float32, keeps that one."""
+    return (Kg == K or not split) and takes(C, K, V)
 
 
 def _lower_pairs(blocks: int, strict: bool):

@@ -108,6 +108,25 @@ def test_cuda_layer_uses_the_tensor_core_kernels(layer):
     assert ("intra_chunk_kernel" in source) == (layer == "gdn")
 
 
+@pytest.mark.parametrize("dtype,precision,tensor_cores", [("f32", "highest", False), ("f32", "tf32", True),
+                                                        ("bf16", None, True)])
+def test_gdn_intra_chunk_on_tensor_cores_at_tf32(dtype, precision, tensor_cores, tmp_path):
+    """One gate per head: intra_chunk_mma's decayed path at one TF32 product (faster there), the exact
+    CUDA-core kernel at "highest" (intra_chunk_mma.chosen)."""
+    from dnir.lowering.registry import build, target_context
+    from dnir.lowering.tvm.compile import cuda_source
+    from dnir.models import build as build_layer
+    from dnir.passes import optimize
+    with target_context("cuda"):
+        graph = optimize(build_layer("gdn", seq_len=130, heads=1, value_heads=2, head_dim=128, value_dim=128,
+                                     dtype=dtype, precision=precision, final_state=True), "O2")
+    source = cuda_source(build(graph, "cuda", arch="sm_90"))
+    assert ("intra_chunk_mma_kernel" in source) == tensor_cores
+    assert ("intra_chunk_kernel" in source) == (not tensor_cores)
+    if tensor_cores:
+        assert "mma.sync" in sm90_ptx(source, tmp_path)
+
+
 MMA = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
 
 
