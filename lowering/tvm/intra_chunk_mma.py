@@ -9,15 +9,15 @@ so that a warp's fragment loads hit 32 banks) and every warp adds its tiles' pro
 
 - One gate per head (Kg = 1): the decay of a pair is one scalar, so the scores are
   kk = (k k^T) o E and qk = (q k^T) o E with E_ij = exp(D_ij), D_ij = sum_{j < l <= i} g,
-  0 above the diagonal. The products take the raw q and k (the ten 16 x 16 blocks on and
-  below the diagonal, 40 tiles: 5 a warp); E is a [C, C] table computed once, a thread per
-  row and 16-column block summing its gates down from the row (each D_ij a sum over its
-  own segment), in the space kk takes afterwards.
+  0 above the diagonal. The products take the raw q and k: warp w the 16 rows of block
+  w % 4 of kk (w < 4) or qk against the k rows up to the end of that block (`row_products`);
+  E is a [C, C] table computed once, a thread per row and 16-column block summing its gates
+  down from the row (each D_ij a sum over its own segment), in the space kk takes afterwards.
 - A gate per key channel (Kg = K): below the diagonal as intra_chunk.py does it, rows of
   row block a decayed to r = 16 a and columns before r decayed from r, both by sums over
   their own segments, now staged for all three row blocks at once (a warp per role: the
-  rows of one block, or the columns of one) and multiplied on tensor cores (24 tiles, 3 a
-  warp). The diagonal blocks, whose decay differs per channel and pair, on CUDA cores by
+  rows of one block, or the columns of one) and multiplied on tensor cores (warp w: the rows
+  of block w % 4, of kk or qk, against the columns before it). The diagonal blocks, whose decay differs per channel and pair, on CUDA cores by
   halving (`diagonal_by_halves`): every pair of a block lies in one pair of sub-blocks of 8, 4,
   2 or 1 tokens whose boundary splits its decay, so rows and columns staged decayed to that
   boundary (at most 8 gates summed each) leave plain products, a thread per pair, no exp and
@@ -60,11 +60,6 @@ def chosen(C: int, K: int, V: int, Kg: int, split: bool = SPLIT) -> bool:
     return (Kg == K or not split) and takes(C, K, V)
 
 
-def _lower_pairs(blocks: int, strict: bool):
-    """(a, b) of the 16 x 16 blocks below (strict) or on and below the diagonal, row by row."""
-    return [(a, b) for a in range(blocks) for b in range(a + (0 if strict else 1))]
-
-
 def _pick(index, values):
     """values[index] for a run-time index: a chain of selects over the table."""
     out = values[-1]
@@ -87,10 +82,10 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     blocks = C // S
     per_key = Kg == K or decayed
     gk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
-    pairs = _lower_pairs(blocks, strict=per_key)
-    tiles = 4 * len(pairs)                     # (pair, 8-column half, kk or qk)
-    assert tiles % WARPS == 0
-    TW = tiles // WARPS                        # tiles a warp
+    # warp w takes the 16 rows of block a = w % 4 of kk (w < 4) or qk, as a row of 8-column tiles: per
+    # head against every k row up to the end of that block, per key channel against the columns before it
+    NT = C // mma.N if not per_key else (blocks - 1) * S // mma.N
+    assert WARPS == 2 * blocks
     zero = T.cast(0, dtype)
     # kk is stored times beta_i (one product less in the solve's inner loop) unless intra_chunk.phases'
     # `diagonal` writes part of it
@@ -107,53 +102,52 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     def task(t):
         return t // (R * HV), (t // HV) % R, t % HV
 
-    def tile(s):
-        """(a, b, half, product) of tile s: product 0 kk, 1 qk."""
-        p = s // 4
-        return _pick(p, [a for a, _ in pairs]), _pick(p, [b for _, b in pairs]), s // 2 % 2, s % 2
+    def a_base(w):                             # the staged row of warp w's left operand's first row
+        if per_key:                            # q rows of blocks 1.. decayed to their r, then the k rows
+            return ((1 - w // blocks) * (blocks - 1) + w % blocks - 1) * S
+        return w // blocks * C + w % blocks * S          # k rows, then q rows
 
-    def a_row(s):                              # the first staged row of tile s's left operand
-        a, _, _, pr = tile(s)
-        if per_key:
-            return (1 - pr) * (blocks - 1) * S + (a - 1) * S     # k rows after the q rows
-        return pr * C + a * S                                     # q rows after the k rows
+    def b_base(w):                             # the staged row of warp w's first column
+        return 2 * (blocks - 1) * S + S * (w % blocks) * (w % blocks - 1) // 2 if per_key else 0
 
-    def b_row(s):                              # the first staged row of tile s's right operand
-        a, b, half, _ = tile(s)
-        if per_key:
-            return _pick(a, col0) + b * S + half * mma.N
-        return b * S + half * mma.N
+    def tile_used(w, j):                       # (warp-uniform) tile j holds columns the warp's rows need
+        return j * mma.N < (w % blocks + (0 if per_key else 1)) * S
 
-    def out_at(s, lane, i):                    # (row, column) of accumulator element i in the chunk
-        a, b, half, _ = tile(s)
-        return a * S + mma.d_at(lane, i)[0], b * S + half * mma.N + mma.d_at(lane, i)[1]
+    def row_at(w, lane, j, i):                 # (row, column) in the chunk of warp w's element i of tile j
+        return w % blocks * S + mma.d_at(lane, i)[0], j * mma.N + mma.d_at(lane, i)[1]
 
     @T.macro
     def products(X, acc, fa, fb, w, lane):
-        """acc += every tile's product over the staged quarter of channels."""
-        for u in T.unroll(TW):
-            for k8 in T.unroll(KQ // mma.K8):
-                for i in T.unroll(4):
-                    fa[i] = X[(a_row(w * TW + u) + mma.a_at(lane, i)[0]) * P + k8 * mma.K8 + mma.a_at(lane, i)[1]]
-                    fa[4 + i] = mma.low_part(fa[i])
-                for i in T.unroll(2):          # B = the staged columns transposed
-                    fb[i] = X[(b_row(w * TW + u) + mma.b_at(lane, i)[1]) * P + k8 * mma.K8 + mma.b_at(lane, i)[0]]
-                    fb[2 + i] = mma.low_part(fb[i])
-                mma.mma(acc, 4 * u, fa, fb, split)
+        """acc += warp w's row of tiles over the staged quarter of channels. The number of tiles a warp
+        uses is warp-uniform and each tile's accumulators sit at fixed registers: a table of (warp,
+        tile) pairs picked at run time cost ten times the products' instructions in branches and moves."""
+        for k8 in T.unroll(KQ // mma.K8):
+            for i in T.unroll(4):
+                fa[i] = X[(a_base(w) + mma.a_at(lane, i)[0]) * P + k8 * mma.K8 + mma.a_at(lane, i)[1]]
+                fa[4 + i] = mma.low_part(fa[i])
+            for j in T.unroll(NT):
+                if tile_used(w, j):
+                    for i in T.unroll(2):      # B = the staged columns transposed
+                        fb[i] = X[(b_base(w) + j * mma.N + mma.b_at(lane, i)[1]) * P + k8 * mma.K8
+                                  + mma.b_at(lane, i)[0]]
+                        fb[2 + i] = mma.low_part(fb[i])
+                    mma.mma(acc, 4 * j, fa, fb, split)
 
     def kk_value(x, Bt, b, n, h, i):          # what KK holds for kk_ij = x
         return x * load(Bt, b, n * C + i, h, 0) if scaled else x
 
     @T.macro
     def store(KK, A, Bt, acc, n, b, h, w, lane):
-        """kk's tiles into KK, qk's into A (warp-uniform choice)."""
-        for u in T.unroll(TW):
+        """kk's tiles into KK, qk's into A (warp-uniform choice); per head whole rows, qk's zeros above
+        the diagonal too."""
+        for j in T.unroll(NT):
             for i in T.unroll(4):
-                if tile(w * TW + u)[3] == 0:
-                    KK[out_at(w * TW + u, lane, i)[0] * C + out_at(w * TW + u, lane, i)[1]] = kk_value(
-                        acc[4 * u + i], Bt, b, n, h, out_at(w * TW + u, lane, i)[0])
-                else:
-                    A[n, b, h, out_at(w * TW + u, lane, i)[0], out_at(w * TW + u, lane, i)[1]] = acc[4 * u + i]
+                if j * mma.N < (w % blocks * S if per_key else C):
+                    if w < blocks:
+                        KK[row_at(w, lane, j, i)[0] * C + row_at(w, lane, j, i)[1]] = kk_value(
+                            acc[4 * j + i], Bt, b, n, h, row_at(w, lane, j, i)[0])
+                    else:
+                        A[n, b, h, row_at(w, lane, j, i)[0], row_at(w, lane, j, i)[1]] = acc[4 * j + i]
 
     @T.macro
     def upper_zeros(A, n, b, h, tx):
@@ -184,7 +178,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 tx % blocks * S + S - 1 - j1 <= tx // blocks, T.exp(run[0]), zero)
             run[0] = run[0] + T.Select(tx % blocks * S + S - 1 - j1 <= tx // blocks,
                                        Y[tx % blocks * S + S - 1 - j1], zero)
-        for i in T.unroll(4 * TW):
+        for i in T.unroll(4 * NT):
             acc[i] = zero
         fetch_rows(Q, Kx, pf, 0, n, b, h, tx)
         for kq in range(K // KQ):
@@ -195,13 +189,12 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
             T.tvm_storage_sync("shared")
             fetch_rows(Q, Kx, pf, T.min(kq + 1, K // KQ - 1), n, b, h, tx)   # the next quarter's, meanwhile
             products(X, acc, fa, fb, tx // 32, tx % 32)
-        for u in T.unroll(TW):
+        for j in T.unroll(NT):                 # times E, which is 0 above the diagonal
             for i in T.unroll(4):
-                acc[4 * u + i] = acc[4 * u + i] * KK[out_at(tx // 32 * TW + u, tx % 32, i)[0] * C
-                                                     + out_at(tx // 32 * TW + u, tx % 32, i)[1]]
+                acc[4 * j + i] = acc[4 * j + i] * KK[row_at(tx // 32, tx % 32, j, i)[0] * C
+                                                     + row_at(tx // 32, tx % 32, j, i)[1]]
         T.tvm_storage_sync("shared")          # every E read before kk takes its place
         store(KK, A, Bt, acc, n, b, h, tx // 32, tx % 32)
-        upper_zeros(A, n, b, h, tx)
 
     @T.macro
     def stage_decayed(Q, Kx, G, X, run, kq, n, b, h, tx):
@@ -337,7 +330,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     def scores_per_key(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, fa, fb, n, b, h, tx):
         """A gate per key channel: the diagonal blocks, then the six below them on tensor cores."""
         diagonals(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, n, b, h, tx)
-        for i in T.unroll(4 * TW):
+        for i in T.unroll(4 * NT):
             acc[i] = zero
         for kq in range(K // KQ):
             T.tvm_storage_sync("shared")
@@ -376,7 +369,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 run = T.alloc_local((2,), dtype)        # running sums; the solve's dot product
                 d = T.alloc_local((4,), dtype)
                 pf = T.alloc_local((max(3 * C * EC, 2 * C * KQ) // THREADS,), dtype)   # the next round's operands
-                acc = T.alloc_local((4 * TW,), dtype)
+                acc = T.alloc_local((4 * NT,), dtype)
                 fa = T.alloc_local((8,), dtype)
                 fb = T.alloc_local((4,), dtype)
                 x = T.alloc_local((C,), dtype)

@@ -78,9 +78,9 @@ def test_intra_chunk_mma_compiles_to_ptx(kg, split, tmp_path):
     from dnir.lowering.tvm import intra_chunk_mma as m
     R, NC, HV, C, K, V = 2, 3, 4, 64, 128, 128
     source = _source(m.intra_chunk_mma_kernel(R, NC, HV, C, K, V, kg, "float32", group=2, scale=0.5, split=split))
-    # per quarter of K (that loop is not unrolled): each warp's tiles (GDA: 40 of the 10 blocks on and
-    # below the diagonal, KDA: 24 of the 6 below it) over KQ / 8 k-steps
-    tiles = (40 if kg == 1 else 24) // m.WARPS
+    # per quarter of K (that loop is not unrolled): each warp's row of tiles over KQ / 8 k-steps, those
+    # right of its row block's diagonal block (GDA) or left of it (KDA) skipped at run time
+    tiles = C // 8 if kg == 1 else (C - 16) // 8
     expected = (3 if split else 1) * tiles * (m.KQ // 8)
     assert source.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == expected
     ptx = sm90_ptx(source, tmp_path)
