@@ -52,11 +52,12 @@ def takes(C: int, K: int, V: int) -> bool:
 
 
 def chosen(C: int, K: int, V: int, Kg: int, split: bool = SPLIT) -> bool:
-    """Whether the cuda target runs intra_chunk with this kernel (one gate per head through its decayed
-    path). On an H100 at (1, 8192, 32, 128), 3 blocks per SM (benchmarks/results/gpu_sweep_prefetch.md):
-    a gate per key channel 1.05 ms against 2.04 ms for intra_chunk.py's kernel; one gate per head 0.901
-    ms at TF32 against 0.946 ms there, but 0.938 ms at 3xTF32 (split): intra_chunk.py's kernel, exact
-    in float32, keeps that one."""
+    """Whether the cuda target runs intra_chunk with this kernel: a gate per key channel (on an H100 at
+    (1, 8192, 32, 128), 3 blocks per SM: 1.05 ms against 2.04 ms for intra_chunk.py's kernel,
+    benchmarks/results/gpu_sweep_prefetch.md), and one gate per head at one TF32 product (its products
+    by rows of tiles: 7.0k instructions a thread against 20.6k for the tile table and 19.2k through the
+    per-channel path, which ran 0.90 ms against intra_chunk.py's 0.95 ms). At 3xTF32 (split) one gate
+    per head keeps intra_chunk.py's kernel, exact in float32."""
     return (Kg == K or not split) and takes(C, K, V)
 
 

@@ -561,11 +561,9 @@ def _lower_intra_chunk(tr, node, args):
         return _call_fused(tr, node, gv, args)
     reads, narrow, group, scale = _intra_reads(tr, node, args)
     if tr.tensor_cores and dtype == "float32" and intra_chunk_mma.chosen(*sizes[3:], split=tr.split):
-        decayed = sizes[-1] != sizes[4]          # one gate per head, through the per-channel path
-        gv = tr.prim(("intra_chunk_mma", *sizes, dtype, group, scale, tuple(sorted(narrow.items())), tr.split,
-                      decayed),
+        gv = tr.prim(("intra_chunk_mma", *sizes, dtype, group, scale, tuple(sorted(narrow.items())), tr.split),
                      lambda: intra_chunk_mma.intra_chunk_mma_kernel(*sizes, dtype, group, scale, narrow,
-                                                                    split=tr.split, decayed=decayed))
+                                                                    split=tr.split))
         return _call_fused(tr, node, gv, reads)
     gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype, group, scale, tuple(sorted(narrow.items()))),
                  lambda: intra_chunk.intra_chunk_kernel(*sizes, dtype, group, scale, narrow))

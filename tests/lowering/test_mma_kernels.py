@@ -111,7 +111,7 @@ def test_cuda_layer_uses_the_tensor_core_kernels(layer):
 @pytest.mark.parametrize("dtype,precision,tensor_cores", [("f32", "highest", False), ("f32", "tf32", True),
                                                         ("bf16", None, True)])
 def test_gdn_intra_chunk_on_tensor_cores_at_tf32(dtype, precision, tensor_cores, tmp_path):
-    """One gate per head: intra_chunk_mma's decayed path at one TF32 product (faster there), the exact
+    """One gate per head: intra_chunk_mma at one TF32 product (faster there), the exact
     CUDA-core kernel at "highest" (intra_chunk_mma.chosen)."""
     from dnir.lowering.registry import build, target_context
     from dnir.lowering.tvm.compile import cuda_source
