@@ -41,6 +41,7 @@ def register(sub):
 def layer_family(graph):
     """(the layer's config, the pipeline that made the file from it), or (None, why the graph is not
     a layer that dnir build and O0, O1 or O2 make: then only its own shapes can be exported)."""
+    from dnir.graph import Graph
     from dnir.models import DeltaNetConfig, build_delta_net
     from dnir.passes import optimize
     from dnir.text import print_graph
@@ -50,8 +51,15 @@ def layer_family(graph):
     if cfg.cu_seqlens is not None:
         return None, "packed sequences (cu_seqlens) fix the lengths"
     text = print_graph(graph)
+    # a file written before the layers had a precision: read with its dtype's default (from_meta), the
+    # graph is the same but for that key of the metadata
+    legacy = "precision" not in graph.meta
     for level in ("O0", "O1", "O2"):
-        if print_graph(optimize(build_delta_net(cfg), level)) == text:
+        built = optimize(build_delta_net(cfg), level)
+        if legacy:
+            built = Graph(built.inputs, built.outputs, built.output_names,
+                          {k: v for k, v in built.meta.items() if k != "precision"})
+        if print_graph(built) == text:
             return cfg, level
     return None, "not the layer its metadata describes as built and optimised by O0, O1 or O2"
 

@@ -188,3 +188,22 @@ def test_fixed_shapes_on_request_and_for_graphs_that_are_no_layer(tmp_path, caps
                                        chunk_size=16)))
     assert main(["export", str(source), "--format", "ggml-c", "-o", str(tmp_path / "a.c"), "--fixed-shapes"]) == 0
     assert "n_tokens" not in (tmp_path / "a.c").read_text() and "for its own shapes" in capsys.readouterr().out
+
+
+def test_a_layer_file_written_before_precision_still_exports_for_any_length(tmp_path, capsys):
+    """Files from before the layers had a precision (no such key in their metadata) are read with their
+    dtype's default, and `dnir export` still recognises them as the O2 layer: a function for any length."""
+    import re
+
+    from dnir.cli import main
+    graph = dnir.passes.optimize(build("gdn", mode="chunked", seq_len=48, heads=2, head_dim=16, value_dim=16,
+                                       chunk_size=16), "O2")
+    text = dnir.print(graph)
+    old = re.sub(r', precision="\w+"', "", text)
+    assert old != text
+    source = tmp_path / "gdn.dnir"
+    source.write_text(old)
+    assert main(["export", str(source), "--format", "ggml-c", "-o", str(tmp_path / "a.c")]) == 0
+    assert "for any n_tokens, n_seqs" in capsys.readouterr().out
+    assert "int64_t n_tokens," in (tmp_path / "a.c").read_text()
+
