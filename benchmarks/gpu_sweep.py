@@ -38,7 +38,8 @@ STATES_PREFETCH = [(vt, split, prefetch, 4) for vt in (16, 32) for split in (Tru
                    for prefetch in ("registers", "async")] + [(16, True, "async", 2)]
 # tensor-core scores: (3xTF32, blocks per SM, KDA halving, GDA through the decayed rows)
 INTRA_MMA = [(True, 1, True, False), (True, 2, True, False), (True, 3, True, False), (True, 2, True, True),
-             (True, 3, True, True), (False, 3, True, False), (False, 2, True, True), (False, 3, True, True)]
+             (True, 3, True, True), (False, 3, True, False), (False, 2, True, False), (False, 2, True, True),
+             (False, 3, True, True)]
 # what each step of intra_chunk_mma costs: its time at 3 blocks per SM without it (outputs then differ)
 INTRA_SKIPS = {"gdn": ["operands", "scores", "solve"], "kda": ["operands", "scores", "diagonals", "solve"]}
 MIN_BLOCKS = [1, 2, 3]                                    # intra_chunk's blocks per SM

@@ -57,7 +57,8 @@ WARPS = 4
 VT, SPLIT = 16, True
 PREFETCH = (None, "registers", "async")   # how the staged halves arrive (None: synchronously)
 # what the cuda target runs. Alone, on an H100 at (1, 8192, 32, 128), GDA and KDA: 0.88 ms synchronously,
-# 0.80 through registers, 0.57-0.60 async, the same outputs bit for bit (benchmarks/results/gpu_sweep_prefetch.md)
+# 0.80 through registers, 0.57-0.60 async, the same outputs bit for bit (benchmarks/results/gpu_sweep_prefetch.md);
+# in the layers of benchmarks/results/gpu.md 0.49-0.57 ms (0.80 synchronously in the run before)
 CHOSEN = "async"
 STAGES = 4                                # prefetch="async": halves resident or in flight
 

@@ -28,9 +28,9 @@ of the gates from the chunk start:
     thread itself, and kk read from shared memory four words a load (one word for
     the whole block).
 
-CUDA cores, float32; Vulkan's kernel, and CUDA's for one gate per head
-(intra_chunk_mma.chosen). On an H100 at (1, 8192, 32, 128) it is still the
-layer's largest kernel (0.95 ms of 2.1 for GDA, benchmarks/results/gpu.md) though it
+CUDA cores, float32; Vulkan's kernel, and CUDA's for one gate per head at precision
+"highest" (intra_chunk_mma.chosen). On an H100 at (1, 8192, 32, 128) it is still that
+layer's largest kernel (0.94 ms of 1.81 for GDA, benchmarks/results/gpu.md) though it
 holds a third of the FLOPs: the solve's column of C values a thread caps it at 3 blocks
 an SM (80 registers, some spilled) to hide the serial phases' latency, and KDA's
 diagonal blocks sum 16 masked gates per channel and pair (2.04 ms there).

@@ -55,9 +55,11 @@ def chosen(C: int, K: int, V: int, Kg: int, split: bool = SPLIT) -> bool:
     """Whether the cuda target runs intra_chunk with this kernel: a gate per key channel (on an H100 at
     (1, 8192, 32, 128), 3 blocks per SM: 1.05 ms against 2.04 ms for intra_chunk.py's kernel,
     benchmarks/results/gpu_sweep_prefetch.md), and one gate per head at one TF32 product (its products
-    by rows of tiles: 7.0k instructions a thread against 20.6k for the tile table and 19.2k through the
-    per-channel path, which ran 0.90 ms against intra_chunk.py's 0.95 ms). At 3xTF32 (split) one gate
-    per head keeps intra_chunk.py's kernel, exact in float32."""
+    by rows of tiles: 7.0k instructions a thread against 19.2k through the per-channel path; 0.627
+    against 0.915 ms, benchmarks/results/gpu_sweep_rows.md). At 3xTF32 (split) one gate per head keeps
+    intra_chunk.py's kernel, exact in float32, as the layers were measured (gpu.md); this kernel at
+    3xTF32 and 2 blocks an SM took 0.567 ms there against its 0.942, to be taken with a run of the
+    layers."""
     return (Kg == K or not split) and takes(C, K, V)
 
 
