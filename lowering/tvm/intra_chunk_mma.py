@@ -17,10 +17,10 @@ so that a warp's fragment loads hit 32 banks) and every warp adds its tiles' pro
   row block a decayed to r = 16 a and columns before r decayed from r, both by sums over
   their own segments, now staged for all three row blocks at once (a warp per role: the
   rows of one block, or the columns of one) and multiplied on tensor cores (warp w: the rows
-  of block w % 4, of kk or qk, against the columns before it). The diagonal blocks, whose decay differs per channel and pair, on CUDA cores by
-  halving (`diagonal_by_halves`): every pair of a block lies in one pair of sub-blocks of 8, 4,
-  2 or 1 tokens whose boundary splits its decay, so rows and columns staged decayed to that
-  boundary (at most 8 gates summed each) leave plain products, a thread per pair, no exp and
+  of block w % 4, of kk or qk, against the columns before it). The diagonal blocks, whose
+  decay differs per channel and pair, on CUDA cores by halving (`diagonal_by_halves`): every
+  pair of a block lies in one pair of sub-blocks of 8, 4, 2 or 1 tokens whose boundary splits
+  its decay, so rows and columns staged decayed to that boundary (at most 8 gates summed each) leave plain products, a thread per pair, no exp and
   no per-pair gate sums in the channel loop (intra_chunk.py's thread per pair sums 16 masked
   gates per channel).
 
@@ -145,7 +145,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         the diagonal too."""
         for j in T.unroll(NT):
             for i in T.unroll(4):
-                if j * mma.N < (w % blocks * S if per_key else C):
+                if j * mma.N < (w % blocks * S if per_key else C):     # per key: tile_used
                     if w < blocks:
                         KK[row_at(w, lane, j, i)[0] * C + row_at(w, lane, j, i)[1]] = kk_value(
                             acc[4 * j + i], Bt, b, n, h, row_at(w, lane, j, i)[0])

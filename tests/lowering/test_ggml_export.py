@@ -206,4 +206,3 @@ def test_a_layer_file_written_before_precision_still_exports_for_any_length(tmp_
     assert main(["export", str(source), "--format", "ggml-c", "-o", str(tmp_path / "a.c")]) == 0
     assert "for any n_tokens, n_seqs" in capsys.readouterr().out
     assert "int64_t n_tokens," in (tmp_path / "a.c").read_text()
-
