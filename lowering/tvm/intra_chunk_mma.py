@@ -58,8 +58,8 @@ def chosen(C: int, K: int, V: int, Kg: int, split: bool = SPLIT) -> bool:
     by rows of tiles: 7.0k instructions a thread against 19.2k through the per-channel path; 0.627
     against 0.915 ms, benchmarks/results/gpu_sweep_rows.md). At 3xTF32 (split) one gate per head keeps
     intra_chunk.py's kernel, exact in float32, as the layers were measured (gpu.md); this kernel at
-    3xTF32 and 2 blocks an SM took 0.567 ms there against its 0.942, to be taken with a run of the
-    layers."""
+    3xTF32 and 2 blocks an SM took 0.567 ms there against intra_chunk.py's 0.942, to be taken with a
+    run of the layers."""
     return (Kg == K or not split) and takes(C, K, V)
 
 
