@@ -20,9 +20,9 @@ so that a warp's fragment loads hit 32 banks) and every warp adds its tiles' pro
   of block w % 4, of kk or qk, against the columns before it). The diagonal blocks, whose
   decay differs per channel and pair, on CUDA cores by halving (`diagonal_by_halves`): every
   pair of a block lies in one pair of sub-blocks of 8, 4, 2 or 1 tokens whose boundary splits
-  its decay, so rows and columns staged decayed to that boundary (at most 8 gates summed each) leave plain products, a thread per pair, no exp and
-  no per-pair gate sums in the channel loop (intra_chunk.py's thread per pair sums 16 masked
-  gates per channel).
+  its decay, so rows and columns staged decayed to that boundary (at most 8 gates summed
+  each) leave plain products, a thread per pair, no exp and no per-pair gate sums in the
+  channel loop (intra_chunk.py's thread per pair sums 16 masked gates per channel).
 
 Every exponent stays a sum of gates of one sign over its own segment: finite and exact to
 rounding however strong the gates. Shared memory: kk [C, C] and the staging buffer (KDA:
@@ -97,8 +97,10 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     q_at, k_at, load = loads(dtype, group, scale)
     upper = [(a, b) for a in range(blocks) for b in range(a + 1, blocks)]
     # KDA's staging buffer: q rows of blocks 1..3 decayed to their r, then k rows, then the columns
-    # before each r decayed from it (r of them for block a, at col0[a])
-    col0 = [2 * (blocks - 1) * S + S * a * (a - 1) // 2 for a in range(blocks)]
+    # before each r decayed from it (r of them for block a, at col_start(a))
+    def col_start(a):                          # a: a row block, or a run-time expression of one
+        return 2 * (blocks - 1) * S + S * a * (a - 1) // 2
+    col0 = [col_start(a) for a in range(blocks)]
     rows = (col0[-1] + (blocks - 1) * S) if per_key else 2 * C
     words = max(rows * P, 3 * S * (K + 1), 8 * C * PE) if per_key else rows * P
 
@@ -111,10 +113,13 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         return w // blocks * C + w % blocks * S          # k rows, then q rows
 
     def b_base(w):                             # the staged row of warp w's first column
-        return 2 * (blocks - 1) * S + S * (w % blocks) * (w % blocks - 1) // 2 if per_key else 0
+        return col_start(w % blocks) if per_key else 0
 
     def tile_used(w, j):                       # (warp-uniform) tile j holds columns the warp's rows need
         return j * mma.N < (w % blocks + (0 if per_key else 1)) * S
+
+    def tile_stored(w, j):                     # per head every tile: qk's zeros above the diagonal too
+        return tile_used(w, j) if per_key else j * mma.N < C
 
     def row_at(w, lane, j, i):                 # (row, column) in the chunk of warp w's element i of tile j
         return w % blocks * S + mma.d_at(lane, i)[0], j * mma.N + mma.d_at(lane, i)[1]
@@ -145,7 +150,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         the diagonal too."""
         for j in T.unroll(NT):
             for i in T.unroll(4):
-                if j * mma.N < (w % blocks * S if per_key else C):     # per key: tile_used
+                if tile_stored(w, j):
                     if w < blocks:
                         KK[row_at(w, lane, j, i)[0] * C + row_at(w, lane, j, i)[1]] = kk_value(
                             acc[4 * j + i], Bt, b, n, h, row_at(w, lane, j, i)[0])

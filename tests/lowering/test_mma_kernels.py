@@ -100,8 +100,7 @@ def test_cuda_layer_uses_the_tensor_core_kernels(layer):
     source = cuda_source(build(graph, "cuda", arch="sm_90"))
     assert "mma.sync.aligned.m16n8k8" in source and "chunk_states_kernel" in source
     # the loop over chunks as chunk_states_mma.CHOSEN fetches its operands: by cp.async or not
-    (states,) = [k for k in re.split(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?', source)
-                 if k.startswith("chunk_states_kernel(") and "{" in k]
+    states = _kernels(source)["chunk_states_kernel"]
     assert ("cp_async_cg" in states and "wait_group" in states) == (chunk_states_mma.CHOSEN == "async")
     # intra_chunk on tensor cores for a gate per key channel (intra_chunk_mma.chosen)
     assert ("intra_chunk_mma_kernel" in source) == (layer == "kda")
@@ -130,10 +129,15 @@ def test_gdn_intra_chunk_on_tensor_cores_at_tf32(dtype, precision, tensor_cores,
 MMA = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
 
 
+def _kernels(source: str) -> dict[str, str]:
+    """kernel name -> its definition in the CUDA source (declarations, which have no body, left out)."""
+    kernels = re.split(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?', source)[1:]
+    return {k.split("(", 1)[0]: k for k in kernels if "{" in k}
+
+
 def _mma_per_kernel(source: str) -> dict[str, int]:
     """kernel name -> its mma instructions in the CUDA source."""
-    kernels = re.split(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?', source)[1:]
-    return {k.split("(", 1)[0]: k.count(MMA) for k in kernels if MMA in k}
+    return {name: k.count(MMA) for name, k in _kernels(source).items() if MMA in k}
 
 
 def test_precision_picks_one_tf32_product_or_three(tmp_path):
