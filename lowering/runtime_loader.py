@@ -66,8 +66,9 @@ def _find_cudart() -> str | None:
 # registers). intra_chunk: 169-176 registers a thread left one 256-thread block per SM; at 3
 # (80 registers, 300 B spilled) it ran 1.69 -> 1.16 ms (GDA) and 2.91 -> 2.16 ms (KDA) at
 # (1, 8192, 32, 128) on an H200 (benchmarks/results/gpu_sweep.md). intra_chunk_mma (KDA) likewise on an
-# H100: 1.83 (1 block), 1.44 (2), 1.40 ms (3).
-MIN_BLOCKS_PER_SM = {"intra_chunk_kernel": 3, "intra_chunk_mma_kernel": 3}
+# H100: 1.83 (1 block), 1.44 (2), 1.40 ms (3); since its products run by rows of tiles, 2 blocks beat 3:
+# 0.541 against 0.627 ms (GDA, TF32), 0.914 against 0.995 (KDA) (gpu_sweep_rows.md).
+MIN_BLOCKS_PER_SM = {"intra_chunk_kernel": 3, "intra_chunk_mma_kernel": 2}
 
 
 def with_launch_bounds(source: str, min_blocks: dict[str, int] = MIN_BLOCKS_PER_SM) -> str:

@@ -51,16 +51,13 @@ def takes(C: int, K: int, V: int) -> bool:
     return C == 4 * S and K % KQ == 0 and K <= 128 and K + V <= THREADS
 
 
-def chosen(C: int, K: int, V: int, Kg: int, split: bool = SPLIT) -> bool:
-    """Whether the cuda target runs intra_chunk with this kernel: a gate per key channel (on an H100 at
-    (1, 8192, 32, 128), 3 blocks per SM: 1.05 ms against 2.04 ms for intra_chunk.py's kernel,
-    benchmarks/results/gpu_sweep_prefetch.md), and one gate per head at one TF32 product (its products
-    by rows of tiles: 7.0k instructions a thread against 19.2k through the per-channel path; 0.627
-    against 0.915 ms, benchmarks/results/gpu_sweep_rows.md). At 3xTF32 (split) one gate per head keeps
-    intra_chunk.py's kernel, exact in float32, as the layers were measured (gpu.md); this kernel at
-    3xTF32 and 2 blocks an SM took 0.567 ms there against intra_chunk.py's 0.942, to be taken with a
-    run of the layers."""
-    return (Kg == K or not split) and takes(C, K, V)
+def chosen(C: int, K: int, V: int, Kg: int) -> bool:
+    """Whether the cuda target runs intra_chunk with this kernel: wherever it takes the sizes. On an H100
+    at (1, 8192, 32, 128), 2 blocks an SM: a gate per key channel 0.914 ms at TF32 against 2.04 ms for
+    intra_chunk.py's kernel; one gate per head, its products by rows of tiles, 0.541 ms at TF32 and
+    0.567 at 3xTF32 (the same accuracy as intra_chunk.py's exact kernel, 1.8e-6 apart) against 0.942
+    (benchmarks/results/gpu_sweep_rows.md)."""
+    return takes(C, K, V)
 
 
 def _pick(index, values):

@@ -560,7 +560,7 @@ def _lower_intra_chunk(tr, node, args):
         gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype), lambda: cpu_intra_chunk.intra_chunk_kernel(*sizes, dtype))
         return _call_fused(tr, node, gv, args)
     reads, narrow, group, scale = _intra_reads(tr, node, args)
-    if tr.tensor_cores and dtype == "float32" and intra_chunk_mma.chosen(*sizes[3:], split=tr.split):
+    if tr.tensor_cores and dtype == "float32" and intra_chunk_mma.chosen(*sizes[3:]):
         gv = tr.prim(("intra_chunk_mma", *sizes, dtype, group, scale, tuple(sorted(narrow.items())), tr.split),
                      lambda: intra_chunk_mma.intra_chunk_mma_kernel(*sizes, dtype, group, scale, narrow,
                                                                     split=tr.split))

@@ -85,9 +85,8 @@ def test_the_cuda_layer_reads_raw_q_k_v_beta(dtype):
         graph = passes.optimize(build_delta_net(cfg), "O2")
     main = translate(registry.prepare(graph, "cuda"), gpu=True, target_name="cuda")["main"].script()
     calls = [line for line in main.splitlines() if "R.call_tir(" in line]
-    # bf16 takes one TF32 product: intra_chunk on tensor cores (intra_chunk_mma.chosen)
-    intra_kernel = "intra_chunk_mma" if dtype == "bf16" else "intra_chunk"
-    assert [c.split("R.call_tir(")[1].split(",")[0] for c in calls] == [intra_kernel, "chunk_states", "chunk_output"]
+    # intra_chunk on tensor cores (intra_chunk_mma.chosen)
+    assert [c.split("R.call_tir(")[1].split(",")[0] for c in calls] == ["intra_chunk_mma", "chunk_states", "chunk_output"]
     assert "R.multiply" not in main and "R.broadcast_to" not in main
     assert "R.astype" not in main                                       # no cast of o, no kernel for it
     assert f'R.Tensor((1, 128, 4, 32), dtype="{"bfloat16" if dtype == "bf16" else "float32"}")' in calls[2]

@@ -102,28 +102,28 @@ def test_cuda_layer_uses_the_tensor_core_kernels(layer):
     # the loop over chunks as chunk_states_mma.CHOSEN fetches its operands: by cp.async or not
     states = _kernels(source)["chunk_states_kernel"]
     assert ("cp_async_cg" in states and "wait_group" in states) == (chunk_states_mma.CHOSEN == "async")
-    # intra_chunk on tensor cores for a gate per key channel (intra_chunk_mma.chosen)
-    assert ("intra_chunk_mma_kernel" in source) == (layer == "kda")
-    assert ("intra_chunk_kernel" in source) == (layer == "gdn")
+    # intra_chunk on tensor cores for both gate variants (intra_chunk_mma.chosen)
+    assert "intra_chunk_mma_kernel" in source and "intra_chunk_kernel(" not in source
 
 
-@pytest.mark.parametrize("dtype,precision,tensor_cores", [("f32", "highest", False), ("f32", "tf32", True),
-                                                        ("bf16", None, True)])
-def test_gdn_intra_chunk_on_tensor_cores_at_tf32(dtype, precision, tensor_cores, tmp_path):
-    """One gate per head: intra_chunk_mma at one TF32 product (faster there), the exact
-    CUDA-core kernel at "highest" (intra_chunk_mma.chosen)."""
+def test_gdn_intra_chunk_on_tensor_cores(tmp_path):
+    """One gate per head: intra_chunk_mma at every precision, its scores 3xTF32 at "highest" (three
+    mma a product) and one TF32 product otherwise (intra_chunk_mma.chosen)."""
     from dnir.lowering.registry import build, target_context
     from dnir.lowering.tvm.compile import cuda_source
     from dnir.models import build as build_layer
     from dnir.passes import optimize
-    with target_context("cuda"):
-        graph = optimize(build_layer("gdn", seq_len=130, heads=1, value_heads=2, head_dim=128, value_dim=128,
-                                     dtype=dtype, precision=precision, final_state=True), "O2")
-    source = cuda_source(build(graph, "cuda", arch="sm_90"))
-    assert ("intra_chunk_mma_kernel" in source) == tensor_cores
-    assert ("intra_chunk_kernel" in source) == (not tensor_cores)
-    if tensor_cores:
+    counts = {}
+    for dtype, precision in (("f32", "highest"), ("f32", "tf32"), ("bf16", None)):
+        with target_context("cuda"):
+            graph = optimize(build_layer("gdn", seq_len=130, heads=1, value_heads=2, head_dim=128, value_dim=128,
+                                         dtype=dtype, precision=precision, final_state=True), "O2")
+        source = cuda_source(build(graph, "cuda", arch="sm_90"))
+        assert "intra_chunk_kernel" not in _kernels(source)
         assert "mma.sync" in sm90_ptx(source, tmp_path)
+        counts[dtype, precision] = _mma_per_kernel(source)["intra_chunk_mma_kernel"]
+    assert counts["f32", "highest"] == 3 * counts["f32", "tf32"] > 0
+    assert counts["bf16", None] == counts["f32", "tf32"]
 
 
 MMA = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
@@ -162,12 +162,12 @@ def test_precision_picks_one_tf32_product_or_three(tmp_path):
     assert counts["bf16", None] == tf32
 
 
-def test_intra_chunk_asks_for_three_blocks_per_sm():
+def test_intra_chunk_kernels_ask_for_blocks_per_sm():
     from dnir.lowering.runtime_loader import with_launch_bounds
     src = 'extern "C" __global__ void __launch_bounds__(256) intra_chunk_kernel(float* a) {}\n' \
           'extern "C" __global__ void __launch_bounds__(128) chunk_output_kernel(float* a) {}'
     out = with_launch_bounds(src)
     assert "__launch_bounds__(256, 3) intra_chunk_kernel(" in out
     assert "__launch_bounds__(128) chunk_output_kernel(" in out
-    assert "__launch_bounds__(256, 3) intra_chunk_mma_kernel(" in with_launch_bounds(
+    assert "__launch_bounds__(256, 2) intra_chunk_mma_kernel(" in with_launch_bounds(
         src.replace("intra_chunk_kernel", "intra_chunk_mma_kernel"))

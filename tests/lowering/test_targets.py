@@ -58,7 +58,9 @@ def test_cuda_without_a_gpu_is_a_backend_error():
 
 def _fused_delta_kernels():
     """A chunked layer (its loop over chunks), a decode layer (its step) and a recurrent one (a step
-    per token, inside its loop), each unit one kernel on GPUs."""
+    per token, inside its loop), each unit one kernel on GPUs. The chunked layer twice: its work local
+    to each chunk on tensor cores (intra_chunk_mma), and at a head size that kernel does not take
+    (K = 24, not whole quarters of 32 channels) on CUDA cores (intra_chunk.py)."""
     from backends import merge_graphs
     from dnir.lowering.registry import target_context
     from dnir.models import build
@@ -66,13 +68,14 @@ def _fused_delta_kernels():
     sizes = dict(heads=2, value_heads=4, head_dim=32, value_dim=32, initial_state=True, final_state=True)
     with target_context("cuda"):         # O2 for the GPU: the work local to each chunk is a fused op too
         prefill = optimize(build("gdn", seq_len=100, **sizes), "O2")
-    return merge_graphs({"prefill": prefill,
+        odd = optimize(build("kda", seq_len=100, **dict(sizes, head_dim=24)), "O2")
+    return merge_graphs({"prefill": prefill, "prefill_k24": odd,
                          "decode": optimize(build("kda", mode="decode", seq_len=1, batch=3,
                                                   **dict(sizes, value_heads=2)), "O2"),
                          "recurrent": optimize(build("gdn", mode="recurrent", seq_len=5, **sizes), "O2")})
 
 
-FUSED_KERNELS = ["intra_chunk_kernel", "chunk_states_kernel", "chunk_output_kernel", "decode_step_kernel"]
+FUSED_KERNELS = ["intra_chunk_mma_kernel", "intra_chunk_kernel", "chunk_states_kernel", "chunk_output_kernel", "decode_step_kernel"]
 
 
 @pytest.mark.parametrize("graph,kernels", [(build_all, ["solve_tri"]), (_fused_delta_kernels, FUSED_KERNELS)],
