@@ -9,12 +9,15 @@
         aqk [n, *batch, C, C]; last_decay [n, *batch, Kg, 1] with Kg 1 (one gate per
         head) or K (one per key channel). o is stacked per chunk: [n, *batch, C, V].
 
-    chunk_states(state, w, u, k_to_end, last_decay) -> (final state, starts, v_new)
+    chunk_states(state, w, u, k_to_end, last_decay) {dtype} -> (final state, starts, v_new)
         The part of the loop over chunks that must run in order. Per chunk n:
             starts[n] = S
             v_new[n]  = u[n] - w[n] S
             S         = S * last_decay[n] + k_to_end[n]^T v_new[n]
         Operands as chunk_scan's; starts [n, *batch, K, V], v_new [n, *batch, C, V].
+        dtype: starts and v_new stored narrower (bf16/fp16, each value rounded once as it is
+        stored: passes/narrow_loop_results.py); the loop carries S and v_new wide, so the final
+        state is the same either way. "" (the default): in the dtype the op computes in.
 
     chunk_output(q_decayed, starts, aqk, v_new) {token_major, dtype} -> o
         chunk_scan's output from chunk_states' results, every chunk at once:
@@ -199,9 +202,9 @@ OUTPUT_ROLES = ("q_decayed", "starts", "aqk", "v_new")
 
 
 def _infer_chunk_states(ins, attrs):
-    dtype = _state_dtype(ins, ("state",) + STATES_ROLES)
+    stored = _stored_dtype(_state_dtype(ins, ("state",) + STATES_ROLES), attrs["dtype"])
     n, batch, C, K, V, Kg = _chunk_sizes(ins, STATES_ROLES)
-    return ins[0], TensorType((n, *batch, K, V), dtype), TensorType((n, *batch, C, V), dtype)
+    return ins[0], TensorType((n, *batch, K, V), stored), TensorType((n, *batch, C, V), stored)
 
 
 def _chunk_states_flops(ins, out, attrs):
@@ -219,18 +222,23 @@ def _expand_chunk_states(node: Node) -> tuple[Node, ...]:
     new_state = make_node("add", (make_node("mul", (s, li), {}), grown), {})
     # the state a chunk starts from, as a result of its own (a body's output node is not its input)
     start = make_node("reshape", (s,), {"shape": s.shape})
-    body = Graph([s, wi, ui, ki, li], [new_state, start, v_new], ["state", "start", "v_new"])
+    stored = [start, v_new]
+    if node.attrs["dtype"]:           # stored narrower: the casts it stands for
+        stored = [make_node("cast", (x,), {"dtype": node.attrs["dtype"]}) for x in stored]
+    body = Graph([s, wi, ui, ki, li], [new_state, *stored], ["state", "start", "v_new"])
     scan = make_node("scan", node.inputs, {"body": body, "length": w.shape[0], "num_carry": 1, "num_xs": 4})
     return _items(scan)
 
 
-def chunk_states(state: Node, w: Node, u: Node, k_to_end: Node, last_decay: Node) -> tuple[Node, Node, Node]:
-    """(final state, each chunk's starting state, each chunk's v_new) of the loop over chunks."""
-    return _items(make_node("chunk_states", (state, w, u, k_to_end, last_decay), {}))
+def chunk_states(state: Node, w: Node, u: Node, k_to_end: Node, last_decay: Node,
+                 dtype: str = "") -> tuple[Node, Node, Node]:
+    """(final state, each chunk's starting state, each chunk's v_new) of the loop over chunks; dtype:
+    starts and v_new stored narrower ("": in the dtype the op computes in)."""
+    return _items(make_node("chunk_states", (state, w, u, k_to_end, last_decay), {"dtype": dtype}))
 
 
-register(OpDef("chunk_states", 5, _infer_chunk_states, flops=_chunk_states_flops, op_class="fused",
-               expand=_widening(_expand_chunk_states)))
+register(OpDef("chunk_states", 5, _infer_chunk_states, {"dtype": ("dtype", "")}, flops=_chunk_states_flops,
+               op_class="fused", expand=_widening(_expand_chunk_states)))
 
 
 def output_sizes(ins):

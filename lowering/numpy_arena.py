@@ -223,7 +223,8 @@ def _execute(mp: MemoryPlan, arena: _Arena, base: int, regions: dict) -> list[np
             _scan(mp, node, [values[id(i)] for i in node.inputs], arena, base, regions)
             continue
         if isinstance(node.type, tuple):    # a fused op: the reference kernel, out of place
-            results = KERNELS[node.op](node, None, *[values[id(i)] for i in node.inputs])
+            results = KERNELS[node.op](node, tuple(numpy_dtype(t.dtype) for t in node.type),
+                                       *[values[id(i)] for i in node.inputs])
             for loc, t, value in zip(mp.results[id(node)], node.type, results):
                 np.copyto(arena.array(loc, t, base, regions), value)
             continue

@@ -244,14 +244,17 @@ def _chunk_scan(node, dt, state, w, u, q_decayed, aqk, k_to_end, last_decay):
 @kernel("chunk_states")
 @_widened
 def _chunk_states(node, dt, state, w, u, k_to_end, last_decay):
+    """starts and v_new rounded once as they are stored, in their own dtype (the op's `dtype`); the
+    loop goes on with the wide v_new."""
     s = state.copy()
-    starts = np.empty((w.shape[0],) + state.shape, dtype=state.dtype)
-    v_new = np.empty(u.shape, dtype=state.dtype)
+    starts = np.empty((w.shape[0],) + state.shape, dtype=dt[1])
+    v_new = np.empty(u.shape, dtype=dt[2])
     with np.errstate(all="ignore"):
         for n in range(w.shape[0]):
             starts[n] = s
-            v_new[n] = u[n] - np.matmul(w[n], s)
-            s = s * last_decay[n] + np.matmul(np.swapaxes(k_to_end[n], -1, -2), v_new[n])
+            v = u[n] - np.matmul(w[n], s)
+            v_new[n] = v
+            s = s * last_decay[n] + np.matmul(np.swapaxes(k_to_end[n], -1, -2), v)
     return s, starts, v_new
 
 
@@ -269,7 +272,7 @@ def _chunk_output(node, dt, q_decayed, starts, aqk, v_new):
 def _intra_chunk(node, dt, q, k, v, g, beta):
     """Chunk by chunk, every head at once; each decay the exp of a running sum of gates over
     its own segment (a segment sum down i for D_ij, a sum from the end for k_to_end)."""
-    dt = q.dtype    # a node of several results gets no dt: its operands' (widened) dtype
+    dt = q.dtype    # its results' dtype: its operands' (widened) dtype
     C = node.attrs["chunk_size"]
     R, Tp, HV, K = q.shape
     NC = Tp // C
@@ -387,7 +390,8 @@ def execute(graph: Graph, args: Sequence[np.ndarray], float64: bool = False) -> 
     for node, dead in zip(graph.topo_order(), release_plan(graph)):
         if id(node) not in values:
             operands = [values[id(i)] for i in node.inputs]
-            dt = None if isinstance(node.type, tuple) else _result_dtype(node.dtype, float64)
+            dt = tuple(_result_dtype(t.dtype, float64) for t in node.type) if isinstance(node.type, tuple) \
+                else _result_dtype(node.dtype, float64)
             if node.op == "scan":
                 values[id(node)] = _scan(node, dt, *operands, float64=float64)
             else:

@@ -17,7 +17,8 @@ the graph for it and calls the backend's `run`. Preparing (`prepare`) runs the
 backend's pipeline, then `fold_widening_casts` (a half input's cast into the
 fused op reading it, where its kernel loads half operands), `fold_narrowing_casts`
 (a half result's cast into the fused op making it, where its kernel stores half
-results) and `expand_fused`,
+results), `narrow_loop_results` (chunk_states' starts and v_new in bf16 where o is,
+at precision "tf32") and `expand_fused`,
 inside a `PassContext` holding the
 backend's `Target`: the pipeline may replace subgraphs by fused ops the target
 has kernels for (passes/fuse_delta_steps.py on GPUs), and every fused op the
@@ -89,8 +90,10 @@ def backend_for(target: str) -> Backend:
 def pipeline(target: str) -> list[str]:
     """The passes that prepare a graph for `target`: the backend's own, then the half inputs' casts
     folded into the fused ops whose kernels load them, the half results' casts into the fused ops
-    whose kernels store them, then expand_fused."""
-    return [*backend_for(target).pipeline, "fold_widening_casts", "fold_narrowing_casts", "expand_fused"]
+    whose kernels store them, the loop's intermediates stored at a bf16 o's width (at precision
+    "tf32"), then expand_fused."""
+    return [*backend_for(target).pipeline, "fold_widening_casts", "fold_narrowing_casts", "narrow_loop_results",
+            "expand_fused"]
 
 
 def target_context(target: str) -> PassContext:

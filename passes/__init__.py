@@ -8,7 +8,8 @@ from __future__ import annotations
 from . import (block_solve, broadcasts, carry_for_fused_steps, carry_layout, cse, cumsum_axis, dce,  # noqa: F401  (each
                expand_fused, fold_constants, fold_narrowing_casts, fold_step_prologue,  # registers its pass)
                fold_widening_casts, fuse_delta_steps, fuse_intra_chunk, identities, layout_propagation,
-               loop_invariants, reassociate, recompute, set_vs_acc, sum_mul_to_matmul, transposes, tril_blocks)
+               loop_invariants, narrow_loop_results, reassociate, recompute, set_vs_acc, sum_mul_to_matmul,
+               transposes, tril_blocks)
 from .manager import PASSES, PIPELINES, Pass, PassRecord, register_pass, report_table, resolve, run_pipeline
 from .rewrite import P, Match, Rule, apply_rules, map_nodes
 from .validate import ValidationError

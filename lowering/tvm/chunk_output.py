@@ -25,11 +25,12 @@ import math
 
 from tvm.script import tirx as T
 
+from dnir.fused import OUTPUT_ROLES, compute_dtype
 from dnir.graph import Node
 
 from . import mma
 from .fused_signatures import chunk_output_function
-from .kernels import unravel_index
+from .kernels import converted, unravel_index
 
 TILE = 4            # outputs per thread along rows and along columns
 KT = 16             # terms of the sum staged at once
@@ -56,12 +57,16 @@ def layout(C: int, K: int, V: int):
 def rejects(node: Node, target) -> str | None:
     """None when this kernel runs the chunk_output `node` on `target`, else why not."""
     _, _, C, K, V = sizes(node)
-    dtype = node.inputs[0].dtype
+    dtype = compute_dtype([x.type for x in node.inputs])
     if target.dtypes is not None and dtype not in target.dtypes:
         return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
     bv = layout(C, K, V)
     if node.attrs["dtype"] not in ("", "bf16", "f16"):
         return f"the kernel stores o in {dtype}, bf16 or f16, not {node.attrs['dtype']}"
+    for role, x in zip(OUTPUT_ROLES, node.inputs):     # starts and v_new may be stored narrow (chunk_states' dtype)
+        if x.dtype != dtype and (role in ("q_decayed", "aqk") or x.dtype not in ("bf16", "f16")):
+            return f"the kernel loads {role} in {dtype}" + ("" if role in ("q_decayed", "aqk") else ", bf16 or f16") \
+                + f", not {x.dtype}"
     if node.attrs["token_major"] and len(node.inputs[1].shape) != 5:
         return "token_major needs the batch axes (R, HV)"
     if bv is None:
@@ -74,10 +79,12 @@ def rejects(node: Node, target) -> str | None:
 
 
 def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: int, dtype: str,
-                        token_major: bool = False, tile: tuple = (TILE, TILE), kt: int = KT, out_dtype: str = ""):
+                        token_major: bool = False, tile: tuple = (TILE, TILE), kt: int = KT, out_dtype: str = "",
+                        narrow: dict | None = None):
     """chunk_output's function (fused_signatures.chunk_output_function) with this kernel's loop nest.
     tile: outputs per thread along rows and columns; kt: terms staged at once (benchmarks/gpu_sweep.py
-    times other choices than the defaults); out_dtype: o's dtype when narrower than `dtype`."""
+    times other choices than the defaults); out_dtype: o's dtype when narrower than `dtype`; narrow:
+    operands narrower than `dtype`, role -> dtype, widened as they are staged."""
     out_dtype = out_dtype or dtype
     heads = math.prod(batch)
     tiles = V // bv
@@ -100,12 +107,12 @@ def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: in
         """X = left[:, k0 : k0 + kt] (C x kt), Y = right[k0 : k0 + kt, the block's columns]."""
         for e in T.unroll(rounds(C * kt)):
             if e * threads + tx < C * kt:
-                X[(e * threads + tx) // kt, (e * threads + tx) % kt] = left[at(
-                    bx, (e * threads + tx) // kt, k0 + (e * threads + tx) % kt)]
+                X[(e * threads + tx) // kt, (e * threads + tx) % kt] = converted(left[at(
+                    bx, (e * threads + tx) // kt, k0 + (e * threads + tx) % kt)], left.dtype, dtype)
         for e in T.unroll(rounds(kt * bv)):
             if e * threads + tx < kt * bv:
-                Y[(e * threads + tx) // bv, (e * threads + tx) % bv] = right[at(
-                    bx, k0 + (e * threads + tx) // bv, bx % tiles * bv + (e * threads + tx) % bv)]
+                Y[(e * threads + tx) // bv, (e * threads + tx) % bv] = converted(right[at(
+                    bx, k0 + (e * threads + tx) // bv, bx % tiles * bv + (e * threads + tx) % bv)], right.dtype, dtype)
         T.tvm_storage_sync("shared")
 
     @T.macro
@@ -134,7 +141,7 @@ def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: in
                     for j in T.unroll(TC):
                         O[out_at(bx, tx // tc + tr * r, bx % tiles * bv + tx % tc + tc * j)] = T.Cast(
                             out_dtype, acc[r * TC + j])
-    return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major, out_dtype)
+    return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major, out_dtype, narrow)
 
 
 
@@ -152,7 +159,7 @@ def mma_layout(C: int, K: int, V: int, bv: int = MMA_BV, kt: int = MMA_KT) -> bo
 
 def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dtype: str,
                             token_major: bool = False, bv: int = MMA_BV, kt: int = MMA_KT, split: bool = MMA_SPLIT,
-                            out_dtype: str = ""):
+                            out_dtype: str = "", narrow: dict | None = None):
     """chunk_output on tensor cores (mma.py: TF32, or 3xTF32 with split).
 
     A block takes one chunk, head and bv value columns as the CUDA-core kernel does; warp w owns
@@ -161,7 +168,7 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
     rows padded (kt + 4, bv + 8 words) so that a warp's fragment loads hit 32 different banks;
     then each warp loads its fragments from there. The cuda target's translator takes it for
     float32: on an H200 at (1, 8192, 32, 128) it matched chunk_output_kernel within 1.3e-6 and ran
-    0.46 -> 0.29 ms (benchmarks/results/gpu_sweep.md). out_dtype: as chunk_output_kernel's."""
+    0.46 -> 0.29 ms (benchmarks/results/gpu_sweep.md). out_dtype, narrow: as chunk_output_kernel's."""
     out_dtype = out_dtype or dtype
     heads = math.prod(batch)
     tiles = V // bv
@@ -185,12 +192,12 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
         for k0 in range(length // kt):
             for e in T.unroll(rounds(C * kt)):
                 if e * threads + tx < C * kt:
-                    X[(e * threads + tx) // kt * px + (e * threads + tx) % kt] = left[at(
-                        bx, (e * threads + tx) // kt, k0 * kt + (e * threads + tx) % kt)]
+                    X[(e * threads + tx) // kt * px + (e * threads + tx) % kt] = converted(left[at(
+                        bx, (e * threads + tx) // kt, k0 * kt + (e * threads + tx) % kt)], left.dtype, dtype)
             for e in T.unroll(rounds(kt * bv)):
                 if e * threads + tx < kt * bv:
-                    Y[(e * threads + tx) // bv * py + (e * threads + tx) % bv] = right[at(
-                        bx, k0 * kt + (e * threads + tx) // bv, bx % tiles * bv + (e * threads + tx) % bv)]
+                    Y[(e * threads + tx) // bv * py + (e * threads + tx) % bv] = converted(right[at(
+                        bx, k0 * kt + (e * threads + tx) // bv, bx % tiles * bv + (e * threads + tx) % bv)], right.dtype, dtype)
             T.tvm_storage_sync("shared")
             for k8 in T.unroll(kt // mma.K8):
                 for i in T.unroll(4):
@@ -223,4 +230,4 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
                         O[out_at(bx, tx // 32 * mma.M + mma.d_at(tx % 32, i)[0],
                                  bx % tiles * bv + j * mma.N + mma.d_at(tx % 32, i)[1])] = T.Cast(
                             out_dtype, acc[4 * j + i])
-    return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major, out_dtype)
+    return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major, out_dtype, narrow)

@@ -32,7 +32,7 @@ from tvm.script import tirx as T
 from dnir.graph import Node
 
 from .fused_signatures import chunk_scan_function, chunk_states_function
-from .kernels import unravel_index
+from .kernels import converted, unravel_index
 
 # A block owns VT state columns of one head; each thread computes TC of them (columns
 # tx, tx + VT/TC, ..: neighbouring threads read neighbouring words) for every row it owns.
@@ -73,6 +73,8 @@ def rejects(node: Node, target) -> str | None:
     dtype = node.inputs[0].dtype
     if target.dtypes is not None and dtype not in target.dtypes:
         return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
+    if node.attrs.get("dtype") not in (None, "", "bf16", "f16"):
+        return f"the kernel stores starts and v_new in {dtype}, bf16 or f16, not {node.attrs['dtype']}"
     split = layout(C, K, V)
     if split is None:
         return f"C={C}, K={K}, V={V} do not split into thread blocks of 32 threads or more"
@@ -83,7 +85,7 @@ def rejects(node: Node, target) -> str | None:
 
 
 def _kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str,
-            split: bool):
+            split: bool, stored: str = ""):
     """chunk_scan's function (split False) or chunk_states' (split True, fused_signatures) with
     this kernel's loop nest: the same loop, the same state update and v_new; chunk_scan computes
     each chunk's output inside it, chunk_states stores each chunk's starting state and v_new."""
@@ -147,8 +149,8 @@ def _kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: t
         """dst[prefix + head + (row, column)] = this thread's state elements."""
         for r in T.unroll(rk):
             for j in T.unroll(tc):
-                dst[prefix + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = S[
-                    tx // ct + rows * r, tx % ct + ct * j]
+                dst[prefix + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = converted(
+                    S[tx // ct + rows * r, tx % ct + ct * j], dtype, dst.dtype)
 
     @T.macro
     def v_new(N, X, S, W, U, acc, n, bx, tx):
@@ -221,13 +223,13 @@ def _kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: t
                     v_new(N, X, S, W, U, acc, n, bx, tx)
                     for r in T.unroll(ra):
                         for j in T.unroll(tc):
-                            Vn[(n,) + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = N[
-                                tx // ct + rows * r, tx % ct + ct * j]
+                            Vn[(n,) + head(bx) + (tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] = \
+                                converted(N[tx // ct + rows * r, tx % ct + ct * j], dtype, Vn.dtype)
                     update(S, N, X, Kte, LD, acc, n, bx, tx)
                 store_state(S1, S, (), bx, tx)
 
     if split:
-        return chunk_states_function(steps, batch, C, K, V, Kg, dtype, states_body)
+        return chunk_states_function(steps, batch, C, K, V, Kg, dtype, states_body, stored)
     return chunk_scan_function(steps, batch, C, K, V, Kg, dtype, scan_body)
 
 
@@ -236,7 +238,9 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
     return _kernel(steps, batch, C, K, V, Kg, layout, dtype, split=False)
 
 
-def chunk_states_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str):
+def chunk_states_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str,
+                        stored: str = ""):
     """chunk_states' function (fused_signatures.chunk_states_function): chunk_scan's loop without
-    the output's products, storing each chunk's starting state and v_new instead."""
-    return _kernel(steps, batch, C, K, V, Kg, layout, dtype, split=True)
+    the output's products, storing each chunk's starting state and v_new instead (stored: their dtype
+    where narrower than `dtype`, rounded as they are stored)."""
+    return _kernel(steps, batch, C, K, V, Kg, layout, dtype, split=True, stored=stored)

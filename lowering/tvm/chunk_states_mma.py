@@ -50,7 +50,7 @@ from dnir.errors import AttrError, DTypeError
 
 from . import mma
 from .fused_signatures import chunk_states_function
-from .kernels import unravel_index
+from .kernels import converted, unravel_index
 
 WARPS = 4
 # state columns of a block; 3xTF32 unless the layer's precision is "tf32" (translate.py passes split)
@@ -77,10 +77,13 @@ def _layout(batch: tuple, C: int, K: int, V: int, Kg: int, vt: int):
 
 
 def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str,
-                            vt: int = VT, split: bool = SPLIT, prefetch: str | None = None, stages: int = STAGES):
+                            vt: int = VT, split: bool = SPLIT, prefetch: str | None = None, stages: int = STAGES,
+                            stored: str = ""):
     """chunk_states' function (fused_signatures.chunk_states_function) with this kernel's loop nest.
     prefetch: None (each half staged synchronously), "registers" or "async" (the module's docstring);
-    stages: the halves "async" keeps resident or in flight (2 to 4)."""
+    stages: the halves "async" keeps resident or in flight (2 to 4); stored: the dtype of starts and
+    v_new where narrower than `dtype` (the op's `dtype`: each value rounded as it is written to global
+    memory, the loop going on with the float32 one)."""
     if prefetch not in PREFETCH:
         raise AttrError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
     if prefetch == "async" and not 2 <= stages <= 4:
@@ -92,6 +95,9 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
 
     def col0(bx):
         return bx % tiles * vt
+
+    def narrowed(x):                       # a value of starts or v_new as it is stored
+        return converted(x, dtype, stored or dtype)
 
     @T.macro
     def stage(X, src, n, h, stride, bx, tx):
@@ -149,8 +155,8 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                 T.tvm_storage_sync("shared")
                 for n in range(steps):
                     for e in T.unroll(K * vt // threads):
-                        St[(n,) + head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = S[
-                            (e * threads + tx) // vt * ps + (e * threads + tx) % vt]
+                        St[(n,) + head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = narrowed(
+                            S[(e * threads + tx) // vt * ps + (e * threads + tx) % vt])
                     # v_new = u - w S: rows 16 w.. of the chunk
                     for i in T.unroll(4 * nt):
                         acc[i] = T.float32(0)
@@ -164,8 +170,8 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                                 (n,) + head(bx) + (w * mma.M + mma.d_at(lane, i)[0],
                                                    col0(bx) + j * mma.N + mma.d_at(lane, i)[1])] - acc[4 * j + i]
                             Vn[(n,) + head(bx) + (w * mma.M + mma.d_at(lane, i)[0],
-                                                  col0(bx) + j * mma.N + mma.d_at(lane, i)[1])] = \
-                                N[(w * mma.M + mma.d_at(lane, i)[0]) * ps + j * mma.N + mma.d_at(lane, i)[1]]
+                                                  col0(bx) + j * mma.N + mma.d_at(lane, i)[1])] = narrowed(
+                                N[(w * mma.M + mma.d_at(lane, i)[0]) * ps + j * mma.N + mma.d_at(lane, i)[1]])
                     # S = S last_decay + k_to_end^T v_new, per half of the state's rows
                     for h in range(2):
                         stage(X, Kte, n, h, pk, bx, tx)    # also orders v_new's writes before its reads
@@ -184,10 +190,10 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                     S1[head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = S[
                         (e * threads + tx) // vt * ps + (e * threads + tx) % vt]
     if prefetch is None:
-        return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body)
+        return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body, stored)
 
-    return _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, vnew_products,
-                      update_products)
+    return _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, narrowed,
+                      vnew_products, update_products, stored)
 
 
 def _shared_address(buf, offset, dtype):
@@ -199,8 +205,8 @@ def _shared_address(buf, offset, dtype):
     return T.cuda.cvta_generic_to_shared(T.tvm_access_ptr(T.type_annotation(dtype), buf.data, offset, 1, 0))
 
 
-def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, vnew_products,
-               update_products):
+def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, narrowed, vnew_products,
+               update_products, stored):
     """The prefetching variants' loop nest (the module's docstring). The halves of the chunks in order,
     q = 4 n + 2 p + h (p = 0: w[n], 1: k_to_end[n]; h: the half of K), half q in slot q % slots of a ring
     in shared memory. The loop's barriers are the four written here, one a half, in `arrive`: every shared
@@ -332,15 +338,15 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                         for i in T.unroll(4):
                             acc[4 * j + i] = pu[4 * j + i] - acc[4 * j + i]
                             Vn[(n,) + head(bx) + (w * mma.M + at(lane, i, j)[0], col0(bx) + at(lane, i, j)[1])] = \
-                                acc[4 * j + i]
+                                narrowed(acc[4 * j + i])
                         for r in T.unroll(2):       # elements 2 r, 2 r + 1: two adjacent columns
                             T.ptx.st.shared.v2.f32(_shared_address(
                                 N, (w * mma.M + at(lane, 2 * r, j)[0]) * ps + at(lane, 2 * r, j)[1], dtype),
                                 acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1])
                     # starts[n] = S: S unchanged since arrive(4 n)'s barrier, and until arrive(4 n + 2)'s
                     for e in T.unroll(K * vt // threads):
-                        St[(n,) + head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = S[
-                            (e * threads + tx) // vt * ps + (e * threads + tx) % vt]
+                        St[(n,) + head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = narrowed(
+                            S[(e * threads + tx) // vt * ps + (e * threads + tx) % vt])
                     # S = S last_decay + k_to_end^T v_new, per half of the state's rows. arrive(4 n + 2)'s
                     # barrier orders v_new's writes before its reads, and every other lane's reads of S in
                     # this step (the products of v_new, starts) before the writes of S
@@ -361,4 +367,4 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                 for e in T.unroll(K * vt // threads):
                     S1[head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = S[
                         (e * threads + tx) // vt * ps + (e * threads + tx) % vt]
-    return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body)
+    return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body, stored)

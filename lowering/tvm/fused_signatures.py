@@ -36,10 +36,13 @@ def chunk_scan_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: in
     return kernel
 
 
-def chunk_states_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str, body):
+def chunk_states_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str, body,
+                          stored: str = ""):
     """body(S0, W, U, Kte, LD, S1, St, N): the final state S1 [*batch, K, V], each chunk's starting
     state St [steps, *batch, K, V] and v_new N [steps, *batch, C, V] from S0 and the per-step
-    operands W, Kte [steps, *batch, C, K], U [steps, *batch, C, V], LD [steps, *batch, Kg, 1]."""
+    operands W, Kte [steps, *batch, C, K], U [steps, *batch, C, V], LD [steps, *batch, Kg, 1].
+    stored: St's and N's dtype where it is narrower than `dtype` (bf16/fp16, the body rounds as it
+    stores)."""
     @T.prim_func(private=True, s_tir=True)
     def kernel(s0: T.handle, w: T.handle, u: T.handle, kte: T.handle, ld: T.handle, s1: T.handle,
                st: T.handle, vn: T.handle):
@@ -50,27 +53,29 @@ def chunk_states_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: 
         Kte = T.match_buffer(kte, (steps, *batch, C, K), dtype)
         LD = T.match_buffer(ld, (steps, *batch, Kg, 1), dtype)
         S1 = T.match_buffer(s1, (*batch, K, V), dtype)
-        St = T.match_buffer(st, (steps, *batch, K, V), dtype)
-        N = T.match_buffer(vn, (steps, *batch, C, V), dtype)
+        St = T.match_buffer(st, (steps, *batch, K, V), stored or dtype)
+        N = T.match_buffer(vn, (steps, *batch, C, V), stored or dtype)
         with T.sblock("root"):
             body(S0, W, U, Kte, LD, S1, St, N)
     return kernel
 
 
 def chunk_output_function(steps: int, batch: tuple, C: int, K: int, V: int, dtype: str, body,
-                          token_major: bool = False, out_dtype: str = ""):
+                          token_major: bool = False, out_dtype: str = "", narrow: dict | None = None):
     """body(Qd, St, A, N, O): O [steps, *batch, C, V] (token_major: [R, steps C, HV, V] for the batch
     axes (R, HV)) from Qd [steps, *batch, C, K], the starting states St [steps, *batch, K, V],
     A [steps, *batch, C, C] and v_new N [steps, *batch, C, V]. out_dtype: O's dtype where it is
-    narrower than `dtype` (bf16/fp16, the body rounds as it stores)."""
+    narrower than `dtype` (bf16/fp16, the body rounds as it stores); narrow: role (dnir.fused.OUTPUT_ROLES)
+    -> the dtype of an operand narrower than `dtype`, which the body widens as it loads it."""
     out_shape = (batch[0], steps * C, batch[1], V) if token_major else (steps, *batch, C, V)
+    of = {role: (narrow or {}).get(role, dtype) for role in ("q_decayed", "starts", "aqk", "v_new")}
     @T.prim_func(private=True, s_tir=True)
     def kernel(qd: T.handle, st: T.handle, aqk: T.handle, vn: T.handle, o: T.handle):
         T.func_attr(ATTRS)
-        Qd = T.match_buffer(qd, (steps, *batch, C, K), dtype)
-        St = T.match_buffer(st, (steps, *batch, K, V), dtype)
-        A = T.match_buffer(aqk, (steps, *batch, C, C), dtype)
-        N = T.match_buffer(vn, (steps, *batch, C, V), dtype)
+        Qd = T.match_buffer(qd, (steps, *batch, C, K), of["q_decayed"])
+        St = T.match_buffer(st, (steps, *batch, K, V), of["starts"])
+        A = T.match_buffer(aqk, (steps, *batch, C, C), of["aqk"])
+        N = T.match_buffer(vn, (steps, *batch, C, V), of["v_new"])
         O = T.match_buffer(o, out_shape, out_dtype or dtype)
         with T.sblock("root"):
             body(Qd, St, A, N, O)

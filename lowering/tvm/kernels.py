@@ -34,6 +34,12 @@ def unravel_index(e, shape) -> tuple:
     return tuple(reversed(idx))
 
 
+def converted(x, have: str, want: str):
+    """x, a value of dtype `have`, in `want`: as it is where the two are one, else through a cast (a
+    bf16/fp16 operand widened as it is loaded, or a result rounded once as it is stored)."""
+    return x if str(have) == str(want) else T.Cast(str(want), x)
+
+
 def _grid(lanes: int) -> tuple[int, int]:
     threads = min(THREADS_PER_BLOCK, max(lanes, 1))
     return -(-lanes // threads), threads

@@ -39,7 +39,7 @@ from tvm import relax, te
 from tvm.ir import PrimType
 
 from dnir.errors import BackendError
-from dnir.fused import INTRA_ROLES, STEP_ROLES, intra_sizes
+from dnir.fused import INTRA_ROLES, OUTPUT_ROLES, STEP_ROLES, compute_dtype, intra_sizes
 from dnir.graph import Graph, Node
 from dnir.lowering.head_reads import head_reads
 from dnir.ops import table_entry
@@ -523,13 +523,15 @@ def _lower_chunk_states(tr, node, args):
     starting states, v_new]."""
     steps, batch, C, K, V, Kg = chunk_scan.sizes(node)
     dtype, layout = TVM_DTYPES[node.inputs[0].dtype], chunk_scan.layout(C, K, V)
+    stored = tr.dtype(node.attrs["dtype"]) if node.attrs["dtype"] else ""
     if tr.tensor_cores and dtype == "float32" and chunk_states_mma.takes(C, K, V):
-        gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, "mma", dtype, tr.split, chunk_states_mma.CHOSEN),
+        gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, "mma", dtype, tr.split, chunk_states_mma.CHOSEN,
+                      stored),
                      lambda: chunk_states_mma.chunk_states_mma_kernel(steps, batch, C, K, V, Kg, dtype, split=tr.split,
-                                                                      prefetch=chunk_states_mma.CHOSEN))
+                                                                      prefetch=chunk_states_mma.CHOSEN, stored=stored))
         return _call_fused(tr, node, gv, args)
-    gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, layout, dtype),
-                 lambda: chunk_scan.chunk_states_kernel(steps, batch, C, K, V, Kg, layout, dtype))
+    gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, layout, dtype, stored),
+                 lambda: chunk_scan.chunk_states_kernel(steps, batch, C, K, V, Kg, layout, dtype, stored))
     return _call_fused(tr, node, gv, args)
 
 
@@ -538,16 +540,18 @@ def _lower_chunk_output(tr, node, args):
     """Every chunk's output at once, one GPU kernel (chunk_output.py); o in the node's dtype, which
     is narrower than the kernel computes in where o's cast was folded into it (its `dtype`)."""
     steps, batch, C, K, V = chunk_output.sizes(node)
-    dtype, bv = TVM_DTYPES[node.inputs[0].dtype], chunk_output.layout(C, K, V)
+    dtype, bv = TVM_DTYPES[compute_dtype([x.type for x in node.inputs])], chunk_output.layout(C, K, V)
     token_major, out = node.attrs["token_major"], tr.dtype(node.dtype)
+    narrow = {role: tr.dtype(x.dtype) for role, x in zip(OUTPUT_ROLES, node.inputs) if tr.dtype(x.dtype) != dtype}
+    key = tuple(sorted(narrow.items()))
     if tr.tensor_cores and dtype == "float32" and chunk_output.mma_layout(C, K, V):
-        gv = tr.prim(("chunk_output", steps, batch, C, K, V, "mma", dtype, out, token_major, tr.split),
+        gv = tr.prim(("chunk_output", steps, batch, C, K, V, "mma", dtype, out, token_major, tr.split, key),
                      lambda: chunk_output.chunk_output_mma_kernel(steps, batch, C, K, V, dtype, token_major,
-                                                                  split=tr.split, out_dtype=out))
+                                                                  split=tr.split, out_dtype=out, narrow=narrow))
         return tr.emit(relax.op.call_tir(gv, list(args), tr.tensor_type(node.type)))
-    gv = tr.prim(("chunk_output", steps, batch, C, K, V, bv, dtype, out, token_major),
+    gv = tr.prim(("chunk_output", steps, batch, C, K, V, bv, dtype, out, token_major, key),
                  lambda: chunk_output.chunk_output_kernel(steps, batch, C, K, V, bv, dtype, token_major,
-                                                          out_dtype=out))
+                                                          out_dtype=out, narrow=narrow))
     return tr.emit(relax.op.call_tir(gv, list(args), tr.tensor_type(node.type)))
 
 

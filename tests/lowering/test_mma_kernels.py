@@ -171,3 +171,26 @@ def test_intra_chunk_kernels_ask_for_blocks_per_sm():
     assert "__launch_bounds__(128) chunk_output_kernel(" in out
     assert "__launch_bounds__(256, 2) intra_chunk_mma_kernel(" in with_launch_bounds(
         src.replace("intra_chunk_kernel", "intra_chunk_mma_kernel"))
+
+
+def test_a_bf16_layers_loop_stores_and_loads_its_intermediates_in_bf16(tmp_path):
+    """passes/narrow_loop_results.py on cuda: chunk_states writes starts and v_new as nv_bfloat16 and
+    chunk_output reads them so, both on tensor cores; the state and the other operands stay float32."""
+    from dnir.lowering.registry import build, target_context
+    from dnir.lowering.tvm.compile import cuda_source
+    from dnir.models import build as build_layer
+    from dnir.passes import optimize
+    with target_context("cuda"):
+        graph = optimize(build_layer("gdn", seq_len=130, heads=1, value_heads=2, head_dim=128, value_dim=128,
+                                     dtype="bf16", initial_state=True, final_state=True), "O2")
+    source = cuda_source(build(graph, "cuda", arch="sm_90"))
+    kernels = _kernels(source)
+    params = {name: {v: t for t, v in re.findall(r"(\w+)\* __restrict__ (\w+)_ptr", k.split(")", 1)[0])}
+              for name, k in kernels.items()}
+    assert params["chunk_states_kernel"] == {
+        "S0": "float", "W": "float", "U": "float", "Kte": "float", "LD": "float", "S1": "float",
+        "St": "nv_bfloat16", "N": "nv_bfloat16"}
+    assert params["chunk_output_kernel"] == {"Qd": "float", "St": "nv_bfloat16", "A": "float", "N": "nv_bfloat16",
+                                             "O": "nv_bfloat16"}
+    assert "cp_async" in kernels["chunk_states_kernel"] and _mma_per_kernel(source)["chunk_output_kernel"] > 0
+    assert "mma.sync" in sm90_ptx(source, tmp_path)
