@@ -32,14 +32,16 @@
         a chunk-parallel one; passes/fuse_delta_steps.py splits a chunk_scan into them
         where the target has kernels for both.
 
-    intra_chunk(q, k, v, g, beta) {chunk_size} -> (w, u, q_decayed, aqk, k_to_end, last_decay)
+    intra_chunk(q, k, v, g, beta) {chunk_size, dtype} -> (w, u, q_decayed, aqk, k_to_end, last_decay)
         The work local to each chunk (dnir/intra_chunk.py): the decay-masked scores, the
         solve by I + Akk, W, U and the decays, from q, k [R, Tp, HV, K], v [R, Tp, HV, V],
         g [R, Tp, HV, Kg] and beta [R, Tp, HV, 1] (Tp whole chunks); the results are the
         operands of the loop over chunks, chunk-major ([NC, R, HV, C, ...]). Every decay
         is the exp of a sum of gates over its own segment. Its expansion is the chunked
         model's own construction, so passes/fuse_intra_chunk.py recognises it by building
-        it again.
+        it again. dtype: w, u, q_decayed and k_to_end stored narrower (bf16/fp16, each value
+        rounded once as it is stored: passes/narrow_loop_results.py); aqk and last_decay, and
+        everything the op computes, stay wide. "" (the default): in the dtype it computes in.
 
     token_step(state, decay, k_col, k_row, q_row, v, beta, qk) -> (new state, o)
         One decode step:
@@ -333,12 +335,17 @@ def intra_sizes(ins, attrs):
     return R, Tp // C, HV, C, K, V, Kg
 
 
+# intra_chunk's results that its `dtype` stores narrower: the [C, K] and [C, V] operands of the loop
+NARROW_INTRA = ("w", "u", "q_decayed", "k_to_end")
+
+
 def _infer_intra_chunk(ins, attrs):
     dtype = compute_dtype(ins, INTRA_ROLES)
+    stored = _stored_dtype(dtype, attrs["dtype"])
     R, NC, HV, C, K, V, Kg = intra_sizes(ins, attrs)
     last = dict(w=K, u=V, q_decayed=K, aqk=C, k_to_end=K)
-    return tuple(TensorType((NC, R, HV, C, last[r]), dtype) for r in CHUNK_ROLES[:5]) + (
-        TensorType((NC, R, HV, Kg, 1), dtype),)
+    return tuple(TensorType((NC, R, HV, C, last[r]), stored if r in NARROW_INTRA else dtype)
+                 for r in CHUNK_ROLES[:5]) + (TensorType((NC, R, HV, Kg, 1), dtype),)
 
 
 def _intra_chunk_flops(ins, out, attrs):
@@ -350,16 +357,22 @@ def _intra_chunk_flops(ins, out, attrs):
 
 
 def _expand_intra_chunk(node: Node) -> tuple[Node, ...]:
-    return chunk_operands(Builder(node.inputs[0].dtype), *node.inputs, node.attrs["chunk_size"])
+    results = chunk_operands(Builder(node.inputs[0].dtype), *node.inputs, node.attrs["chunk_size"])
+    if not node.attrs["dtype"]:
+        return results
+    # stored narrower: the casts it stands for
+    return tuple(make_node("cast", (x,), {"dtype": node.attrs["dtype"]}) if role in NARROW_INTRA else x
+                 for role, x in zip(CHUNK_ROLES, results))
 
 
-def intra_chunk(q: Node, k: Node, v: Node, g: Node, beta: Node, chunk_size: int) -> tuple[Node, ...]:
-    """(w, u, q_decayed, aqk, k_to_end, last_decay) of every chunk, chunk-major."""
-    return _items(make_node("intra_chunk", (q, k, v, g, beta), {"chunk_size": chunk_size}))
+def intra_chunk(q: Node, k: Node, v: Node, g: Node, beta: Node, chunk_size: int, dtype: str = "") -> tuple[Node, ...]:
+    """(w, u, q_decayed, aqk, k_to_end, last_decay) of every chunk, chunk-major; dtype: the loop's
+    operands (NARROW_INTRA) stored narrower ("": in the dtype the op computes in)."""
+    return _items(make_node("intra_chunk", (q, k, v, g, beta), {"chunk_size": chunk_size, "dtype": dtype}))
 
 
-register(OpDef("intra_chunk", 5, _infer_intra_chunk, attrs={"chunk_size": ("int", REQUIRED)}, flops=_intra_chunk_flops,
-               op_class="fused", expand=_widening(_expand_intra_chunk)))
+register(OpDef("intra_chunk", 5, _infer_intra_chunk, attrs={"chunk_size": ("int", REQUIRED), "dtype": ("dtype", "")},
+               flops=_intra_chunk_flops, op_class="fused", expand=_widening(_expand_intra_chunk)))
 
 
 # ---------------------------------------------------------------------------

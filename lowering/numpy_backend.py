@@ -271,8 +271,10 @@ def _chunk_output(node, dt, q_decayed, starts, aqk, v_new):
 @_widened
 def _intra_chunk(node, dt, q, k, v, g, beta):
     """Chunk by chunk, every head at once; each decay the exp of a running sum of gates over
-    its own segment (a segment sum down i for D_ij, a sum from the end for k_to_end)."""
-    dt = q.dtype    # its results' dtype: its operands' (widened) dtype
+    its own segment (a segment sum down i for D_ij, a sum from the end for k_to_end). Each result
+    in its own dtype (the op's `dtype` stores the loop's operands narrower: rounded once, as stored)."""
+    stored = dt
+    dt = q.dtype    # what it computes in: its operands' (widened) dtype
     C = node.attrs["chunk_size"]
     R, Tp, HV, K = q.shape
     NC = Tp // C
@@ -281,8 +283,7 @@ def _intra_chunk(node, dt, q, k, v, g, beta):
         return np.asarray(x, dtype=dt).reshape(R, NC, C, HV, x.shape[-1]).transpose(1, 0, 3, 2, 4)
 
     q, k, v, g, beta = (chunk_major(x) for x in (q, k, v, g, beta))
-    w, u, q_decayed, aqk, k_to_end = (np.empty(t.shape, dt) for t in node.type[:5])
-    last_decay = np.empty(node.type[5].shape, dt)
+    w, u, q_decayed, aqk, k_to_end, last_decay = (np.empty(t.shape, d) for t, d in zip(node.type, stored))
     below = np.tril(np.ones((C, C), bool), -1)
     with np.errstate(all="ignore"):
         for n in range(NC):

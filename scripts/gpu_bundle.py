@@ -8,7 +8,8 @@ the run uses TVM's runtime only:
   - the apache-tvm-ffi wheel for cp312 (the version installed here);
   - tvmrt.tgz: the `tvm` package without libtvm_compiler.so;
   - <name>.so: dnir graphs compiled here for CUDA sm_90 (`export_library`),
-    with <name>.npz: their inputs, the NumPy backend's outputs and the names;
+    with <name>.npz: their inputs, the NumPy backend's outputs (of the graph as
+    prepared for cuda, for the CUDA-only ones) and the names;
     nvcc's fatbins of their kernels go to the module cache (--fatbins, the
     folder that $DNIR_CACHE names on the GPU machine), so loading them there
     compiles nothing;
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     if args.fatbins:
         os.environ["DNIR_CACHE"] = args.fatbins
     from dnir.lowering import run
-    from dnir.lowering.registry import build
+    from dnir.lowering.registry import build, prepare
     from dnir.lowering.runtime_loader import nvcc_compile
     from dnir.lowering.tvm.compile import cuda_source
 
@@ -172,7 +173,9 @@ def main(argv=None) -> int:
             print(f"{name}: no Vulkan program ({CUDA_ONLY[name]})")
         else:
             build(graph, "vulkan").program.save(out / f"{name}.vulkan.npz")
-        refs = run(graph, inputs)
+        # the CUDA-only artefacts' reference: NumPy's kernels of the ops the CUDA module runs, with the
+        # intermediates stored as narrow as it stores them (passes/narrow_loop_results.py, precision tf32)
+        refs = run(prepare(graph, "cuda") if name in CUDA_ONLY else graph, inputs)
         np.savez(out / f"{name}.npz", input_names=np.array(graph.input_names),
                  output_names=np.array(graph.output_names), arch=np.array(args.arch),
                  precision=np.array(graph.meta.get("precision", "highest")),

@@ -69,18 +69,24 @@ def _token_step_rejects(node, target):
     return rejects(node, target)
 
 
+# The two kernels of the loop over chunks, which on CUDA load the loop's intermediates narrow, and store
+# them (with intra_chunk) where passes/narrow_loop_results.py asks
+LOOP = {"chunk_states", "chunk_output"}
+
+
 def _gpu_target(name: str, shared_bytes: int, decode_step: bool = False, half_o: bool = False) -> Target:
     """On CUDA only: decode_step (the step with its prologue, token_step.py; Vulkan keeps token_step)
-    and half_o, chunk_output storing a bf16/fp16 o itself and chunk_states its starts and v_new, which
-    chunk_output then loads narrow (Vulkan keeps o's cast and its intermediates wide: WGSL has no bf16,
-    and f16 storage only where the adapter has shader-f16)."""
+    and half_o, chunk_output storing a bf16/fp16 o itself, intra_chunk and chunk_states the loop's
+    intermediates, which chunk_states and chunk_output then load narrow (Vulkan keeps o's cast and the
+    intermediates wide: WGSL has no bf16, and f16 storage only where the adapter has shader-f16)."""
     more = {"decode_step": _token_step_rejects} if decode_step else {}
     return Target(name, {"chunk_scan": _chunk_scan_rejects, "chunk_states": _chunk_scan_rejects,
                          "chunk_output": _chunk_output_rejects, "intra_chunk": _intra_chunk_rejects,
                          "token_step": _token_step_rejects, **more},
                   shared_bytes=shared_bytes, dtypes=KERNEL_DTYPES,
-                  narrow_operands=frozenset({"token_step", "decode_step"} | ({"chunk_output"} if half_o else set())),
-                  narrow_results=frozenset({"chunk_output", "chunk_states"} if half_o else ()))
+                  narrow_operands=frozenset({"token_step", "decode_step"} | (LOOP if half_o else set())),
+                  narrow_results=frozenset(LOOP | {"intra_chunk"} if half_o else ()))
+
 
 
 def _vulkan_target(name: str) -> Target:

@@ -30,7 +30,7 @@ from dnir.graph import Node
 
 from . import mma
 from .fused_signatures import chunk_output_function
-from .kernels import converted, unravel_index
+from .kernels import converted, narrow_loads, unravel_index
 
 TILE = 4            # outputs per thread along rows and along columns
 KT = 16             # terms of the sum staged at once
@@ -63,10 +63,9 @@ def rejects(node: Node, target) -> str | None:
     bv = layout(C, K, V)
     if node.attrs["dtype"] not in ("", "bf16", "f16"):
         return f"the kernel stores o in {dtype}, bf16 or f16, not {node.attrs['dtype']}"
-    for role, x in zip(OUTPUT_ROLES, node.inputs):     # starts and v_new may be stored narrow (chunk_states' dtype)
-        if x.dtype != dtype and (role in ("q_decayed", "aqk") or x.dtype not in ("bf16", "f16")):
-            return f"the kernel loads {role} in {dtype}" + ("" if role in ("q_decayed", "aqk") else ", bf16 or f16") \
-                + f", not {x.dtype}"
+    why = narrow_loads(node, OUTPUT_ROLES, dtype, wide=("aqk",))
+    if why:
+        return why
     if node.attrs["token_major"] and len(node.inputs[1].shape) != 5:
         return "token_major needs the batch axes (R, HV)"
     if bv is None:

@@ -29,10 +29,11 @@ import math
 
 from tvm.script import tirx as T
 
+from dnir.fused import CHUNK_ROLES, STATES_ROLES
 from dnir.graph import Node
 
 from .fused_signatures import chunk_scan_function, chunk_states_function
-from .kernels import converted, unravel_index
+from .kernels import converted, narrow_loads, unravel_index
 
 # A block owns VT state columns of one head; each thread computes TC of them (columns
 # tx, tx + VT/TC, ..: neighbouring threads read neighbouring words) for every row it owns.
@@ -75,6 +76,10 @@ def rejects(node: Node, target) -> str | None:
         return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
     if node.attrs.get("dtype") not in (None, "", "bf16", "f16"):
         return f"the kernel stores starts and v_new in {dtype}, bf16 or f16, not {node.attrs['dtype']}"
+    roles = STATES_ROLES if node.op == "chunk_states" else CHUNK_ROLES
+    why = narrow_loads(node, roles, dtype, wide=("last_decay",) if node.op == "chunk_states" else roles)
+    if why:
+        return why
     split = layout(C, K, V)
     if split is None:
         return f"C={C}, K={K}, V={V} do not split into thread blocks of 32 threads or more"
@@ -85,7 +90,7 @@ def rejects(node: Node, target) -> str | None:
 
 
 def _kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str,
-            split: bool, stored: str = ""):
+            split: bool, stored: str = "", narrow: dict | None = None):
     """chunk_scan's function (split False) or chunk_states' (split True, fused_signatures) with
     this kernel's loop nest: the same loop, the same state update and v_new; chunk_scan computes
     each chunk's output inside it, chunk_states stores each chunk's starting state and v_new."""
@@ -113,8 +118,8 @@ def _kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: t
         """X[:C, :cols] = the chunk's C x cols operand, loaded by the whole block (coalesced)."""
         for e in T.unroll(staged(C * cols)):
             if e * threads + tx < C * cols:
-                X[(e * threads + tx) // cols, (e * threads + tx) % cols] = src[(n,) + head(bx) + (
-                    (e * threads + tx) // cols, (e * threads + tx) % cols)]
+                X[(e * threads + tx) // cols, (e * threads + tx) % cols] = converted(src[(n,) + head(bx) + (
+                    (e * threads + tx) // cols, (e * threads + tx) % cols)], src.dtype, dtype)
         T.tvm_storage_sync("shared")
 
     @T.macro
@@ -160,8 +165,8 @@ def _kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: t
         add_rows_times(acc, X, S, tx, K, uk)
         for r in T.unroll(ra):
             for j in T.unroll(tc):
-                N[tx // ct + rows * r, tx % ct + ct * j] = U[(n,) + head(bx) + (
-                    tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)] - acc[r * tc + j]
+                N[tx // ct + rows * r, tx % ct + ct * j] = converted(U[(n,) + head(bx) + (
+                    tx // ct + rows * r, bx % tiles * vt + tx % ct + ct * j)], U.dtype, dtype) - acc[r * tc + j]
         T.tvm_storage_sync("shared")
 
     @T.macro
@@ -229,7 +234,7 @@ def _kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: t
                 store_state(S1, S, (), bx, tx)
 
     if split:
-        return chunk_states_function(steps, batch, C, K, V, Kg, dtype, states_body, stored)
+        return chunk_states_function(steps, batch, C, K, V, Kg, dtype, states_body, stored, narrow)
     return chunk_scan_function(steps, batch, C, K, V, Kg, dtype, scan_body)
 
 
@@ -239,8 +244,9 @@ def chunk_scan_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int,
 
 
 def chunk_states_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, layout: tuple, dtype: str,
-                        stored: str = ""):
+                        stored: str = "", narrow: dict | None = None):
     """chunk_states' function (fused_signatures.chunk_states_function): chunk_scan's loop without
     the output's products, storing each chunk's starting state and v_new instead (stored: their dtype
-    where narrower than `dtype`, rounded as they are stored)."""
-    return _kernel(steps, batch, C, K, V, Kg, layout, dtype, split=True, stored=stored)
+    where narrower than `dtype`, rounded as they are stored; narrow: operands narrower than `dtype`,
+    role -> dtype, widened as they are loaded)."""
+    return _kernel(steps, batch, C, K, V, Kg, layout, dtype, split=True, stored=stored, narrow=narrow)

@@ -67,28 +67,43 @@ def takes(C: int, K: int, V: int, vt: int = VT) -> bool:
     return C == WARPS * mma.M and K == 2 * WARPS * mma.M and vt % mma.N == 0 and V % vt == 0
 
 
-def _layout(batch: tuple, C: int, K: int, V: int, Kg: int, vt: int):
-    """(heads, tiles, threads, nt, half, ps, pw, pk, per_key): the blocks' sizes and shared strides."""
-    half = K // 2
+def _layout(batch: tuple, C: int, K: int, V: int, Kg: int, vt: int, staged: str = "float32"):
+    """(heads, tiles, threads, nt, half, ps, pw, pk, per_key): the blocks' sizes and shared strides
+    (staged: the dtype w and k_to_end are staged in; their rows padded by 4 and 8 words either way)."""
+    half, per_word = K // 2, 4 // _bytes(staged)
     return (math.prod(batch), V // vt, 32 * WARPS, vt // mma.N, half,
             vt + 8,                       # ps: S's and v_new's row stride, B loads at (8t + g) mod 32, no conflict
-            half + 4, half + 8,           # pw, pk: the staged w (read by rows) and k_to_end (read by columns)
+            half + 4 * per_word,          # pw, pk: the staged w (read by rows) and k_to_end (read by columns)
+            half + 8 * per_word,
             1 if Kg == K else 0)          # per_key: last_decay per key row, or one a head
+
+
+def _bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
 
 
 def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str,
                             vt: int = VT, split: bool = SPLIT, prefetch: str | None = None, stages: int = STAGES,
-                            stored: str = ""):
+                            stored: str = "", narrow: dict | None = None):
     """chunk_states' function (fused_signatures.chunk_states_function) with this kernel's loop nest.
     prefetch: None (each half staged synchronously), "registers" or "async" (the module's docstring);
     stages: the halves "async" keeps resident or in flight (2 to 4); stored: the dtype of starts and
     v_new where narrower than `dtype` (the op's `dtype`: each value rounded as it is written to global
-    memory, the loop going on with the float32 one)."""
+    memory, the loop going on with the float32 one); narrow: operands narrower than `dtype` (role ->
+    dtype: intra_chunk's bf16 w, u and k_to_end), widened as they are loaded. "async" copies w and
+    k_to_end as they are (bytes: a 16-byte copy moves 8 bf16 values) and widens them as a warp loads
+    its fragments; the others widen them as they stage them."""
+    narrow = narrow or {}
+    staged = narrow.get("w", dtype) if prefetch == "async" else dtype
+    if prefetch is not None and narrow.get("k_to_end", dtype) != narrow.get("w", dtype):
+        raise DTypeError(f"narrow: w and k_to_end share the staging slots, got {narrow!r}")
+    if prefetch == "registers" and staged != dtype:
+        raise DTypeError(f"narrow: prefetch='registers' moves float32 pieces, got {narrow!r}")
     if prefetch not in PREFETCH:
         raise AttrError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
     if prefetch == "async" and not 2 <= stages <= 4:
         raise AttrError(f"stages: expected 2 to 4 staged halves for prefetch='async', got {stages!r}")
-    heads, tiles, threads, nt, half, ps, pw, pk, per_key = _layout(batch, C, K, V, Kg, vt)
+    heads, tiles, threads, nt, half, ps, pw, pk, per_key = _layout(batch, C, K, V, Kg, vt, staged)
 
     def head(bx):
         return unravel_index(bx // tiles, batch)
@@ -103,8 +118,8 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
     def stage(X, src, n, h, stride, bx, tx):
         """X[c, :half] = src[n, head, c, h half : (h + 1) half], every row of the chunk."""
         for e in T.unroll(C * half // threads):
-            X[(e * threads + tx) // half * stride + (e * threads + tx) % half] = src[(n,) + head(bx) + (
-                (e * threads + tx) // half, h * half + (e * threads + tx) % half)]
+            X[(e * threads + tx) // half * stride + (e * threads + tx) % half] = converted(src[(n,) + head(bx) + (
+                (e * threads + tx) // half, h * half + (e * threads + tx) % half)], src.dtype, dtype)
         T.tvm_storage_sync("shared")
 
     @T.macro
@@ -113,7 +128,8 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
         16 rows of v_new."""
         for k8 in T.unroll(half // mma.K8):
             for i in T.unroll(4):
-                fa[i] = X[xo + (w * mma.M + mma.a_at(lane, i)[0]) * pw + k8 * mma.K8 + mma.a_at(lane, i)[1]]
+                fa[i] = converted(X[xo + (w * mma.M + mma.a_at(lane, i)[0]) * pw + k8 * mma.K8 + mma.a_at(lane, i)[1]],
+                                  staged, dtype)
                 fa[4 + i] = mma.low_part(fa[i])
             for j in T.unroll(nt):
                 for i in T.unroll(2):
@@ -128,7 +144,8 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
         16 rows of that half of the state."""
         for k8 in T.unroll(C // mma.K8):
             for i in T.unroll(4):      # A = k_to_end^T: element (row r, term c) at X[c, r]
-                fa[i] = X[xo + (k8 * mma.K8 + mma.a_at(lane, i)[1]) * pk + w * mma.M + mma.a_at(lane, i)[0]]
+                fa[i] = converted(X[xo + (k8 * mma.K8 + mma.a_at(lane, i)[1]) * pk + w * mma.M + mma.a_at(lane, i)[0]],
+                                  staged, dtype)
                 fa[4 + i] = mma.low_part(fa[i])
             for j in T.unroll(nt):
                 for i in T.unroll(2):
@@ -166,9 +183,10 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                         T.tvm_storage_sync("shared")      # X is staged again next
                     for j in T.unroll(nt):
                         for i in T.unroll(4):
-                            N[(w * mma.M + mma.d_at(lane, i)[0]) * ps + j * mma.N + mma.d_at(lane, i)[1]] = U[
+                            N[(w * mma.M + mma.d_at(lane, i)[0]) * ps + j * mma.N + mma.d_at(lane, i)[1]] = converted(U[
                                 (n,) + head(bx) + (w * mma.M + mma.d_at(lane, i)[0],
-                                                   col0(bx) + j * mma.N + mma.d_at(lane, i)[1])] - acc[4 * j + i]
+                                                   col0(bx) + j * mma.N + mma.d_at(lane, i)[1])], U.dtype, dtype) \
+                                - acc[4 * j + i]
                             Vn[(n,) + head(bx) + (w * mma.M + mma.d_at(lane, i)[0],
                                                   col0(bx) + j * mma.N + mma.d_at(lane, i)[1])] = narrowed(
                                 N[(w * mma.M + mma.d_at(lane, i)[0]) * ps + j * mma.N + mma.d_at(lane, i)[1]])
@@ -190,10 +208,10 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                     S1[head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = S[
                         (e * threads + tx) // vt * ps + (e * threads + tx) % vt]
     if prefetch is None:
-        return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body, stored)
+        return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body, stored, narrow)
 
     return _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, narrowed,
-                      vnew_products, update_products, stored)
+                      vnew_products, update_products, stored, narrow, staged)
 
 
 def _shared_address(buf, offset, dtype):
@@ -206,7 +224,7 @@ def _shared_address(buf, offset, dtype):
 
 
 def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, narrowed, vnew_products,
-               update_products, stored):
+               update_products, stored, narrow, staged):
     """The prefetching variants' loop nest (the module's docstring). The halves of the chunks in order,
     q = 4 n + 2 p + h (p = 0: w[n], 1: k_to_end[n]; h: the half of K), half q in slot q % slots of a ring
     in shared memory. The loop's barriers are the four written here, one a half, in `arrive`: every shared
@@ -215,16 +233,17 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
     buffer (they share the dynamic shared memory) and compares accesses element by element."""
     if dtype != "float32":
         raise DTypeError(f"dtype: prefetch={prefetch!r} stores float32 (tensor cores in TF32), got {dtype!r}")
-    heads, tiles, threads, nt, half, ps, pw, pk, per_key = _layout(batch, C, K, V, Kg, vt)
+    heads, tiles, threads, nt, half, ps, pw, pk, per_key = _layout(batch, C, K, V, Kg, vt, staged)
     total = 4 * steps
     slots = 2 if prefetch == "registers" else stages
     slot = C * pk                       # a slot holds either operand's half (w's rows take pw <= pk words)
-    pieces = C * half // 4 // threads   # a thread's 16-byte pieces of a half: 8 at C = 64, K = 128
-    q4 = half // 4                      # pieces a row
+    span = 16 // _bytes(staged)         # values in a 16-byte piece: 4 float32, 8 bf16
+    pieces = C * half // span // threads   # a thread's pieces of a half: 8 at C = 64, K = 128 in float32
+    q4 = half // span                   # pieces a row
 
     def piece(e, tx):
         """(row, first column in the half) of the thread's piece e: 16 threads a row, a warp two rows."""
-        return (e * threads + tx) // q4, (e * threads + tx) % q4 * 4
+        return (e * threads + tx) // q4, (e * threads + tx) % q4 * span
 
     def src_at(q, e, tx, bx, v=0):      # the piece's place (plus v columns) in w[n] or k_to_end[n], n = q // 4
         return (q // 4,) + head(bx) + (piece(e, tx)[0], q % 2 * half + piece(e, tx)[1] + v)
@@ -249,11 +268,11 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
         """cp.async of the thread's pieces of half q into its slot (global -> shared, no registers)."""
         if q // 2 % 2 == 0:
             for e in T.unroll(pieces):
-                T.ptx.cp.async_.cg.shared.global_(_shared_address(X, dst_at(q, 0, e, tx), dtype),
+                T.ptx.cp.async_.cg.shared.global_(_shared_address(X, dst_at(q, 0, e, tx), staged),
                                                   T.address_of(W[src_at(q, e, tx, bx)]), 16)
         else:
             for e in T.unroll(pieces):
-                T.ptx.cp.async_.cg.shared.global_(_shared_address(X, dst_at(q, 1, e, tx), dtype),
+                T.ptx.cp.async_.cg.shared.global_(_shared_address(X, dst_at(q, 1, e, tx), staged),
                                                   T.address_of(Kte[src_at(q, e, tx, bx)]), 16)
 
     # Half q is used between arrive(q) and arrive(q + 1). Each arrive holds the block's one barrier of its
@@ -304,7 +323,7 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                 # shared memory (TVM raises the limit to the dynamic size, whatever the static one)
                 S = T.alloc_buffer((K * ps,), dtype, scope="shared.dyn")
                 N = T.alloc_buffer((C * ps,), dtype, scope="shared.dyn")
-                X = T.alloc_buffer((slots * slot,), dtype, scope="shared.dyn")
+                X = T.alloc_buffer((slots * slot,), staged, scope="shared.dyn")
                 acc = T.alloc_local((4 * nt,), dtype)
                 fa = T.alloc_local((8,), dtype)
                 fb = T.alloc_local((4,), dtype)
@@ -320,8 +339,8 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                 for n in range(steps):
                     for j in T.unroll(nt):
                         for i in T.unroll(4):
-                            pu[4 * j + i] = U[(n,) + head(bx) + (w * mma.M + at(lane, i, j)[0],
-                                                                 col0(bx) + at(lane, i, j)[1])]
+                            pu[4 * j + i] = converted(U[(n,) + head(bx) + (w * mma.M + at(lane, i, j)[0],
+                                                                           col0(bx) + at(lane, i, j)[1])], U.dtype, dtype)
                     for h2 in T.unroll(2):         # rows h2 half + 16 w + g + 8 r
                         for r in T.unroll(2):
                             pl[2 * h2 + r] = LD[(n,) + head(bx) + (
@@ -367,4 +386,4 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                 for e in T.unroll(K * vt // threads):
                     S1[head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = S[
                         (e * threads + tx) // vt * ps + (e * threads + tx) % vt]
-    return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body, stored)
+    return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body, stored, narrow)

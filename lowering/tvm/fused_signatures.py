@@ -37,21 +37,23 @@ def chunk_scan_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: in
 
 
 def chunk_states_function(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str, body,
-                          stored: str = ""):
+                          stored: str = "", narrow: dict | None = None):
     """body(S0, W, U, Kte, LD, S1, St, N): the final state S1 [*batch, K, V], each chunk's starting
     state St [steps, *batch, K, V] and v_new N [steps, *batch, C, V] from S0 and the per-step
     operands W, Kte [steps, *batch, C, K], U [steps, *batch, C, V], LD [steps, *batch, Kg, 1].
     stored: St's and N's dtype where it is narrower than `dtype` (bf16/fp16, the body rounds as it
-    stores)."""
+    stores); narrow: role (dnir.fused.STATES_ROLES) -> the dtype of an operand narrower than `dtype`,
+    which the body widens as it loads it."""
+    of = {role: (narrow or {}).get(role, dtype) for role in ("w", "u", "k_to_end", "last_decay")}
     @T.prim_func(private=True, s_tir=True)
     def kernel(s0: T.handle, w: T.handle, u: T.handle, kte: T.handle, ld: T.handle, s1: T.handle,
                st: T.handle, vn: T.handle):
         T.func_attr(ATTRS)
         S0 = T.match_buffer(s0, (*batch, K, V), dtype)
-        W = T.match_buffer(w, (steps, *batch, C, K), dtype)
-        U = T.match_buffer(u, (steps, *batch, C, V), dtype)
-        Kte = T.match_buffer(kte, (steps, *batch, C, K), dtype)
-        LD = T.match_buffer(ld, (steps, *batch, Kg, 1), dtype)
+        W = T.match_buffer(w, (steps, *batch, C, K), of["w"])
+        U = T.match_buffer(u, (steps, *batch, C, V), of["u"])
+        Kte = T.match_buffer(kte, (steps, *batch, C, K), of["k_to_end"])
+        LD = T.match_buffer(ld, (steps, *batch, Kg, 1), of["last_decay"])
         S1 = T.match_buffer(s1, (*batch, K, V), dtype)
         St = T.match_buffer(st, (steps, *batch, K, V), stored or dtype)
         N = T.match_buffer(vn, (steps, *batch, C, V), stored or dtype)
@@ -83,12 +85,13 @@ def chunk_output_function(steps: int, batch: tuple, C: int, K: int, V: int, dtyp
 
 
 def intra_chunk_function(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, body,
-                         group: int = 1, narrow: dict | None = None):
+                         group: int = 1, narrow: dict | None = None, stored: str = ""):
     """body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD): the loop's operands W, U, Qd, A, Ke, LD (dnir/fused.py's
     order, chunk-major: [NC, R, HV, C, X], LD [NC, R, HV, Kg, 1]) from q, k [R, Tp, HV / group, K],
     v [R, Tp, HV, V], g [R, Tp, HV, Kg] and beta [R, Tp, HV, 1], Tp = NC C tokens. group: value heads per
     head of q and k (GQA read without its repeated copy); narrow: role (dnir.fused.INTRA_ROLES) -> the
-    dtype of an operand narrower than `dtype` (bf16/fp16), which the body widens as it loads it."""
+    dtype of an operand narrower than `dtype` (bf16/fp16), which the body widens as it loads it; stored:
+    the dtype of W, U, Qd and Ke where narrower than `dtype` (the body rounds as it stores)."""
     Tp, HQ = NC * C, HV // group
     of = {role: (narrow or {}).get(role, dtype) for role in ("q", "k", "v", "g", "beta")}
 
@@ -101,11 +104,11 @@ def intra_chunk_function(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: i
         Vx = T.match_buffer(v, (R, Tp, HV, V), of["v"])
         G = T.match_buffer(g, (R, Tp, HV, Kg), of["g"])
         Bt = T.match_buffer(beta, (R, Tp, HV, 1), of["beta"])
-        W = T.match_buffer(w, (NC, R, HV, C, K), dtype)
-        U = T.match_buffer(u, (NC, R, HV, C, V), dtype)
-        Qd = T.match_buffer(qd, (NC, R, HV, C, K), dtype)
+        W = T.match_buffer(w, (NC, R, HV, C, K), stored or dtype)
+        U = T.match_buffer(u, (NC, R, HV, C, V), stored or dtype)
+        Qd = T.match_buffer(qd, (NC, R, HV, C, K), stored or dtype)
         A = T.match_buffer(aqk, (NC, R, HV, C, C), dtype)
-        Ke = T.match_buffer(kte, (NC, R, HV, C, K), dtype)
+        Ke = T.match_buffer(kte, (NC, R, HV, C, K), stored or dtype)
         LD = T.match_buffer(ld, (NC, R, HV, Kg, 1), dtype)
         with T.sblock("root"):
             body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD)

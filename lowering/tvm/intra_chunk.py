@@ -50,6 +50,8 @@ def rejects(node, target) -> str | None:
     dtype = node.inputs[0].dtype
     if target.dtypes is not None and dtype not in target.dtypes:
         return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
+    if node.attrs["dtype"] not in ("", "bf16", "f16"):
+        return f"the kernel stores w, u, q_decayed and k_to_end in {dtype}, bf16 or f16, not {node.attrs['dtype']}"
     R, NC, HV, C, K, V, Kg = intra_sizes([i.type for i in node.inputs], node.attrs)
     if C % S or K + V > THREADS or C > 64:
         return f"C={C}, K={K}, V={V}: the kernel takes chunks of whole {S}-token blocks up to 64 and K + V <= {THREADS}"
@@ -84,15 +86,22 @@ def loads(dtype: str, group: int = 1, scale: float | None = None):
 
 
 def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: float | None = None,
-           scaled_kk: bool = False):
+           scaled_kk: bool = False, stored: str = ""):
     """Macros of the kernel's steps that intra_chunk_mma.py shares: `operands` (step 1), `diagonal`
     (a row block's staged raw rows and its diagonal block of scores, step 2) and `solve` (step 3).
     `diagonal` stages into three 16-row stages of K channels: q at Xq[oq:], k at Xk[ok:], gates at Xc[oc:]
     (three buffers, or one at three offsets where nothing in a condition reads one stage and writes another).
-    group, scale: as `loads` reads q and k. scaled_kk: `solve` finds beta_i kk_ij in KK, not kk_ij."""
+    group, scale: as `loads` reads q and k. scaled_kk: `solve` finds beta_i kk_ij in KK, not kk_ij.
+    stored: the dtype of W, U, Qd and Ke where narrower than `dtype` (the op's `dtype`: each value
+    rounded as it is stored, the solve going on with the wide one)."""
     from tvm.script import tirx as T
 
+    from .kernels import converted
+
     q_at, k_at, load = loads(dtype, group, scale)
+
+    def put(x):                                # a value of W, U, Qd or Ke as it is stored
+        return converted(x, dtype, stored or dtype)
 
     pk = 1 if Kg == K else 0                   # the gate of channel c: c or 0
     zero = T.cast(0, dtype)
@@ -109,12 +118,12 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
             run[0] = zero
             for i in T.unroll(C):             # unrolled: the loads issue ahead of the sum
                 run[0] = run[0] + load(G, b, t0 + i, h, tx * pk)
-                Qd[n, b, h, i, tx] = q_at(Q, b, t0 + i, h, tx) * T.exp(run[0])
+                Qd[n, b, h, i, tx] = put(q_at(Q, b, t0 + i, h, tx) * T.exp(run[0]))
             if tx < Kg:
                 LD[n, b, h, tx, 0] = T.exp(run[0])
             run[0] = zero
             for i1 in T.unroll(C):
-                Ke[n, b, h, C - 1 - i1, tx] = k_at(Kx, b, t0 + C - 1 - i1, h, tx) * T.exp(run[0])
+                Ke[n, b, h, C - 1 - i1, tx] = put(k_at(Kx, b, t0 + C - 1 - i1, h, tx) * T.exp(run[0]))
                 run[0] = run[0] + load(G, b, t0 + C - 1 - i1, h, tx * pk)
 
     @T.macro
@@ -192,18 +201,18 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
                                 run[1] = run[1] + kv[u] * x[4 * j4 + u]
                 x[i] = x[i] - (run[1] if scaled_kk else load(Bt, b, t0 + i, h, 0) * run[1])
                 if tx < K:
-                    W[n, b, h, i, tx] = x[i]
+                    W[n, b, h, i, tx] = put(x[i])
                 else:
-                    U[n, b, h, i, tx - K] = x[i]
+                    U[n, b, h, i, tx - K] = put(x[i])
 
     return operands, diagonal, solve
 
 
 def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
-                       scale: float | None = None, narrow: dict | None = None):
+                       scale: float | None = None, narrow: dict | None = None, stored: str = ""):
     """The op's function (fused_signatures.intra_chunk_function) with this kernel's loop nest. group,
     scale: how q and k are read (`loads`); narrow: role -> the dtype of an operand read narrower than
-    `dtype` (bf16/fp16 on cuda), widened as it is loaded."""
+    `dtype` (bf16/fp16 on cuda), widened as it is loaded; stored: as `phases` stores W, U, Qd, Ke."""
     # TVM's script front end here, not at import: `rejects` runs in O2 inside the cuda target's
     # context (passes/fuse_intra_chunk.py), also where only TVM's runtime is installed
     from tvm.script import tirx as T
@@ -215,7 +224,7 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
     zero = T.cast(0, dtype)
     P = K + 1                                  # a staged row's stride
     NL = math.gcd(K, 4)
-    operands, diagonal, solve = phases(C, K, V, Kg, dtype, group, scale)
+    operands, diagonal, solve = phases(C, K, V, Kg, dtype, group, scale, stored=stored)
     q_at, k_at, load = loads(dtype, group, scale)
 
     def task(t):                               # (chunk, row, head) of block t
@@ -275,4 +284,4 @@ def intra_chunk_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int
                 T.tvm_storage_sync("shared")
                 # 3. W and U by forward substitution, a thread per column
                 solve(Kx, Vx, G, Bt, W, U, KK, x, run, n, b, h, tx)
-    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body, group, narrow)
+    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body, group, narrow, stored)

@@ -70,13 +70,13 @@ def _pick(index, values):
 
 def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
                            scale: float | None = None, narrow: dict | None = None, split: bool = SPLIT,
-                           halving: bool = HALVING, decayed: bool = False, skip: tuple = ()):
+                           halving: bool = HALVING, decayed: bool = False, skip: tuple = (), stored: str = ""):
     """The op's function (fused_signatures.intra_chunk_function) with its scores on tensor cores; group,
     scale and narrow: how the operands are read, as intra_chunk.intra_chunk_kernel's. halving: KDA's
     diagonal blocks by halving (`diagonal_by_halves`) rather than by intra_chunk.phases' `diagonal`.
     decayed: one gate per head through the per-channel path (decayed rows and columns, halving).
     skip: steps left out ("operands", "scores", "diagonals", "solve"), wrong results, for timing what
-    each step costs (benchmarks/gpu_sweep.py)."""
+    each step costs (benchmarks/gpu_sweep.py). stored: as intra_chunk.phases stores W, U, Qd, Ke."""
     from .fused_signatures import intra_chunk_function
     tasks = NC * R * HV
     blocks = C // S
@@ -90,7 +90,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     # kk is stored times beta_i (one product less in the solve's inner loop) unless intra_chunk.phases'
     # `diagonal` writes part of it
     scaled = not (per_key and not halving)
-    operands, diagonal, solve = phases(C, K, V, Kg, dtype, group, scale, scaled_kk=scaled)
+    operands, diagonal, solve = phases(C, K, V, Kg, dtype, group, scale, scaled_kk=scaled, stored=stored)
     q_at, k_at, load = loads(dtype, group, scale)
     upper = [(a, b) for a in range(blocks) for b in range(a + 1, blocks)]
     # KDA's staging buffer: q rows of blocks 1..3 decayed to their r, then k rows, then the columns
@@ -384,4 +384,4 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 T.tvm_storage_sync("shared")
                 solve(Kx, Vx, G, Bt, W, U, KK, x, run, n, b, h, tx)
 
-    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body, group, narrow)
+    return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body, group, narrow, stored)

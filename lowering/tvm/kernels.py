@@ -40,6 +40,17 @@ def converted(x, have: str, want: str):
     return x if str(have) == str(want) else T.Cast(str(want), x)
 
 
+def narrow_loads(node, roles, dtype: str, wide=()) -> str | None:
+    """Why a kernel computing in `dtype` cannot load `node`'s operands (the last len(roles), named by
+    `roles`), or None: each is in `dtype`, or bf16/fp16 (widened as it is loaded) unless its role is
+    in `wide`."""
+    for role, x in zip(roles, node.inputs[len(node.inputs) - len(roles):]):
+        if x.dtype != dtype and (role in wide or x.dtype not in ("bf16", "f16")):
+            return f"the kernel loads {role} in {dtype}" + ("" if role in wide else ", bf16 or f16") + \
+                f", not {x.dtype}"
+    return None
+
+
 def _grid(lanes: int) -> tuple[int, int]:
     threads = min(THREADS_PER_BLOCK, max(lanes, 1))
     return -(-lanes // threads), threads

@@ -39,7 +39,7 @@ from tvm import relax, te
 from tvm.ir import PrimType
 
 from dnir.errors import BackendError
-from dnir.fused import INTRA_ROLES, OUTPUT_ROLES, STEP_ROLES, compute_dtype, intra_sizes
+from dnir.fused import INTRA_ROLES, OUTPUT_ROLES, STATES_ROLES, STEP_ROLES, compute_dtype, intra_sizes
 from dnir.graph import Graph, Node
 from dnir.lowering.head_reads import head_reads
 from dnir.ops import table_entry
@@ -517,6 +517,13 @@ def _lower_chunk_layer(tr, node, args):
     return [state, tr.emit(relax.op.permute_dims(chunks, [1, 0, 3, 2, 4]))]
 
 
+def _narrow_operands(tr, node, roles, dtype: str) -> dict:
+    """role -> TVM dtype of each operand of `node` narrower than `dtype`, which its kernel widens
+    (`roles`: the op's operand names after the state, or all of them for an op without one)."""
+    xs = node.inputs[len(node.inputs) - len(roles):]
+    return {role: tr.dtype(x.dtype) for role, x in zip(roles, xs) if tr.dtype(x.dtype) != dtype}
+
+
 @lowers("chunk_states")
 def _lower_chunk_states(tr, node, args):
     """The sequential part of the loop over chunks as one GPU kernel (chunk_scan.py): [final state,
@@ -524,14 +531,16 @@ def _lower_chunk_states(tr, node, args):
     steps, batch, C, K, V, Kg = chunk_scan.sizes(node)
     dtype, layout = TVM_DTYPES[node.inputs[0].dtype], chunk_scan.layout(C, K, V)
     stored = tr.dtype(node.attrs["dtype"]) if node.attrs["dtype"] else ""
+    narrow = _narrow_operands(tr, node, STATES_ROLES, dtype)
+    key = (stored, tuple(sorted(narrow.items())))
     if tr.tensor_cores and dtype == "float32" and chunk_states_mma.takes(C, K, V):
-        gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, "mma", dtype, tr.split, chunk_states_mma.CHOSEN,
-                      stored),
+        gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, "mma", dtype, tr.split, chunk_states_mma.CHOSEN, key),
                      lambda: chunk_states_mma.chunk_states_mma_kernel(steps, batch, C, K, V, Kg, dtype, split=tr.split,
-                                                                      prefetch=chunk_states_mma.CHOSEN, stored=stored))
+                                                                      prefetch=chunk_states_mma.CHOSEN, stored=stored,
+                                                                      narrow=narrow))
         return _call_fused(tr, node, gv, args)
-    gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, layout, dtype, stored),
-                 lambda: chunk_scan.chunk_states_kernel(steps, batch, C, K, V, Kg, layout, dtype, stored))
+    gv = tr.prim(("chunk_states", steps, batch, C, K, V, Kg, layout, dtype, key),
+                 lambda: chunk_scan.chunk_states_kernel(steps, batch, C, K, V, Kg, layout, dtype, stored, narrow))
     return _call_fused(tr, node, gv, args)
 
 
@@ -542,7 +551,7 @@ def _lower_chunk_output(tr, node, args):
     steps, batch, C, K, V = chunk_output.sizes(node)
     dtype, bv = TVM_DTYPES[compute_dtype([x.type for x in node.inputs])], chunk_output.layout(C, K, V)
     token_major, out = node.attrs["token_major"], tr.dtype(node.dtype)
-    narrow = {role: tr.dtype(x.dtype) for role, x in zip(OUTPUT_ROLES, node.inputs) if tr.dtype(x.dtype) != dtype}
+    narrow = _narrow_operands(tr, node, OUTPUT_ROLES, dtype)
     key = tuple(sorted(narrow.items()))
     if tr.tensor_cores and dtype == "float32" and chunk_output.mma_layout(C, K, V):
         gv = tr.prim(("chunk_output", steps, batch, C, K, V, "mma", dtype, out, token_major, tr.split, key),
@@ -564,13 +573,14 @@ def _lower_intra_chunk(tr, node, args):
         gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype), lambda: cpu_intra_chunk.intra_chunk_kernel(*sizes, dtype))
         return _call_fused(tr, node, gv, args)
     reads, narrow, group, scale = _intra_reads(tr, node, args)
+    stored = tr.dtype(node.attrs["dtype"]) if node.attrs["dtype"] else ""
     if tr.tensor_cores and dtype == "float32" and intra_chunk_mma.chosen(*sizes[3:]):
-        gv = tr.prim(("intra_chunk_mma", *sizes, dtype, group, scale, tuple(sorted(narrow.items())), tr.split),
+        gv = tr.prim(("intra_chunk_mma", *sizes, dtype, group, scale, tuple(sorted(narrow.items())), tr.split, stored),
                      lambda: intra_chunk_mma.intra_chunk_mma_kernel(*sizes, dtype, group, scale, narrow,
-                                                                    split=tr.split))
+                                                                    split=tr.split, stored=stored))
         return _call_fused(tr, node, gv, reads)
-    gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype, group, scale, tuple(sorted(narrow.items()))),
-                 lambda: intra_chunk.intra_chunk_kernel(*sizes, dtype, group, scale, narrow))
+    gv = tr.prim(("intra_chunk", tr.gpu, *sizes, dtype, group, scale, tuple(sorted(narrow.items())), stored),
+                 lambda: intra_chunk.intra_chunk_kernel(*sizes, dtype, group, scale, narrow, stored))
     return _call_fused(tr, node, gv, reads)
 
 

@@ -174,8 +174,9 @@ def test_intra_chunk_kernels_ask_for_blocks_per_sm():
 
 
 def test_a_bf16_layers_loop_stores_and_loads_its_intermediates_in_bf16(tmp_path):
-    """passes/narrow_loop_results.py on cuda: chunk_states writes starts and v_new as nv_bfloat16 and
-    chunk_output reads them so, both on tensor cores; the state and the other operands stay float32."""
+    """passes/narrow_loop_results.py on cuda: intra_chunk writes w, u, q_decayed and k_to_end as
+    nv_bfloat16, chunk_states reads them so (by cp.async) and writes starts and v_new so, chunk_output
+    reads those; the state, the scores and the decays stay float32."""
     from dnir.lowering.registry import build, target_context
     from dnir.lowering.tvm.compile import cuda_source
     from dnir.models import build as build_layer
@@ -187,10 +188,10 @@ def test_a_bf16_layers_loop_stores_and_loads_its_intermediates_in_bf16(tmp_path)
     kernels = _kernels(source)
     params = {name: {v: t for t, v in re.findall(r"(\w+)\* __restrict__ (\w+)_ptr", k.split(")", 1)[0])}
               for name, k in kernels.items()}
-    assert params["chunk_states_kernel"] == {
-        "S0": "float", "W": "float", "U": "float", "Kte": "float", "LD": "float", "S1": "float",
-        "St": "nv_bfloat16", "N": "nv_bfloat16"}
-    assert params["chunk_output_kernel"] == {"Qd": "float", "St": "nv_bfloat16", "A": "float", "N": "nv_bfloat16",
-                                             "O": "nv_bfloat16"}
+    bf, f = "nv_bfloat16", "float"
+    assert {v: params["intra_chunk_mma_kernel"][v] for v in ("W", "U", "Qd", "A", "Ke", "LD")} == dict(
+        W=bf, U=bf, Qd=bf, A=f, Ke=bf, LD=f)
+    assert params["chunk_states_kernel"] == dict(S0=f, W=bf, U=bf, Kte=bf, LD=f, S1=f, St=bf, N=bf)
+    assert params["chunk_output_kernel"] == dict(Qd=bf, St=bf, A=f, N=bf, O=bf)
     assert "cp_async" in kernels["chunk_states_kernel"] and _mma_per_kernel(source)["chunk_output_kernel"] > 0
     assert "mma.sync" in sm90_ptx(source, tmp_path)
