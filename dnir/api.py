@@ -32,8 +32,9 @@ there, read back once with the outputs' (one synchronisation per call): a bad in
 still raises its error, and no output is returned. `precision` picks the tensor-core products on
 "cuda": "highest" (3xTF32, float32's accuracy) or "tf32" (one TF32 product each, about 1e-3
 relative, faster: flash-linear-attention's float32 arithmetic); None is "tf32" for bf16/fp16 inputs
-(exact in TF32) and "highest" for float32. NumPy, llvm, ggml and Vulkan compute in float32 either
-way. The recurrent functions' `inplace_final_state=True` writes the new state into initial_state
+(exact in TF32) and "highest" for float32. A bf16 layer at "tf32" also keeps the chunked loop's
+intermediates in bf16 on "cuda", as flash-linear-attention does (passes/narrow_loop_results.py).
+NumPy, llvm, ggml and Vulkan compute in float32 either way. The recurrent functions' `inplace_final_state=True` writes the new state into initial_state
 (_in_place). dnir computes the forward pass only:
 torch tensors that require grad while autograd is on are refused (under
 `torch.no_grad()` they are read as values).

@@ -108,7 +108,9 @@ def type_str(t) -> str:
 
 # The tensor-core products on CUDA (lowering/tvm/mma.py): "highest" runs each as three TF32
 # products (3xTF32, float32's accuracy), "tf32" as one (about 1e-3 relative, faster). Half inputs
-# are exact in TF32, so "tf32" is their default; every other target computes in float32 either way.
+# are exact in TF32, so "tf32" is their default; a bf16 layer at "tf32" also stores the chunked
+# loop's intermediates in bf16 (passes/narrow_loop_results.py). Every other target computes in
+# float32 either way.
 # A layer's option (DeltaNetConfig.precision), kept in its graph's metadata for the lowering.
 PRECISIONS = ("highest", "tf32")
 
