@@ -106,26 +106,6 @@ def test_cuda_layer_uses_the_tensor_core_kernels(layer):
     assert "intra_chunk_mma_kernel" in source and "intra_chunk_kernel(" not in source
 
 
-def test_gdn_intra_chunk_on_tensor_cores(tmp_path):
-    """One gate per head: intra_chunk_mma at every precision, its scores 3xTF32 at "highest" (three
-    mma a product) and one TF32 product otherwise (intra_chunk_mma.chosen)."""
-    from dnir.lowering.registry import build, target_context
-    from dnir.lowering.tvm.compile import cuda_source
-    from dnir.models import build as build_layer
-    from dnir.passes import optimize
-    counts = {}
-    for dtype, precision in (("f32", "highest"), ("f32", "tf32"), ("bf16", None)):
-        with target_context("cuda"):
-            graph = optimize(build_layer("gdn", seq_len=130, heads=1, value_heads=2, head_dim=128, value_dim=128,
-                                         dtype=dtype, precision=precision, final_state=True), "O2")
-        source = cuda_source(build(graph, "cuda", arch="sm_90"))
-        assert "intra_chunk_kernel" not in _kernels(source)
-        assert "mma.sync" in sm90_ptx(source, tmp_path)
-        counts[dtype, precision] = _mma_per_kernel(source)["intra_chunk_mma_kernel"]
-    assert counts["f32", "highest"] == 3 * counts["f32", "tf32"] > 0
-    assert counts["bf16", None] == counts["f32", "tf32"]
-
-
 MMA = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
 
 
@@ -140,9 +120,11 @@ def _mma_per_kernel(source: str) -> dict[str, int]:
     return {name: k.count(MMA) for name, k in _kernels(source).items() if MMA in k}
 
 
-def test_precision_picks_one_tf32_product_or_three(tmp_path):
-    """A layer's precision reaches all three tensor-core kernels: "tf32" runs each product as one
-    mma, a third of "highest"'s (3xTF32); bf16 layers take "tf32" by default."""
+@pytest.mark.parametrize("layer,value_dim", [("gdn", 128), ("kda", 64)])
+def test_precision_picks_one_tf32_product_or_three(layer, value_dim, tmp_path):
+    """A layer's precision reaches all three tensor-core kernels, intra_chunk_mma for either gate
+    (intra_chunk_mma.chosen): "tf32" runs each product as one mma, a third of "highest"'s (3xTF32);
+    bf16 layers take "tf32" by default."""
     from dnir.lowering.registry import build, target_context
     from dnir.lowering.tvm.compile import cuda_source
     from dnir.models import build as build_layer
@@ -150,9 +132,10 @@ def test_precision_picks_one_tf32_product_or_three(tmp_path):
     counts = {}
     for dtype, precision in (("f32", "highest"), ("f32", "tf32"), ("bf16", None)):
         with target_context("cuda"):
-            graph = optimize(build_layer("kda", seq_len=130, heads=1, value_heads=2, head_dim=128, value_dim=64,
-                                         dtype=dtype, precision=precision, final_state=True), "O2")
+            graph = optimize(build_layer(layer, seq_len=130, heads=1, value_heads=2, head_dim=128,
+                                         value_dim=value_dim, dtype=dtype, precision=precision, final_state=True), "O2")
         source = cuda_source(build(graph, "cuda", arch="sm_90"))
+        assert "intra_chunk_kernel" not in _kernels(source)
         counts[dtype, precision] = _mma_per_kernel(source)
         ptx = sm90_ptx(source, tmp_path)
         assert len(re.findall(re.escape(MMA), ptx)) >= sum(counts[dtype, precision].values())
