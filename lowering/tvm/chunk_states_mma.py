@@ -35,6 +35,11 @@ multiplies. The staged operands do not depend on S, so two variants fetch them a
   a half is used. 90 KiB at vt = 16 and 4 slots (2 blocks an SM, 256 blocks on 132 SMs all
   resident), 102 KiB at vt = 32 (128 blocks: one an SM).
 
+A bf16 layer at precision "tf32" hands this kernel w, u and k_to_end in bf16 and takes its starts and
+v_new in bf16 (passes/narrow_loop_results.py): "async" then copies the halves as bf16 (a 16-byte
+copy moves 8 values; rows padded by the same 4 and 8 words, 58 KiB at vt = 16 and 4 slots) and
+widens each fragment value as a warp loads it; S, v_new and all arithmetic stay float32.
+
 Either has one barrier a half (the default two, and TVM adds 17 more a chunk to the
 default's stores of v_new and S, see _shared_address), u[n]'s tile and last_decay[n] loaded at
 the step's start, v_new written to global memory from registers; S, v_new and the ring all
