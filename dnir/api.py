@@ -41,6 +41,7 @@ torch tensors that require grad while autograd is on are refused (under
 """
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 import warnings
@@ -343,11 +344,10 @@ def _delta_rule_on_device(variant: str, form: str, fn: str, args: dict):
     opt = args["opt"]
     layer = cuda_layer(cfg, opt, lambda: compiled_graph(cfg, opt, "cuda"), device=q.device.index or 0)
     inputs = [_aligned(tensors[n].to(_TORCH_DTYPES[d])) for n, d in zip(layer.input_names, layer.input_dtypes)]
-    checks = _device_checks(tensors, cfg, args["allow_positive_gates"])
     stream = torch.cuda.current_stream(q.device).cuda_stream if q.device.type == "cuda" else None
     outputs = [torch.from_dlpack(o) for o in run_layer(layer, inputs, stream)]
-    flags = torch.stack(checks + [torch.isfinite(o.sum(dtype=torch.float32)) for o in outputs]).tolist()
-    if not all(flags):      # the host checks find what failed and say it; they raise or warn
+    if not _device_checks(tensors, outputs, cfg, args["allow_positive_gates"]):
+        # the host checks find what failed and say it; they raise or warn
         arrays = {name: _to_numpy(t, name, fn) for name, t in tensors.items()}
         _host_checks(arrays, cfg, fn, args["allow_positive_gates"])
         for name, out in zip(layer.output_names, outputs):
@@ -387,22 +387,36 @@ def _aligned(x):
     return x if x.data_ptr() % ALIGNMENT == 0 else x.clone()
 
 
-def _device_checks(tensors: dict, cfg: DeltaNetConfig, allow_positive_gates: bool) -> list:
-    """The host checks' verdicts as 0-d bool tensors computed where the tensors are (nothing read
-    back yet): every input's sum finite, no gate above zero, beta * |k|^2 below 2. The initial
-    state is left to the final state's check when that is returned (a non-finite entry reaches
-    it): one pass over the state, the most memory a decode step reads, instead of two."""
+def _device_checks(tensors: dict, outputs: list, cfg: DeltaNetConfig, allow_positive_gates: bool) -> bool:
+    """Whether the host checks would pass, from a few reductions on the GPU and one read back (the
+    call's synchronisation): every input and output finite, no gate above zero, beta * |k|^2
+    below 2. Its cost is the API's overhead over the module, so it reads each tensor once, in
+    few launches: one multi-tensor norm for finiteness (an inf or NaN anywhere makes the norm
+    so; a huge finite tensor whose norm overflows only sends the call to the host checks, which
+    then pass), one min-max of the gate, and |k|^2 by one norm, which also stands for k's
+    finiteness. The initial state is left to the final state's check when that is returned (a
+    non-finite entry reaches it): one pass over the state, the most memory a decode step reads,
+    instead of two."""
     import torch
-    checks = [torch.isfinite(t.sum(dtype=torch.float32)) for name, t in tensors.items()
-              if not (name == "initial_state" and cfg.final_state)]
+    skip = {"initial_state"} if cfg.final_state else set()
+    finite, bounds = [], []             # 0-d tensors that must be finite; (0-d tensor, test of its value)
     if not allow_positive_gates:
-        checks.append(tensors["g"].max() <= 0)
+        skip.add("g")
+        low, high = torch.aminmax(tensors["g"])
+        finite.append(low)
+        bounds.append((high, lambda x: x <= 0))
     if not cfg.l2norm:
-        k, beta = tensors["k"].float(), tensors["beta"].float()
-        ksq = (k * k).sum(-1)
+        skip.add("k")
+        k, beta = tensors["k"], tensors["beta"]
+        ksq = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).square()
         group = beta.shape[2] // k.shape[2]
-        checks.append((beta.reshape(*ksq.shape, group) * ksq[..., None]).max() < 2)
-    return checks
+        finite.append(ksq.sum())
+        bounds.append(((beta.reshape(*ksq.shape, group) * ksq[..., None]).amax(), lambda x: x < 2))
+    checked = [t for name, t in tensors.items() if name not in skip] + list(outputs)
+    finite += torch._foreach_norm(checked, 2, dtype=torch.float32)
+    values = torch.stack([t for t, _ in bounds] + finite).tolist()
+    return (all(test(x) for (_, test), x in zip(bounds, values))
+            and all(map(math.isfinite, values[len(bounds):])))
 
 
 def _host_checks(arrays: dict, cfg: DeltaNetConfig, fn: str, allow_positive_gates: bool):

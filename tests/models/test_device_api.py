@@ -103,6 +103,17 @@ def test_bad_inputs_raise_the_host_paths_errors(device, rng):
     assert w[0].filename == __file__                                  # points at the call
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name", ["q", "k", "v", "g", "beta"])
+def test_every_non_finite_input_is_found_on_the_device(device, rng, name, bad):
+    x = _draw(rng)
+    x["beta"][0, 2, 2:] = -0.5              # k head 1's value heads: -inf, not above the bound, for an inf k
+    x[name][0, 2, 1] = bad
+    kind = "NaN" if bad != bad else "inf"
+    with pytest.raises(InputError, match=rf"{name} contains {kind} \(first at index \[0, 2, 1"):
+        dnir.chunk_gated_delta_rule(**x, output_final_state=True, target="cuda")
+
+
 def test_a_bad_initial_state_is_named_though_the_final_states_check_finds_it(device, rng):
     x = _draw(rng)
     x["initial_state"][1, 2, 3, 4] = float("inf")
