@@ -170,7 +170,10 @@ def api_call(case: dict, x: dict):
                       output_final_state=True, target="cuda", precision=precision)
 
 
-def kernel_profile(fn, costs: dict, top: int = 12) -> list[dict]:
+KERNEL_ROWS = 12      # a case's kernel table: its costliest kernels
+
+
+def kernel_profile(fn, costs: dict) -> list[dict]:
     """The CUDA kernels of three calls of `fn`, by total device time; TFLOP/s and GB/s where the
     kernel is one of the fused ops whose FLOPs and bytes were counted (`costs`, by op name)."""
     import re
@@ -194,7 +197,7 @@ def kernel_profile(fn, costs: dict, top: int = 12) -> list[dict]:
             row.update(op=op, gflop=costs[op]["flops"] / 1e9,
                        tflops=costs[op]["flops"] / (row["ms"] * 1e-3) / 1e12,
                        gbps=costs[op]["bytes"] / (row["ms"] * 1e-3) / 1e9)
-    return sorted(rows.values(), key=lambda r: -r["ms"])[:top]
+    return sorted(rows.values(), key=lambda r: -r["ms"])
 
 
 def vulkan_case(program_path: Path, x: dict, names, ref, runs: int = 5) -> dict:
@@ -270,6 +273,7 @@ def run_case(name: str, case: dict, loader, bundle: Path, costs: dict, copy_gbps
             c[impl].update(state_gbps=gbps, share_of_copy=gbps / copy_gbps)
     try:
         c["dnir_kernels"] = kernel_profile(dnir_fn, costs.get("kernels", {}).get(name, {}))
+        c["api_kernels"] = kernel_profile(api_fn, {})
     except Exception as e:  # noqa: BLE001 - the profile explains a miss; its absence must not lose the timings
         c["dnir_kernels_error"] = f"{type(e).__name__}: {e}"
     if case["kind"] == "prefill" and case["batch"] == 1 and case["seq_len"] == 8192 and case["heads"] == 32:
@@ -410,9 +414,14 @@ def markdown(doc: dict) -> str:
             lines.append(f"profile unavailable: {c.get('dnir_kernels_error')}")
             continue
         lines += ["| kernel | ms | launches | GFLOP | TFLOP/s | GB/s |", "|---|---|---|---|---|---|"]
-        for k in c["dnir_kernels"]:
+        for k in c["dnir_kernels"][:KERNEL_ROWS]:
             counted = (f"{k['gflop']:.1f} | {k['tflops']:.1f} | {k['gbps']:.0f}" if "gflop" in k else "- | - | -")
             lines.append(f"| `{k['kernel'][:80]}` | {k['ms']:.3f} | {k['launches']} | {counted} |")
+        if "api_kernels" in c:
+            launches, ms = (sum(k[f] for k in c["api_kernels"]) - sum(k[f] for k in c["dnir_kernels"])
+                            for f in ("launches", "ms"))
+            lines += ["", f"The API call adds {launches} kernel launches (its checks and conversions) taking {ms:.3f} "
+                      f"ms on the GPU, of its {c['api_overhead_ms']:+.3f} ms overhead over the module."]
     return "\n".join(lines) + "\n"
 
 
