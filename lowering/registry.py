@@ -17,8 +17,8 @@ the graph for it and calls the backend's `run`. Preparing (`prepare`) runs the
 backend's pipeline, then `fold_widening_casts` (a half input's cast into the
 fused op reading it, where its kernel loads half operands), `fold_narrowing_casts`
 (a half result's cast into the fused op making it, where its kernel stores half
-results), `narrow_loop_results` (chunk_states' starts and v_new in bf16 where o is,
-at precision "tf32") and `expand_fused`,
+results), `narrow_loop_results` (the chunked loop's intermediates in bf16 where o
+is, at precision "tf32") and `expand_fused`,
 inside a `PassContext` holding the
 backend's `Target`: the pipeline may replace subgraphs by fused ops the target
 has kernels for (passes/fuse_delta_steps.py on GPUs), and every fused op the

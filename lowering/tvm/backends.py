@@ -88,7 +88,6 @@ def _gpu_target(name: str, shared_bytes: int, decode_step: bool = False, half_o:
                   narrow_results=frozenset(LOOP | {"intra_chunk"} if half_o else ()))
 
 
-
 def _vulkan_target(name: str) -> Target:
     from ..vulkan import shared_bytes
     return _gpu_target(name, shared_bytes())
