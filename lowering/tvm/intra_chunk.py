@@ -180,25 +180,33 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
         """W and U by forward substitution, a thread per column, kk read from shared memory. Each
         thread makes its column's right-hand side itself, beta k exp(gam) (the same running sum as
         `operands`) or beta v: written and read back through device memory, W and U's right-hand
-        sides were a third of the kernel's traffic."""
+        sides were a third of the kernel's traffic. All C of them first, so that their loads are in
+        flight together (one device-memory latency, not one a row on the substitution's path)."""
         t0 = n * C
         kv = T.alloc_local((4,), dtype)
-        if tx < K + V:
+        dot = T.alloc_local((4,), dtype)
+        if tx < K:
             run[0] = zero
             for i in T.unroll(C):
-                run[0] = run[0] + load(G, b, t0 + i, h, T.min(tx, K - 1) * pk)
-                x[i] = load(Bt, b, t0 + i, h, 0) * T.Select(
-                    tx < K, k_at(Kx, b, t0 + i, h, T.min(tx, K - 1)) * T.exp(run[0]),
-                    load(Vx, b, t0 + i, h, T.max(tx - K, 0)))
+                run[0] = run[0] + load(G, b, t0 + i, h, tx * pk)
+                x[i] = load(Bt, b, t0 + i, h, 0) * k_at(Kx, b, t0 + i, h, tx) * T.exp(run[0])
+        elif tx < K + V:
+            for i in T.unroll(C):
+                x[i] = load(Bt, b, t0 + i, h, 0) * load(Vx, b, t0 + i, h, tx - K)
+        if tx < K + V:
+            for i in T.unroll(C):
                 # sum_{j < i} kk_ij x_j with kk read four words a load (one 16-byte shared load feeds
-                # four products; one word a product, the loads bound the solve)
-                run[1] = zero
+                # four products; one word a product, the loads bound the solve), into four partial
+                # sums: four independent chains of fused multiply-adds, not one of i
+                for u in T.unroll(4):
+                    dot[u] = zero
                 for j4 in T.unroll(C // 4):    # j < i: constant once unrolled
                     if 4 * j4 < i:
                         kv[T.ramp(0, 1, 4)] = KK[T.ramp(i * C + 4 * j4, 1, 4)]
                         for u in T.unroll(4):
                             if 4 * j4 + u < i:
-                                run[1] = run[1] + kv[u] * x[4 * j4 + u]
+                                dot[u] = dot[u] + kv[u] * x[4 * j4 + u]
+                run[1] = (dot[0] + dot[1]) + (dot[2] + dot[3])
                 x[i] = x[i] - (run[1] if scaled_kk else load(Bt, b, t0 + i, h, 0) * run[1])
                 if tx < K:
                     W[n, b, h, i, tx] = put(x[i])
