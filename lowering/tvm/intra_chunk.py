@@ -28,12 +28,14 @@ of the gates from the chunk start:
     thread itself, and kk read from shared memory four words a load (one word for
     the whole block).
 
-CUDA cores, float32; Vulkan's kernel, and CUDA's for one gate per head at precision
-"highest" (intra_chunk_mma.chosen). On an H100 at (1, 8192, 32, 128) it is still that
-layer's largest kernel (0.94 ms of 1.81 for GDA, benchmarks/results/gpu.md) though it
-holds a third of the FLOPs: the solve's column of C values a thread caps it at 3 blocks
-an SM (80 registers, some spilled) to hide the serial phases' latency, and KDA's
-diagonal blocks sum 16 masked gates per channel and pair (2.04 ms there).
+CUDA cores, float32; Vulkan's kernel, and CUDA's where intra_chunk_mma.py's does not take
+the sizes (intra_chunk_mma.chosen). On an H100 at (1, 8192, 32, 128) it took 0.94 ms of
+the GDA layer's 1.81 though it holds a third of the FLOPs: the solve's column of C values a
+thread caps it at 3 blocks an SM (80 registers, some spilled) to hide the serial phases'
+latency, and KDA's diagonal blocks sum 16 masked gates per channel and pair (2.04 ms there).
+The solve's right-hand sides loaded before the substitution and its four partial sums left
+intra_chunk_mma's GDA kernel as it was (0.454 -> 0.453 ms in the bf16 layer of
+benchmarks/results/gpu.md): neither the loads nor the chain of fused multiply-adds bounds it.
 """
 from __future__ import annotations
 
