@@ -182,8 +182,8 @@ def phases(C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1, scale: f
         """W and U by forward substitution, a thread per column, kk read from shared memory. Each
         thread makes its column's right-hand side itself, beta k exp(gam) (the same running sum as
         `operands`) or beta v: written and read back through device memory, W and U's right-hand
-        sides were a third of the kernel's traffic. All C of them first, so that their loads are in
-        flight together (one device-memory latency, not one a row on the substitution's path)."""
+        sides were a third of the kernel's traffic. All C of them first, a k column loading k and the
+        gates, a v column v alone (the module docstring has what that measured)."""
         t0 = n * C
         kv = T.alloc_local((4,), dtype)
         dot = T.alloc_local((4,), dtype)
