@@ -36,11 +36,14 @@ STATES_MMA = [(16, True), (8, True), (16, False)]       # tensor cores: (vt, 3xT
 # tensor cores with the staged operands fetched ahead: (vt, 3xTF32, prefetch, async's staged halves)
 STATES_PREFETCH = [(vt, split, prefetch, 4) for vt in (16, 32) for split in (True, False)
                    for prefetch in ("registers", "async")] + [(16, True, "async", 2)]
-# tensor-core scores: (3xTF32, blocks per SM, KDA halving, GDA through the decayed rows)
-INTRA_MMA = [(True, 1, True, False), (True, 2, True, False), (True, 3, True, False), (True, 2, True, True),
-             (True, 3, True, True), (False, 3, True, False), (False, 2, True, False), (False, 2, True, True),
-             (False, 3, True, True)]
-# what each step of intra_chunk_mma costs: its time at 3 blocks per SM without it (outputs then differ)
+# tensor-core scores: (3xTF32, blocks per SM, KDA halving, GDA through the decayed rows, GDA's solve by
+# 16 x 16 blocks on tensor cores rather than a thread per column: `_colsolve` when not)
+INTRA_MMA = [(True, 1, True, False, True), (True, 2, True, False, True), (True, 3, True, False, True),
+             (True, 2, True, True, True), (True, 3, True, True, True), (False, 3, True, False, True),
+             (False, 2, True, False, True), (False, 2, True, True, True), (False, 3, True, True, True),
+             (True, 2, True, False, False), (False, 2, True, False, False), (False, 3, True, False, False)]
+# what each step of intra_chunk_mma costs: its time as the bf16 layers run it (one TF32 product, 2 blocks
+# per SM) without it (outputs then differ)
 INTRA_SKIPS = {"gdn": ["operands", "scores", "solve"], "kda": ["operands", "scores", "diagonals", "solve"]}
 MIN_BLOCKS = [1, 2, 3]                                    # intra_chunk's blocks per SM
 
@@ -53,17 +56,18 @@ def variants():
         for m in MIN_BLOCKS:
             out.append((f"intra_{layer}_b{m}", "intra", kg, m,
                         lambda kg=kg: intra_chunk.intra_chunk_kernel(R, NC, HV, C, K, V, kg, "float32")))
-        for split, m, halving, decayed in INTRA_MMA:
-            if (halving or kg == K) and not (decayed and kg == K):
+        for split, m, halving, decayed, blocks in INTRA_MMA:
+            if (halving or kg == K) and not (decayed and kg == K) and (blocks or kg == 1):
                 name = f"intra_{layer}_mma{'3' if split else '1'}{'' if halving else '_threads'}" \
-                    f"{'_decayed' if decayed else ''}_b{m}"
-                out.append((name, "intra", kg, m, lambda kg=kg, split=split, halving=halving, decayed=decayed:
-                            intra_chunk_mma.intra_chunk_mma_kernel(R, NC, HV, C, K, V, kg, "float32", split=split,
-                                                                   halving=halving, decayed=decayed)))
+                    f"{'_decayed' if decayed else ''}{'' if blocks else '_colsolve'}_b{m}"
+                out.append((name, "intra", kg, m, lambda kg=kg, split=split, halving=halving, decayed=decayed,
+                            blocks=blocks: intra_chunk_mma.intra_chunk_mma_kernel(
+                                R, NC, HV, C, K, V, kg, "float32", split=split, halving=halving, decayed=decayed,
+                                tensor_solve=blocks)))
         for step in INTRA_SKIPS[layer]:
-            out.append((f"intra_{layer}_mma3{'_decayed' if kg == 1 else ''}_b3_no_{step}", "intra", kg, 3,
+            out.append((f"intra_{layer}_mma1_b2_no_{step}", "intra", kg, 2,
                         lambda kg=kg, step=step: intra_chunk_mma.intra_chunk_mma_kernel(
-                            R, NC, HV, C, K, V, kg, "float32", decayed=kg == 1, skip=(step,))))
+                            R, NC, HV, C, K, V, kg, "float32", split=False, skip=(step,))))
         for lay in STATES:
             out.append((f"states_{layer}_{'x'.join(map(str, lay))}", "states", kg, 1,
                         lambda kg=kg, lay=lay: chunk_scan.chunk_states_kernel(NC, BATCH, C, K, V, kg, lay, "float32")))
@@ -93,7 +97,7 @@ def fatbin_key(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
-def build(out: Path) -> int:
+def build(out: Path, only: str | None = None) -> int:
     import subprocess
 
     import tvm
@@ -103,6 +107,8 @@ def build(out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     done = {}
     for name, kernel, kg, blocks, make in variants():
+        if only and not re.search(only, name):
+            continue
         try:
             func = make().with_attr("global_symbol", name)
             ex = tvm.compile(tvm.IRModule({name: func}), target=make_target("cuda"))
@@ -201,8 +207,10 @@ def main(argv=None) -> int:
     p.add_argument("mode", choices=["build", "run"])
     p.add_argument("--dir", type=Path, help="run: the folder `build` wrote")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", help="build: the variants whose names match this regular expression (the first of "
+                   "each kernel, its reference, among them)")
     a = p.parse_args(argv)
-    return build(a.out) if a.mode == "build" else run(a.dir, a.out)
+    return build(a.out, a.only) if a.mode == "build" else run(a.dir, a.out)
 
 
 if __name__ == "__main__":

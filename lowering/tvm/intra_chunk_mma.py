@@ -42,6 +42,22 @@ SPLIT = True                # 3xTF32 unless the layer's precision is "tf32" (tra
 HALVING = True              # KDA's diagonal blocks by halving (benchmarks/gpu_sweep.py times the other way)
 EC = 8                      # channels a round of the halving stages
 PE = EC + 1
+TENSOR_SOLVE = True         # one gate per head: W and U by 16 x 16 blocks on tensor cores (`solve_by_blocks`)
+
+
+def z_at(C: int, c, ks, a, nt, lane, e):
+    """Where in Z (`solve_by_blocks`) element e of the B fragment of k-step ks (tokens 8 ks.. of
+    column block c) and n-tile nt (tokens 8 nt.. of row block a) lies: Z[j, i] at j (C + 4) + i, row j
+    the fragment's token 2 t + e (see `a_of_d`), column i its token g."""
+    return (S * c + 8 * ks + 2 * (lane % 4) + e) * (C + 4) + S * a + 8 * nt + lane // 4
+
+
+def a_of_d(i):
+    """The accumulator element (mma.d_at) that element i of an A fragment (mma.a_at) takes when a
+    tile of 16 channels x 8 tokens, a product's result, is the left operand of the next product: A's
+    column t is the tile's token 2 t, its column t + 4 the token 2 t + 1 (the B operand's rows are
+    read in that order too, z_at), so each lane's own registers feed the next product."""
+    return 2 * (i % 2) + i // 2
 
 
 def takes(C: int, K: int, V: int) -> bool:
@@ -70,13 +86,17 @@ def _pick(index, values):
 
 def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
                            scale: float | None = None, narrow: dict | None = None, split: bool = SPLIT,
-                           halving: bool = HALVING, decayed: bool = False, skip: tuple = (), stored: str = ""):
+                           halving: bool = HALVING, decayed: bool = False, skip: tuple = (), stored: str = "",
+                           tensor_solve: bool = TENSOR_SOLVE):
     """The op's function (fused_signatures.intra_chunk_function) with its scores on tensor cores; group,
     scale and narrow: how the operands are read, as intra_chunk.intra_chunk_kernel's. halving: KDA's
     diagonal blocks by halving (`diagonal_by_halves`) rather than by intra_chunk.phases' `diagonal`.
     decayed: one gate per head through the per-channel path (decayed rows and columns, halving).
     skip: steps left out ("operands", "scores", "diagonals", "solve"), wrong results, for timing what
-    each step costs (benchmarks/gpu_sweep.py). stored: as intra_chunk.phases stores W, U, Qd, Ke."""
+    each step costs (benchmarks/gpu_sweep.py). stored: as intra_chunk.phases stores W, U, Qd, Ke.
+    tensor_solve: one gate per head, W and U by `solve_by_blocks` rather than intra_chunk.phases'
+    thread per column."""
+    from .kernels import converted
     from .fused_signatures import intra_chunk_function
     tasks = NC * R * HV
     blocks = C // S
@@ -100,6 +120,12 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     col0 = [col_start(a) for a in range(blocks)]
     rows = (col0[-1] + (blocks - 1) * S) if per_key else 2 * C
     words = max(rows * P, 3 * S * (K + 1), 8 * C * PE) if per_key else rows * P
+    by_blocks = tensor_solve and Kg == 1 and scaled
+    ZP = C + 4                                 # Z's row stride: a B fragment's loads hit 32 banks (z_at)
+    zf = C * ZP                                # the right-hand sides' factors after Z: beta e^gam, then beta
+    MT = -(-(K + V) // mma.M)                  # tiles of 16 columns of [W | U]
+    if by_blocks:
+        words = max(words, zf + 2 * C)
 
     def task(t):
         return t // (R * HV), (t // HV) % R, t % HV
@@ -355,12 +381,108 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         T.evaluate(0)
 
     @T.macro
-    def no_solve(Kx, Vx, G, Bt, W, U, KK, x, run, n, b, h, tx):
+    def block_inverses(G, Bt, KK, X, m, run, n, b, h, tx):
+        """Z's blocks (X[0:zf]; Z[j, i] at j ZP + i): -kk_ij (beta_i kk_ij) below the diagonal blocks, each
+        diagonal block the inverse M_a of I + its kk (a thread per column: forward substitution; M_a[i, j]
+        at Z[j, i]); after Z, beta e^gam and beta per token."""
+        for a1 in T.unroll(blocks - 1):
+            for c in T.unroll(blocks - 1):
+                if c <= a1:
+                    X[(S * c + tx % S) * ZP + S * (a1 + 1) + tx // S] = -KK[(S * (a1 + 1) + tx // S) * C
+                                                                            + S * c + tx % S]
+        if tx < C:                             # column tx % S of M_a, a = tx // S
+            for i in T.unroll(S):
+                run[1] = zero
+                for l in T.unroll(S):
+                    if l < i:
+                        run[1] = run[1] + KK[(tx // S * S + i) * C + tx // S * S + l] * m[l]
+                m[i] = T.Select(i == tx % S, T.cast(1, dtype), T.Select(i > tx % S, -run[1], zero))
+                X[(tx // S * S + tx % S) * ZP + tx // S * S + i] = m[i]
+        elif tx < 2 * C:                       # token tx - C's factors
+            run[0] = zero
+            for l in T.unroll(C):
+                run[0] = run[0] + T.Select(l <= tx - C, load(G, b, n * C + l, h, 0), zero)
+            X[zf + tx - C] = load(Bt, b, n * C + tx - C, h, 0) * T.exp(run[0])
+            X[zf + tx] = load(Bt, b, n * C + tx - C, h, 0)
+
+    def rhs(Kx, Vx, X, mt, n, b, h, token, col):   # W's or U's right-hand side at (token, column)
+        t = n * C + token
+        if (K + V) % mma.M:                    # a last tile past U's columns: zeros there
+            return T.if_then_else(col < K, X[zf + token] * k_at(Kx, b, t, h, T.min(col, K - 1)),
+                                  T.if_then_else(col < K + V, X[zf + C + token] * load(
+                                      Vx, b, t, h, T.min(T.max(col - K, 0), V - 1)), zero))
+        return T.if_then_else(mt * mma.M < K, X[zf + token] * k_at(Kx, b, t, h, T.min(col, K - 1)),
+                              X[zf + C + token] * load(Vx, b, t, h, T.max(col - K, 0)))
+
+    @T.macro
+    def solve_by_blocks(Kx, Vx, G, Bt, W, U, KK, X, m, xs, ys, fa, fb, run, n, b, h, tx):
+        """W and U, X = (I + L)^-1 R, on tensor cores by 16 x 16 blocks: X_a = M_a (R_a - sum_{c < a}
+        L_ac X_c), only the blocks on and below the diagonal. Computed transposed, a warp's tile of 16
+        columns by the chunk's 64 tokens in its registers, so that X_c, a result, is the left operand
+        of the next row block's products without a move (a_of_d); Z holds -L^T and M_a^T."""
+        block_inverses(G, Bt, KK, X, m, run, n, b, h, tx)
+        T.tvm_storage_sync("shared")
+        for mi in T.unroll(-(-MT // WARPS)):
+            if (tx // 32 + WARPS * mi) * mma.M < K + V:        # warp-uniform: columns 16 mt.. of [W | U]
+                for a in T.unroll(blocks):
+                    for nt in T.unroll(2):
+                        for i in T.unroll(4):
+                            ys[4 * nt + i] = rhs(Kx, Vx, X, tx // 32 + WARPS * mi, n, b, h,
+                                                 S * a + 8 * nt + mma.d_at(tx % 32, i)[1],
+                                                 (tx // 32 + WARPS * mi) * mma.M + mma.d_at(tx % 32, i)[0])
+                    for c in T.unroll(blocks - 1):             # ys -= X_c L_ac^T
+                        if c < a:
+                            for ks in T.unroll(2):
+                                for i in T.unroll(4):
+                                    fa[i] = xs[4 * (2 * c + ks) + a_of_d(i)]
+                                    fa[4 + i] = mma.low_part(fa[i])
+                                for nt in T.unroll(2):
+                                    for e in T.unroll(2):
+                                        fb[e] = X[z_at(C, c, ks, a, nt, tx % 32, e)]
+                                        fb[2 + e] = mma.low_part(fb[e])
+                                    mma.mma(ys, 4 * nt, fa, fb, split)
+                    for i in T.unroll(8):
+                        xs[8 * a + i] = zero
+                    for ks in T.unroll(2):                     # X_a = ys M_a^T (M_a's upper 8 x 8 is 0)
+                        for i in T.unroll(4):
+                            fa[i] = ys[4 * ks + a_of_d(i)]
+                            fa[4 + i] = mma.low_part(fa[i])
+                        for nt in T.unroll(2):
+                            if ks <= nt:
+                                for e in T.unroll(2):
+                                    fb[e] = X[z_at(C, a, ks, a, nt, tx % 32, e)]
+                                    fb[2 + e] = mma.low_part(fb[e])
+                                mma.mma(xs, 4 * (2 * a + nt), fa, fb, split)
+                for nt in T.unroll(C // mma.N):
+                    for i in T.unroll(4):
+                        if (tx // 32 + WARPS * mi) * mma.M < K:
+                            W[n, b, h, 8 * nt + mma.d_at(tx % 32, i)[1],
+                              (tx // 32 + WARPS * mi) * mma.M + mma.d_at(tx % 32, i)[0]] = converted(
+                                  xs[4 * nt + i], dtype, stored or dtype)
+                        elif (tx // 32 + WARPS * mi) * mma.M + mma.d_at(tx % 32, i)[0] < K + V:
+                            U[n, b, h, 8 * nt + mma.d_at(tx % 32, i)[1],
+                              (tx // 32 + WARPS * mi) * mma.M + mma.d_at(tx % 32, i)[0] - K] = converted(
+                                  xs[4 * nt + i], dtype, stored or dtype)
+
+    @T.macro
+    def solve_in_blocks(Kx, Vx, G, Bt, W, U, KK, X, fa, fb, run, n, b, h, tx):
+        m = T.alloc_local((S,), dtype)
+        xs = T.alloc_local((4 * C // mma.N,), dtype)
+        ys = T.alloc_local((8,), dtype)
+        solve_by_blocks(Kx, Vx, G, Bt, W, U, KK, X, m, xs, ys, fa, fb, run, n, b, h, tx)
+
+    @T.macro
+    def solve_by_columns(Kx, Vx, G, Bt, W, U, KK, X, fa, fb, run, n, b, h, tx):
+        x = T.alloc_local((C,), dtype)
+        solve(Kx, Vx, G, Bt, W, U, KK, x, run, n, b, h, tx)
+
+    @T.macro
+    def no_solve(Kx, Vx, G, Bt, W, U, KK, X, fa, fb, run, n, b, h, tx):
         T.evaluate(0)
 
+    solve_step = no_solve if "solve" in skip else solve_in_blocks if by_blocks else solve_by_columns
     scores = no_scores if "scores" in skip else scores
     operands = no_operands if "operands" in skip else operands
-    solve = no_solve if "solve" in skip else solve
 
     @T.macro
     def body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
@@ -377,11 +499,10 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 acc = T.alloc_local((4 * NT,), dtype)
                 fa = T.alloc_local((8,), dtype)
                 fb = T.alloc_local((4,), dtype)
-                x = T.alloc_local((C,), dtype)
                 n, b, h = task(bx)
                 operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
                 scores(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, fa, fb, n, b, h, tx)
                 T.tvm_storage_sync("shared")
-                solve(Kx, Vx, G, Bt, W, U, KK, x, run, n, b, h, tx)
+                solve_step(Kx, Vx, G, Bt, W, U, KK, X, fa, fb, run, n, b, h, tx)
 
     return intra_chunk_function(R, NC, HV, C, K, V, Kg, dtype, body, group, narrow, stored)

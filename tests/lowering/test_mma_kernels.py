@@ -81,7 +81,10 @@ def test_intra_chunk_mma_compiles_to_ptx(kg, split, tmp_path):
     # per quarter of K (that loop is not unrolled): each warp's row of tiles over KQ / 8 k-steps, those
     # right of its row block's diagonal block (GDA) or left of it (KDA) skipped at run time
     tiles = C // 8 if kg == 1 else (C - 16) // 8
-    expected = (3 if split else 1) * tiles * (m.KQ // 8)
+    # GDA's solve by blocks, a warp's tiles of 16 columns of [W | U] each: row block a's products with
+    # the a blocks before it (2 k-steps x 2 n-tiles each) and with M_a (3 of its 4 8 x 8 blocks)
+    solve = sum(4 * a + 3 for a in range(C // 16)) * -(-(K + V) // 16 // m.WARPS) if kg == 1 else 0
+    expected = (3 if split else 1) * (tiles * (m.KQ // 8) + solve)
     assert source.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == expected
     ptx = sm90_ptx(source, tmp_path)
     assert len(re.findall(r"mma\.sync\.aligned\.m16n8k8\.row\.col\.f32\.tf32\.tf32\.f32", ptx)) >= expected
@@ -178,3 +181,58 @@ def test_a_bf16_layers_loop_stores_and_loads_its_intermediates_in_bf16(tmp_path)
     assert params["chunk_output_kernel"] == dict(Qd=bf, St=bf, A=f, N=bf, O=bf)
     assert "cp_async" in kernels["chunk_states_kernel"] and _mma_per_kernel(source)["chunk_output_kernel"] > 0
     assert "mma.sync" in sm90_ptx(source, tmp_path)
+
+
+def test_block_solve_fragments_solve_the_unit_triangular_system():
+    """intra_chunk_mma's solve_by_blocks on tensor cores, emulated lane by lane in NumPy with the kernel's
+    own fragment places (mma.a_at, b_at, d_at, intra_chunk_mma.z_at, a_of_d): a warp's 16 columns of
+    X = (I + L)^-1 R, the results of one row block read back from the accumulators as the next
+    product's left operand, match a float64 solve."""
+    import numpy as np
+
+    from dnir.lowering.tvm import intra_chunk_mma as m
+    from dnir.lowering.tvm.mma import a_at, b_at, d_at
+    C, S, lanes = 64, 16, range(32)
+    rng = np.random.default_rng(3)
+    L = np.tril(rng.standard_normal((C, C)) * 0.3, -1)
+    R = rng.standard_normal((C, 16))
+    Z = np.full(C * (C + 4), np.nan)              # as block_inverses leaves it: -L^T below, M_a^T on the diagonal
+    for a in range(C // S):
+        blk = slice(S * a, S * a + S)
+        for c in range(a):
+            Z.reshape(C, C + 4)[S * c:S * c + S, blk] = -L[blk, S * c:S * c + S].T
+        Z.reshape(C, C + 4)[blk, blk] = np.linalg.inv(np.eye(S) + L[blk, blk]).T
+
+    def mma(acc, fa, fb):                         # acc[lane, 4] += A B from the lanes' fragments
+        A, B = np.zeros((16, 8)), np.zeros((8, 8))
+        for lane in lanes:
+            for i in range(4):
+                A[a_at(lane, i)] = fa[lane][i]
+            for e in range(2):
+                B[b_at(lane, e)] = fb[lane][e]
+        D = A @ B
+        return [[acc[lane][i] + D[d_at(lane, i)] for i in range(4)] for lane in lanes]
+
+    xs = {}
+    for a in range(C // S):
+        ys = [[[R[S * a + 8 * nt + d_at(lane, i)[1], d_at(lane, i)[0]] for i in range(4)] for lane in lanes]
+              for nt in range(2)]
+        for c in range(a):
+            for ks in range(2):
+                fa = [[xs[2 * c + ks][lane][m.a_of_d(i)] for i in range(4)] for lane in lanes]
+                for nt in range(2):
+                    fb = [[Z[m.z_at(C, c, ks, a, nt, lane, e)] for e in range(2)] for lane in lanes]
+                    ys[nt] = mma(ys[nt], fa, fb)
+        for nt in range(2):
+            xs[2 * a + nt] = [[0.0] * 4 for _ in lanes]
+        for ks in range(2):
+            fa = [[ys[ks][lane][m.a_of_d(i)] for i in range(4)] for lane in lanes]
+            for nt in range(ks, 2):               # M_a's upper 8 x 8 block is zero: skipped as the kernel does
+                fb = [[Z[m.z_at(C, a, ks, a, nt, lane, e)] for e in range(2)] for lane in lanes]
+                xs[2 * a + nt] = mma(xs[2 * a + nt], fa, fb)
+    X = np.zeros((C, 16))
+    for nt, tile in xs.items():
+        for lane in lanes:
+            for i in range(4):
+                X[8 * nt + d_at(lane, i)[1], d_at(lane, i)[0]] = tile[lane][i]
+    assert np.abs(X - np.linalg.solve(np.eye(C) + L, R)).max() < 1e-10
