@@ -36,12 +36,14 @@ STATES_MMA = [(16, True), (8, True), (16, False)]       # tensor cores: (vt, 3xT
 # tensor cores with the staged operands fetched ahead: (vt, 3xTF32, prefetch, async's staged halves)
 STATES_PREFETCH = [(vt, split, prefetch, 4) for vt in (16, 32) for split in (True, False)
                    for prefetch in ("registers", "async")] + [(16, True, "async", 2)]
-# tensor-core scores: (3xTF32, blocks per SM, KDA halving, GDA through the decayed rows, GDA's solve by
-# 16 x 16 blocks on tensor cores rather than a thread per column: `_colsolve` when not)
-INTRA_MMA = [(True, 1, True, False, True), (True, 2, True, False, True), (True, 3, True, False, True),
-             (True, 2, True, True, True), (True, 3, True, True, True), (False, 3, True, False, True),
-             (False, 2, True, False, True), (False, 2, True, True, True), (False, 3, True, True, True),
-             (True, 2, True, False, False), (False, 2, True, False, False), (False, 3, True, False, False)]
+# tensor-core scores: (3xTF32, blocks per SM, KDA halving, GDA through the decayed rows)
+INTRA_MMA = [(True, 1, True, False), (True, 2, True, False), (True, 3, True, False), (True, 2, True, True),
+             (True, 3, True, True), (False, 3, True, False), (False, 2, True, False), (False, 2, True, True),
+             (False, 3, True, True)]
+# GDA's steps the other way, at 2 blocks an SM: the solve by a thread per column (`_colsolve`, not by
+# 16 x 16 blocks on tensor cores), q_decayed and k_to_end by a thread per channel (`_colops`, not by rows)
+INTRA_GDN_STEPS = [(split, blocks, rows) for split in (True, False)
+                   for blocks, rows in ((False, True), (True, False), (False, False))]
 # what each step of intra_chunk_mma costs: its time as the bf16 layers run it (one TF32 product, 2 blocks
 # per SM) without it (outputs then differ)
 INTRA_SKIPS = {"gdn": ["operands", "scores", "solve"], "kda": ["operands", "scores", "diagonals", "solve"]}
@@ -56,14 +58,18 @@ def variants():
         for m in MIN_BLOCKS:
             out.append((f"intra_{layer}_b{m}", "intra", kg, m,
                         lambda kg=kg: intra_chunk.intra_chunk_kernel(R, NC, HV, C, K, V, kg, "float32")))
-        for split, m, halving, decayed, blocks in INTRA_MMA:
-            if (halving or kg == K) and not (decayed and kg == K) and (blocks or kg == 1):
+        for split, m, halving, decayed in INTRA_MMA:
+            if (halving or kg == K) and not (decayed and kg == K):
                 name = f"intra_{layer}_mma{'3' if split else '1'}{'' if halving else '_threads'}" \
-                    f"{'_decayed' if decayed else ''}{'' if blocks else '_colsolve'}_b{m}"
-                out.append((name, "intra", kg, m, lambda kg=kg, split=split, halving=halving, decayed=decayed,
-                            blocks=blocks: intra_chunk_mma.intra_chunk_mma_kernel(
-                                R, NC, HV, C, K, V, kg, "float32", split=split, halving=halving, decayed=decayed,
-                                tensor_solve=blocks)))
+                    f"{'_decayed' if decayed else ''}_b{m}"
+                out.append((name, "intra", kg, m, lambda kg=kg, split=split, halving=halving, decayed=decayed:
+                            intra_chunk_mma.intra_chunk_mma_kernel(R, NC, HV, C, K, V, kg, "float32", split=split,
+                                                                   halving=halving, decayed=decayed)))
+        for split, blocks, rows in INTRA_GDN_STEPS if kg == 1 else ():
+            name = f"intra_gdn_mma{'3' if split else '1'}{'' if blocks else '_colsolve'}{'' if rows else '_colops'}_b2"
+            out.append((name, "intra", kg, 2, lambda kg=kg, split=split, blocks=blocks, rows=rows:
+                        intra_chunk_mma.intra_chunk_mma_kernel(R, NC, HV, C, K, V, kg, "float32", split=split,
+                                                               tensor_solve=blocks, row_operands=rows)))
         for step in INTRA_SKIPS[layer]:
             out.append((f"intra_{layer}_mma1_b2_no_{step}", "intra", kg, 2,
                         lambda kg=kg, step=step: intra_chunk_mma.intra_chunk_mma_kernel(

@@ -43,6 +43,7 @@ HALVING = True              # KDA's diagonal blocks by halving (benchmarks/gpu_s
 EC = 8                      # channels a round of the halving stages
 PE = EC + 1
 TENSOR_SOLVE = True         # one gate per head: W and U by 16 x 16 blocks on tensor cores (`solve_by_blocks`)
+ROW_OPERANDS = True         # one gate per head: q_decayed and k_to_end as scaled rows (`operands_by_rows`)
 
 
 def z_at(C: int, c, ks, a, nt, lane, e):
@@ -87,7 +88,7 @@ def _pick(index, values):
 def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg: int, dtype: str, group: int = 1,
                            scale: float | None = None, narrow: dict | None = None, split: bool = SPLIT,
                            halving: bool = HALVING, decayed: bool = False, skip: tuple = (), stored: str = "",
-                           tensor_solve: bool = TENSOR_SOLVE):
+                           tensor_solve: bool = TENSOR_SOLVE, row_operands: bool = ROW_OPERANDS):
     """The op's function (fused_signatures.intra_chunk_function) with its scores on tensor cores; group,
     scale and narrow: how the operands are read, as intra_chunk.intra_chunk_kernel's. halving: KDA's
     diagonal blocks by halving (`diagonal_by_halves`) rather than by intra_chunk.phases' `diagonal`.
@@ -95,7 +96,8 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
     skip: steps left out ("operands", "scores", "diagonals", "solve"), wrong results, for timing what
     each step costs (benchmarks/gpu_sweep.py). stored: as intra_chunk.phases stores W, U, Qd, Ke.
     tensor_solve: one gate per head, W and U by `solve_by_blocks` rather than intra_chunk.phases'
-    thread per column."""
+    thread per column. row_operands: one gate per head, q_decayed and k_to_end by `operands_by_rows`
+    rather than intra_chunk.phases' thread per channel."""
     from .kernels import converted
     from .fused_signatures import intra_chunk_function
     tasks = NC * R * HV
@@ -377,7 +379,34 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         T.evaluate(0)
 
     @T.macro
-    def no_operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx):
+    def operands_by_rows(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, X, run, n, b, h, tx):
+        """One gate per head: q_decayed and k_to_end are q's and k's rows scaled by e^gam_t and
+        e^(sum_{l > t} g_l): a table of both (a thread per token and factor, each exponent a sum over its
+        own segment) in X, which the scores stage into only after a barrier, then every row a thread per
+        channel: consecutive threads, consecutive channels (intra_chunk.phases' thread per channel runs
+        down its column, a running sum and an exp a token, half the block idle)."""
+        if tx < 2 * C:
+            run[0] = zero
+            for l in T.unroll(C):              # tx < C: l <= t; else l > t (t = tx - C)
+                run[0] = run[0] + T.Select((l <= tx % C) == (tx < C), load(G, b, n * C + l, h, 0), zero)
+            X[tx] = T.exp(run[0])
+            if tx == C - 1:
+                LD[n, b, h, 0, 0] = T.exp(run[0])
+        T.tvm_storage_sync("shared")
+        for e in T.unroll(C * K // THREADS):
+            Qd[n, b, h, (e * THREADS + tx) // K, (e * THREADS + tx) % K] = converted(q_at(
+                Q, b, n * C + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K) * X[(e * THREADS + tx) // K],
+                dtype, stored or dtype)
+            Ke[n, b, h, (e * THREADS + tx) // K, (e * THREADS + tx) % K] = converted(k_at(
+                Kx, b, n * C + (e * THREADS + tx) // K, h, (e * THREADS + tx) % K) * X[C + (e * THREADS + tx) // K],
+                dtype, stored or dtype)
+
+    @T.macro
+    def operands_by_channels(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, X, run, n, b, h, tx):
+        operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
+
+    @T.macro
+    def no_operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, X, run, n, b, h, tx):
         T.evaluate(0)
 
     @T.macro
@@ -482,7 +511,8 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
 
     solve_step = no_solve if "solve" in skip else solve_in_blocks if by_blocks else solve_by_columns
     scores = no_scores if "scores" in skip else scores
-    operands = no_operands if "operands" in skip else operands
+    operands = no_operands if "operands" in skip else operands_by_rows if row_operands and Kg == 1 \
+        else operands_by_channels
 
     @T.macro
     def body(Q, Kx, Vx, G, Bt, W, U, Qd, A, Ke, LD):
@@ -500,7 +530,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 fa = T.alloc_local((8,), dtype)
                 fb = T.alloc_local((4,), dtype)
                 n, b, h = task(bx)
-                operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, run, n, b, h, tx)
+                operands(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, X, run, n, b, h, tx)
                 scores(Q, Kx, G, Bt, KK, A, X, Y, run, d, pf, acc, fa, fb, n, b, h, tx)
                 T.tvm_storage_sync("shared")
                 solve_step(Kx, Vx, G, Bt, W, U, KK, X, fa, fb, run, n, b, h, tx)
