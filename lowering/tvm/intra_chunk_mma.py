@@ -1,9 +1,9 @@
 """intra_chunk (dnir/fused.py) with its scores on tensor cores (mma.py, 3xTF32 by default).
 
 The same thread block as intra_chunk.py's kernel (256 threads, one chunk of one head,
-the same six results) and the same steps 1 and 3 (intra_chunk.phases); step 2, the
-scores kk and qk, runs as mma tiles of 16 rows x 8 columns, eight warps taking an equal
-share of them. The sum over the K channels runs a quarter (KQ channels) at a time: the
+the same six results). Step 2, the scores kk and qk, runs as mma tiles of 16 rows x 8
+columns, eight warps taking an equal share of them. Steps 1 and 3 are intra_chunk.phases'
+for a gate per key channel; with one gate per head both change (below). The sum over the K channels runs a quarter (KQ channels) at a time: the
 block stages that quarter's operands into shared memory (rows padded to KQ + 4 words,
 so that a warp's fragment loads hit 32 banks) and every warp adds its tiles' products.
 
@@ -23,6 +23,18 @@ so that a warp's fragment loads hit 32 banks) and every warp adds its tiles' pro
   its decay, so rows and columns staged decayed to that boundary (at most 8 gates summed
   each) leave plain products, a thread per pair, no exp and no per-pair gate sums in the
   channel loop (intra_chunk.py's thread per pair sums 16 masked gates per channel).
+
+One gate per head, steps 1 and 3:
+
+- q_decayed and k_to_end are q's and k's rows times e^gam_t and e^(sum_{l > t} g): a table of
+  the 2 C factors, a thread each, then a thread per channel of every row (`operands_by_rows`).
+- W and U, X = (I + L)^-1 R with L = beta kk strictly below the diagonal, by 16 x 16 blocks on
+  tensor cores (`solve_by_blocks`): X_a = M_a (R_a - sum_{c < a} L_ac X_c), M_a the inverse of
+  I + L_aa (CUDA cores, a thread per column of each of the four), every product an mma and
+  only the blocks on and below the diagonal: 10 of the 16. A warp holds 16 columns of X for
+  all 64 tokens in its accumulators, computed transposed, so that X_c is the left operand of
+  the next row block's products straight from the registers that computed it (`a_of_d`).
+  intra_chunk.phases' thread per column runs 64 dependent steps of up to 64 fused multiply-adds.
 
 Every exponent stays a sum of gates of one sign over its own segment: finite and exact to
 rounding however strong the gates. Shared memory: kk [C, C] and the staging buffer (KDA:
