@@ -3,9 +3,10 @@
 The same thread block as intra_chunk.py's kernel (256 threads, one chunk of one head,
 the same six results). Step 2, the scores kk and qk, runs as mma tiles of 16 rows x 8
 columns, eight warps taking an equal share of them. Steps 1 and 3 are intra_chunk.phases'
-for a gate per key channel; with one gate per head both change (below). The sum over the K channels runs a quarter (KQ channels) at a time: the
-block stages that quarter's operands into shared memory (rows padded to KQ + 4 words,
-so that a warp's fragment loads hit 32 banks) and every warp adds its tiles' products.
+for a gate per key channel; with one gate per head both change (below). The sum over
+the K channels runs a quarter (KQ channels) at a time: the block stages that quarter's
+operands into shared memory (rows padded to KQ + 4 words, so that a warp's fragment
+loads hit 32 banks) and every warp adds its tiles' products.
 
 - One gate per head (Kg = 1): the decay of a pair is one scalar, so the scores are
   kk = (k k^T) o E and qk = (q k^T) o E with E_ij = exp(D_ij), D_ij = sum_{j < l <= i} g,
