@@ -36,6 +36,7 @@ latency, and KDA's diagonal blocks sum 16 masked gates per channel and pair (2.0
 The solve's right-hand sides loaded before the substitution and its four partial sums left
 intra_chunk_mma's GDA kernel as it was (0.454 -> 0.453 ms in the bf16 layer of
 benchmarks/results/gpu.md): neither the loads nor the chain of fused multiply-adds bounds it.
+intra_chunk_mma's solve by blocks on tensor cores (one gate per head) took it to 0.358 ms.
 """
 from __future__ import annotations
 
