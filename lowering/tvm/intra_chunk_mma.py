@@ -447,6 +447,9 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
             X[zf + tx - C] = load(Bt, b, n * C + tx - C, h, 0) * T.exp(run[0])
             X[zf + tx] = load(Bt, b, n * C + tx - C, h, 0)
 
+    def tile(mi, tx):                          # the warp's mi-th tile of 16 columns of [W | U]
+        return tx // 32 + WARPS * mi
+
     def rhs(Kx, Vx, X, mt, n, b, h, token, col):   # W's or U's right-hand side at (token, column)
         t = n * C + token
         if (K + V) % mma.M:                    # a last tile past U's columns: zeros there
@@ -465,13 +468,13 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         block_inverses(G, Bt, KK, X, m, run, n, b, h, tx)
         T.tvm_storage_sync("shared")
         for mi in T.unroll(-(-MT // WARPS)):
-            if (tx // 32 + WARPS * mi) * mma.M < K + V:        # warp-uniform: columns 16 mt.. of [W | U]
+            if tile(mi, tx) * mma.M < K + V:        # warp-uniform: columns 16 mt.. of [W | U]
                 for a in T.unroll(blocks):
                     for nt in T.unroll(2):
                         for i in T.unroll(4):
-                            ys[4 * nt + i] = rhs(Kx, Vx, X, tx // 32 + WARPS * mi, n, b, h,
+                            ys[4 * nt + i] = rhs(Kx, Vx, X, tile(mi, tx), n, b, h,
                                                  S * a + 8 * nt + mma.d_at(tx % 32, i)[1],
-                                                 (tx // 32 + WARPS * mi) * mma.M + mma.d_at(tx % 32, i)[0])
+                                                 tile(mi, tx) * mma.M + mma.d_at(tx % 32, i)[0])
                     for c in T.unroll(blocks - 1):             # ys -= X_c L_ac^T
                         if c < a:
                             for ks in T.unroll(2):
@@ -497,13 +500,13 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                                 mma.mma(xs, 4 * (2 * a + nt), fa, fb, split)
                 for nt in T.unroll(C // mma.N):
                     for i in T.unroll(4):
-                        if (tx // 32 + WARPS * mi) * mma.M < K:
+                        if tile(mi, tx) * mma.M < K:
                             W[n, b, h, 8 * nt + mma.d_at(tx % 32, i)[1],
-                              (tx // 32 + WARPS * mi) * mma.M + mma.d_at(tx % 32, i)[0]] = converted(
+                              tile(mi, tx) * mma.M + mma.d_at(tx % 32, i)[0]] = converted(
                                   xs[4 * nt + i], dtype, stored or dtype)
-                        elif (tx // 32 + WARPS * mi) * mma.M + mma.d_at(tx % 32, i)[0] < K + V:
+                        elif tile(mi, tx) * mma.M + mma.d_at(tx % 32, i)[0] < K + V:
                             U[n, b, h, 8 * nt + mma.d_at(tx % 32, i)[1],
-                              (tx // 32 + WARPS * mi) * mma.M + mma.d_at(tx % 32, i)[0] - K] = converted(
+                              tile(mi, tx) * mma.M + mma.d_at(tx % 32, i)[0] - K] = converted(
                                   xs[4 * nt + i], dtype, stored or dtype)
 
     @T.macro
