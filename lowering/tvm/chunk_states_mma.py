@@ -66,6 +66,9 @@ PREFETCH = (None, "registers", "async")   # how the staged halves arrive (None: 
 # in the layers of benchmarks/results/gpu.md 0.49-0.57 ms (0.80 synchronously in the run before)
 CHOSEN = "async"
 STAGES = 4                                # prefetch="async": halves resident or in flight
+# accumulator sets a warp's products alternate between (steps of 8 terms: k8 % chains), added at the end:
+# independent sets let a warp's next product start before the last one's result is back
+CHAINS = 1
 
 
 def takes(C: int, K: int, V: int, vt: int = VT) -> bool:
@@ -89,7 +92,7 @@ def _bytes(dtype: str) -> int:
 
 def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str,
                             vt: int = VT, split: bool = SPLIT, prefetch: str | None = None, stages: int = STAGES,
-                            stored: str = "", narrow: dict | None = None):
+                            stored: str = "", narrow: dict | None = None, chains: int = CHAINS):
     """chunk_states' function (fused_signatures.chunk_states_function) with this kernel's loop nest.
     prefetch: None (each half staged synchronously), "registers" or "async" (the module's docstring);
     stages: the halves "async" keeps resident or in flight (2 to 4); stored: the dtype of starts and
@@ -97,7 +100,7 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
     memory, the loop going on with the float32 one); narrow: operands narrower than `dtype` (role ->
     dtype: intra_chunk's bf16 w, u and k_to_end), widened as they are loaded. "async" copies w and
     k_to_end as they are (bytes: a 16-byte copy moves 8 bf16 values) and widens them as a warp loads
-    its fragments; the others widen them as they stage them."""
+    its fragments; the others widen them as they stage them. chains: accumulator sets (CHAINS)."""
     narrow = narrow or {}
     staged = narrow.get("w", dtype) if prefetch == "async" else dtype
     if prefetch is not None and narrow.get("k_to_end", dtype) != narrow.get("w", dtype):
@@ -106,6 +109,8 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
         raise DTypeError(f"narrow: prefetch='registers' moves float32 pieces, got {narrow!r}")
     if prefetch not in PREFETCH:
         raise AttrError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
+    if chains not in (1, 2, 4):
+        raise AttrError(f"chains: expected 1, 2 or 4 accumulator sets, got {chains!r}")
     if prefetch == "async" and not 2 <= stages <= 4:
         raise AttrError(f"stages: expected 2 to 4 staged halves for prefetch='async', got {stages!r}")
     heads, tiles, threads, nt, half, ps, pw, pk, per_key = _layout(batch, C, K, V, Kg, vt, staged)
@@ -141,7 +146,7 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                     fb[i] = S[(h * half + k8 * mma.K8 + mma.b_at(lane, i)[0]) * ps + j * mma.N
                               + mma.b_at(lane, i)[1]]
                     fb[2 + i] = mma.low_part(fb[i])
-                mma.mma(acc, 4 * j, fa, fb, split)
+                mma.mma(acc, 4 * nt * (k8 % chains) + 4 * j, fa, fb, split)
 
     @T.macro
     def update_products(X, xo, N, acc, fa, fb, w, lane):
@@ -156,7 +161,20 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                 for i in T.unroll(2):
                     fb[i] = N[(k8 * mma.K8 + mma.b_at(lane, i)[0]) * ps + j * mma.N + mma.b_at(lane, i)[1]]
                     fb[2 + i] = mma.low_part(fb[i])
-                mma.mma(acc, 4 * j, fa, fb, split)
+                mma.mma(acc, 4 * nt * (k8 % chains) + 4 * j, fa, fb, split)
+
+    @T.macro
+    def clear_chains(acc, first):
+        """The accumulator sets from `first` on start at zero."""
+        for i in T.unroll(4 * nt * first, 4 * nt * chains):
+            acc[i] = T.float32(0)
+
+    @T.macro
+    def add_chains(acc):
+        """Set 0 += the other sets: the products' sum."""
+        for c in T.unroll(1, chains):
+            for i in T.unroll(4 * nt):
+                acc[i] = acc[i] + acc[4 * nt * c + i]
 
     @T.macro
     def body(S0, W, U, Kte, LD, S1, St, Vn):
@@ -167,7 +185,7 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                 S = T.alloc_shared((K * ps,), dtype)
                 N = T.alloc_shared((C * ps,), dtype)
                 X = T.alloc_shared((C * pk,), dtype)
-                acc = T.alloc_local((4 * nt,), dtype)
+                acc = T.alloc_local((4 * nt * chains,), dtype)
                 fa = T.alloc_local((8,), dtype)
                 fb = T.alloc_local((4,), dtype)
                 w, lane = tx // 32, tx % 32
@@ -180,12 +198,12 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                         St[(n,) + head(bx) + ((e * threads + tx) // vt, col0(bx) + (e * threads + tx) % vt)] = narrowed(
                             S[(e * threads + tx) // vt * ps + (e * threads + tx) % vt])
                     # v_new = u - w S: rows 16 w.. of the chunk
-                    for i in T.unroll(4 * nt):
-                        acc[i] = T.float32(0)
+                    clear_chains(acc, 0)
                     for h in range(2):
                         stage(X, W, n, h, pw, bx, tx)
                         vnew_products(X, 0, S, acc, fa, fb, h, w, lane)
                         T.tvm_storage_sync("shared")      # X is staged again next
+                    add_chains(acc)
                     for j in T.unroll(nt):
                         for i in T.unroll(4):
                             N[(w * mma.M + mma.d_at(lane, i)[0]) * ps + j * mma.N + mma.d_at(lane, i)[1]] = converted(U[
@@ -203,7 +221,9 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                                 acc[4 * j + i] = S[(h * half + w * mma.M + mma.d_at(lane, i)[0]) * ps + j * mma.N
                                                    + mma.d_at(lane, i)[1]] * LD[(n,) + head(bx) + (
                                                        (h * half + w * mma.M + mma.d_at(lane, i)[0]) * per_key, 0)]
+                        clear_chains(acc, 1)
                         update_products(X, 0, N, acc, fa, fb, w, lane)
+                        add_chains(acc)
                         for j in T.unroll(nt):      # each lane writes back only what it read: no barrier
                             for i in T.unroll(4):
                                 S[(h * half + w * mma.M + mma.d_at(lane, i)[0]) * ps + j * mma.N
@@ -216,7 +236,7 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
         return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body, stored, narrow)
 
     return _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, narrowed,
-                      vnew_products, update_products, stored, narrow, staged)
+                      vnew_products, update_products, clear_chains, add_chains, chains, stored, narrow, staged)
 
 
 def _shared_address(buf, offset, dtype):
@@ -229,7 +249,7 @@ def _shared_address(buf, offset, dtype):
 
 
 def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, narrowed, vnew_products,
-               update_products, stored, narrow, staged):
+               update_products, clear_chains, add_chains, chains, stored, narrow, staged):
     """The prefetching variants' loop nest (the module's docstring). The halves of the chunks in order,
     q = 4 n + 2 p + h (p = 0: w[n], 1: k_to_end[n]; h: the half of K), half q in slot q % slots of a ring
     in shared memory. The loop's barriers are the four written here, one a half, in `arrive`: every shared
@@ -329,7 +349,7 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                 S = T.alloc_buffer((K * ps,), dtype, scope="shared.dyn")
                 N = T.alloc_buffer((C * ps,), dtype, scope="shared.dyn")
                 X = T.alloc_buffer((slots * slot,), staged, scope="shared.dyn")
-                acc = T.alloc_local((4 * nt,), dtype)
+                acc = T.alloc_local((4 * nt * chains,), dtype)
                 fa = T.alloc_local((8,), dtype)
                 fb = T.alloc_local((4,), dtype)
                 pf = T.alloc_local((4 * pieces,), dtype)       # "registers": the next half's pieces
@@ -351,11 +371,11 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                             pl[2 * h2 + r] = LD[(n,) + head(bx) + (
                                 (h2 * half + w * mma.M + mma.d_at(lane, 2 * r)[0]) * per_key, 0)]
                     # v_new = u - w S; S's last writes (step n - 1's, in half 4 n - 1) came before arrive(4 n)
-                    for i in T.unroll(4 * nt):
-                        acc[i] = T.float32(0)
+                    clear_chains(acc, 0)
                     for h in range(2):
                         arrive(X, pf, W, Kte, 4 * n + h, 0, bx, tx)
                         vnew_products(X, (4 * n + h) % slots * slot, S, acc, fa, fb, h, w, lane)
+                    add_chains(acc)
                     # N: step n - 1 read it in halves 4 n - 2 and 4 n - 1, before arrive(4 n)'s barrier.
                     # Vn from registers, not read back from N
                     for j in T.unroll(nt):
@@ -380,7 +400,9 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                             for i in T.unroll(4):
                                 acc[4 * j + i] = S[(h * half + w * mma.M + at(lane, i, j)[0]) * ps
                                                    + at(lane, i, j)[1]] * T.Select(h == 0, pl[i // 2], pl[2 + i // 2])
+                        clear_chains(acc, 1)
                         update_products(X, (4 * n + 2 + h) % slots * slot, N, acc, fa, fb, w, lane)
+                        add_chains(acc)
                         for j in T.unroll(nt):      # each lane writes back only what it read: no barrier
                             for r in T.unroll(2):   # elements 2 r, 2 r + 1: two adjacent columns
                                 T.ptx.st.shared.v2.f32(_shared_address(
