@@ -41,8 +41,10 @@ STATES_PREFETCH = [(vt, split, prefetch, 4) for vt in (16, 32) for split in (Tru
 STATES_CHAINS = [(16, True, 4, 2), (16, False, 4, 2), (32, False, 4, 2), (8, False, 2, 1), (8, False, 3, 1),
                  (8, False, 2, 2)]
 # as a bf16 layer at "tf32" runs it (`states_bf16`: w, u and k_to_end bf16, starts and v_new stored bf16;
-# the first is its default): (vt, staged halves, chains)
-STATES_BF16 = [(16, 4, 1), (16, 4, 2), (32, 4, 1), (32, 4, 2), (8, 4, 1), (8, 3, 1), (8, 4, 2)]
+# the first is its default): (vt, staged halves, chains, products: TF32 or bf16 m16n8k16)
+STATES_BF16 = [(16, 4, 1, "tf32"), (16, 4, 2, "tf32"), (32, 4, 1, "tf32"), (32, 4, 2, "tf32"), (8, 4, 1, "tf32"),
+               (8, 3, 1, "tf32"), (8, 4, 2, "tf32"), (16, 4, 1, "bf16"), (16, 4, 2, "bf16"), (32, 4, 1, "bf16"),
+               (8, 4, 1, "bf16")]
 BF16_LOOP = {"w": "bfloat16", "u": "bfloat16", "k_to_end": "bfloat16"}
 # a variant matches its default within 1e-4 (relative), or where stored in bf16 within two rounding steps
 # (one is up to 2^-7 of a value)
@@ -104,11 +106,13 @@ def variants():
                         lambda kg=kg, vt=vt, split=split, stages=stages, chains=chains:
                         chunk_states_mma.chunk_states_mma_kernel(NC, BATCH, C, K, V, kg, "float32", vt=vt, split=split,
                                                                  prefetch="async", stages=stages, chains=chains)))
-        for vt, stages, chains in STATES_BF16:
-            out.append((f"states_bf16_{layer}_vt{vt}_async{stages}_c{chains}", "states_bf16", kg, 1,
-                        lambda kg=kg, vt=vt, stages=stages, chains=chains: chunk_states_mma.chunk_states_mma_kernel(
+        for vt, stages, chains, products in STATES_BF16:
+            out.append((f"states_bf16_{layer}_vt{vt}_async{stages}_c{chains}{'_mma16' if products == 'bf16' else ''}",
+                        "states_bf16", kg, 1,
+                        lambda kg=kg, vt=vt, stages=stages, chains=chains, products=products:
+                        chunk_states_mma.chunk_states_mma_kernel(
                             NC, BATCH, C, K, V, kg, "float32", vt=vt, split=False, prefetch="async", stages=stages,
-                            chains=chains, stored="bfloat16", narrow=BF16_LOOP)))
+                            chains=chains, stored="bfloat16", narrow=BF16_LOOP, products=products)))
     for tile, kt, bv in OUTPUTS:
         out.append((f"output_{tile[0]}x{tile[1]}_kt{kt}_bv{bv}", "output", 1, 1,
                     lambda tile=tile, kt=kt, bv=bv: chunk_output.chunk_output_kernel(

@@ -69,6 +69,9 @@ STAGES = 4                                # prefetch="async": halves resident or
 # accumulator sets a warp's products alternate between (steps of 8 terms: k8 % chains), added at the end:
 # independent sets let a warp's next product start before the last one's result is back
 CHAINS = 1
+# the products' operands: "tf32" (m16n8k8, 3xTF32 with split) or "bf16" (m16n8k16: w and k_to_end as a bf16
+# layer stages them, S and v_new rounded to bf16 as they are loaded, float32 accumulation)
+PRODUCTS = ("tf32", "bf16")
 
 
 def takes(C: int, K: int, V: int, vt: int = VT) -> bool:
@@ -92,7 +95,8 @@ def _bytes(dtype: str) -> int:
 
 def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str,
                             vt: int = VT, split: bool = SPLIT, prefetch: str | None = None, stages: int = STAGES,
-                            stored: str = "", narrow: dict | None = None, chains: int = CHAINS):
+                            stored: str = "", narrow: dict | None = None, chains: int = CHAINS,
+                            products: str = "tf32"):
     """chunk_states' function (fused_signatures.chunk_states_function) with this kernel's loop nest.
     prefetch: None (each half staged synchronously), "registers" or "async" (the module's docstring);
     stages: the halves "async" keeps resident or in flight (2 to 4); stored: the dtype of starts and
@@ -100,7 +104,8 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
     memory, the loop going on with the float32 one); narrow: operands narrower than `dtype` (role ->
     dtype: intra_chunk's bf16 w, u and k_to_end), widened as they are loaded. "async" copies w and
     k_to_end as they are (bytes: a 16-byte copy moves 8 bf16 values) and widens them as a warp loads
-    its fragments; the others widen them as they stage them. chains: accumulator sets (CHAINS)."""
+    its fragments; the others widen them as they stage them. chains: accumulator sets (CHAINS);
+    products: PRODUCTS."""
     narrow = narrow or {}
     staged = narrow.get("w", dtype) if prefetch == "async" else dtype
     if prefetch is not None and narrow.get("k_to_end", dtype) != narrow.get("w", dtype):
@@ -109,6 +114,10 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
         raise DTypeError(f"narrow: prefetch='registers' moves float32 pieces, got {narrow!r}")
     if prefetch not in PREFETCH:
         raise AttrError(f"prefetch: expected one of {PREFETCH}, got {prefetch!r}")
+    if products not in PRODUCTS:
+        raise AttrError(f"products: expected one of {PRODUCTS}, got {products!r}")
+    if products == "bf16" and split:
+        raise AttrError("products='bf16' is one product a tile: split (3xTF32) does not apply")
     if chains not in (1, 2, 4):
         raise AttrError(f"chains: expected 1, 2 or 4 accumulator sets, got {chains!r}")
     if prefetch == "async" and not 2 <= stages <= 4:
@@ -133,7 +142,7 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
         T.tvm_storage_sync("shared")
 
     @T.macro
-    def vnew_products(X, xo, S, acc, fa, fb, h, w, lane):
+    def vnew_products_tf32(X, xo, S, acc, fa, fb, h, w, lane):
         """acc += w[n]'s half h (staged at X[xo:], rows of stride pw) times S's rows of that half: warp w's
         16 rows of v_new."""
         for k8 in T.unroll(half // mma.K8):
@@ -149,7 +158,7 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                 mma.mma(acc, 4 * nt * (k8 % chains) + 4 * j, fa, fb, split)
 
     @T.macro
-    def update_products(X, xo, N, acc, fa, fb, w, lane):
+    def update_products_tf32(X, xo, N, acc, fa, fb, w, lane):
         """acc += k_to_end[n]'s half (staged at X[xo:], rows of stride pk) transposed times v_new: warp w's
         16 rows of that half of the state."""
         for k8 in T.unroll(C // mma.K8):
@@ -162,6 +171,39 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                     fb[i] = N[(k8 * mma.K8 + mma.b_at(lane, i)[0]) * ps + j * mma.N + mma.b_at(lane, i)[1]]
                     fb[2 + i] = mma.low_part(fb[i])
                 mma.mma(acc, 4 * nt * (k8 % chains) + 4 * j, fa, fb, split)
+
+    def bf16(x, have):
+        return converted(x, have, "bfloat16")
+
+    @T.macro
+    def vnew_products_bf16(X, xo, S, acc, fa, fb, h, w, lane):
+        """vnew_products_tf32's sum, 16 terms a product (fa, fb: bf16 fragments)."""
+        for k16 in T.unroll(half // mma.K16):
+            for i in T.unroll(8):
+                fa[i] = bf16(X[xo + (w * mma.M + mma.a16_at(lane, i)[0]) * pw + k16 * mma.K16
+                               + mma.a16_at(lane, i)[1]], staged)
+            for j in T.unroll(nt):
+                for i in T.unroll(4):
+                    fb[i] = bf16(S[(h * half + k16 * mma.K16 + mma.b16_at(lane, i)[0]) * ps + j * mma.N
+                                   + mma.b16_at(lane, i)[1]], dtype)
+                mma.mma_bf16(acc, 4 * nt * (k16 % chains) + 4 * j, fa, fb)
+
+    @T.macro
+    def update_products_bf16(X, xo, N, acc, fa, fb, w, lane):
+        """update_products_tf32's sum, 16 terms a product (fa, fb: bf16 fragments)."""
+        for k16 in T.unroll(C // mma.K16):
+            for i in T.unroll(8):      # A = k_to_end^T: element (row r, term c) at X[c, r]
+                fa[i] = bf16(X[xo + (k16 * mma.K16 + mma.a16_at(lane, i)[1]) * pk + w * mma.M
+                               + mma.a16_at(lane, i)[0]], staged)
+            for j in T.unroll(nt):
+                for i in T.unroll(4):
+                    fb[i] = bf16(N[(k16 * mma.K16 + mma.b16_at(lane, i)[0]) * ps + j * mma.N
+                                   + mma.b16_at(lane, i)[1]], dtype)
+                mma.mma_bf16(acc, 4 * nt * (k16 % chains) + 4 * j, fa, fb)
+
+    vnew_products, update_products = ((vnew_products_bf16, update_products_bf16) if products == "bf16"
+                                      else (vnew_products_tf32, update_products_tf32))
+    fragment = "bfloat16" if products == "bf16" else dtype
 
     @T.macro
     def clear_chains(acc, first):
@@ -186,8 +228,8 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                 N = T.alloc_shared((C * ps,), dtype)
                 X = T.alloc_shared((C * pk,), dtype)
                 acc = T.alloc_local((4 * nt * chains,), dtype)
-                fa = T.alloc_local((8,), dtype)
-                fb = T.alloc_local((4,), dtype)
+                fa = T.alloc_local((8,), fragment)
+                fb = T.alloc_local((4,), fragment)
                 w, lane = tx // 32, tx % 32
                 for e in T.unroll(K * vt // threads):
                     S[(e * threads + tx) // vt * ps + (e * threads + tx) % vt] = S0[head(bx) + (
@@ -236,7 +278,8 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
         return chunk_states_function(steps, batch, C, K, V, Kg, dtype, body, stored, narrow)
 
     return _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, narrowed,
-                      vnew_products, update_products, clear_chains, add_chains, chains, stored, narrow, staged)
+                      vnew_products, update_products, clear_chains, add_chains, chains, fragment, stored, narrow,
+                      staged)
 
 
 def _shared_address(buf, offset, dtype):
@@ -249,7 +292,7 @@ def _shared_address(buf, offset, dtype):
 
 
 def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, narrowed, vnew_products,
-               update_products, clear_chains, add_chains, chains, stored, narrow, staged):
+               update_products, clear_chains, add_chains, chains, fragment, stored, narrow, staged):
     """The prefetching variants' loop nest (the module's docstring). The halves of the chunks in order,
     q = 4 n + 2 p + h (p = 0: w[n], 1: k_to_end[n]; h: the half of K), half q in slot q % slots of a ring
     in shared memory. The loop's barriers are the four written here, one a half, in `arrive`: every shared
@@ -350,8 +393,8 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                 N = T.alloc_buffer((C * ps,), dtype, scope="shared.dyn")
                 X = T.alloc_buffer((slots * slot,), staged, scope="shared.dyn")
                 acc = T.alloc_local((4 * nt * chains,), dtype)
-                fa = T.alloc_local((8,), dtype)
-                fb = T.alloc_local((4,), dtype)
+                fa = T.alloc_local((8,), fragment)
+                fb = T.alloc_local((4,), fragment)
                 pf = T.alloc_local((4 * pieces,), dtype)       # "registers": the next half's pieces
                 pu = T.alloc_local((4 * nt,), dtype)           # the warp's tile of u[n], loaded early
                 pl = T.alloc_local((4,), dtype)                # last_decay[n] of the lane's four state rows

@@ -1,4 +1,4 @@
-"""Tensor-core products for the fused kernels: mma.sync m16n8k8 with TF32 operands.
+"""Tensor-core products for the fused kernels: mma.sync m16n8k8 with TF32 operands (and m16n8k16 with bf16).
 
 A warp multiplies a 16 x 8 tile of A by an 8 x 8 tile of B into a 16 x 8 float32
 accumulator; each lane holds its part of every tile in registers, at the places
@@ -17,6 +17,10 @@ x = hi + lo, hi = x truncated to TF32 (the bits the tensor core reads) and
 lo = x - hi (exact in float32), and a b ~ hi_a hi_b + hi_a lo_b + lo_a hi_b: three
 products for about float32's accuracy (the dropped lo_a lo_b is 2^-22 of a b).
 Without split, one product: TF32's accuracy.
+
+m16n8k16 with bf16 operands (`mma_bf16`) takes twice the terms a product; its A
+holds a0..a7 at (g, 2t + i % 2 + 8 (i // 4)) and 8 rows lower for i // 2 odd, its
+B b0..b3 at (2t + i % 2 + 8 (i // 2), g), two values a 32-bit register.
 """
 from __future__ import annotations
 
@@ -43,6 +47,25 @@ def d_at(lane, i):
 def low_part(x):
     """x minus x truncated to TF32: what a TF32 product of x drops."""
     return x - T.reinterpret("float32", T.bitwise_and(T.reinterpret("uint32", x), T.uint32(0xFFFFE000)))
+
+
+K16 = 16                     # bf16 products: M x K16 times K16 x N (m16n8k16)
+
+
+def a16_at(lane, i):
+    """(row, column) of element i of A's fragment in the 16 x 16 bf16 tile (a register: i, i + 1)."""
+    return lane // 4 + 8 * (i // 2 % 2), 2 * (lane % 4) + i % 2 + 8 * (i // 4)
+
+
+def b16_at(lane, i):
+    """(row, column) of element i of B's fragment in the 16 x 8 bf16 tile."""
+    return 2 * (lane % 4) + i % 2 + 8 * (i // 2), lane // 4
+
+
+@T.macro
+def mma_bf16(acc, offset, fa, fb):
+    """acc[offset : offset + 4] += A B, bf16 fragments fa [8] and fb [4] (float32 accumulation)."""
+    T.ptx_legacy.mma("float32", "m16n8k16", "row", "col", "bf16", "bf16", "fp32", fa, 0, fb, 0, acc, offset, False)
 
 
 @T.macro

@@ -71,6 +71,43 @@ def test_chunk_states_default_is_unchanged_by_prefetch_options():
         chunk_states_mma_kernel(*args, prefetch="async", stages=5)
     with pytest.raises(DTypeError, match="dtype"):
         chunk_states_mma_kernel(*args[:-1], "float16", prefetch="registers")
+    with pytest.raises(AttrError, match="chains"):
+        chunk_states_mma_kernel(*args, chains=3)
+    with pytest.raises(AttrError, match="products"):
+        chunk_states_mma_kernel(*args, products="fp8")
+    with pytest.raises(AttrError, match="split"):
+        chunk_states_mma_kernel(*args, products="bf16", split=True)
+
+
+@pytest.mark.parametrize("vt,chains,products", [(16, 2, "tf32"), (16, 1, "bf16"), (32, 2, "bf16"), (8, 1, "bf16")])
+def test_chunk_states_chains_and_bf16_products_compile_to_ptx(vt, chains, products, tmp_path):
+    """chunk_states_mma as a bf16 layer runs it (w, u, k_to_end bf16, async staging), its products split
+    over `chains` accumulator sets (each added into the first once) or as bf16 m16n8k16, whose fragment
+    places cover the 16 x 16 and 16 x 8 tiles once each."""
+    import numpy as np
+
+    from dnir.lowering.tvm import mma
+    from dnir.lowering.tvm.chunk_states_mma import chunk_states_mma_kernel
+    cover_a, cover_b = np.zeros((16, 16), int), np.zeros((16, 8), int)
+    for lane in range(32):
+        for i in range(8):
+            cover_a[mma.a16_at(lane, i)] += 1
+        for i in range(4):
+            cover_b[mma.b16_at(lane, i)] += 1
+    assert (cover_a == 1).all() and (cover_b == 1).all()
+    narrow = {"w": "bfloat16", "u": "bfloat16", "k_to_end": "bfloat16"}
+    steps, batch, C, K, V = 3, (2, 4), 64, 128, 128
+    source = _source(chunk_states_mma_kernel(steps, batch, C, K, V, 1, "float32", vt=vt, split=False,
+                                             prefetch="async", stored="bfloat16", narrow=narrow, chains=chains,
+                                             products=products))
+    bf16 = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+    instruction, terms = (bf16, 16) if products == "bf16" else (MMA, 8)
+    assert source.count(instruction) == (K // 2 // terms) * (vt // 8) * 2
+    assert (bf16 in source) == (products == "bf16") and (MMA in source) == (products == "tf32")
+    # the sets after the first start at zero and are added into it: in v_new's sum and the update's
+    assert len(re.findall(r"acc(_ptr)?\[\d+\] = \(acc(_ptr)?\[\d+\] \+ acc", source)) == 2 * 4 * (vt // 8) * (chains - 1)
+    ptx = sm90_ptx(source, tmp_path)
+    assert len(re.findall(re.escape(instruction), ptx)) >= source.count(instruction)
 
 
 @pytest.mark.parametrize("kg,split", [(1, True), (128, True), (1, False)])
