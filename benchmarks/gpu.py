@@ -481,14 +481,16 @@ def main(argv=None) -> int:
 
 def merge(docs: list[dict]) -> dict:
     """One document from runs over parts of the cases, on one card: the cases in gpu_artefacts.CASES'
-    order, the targets again, the first run's machine and copy bandwidth (each run's date kept)."""
+    order (a case run again: the later run's), the targets again, the first run's machine and copy
+    bandwidth (each run's date kept)."""
     from .gpu_artefacts import CASES
     cards = {d["machine"]["gpu"] for d in docs}
     if len(cards) > 1:
         raise SystemExit(f"--merge: the runs are on different cards ({', '.join(sorted(cards))}); rerun on one")
     doc = dict(docs[0], machine=dict(docs[0]["machine"], date=", ".join(d["machine"]["date"] for d in docs)))
     order = list(CASES)
-    doc["cases"] = sorted((c for d in docs for c in d["cases"]), key=lambda c: order.index(c["name"]))
+    latest = {c["name"]: c for d in docs for c in d["cases"]}
+    doc["cases"] = sorted(latest.values(), key=lambda c: order.index(c["name"]))
     for key in ("not_built", "failed"):
         doc[key] = [x for d in docs for x in d[key]]
     doc["targets"] = targets(doc["cases"])

@@ -114,6 +114,13 @@ def test_runs_over_parts_of_the_cases_merge_in_case_order():
     assert "02:00" in doc["machine"]["date"] and "02:10" in doc["machine"]["date"]
 
 
+def test_a_case_run_again_keeps_the_later_run():
+    earlier = [_case("gdn_prefill_b1_t8192_bf16", 1.2, 0.5), _case("gdn_prefill_b1_t8192_f32", 2.0, 1.5)]
+    doc = gpu.merge([_doc(earlier), _doc([_case("gdn_prefill_b1_t8192_bf16", 0.6, 0.5)])])
+    assert [(c["name"], c["ratio"]) for c in doc["cases"]] == [("gdn_prefill_b1_t8192_f32", 2.0 / 1.5),
+                                                               ("gdn_prefill_b1_t8192_bf16", 0.6 / 0.5)]
+
+
 def test_runs_on_two_cards_do_not_merge():
     with pytest.raises(SystemExit, match="different cards"):
         gpu.merge([_doc([_case("gdn_prefill_b1_t8192_f32", 2.0, 1.5)]),
