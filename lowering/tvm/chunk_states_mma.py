@@ -40,6 +40,11 @@ v_new in bf16 (passes/narrow_loop_results.py): "async" then copies the halves as
 copy moves 8 values; rows padded by the same 4 and 8 words, 58 KiB at vt = 16 and 4 slots) and
 widens each fragment value as a warp loads it; S, v_new and all arithmetic stay float32.
 
+Two more knobs, for benchmarks/gpu_sweep.py: `chains` (accumulator sets the products alternate
+between) and `products="bf16"` (m16n8k16, S and v_new rounded to bf16 as a warp loads them). On an
+H100 neither helps the bf16 loop (0.445 ms by default; 0.467 with two sets, 0.495 with bf16
+products: results/gpu_sweep_states.md): the products' chain is not what limits it.
+
 Either has one barrier a half (the default two, and TVM adds 17 more a chunk to the
 default's stores of v_new and S, see _shared_address), u[n]'s tile and last_decay[n] loaded at
 the step's start, v_new written to global memory from registers; S, v_new and the ring all
