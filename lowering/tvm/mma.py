@@ -27,6 +27,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 M, N, K8 = 16, 8, 8          # the product's tile: M x K8 times K8 x N
+K16 = 16                     # bf16 products: M x K16 times K16 x N (m16n8k16)
 
 
 def a_at(lane, i):
@@ -47,9 +48,6 @@ def d_at(lane, i):
 def low_part(x):
     """x minus x truncated to TF32: what a TF32 product of x drops."""
     return x - T.reinterpret("float32", T.bitwise_and(T.reinterpret("uint32", x), T.uint32(0xFFFFE000)))
-
-
-K16 = 16                     # bf16 products: M x K16 times K16 x N (m16n8k16)
 
 
 def a16_at(lane, i):
