@@ -146,69 +146,52 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                 (e * threads + tx) // half, h * half + (e * threads + tx) % half)], src.dtype, dtype)
         T.tvm_storage_sync("shared")
 
+    # the products' fragments: TF32 m16n8k8 (each value's low part beside it for split) or bf16 m16n8k16
+    bf16 = products == "bf16"
+    fragment = "bfloat16" if bf16 else dtype
+    kstep, a_at, b_at = (mma.K16, mma.a16_at, mma.b16_at) if bf16 else (mma.K8, mma.a_at, mma.b_at)
+    na, nb = (8, 4) if bf16 else (4, 2)       # a lane's elements of A and of B
+
     @T.macro
-    def vnew_products_tf32(X, xo, S, acc, fa, fb, h, w, lane):
+    def put(frag, count, i, x, have):
+        """Element i of a lane's fragment (of `count`) from x, a value in `have`."""
+        if bf16:
+            frag[i] = converted(x, have, "bfloat16")
+        else:
+            frag[i] = converted(x, have, dtype)
+            frag[count + i] = mma.low_part(frag[i])
+
+    @T.macro
+    def product(acc, offset, fa, fb):
+        if bf16:
+            mma.mma_bf16(acc, offset, fa, fb)
+        else:
+            mma.mma(acc, offset, fa, fb, split)
+
+    @T.macro
+    def vnew_products(X, xo, S, acc, fa, fb, h, w, lane):
         """acc += w[n]'s half h (staged at X[xo:], rows of stride pw) times S's rows of that half: warp w's
         16 rows of v_new."""
-        for k8 in T.unroll(half // mma.K8):
-            for i in T.unroll(4):
-                fa[i] = converted(X[xo + (w * mma.M + mma.a_at(lane, i)[0]) * pw + k8 * mma.K8 + mma.a_at(lane, i)[1]],
-                                  staged, dtype)
-                fa[4 + i] = mma.low_part(fa[i])
+        for ks in T.unroll(half // kstep):
+            for i in T.unroll(na):
+                put(fa, na, i, X[xo + (w * mma.M + a_at(lane, i)[0]) * pw + ks * kstep + a_at(lane, i)[1]], staged)
             for j in T.unroll(nt):
-                for i in T.unroll(2):
-                    fb[i] = S[(h * half + k8 * mma.K8 + mma.b_at(lane, i)[0]) * ps + j * mma.N
-                              + mma.b_at(lane, i)[1]]
-                    fb[2 + i] = mma.low_part(fb[i])
-                mma.mma(acc, 4 * nt * (k8 % chains) + 4 * j, fa, fb, split)
+                for i in T.unroll(nb):
+                    put(fb, nb, i, S[(h * half + ks * kstep + b_at(lane, i)[0]) * ps + j * mma.N + b_at(lane, i)[1]],
+                        dtype)
+                product(acc, 4 * nt * (ks % chains) + 4 * j, fa, fb)
 
     @T.macro
-    def update_products_tf32(X, xo, N, acc, fa, fb, w, lane):
+    def update_products(X, xo, N, acc, fa, fb, w, lane):
         """acc += k_to_end[n]'s half (staged at X[xo:], rows of stride pk) transposed times v_new: warp w's
         16 rows of that half of the state."""
-        for k8 in T.unroll(C // mma.K8):
-            for i in T.unroll(4):      # A = k_to_end^T: element (row r, term c) at X[c, r]
-                fa[i] = converted(X[xo + (k8 * mma.K8 + mma.a_at(lane, i)[1]) * pk + w * mma.M + mma.a_at(lane, i)[0]],
-                                  staged, dtype)
-                fa[4 + i] = mma.low_part(fa[i])
+        for ks in T.unroll(C // kstep):
+            for i in T.unroll(na):     # A = k_to_end^T: element (row r, term c) at X[c, r]
+                put(fa, na, i, X[xo + (ks * kstep + a_at(lane, i)[1]) * pk + w * mma.M + a_at(lane, i)[0]], staged)
             for j in T.unroll(nt):
-                for i in T.unroll(2):
-                    fb[i] = N[(k8 * mma.K8 + mma.b_at(lane, i)[0]) * ps + j * mma.N + mma.b_at(lane, i)[1]]
-                    fb[2 + i] = mma.low_part(fb[i])
-                mma.mma(acc, 4 * nt * (k8 % chains) + 4 * j, fa, fb, split)
-
-    def bf16(x, have):
-        return converted(x, have, "bfloat16")
-
-    @T.macro
-    def vnew_products_bf16(X, xo, S, acc, fa, fb, h, w, lane):
-        """vnew_products_tf32's sum, 16 terms a product (fa, fb: bf16 fragments)."""
-        for k16 in T.unroll(half // mma.K16):
-            for i in T.unroll(8):
-                fa[i] = bf16(X[xo + (w * mma.M + mma.a16_at(lane, i)[0]) * pw + k16 * mma.K16
-                               + mma.a16_at(lane, i)[1]], staged)
-            for j in T.unroll(nt):
-                for i in T.unroll(4):
-                    fb[i] = bf16(S[(h * half + k16 * mma.K16 + mma.b16_at(lane, i)[0]) * ps + j * mma.N
-                                   + mma.b16_at(lane, i)[1]], dtype)
-                mma.mma_bf16(acc, 4 * nt * (k16 % chains) + 4 * j, fa, fb)
-
-    @T.macro
-    def update_products_bf16(X, xo, N, acc, fa, fb, w, lane):
-        """update_products_tf32's sum, 16 terms a product (fa, fb: bf16 fragments)."""
-        for k16 in T.unroll(C // mma.K16):
-            for i in T.unroll(8):      # A = k_to_end^T: element (row r, term c) at X[c, r]
-                fa[i] = bf16(X[xo + (k16 * mma.K16 + mma.a16_at(lane, i)[1]) * pk + w * mma.M
-                               + mma.a16_at(lane, i)[0]], staged)
-            for j in T.unroll(nt):
-                for i in T.unroll(4):
-                    fb[i] = bf16(N[(k16 * mma.K16 + mma.b16_at(lane, i)[0]) * ps + j * mma.N
-                                   + mma.b16_at(lane, i)[1]], dtype)
-                mma.mma_bf16(acc, 4 * nt * (k16 % chains) + 4 * j, fa, fb)
-
-    vnew_products, update_products = ((vnew_products_bf16, update_products_bf16) if products == "bf16"
-                                      else (vnew_products_tf32, update_products_tf32))
-    fragment = "bfloat16" if products == "bf16" else dtype
+                for i in T.unroll(nb):
+                    put(fb, nb, i, N[(ks * kstep + b_at(lane, i)[0]) * ps + j * mma.N + b_at(lane, i)[1]], dtype)
+                product(acc, 4 * nt * (ks % chains) + 4 * j, fa, fb)
 
     @T.macro
     def clear_chains(acc, first):
