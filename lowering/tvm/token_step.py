@@ -16,6 +16,11 @@ its own shape (the graph's reshapes cost nothing); the kernel reads it flat.
 The vectors may be bf16 or fp16 as a layer's inputs hold them (the GPU targets'
 Target.narrow_operands; passes/fold_widening_casts.py): each is widened as it
 is loaded.
+
+Each dot product over K runs as PARTIALS interleaved chains, added together at
+the end: one float32 chain of 128 products errs twice as much as a tree sum
+(o's rms error against float64 2.2e-7, against 1.0e-7 for flash-linear-attention's
+block sums; eight chains 1.2e-7), and the chains are independent for the scheduler.
 """
 from __future__ import annotations
 
@@ -29,6 +34,16 @@ from dnir.graph import Node
 
 from .fused_signatures import decode_step_function, token_step_function
 from .kernels import unravel_index
+
+PARTIALS = 8                               # chains per dot product over K (the module's docstring)
+
+
+@T.macro
+def add_partials(acc, first: T.int32, last: T.int32):
+    """acc[c * PARTIALS] = the sum of chains c * PARTIALS .. c * PARTIALS + PARTIALS - 1, first <= c < last."""
+    for c in T.unroll(first, last):
+        for p in T.unroll(1, PARTIALS):
+            acc[c * PARTIALS] = acc[c * PARTIALS] + acc[c * PARTIALS + p]
 
 
 def sizes(node: Node):
@@ -76,16 +91,17 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
         for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
                 col = T.alloc_local((K,), dtype)
-                acc = T.alloc_local((2,), dtype)
-                acc[0] = T.cast(0, dtype)
-                acc[1] = T.cast(0, dtype)
+                acc = T.alloc_local((2 * PARTIALS,), dtype)      # chains of k_row . col, then q_row . col
+                for p in T.unroll(2 * PARTIALS):
+                    acc[p] = T.cast(0, dtype)
                 for kk in T.unroll(K):
                     col[kk] = S0[at("state", bx, kk * V + bx % tiles * threads + tx)]
-                    acc[0] = acc[0] + load(Kr, "k_row", bx, kk) * col[kk]
-                    acc[1] = acc[1] + load(Qr, "q_row", bx, kk) * col[kk]
+                    acc[kk % PARTIALS] = acc[kk % PARTIALS] + load(Kr, "k_row", bx, kk) * col[kk]
+                    acc[PARTIALS + kk % PARTIALS] = acc[PARTIALS + kk % PARTIALS] + load(Qr, "q_row", bx, kk) * col[kk]
+                add_partials(acc, 0, 2)
                 # acc[0] becomes u = (v - pred) beta
                 acc[0] = (load(Vv, "v", bx, bx % tiles * threads + tx) - acc[0]) * load(B, "beta", bx, 0)
-                O[at("o", bx, bx % tiles * threads + tx)] = acc[1] + acc[0] * load(QK, "qk", bx, 0)
+                O[at("o", bx, bx % tiles * threads + tx)] = acc[PARTIALS] + acc[0] * load(QK, "qk", bx, 0)
                 for kk in T.unroll(K):
                     S1[at("state", bx, kk * V + bx % tiles * threads + tx)] = (
                         col[kk] * load(D, "decay", bx, kk * per_key) + load(Kc, "k_col", bx, kk) * acc[0])
@@ -136,7 +152,7 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
                 qs = T.alloc_shared((K,), dtype)
                 dc = T.alloc_shared((K,), dtype)
                 col = T.alloc_local((K,), dtype)
-                acc = T.alloc_local((3,), dtype)
+                acc = T.alloc_local((3 * PARTIALS,), dtype)      # chains of kr . col, qr . col, q . k
                 for r in T.unroll(rounds):
                     if r * threads + tx < K:
                         kc[r * threads + tx] = load(Kx, "k", qk_at(bx // tiles, r * threads + tx))
@@ -146,18 +162,22 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
                         kr[r * threads + tx] = kc[r * threads + tx] * dc[r * threads + tx]
                         qr[r * threads + tx] = qs[r * threads + tx] * dc[r * threads + tx]
                 T.tvm_storage_sync("shared")
-                acc[0] = T.cast(0, dtype)
-                acc[1] = T.cast(0, dtype)
-                acc[2] = T.cast(0, dtype)
+                for p in T.unroll(3 * PARTIALS):
+                    acc[p] = T.cast(0, dtype)
+                # q . k first: its chains are done before the column's 128 registers are live
+                for kk in T.unroll(K):
+                    acc[2 * PARTIALS + kk % PARTIALS] = acc[2 * PARTIALS + kk % PARTIALS] + qs[kk] * kc[kk]
+                add_partials(acc, 2, 3)
                 for kk in T.unroll(K):
                     col[kk] = S0[state(bx // tiles, kk * V + bx % tiles * threads + tx)]
-                    acc[0] = acc[0] + kr[kk] * col[kk]
-                    acc[1] = acc[1] + qr[kk] * col[kk]
-                    acc[2] = acc[2] + qs[kk] * kc[kk]          # q . k
+                    acc[kk % PARTIALS] = acc[kk % PARTIALS] + kr[kk] * col[kk]
+                    acc[PARTIALS + kk % PARTIALS] = acc[PARTIALS + kk % PARTIALS] + qr[kk] * col[kk]
+                add_partials(acc, 0, 2)
                 # acc[0] becomes u = (v - pred) beta
                 acc[0] = (load(Vv, "v", bx // tiles * V + bx % tiles * threads + tx) - acc[0]) * load(
                     B, "beta", bx // tiles)
-                O[unravel_index(bx // tiles, batch) + (bx % tiles * threads + tx,)] = acc[1] + acc[0] * acc[2]
+                O[unravel_index(bx // tiles, batch) + (bx % tiles * threads + tx,)] = (
+                    acc[PARTIALS] + acc[0] * acc[2 * PARTIALS])
                 for kk in T.unroll(K):
                     S1[state(bx // tiles, kk * V + bx % tiles * threads + tx)] = (
                         col[kk] * dc[kk] + kc[kk] * acc[0])
