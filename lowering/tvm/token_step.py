@@ -11,7 +11,8 @@ recognise the step as the O2 graph writes it (passes/fuse_delta_steps.py),
 
 and this kernel computes S' and o at once, reading the state once and writing
 it once: a thread owns one state column, keeps it in registers, reduces it
-against both row vectors, then writes the updated column. Every operand keeps
+against both row vectors, then writes the updated column (decode_step_kernel,
+CUDA's: two threads a column, half its rows each). Every operand keeps
 its own shape (the graph's reshapes cost nothing); the kernel reads it flat.
 The vectors may be bf16 or fp16 as a layer's inputs hold them (the GPU targets'
 Target.narrow_operands; passes/fold_widening_casts.py): each is widened as it
@@ -59,6 +60,9 @@ def rejects(node: Node, target) -> str | None:
         return f"the kernel is written for {', '.join(sorted(target.dtypes))}, not {dtype}"
     if V % 32:
         return f"V={V} is not a multiple of 32 (one thread per state column, whole warps)"
+    K = node.inputs[0].shape[-2]
+    if node.op == "decode_step" and K % 2:
+        return f"K={K} is odd (decode_step's kernel splits each state column's rows in two halves)"
     return None
 
 
@@ -125,10 +129,13 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
     """token_step_kernel's outputs from the layer's raw vectors (the op decode_step, dnir/fused.py): a
     block first makes its head's k_col, k_row, q_row and decays from q, k, g (the scale, the gate's
     exp, the GQA repeat: value head j reads q/k head j // group) in shared memory, one element per
-    thread, and each thread adds up q . k from there; then token_step_kernel's pass over the state."""
+    thread. Then a state column is two threads' (rows 0 .. K/2 - 1 and K/2 .. K - 1, K/2 registers
+    each: a whole column in one thread's registers spilled): each adds up its rows' parts of
+    pred = k_row . col, o1 = q_row . col and q . k in PARTIALS chains, the two swap them through shared
+    memory and add them in one order (both get the same u), and each updates its own rows."""
     heads, HV = math.prod(batch), batch[-1]
-    threads = min(V, 128)
-    tiles = V // threads
+    cols = 64 if V % 64 == 0 else 32       # state columns a block (rejects: V is a multiple of 32)
+    threads, tiles, rows = 2 * cols, V // cols, K // 2
     per_key = 1 if Kg == K else 0
     rounds = -(-K // threads)
 
@@ -142,6 +149,12 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
     def state(h, e):
         return unravel_index(h, batch) + unravel_index(e, (K, V))
 
+    def column(bx, tx):                    # the thread's state column in its head
+        return bx % tiles * cols + tx % cols
+
+    def row(tx, kk):                       # the thread's row kk (< K/2) of that column
+        return tx // cols * rows + kk
+
     @T.macro
     def body(S0, Q, Kx, Vv, G, B, S1, O):
         for bx in T.thread_binding(heads * tiles, thread="blockIdx.x"):
@@ -151,8 +164,9 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
                 qr = T.alloc_shared((K,), dtype)
                 qs = T.alloc_shared((K,), dtype)
                 dc = T.alloc_shared((K,), dtype)
-                col = T.alloc_local((K,), dtype)
-                acc = T.alloc_local((3 * PARTIALS,), dtype)      # chains of kr . col, qr . col, q . k
+                half = T.alloc_shared((3 * threads,), dtype)   # each thread's three half sums
+                col = T.alloc_local((rows,), dtype)
+                acc = T.alloc_local((3 * PARTIALS,), dtype)    # chains of kr . col, qr . col, q . k
                 for r in T.unroll(rounds):
                     if r * threads + tx < K:
                         kc[r * threads + tx] = load(Kx, "k", qk_at(bx // tiles, r * threads + tx))
@@ -164,21 +178,24 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
                 T.tvm_storage_sync("shared")
                 for p in T.unroll(3 * PARTIALS):
                     acc[p] = T.cast(0, dtype)
-                # q . k first: its chains are done before the column's 128 registers are live
-                for kk in T.unroll(K):
-                    acc[2 * PARTIALS + kk % PARTIALS] = acc[2 * PARTIALS + kk % PARTIALS] + qs[kk] * kc[kk]
-                add_partials(acc, 2, 3)
-                for kk in T.unroll(K):
-                    col[kk] = S0[state(bx // tiles, kk * V + bx % tiles * threads + tx)]
-                    acc[kk % PARTIALS] = acc[kk % PARTIALS] + kr[kk] * col[kk]
-                    acc[PARTIALS + kk % PARTIALS] = acc[PARTIALS + kk % PARTIALS] + qr[kk] * col[kk]
-                add_partials(acc, 0, 2)
+                for kk in T.unroll(rows):
+                    col[kk] = S0[state(bx // tiles, row(tx, kk) * V + column(bx, tx))]
+                    acc[kk % PARTIALS] = acc[kk % PARTIALS] + kr[row(tx, kk)] * col[kk]
+                    acc[PARTIALS + kk % PARTIALS] = acc[PARTIALS + kk % PARTIALS] + qr[row(tx, kk)] * col[kk]
+                    acc[2 * PARTIALS + kk % PARTIALS] = (acc[2 * PARTIALS + kk % PARTIALS]
+                                                         + qs[row(tx, kk)] * kc[row(tx, kk)])
+                add_partials(acc, 0, 3)
+                for c in T.unroll(3):
+                    half[c * threads + tx] = acc[c * PARTIALS]
+                T.tvm_storage_sync("shared")
+                for c in T.unroll(3):          # upper rows' sum + lower rows': one order for both threads
+                    acc[c * PARTIALS] = half[c * threads + tx % cols] + half[c * threads + cols + tx % cols]
                 # acc[0] becomes u = (v - pred) beta
-                acc[0] = (load(Vv, "v", bx // tiles * V + bx % tiles * threads + tx) - acc[0]) * load(
-                    B, "beta", bx // tiles)
-                O[unravel_index(bx // tiles, batch) + (bx % tiles * threads + tx,)] = (
-                    acc[PARTIALS] + acc[0] * acc[2 * PARTIALS])
-                for kk in T.unroll(K):
-                    S1[state(bx // tiles, kk * V + bx % tiles * threads + tx)] = (
-                        col[kk] * dc[kk] + kc[kk] * acc[0])
+                acc[0] = (load(Vv, "v", bx // tiles * V + column(bx, tx)) - acc[0]) * load(B, "beta", bx // tiles)
+                if tx < cols:
+                    O[unravel_index(bx // tiles, batch) + (column(bx, tx),)] = (
+                        acc[PARTIALS] + acc[0] * acc[2 * PARTIALS])
+                for kk in T.unroll(rows):
+                    S1[state(bx // tiles, row(tx, kk) * V + column(bx, tx))] = (
+                        col[kk] * dc[row(tx, kk)] + kc[row(tx, kk)] * acc[0])
     return decode_step_function(shapes, dtype, body, narrow=narrow)

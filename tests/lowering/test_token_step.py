@@ -67,6 +67,16 @@ def test_other_graphs_are_not_fused():
                                                 "(one thread per state column, whole warps) (decode step)")]
 
 
+def test_an_odd_key_dim_keeps_the_prologue_on_cuda():
+    """decode_step's kernel gives each of two threads half a column's rows: K = 33 stays token_step."""
+    _, graph = _graph("qwen3-next", head_dim=33)
+    assert _steps(registry.prepare(graph, "cuda")) and not _steps(registry.prepare(graph, "cuda"), "decode_step")
+    with registry.target_context("cuda") as ctx:
+        passes.optimize(graph, ["fuse_delta_steps", "fold_step_prologue"])
+    assert ("fold_step_prologue", "token_step kept: K=33 is odd (decode_step's kernel splits each state "
+                                  "column's rows in two halves)") in ctx.remarks
+
+
 def test_gpu_module_reads_the_state_in_one_kernel():
     _, graph = _graph("kimi-linear")
     main = translate(registry.prepare(graph, "cuda"), gpu=True)["main"].script()
