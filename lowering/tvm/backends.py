@@ -74,15 +74,15 @@ def _token_step_rejects(node, target):
 LOOP = {"chunk_states", "chunk_output"}
 
 
-def _gpu_target(name: str, shared_bytes: int, decode_step: bool = False, half_o: bool = False) -> Target:
-    """On CUDA only: decode_step (the step with its prologue, token_step.py; Vulkan keeps token_step)
-    and half_o, chunk_output storing a bf16/fp16 o itself, intra_chunk and chunk_states the loop's
-    intermediates, which chunk_states and chunk_output then load narrow (Vulkan keeps o's cast and the
-    intermediates wide: WGSL has no bf16, and f16 storage only where the adapter has shader-f16)."""
-    more = {"decode_step": _token_step_rejects} if decode_step else {}
+def _gpu_target(name: str, shared_bytes: int, half_o: bool = False) -> Target:
+    """The GPU kernels: decode_step (the step with its prologue, token_step.py; a step that it declines
+    stays token_step) and, with half_o, chunk_output storing a bf16/fp16 o itself, intra_chunk and
+    chunk_states the loop's intermediates, which chunk_states and chunk_output then load narrow (Vulkan
+    keeps o's cast and the intermediates wide: WGSL has no bf16, and f16 storage only where the adapter
+    has shader-f16)."""
     return Target(name, {"chunk_scan": _chunk_scan_rejects, "chunk_states": _chunk_scan_rejects,
                          "chunk_output": _chunk_output_rejects, "intra_chunk": _intra_chunk_rejects,
-                         "token_step": _token_step_rejects, **more},
+                         "token_step": _token_step_rejects, "decode_step": _token_step_rejects},
                   shared_bytes=shared_bytes, dtypes=KERNEL_DTYPES,
                   narrow_operands=frozenset({"token_step", "decode_step"} | (LOOP if half_o else set())),
                   narrow_results=frozenset(LOOP | {"intra_chunk"} if half_o else ()))
@@ -117,6 +117,6 @@ def _llvm_target(name: str) -> Target:
 # llvm: the loop over chunks and a decode step are one kernel each (cpu_chunk_scan.py, cpu_token_step.py).
 register(Backend("tvm-llvm", ("llvm",), _run_llvm, _llvm_target, CPU_PIPELINE, _build))
 register(Backend("tvm-cuda", ("cuda",), _run_cuda,
-                 lambda name: _gpu_target(name, CUDA_SHARED_BYTES, decode_step=True, half_o=True),
+                 lambda name: _gpu_target(name, CUDA_SHARED_BYTES, half_o=True),
                  GPU_PIPELINE, _build))
 register(Backend("vulkan", ("vulkan",), _run_vulkan, _vulkan_target, GPU_PIPELINE, _build_vulkan))

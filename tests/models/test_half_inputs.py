@@ -171,8 +171,8 @@ def test_vulkan_decode_step_loads_f16_vectors(rng):
     cfg = DeltaNetConfig("kda", mode="decode", seq_len=1, batch=3, heads=2, value_heads=4, head_dim=16,
                          value_dim=32, initial_state=True, final_state=True, dtype="f16")
     graph = passes.optimize(build_delta_net(cfg), "O2")
-    (step,) = [n for n in registry.prepare(graph, "vulkan").topo_order() if n.op == "token_step"]
-    assert [r for r, x in zip(dnir.fused.STEP_ROLES, step.inputs) if x.dtype == "f16"] == ["k_col", "v", "beta"]
+    (step,) = [n for n in registry.prepare(graph, "vulkan").topo_order() if n.op == "decode_step"]
+    assert [r for r, x in zip(dnir.fused.DECODE_ROLES, step.inputs) if x.dtype == "f16"] == ["q", "k", "v", "beta"]
     x = half_inputs(cfg, rng)
     o_ref, state_ref = oracle(cfg, x)
     o, state = dnir.run(graph, x, target="vulkan")
