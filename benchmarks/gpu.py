@@ -161,13 +161,13 @@ def peer_call(case: dict, x: dict):
     return fn.__name__, lambda: fn(x["q"], x["k"], x["v"], x["g"], x["beta"], **state)
 
 
-def api_call(case: dict, x: dict):
+def api_call(case: dict, x: dict, check_values: bool = True):
     import dnir
     precision = case.get("precision")
     fn = {("gdn", "prefill"): dnir.chunk_gated_delta_rule, ("kda", "prefill"): dnir.chunk_kda,
           ("gdn", "decode"): dnir.fused_recurrent_gated_delta_rule}[case["variant"], case["kind"]]
     return lambda: fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"],
-                      output_final_state=True, target="cuda", precision=precision)
+                      output_final_state=True, target="cuda", precision=precision, check_values=check_values)
 
 
 KERNEL_ROWS = 12      # a case's kernel table: its costliest kernels
@@ -248,7 +248,7 @@ def run_case(name: str, case: dict, loader, bundle: Path, costs: dict, copy_gbps
         return main(*args)
 
     o, s = (torch.from_dlpack(t).clone() for t in dnir_fn())
-    api_fn = api_call(case, x)
+    api_fn, unchecked_fn = api_call(case, x), api_call(case, x, check_values=False)
     api_o, api_s = api_fn()
     peer_name, peer_fn = peer_call(case, x)
     fla_o, fla_s = peer_fn()
@@ -257,12 +257,13 @@ def run_case(name: str, case: dict, loader, bundle: Path, costs: dict, copy_gbps
     oracle_s = time.perf_counter() - start
     c = {"name": name, **case, "precision": cfg.precision, "K": cfg.head_dim, "V": cfg.value_dim,
          "peer": peer_name, "load_s": load_s, "oracle_s": oracle_s, "dnir": cuda_time(dnir_fn),
-         "api": cuda_time(api_fn), "fla": cuda_time(peer_fn),
+         "api": cuda_time(api_fn), "api_unchecked": cuda_time(unchecked_fn), "fla": cuda_time(peer_fn),
          "api_same_as_module": bool(torch.equal(api_o, o.to(api_o.dtype)) and torch.equal(api_s, s)),
          "err": {"dnir": {"o": rms_error(o, ref[0]), "state": rms_error(s, ref[1])},
                  "fla": {"o": rms_error(fla_o, ref[0]), "state": rms_error(fla_s, ref[1])}}}
     c["ratio"] = c["dnir"]["median_ms"] / c["fla"]["median_ms"]
     c["api_overhead_ms"] = c["api"]["median_ms"] - c["dnir"]["median_ms"]
+    c["api_unchecked_overhead_ms"] = c["api_unchecked"]["median_ms"] - c["dnir"]["median_ms"]
     counted = costs.get("layers", {}).get(name)
     if counted:
         c["tflops"] = counted["flops"] / (c["dnir"]["median_ms"] * 1e-3) / 1e12
@@ -353,22 +354,26 @@ def markdown(doc: dict) -> str:
         "product (fla's float32 arithmetic; the default for bf16); `_tf32` cases are the float32 layers at tf32",
         "- `dnir`: the compiled module called directly (TVM runtime, from the module cache); `API`: "
         "`dnir.chunk_gated_delta_rule(..., target=\"cuda\")` etc. on the same torch tensors (DLPack both ways, "
-        "the API's checks, one synchronisation); overhead = API - dnir",
+        "the API's checks, one synchronisation); `unchecked`: the same call with `check_values=False` (no "
+        "reduction, no synchronisation); overhead = API - dnir",
         f"- errors: rms(x - oracle) / rms(oracle) of o and of the final state, oracle = the recurrent form in "
         f"float64 on the GPU; measured copy bandwidth (1 GiB copy, read + write): {doc['copy']['gbps']:.0f} GB/s",
         "",
-        "| case | dtype | precision | B | T | H / HV | peer | dnir ms | API ms (overhead) | fla ms | dnir / fla "
-        "| err o dnir / fla | err state dnir / fla | TFLOP/s | Vulkan ms (dnir, wgpu) | load s |",
-        "|" + "---|" * 16]
+        "| case | dtype | precision | B | T | H / HV | peer | dnir ms | API ms (overhead) | unchecked ms (overhead) "
+        "| fla ms | dnir / fla | err o dnir / fla | err state dnir / fla | TFLOP/s | Vulkan ms (dnir, wgpu) | load s |",
+        "|" + "---|" * 17]
     for c in doc["cases"]:
         e = c["err"]
         vk = c.get("vulkan")
         vulkan = "-" if vk is None else (f"{vk['ms']:.2f}" if "ms" in vk else f"failed: {vk['error'][:80]}")
         tflops = f"{c['tflops']:.1f}" if "tflops" in c else "-"
+        unchecked = (f"{_ms(c['api_unchecked'])} ({c['api_unchecked_overhead_ms']:+.3f})" if "api_unchecked" in c
+                     else "-")                       # runs before check_values timed none
         lines.append(
             f"| {c['name']} | {c['dtype']} | {precision(c)} | {c['batch']} | {c['seq_len']} | "
             f"{c['heads']} / {c['value_heads']} | "
-            f"{c['peer']} | {_ms(c['dnir'])} | {_ms(c['api'])} ({c['api_overhead_ms']:+.3f}) | {_ms(c['fla'])} | "
+            f"{c['peer']} | {_ms(c['dnir'])} | {_ms(c['api'])} ({c['api_overhead_ms']:+.3f}) | {unchecked} | "
+            f"{_ms(c['fla'])} | "
             f"{c['ratio']:.2f}x | {e['dnir']['o']:.1e} / {e['fla']['o']:.1e} | "
             f"{e['dnir']['state']:.1e} / {e['fla']['state']:.1e} | {tflops} | {vulkan} | {c['load_s']:.1f} |")
     for f in doc.get("not_built", []):

@@ -29,7 +29,11 @@ beta * |k|^2 >= 2 makes the delta rule unstable: one `InputWarning` per call nam
 the worst token. An output that is not finite although every input is (a float32
 overflow) is a `NumericError`, never returned. On the GPU the checks are reductions
 there, read back once with the outputs' (one synchronisation per call): a bad input
-still raises its error, and no output is returned. `precision` picks the tensor-core products on
+still raises its error, and no output is returned. `check_values=False` drops the checks of values
+(finiteness, the gate's sign, the stability warning, the outputs' overflow) and keeps those of
+shapes, dtypes and options: on "cuda" the call then launches the module and returns, with no
+reduction and no synchronisation (what an engine that overlaps its host with the GPU, or captures
+its calls in a CUDA graph, needs), as flash-linear-attention's calls do. `precision` picks the tensor-core products on
 "cuda": "highest" (3xTF32, float32's accuracy) or "tf32" (one TF32 product each, about 1e-3
 relative, faster: flash-linear-attention's float32 arithmetic); None is "tf32" for bf16/fp16 inputs
 (exact in TF32) and "highest" for float32. A bf16 layer at "tf32" also keeps the chunked loop's
@@ -58,14 +62,15 @@ from .types import numpy_dtype
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64,
-                           target="numpy", opt="O2", allow_positive_gates=False, precision=None):
+                           target="numpy", opt="O2", allow_positive_gates=False, precision=None,
+                           check_values=True):
     """Gated DeltaNet (one gate per value head), chunked form. Returns (o, final_state or None)."""
     return _delta_rule("gdn", "chunked", "chunk_gated_delta_rule", locals())
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2",
-              allow_positive_gates=False, precision=None):
+              allow_positive_gates=False, precision=None, check_values=True):
     """Kimi Delta Attention (one gate per key channel), chunked form. Returns (o, final_state or None)."""
     return _delta_rule("kda", "chunked", "chunk_kda", locals())
 
@@ -73,7 +78,8 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
                                      output_final_state=False, use_qk_l2norm_in_kernel=False,
                                      cu_seqlens=None, *, chunk_size=64, target="numpy", opt="O2",
-                                     allow_positive_gates=False, precision=None, inplace_final_state=False):
+                                     allow_positive_gates=False, precision=None, inplace_final_state=False,
+                                     check_values=True):
     """Gated DeltaNet, token by token (one step without a loop when every sequence has
     one token: decode). chunk_size is accepted for a uniform signature and unused.
     inplace_final_state: the new state is written into initial_state (see _in_place)."""
@@ -83,7 +89,7 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64,
                         target="numpy", opt="O2", allow_positive_gates=False, precision=None,
-                        inplace_final_state=False):
+                        inplace_final_state=False, check_values=True):
     """Kimi Delta Attention, token by token (decode when every sequence has one token).
     chunk_size is accepted for a uniform signature and unused.
     inplace_final_state: the new state is written into initial_state (see _in_place)."""
@@ -169,7 +175,8 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
             _PREPARED.pop(next(iter(_PREPARED)), None)
         _PREPARED[key] = prepared           # kept once a call went through
         return result
-    _host_checks(arrays, cfg, fn, args["allow_positive_gates"])
+    if args["check_values"]:
+        _host_checks(arrays, cfg, fn, args["allow_positive_gates"])
     if args["target"] == "cuda":        # by the layer's options from the module cache: no graph needed
         from .lowering.runtime_loader import cuda_layer, run_executable
         layer = cuda_layer(cfg, args["opt"], lambda: compiled_graph(cfg, args["opt"], "cuda"))
@@ -185,7 +192,7 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
         else:
             from .lowering import run
             outputs = run(graph, arrays, target=args["target"])
-    for name, out in zip(output_names, outputs):
+    for name, out in zip(output_names, outputs if args["check_values"] else ()):
         _check_output(out, name, fn, arrays)
     o = outputs[0]
     state = outputs[1] if cfg.final_state else None
@@ -206,7 +213,7 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
 # failing one goes through the same functions, with the same errors, as the first call's.
 _ARRAYS = ("q", "k", "v", "g", "beta", "initial_state")
 _OPTIONS = ("scale", "output_final_state", "use_qk_l2norm_in_kernel", "chunk_size", "target", "opt",
-            "allow_positive_gates", "precision")
+            "allow_positive_gates", "precision", "check_values")
 _F32 = np.dtype(np.float32)
 _PREPARED: dict[tuple, "_Prepared"] = {}
 _PREPARED_MAX = 64
@@ -247,7 +254,7 @@ class _Prepared:
 
     def __init__(self, fn: str, cfg: DeltaNetConfig, args: dict):
         self.fn, self.cfg, self.target, self.opt = fn, cfg, args["target"], args["opt"]
-        self.allow_positive_gates = args["allow_positive_gates"]
+        self.allow_positive_gates, self.check_values = args["allow_positive_gates"], args["check_values"]
         self.names = [n for n in _ARRAYS if args[n] is not None]
         self.graph = None       # built on the first call, once its inputs passed the checks
         self.report = None      # llvm decode: the output whose kernel report stands for every check
@@ -267,6 +274,11 @@ class _Prepared:
     def __call__(self, args: dict):
         arrays = {n: args[n] for n in self.names}
         ran = None
+        if not self.check_values:
+            if self.graph is None:
+                self._build()
+            outputs = self.run(arrays, args.get("into"))[0]
+            return outputs[0], (outputs[1] if self.cfg.final_state else None)
         if self.report is not None:     # a decode step whose kernel reports its checks
             ran = self.run(arrays, args.get("into"))
             if self._report_passes(ran[1][self.report]):
@@ -340,13 +352,13 @@ def _delta_rule_on_device(variant: str, form: str, fn: str, args: dict):
     tensors = {name: _on_device(args[name], name, fn, q.device)
                for name in ("q", "k", "v", "g", "beta", "initial_state") if args[name] is not None}
     cu = None if args["cu_seqlens"] is None else _cu_seqlens(args["cu_seqlens"], fn)
-    cfg = _config(variant, form, fn, tensors, cu, args)
+    cfg = _device_config(variant, form, fn, tensors, cu, args)
     opt = args["opt"]
     layer = cuda_layer(cfg, opt, lambda: compiled_graph(cfg, opt, "cuda"), device=q.device.index or 0)
     inputs = [_aligned(tensors[n].to(_TORCH_DTYPES[d])) for n, d in zip(layer.input_names, layer.input_dtypes)]
     stream = torch.cuda.current_stream(q.device).cuda_stream if q.device.type == "cuda" else None
     outputs = [torch.from_dlpack(o) for o in run_layer(layer, inputs, stream)]
-    if not _device_checks(tensors, outputs, cfg, args["allow_positive_gates"]):
+    if args["check_values"] and not _device_checks(tensors, outputs, cfg, args["allow_positive_gates"]):
         # the host checks find what failed and say it; they raise or warn
         arrays = {name: _to_numpy(t, name, fn) for name, t in tensors.items()}
         _host_checks(arrays, cfg, fn, args["allow_positive_gates"])
@@ -354,6 +366,27 @@ def _delta_rule_on_device(variant: str, form: str, fn: str, args: dict):
             _check_output(_to_numpy(out, name, fn), name, fn, arrays)
     o = outputs[0].to(q.dtype)
     return o, (outputs[1] if cfg.final_state else None)
+
+
+# A GPU call whose shapes, dtypes and options were seen before takes the configuration made for
+# them: a decode step is called once per token, and making and checking its DeltaNetConfig took
+# half the host's time of an unchecked call (50 of 90 us here).
+_DEVICE_CONFIGS: dict[tuple, DeltaNetConfig] = {}
+
+
+def _device_config(variant, form, fn, tensors, cu, args) -> DeltaNetConfig:
+    key = (fn, cu, *((n, tuple(t.shape), t.dtype) for n, t in tensors.items()),
+           *((type(args[n]), args[n]) for n in _OPTIONS))
+    try:
+        cfg = _DEVICE_CONFIGS.get(key)
+    except TypeError:               # an option that cannot be a key (a list): made each call
+        return _config(variant, form, fn, tensors, cu, args)
+    if cfg is None:
+        cfg = _config(variant, form, fn, tensors, cu, args)
+        if len(_DEVICE_CONFIGS) >= _PREPARED_MAX:
+            _DEVICE_CONFIGS.pop(next(iter(_DEVICE_CONFIGS)), None)
+        _DEVICE_CONFIGS[key] = cfg
+    return cfg
 
 
 def _on_gpu(tensor) -> bool:
@@ -478,6 +511,8 @@ def _config(variant, form, fn, arrays, cu, args) -> DeltaNetConfig:
                            ("target", "a backend name: numpy, llvm, cuda or vulkan")):
         if not isinstance(args[name], str) or not args[name].strip(" ,"):
             raise InputError(f"{fn}: {name}={args[name]!r}; expected {expected}")
+    if not isinstance(args["check_values"], bool):
+        raise InputError(f"{fn}: check_values={args['check_values']!r}; expected True or False")
     scale = args["scale"]
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (np.isfinite(scale) and scale > 0):

@@ -273,6 +273,34 @@ def test_unstable_keys_warn_once_naming_the_worst_token(rng, fn):
         f(**x, opt="O0", use_qk_l2norm_in_kernel=True)              # normalised in the graph: stable
 
 
+@pytest.mark.parametrize("target", ["numpy", "llvm"])
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_check_values_false_drops_the_value_checks_and_keeps_the_rest(rng, fn, target):
+    """check_values=False: the same outputs, and no check of values (a NaN, a positive gate, unstable
+    keys pass through, in the first call and in the ones after it, which a CPU target serves from
+    the call it prepared); shapes are still checked."""
+    variant, f = FUNCTIONS[fn]
+    x, s0 = _inputs(rng, variant, B=3, T=1 if fn.startswith("fused") else 20)
+    options = dict(initial_state=s0, output_final_state=True, target=target)
+    checked = f(**x, **options)
+    for _ in range(2):
+        unchecked = f(**x, **options, check_values=False)
+        for a, b in zip(unchecked, checked):
+            np.testing.assert_array_equal(a, b)
+    bad = dict(x, v=x["v"].copy(), g=x["g"].copy(), k=x["k"] * 3.0)
+    bad["v"].flat[2] = np.nan
+    bad["g"].flat[-1] = 0.5
+    with pytest.raises(dnir.InputError, match="v contains NaN"):
+        f(**bad, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                # beta |k|^2 up to 8: no warning
+        for _ in range(2):
+            o, state = f(**bad, **options, check_values=False)
+            assert np.isnan(o).any() and np.isnan(state).any()
+    with pytest.raises(dnir.InputError, match=r"v has shape \[3, .*\]; expected \[B, T, HV, V\]"):
+        f(**dict(x, v=x["v"][..., None]), **options, check_values=False)
+
+
 @pytest.mark.parametrize("fn", FUNCTIONS)
 def test_missing_arrays_and_options_of_the_wrong_kind(rng, fn):
     variant, f = FUNCTIONS[fn]
@@ -284,7 +312,8 @@ def test_missing_arrays_and_options_of_the_wrong_kind(rng, fn):
                                  ("chunk_size", True, "chunk_size=True"),
                                  ("opt", None, "opt=None; expected a pipeline"),
                                  ("opt", "", "opt=''; expected a pipeline"),
-                                 ("target", None, "target=None; expected a backend name")]:
+                                 ("target", None, "target=None; expected a backend name"),
+                                 ("check_values", 1, "check_values=1; expected True or False")]:
         with pytest.raises(dnir.InputError, match=re.escape(f"{fn}: {words}")):
             f(**x, **{"opt": "O0", option: value})
     o, _ = f(**x, opt="O0", chunk_size=np.int64(16))              # a NumPy integer is an integer

@@ -132,3 +132,42 @@ def test_an_overflowing_output_is_a_numeric_error(device, monkeypatch, rng):
     monkeypatch.setattr(runtime_loader, "run_layer", overflow)
     with pytest.raises(NumericError, match="output o is not finite"):
         dnir.chunk_gated_delta_rule(**_draw(rng), output_final_state=True, target="cuda")
+
+
+def test_check_values_false_runs_the_module_alone(device, monkeypatch, rng):
+    """No reduction and no read back (no synchronisation): the module's outputs as they are, a NaN
+    input's included; the shapes are still checked."""
+    x = _draw(rng)
+    checked = dnir.chunk_gated_delta_rule(**x, output_final_state=True, target="cuda")
+
+    def no_checks(*args):
+        raise AssertionError("the device checks ran")
+
+    monkeypatch.setattr(api, "_device_checks", no_checks)
+    unchecked = dnir.chunk_gated_delta_rule(**x, output_final_state=True, target="cuda", check_values=False)
+    assert all(torch.equal(a, b) for a, b in zip(unchecked, checked))
+    x["v"][1, 7, 2, 3] = float("nan")
+    x["g"][0, 3, 1] = 0.5
+    o, state = dnir.chunk_gated_delta_rule(**x, output_final_state=True, target="cuda", check_values=False)
+    assert torch.isnan(o).any() and torch.isnan(state).any()
+    with pytest.raises(InputError, match=r"beta has shape \[2, 40\]; expected \[B, T, HV\]"):
+        dnir.chunk_gated_delta_rule(**dict(x, beta=x["beta"][..., 0]), target="cuda", check_values=False)
+
+
+def test_a_call_like_an_earlier_one_reuses_its_configuration(device, monkeypatch, rng):
+    """The layer's configuration is made once per shapes, dtypes and options, not per call."""
+    made = []
+    config = api._config
+    monkeypatch.setattr(api, "_config", lambda *a: made.append(a[2]) or config(*a))
+    monkeypatch.setattr(api, "_DEVICE_CONFIGS", {})
+    x = _draw(rng, T=1)
+    first = dnir.fused_recurrent_gated_delta_rule(**x, output_final_state=True, target="cuda")
+    again = dnir.fused_recurrent_gated_delta_rule(**x, output_final_state=True, target="cuda")
+    assert len(made) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+    dnir.fused_recurrent_gated_delta_rule(**x, output_final_state=False, target="cuda")      # another option
+    dnir.fused_recurrent_gated_delta_rule(**_draw(rng, B=3, T=1), output_final_state=True, target="cuda")
+    with pytest.raises(InputError, match="scale=-1.0; expected a positive number"):
+        dnir.fused_recurrent_gated_delta_rule(**x, scale=-1.0, target="cuda")
+    with pytest.raises(InputError, match="scale=-1.0"):                   # a refused call is not kept
+        dnir.fused_recurrent_gated_delta_rule(**x, scale=-1.0, target="cuda")
+    assert len(made) == 5
