@@ -32,6 +32,12 @@ OUTPUTS = [((4, 4), 16, 64), ((4, 4), 32, 64), ((4, 4), 16, 128), ((8, 4), 16, 6
            ((8, 8), 16, 128), ((2, 4), 16, 64), ((4, 4), 8, 64)]   # (tile, kt, bv)
 OUTPUTS_MMA = [(16, 64, True), (32, 64, True), (16, 128, True), (32, 128, True), (16, 64, False),
                (32, 128, False)]                          # tensor cores: (kt, bv, 3xTF32)
+# tensor cores with each operand copied whole by cp.async (staging "async"): (bv, 3xTF32)
+OUTPUTS_ASYNC = [(64, True), (128, True), (64, False)]
+# as a bf16 layer at "tf32" runs it (`output_bf16`: q_decayed, starts and v_new bf16, aqk float32, o stored
+# bf16; the first is its default): (staging, bv)
+OUTPUTS_BF16 = [("slices", 64), ("async", 64), ("async", 128), ("slices", 128)]
+BF16_OUTPUT = {"q_decayed": "bfloat16", "starts": "bfloat16", "v_new": "bfloat16"}
 STATES_MMA = [(16, True), (8, True), (16, False)]       # tensor cores: (vt, 3xTF32)
 # tensor cores with the staged operands fetched ahead: (vt, 3xTF32, prefetch, async's staged halves)
 STATES_PREFETCH = [(vt, split, prefetch, 4) for vt in (16, 32) for split in (True, False)
@@ -48,7 +54,7 @@ STATES_BF16 = [(16, 4, 1, "tf32"), (16, 4, 2, "tf32"), (32, 4, 1, "tf32"), (32, 
 BF16_LOOP = {"w": "bfloat16", "u": "bfloat16", "k_to_end": "bfloat16"}
 # a variant matches its default within 1e-4 (relative), or where stored in bf16 within two rounding steps
 # (one is up to 2^-7 of a value)
-MATCH = {"states_bf16": 2 ** -6}
+MATCH = {"states_bf16": 2 ** -6, "output_bf16": 2 ** -6}
 # tensor-core scores: (3xTF32, blocks per SM, KDA halving, GDA through the decayed rows)
 INTRA_MMA = [(True, 1, True, False), (True, 2, True, False), (True, 3, True, False), (True, 2, True, True),
              (True, 3, True, True), (False, 3, True, False), (False, 2, True, False), (False, 2, True, True),
@@ -121,6 +127,15 @@ def variants():
         out.append((f"output_mma{'3' if split else '1'}_kt{kt}_bv{bv}", "output", 1, 1,
                     lambda kt=kt, bv=bv, split=split: chunk_output.chunk_output_mma_kernel(
                         NC, BATCH, C, K, V, "float32", token_major=True, bv=bv, kt=kt, split=split)))
+    for bv, split in OUTPUTS_ASYNC:
+        out.append((f"output_mma{'3' if split else '1'}_async_bv{bv}", "output", 1, 1,
+                    lambda bv=bv, split=split: chunk_output.chunk_output_mma_kernel(
+                        NC, BATCH, C, K, V, "float32", token_major=True, bv=bv, split=split, staging="async")))
+    for staging, bv in OUTPUTS_BF16:
+        out.append((f"output_bf16_{staging}_bv{bv}", "output_bf16", 1, 1,
+                    lambda staging=staging, bv=bv: chunk_output.chunk_output_mma_kernel(
+                        NC, BATCH, C, K, V, "float32", token_major=True, bv=bv, split=False, out_dtype="bfloat16",
+                        narrow=BF16_OUTPUT, staging=staging)))
     return out
 
 
@@ -212,15 +227,17 @@ def run(folder: Path, out: Path) -> int:
         else:
             _, _, qd, aqk, _, _ = x["intra"]
             _, starts, v_new = x["states"]            # the float32 loop's
-            outs = [torch.empty(R, T, HV, V, device=dev)]
-            args = [qd, starts, aqk, v_new] + outs
+            half = torch.bfloat16 if m["kernel"] == "output_bf16" else torch.float32   # q_decayed, starts, v_new, o
+            outs = [torch.empty(R, T, HV, V, device=dev, dtype=half)]
+            args = [qd.to(half), starts.to(half), aqk, v_new.to(half)] + outs
         targs = [tvm.runtime.from_dlpack(a) for a in args]
         func(*targs)
         torch.cuda.synchronize()
         if key not in reference:                 # the kernel's default: the reference of its variants
             reference[key] = [o.clone() for o in outs]
             x[m["kernel"]] = reference[key]
-        diff = max(float((o - r).abs().max() / r.abs().max().clamp_min(1e-30)) for o, r in zip(outs, reference[key]))
+        diff = max(float((o.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30))
+                   for o, r in zip(outs, reference[key]))
         t = cuda_time(lambda: func(*targs))
         results.append({"name": name, **m, **t, "max_rel_diff": diff,
                         "matches": diff < MATCH.get(m["kernel"], 1e-4)})

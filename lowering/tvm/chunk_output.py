@@ -26,11 +26,12 @@ import math
 from tvm.script import tirx as T
 
 from dnir.fused import OUTPUT_ROLES, compute_dtype
+from dnir.errors import AttrError
 from dnir.graph import Node
 
 from . import mma
 from .fused_signatures import chunk_output_function
-from .kernels import converted, narrow_loads, unravel_index
+from .kernels import converted, narrow_loads, shared_address, unravel_index
 
 TILE = 4            # outputs per thread along rows and along columns
 KT = 16             # terms of the sum staged at once
@@ -147,6 +148,7 @@ def chunk_output_kernel(steps: int, batch: tuple, C: int, K: int, V: int, bv: in
 # The tensor-core kernel's choices (benchmarks/gpu_sweep.py times others): value columns of a
 # block, terms staged at once, 3xTF32 (float32's accuracy) rather than TF32.
 MMA_BV, MMA_KT, MMA_SPLIT = 64, 32, True
+STAGING = ("slices", "async")         # how a block's operands reach shared memory (chunk_output_mma_kernel)
 
 
 def mma_layout(C: int, K: int, V: int, bv: int = MMA_BV, kt: int = MMA_KT) -> bool:
@@ -158,22 +160,31 @@ def mma_layout(C: int, K: int, V: int, bv: int = MMA_BV, kt: int = MMA_KT) -> bo
 
 def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dtype: str,
                             token_major: bool = False, bv: int = MMA_BV, kt: int = MMA_KT, split: bool = MMA_SPLIT,
-                            out_dtype: str = "", narrow: dict | None = None):
+                            out_dtype: str = "", narrow: dict | None = None, staging: str = "slices"):
     """chunk_output on tensor cores (mma.py: TF32, or 3xTF32 with split).
 
     A block takes one chunk, head and bv value columns as the CUDA-core kernel does; warp w owns
-    output rows 16 w .. 16 w + 15 and all bv columns (bv / 8 accumulator tiles). Per slice of kt
-    terms the block stages the left operand's C x kt and the right's kt x bv into shared memory,
-    rows padded (kt + 4, bv + 8 words) so that a warp's fragment loads hit 32 different banks;
-    then each warp loads its fragments from there. The cuda target's translator takes it for
-    float32: on an H200 at (1, 8192, 32, 128) it matched chunk_output_kernel within 1.3e-6 and ran
-    0.46 -> 0.29 ms (benchmarks/results/gpu_sweep.md). out_dtype, narrow: as chunk_output_kernel's."""
+    output rows 16 w .. 16 w + 15 and all bv columns (bv / 8 accumulator tiles), and loads its
+    fragments from shared memory, where each operand's rows are padded (by 4 words for the left
+    operands, read by rows, 8 for the right ones, read by columns) so that a warp's loads hit 32
+    different banks. staging "slices": per slice of kt terms the block loads the left operand's
+    C x kt and the right's kt x bv into shared memory, widened to `dtype`, then multiplies. The
+    cuda target's translator takes it for float32: on an H200 at (1, 8192, 32, 128) it matched
+    chunk_output_kernel within 1.3e-6 and ran 0.46 -> 0.29 ms (benchmarks/results/gpu_sweep.md).
+    staging "async": the block copies its four operands whole, as stored (bf16 8 values a 16-byte
+    cp.async, float32 4), q_decayed and starts in one group, aqk and v_new in a second that is in
+    flight while the first product runs; fragments are widened as they are loaded (no slice loop:
+    one barrier a product; 65 KiB of dynamic shared memory at bv = 64 for a bf16 layer, 106 KiB in
+    float32). out_dtype, narrow: as chunk_output_kernel's."""
+    if staging not in STAGING:
+        raise AttrError(f"staging={staging!r}; expected one of {', '.join(STAGING)}")
     out_dtype = out_dtype or dtype
+    of = {role: (narrow or {}).get(role, dtype) for role in OUTPUT_ROLES}
     heads = math.prod(batch)
     tiles = V // bv
     threads = 32 * (C // mma.M)
     nt = bv // mma.N                       # accumulator tiles of a warp
-    px, py = kt + 4, bv + 8                # padded row strides of the staged operands
+    px, py = kt + 4, bv + 8                # "slices": padded row strides of the staged operands
 
     def at(bx, row, col):
         return (bx // (heads * tiles),) + unravel_index(bx // tiles % heads, batch) + (row, col)
@@ -185,8 +196,26 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
     def rounds(count):
         return -(-count // threads)
 
+    def padded(width, words, stored):      # a staged row's stride: `words` 4-byte words past its width
+        return width + words * 4 // _bytes(stored)
+
     @T.macro
-    def add_product(acc, X, Y, fa, fb, left, right, length, bx, tx):
+    def products(acc, fa, fb, X, px, Y, py, length, tx):
+        """acc += X[warp's rows, :length] Y[:length, :bv] from shared memory (row strides px and py)."""
+        for k8 in T.unroll(length // mma.K8):
+            for i in T.unroll(4):
+                fa[i] = converted(X[(tx // 32 * mma.M + mma.a_at(tx % 32, i)[0]) * px + k8 * mma.K8
+                                    + mma.a_at(tx % 32, i)[1]], X.dtype, dtype)
+                fa[4 + i] = mma.low_part(fa[i])
+            for j in T.unroll(nt):
+                for i in T.unroll(2):
+                    fb[i] = converted(Y[(k8 * mma.K8 + mma.b_at(tx % 32, i)[0]) * py + j * mma.N
+                                        + mma.b_at(tx % 32, i)[1]], Y.dtype, dtype)
+                    fb[2 + i] = mma.low_part(fb[i])
+                mma.mma(acc, 4 * j, fa, fb, split)
+
+    @T.macro
+    def add_sliced(acc, X, Y, fa, fb, left, right, length, bx, tx):
         """acc += left[rows, :length] right[:length, columns], kt terms at a time."""
         for k0 in range(length // kt):
             for e in T.unroll(rounds(C * kt)):
@@ -198,19 +227,33 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
                     Y[(e * threads + tx) // bv * py + (e * threads + tx) % bv] = converted(right[at(
                         bx, k0 * kt + (e * threads + tx) // bv, bx % tiles * bv + (e * threads + tx) % bv)], right.dtype, dtype)
             T.tvm_storage_sync("shared")
-            for k8 in T.unroll(kt // mma.K8):
-                for i in T.unroll(4):
-                    fa[i] = X[(tx // 32 * mma.M + mma.a_at(tx % 32, i)[0]) * px + k8 * mma.K8 + mma.a_at(tx % 32, i)[1]]
-                    fa[4 + i] = mma.low_part(fa[i])
-                for j in T.unroll(nt):
-                    for i in T.unroll(2):
-                        fb[i] = Y[(k8 * mma.K8 + mma.b_at(tx % 32, i)[0]) * py + j * mma.N + mma.b_at(tx % 32, i)[1]]
-                        fb[2 + i] = mma.low_part(fb[i])
-                    mma.mma(acc, 4 * j, fa, fb, split)
+            products(acc, fa, fb, X, px, Y, py, kt, tx)
             T.tvm_storage_sync("shared")
 
+    def span(src):                         # values in a 16-byte copy
+        return 16 // _bytes(src.dtype)
+
     @T.macro
-    def body(Qd, St, A, N, O):
+    def copy(X, src, rows, width, stride, col0, bx, tx):
+        """cp.async of src's rows x width block at (0, col0) of the block's chunk and head into X (row
+        stride `stride`), 16 bytes a copy, spread over the threads."""
+        for e in T.unroll(rounds(rows * width // span(src))):
+            if e * threads + tx < rows * width // span(src):
+                T.ptx.cp.async_.cg.shared.global_(
+                    shared_address(X, (e * threads + tx) // (width // span(src)) * stride
+                                   + (e * threads + tx) % (width // span(src)) * span(src), src.dtype),
+                    T.address_of(src[at(bx, (e * threads + tx) // (width // span(src)),
+                                        col0 + (e * threads + tx) % (width // span(src)) * span(src))]), 16)
+
+    @T.macro
+    def store(O, acc, bx, tx):
+        for j in T.unroll(nt):
+            for i in T.unroll(4):
+                O[out_at(bx, tx // 32 * mma.M + mma.d_at(tx % 32, i)[0],
+                         bx % tiles * bv + j * mma.N + mma.d_at(tx % 32, i)[1])] = T.Cast(out_dtype, acc[4 * j + i])
+
+    @T.macro
+    def body_sliced(Qd, St, A, N, O):
         T.reads()                              # the tensor-core calls read registers TVM cannot see
         T.writes()
         for bx in T.thread_binding(steps * heads * tiles, thread="blockIdx.x"):
@@ -222,11 +265,45 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
                 fb = T.alloc_local((4,), dtype)
                 for i in T.unroll(4 * nt):
                     acc[i] = T.float32(0)
-                add_product(acc, X, Y, fa, fb, Qd, St, K, bx, tx)
-                add_product(acc, X, Y, fa, fb, A, N, C, bx, tx)
-                for j in T.unroll(nt):
-                    for i in T.unroll(4):
-                        O[out_at(bx, tx // 32 * mma.M + mma.d_at(tx % 32, i)[0],
-                                 bx % tiles * bv + j * mma.N + mma.d_at(tx % 32, i)[1])] = T.Cast(
-                            out_dtype, acc[4 * j + i])
+                add_sliced(acc, X, Y, fa, fb, Qd, St, K, bx, tx)
+                add_sliced(acc, X, Y, fa, fb, A, N, C, bx, tx)
+                store(O, acc, bx, tx)
+
+    pq, ps = padded(K, 4, of["q_decayed"]), padded(bv, 8, of["starts"])
+    pa, pn = padded(C, 4, of["aqk"]), padded(bv, 8, of["v_new"])
+
+    @T.macro
+    def body_async(Qd, St, A, N, O):
+        T.reads()
+        T.writes()
+        for bx in T.thread_binding(steps * heads * tiles, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                Xq = T.alloc_buffer((C * pq,), of["q_decayed"], scope="shared.dyn")
+                Ys = T.alloc_buffer((K * ps,), of["starts"], scope="shared.dyn")
+                Xa = T.alloc_buffer((C * pa,), of["aqk"], scope="shared.dyn")
+                Yn = T.alloc_buffer((C * pn,), of["v_new"], scope="shared.dyn")
+                acc = T.alloc_local((4 * nt,), dtype)
+                fa = T.alloc_local((8,), dtype)
+                fb = T.alloc_local((4,), dtype)
+                copy(Xq, Qd, C, K, pq, 0, bx, tx)
+                copy(Ys, St, K, bv, ps, bx % tiles * bv, bx, tx)
+                T.ptx.cp.async_.commit_group()
+                copy(Xa, A, C, C, pa, 0, bx, tx)
+                copy(Yn, N, C, bv, pn, bx % tiles * bv, bx, tx)
+                T.ptx.cp.async_.commit_group()
+                for i in T.unroll(4 * nt):
+                    acc[i] = T.float32(0)
+                T.ptx.cp.async_.wait_group(1)      # this thread's copies of q_decayed and starts landed,
+                T.tvm_storage_sync("shared")       # and every other thread's
+                products(acc, fa, fb, Xq, pq, Ys, ps, K, tx)
+                T.ptx.cp.async_.wait_group(0)
+                T.tvm_storage_sync("shared")
+                products(acc, fa, fb, Xa, pa, Yn, pn, C, tx)
+                store(O, acc, bx, tx)
+
+    body = body_async if staging == "async" else body_sliced
     return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major, out_dtype, narrow)
+
+
+def _bytes(dtype) -> int:
+    return 4 if str(dtype) == "float32" else 2

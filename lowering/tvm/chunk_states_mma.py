@@ -46,7 +46,7 @@ H100 neither helps the bf16 loop (0.445 ms by default; 0.467 with two sets, 0.49
 products: results/gpu_sweep_states.md): the products' chain is not what limits it.
 
 Either has one barrier a half (the default two, and TVM adds 17 more a chunk to the
-default's stores of v_new and S, see _shared_address), u[n]'s tile and last_decay[n] loaded at
+default's stores of v_new and S, see shared_address), u[n]'s tile and last_decay[n] loaded at
 the step's start, v_new written to global memory from registers; S, v_new and the ring all
 live in dynamic shared memory (over 48 KiB together).
 """
@@ -60,7 +60,7 @@ from dnir.errors import AttrError, DTypeError
 
 from . import mma
 from .fused_signatures import chunk_states_function
-from .kernels import converted, unravel_index
+from .kernels import converted, shared_address, unravel_index
 
 WARPS = 4
 # state columns of a block; 3xTF32 unless the layer's precision is "tf32" (translate.py passes split)
@@ -270,21 +270,12 @@ def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg
                       staged)
 
 
-def _shared_address(buf, offset, dtype):
-    """buf[offset]'s shared-memory address, for a PTX store or copy into buf. Through tvm_access_ptr with
-    no read/write mask: TVM then keeps buf at its declared size (CompactBufferAllocation would shrink it to
-    the elements it sees used, short of a 16-byte copy's last 12 bytes) and places no barrier for the
-    store (ThreadSync compares accesses element by element: it would add barriers between a ring's
-    different slots, or between a lane's reads and writes of its own elements)."""
-    return T.cuda.cvta_generic_to_shared(T.tvm_access_ptr(T.type_annotation(dtype), buf.data, offset, 1, 0))
-
-
 def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, head, col0, narrowed, vnew_products,
                update_products, clear_chains, add_chains, chains, fragment, stored, narrow, staged):
     """The prefetching variants' loop nest (the module's docstring). The halves of the chunks in order,
     q = 4 n + 2 p + h (p = 0: w[n], 1: k_to_end[n]; h: the half of K), half q in slot q % slots of a ring
     in shared memory. The loop's barriers are the four written here, one a half, in `arrive`: every shared
-    write in the loop (the ring's slots, v_new, S's write-back) is a PTX store or copy (_shared_address),
+    write in the loop (the ring's slots, v_new, S's write-back) is a PTX store or copy (shared_address),
     which TVM's ThreadSync does not see. It would fence them with more: it takes S, N and the ring for one
     buffer (they share the dynamic shared memory) and compares accesses element by element."""
     if dtype != "float32":
@@ -324,11 +315,11 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
         """cp.async of the thread's pieces of half q into its slot (global -> shared, no registers)."""
         if q // 2 % 2 == 0:
             for e in T.unroll(pieces):
-                T.ptx.cp.async_.cg.shared.global_(_shared_address(X, dst_at(q, 0, e, tx), staged),
+                T.ptx.cp.async_.cg.shared.global_(shared_address(X, dst_at(q, 0, e, tx), staged),
                                                   T.address_of(W[src_at(q, e, tx, bx)]), 16)
         else:
             for e in T.unroll(pieces):
-                T.ptx.cp.async_.cg.shared.global_(_shared_address(X, dst_at(q, 1, e, tx), staged),
+                T.ptx.cp.async_.cg.shared.global_(shared_address(X, dst_at(q, 1, e, tx), staged),
                                                   T.address_of(Kte[src_at(q, e, tx, bx)]), 16)
 
     # Half q is used between arrive(q) and arrive(q + 1). Each arrive holds the block's one barrier of its
@@ -342,7 +333,7 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
     def arrive_registers(X, pf, W, Kte, q, p, bx, tx):
         # WAR: slot q % 2 last held half q - 2, whose reads every thread finished before arrive(q - 1)'s barrier
         for e in T.unroll(pieces):
-            T.ptx.st.shared.v4.f32(_shared_address(X, dst_at(q, p, e, tx), dtype),
+            T.ptx.st.shared.v4.f32(shared_address(X, dst_at(q, p, e, tx), dtype),
                                    pf[4 * e], pf[4 * e + 1], pf[4 * e + 2], pf[4 * e + 3])
         T.tvm_storage_sync("shared")   # RAW: half q whole in its slot
         if q + 1 < total:
@@ -415,7 +406,7 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                             Vn[(n,) + head(bx) + (w * mma.M + at(lane, i, j)[0], col0(bx) + at(lane, i, j)[1])] = \
                                 narrowed(acc[4 * j + i])
                         for r in T.unroll(2):       # elements 2 r, 2 r + 1: two adjacent columns
-                            T.ptx.st.shared.v2.f32(_shared_address(
+                            T.ptx.st.shared.v2.f32(shared_address(
                                 N, (w * mma.M + at(lane, 2 * r, j)[0]) * ps + at(lane, 2 * r, j)[1], dtype),
                                 acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1])
                     # starts[n] = S: S unchanged since arrive(4 n)'s barrier, and until arrive(4 n + 2)'s
@@ -436,7 +427,7 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
                         add_chains(acc)
                         for j in T.unroll(nt):      # each lane writes back only what it read: no barrier
                             for r in T.unroll(2):   # elements 2 r, 2 r + 1: two adjacent columns
-                                T.ptx.st.shared.v2.f32(_shared_address(
+                                T.ptx.st.shared.v2.f32(shared_address(
                                     S, (h * half + w * mma.M + at(lane, 2 * r, j)[0]) * ps + at(lane, 2 * r, j)[1],
                                     dtype), acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1])
                 # no copy is pending: arrive(total - 1) waited for the last one, the later groups are empty

@@ -40,6 +40,15 @@ def converted(x, have: str, want: str):
     return x if str(have) == str(want) else T.Cast(str(want), x)
 
 
+def shared_address(buf, offset, dtype):
+    """buf[offset]'s shared-memory address, for a PTX store or copy into buf. Through tvm_access_ptr with
+    no read/write mask: TVM then keeps buf at its declared size (CompactBufferAllocation would shrink it to
+    the elements it sees used, short of a 16-byte copy's last 12 bytes) and places no barrier for the
+    store (ThreadSync compares accesses element by element: it would add barriers between a ring's
+    different slots, or between a lane's reads and writes of its own elements)."""
+    return T.cuda.cvta_generic_to_shared(T.tvm_access_ptr(T.type_annotation(dtype), buf.data, offset, 1, 0))
+
+
 def narrow_loads(node, roles, dtype: str, wide=()) -> str | None:
     """Why a kernel computing in `dtype` cannot load `node`'s operands (the last len(roles), named by
     `roles`), or None: each is in `dtype`, or bf16/fp16 (widened as it is loaded) unless its role is

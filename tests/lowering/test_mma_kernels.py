@@ -110,6 +110,35 @@ def test_chunk_states_chains_and_bf16_products_compile_to_ptx(vt, chains, produc
     assert len(re.findall(re.escape(instruction), ptx)) >= source.count(instruction)
 
 
+@pytest.mark.parametrize("bv,split,narrow", [(64, True, False), (64, False, True), (128, False, True)])
+def test_chunk_output_async_staging_compiles_to_ptx(bv, split, narrow, tmp_path):
+    """staging "async": each operand copied whole by cp.async as it is stored (a bf16 layer's q_decayed,
+    starts and v_new as bf16, aqk float32), in two groups, one barrier before each product; the same
+    products as the sliced kernel, whose source the option leaves as it was."""
+    from dnir.errors import AttrError
+    from dnir.lowering.tvm.chunk_output import MMA_BV, chunk_output_mma_kernel
+    steps, batch, C, K, V = 3, (2, 4), 64, 128, 128
+    options = dict(token_major=True, bv=bv, split=split)
+    if narrow:
+        options.update(narrow={"q_decayed": "bfloat16", "starts": "bfloat16", "v_new": "bfloat16"},
+                       out_dtype="bfloat16")
+    source = _source(chunk_output_mma_kernel(steps, batch, C, K, V, "float32", staging="async", **options))
+    assert source.count(MMA) == (3 if split else 1) * ((K + C) // 8) * (bv // 8)
+    assert source.count("__syncthreads()") == 2 and "extern __shared__" in source
+    # 16-byte copies: 8 bf16 or 4 float32 values each, of q_decayed [C, K], starts [K, bv], aqk [C, C], v_new [C, bv]
+    per = 8 if narrow else 4
+    copies = (C * K + K * bv + C * bv) // per + C * C // 4
+    ptx = sm90_ptx(source, tmp_path)
+    assert len(re.findall(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16;", ptx)) == copies // (32 * C // 16)
+    assert len(re.findall(re.escape(MMA), ptx)) >= source.count(MMA)
+    assert "cp.async.wait_group 1;" in ptx and "cp.async.wait_group 0;" in ptx
+    sliced = (steps, batch, C, K, V, "float32")
+    assert _source(chunk_output_mma_kernel(*sliced, bv=MMA_BV)) == _source(chunk_output_mma_kernel(*sliced,
+                                                                                              staging="slices"))
+    with pytest.raises(AttrError, match="staging='tma'; expected one of slices, async"):
+        chunk_output_mma_kernel(*sliced, staging="tma")
+
+
 @pytest.mark.parametrize("kg,split", [(1, True), (128, True), (1, False)])
 def test_intra_chunk_mma_compiles_to_ptx(kg, split, tmp_path):
     from dnir.lowering.tvm import intra_chunk_mma as m
