@@ -392,16 +392,22 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
         T.evaluate(0)
 
     @T.macro
+    def gate_sum(G, run, n, b, h, t, through):
+        """run[0] = the sum of chunk n's gates g_l over l <= t (through) or over l > t: each token's
+        exponent a sum over its own segment (one gate per head)."""
+        run[0] = zero
+        for l in T.unroll(C):
+            run[0] = run[0] + T.Select((l <= t) == through, load(G, b, n * C + l, h, 0), zero)
+
+    @T.macro
     def operands_by_rows(Q, Kx, Vx, G, Bt, W, U, Qd, Ke, LD, X, run, n, b, h, tx):
         """One gate per head: q_decayed and k_to_end are q's and k's rows scaled by e^gam_t and
         e^(sum_{l > t} g_l): a table of both (a thread per token and factor, each exponent a sum over its
         own segment) in X, which the scores stage into only after a barrier, then every row a thread per
         channel: consecutive threads, consecutive channels (intra_chunk.phases' thread per channel runs
         down its column, a running sum and an exp a token, half the block idle)."""
-        if tx < 2 * C:
-            run[0] = zero
-            for l in T.unroll(C):              # tx < C: l <= t; else l > t (t = tx - C)
-                run[0] = run[0] + T.Select((l <= tx % C) == (tx < C), load(G, b, n * C + l, h, 0), zero)
+        if tx < 2 * C:                         # tx < C: l <= t; else l > t (t = tx - C)
+            gate_sum(G, run, n, b, h, tx % C, tx < C)
             X[tx] = T.exp(run[0])
             if tx == C - 1:
                 LD[n, b, h, 0, 0] = T.exp(run[0])
@@ -441,9 +447,7 @@ def intra_chunk_mma_kernel(R: int, NC: int, HV: int, C: int, K: int, V: int, Kg:
                 m[i] = T.Select(i == tx % S, T.cast(1, dtype), T.Select(i > tx % S, -run[1], zero))
                 X[(tx // S * S + tx % S) * ZP + tx // S * S + i] = m[i]
         elif tx < 2 * C:                       # token tx - C's factors
-            run[0] = zero
-            for l in T.unroll(C):
-                run[0] = run[0] + T.Select(l <= tx - C, load(G, b, n * C + l, h, 0), zero)
+            gate_sum(G, run, n, b, h, tx - C, True)
             X[zf + tx - C] = load(Bt, b, n * C + tx - C, h, 0) * T.exp(run[0])
             X[zf + tx] = load(Bt, b, n * C + tx - C, h, 0)
 
