@@ -192,8 +192,9 @@ def _delta_rule(variant: str, form: str, fn: str, args: dict):
         else:
             from .lowering import run
             outputs = run(graph, arrays, target=args["target"])
-    for name, out in zip(output_names, outputs if args["check_values"] else ()):
-        _check_output(out, name, fn, arrays)
+    if args["check_values"]:
+        for name, out in zip(output_names, outputs):
+            _check_output(out, name, fn, arrays)
     o = outputs[0]
     state = outputs[1] if cfg.final_state else None
     if torch_like is None:

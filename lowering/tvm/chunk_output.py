@@ -31,7 +31,7 @@ from dnir.graph import Node
 
 from . import mma
 from .fused_signatures import chunk_output_function
-from .kernels import converted, narrow_loads, shared_address, unravel_index
+from .kernels import converted, itemsize, narrow_loads, shared_address, unravel_index
 
 TILE = 4            # outputs per thread along rows and along columns
 KT = 16             # terms of the sum staged at once
@@ -184,7 +184,6 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
     tiles = V // bv
     threads = 32 * (C // mma.M)
     nt = bv // mma.N                       # accumulator tiles of a warp
-    px, py = kt + 4, bv + 8                # "slices": padded row strides of the staged operands
 
     def at(bx, row, col):
         return (bx // (heads * tiles),) + unravel_index(bx // tiles % heads, batch) + (row, col)
@@ -197,7 +196,11 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
         return -(-count // threads)
 
     def padded(width, words, stored):      # a staged row's stride: `words` 4-byte words past its width
-        return width + words * 4 // _bytes(stored)
+        return width + words * 4 // itemsize(stored)
+
+    px, py = padded(kt, 4, dtype), padded(bv, 8, dtype)     # "slices": the staged operands' row strides
+    pq, ps = padded(K, 4, of["q_decayed"]), padded(bv, 8, of["starts"])    # "async": each operand's
+    pa, pn = padded(C, 4, of["aqk"]), padded(bv, 8, of["v_new"])
 
     @T.macro
     def products(acc, fa, fb, X, px, Y, py, length, tx):
@@ -231,7 +234,7 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
             T.tvm_storage_sync("shared")
 
     def span(src):                         # values in a 16-byte copy
-        return 16 // _bytes(src.dtype)
+        return 16 // itemsize(src.dtype)
 
     @T.macro
     def copy(X, src, rows, width, stride, col0, bx, tx):
@@ -269,9 +272,6 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
                 add_sliced(acc, X, Y, fa, fb, A, N, C, bx, tx)
                 store(O, acc, bx, tx)
 
-    pq, ps = padded(K, 4, of["q_decayed"]), padded(bv, 8, of["starts"])
-    pa, pn = padded(C, 4, of["aqk"]), padded(bv, 8, of["v_new"])
-
     @T.macro
     def body_async(Qd, St, A, N, O):
         T.reads()
@@ -304,6 +304,3 @@ def chunk_output_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, dt
     body = body_async if staging == "async" else body_sliced
     return chunk_output_function(steps, batch, C, K, V, dtype, body, token_major, out_dtype, narrow)
 
-
-def _bytes(dtype) -> int:
-    return 4 if str(dtype) == "float32" else 2

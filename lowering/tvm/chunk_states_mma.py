@@ -60,7 +60,7 @@ from dnir.errors import AttrError, DTypeError
 
 from . import mma
 from .fused_signatures import chunk_states_function
-from .kernels import converted, shared_address, unravel_index
+from .kernels import converted, itemsize, shared_address, unravel_index
 
 WARPS = 4
 # state columns of a block; 3xTF32 unless the layer's precision is "tf32" (translate.py passes split)
@@ -86,16 +86,12 @@ def takes(C: int, K: int, V: int, vt: int = VT) -> bool:
 def _layout(batch: tuple, C: int, K: int, V: int, Kg: int, vt: int, staged: str = "float32"):
     """(heads, tiles, threads, nt, half, ps, pw, pk, per_key): the blocks' sizes and shared strides
     (staged: the dtype w and k_to_end are staged in; their rows padded by 4 and 8 words either way)."""
-    half, per_word = K // 2, 4 // _bytes(staged)
+    half, per_word = K // 2, 4 // itemsize(staged)
     return (math.prod(batch), V // vt, 32 * WARPS, vt // mma.N, half,
             vt + 8,                       # ps: S's and v_new's row stride, B loads at (8t + g) mod 32, no conflict
             half + 4 * per_word,          # pw, pk: the staged w (read by rows) and k_to_end (read by columns)
             half + 8 * per_word,
             1 if Kg == K else 0)          # per_key: last_decay per key row, or one a head
-
-
-def _bytes(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
 
 
 def chunk_states_mma_kernel(steps: int, batch: tuple, C: int, K: int, V: int, Kg: int, dtype: str,
@@ -284,7 +280,7 @@ def _pipelined(steps, batch, C, K, V, Kg, dtype, vt, split, prefetch, stages, he
     total = 4 * steps
     slots = 2 if prefetch == "registers" else stages
     slot = C * pk                       # a slot holds either operand's half (w's rows take pw <= pk words)
-    span = 16 // _bytes(staged)         # values in a 16-byte piece: 4 float32, 8 bf16
+    span = 16 // itemsize(staged)         # values in a 16-byte piece: 4 float32, 8 bf16
     pieces = C * half // span // threads   # a thread's pieces of a half: 8 at C = 64, K = 128 in float32
     q4 = half // span                   # pieces a row
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import tvm
 from tvm.script import tirx as T
 
 THREADS_PER_BLOCK = 64
@@ -38,6 +39,11 @@ def converted(x, have: str, want: str):
     """x, a value of dtype `have`, in `want`: as it is where the two are one, else through a cast (a
     bf16/fp16 operand widened as it is loaded, or a result rounded once as it is stored)."""
     return x if str(have) == str(want) else T.Cast(str(want), x)
+
+
+def itemsize(dtype) -> int:
+    """Bytes of one value of `dtype` (a name or a TVM dtype)."""
+    return tvm.DataType(str(dtype)).bits // 8
 
 
 def shared_address(buf, offset, dtype):

@@ -12,7 +12,7 @@ recognise the step as the O2 graph writes it (passes/fuse_delta_steps.py),
 and this kernel computes S' and o at once, reading the state once and writing
 it once: a thread owns one state column, keeps it in registers, reduces it
 against both row vectors, then writes the updated column (decode_step_kernel,
-CUDA's: two threads a column, half its rows each). Every operand keeps
+the GPU targets' step where K is even: two threads a column, half its rows each). Every operand keeps
 its own shape (the graph's reshapes cost nothing); the kernel reads it flat.
 The vectors may be bf16 or fp16 as a layer's inputs hold them (the GPU targets'
 Target.narrow_operands; passes/fold_widening_casts.py): each is widened as it
@@ -40,9 +40,10 @@ PARTIALS = 8                               # chains per dot product over K (the 
 
 
 @T.macro
-def add_partials(acc, first: T.int32, last: T.int32):
-    """acc[c * PARTIALS] = the sum of chains c * PARTIALS .. c * PARTIALS + PARTIALS - 1, first <= c < last."""
-    for c in T.unroll(first, last):
+def add_partials(acc, sums: T.int32):
+    """acc[c * PARTIALS] = the sum of chains c * PARTIALS .. c * PARTIALS + PARTIALS - 1, for each of the
+    `sums` dot products c."""
+    for c in T.unroll(sums):
         for p in T.unroll(1, PARTIALS):
             acc[c * PARTIALS] = acc[c * PARTIALS] + acc[c * PARTIALS + p]
 
@@ -102,7 +103,7 @@ def token_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, dtype
                     col[kk] = S0[at("state", bx, kk * V + bx % tiles * threads + tx)]
                     acc[kk % PARTIALS] = acc[kk % PARTIALS] + load(Kr, "k_row", bx, kk) * col[kk]
                     acc[PARTIALS + kk % PARTIALS] = acc[PARTIALS + kk % PARTIALS] + load(Qr, "q_row", bx, kk) * col[kk]
-                add_partials(acc, 0, 2)
+                add_partials(acc, 2)
                 # acc[0] becomes u = (v - pred) beta
                 acc[0] = (load(Vv, "v", bx, bx % tiles * threads + tx) - acc[0]) * load(B, "beta", bx, 0)
                 O[at("o", bx, bx % tiles * threads + tx)] = acc[PARTIALS] + acc[0] * load(QK, "qk", bx, 0)
@@ -184,7 +185,7 @@ def decode_step_kernel(batch: tuple, shapes: dict, K: int, V: int, Kg: int, grou
                     acc[PARTIALS + kk % PARTIALS] = acc[PARTIALS + kk % PARTIALS] + qr[row(tx, kk)] * col[kk]
                     acc[2 * PARTIALS + kk % PARTIALS] = (acc[2 * PARTIALS + kk % PARTIALS]
                                                          + qs[row(tx, kk)] * kc[row(tx, kk)])
-                add_partials(acc, 0, 3)
+                add_partials(acc, 3)
                 for c in T.unroll(3):
                     half[c * threads + tx] = acc[c * PARTIALS]
                 T.tvm_storage_sync("shared")
